@@ -1,0 +1,96 @@
+"""The HTTP application: the webhook handler plus a Quart app for everything else (``/health``).
+
+Every response carries ``X-Request-ID`` and ``X-Correlation-ID`` (the caller's, or new UUID4s).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sqlite3
+from typing import Any
+
+import trio
+from quart import Response, jsonify, request
+from quart_trio import QuartTrio
+
+from .ingress import Receive, Scope, Send, Webhook, request_ids
+from .runtime import VERSION, Runtime
+
+log = logging.getLogger(__name__)
+
+HEALTH_DB_TIMEOUT_S = 2.0
+CORE_ACTORS = ("writer", "ingress")
+
+
+async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
+    """The /health body: ``unhealthy`` (503) when the store or a core actor is down, ``degraded`` when
+    a forwarder is down, else ``healthy``."""
+    checks: dict[str, Any] = {}
+    try:
+        with trio.fail_after(HEALTH_DB_TIMEOUT_S):
+            async with rt.reader_lock:
+                schema = await trio.to_thread.run_sync(rt.reader.ping)
+        checks["database"] = {"status": "ok", "schema_version": schema, "path": str(rt.config.store.path)}
+    except (sqlite3.Error, trio.TooSlowError) as exc:
+        checks["database"] = {"status": "error", "error": str(exc) or type(exc).__name__}
+    checks["actors"] = {
+        name: {"status": "running" if a.running else "stopped", **({"error": a.error} if a.error else {})}
+        for name, a in sorted(rt.actors.items())
+    }
+    checks["sessions"] = {"active": rt.sessions.active(rt.wall_clock())}
+    checks["requests"] = dict(rt.counters.requests)
+    services = {
+        name: {"queued_in_memory": q.depth(), "spilled_to_disk": q.spill_from is not None}
+        for name, q in sorted(rt.queues.items())
+    }
+    core_down = checks["database"]["status"] != "ok" or any(
+        not rt.actors.get(name, _stopped).running for name in CORE_ACTORS
+    )
+    any_down = any(not a.running for a in rt.actors.values())
+    status = "unhealthy" if core_down else "degraded" if any_down else "healthy"
+    body = {
+        "status": status,
+        "service": "wacored",
+        "version": VERSION,
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "uptime_s": round(rt.wall_clock() - rt.started_at, 1),
+        "checks": checks,
+        "services": services,
+    }
+    return (503 if status == "unhealthy" else 200), body
+
+
+class _Stopped:
+    running = False
+
+
+_stopped = _Stopped()
+
+
+def create_app(rt: Runtime) -> Any:
+    """The ASGI callable serving one daemon: ``/webhook`` directly, the rest through Quart."""
+    quart = QuartTrio("wacored")
+    webhook = Webhook(rt)
+
+    @quart.get("/health")
+    async def health() -> tuple[Response, int]:
+        status, body = await health_report(rt)
+        return jsonify(body), status
+
+    @quart.after_request
+    async def add_ids(response: Response) -> Response:
+        rid, cid = request_ids({k.lower(): v for k, v in request.headers.items()})
+        response.headers["X-Request-ID"] = rid
+        response.headers["X-Correlation-ID"] = cid
+        if rt.draining:
+            response.headers["Connection"] = "close"
+        return response
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/webhook":
+            await webhook(scope, receive, send)
+        else:
+            await quart(scope, receive, send)
+
+    return app

@@ -1,0 +1,146 @@
+"""The daemon: the nursery tree of actors around one SQLite store, and its signals.
+
+Nesting follows shutdown order (STYLE.md, lesson 3). Outermost, the writer: it outlives everything
+that writes. Inside it the forwarders, and inside them ingress. On stop, ingress stops taking
+requests and answers the ones it has read; then the forwarders are cancelled (what they had not
+delivered stays queued on disk); then the writer commits what is left and closes the store.
+
+Start-up: migrate the schema, load live sessions, and mark every target with queued rows as spilled
+from its oldest one, so its forwarder reads them back from disk before anything new (recovery).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from .api import create_app
+from .config import Config
+from .forwarder import run_forwarder, targets_of
+from .runtime import ActorState, Runtime
+from .sessions import SessionTable
+from .store import Reader, WriteConnection, load_sessions, migrate, queued_targets
+from .writer import DeliveryQueue, WriteOp, run_writer
+
+log = logging.getLogger(__name__)
+
+WRITE_BUFFER = 4096
+
+
+async def run_actor(
+    rt: Runtime,
+    name: str,
+    fn: Callable[..., Awaitable[Any]],
+    *args: Any,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    **kwargs: Any,
+) -> None:
+    """Run one actor, recording in `rt.actors` whether it is running and how it ended."""
+    state = rt.actors.setdefault(name, ActorState())
+    state.running, state.error = True, ""
+    try:
+        await fn(*args, task_status=task_status, **kwargs)
+    except Exception as exc:
+        state.error = f"{type(exc).__name__}: {exc}"
+        log.exception("actor crashed", extra={"event": "actor_crashed", "actor": name})
+        raise
+    finally:
+        state.running = False
+
+
+def hypercorn_config(config: Config) -> hypercorn.config.Config:
+    hc = hypercorn.config.Config()
+    hc.bind = [config.server.listen]
+    hc.accesslog = None
+    # Hypercorn's messages go through our handlers (JSON lines) instead of its own format.
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.graceful_timeout = 10.0
+    # Hypercorn's own cap must not cut a body before ingress can answer 413 itself.
+    hc.h11_max_incomplete_size = 64 * 1024
+    return hc
+
+
+async def recover(config: Config, wall_clock: Callable[[], float]) -> tuple[SessionTable, dict[str, DeliveryQueue]]:
+    """Migrate, load sessions, and queue every accepted-but-undelivered message again."""
+    path = config.store.path
+    await trio.to_thread.run_sync(migrate, path)
+    since = wall_clock() - config.sessions.ttl_s
+    sessions = SessionTable(config.sessions.ttl_s, await trio.to_thread.run_sync(load_sessions, path, since))
+    queues = {name: DeliveryQueue(name) for name in targets_of(config)}
+    for target, oldest in (await trio.to_thread.run_sync(queued_targets, path)).items():
+        if target in queues:
+            queues[target].spill_from = oldest
+            log.info("re-queued undelivered messages", extra={"event": "recovered", "service": target})
+        else:
+            log.warning(
+                "messages queued for a service no longer configured stay on disk",
+                extra={"event": "orphaned_queue", "service": target},
+            )
+    return sessions, queues
+
+
+async def run_daemon(
+    config: Config,
+    *,
+    stop: trio.Event | None = None,
+    wall_clock: Callable[[], float] = time.time,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run wacored until `stop` is set; `task_status.started` gets the bound URLs once serving."""
+    stop = stop if stop is not None else trio.Event()
+    sessions, queues = await recover(config, wall_clock)
+    writes, writes_receive = trio.open_memory_channel[WriteOp](WRITE_BUFFER)
+    conn = WriteConnection(config.store.path)
+    reader = Reader(config.store.path)
+    rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock)
+    targets = targets_of(config)
+    try:
+        async with trio.open_nursery() as root:
+            await root.start(run_actor, rt, "writer", run_writer, conn, writes_receive, queues)
+            async with writes, trio.open_nursery() as workers:
+                for name, target in targets.items():
+                    forwarder = partial(run_forwarder, target, queues[name], writes.clone(), clock=wall_clock)
+                    await workers.start(run_actor, rt, f"forwarder.{name}", forwarder)
+                async with trio.open_nursery() as front:
+                    front.start_soon(_mark_draining, rt, stop)
+                    serve = partial(hypercorn.trio.serve, create_app(rt), hypercorn_config(config),
+                                    shutdown_trigger=stop.wait)
+                    urls = await front.start(run_actor, rt, "ingress", serve)
+                    log.info("listening", extra={"event": "listening", "urls": urls})
+                    task_status.started(urls)
+                workers.cancel_scope.cancel(reason="daemon stopping")
+    finally:
+        reader.close()
+    log.info("stopped", extra={"event": "stopped"})
+
+
+async def _mark_draining(rt: Runtime, stop: trio.Event) -> None:
+    await stop.wait()
+    rt.draining = True
+
+
+async def serve_until_signalled(config: Config) -> int:
+    """`run_daemon` under SIGTERM/SIGINT: the first signal drains, a second stops at once (exit 1)."""
+    stop = trio.Event()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                async for signum in signals:
+                    if stop.is_set():
+                        log.warning("second signal: stopping now", extra={"event": "forced_stop"})
+                        raise SystemExit(1)
+                    log.info("stopping", extra={"event": "stopping", "signal": signal.Signals(signum).name})
+                    stop.set()
+
+            nursery.start_soon(watch)
+            await run_daemon(config, stop=stop)
+            nursery.cancel_scope.cancel()
+    return 0

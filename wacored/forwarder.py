@@ -1,0 +1,237 @@
+"""Forwarders: one actor per target, delivering committed messages over HTTP.
+
+A target is a downstream service (``[services.NAME] url``, body re-signed with the app secret) or the
+Graph API sender (``whatsapp``: replies such as the home menu, with the access token). Each forwarder
+runs `concurrency` lanes, each with its own `httpx.AsyncClient` (one shared client's pool bookkeeping
+caps throughput, STACK_NOTES "httpx"); a sender always maps to the same lane, so one sender's
+messages reach a service in arrival order while different senders proceed concurrently.
+
+Delivery policy (pure functions below): 2xx delivered; 408/425/429/5xx, timeouts and connection
+errors transient, retried `retries` times with exponential backoff and full jitter; any other 4xx
+permanent, dead-lettered at once. A delivery that still fails is dead-lettered through the writer.
+
+Error handling:
+    Every httpx error of an attempt is caught and classified (`httpx.TransportError` and subclasses);
+    nothing else is expected, and anything else crashes the actor (its messages stay queued on disk).
+
+Cancellation:
+    An attempt cut short by cancellation records nothing: the message stays ``queued`` and is
+    delivered again after the next start (downstreams deduplicate on ``Idempotency-Key``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import httpx
+import trio
+
+from .config import GRAPH_SENDER, Config, ForwardingConfig
+from .store import Delivery, Outcome, StoreUnavailable
+from .whatsapp import sign
+from .writer import CatchUp, DeliveryQueue, Record, WriteOp
+
+log = logging.getLogger(__name__)
+
+LANE_BUFFER = 64
+CATCH_UP_RETRY_S = 1.0
+EXCERPT = 200
+
+
+class Verdict(str, Enum):
+    DELIVERED = "delivered"
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+
+
+def classify(status: int) -> Verdict:
+    """What an HTTP status means for a delivery (ARCHITECTURE.md, "Forwarding")."""
+    if 200 <= status < 300:
+        return Verdict.DELIVERED
+    if status in (408, 425, 429) or status >= 500:
+        return Verdict.TRANSIENT
+    return Verdict.PERMANENT
+
+
+def backoff_s(retry: int, base_s: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff before retry number `retry` (1-based)."""
+    return rng.uniform(0.0, base_s * 2 ** (retry - 1))
+
+
+def lane_of(sender: str, lanes: int) -> int:
+    """A stable lane per sender (crc32: the same across restarts, unlike `hash`)."""
+    return zlib.crc32(sender.encode()) % lanes
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one forwarder delivers, and how it authenticates."""
+
+    name: str
+    url: str
+    forwarding: ForwardingConfig
+    app_secret: str = ""
+    access_token: str = ""
+
+    @property
+    def is_graph(self) -> bool:
+        return self.name == GRAPH_SENDER
+
+    def headers(self, d: Delivery) -> dict[str, str]:
+        headers = {
+            "Content-Type": "application/json",
+            "X-Correlation-ID": d.correlation_id,
+            "X-Request-ID": d.request_id,
+            "Idempotency-Key": d.key,
+            "traceparent": d.traceparent,
+        }
+        if self.is_graph:
+            headers["Authorization"] = f"Bearer {self.access_token}"
+            return headers
+        headers.update({
+            "X-Routed-From": "wacored",
+            "X-Routed-Service": d.service,
+            "X-Route-Reason": d.reason,
+            "X-Hub-Signature-256": sign(self.app_secret, d.body),
+        })
+        return headers
+
+
+def targets_of(config: Config) -> dict[str, Target]:
+    """Every forwarding target of a config: each service, and the Graph API sender."""
+    secret = config.whatsapp.app_secret
+    targets = {
+        name: Target(name=name, url=svc.url, forwarding=svc.forwarding, app_secret=secret)
+        for name, svc in config.services.items()
+    }
+    targets[GRAPH_SENDER] = Target(
+        name=GRAPH_SENDER,
+        url=config.whatsapp.messages_url,
+        forwarding=config.forwarding,
+        access_token=config.whatsapp.access_token,
+    )
+    return targets
+
+
+@dataclass(frozen=True)
+class Attempt:
+    verdict: Verdict
+    error: str = ""
+    status_code: int | None = None
+
+
+async def attempt(client: httpx.AsyncClient, target: Target, d: Delivery) -> Attempt:
+    """One POST of `d` to `target`, classified; never raises for a network or HTTP failure."""
+    try:
+        response = await client.post(target.url, content=d.body, headers=target.headers(d))
+    except httpx.TimeoutException as exc:
+        return Attempt(Verdict.TRANSIENT, f"timeout ({type(exc).__name__})")
+    except httpx.TransportError as exc:
+        return Attempt(Verdict.TRANSIENT, f"connection error ({type(exc).__name__}: {exc})"[:EXCERPT])
+    verdict = classify(response.status_code)
+    if verdict is Verdict.DELIVERED:
+        return Attempt(verdict, status_code=response.status_code)
+    excerpt = response.text[:EXCERPT]
+    return Attempt(verdict, f"HTTP {response.status_code}: {excerpt}", response.status_code)
+
+
+async def deliver(
+    client: httpx.AsyncClient, target: Target, d: Delivery, rng: random.Random, clock: Callable[[], float]
+) -> Outcome:
+    """Attempt `d` until delivered, permanently refused, or out of retries."""
+    fwd = target.forwarding
+    tries = 0
+    result = Attempt(Verdict.TRANSIENT)
+    for tries in range(1, fwd.retries + 2):
+        result = await attempt(client, target, d)
+        if result.verdict is not Verdict.TRANSIENT or tries > fwd.retries:
+            break
+        await trio.sleep(backoff_s(tries, fwd.retry_base_ms / 1000, rng))
+    return Outcome(
+        message_id=d.id,
+        delivered=result.verdict is Verdict.DELIVERED,
+        attempts=tries,
+        at=clock(),
+        error=result.error,
+        permanent=result.verdict is Verdict.PERMANENT,
+        status_code=result.status_code,
+        target=target.name,
+        key=d.key,
+    )
+
+
+def _client(fwd: ForwardingConfig) -> httpx.AsyncClient:
+    timeout = httpx.Timeout(fwd.timeout_ms / 1000)
+    # One connection per lane: a lane sends one request at a time anyway.
+    return httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=1), trust_env=False)
+
+
+async def run_lane(
+    target: Target,
+    receive: trio.MemoryReceiveChannel[Delivery],
+    writes: trio.MemorySendChannel[WriteOp],
+    rng: random.Random,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Deliver one lane's messages one at a time, in order; report each outcome to the writer."""
+    async with receive, writes, _client(target.forwarding) as client:
+        async for d in receive:
+            outcome = await deliver(client, target, d, rng, clock)
+            if outcome.delivered:
+                log.debug("delivered", extra={"event": "delivered", "service": target.name, "message_id": d.key})
+            else:
+                log.warning(
+                    "dead-lettered",
+                    extra={"event": "dead_lettered", "service": target.name, "message_id": d.key,
+                           "error": outcome.error, "attempts": outcome.attempts},
+                )
+            await writes.send(Record(outcome))
+
+
+async def run_forwarder(
+    target: Target,
+    queue: DeliveryQueue,
+    writes: trio.MemorySendChannel[WriteOp],
+    *,
+    rng: random.Random | None = None,
+    clock: Callable[[], float] = time.time,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Feed `target`'s lanes from its queue, reading spilled rows back from disk in order.
+
+    Owns: the queue's receive end, its lanes and their HTTP clients, and `writes` (closed on exit).
+    Stops: when cancelled (what was not delivered stays queued on disk).
+    """
+    rng = rng or random.Random()
+    lanes = max(1, target.forwarding.concurrency)
+    async with writes, trio.open_nursery() as nursery:
+        sends: list[trio.MemorySendChannel[Delivery]] = []
+        for _ in range(lanes):
+            send, receive = trio.open_memory_channel[Delivery](LANE_BUFFER)
+            sends.append(send)
+            nursery.start_soon(run_lane, target, receive, writes.clone(), rng, clock)
+        task_status.started()
+        async with queue.receive:
+            while True:
+                batch = await _next(queue, writes)
+                for d in batch:
+                    await sends[lane_of(d.sender, lanes)].send(d)
+
+
+async def _next(queue: DeliveryQueue, writes: trio.MemorySendChannel[WriteOp]) -> list[Delivery]:
+    if queue.spill_from is not None and queue.empty:
+        ask = CatchUp(queue.target)
+        await writes.send(ask)
+        try:
+            return await ask.reply.wait()
+        except StoreUnavailable:
+            # The rows stay on disk and spill_from is unchanged: ask again shortly.
+            await trio.sleep(CATCH_UP_RETRY_S)
+            return []
+    return [await queue.receive.receive()]

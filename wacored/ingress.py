@@ -1,0 +1,234 @@
+"""Ingress: where a webhook enters. ``GET /webhook`` (Meta's handshake) and ``POST /webhook``.
+
+``POST /webhook``, in the contract's order: size (413, before reading a declared-too-long body),
+signature over the raw bytes (401), parsing (400), per-sender rate limit (429, nothing stored),
+routing of every message in order, one commit through the writer (503 if it fails), then 200 with
+the routes. The answer is sent only after the commit: a 200 means the batch is on disk.
+
+The webhook is served as a plain ASGI handler rather than through Quart: it is the hot path, and a
+framework's request/response objects cost a third of the throughput (bench/README.md). Every other
+path goes to the Quart app in `api.py`.
+
+Error handling:
+    Every failure is an HTTP answer with a JSON body, a log line and a count; nothing raises out of
+    the handler except cancellation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qs
+
+import trio
+
+from .config import GRAPH_SENDER
+from .routing import SessionAction, decide
+from .runtime import Runtime
+from .sessions import SessionChange
+from .store import NewRow, StoreUnavailable
+from .whatsapp import Batch, PayloadError, encode, home_menu_message, parse_webhook, signature_valid
+from .writer import Ingest
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+class TooLarge(Exception):
+    pass
+
+
+def request_ids(headers: dict[str, str]) -> tuple[str, str]:
+    """The caller's request and correlation ids when well-formed, else new UUID4s."""
+    rid = headers.get("x-request-id", "")
+    cid = headers.get("x-correlation-id", "")
+    return (rid if _ID.match(rid) else str(uuid.uuid4()), cid if _ID.match(cid) else str(uuid.uuid4()))
+
+
+def child_traceparent(incoming: str | None) -> str:
+    """A W3C traceparent continuing the caller's trace, or starting one."""
+    match = _TRACEPARENT.match(incoming or "")
+    trace_id = match.group(1) if match and match.group(1) != "0" * 32 else secrets.token_hex(16)
+    return f"00-{trace_id}-{secrets.token_hex(8)}-01"
+
+
+async def read_body(receive: Receive, declared: int | None, limit: int) -> bytes:
+    """The whole request body; `TooLarge` past `limit` bytes (without reading a declared-long one)."""
+    if declared is not None and declared > limit:
+        raise TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise trio.BrokenResourceError("client went away")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class Webhook:
+    """The ``/webhook`` ASGI handler for one daemon (`rt` holds its config and state)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id, correlation_id = request_ids(headers)
+        ids = {"X-Request-ID": request_id, "X-Correlation-ID": correlation_id}
+        if scope["method"] == "GET":
+            await self._handshake(scope, send, ids)
+        elif scope["method"] == "POST":
+            started = time.perf_counter()
+            status, body, extra = await self._post(receive, headers, request_id, correlation_id)
+            extra["X-WA-Core-Latency"] = f"{round((time.perf_counter() - started) * 1000)}ms"
+            await self._respond(send, status, body, {**ids, **extra})
+        else:
+            await self._respond(send, 405, {"error": "method_not_allowed"}, {**ids, "Allow": "GET, POST"})
+
+    async def _handshake(self, scope: Scope, send: Send, ids: dict[str, str]) -> None:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        token = self.rt.config.whatsapp.verify_token
+        mode = query.get("hub.mode", [""])[0]
+        given = query.get("hub.verify_token", [""])[0]
+        challenge = query.get("hub.challenge", [""])[0]
+        if mode == "subscribe" and token and secrets.compare_digest(given.encode(), token.encode()):
+            log.info("webhook verified", extra={"event": "handshake_ok"})
+            await self._send(send, 200, challenge.encode(), "text/plain; charset=utf-8", ids)
+            return
+        log.warning("webhook verification refused", extra={"event": "handshake_refused"})
+        await self._respond(send, 403, {"error": "forbidden"}, ids)
+
+    async def _post(
+        self, receive: Receive, headers: dict[str, str], request_id: str, correlation_id: str
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        rt = self.rt
+        config = rt.config
+        declared = headers.get("content-length")
+        try:
+            raw = await read_body(receive, int(declared) if declared and declared.isdigit() else None,
+                                  config.server.max_body_bytes)
+        except TooLarge:
+            return self._reject(413, "too_large", {"error": "payload_too_large",
+                                                   "limit": config.server.max_body_bytes})
+        if not signature_valid(config.whatsapp.app_secret, raw, headers.get("x-hub-signature-256")):
+            return self._reject(401, "bad_signature", {"error": "unauthorized"})
+        try:
+            batch = parse_webhook(raw)
+        except PayloadError as exc:
+            return self._reject(400, "bad_request", {"error": "bad_request", "detail": str(exc)})
+        wait = rt.limiter.admit(Counter(m.sender for m in batch.messages), trio.current_time())
+        if wait is not None:
+            return self._reject(429, "rate_limited", {"error": "rate_limit_exceeded", "retryAfter": wait},
+                                {"Retry-After": str(wait)})
+        rows, changes = self._route(batch, request_id, correlation_id, headers.get("traceparent"))
+        try:
+            ids = await self._commit(rows, changes)
+        except StoreUnavailable:
+            return self._reject(503, "unavailable", {"error": "unavailable"}, {"Retry-After": "5"})
+        return self._accepted(batch, rows, ids)
+
+    def _reject(
+        self, status: int, outcome: str, body: dict[str, Any], extra: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        self.rt.counters.bump(self.rt.counters.requests, outcome)
+        log.warning("webhook refused", extra={"event": f"webhook_{outcome}", "status": status})
+        return status, body, dict(extra or {})
+
+    def _route(
+        self, batch: Batch, request_id: str, correlation_id: str, traceparent: str | None
+    ) -> tuple[list[NewRow], list[tuple[int, SessionChange]]]:
+        rt = self.rt
+        now = rt.wall_clock()
+        view = rt.sessions.overlay()
+        rows: list[NewRow] = []
+        changes: list[tuple[int, SessionChange]] = []
+
+        def row(key: str, kind: str, sender: str, service: str, reason: str, target: str, body: bytes) -> NewRow:
+            return NewRow(key, kind, sender, service, reason, target, body, request_id, correlation_id,
+                          child_traceparent(traceparent), now)
+
+        for m in batch.messages:
+            decision = decide(rt.routing, m, view.service_of(m.sender, now))
+            if decision.session is not SessionAction.KEEP:
+                change = SessionChange(m.sender, decision.session, decision.service, now)
+                view.apply(change)
+                changes.append((len(rows), change))
+            if decision.sends_home_menu:
+                body = encode(home_menu_message(rt.config.home_menu, m.phone, m.bsuid))
+                rows.append(row(m.wamid, "message", m.sender, decision.service, decision.reason.value,
+                                GRAPH_SENDER, body))
+            else:
+                rows.append(row(m.wamid, "message", m.sender, decision.service, decision.reason.value,
+                                decision.service, m.body))
+        statuses_to = rt.config.routing.statuses
+        for s in batch.statuses:
+            rt.counters.bump(rt.counters.statuses, s.status)
+            if statuses_to:
+                rows.append(row(f"status:{s.key}", "status", s.recipient, statuses_to, "status",
+                                statuses_to, s.body))
+        return rows, changes
+
+    async def _commit(self, rows: list[NewRow], changes: list[tuple[int, SessionChange]]) -> list[int | None]:
+        if not rows:
+            return []
+        op = Ingest(rows, changes)
+        await self.rt.writes.send(op)
+        ids = await op.reply.wait()
+        for index, change in changes:
+            if ids[index] is not None:
+                self.rt.sessions.apply(change)
+        return ids
+
+    def _accepted(
+        self, batch: Batch, rows: list[NewRow], ids: list[int | None]
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        counters = self.rt.counters
+        n_messages = len(batch.messages)
+        inserted = ids[:n_messages]
+        routes = [
+            {"message_id": r.key, "service": r.service, "reason": r.reason}
+            for r, row_id in zip(rows[:n_messages], inserted, strict=True)
+            if row_id is not None
+        ]
+        duplicates = n_messages - len(routes)
+        for route in routes:
+            counters.bump(counters.routed, f"{route['service']}:{route['reason']}")
+        counters.bump(counters.requests, "accepted")
+        if duplicates:
+            counters.bump(counters.requests, "duplicate_messages", duplicates)
+        if batch.errors:
+            log.warning("webhook carried errors", extra={"event": "webhook_value_errors", "count": batch.errors})
+        body = {"accepted": len(routes), "duplicates": duplicates, "statuses": len(batch.statuses),
+                "routes": routes}
+        extra = {"X-Routed-Service": routes[0]["service"]} if routes else {}
+        return 200, body, extra
+
+    async def _respond(self, send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+        await self._send(send, status, json.dumps(body).encode(), "application/json", headers)
+
+    async def _send(self, send: Send, status: int, body: bytes, content_type: str, headers: dict[str, str]) -> None:
+        raw = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+        raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        if self.rt.draining:
+            raw.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,292 @@
+"""SQLite: the schema and its migrations, the one write connection, and a reader.
+
+Tables (schema version in ``PRAGMA user_version``, forward-only migrations in `MIGRATIONS`):
+
+- ``messages``: every accepted update, keyed by its dedupe key (the wamid, or ``status:<id>:<status>``)
+  with its route, the exact bytes to deliver and its delivery ``state`` (``queued`` -> ``delivered`` |
+  ``dead_lettered``). The row id is commit order, which is delivery order.
+- ``sessions``: the service each sender is in and when it last interacted.
+- ``dead_letters``: one row per message that could not be delivered: error, attempts, next attempt.
+
+`Store` methods are synchronous and run in a worker thread (`trio.to_thread`): the writer actor owns
+the write connection, readers open their own (WAL lets them read while the writer commits).
+
+Error handling:
+    `sqlite3.Error` propagates; the writer turns it into `StoreUnavailable` for every request of the
+    failed transaction, which ingress answers with 503 (Meta retries; nothing was acknowledged).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from .routing import SessionAction
+from .sessions import SessionChange
+
+SCHEMA_VERSION = 1
+DLQ_FIRST_RETRY_S = 120.0
+"""When a dead letter is first due again (the retrier's first backoff step)."""
+
+
+class StoreUnavailable(Exception):
+    """The store could not commit; nothing of the request was stored."""
+
+
+@dataclass(frozen=True)
+class NewRow:
+    """An accepted update, routed, about to be committed."""
+
+    key: str
+    kind: str
+    sender: str
+    service: str
+    reason: str
+    target: str
+    body: bytes
+    request_id: str
+    correlation_id: str
+    traceparent: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A committed update on its way to its target (a service, or the Graph API sender)."""
+
+    id: int
+    key: str
+    kind: str
+    sender: str
+    service: str
+    reason: str
+    target: str
+    body: bytes
+    request_id: str
+    correlation_id: str
+    traceparent: str
+
+    @classmethod
+    def from_row(cls, row_id: int, row: NewRow) -> Delivery:
+        return cls(
+            id=row_id, key=row.key, kind=row.kind, sender=row.sender, service=row.service,
+            reason=row.reason, target=row.target, body=row.body, request_id=row.request_id,
+            correlation_id=row.correlation_id, traceparent=row.traceparent,
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a delivery ended: delivered, or dead-lettered with why."""
+
+    message_id: int
+    delivered: bool
+    attempts: int
+    at: float
+    error: str = ""
+    permanent: bool = False
+    status_code: int | None = None
+    target: str = ""
+    key: str = ""
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db["messages"].create(
+        {
+            "id": int, "key": str, "kind": str, "sender": str, "service": str, "reason": str,
+            "target": str, "body": bytes, "request_id": str, "correlation_id": str,
+            "traceparent": str, "received_at": float, "state": str, "attempts": int, "done_at": float,
+        },
+        pk="id",
+        not_null={"key", "kind", "sender", "service", "reason", "target", "body", "received_at", "state"},
+        defaults={"state": "queued", "attempts": 0},
+    )
+    db["messages"].create_index(["key"], unique=True)
+    db.execute("CREATE INDEX messages_queued ON messages(target, id) WHERE state = 'queued'")
+    db["sessions"].create(
+        {"sender": str, "service": str, "started_at": float, "last_interaction": float},
+        pk="sender",
+        not_null={"service", "last_interaction"},
+    )
+    db["dead_letters"].create(
+        {
+            "id": int, "message_id": int, "key": str, "service": str, "state": str, "reason": str,
+            "error": str, "status_code": int, "attempts": int, "next_attempt_at": float,
+            "created_at": float, "updated_at": float,
+        },
+        pk="id",
+        not_null={"message_id", "key", "service", "state", "reason", "error", "attempts", "created_at"},
+        foreign_keys=[("message_id", "messages", "id")],
+    )
+    db["dead_letters"].create_index(["message_id"], unique=True)
+    db.execute("CREATE INDEX dead_letters_due ON dead_letters(state, next_attempt_at)")
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1,)
+"""Migration i takes the schema from version i to i+1. Append only; never edit a released one."""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection for use from worker threads, with the pragmas every connection needs."""
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    # FULL: a 200 to Meta promises the message survives power loss, not just a process crash.
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def migrate(path: Path) -> int:
+    """Create or upgrade the database at `path`; return the schema version it ends at."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{path} has schema version {version}, newer than this wacored ({SCHEMA_VERSION})"
+            )
+        db = sqlite_utils.Database(conn, execute_plugins=False)
+        for step in range(version, SCHEMA_VERSION):
+            with conn:
+                MIGRATIONS[step](db)
+                conn.execute(f"PRAGMA user_version = {step + 1}")
+        return SCHEMA_VERSION
+    finally:
+        conn.close()
+
+
+_INSERT = (
+    "INSERT OR IGNORE INTO messages (key, kind, sender, service, reason, target, body, request_id,"
+    " correlation_id, traceparent, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+)
+_DELIVERY_COLUMNS = (
+    "id, key, kind, sender, service, reason, target, body, request_id, correlation_id, traceparent"
+)
+
+
+class WriteConnection:
+    """The single write connection. Every method runs inside one transaction opened by `batch`."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = connect(path)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    def insert(self, rows: Sequence[NewRow], changes: Iterable[tuple[int, SessionChange]]) -> list[int | None]:
+        """Insert `rows` (a duplicate key inserts nothing: None), then the session changes of the
+        rows that were inserted; `changes` pairs a row index with its change."""
+        ids: list[int | None] = []
+        cur = self.conn.cursor()
+        for r in rows:
+            cur.execute(_INSERT, (
+                r.key, r.kind, r.sender, r.service, r.reason, r.target, r.body, r.request_id,
+                r.correlation_id, r.traceparent, r.received_at,
+            ))
+            ids.append(cur.lastrowid if cur.rowcount == 1 else None)
+        for index, change in changes:
+            if ids[index] is None:
+                continue
+            if change.action is SessionAction.END:
+                cur.execute("DELETE FROM sessions WHERE sender = ?", (change.sender,))
+            elif change.action is SessionAction.START:
+                cur.execute(
+                    "INSERT INTO sessions (sender, service, started_at, last_interaction) VALUES (?,?,?,?)"
+                    " ON CONFLICT(sender) DO UPDATE SET service = excluded.service,"
+                    " started_at = excluded.started_at, last_interaction = excluded.last_interaction",
+                    (change.sender, change.service, change.at, change.at),
+                )
+            elif change.action is SessionAction.TOUCH:
+                cur.execute(
+                    "UPDATE sessions SET last_interaction = ? WHERE sender = ?", (change.at, change.sender)
+                )
+        return ids
+
+    def record(self, outcome: Outcome) -> None:
+        """Mark a message delivered, or dead-letter it (one dead letter per message, updated in place)."""
+        state = "delivered" if outcome.delivered else "dead_lettered"
+        self.conn.execute(
+            "UPDATE messages SET state = ?, attempts = attempts + ?, done_at = ? WHERE id = ?",
+            (state, outcome.attempts, outcome.at, outcome.message_id),
+        )
+        if outcome.delivered:
+            return
+        dl_state, reason = ("abandoned", "permanent") if outcome.permanent else ("pending", "transient")
+        next_at = None if outcome.permanent else outcome.at + DLQ_FIRST_RETRY_S
+        self.conn.execute(
+            "INSERT INTO dead_letters (message_id, key, service, state, reason, error, status_code,"
+            " attempts, next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT(message_id) DO UPDATE SET state = excluded.state, reason = excluded.reason,"
+            " error = excluded.error, status_code = excluded.status_code,"
+            " next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at",
+            (
+                outcome.message_id, outcome.key, outcome.target, dl_state, reason, outcome.error,
+                outcome.status_code, 0, next_at, outcome.at, outcome.at,
+            ),
+        )
+
+    def queued(self, target: str, from_id: int, limit: int) -> list[Delivery]:
+        rows = self.conn.execute(
+            f"SELECT {_DELIVERY_COLUMNS} FROM messages WHERE target = ? AND state = 'queued' AND id >= ?"
+            " ORDER BY id LIMIT ?",
+            (target, from_id, limit),
+        ).fetchall()
+        return [Delivery(*row) for row in rows]
+
+
+def queued_targets(path: Path) -> dict[str, int]:
+    """Each target with queued messages, and its oldest queued row id (start-up recovery)."""
+    conn = connect(path)
+    try:
+        return dict(conn.execute(
+            "SELECT target, MIN(id) FROM messages WHERE state = 'queued' GROUP BY target"
+        ).fetchall())
+    finally:
+        conn.close()
+
+
+def load_sessions(path: Path, since: float) -> list[tuple[str, str, float]]:
+    """Sessions that were live at `since`; older ones are dead whatever the reaper has done."""
+    conn = connect(path)
+    try:
+        return conn.execute(
+            "SELECT sender, service, last_interaction FROM sessions WHERE last_interaction >= ?", (since,)
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+class Reader:
+    """A read-only connection of its own, for health checks and operator queries."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = connect(path)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def ping(self) -> int:
+        """The schema version; raises `sqlite3.Error` when the database cannot be read."""
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def counts(self) -> dict[str, int]:
+        out = dict(self.conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall())
+        dead = self.conn.execute("SELECT state, COUNT(*) FROM dead_letters GROUP BY state").fetchall()
+        out.update({f"dead_letters_{state}": n for state, n in dead})
+        return out

@@ -1,0 +1,290 @@
+"""The WhatsApp Cloud API protocol, without I/O: signatures, webhook parsing, outbound messages.
+
+A webhook POST body is a batch: ``entry[] x changes[] x value.{messages, statuses, errors}``.
+`parse_webhook` walks all of it and returns a `Batch` whose messages and statuses each carry the
+body that is forwarded downstream: a WhatsApp-format webhook holding exactly that one update, with its
+entry id, the change's field and metadata and only the sender's contacts entry, so an existing
+WhatsApp handler accepts it unchanged.
+
+Error handling:
+    `PayloadError` (a `ValueError`) for a body that is not JSON or not a WhatsApp payload; its message
+    is safe to return to the caller (it never quotes message text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .config import HomeMenuConfig
+
+SIGNATURE_HEADER = "x-hub-signature-256"
+_PREFIX = "sha256="
+
+
+class PayloadError(ValueError):
+    """The body is not a WhatsApp webhook payload."""
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The ``X-Hub-Signature-256`` value Meta sends for `body`."""
+    return _PREFIX + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def signature_valid(secret: str, body: bytes, header: str | None) -> bool:
+    """True when `header` is the HMAC-SHA256 of the raw `body` under `secret` (constant time)."""
+    if not secret or not header or not header.startswith(_PREFIX):
+        return False
+    return hmac.compare_digest(sign(secret, body), header.strip())
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """One user message, with what routing needs and the single-message body to forward."""
+
+    wamid: str
+    sender: str
+    """The sender's phone number (``from``), or its BSUID (``from_user_id``) when there is none."""
+    phone: str | None
+    bsuid: str | None
+    type: str
+    text: str | None
+    """The text body of a ``text`` message; None for every other type."""
+    reply_id: str | None
+    """An interactive button/list reply id, or a template quick reply's payload."""
+    body: bytes
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    """A delivery status of a message the business sent (sent, delivered, read, failed, ...)."""
+
+    status_id: str
+    status: str
+    recipient: str
+    body: bytes
+
+    @property
+    def key(self) -> str:
+        """The dedupe key: Meta sends one update per id and status."""
+        return f"{self.status_id}:{self.status}"
+
+
+@dataclass(frozen=True)
+class Batch:
+    messages: tuple[InboundMessage, ...]
+    statuses: tuple[StatusUpdate, ...]
+    errors: int
+    """Value-level ``errors`` objects (Meta reporting a problem with the webhook itself)."""
+
+
+def _dump(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise PayloadError(f"{what} must be a non-empty string")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PayloadError(f"{what} must be an array")
+    return value
+
+
+def _dict(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PayloadError(f"{what} must be an object")
+    return value
+
+
+def _reply_id(message: dict[str, Any]) -> str | None:
+    interactive = message.get("interactive")
+    if isinstance(interactive, dict):
+        for kind in ("button_reply", "list_reply"):
+            reply = interactive.get(kind)
+            if isinstance(reply, dict) and isinstance(reply.get("id"), str):
+                return str(reply["id"])
+    button = message.get("button")
+    if isinstance(button, dict) and isinstance(button.get("payload"), str):
+        return str(button["payload"])
+    return None
+
+
+def _text(message: dict[str, Any]) -> str | None:
+    text = message.get("text")
+    if message.get("type") == "text" and isinstance(text, dict) and isinstance(text.get("body"), str):
+        return str(text["body"])
+    return None
+
+
+def _sender_contacts(contacts: list[Any], phone: str | None, bsuid: str | None) -> list[Any]:
+    return [
+        c
+        for c in contacts
+        if isinstance(c, dict)
+        and ((phone and c.get("wa_id") == phone) or (bsuid and c.get("user_id") == bsuid))
+    ]
+
+
+def _envelope(entry_id: Any, field: Any, value: dict[str, Any], update: dict[str, Any], kind: str) -> bytes:
+    inner: dict[str, Any] = {"messaging_product": value.get("messaging_product", "whatsapp")}
+    if "metadata" in value:
+        inner["metadata"] = value["metadata"]
+    if kind == "messages":
+        phone, bsuid = update.get("from"), update.get("from_user_id")
+        contacts = _sender_contacts(_list(value.get("contacts"), "contacts"), phone, bsuid)
+        if contacts:
+            inner["contacts"] = contacts
+    inner[kind] = [update]
+    change = {"value": inner, "field": field}
+    return _dump({"object": "whatsapp_business_account", "entry": [{"id": entry_id, "changes": [change]}]})
+
+
+def _message(entry_id: Any, field: Any, value: dict[str, Any], raw: Any, where: str) -> InboundMessage:
+    message = _dict(raw, where)
+    wamid = _str(message.get("id"), f"{where}.id")
+    phone = message.get("from") if isinstance(message.get("from"), str) and message.get("from") else None
+    bsuid = message.get("from_user_id")
+    bsuid = bsuid if isinstance(bsuid, str) and bsuid else None
+    sender = phone or bsuid
+    if sender is None:
+        raise PayloadError(f"{where} has neither 'from' nor 'from_user_id'")
+    kind = message.get("type")
+    return InboundMessage(
+        wamid=wamid,
+        sender=sender,
+        phone=phone,
+        bsuid=bsuid,
+        type=kind if isinstance(kind, str) else "unknown",
+        text=_text(message),
+        reply_id=_reply_id(message),
+        body=_envelope(entry_id, field, value, message, "messages"),
+    )
+
+
+def _status(entry_id: Any, field: Any, value: dict[str, Any], raw: Any, where: str) -> StatusUpdate:
+    status = _dict(raw, where)
+    recipient = status.get("recipient_id") or status.get("recipient_user_id") or ""
+    return StatusUpdate(
+        status_id=_str(status.get("id"), f"{where}.id"),
+        status=_str(status.get("status"), f"{where}.status"),
+        recipient=recipient if isinstance(recipient, str) else "",
+        body=_envelope(entry_id, field, value, status, "statuses"),
+    )
+
+
+def parse_webhook(raw: bytes) -> Batch:
+    """Parse a whole webhook POST body.
+
+    Raises:
+        PayloadError: not JSON, not a ``whatsapp_business_account`` payload, or a message/status
+            without the fields every update has (an id; a sender).
+    """
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PayloadError("body is not JSON") from exc
+    if not isinstance(doc, dict) or doc.get("object") != "whatsapp_business_account":
+        raise PayloadError("object must be 'whatsapp_business_account'")
+    messages: list[InboundMessage] = []
+    statuses: list[StatusUpdate] = []
+    errors = 0
+    entries = doc.get("entry")
+    if not isinstance(entries, list):
+        raise PayloadError("entry must be an array")
+    for e, raw_entry in enumerate(entries):
+        entry = _dict(raw_entry, f"entry[{e}]")
+        for c, raw_change in enumerate(_list(entry.get("changes"), f"entry[{e}].changes")):
+            change = _dict(raw_change, f"entry[{e}].changes[{c}]")
+            value = _dict(change.get("value", {}), f"entry[{e}].changes[{c}].value")
+            field = change.get("field")
+            where = f"entry[{e}].changes[{c}].value"
+            for m, raw_message in enumerate(_list(value.get("messages"), f"{where}.messages")):
+                messages.append(_message(entry.get("id"), field, value, raw_message, f"{where}.messages[{m}]"))
+            for s, raw_status in enumerate(_list(value.get("statuses"), f"{where}.statuses")):
+                statuses.append(_status(entry.get("id"), field, value, raw_status, f"{where}.statuses[{s}]"))
+            errors += len(_list(value.get("errors"), f"{where}.errors"))
+    return Batch(messages=tuple(messages), statuses=tuple(statuses), errors=errors)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outbound messages (Graph API ``POST /{phone_number_id}/messages``)
+
+# Interactive list limits, Cloud API reference.
+LIMITS = {"header": 60, "body": 1024, "button": 20, "row_title": 24, "row_description": 72, "section": 24}
+
+
+def truncate(text: str, limit: int) -> str:
+    """Cut `text` to `limit` characters, ending in '…' when anything was cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def home_menu_message(menu: HomeMenuConfig, phone: str | None, bsuid: str | None) -> dict[str, Any]:
+    """The home menu as an interactive list to `phone`, or to the BSUID `recipient` without one."""
+    rows = []
+    for item in menu.items:
+        row = {"id": item.key, "title": truncate(item.title, LIMITS["row_title"])}
+        if item.description:
+            row["description"] = truncate(item.description, LIMITS["row_description"])
+        rows.append(row)
+    message: dict[str, Any] = {"messaging_product": "whatsapp", "recipient_type": "individual"}
+    if phone:
+        message["to"] = phone
+    else:
+        message["recipient"] = bsuid
+    message["type"] = "interactive"
+    message["interactive"] = {
+        "type": "list",
+        "header": {"type": "text", "text": truncate(menu.header, LIMITS["header"])},
+        "body": {"text": truncate(menu.body, LIMITS["body"])},
+        "action": {
+            "button": truncate(menu.button, LIMITS["button"]),
+            "sections": [{"title": truncate(menu.header, LIMITS["section"]), "rows": rows}],
+        },
+    }
+    return message
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """The bytes of an outbound message, as posted to the Graph API."""
+    return _dump(message)
+
+
+def text_webhook(
+    *, text: str, sender: str, wamid: str, timestamp: int, phone_number_id: str = "PHONE_NUMBER_ID",
+    kind: str = "text",
+) -> bytes:
+    """A realistic inbound webhook body (used by ``wacored simulate`` and the tests).
+
+    `kind` is ``text``, ``interactive`` (a list reply whose id is `text`), ``location`` or ``image``.
+    """
+    message: dict[str, Any] = {"from": sender, "id": wamid, "timestamp": str(timestamp), "type": kind}
+    if kind == "text":
+        message["text"] = {"body": text}
+    elif kind == "interactive":
+        message["interactive"] = {"type": "list_reply", "list_reply": {"id": text, "title": text}}
+    elif kind == "location":
+        message["location"] = {"latitude": -1.9441, "longitude": 30.0619, "name": text}
+    elif kind == "image":
+        message["image"] = {"mime_type": "image/jpeg", "sha256": "0" * 64, "id": "1", "caption": text}
+    else:
+        raise ValueError(f"unknown simulated message type {kind!r}")
+    value = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550000000", "phone_number_id": phone_number_id},
+        "contacts": [{"profile": {"name": "Simulated User"}, "wa_id": sender}],
+        "messages": [message],
+    }
+    doc = {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "WABA_ID", "changes": [{"value": value, "field": "messages"}]}],
+    }
+    return _dump(doc)

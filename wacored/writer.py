@@ -1,0 +1,185 @@
+"""The store writer actor: the only code that writes SQLite, committing whatever is queued at once.
+
+Requests arrive on one memory channel: `Ingest` (a routed webhook batch; the caller waits for the
+commit), `Record` (a delivery outcome; fire and forget) and `CatchUp` (a forwarder asking for queued
+rows its channel could not hold). The writer takes everything waiting, runs it in one transaction in
+a worker thread (group commit), then, back in trio, hands the newly inserted rows to their delivery
+queues and answers the callers. Because only this actor both commits rows and hands them on, a row is
+either in its target's channel or found by that target's next catch-up read, never both, never neither.
+
+Error handling:
+    A failed transaction is rolled back and every `Ingest` in it is answered with `StoreUnavailable`
+    (ingress says 503; Meta redelivers). Outcomes of a failed transaction are lost from memory, which is
+    safe: their messages stay ``queued`` and are delivered again after a restart.
+
+Cancellation:
+    The thread running a transaction is never abandoned (`to_thread.run_sync` waits), so cancelling
+    the writer cannot cut a commit in half. The writer ends when every sender of its channel is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import trio
+
+from .sessions import SessionChange
+from .store import Delivery, NewRow, Outcome, StoreUnavailable, WriteConnection
+
+log = logging.getLogger(__name__)
+
+MAX_GROUP = 512
+"""Requests per transaction at most, so one commit never holds a caller for long."""
+CATCH_UP_PAGE = 256
+
+
+T = TypeVar("T")
+
+
+class Reply(Generic[T]):
+    """A one-shot answer from the writer to a waiting caller."""
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+    def set(self, value: T) -> None:
+        self._value = value
+        self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
+    async def wait(self) -> T:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+@dataclass(eq=False)
+class Ingest:
+    rows: Sequence[NewRow]
+    changes: Sequence[tuple[int, SessionChange]]
+    reply: Reply[list[int | None]] = field(default_factory=Reply)
+
+
+@dataclass(eq=False)
+class Record:
+    outcome: Outcome
+
+
+@dataclass(eq=False)
+class CatchUp:
+    target: str
+    reply: Reply[list[Delivery]] = field(default_factory=Reply)
+
+
+WriteOp = Ingest | Record | CatchUp
+
+
+class DeliveryQueue:
+    """One target's delivery channel, and where it spilled to disk when the channel was full.
+
+    The writer offers each committed row; when the channel is full the row stays on disk only and
+    `spill_from` remembers the first such row, so the forwarder reads the rest back in id order
+    (`CatchUp`) once it has emptied its channel. Start-up recovery is a spill from the oldest queued row.
+    """
+
+    def __init__(self, target: str, buffer: int = 1024) -> None:
+        self.target = target
+        self.send, self.receive = trio.open_memory_channel[Delivery](buffer)
+        self.spill_from: int | None = None
+
+    def offer(self, delivery: Delivery) -> None:
+        if self.spill_from is None:
+            try:
+                self.send.send_nowait(delivery)
+                return
+            except trio.WouldBlock:
+                self.spill_from = delivery.id
+
+    @property
+    def empty(self) -> bool:
+        return self.receive.statistics().current_buffer_used == 0
+
+    def depth(self) -> int:
+        return self.receive.statistics().current_buffer_used
+
+
+def _run(conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, int]) -> list[object]:
+    """The transaction: every op of the group, in order. Runs in a worker thread."""
+    results: list[object] = []
+    conn.begin()
+    try:
+        for op in ops:
+            if isinstance(op, Ingest):
+                results.append(conn.insert(op.rows, op.changes))
+            elif isinstance(op, Record):
+                conn.record(op.outcome)
+                results.append(None)
+            else:
+                results.append(conn.queued(op.target, spills.get(op.target, math.inf), CATCH_UP_PAGE))
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    return results
+
+
+async def run_writer(
+    conn: WriteConnection,
+    receive: trio.MemoryReceiveChannel[WriteOp],
+    queues: Mapping[str, DeliveryQueue],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Commit every request that arrives, in groups, until the channel is closed by all its senders.
+
+    Owns: the write connection (closes it when done) and the receive end of the write channel.
+    """
+    task_status.started()
+    try:
+        async with receive:
+            async for first in receive:
+                ops: list[WriteOp] = [first]
+                while len(ops) < MAX_GROUP:
+                    try:
+                        ops.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await _commit_group(conn, ops, queues)
+    finally:
+        conn.close()
+
+
+async def _commit_group(conn: WriteConnection, ops: list[WriteOp], queues: Mapping[str, DeliveryQueue]) -> None:
+    spills = {q.target: q.spill_from for q in queues.values() if q.spill_from is not None}
+    try:
+        results = await trio.to_thread.run_sync(_run, conn, ops, spills)
+    except sqlite3.Error as exc:
+        log.error("store commit failed", extra={"event": "store_commit_failed", "error": str(exc)})
+        for op in ops:
+            if isinstance(op, (Ingest, CatchUp)):
+                op.reply.fail(StoreUnavailable(str(exc)))
+        return
+    for op, result in zip(ops, results, strict=True):
+        if isinstance(op, Ingest):
+            ids: list[int | None] = result  # type: ignore[assignment]
+            for row, row_id in zip(op.rows, ids, strict=True):
+                if row_id is not None and row.target in queues:
+                    queues[row.target].offer(Delivery.from_row(row_id, row))
+            op.reply.set(ids)
+        elif isinstance(op, CatchUp):
+            page: list[Delivery] = result  # type: ignore[assignment]
+            queue = queues[op.target]
+            # Only this actor moves spill_from, and no commit ran since the read: the page is exact.
+            queue.spill_from = page[-1].id + 1 if len(page) == CATCH_UP_PAGE else None
+            op.reply.set(page)
