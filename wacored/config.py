@@ -73,6 +73,7 @@ class WhatsAppConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     path: Path = Path("var/wacored.db")
+    busy_timeout_ms: int = 5000
 
 
 @dataclass(frozen=True)
@@ -385,7 +386,10 @@ def _build(
     whatsapp = _read_whatsapp(top.data.pop("whatsapp", None), problems)
 
     st = _Section(top.data.pop("store", None), "store", problems)
-    store_path = Path(st.take("path", "var/wacored.db", lambda v: None if v else "must not be empty"))
+    store = StoreConfig(
+        path=Path(st.take("path", "var/wacored.db", lambda v: None if v else "must not be empty")),
+        busy_timeout_ms=st.take("busy_timeout_ms", 5000, _not_negative),
+    )
     st.finish()
 
     rl = _Section(top.data.pop("ratelimit", None), "ratelimit", problems)
@@ -430,7 +434,7 @@ def _build(
     return Config(
         server=server,
         whatsapp=whatsapp,
-        store=StoreConfig(path=store_path),
+        store=store,
         ratelimit=ratelimit,
         routing=routing,
         sessions=sessions,

@@ -98,7 +98,7 @@ async def run_daemon(
     stop = stop if stop is not None else trio.Event()
     sessions, queues = await recover(config, wall_clock)
     writes, writes_receive = trio.open_memory_channel[WriteOp](WRITE_BUFFER)
-    conn = WriteConnection(config.store.path)
+    conn = WriteConnection(config.store.path, config.store.busy_timeout_ms)
     reader = Reader(config.store.path)
     rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock)
     targets = targets_of(config)

@@ -166,10 +166,12 @@ async def deliver(
     )
 
 
-def _client(fwd: ForwardingConfig) -> httpx.AsyncClient:
+def _client(fwd: ForwardingConfig, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
     timeout = httpx.Timeout(fwd.timeout_ms / 1000)
     # One connection per lane: a lane sends one request at a time anyway.
-    return httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=1), trust_env=False)
+    return httpx.AsyncClient(
+        timeout=timeout, limits=httpx.Limits(max_connections=1), trust_env=False, transport=transport
+    )
 
 
 async def run_lane(
@@ -178,9 +180,10 @@ async def run_lane(
     writes: trio.MemorySendChannel[WriteOp],
     rng: random.Random,
     clock: Callable[[], float] = time.time,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> None:
     """Deliver one lane's messages one at a time, in order; report each outcome to the writer."""
-    async with receive, writes, _client(target.forwarding) as client:
+    async with receive, writes, _client(target.forwarding, transport) as client:
         async for d in receive:
             outcome = await deliver(client, target, d, rng, clock)
             if outcome.delivered:
@@ -201,12 +204,14 @@ async def run_forwarder(
     *,
     rng: random.Random | None = None,
     clock: Callable[[], float] = time.time,
+    transport: httpx.AsyncBaseTransport | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Feed `target`'s lanes from its queue, reading spilled rows back from disk in order.
 
     Owns: the queue's receive end, its lanes and their HTTP clients, and `writes` (closed on exit).
-    Stops: when cancelled (what was not delivered stays queued on disk).
+    Stops: when cancelled (what was not delivered stays queued on disk). `transport` replaces the
+    network (tests pass `httpx.MockTransport`).
     """
     rng = rng or random.Random()
     lanes = max(1, target.forwarding.concurrency)
@@ -215,7 +220,7 @@ async def run_forwarder(
         for _ in range(lanes):
             send, receive = trio.open_memory_channel[Delivery](LANE_BUFFER)
             sends.append(send)
-            nursery.start_soon(run_lane, target, receive, writes.clone(), rng, clock)
+            nursery.start_soon(run_lane, target, receive, writes.clone(), rng, clock, transport)
         task_status.started()
         async with queue.receive:
             while True:

@@ -142,7 +142,8 @@ class Webhook:
         rows, changes = self._route(batch, request_id, correlation_id, headers.get("traceparent"))
         try:
             ids = await self._commit(rows, changes)
-        except StoreUnavailable:
+        except (StoreUnavailable, trio.BrokenResourceError, trio.ClosedResourceError):
+            # The writer refused the transaction, or is gone: either way nothing was stored.
             return self._reject(503, "unavailable", {"error": "unavailable"}, {"Retry-After": "5"})
         return self._accepted(batch, rows, ids)
 
@@ -212,9 +213,7 @@ class Webhook:
         duplicates = n_messages - len(routes)
         for route in routes:
             counters.bump(counters.routed, f"{route['service']}:{route['reason']}")
-        counters.bump(counters.requests, "accepted")
-        if duplicates:
-            counters.bump(counters.requests, "duplicate_messages", duplicates)
+        counters.bump(counters.requests, "duplicate" if duplicates and not routes else "accepted")
         if batch.errors:
             log.warning("webhook carried errors", extra={"event": "webhook_value_errors", "count": batch.errors})
         body = {"accepted": len(routes), "duplicates": duplicates, "statuses": len(batch.statuses),

@@ -130,10 +130,11 @@ MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1,)
 """Migration i takes the schema from version i to i+1. Append only; never edit a released one."""
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
     """A connection for use from worker threads, with the pragmas every connection needs."""
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout = 5000")
+    # How long a write waits for another process's lock (an operator's shell, a CLI) before failing.
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     # FULL: a 200 to Meta promises the message survives power loss, not just a process crash.
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
@@ -173,8 +174,8 @@ _DELIVERY_COLUMNS = (
 class WriteConnection:
     """The single write connection. Every method runs inside one transaction opened by `batch`."""
 
-    def __init__(self, path: Path) -> None:
-        self.conn = connect(path)
+    def __init__(self, path: Path, busy_timeout_ms: int = 5000) -> None:
+        self.conn = connect(path, busy_timeout_ms)
 
     def close(self) -> None:
         self.conn.close()

@@ -1,0 +1,190 @@
+"""Shared test harness: real hypercorn servers on 127.0.0.1 port 0, a real daemon, real SQLite files."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import hypercorn.config
+import hypercorn.trio
+import pytest
+import trio
+
+from wacored.config import Config
+from wacored.daemon import run_daemon
+from wacored.whatsapp import sign, text_webhook
+
+FIXTURES = Path(__file__).parent / "fixtures" / "whatsapp"
+SECRET = "test-app-secret"
+VERIFY_TOKEN = "test-verify-token"
+SERVICES = ("rides", "insurance", "jobs", "property", "wallet", "marketplace", "ai_agents")
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def message(self) -> dict[str, Any]:
+        return self.json()["entry"][0]["changes"][0]["value"]["messages"][0]  # type: ignore[no-any-return]
+
+
+Responder = Callable[[Received], Awaitable[int]]
+
+
+async def ok(_: Received) -> int:
+    return 200
+
+
+@dataclass
+class Downstream:
+    """A real HTTP server recording every request; `respond` decides each answer's status."""
+
+    url: str = ""
+    received: list[Received] = field(default_factory=list)
+    respond: Responder = ok
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    def on(self, path: str) -> list[Received]:
+        return [r for r in self.received if r.path == path]
+
+    async def wait_for(self, count: int, path: str | None = None, timeout: float = 10.0) -> list[Received]:
+        with trio.fail_after(timeout):
+            while True:
+                got = self.received if path is None else self.on(path)
+                if len(got) >= count:
+                    return got
+                await self._changed.wait()
+
+    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        request = Received(scope["path"], headers, body)
+        status = await self.respond(request)
+        if 200 <= status < 300:
+            self.received.append(request)
+        self._changed.set()
+        self._changed = trio.Event()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"ok": true}' if status < 300 else b'{"error": "no"}'})
+
+
+async def serve_downstream(nursery: trio.Nursery, downstream: Downstream) -> Downstream:
+    hc = hypercorn.config.Config()
+    hc.bind = ["127.0.0.1:0"]
+    hc.accesslog = None
+    hc.graceful_timeout = 0.5
+    urls = await nursery.start(partial(hypercorn.trio.serve, downstream.app, hc))
+    downstream.url = urls[0]
+    return downstream
+
+
+def config_mapping(tmp_path: Path, downstream: str, graph: str, **sections: dict[str, Any]) -> dict[str, Any]:
+    keys = {name: [name, str(i + 1)] for i, name in enumerate(SERVICES)}
+    keys["rides"] += ["mobility", "rides_agent"]
+    data: dict[str, Any] = {
+        "server": {"listen": "127.0.0.1:0"},
+        "whatsapp": {"verify_token": VERIFY_TOKEN, "app_secret": SECRET, "access_token": "test-token",
+                     "phone_number_id": "1234567890", "graph_api_url": f"{graph}/v21.0"},
+        "store": {"path": str(tmp_path / "wacored.db")},
+        "forwarding": {"retry_base_ms": 10, "timeout_ms": 2000, "concurrency": 4},
+        "home_menu": {"items": [{"key": name, "title": name.title()} for name in SERVICES]},
+        "services": {name: {"url": f"{downstream}/{name}", "keys": keys[name]} for name in SERVICES},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return data
+
+
+@dataclass
+class Daemon:
+    url: str
+    config: Config
+    stop: trio.Event
+    client: httpx.AsyncClient
+    def wamid(self) -> str:
+        return f"wamid.TEST{uuid.uuid4().hex}"
+
+    async def post(self, body: bytes, headers: dict[str, str] | None = None, *, signed: bool = True) -> httpx.Response:
+        all_headers = {"Content-Type": "application/json"}
+        if signed:
+            all_headers["X-Hub-Signature-256"] = sign(SECRET, body)
+        all_headers.update(headers or {})
+        return await self.client.post(f"{self.url}/webhook", content=body, headers=all_headers)
+
+    async def send_text(self, text: str, sender: str = "250788000001", *, kind: str = "text",
+                        headers: dict[str, str] | None = None) -> httpx.Response:
+        body = text_webhook(text=text, sender=sender, wamid=self.wamid(), timestamp=1700000000, kind=kind)
+        return await self.post(body, headers)
+
+
+@asynccontextmanager
+async def open_daemon(config: Config, **kwargs: Any) -> AsyncIterator[Daemon]:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10, trust_env=False) as client:
+        urls = await nursery.start(partial(run_daemon, config, stop=stop, **kwargs))
+        yield Daemon(urls[0], config, stop, client)
+        stop.set()
+
+
+@dataclass
+class World:
+    """A running daemon with real downstream services and a fake Graph API."""
+
+    daemon: Daemon
+    services: Downstream
+    graph: Downstream
+    tmp_path: Path
+
+
+@pytest.fixture
+async def nursery() -> AsyncIterator[trio.Nursery]:
+    async with trio.open_nursery() as n:
+        yield n
+        n.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def services(nursery: trio.Nursery) -> Downstream:
+    return await serve_downstream(nursery, Downstream())
+
+
+@pytest.fixture
+async def graph(nursery: trio.Nursery) -> Downstream:
+    return await serve_downstream(nursery, Downstream())
+
+
+def make_config(tmp_path: Path, services: Downstream, graph: Downstream, **sections: dict[str, Any]) -> Config:
+    return Config.from_mapping(config_mapping(tmp_path, services.url, graph.url, **sections), {})
+
+
+@pytest.fixture
+async def world(tmp_path: Path, services: Downstream, graph: Downstream) -> AsyncIterator[World]:
+    async with open_daemon(make_config(tmp_path, services, graph)) as daemon:
+        yield World(daemon, services, graph, tmp_path)

@@ -1,0 +1,123 @@
+"""The store writer and delivery queues on a real SQLite file: group commit, dedupe, spill to disk."""
+
+from __future__ import annotations
+
+import sqlite3
+from functools import partial
+from pathlib import Path
+
+import httpx
+import trio
+
+from wacored.config import ForwardingConfig
+from wacored.forwarder import Target, run_forwarder
+from wacored.routing import SessionAction
+from wacored.sessions import SessionChange
+from wacored.store import NewRow, Outcome, WriteConnection, load_sessions, migrate, queued_targets
+from wacored.writer import CatchUp, DeliveryQueue, Ingest, Record, WriteOp, run_writer
+
+
+def row(key: str, sender: str = "s1", target: str = "rides") -> NewRow:
+    return NewRow(key, "message", sender, target, "keyword", target, b"{}", "rid", "cid", "tp", 1000.0)
+
+
+async def start_writer(nursery: trio.Nursery, path: Path, buffer: int = 1024
+                       ) -> tuple[trio.MemorySendChannel[WriteOp], DeliveryQueue]:
+    migrate(path)
+    queue = DeliveryQueue("rides", buffer=buffer)
+    send, receive = trio.open_memory_channel[WriteOp](100)
+    await nursery.start(run_writer, WriteConnection(path), receive, {"rides": queue})
+    return send, queue
+
+
+async def ingest(writes: trio.MemorySendChannel[WriteOp], rows: list[NewRow],
+                 changes: list[tuple[int, SessionChange]] = ()) -> list[int | None]:
+    op = Ingest(rows, list(changes))
+    await writes.send(op)
+    return await op.reply.wait()
+
+
+async def test_duplicates_are_ignored_within_and_across_batches(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        writes, queue = await start_writer(nursery, tmp_path / "db")
+        first = await ingest(writes, [row("a"), row("b"), row("a")])
+        again = await ingest(writes, [row("b"), row("c")])
+        assert first[0] is not None and first[1] is not None and first[2] is None
+        assert again[0] is None and again[1] is not None
+        assert queue.depth() == 3
+        await writes.aclose()
+
+
+async def test_session_changes_apply_only_for_inserted_messages(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    async with trio.open_nursery() as nursery:
+        writes, _ = await start_writer(nursery, path)
+        start = SessionChange("s1", SessionAction.START, "rides", 1000.0)
+        await ingest(writes, [row("m1")], [(0, start)])
+        # A redelivered "menu" must not end the session it did not start.
+        end = SessionChange("s1", SessionAction.END, "wacored", 1001.0)
+        await ingest(writes, [row("m1")], [(0, end)])
+        await writes.aclose()
+    assert load_sessions(path, 0) == [("s1", "rides", 1000.0)]
+
+
+async def test_a_full_channel_spills_to_disk_and_catch_up_reads_back_in_order(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        writes, queue = await start_writer(nursery, tmp_path / "db", buffer=2)
+        await ingest(writes, [row(f"m{i}") for i in range(5)])
+        assert queue.depth() == 2
+        assert queue.spill_from is not None
+        in_memory = [queue.receive.receive_nowait().key for _ in range(2)]
+        ask = CatchUp("rides")
+        await writes.send(ask)
+        spilled = [d.key for d in await ask.reply.wait()]
+        assert in_memory + spilled == [f"m{i}" for i in range(5)]
+        assert queue.spill_from is None
+        # Caught up: new rows go to the channel again, and nothing is handed out twice.
+        await ingest(writes, [row("m5")])
+        assert queue.receive.receive_nowait().key == "m5"
+        await writes.aclose()
+
+
+async def test_outcomes_mark_delivered_or_dead_letter_once(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    async with trio.open_nursery() as nursery:
+        writes, _ = await start_writer(nursery, path)
+        ids = await ingest(writes, [row("ok"), row("down"), row("gone")])
+        await writes.send(Record(Outcome(ids[0], True, 1, 2000.0)))
+        await writes.send(Record(Outcome(ids[1], False, 3, 2000.0, "HTTP 503: busy", target="rides", key="down")))
+        await writes.send(Record(Outcome(ids[2], False, 1, 2000.0, "HTTP 404: no", permanent=True,
+                                         status_code=404, target="rides", key="gone")))
+        await writes.aclose()
+    db = sqlite3.connect(path)
+    states = dict(db.execute("SELECT key, state FROM messages").fetchall())
+    assert states == {"ok": "delivered", "down": "dead_lettered", "gone": "dead_lettered"}
+    dead = db.execute("SELECT key, state, reason, error, status_code, next_attempt_at FROM dead_letters"
+                      " ORDER BY key").fetchall()
+    assert dead == [("down", "pending", "transient", "HTTP 503: busy", None, 2120.0),
+                    ("gone", "abandoned", "permanent", "HTTP 404: no", 404, None)]
+    assert queued_targets(path) == {}
+
+
+async def test_forwarder_delivers_a_spilled_backlog_once_each_in_order(tmp_path: Path) -> None:
+    received: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        received.append(request.headers["idempotency-key"])
+        await trio.sleep(0)
+        return httpx.Response(200)
+
+    path = tmp_path / "db"
+    target = Target("rides", "http://rides.test/", ForwardingConfig(concurrency=1), app_secret="s")
+    keys = [f"m{i:03d}" for i in range(600)]  # more than two catch-up pages through a 3-slot channel
+    async with trio.open_nursery() as nursery:
+        writes, queue = await start_writer(nursery, path, buffer=3)
+        for start in range(0, 600, 50):
+            await ingest(writes, [row(k) for k in keys[start:start + 50]])
+        await nursery.start(partial(run_forwarder, target, queue, writes.clone(),
+                                    transport=httpx.MockTransport(handler)))
+        with trio.fail_after(10):
+            while len(received) < 600:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert received == keys
