@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= wacored.toml
 
-.PHONY: run test bench check-config clean
+.PHONY: run test lint bench check-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,12 @@ run: $(STAMP)
 	$(BIN)/wacored dev-env var/dev.env
 	$(BIN)/wacored run -c $(CONFIG) --env-file var/dev.env
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check wacored tests bench
+	$(BIN)/mypy
 
 check-config: $(STAMP)
 	$(BIN)/wacored check-config -c $(CONFIG)

@@ -60,8 +60,8 @@ class Downstream:
     def on(self, path: str) -> list[Received]:
         return [r for r in self.received if r.path == path]
 
-    async def wait_for(self, count: int, path: str | None = None, timeout: float = 10.0) -> list[Received]:
-        with trio.fail_after(timeout):
+    async def wait_for(self, count: int, path: str | None = None) -> list[Received]:
+        with trio.fail_after(10):
             while True:
                 got = self.received if path is None else self.on(path)
                 if len(got) >= count:

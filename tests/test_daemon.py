@@ -256,3 +256,44 @@ async def test_one_senders_messages_arrive_in_order(world: World) -> None:
         await world.daemon.send_text(f"stop {i}", sender=sender)
     got = await world.services.wait_for(21, "/rides")
     assert [g.message["text"]["body"] for g in got] == ["rides"] + [f"stop {i}" for i in range(20)]
+
+
+def batch(*messages: dict[str, object], sender: str = "250788000090") -> bytes:
+    value = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550000000", "phone_number_id": "1234567890"},
+        "contacts": [{"profile": {"name": "A"}, "wa_id": sender}],
+        "messages": [{"from": sender, "timestamp": "1700000000", **m} for m in messages],
+    }
+    doc = {"object": "whatsapp_business_account",
+           "entry": [{"id": "WABA", "changes": [{"value": value, "field": "messages"}]}]}
+    return json.dumps(doc).encode()
+
+
+async def test_the_messages_of_one_batch_are_routed_in_order(world: World) -> None:
+    body = batch(
+        {"id": "wamid.B1", "type": "text", "text": {"body": "rides"}},
+        {"id": "wamid.B2", "type": "location", "location": {"latitude": 1.0, "longitude": 2.0}},
+        {"id": "wamid.B3", "type": "hologram", "hologram": {"depth": 3}},
+        {"id": "wamid.B4", "type": "text", "text": {"body": "EXIT "}},
+        {"id": "wamid.B5", "type": "text", "text": {"body": "anything"}},
+    )
+    r = await world.daemon.post(body)
+    assert [(x["service"], x["reason"]) for x in r.json()["routes"]] == [
+        ("rides", "keyword"), ("rides", "state"), ("rides", "state"), ("wacored", "home_menu"),
+        ("wacored", "fallback"),
+    ]
+    got = await world.services.wait_for(3, "/rides")
+    assert [g.message["id"] for g in got] == ["wamid.B1", "wamid.B2", "wamid.B3"]
+
+
+async def test_non_ascii_bodies_are_verified_on_their_raw_bytes(world: World) -> None:
+    # Meta escapes non-ASCII as \uXXXX; the signature covers those exact bytes, not a re-encoding.
+    body = batch({"id": "wamid.NA", "type": "text", "text": {"body": "rides"}}).replace(
+        b'"name": "A"', b'"name": "Ren\\u00e9e \\ud83d\\ude95"')
+    assert b"\\u00e9" in body
+    r = await world.daemon.post(body)
+    assert r.status_code == 200
+    [got] = await world.services.wait_for(1, "/rides")
+    assert got.json()["entry"][0]["changes"][0]["value"]["contacts"][0]["profile"]["name"] == "Renée 🚕"
+    assert signature_valid(SECRET, got.body, got.headers["x-hub-signature-256"])

@@ -87,7 +87,8 @@ async def test_undeliverable_messages_are_dead_lettered(
     async with open_daemon(make_config(tmp_path, services, graph)) as daemon:
         await daemon.send_text("rides")
         with trio.fail_after(10):
-            while not rows(tmp_path / "wacored.db", "SELECT 1 FROM dead_letters"):
+            # The file is the only place the outcome shows: poll it from another connection.
+            while not rows(tmp_path / "wacored.db", "SELECT 1 FROM dead_letters"):  # noqa: ASYNC110
                 await trio.sleep(0.02)
     [dead] = rows(tmp_path / "wacored.db", "SELECT service, state, reason, error, next_attempt_at IS NULL"
                                            " FROM dead_letters")
@@ -142,6 +143,23 @@ async def test_home_menu_goes_to_the_bsuid_when_there_is_no_phone(
         [sent] = await graph.wait_for(1)
     assert sent.json()["recipient"] == "US.13491208655302741918"
     assert "to" not in sent.json()
+
+
+async def test_duplicates_are_recognised_after_a_restart(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    from wacored.whatsapp import text_webhook
+
+    body = text_webhook(text="rides", sender="250788000085", wamid="wamid.ONCE", timestamp=1)
+    config = make_config(tmp_path, services, graph)
+    async with open_daemon(config) as daemon:
+        assert (await daemon.post(body)).json()["accepted"] == 1
+        await services.wait_for(1, "/rides")
+    async with open_daemon(config) as daemon:
+        again = await daemon.post(body)
+        await trio.sleep(0.2)
+    assert again.json()["duplicates"] == 1
+    assert len(services.on("/rides")) == 1
 
 
 async def test_sessions_survive_a_restart(tmp_path: Path, services: Downstream, graph: Downstream) -> None:

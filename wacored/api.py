@@ -91,6 +91,7 @@ def create_app(rt: Runtime) -> Any:
         if scope["type"] == "http" and scope["path"] == "/webhook":
             await webhook(scope, receive, send)
         else:
-            await quart(scope, receive, send)
+            # Quart types the ASGI messages precisely; hypercorn hands us the same objects untyped.
+            await quart(scope, receive, send)  # type: ignore[arg-type]
 
     return app

@@ -150,6 +150,8 @@ class Config:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}"]) from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
         return cls.from_mapping(data, env, source=path)
@@ -318,10 +320,11 @@ def _read_services(
         s = _Section(raw, f"services.{name}", problems)
         if name in RESERVED_NAMES:
             problems.append(f"services.{name}: the name {name!r} is reserved")
-        url = s.take("url", "", _http_url)
-        if "url" not in (raw or {}):
+        if "url" not in s.data:
             s.problem("url", "required")
-        keys = tuple(k.strip().lower() for k in s.take("keys", ()))
+        url = s.take("url", "", _http_url)
+        raw_keys: tuple[str, ...] = s.take("keys", ())
+        keys = tuple(k.strip().lower() for k in raw_keys)
         for key in keys:
             if not key:
                 s.problem("keys", "keys must not be empty")
@@ -411,8 +414,9 @@ def _build(
         problems.append("services: at least one [services.NAME] is required")
 
     ro = _Section(top.data.pop("routing", None), "routing", problems)
+    menu_words: tuple[str, ...] = ro.take("menu_words", RoutingConfig.menu_words)
     routing = RoutingConfig(
-        menu_words=tuple(w.strip().lower() for w in ro.take("menu_words", RoutingConfig.menu_words)),
+        menu_words=tuple(w.strip().lower() for w in menu_words),
         fallback=ro.take("fallback", "menu"),
         statuses=ro.take("statuses", ""),
     )

@@ -25,9 +25,11 @@ import logging
 import random
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
+from typing import cast
 
 import httpx
 import trio
@@ -44,7 +46,7 @@ CATCH_UP_RETRY_S = 1.0
 EXCERPT = 200
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     DELIVERED = "delivered"
     TRANSIENT = "transient"
     PERMANENT = "permanent"
@@ -86,6 +88,7 @@ class Target:
     def headers(self, d: Delivery) -> dict[str, str]:
         headers = {
             "Content-Type": "application/json",
+            "Accept-Encoding": "identity",
             "X-Correlation-ID": d.correlation_id,
             "X-Request-ID": d.request_id,
             "Idempotency-Key": d.key,
@@ -129,16 +132,41 @@ class Attempt:
 async def attempt(client: httpx.AsyncClient, target: Target, d: Delivery) -> Attempt:
     """One POST of `d` to `target`, classified; never raises for a network or HTTP failure."""
     try:
-        response = await client.post(target.url, content=d.body, headers=target.headers(d))
+        # Streamed, so the verdict rests on the status alone: a body that cannot be decoded must
+        # neither turn a delivered 2xx into a retry nor crash the lane.
+        async with client.stream("POST", target.url, content=d.body, headers=target.headers(d)) as response:
+            verdict = classify(response.status_code)
+            if verdict is Verdict.DELIVERED:
+                return Attempt(verdict, status_code=response.status_code)
+            excerpt = await _excerpt(response)
     except httpx.TimeoutException as exc:
         return Attempt(Verdict.TRANSIENT, f"timeout ({type(exc).__name__})")
     except httpx.TransportError as exc:
         return Attempt(Verdict.TRANSIENT, f"connection error ({type(exc).__name__}: {exc})"[:EXCERPT])
-    verdict = classify(response.status_code)
-    if verdict is Verdict.DELIVERED:
-        return Attempt(verdict, status_code=response.status_code)
-    excerpt = response.text[:EXCERPT]
     return Attempt(verdict, f"HTTP {response.status_code}: {excerpt}", response.status_code)
+
+
+async def _excerpt(response: httpx.Response) -> str:
+    """The start of an error response's body, for the dead letter; never more than `EXCERPT` chars.
+
+    Raw bytes: forwards ask for ``Accept-Encoding: identity``, and a body a server compressed anyway
+    is not worth decoding (httpx's decoders leak their stream when a body is corrupt).
+    """
+    encoding = response.headers.get("content-encoding", "identity")
+    if encoding != "identity":
+        return f"<{encoding}-encoded body>"
+    if response.is_stream_consumed:  # already read, as a transport may hand it over
+        return response.content[:EXCERPT].decode(response.encoding or "utf-8", errors="replace")
+    chunk = b""
+    try:
+        async with aclosing(cast(AsyncGenerator[bytes, None], response.aiter_raw())) as parts:
+            async for part in parts:
+                chunk += part
+                if len(chunk) >= EXCERPT:
+                    break
+    except httpx.TransportError as exc:
+        return f"<unreadable body: {type(exc).__name__}>"
+    return chunk[:EXCERPT].decode(response.encoding or "utf-8", errors="replace")
 
 
 async def deliver(

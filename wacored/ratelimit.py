@@ -2,7 +2,9 @@
 
 At most `limit` messages per sender in any `window_s` seconds. A POST is admitted or refused whole:
 `admit` records every message of an admitted POST (duplicates included) and records nothing for a
-refused one, so Meta's redelivery of a refused POST is not counted twice.
+refused one, so Meta's redelivery of a refused POST is not counted twice. One exception keeps a
+batch from being refused forever: a POST with more than `limit` messages from one sender is admitted
+when that sender's window is empty.
 """
 
 from __future__ import annotations
@@ -38,14 +40,17 @@ class SlidingWindowLimiter:
     def retry_after(self, sender: str, count: int, now: float) -> int | None:
         """Seconds until `count` more messages from `sender` fit, or None if they fit now."""
         hits = self._window(sender, now)
-        used = len(hits) if hits else 0
+        if hits is None:
+            # An empty window admits any one POST, even one carrying more than `limit` messages:
+            # Meta redelivers the same batch unchanged, so refusing it forever would lose it.
+            return None
+        used = len(hits)
         if used + count <= self.limit:
             return None
-        if count > self.limit or hits is None:
-            return math.ceil(self.window_s)
-        # The oldest `used + count - limit` hits must leave the window first.
-        expires = hits[used + count - self.limit - 1] + self.window_s
-        return max(1, math.ceil(expires - now))
+        # The oldest `used + count - limit` hits must leave the window first (all of them, for a
+        # POST that only an empty window admits).
+        index = min(used + count - self.limit, used) - 1
+        return max(1, math.ceil(hits[index] + self.window_s - now))
 
     def admit(self, counts: Mapping[str, int], now: float) -> int | None:
         """Record a POST's messages if every sender fits; else return the longest retry-after."""

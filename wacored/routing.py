@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from .config import HOME_SERVICE, Config
 from .whatsapp import InboundMessage
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     HOME_MENU = "home_menu"
     KEYWORD = "keyword"
     INTERACTIVE = "interactive"
@@ -25,7 +25,7 @@ class Reason(str, Enum):
     FALLBACK = "fallback"
 
 
-class SessionAction(str, Enum):
+class SessionAction(StrEnum):
     KEEP = "keep"
     START = "start"
     END = "end"

@@ -35,12 +35,12 @@ class SessionTable:
 
     def service_of(self, sender: str, now: float) -> str | None:
         entry = self._live.get(sender)
-        if entry is None or now - entry[1] > self.ttl_s:
+        if entry is None or now - entry[1] >= self.ttl_s:
             return None
         return entry[0]
 
     def active(self, now: float) -> int:
-        return sum(1 for _, at in self._live.values() if now - at <= self.ttl_s)
+        return sum(1 for _, at in self._live.values() if now - at < self.ttl_s)
 
     def apply(self, change: SessionChange) -> None:
         if change.action is SessionAction.END:

@@ -95,7 +95,7 @@ class Outcome:
 
 
 def _v1(db: sqlite_utils.Database) -> None:
-    db["messages"].create(
+    db.table("messages").create(
         {
             "id": int, "key": str, "kind": str, "sender": str, "service": str, "reason": str,
             "target": str, "body": bytes, "request_id": str, "correlation_id": str,
@@ -105,14 +105,14 @@ def _v1(db: sqlite_utils.Database) -> None:
         not_null={"key", "kind", "sender", "service", "reason", "target", "body", "received_at", "state"},
         defaults={"state": "queued", "attempts": 0},
     )
-    db["messages"].create_index(["key"], unique=True)
+    db.table("messages").create_index(["key"], unique=True)
     db.execute("CREATE INDEX messages_queued ON messages(target, id) WHERE state = 'queued'")
-    db["sessions"].create(
+    db.table("sessions").create(
         {"sender": str, "service": str, "started_at": float, "last_interaction": float},
         pk="sender",
         not_null={"service", "last_interaction"},
     )
-    db["dead_letters"].create(
+    db.table("dead_letters").create(
         {
             "id": int, "message_id": int, "key": str, "service": str, "state": str, "reason": str,
             "error": str, "status_code": int, "attempts": int, "next_attempt_at": float,
@@ -122,7 +122,7 @@ def _v1(db: sqlite_utils.Database) -> None:
         not_null={"message_id", "key", "service", "state", "reason", "error", "attempts", "created_at"},
         foreign_keys=[("message_id", "messages", "id")],
     )
-    db["dead_letters"].create_index(["message_id"], unique=True)
+    db.table("dead_letters").create_index(["message_id"], unique=True)
     db.execute("CREATE INDEX dead_letters_due ON dead_letters(state, next_attempt_at)")
 
 
@@ -267,7 +267,7 @@ def load_sessions(path: Path, since: float) -> list[tuple[str, str, float]]:
     conn = connect(path)
     try:
         return conn.execute(
-            "SELECT sender, service, last_interaction FROM sessions WHERE last_interaction >= ?", (since,)
+            "SELECT sender, service, last_interaction FROM sessions WHERE last_interaction > ?", (since,)
         ).fetchall()
     finally:
         conn.close()

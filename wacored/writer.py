@@ -20,7 +20,6 @@ Cancellation:
 from __future__ import annotations
 
 import logging
-import math
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -126,7 +125,8 @@ def _run(conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, int
                 conn.record(op.outcome)
                 results.append(None)
             else:
-                results.append(conn.queued(op.target, spills.get(op.target, math.inf), CATCH_UP_PAGE))
+                from_id = spills.get(op.target)
+                results.append([] if from_id is None else conn.queued(op.target, from_id, CATCH_UP_PAGE))
         conn.commit()
     except BaseException:
         conn.rollback()

@@ -1,0 +1,239 @@
+"""wacored.forwarder, pure parts: status classification, backoff, lanes, targets, headers, `deliver`."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from wacored.config import Config, ForwardingConfig
+from wacored.forwarder import Target, Verdict, backoff_s, classify, deliver, lane_of, targets_of
+from wacored.store import Delivery, Outcome
+from wacored.whatsapp import signature_valid
+
+SHIPPED = Path(__file__).resolve().parent.parent / "wacored.toml"
+SECRET = "app-secret"
+BODY = b'{"object":"whatsapp_business_account","entry":[]}'
+
+
+def delivery(**overrides: object) -> Delivery:
+    fields: dict[str, object] = {
+        "id": 7, "key": "wamid.ABC", "kind": "message", "sender": "250788000001", "service": "rides",
+        "reason": "keyword", "target": "rides", "body": BODY, "request_id": "req-1",
+        "correlation_id": "corr-1", "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    }
+    fields.update(overrides)
+    return Delivery(**fields)  # type: ignore[arg-type]
+
+
+def service_target(retries: int = 2) -> Target:
+    fwd = ForwardingConfig(timeout_ms=1000, retries=retries, retry_base_ms=200, concurrency=1)
+    return Target(name="rides", url="http://rides.test/webhook", forwarding=fwd, app_secret=SECRET)
+
+
+# -- classify, backoff, lanes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "verdict"),
+    [
+        (200, Verdict.DELIVERED), (204, Verdict.DELIVERED),
+        (400, Verdict.PERMANENT), (401, Verdict.PERMANENT), (404, Verdict.PERMANENT),
+        (408, Verdict.TRANSIENT), (425, Verdict.TRANSIENT), (429, Verdict.TRANSIENT),
+        (500, Verdict.TRANSIENT), (503, Verdict.TRANSIENT),
+    ],
+)
+def test_classify(status: int, verdict: Verdict) -> None:
+    assert classify(status) is verdict
+
+
+@pytest.mark.parametrize("retry", [1, 2, 3, 4, 5])
+def test_backoff_is_full_jitter_within_the_exponential_cap(retry: int) -> None:
+    rng = random.Random(retry)
+    cap = 0.2 * 2 ** (retry - 1)
+    samples = [backoff_s(retry, 0.2, rng) for _ in range(200)]
+    assert all(0.0 <= s <= cap for s in samples)
+    assert max(samples) > cap / 2  # jitter spans the range rather than sitting near zero
+
+
+def test_backoff_is_deterministic_with_a_seeded_rng() -> None:
+    first = [backoff_s(r, 0.2, random.Random(42)) for r in (1, 2, 3)]
+    again = [backoff_s(r, 0.2, random.Random(42)) for r in (1, 2, 3)]
+    assert first == again
+
+
+def test_lane_of_is_stable_across_processes() -> None:
+    # crc32 values, not `hash`: the same sender maps to the same lane after a restart.
+    assert lane_of("250788000001", 16) == 7
+    assert lane_of("US.13491208655302741918", 16) == 13
+
+
+@pytest.mark.parametrize("lanes", [1, 3, 16])
+def test_lane_of_is_within_range_and_spreads(lanes: int) -> None:
+    used = {lane_of(f"2507880{i:05d}", lanes) for i in range(500)}
+    assert used == set(range(lanes))
+
+
+# -- targets and headers ---------------------------------------------------------------------------
+
+
+def test_service_target_headers() -> None:
+    d = delivery()
+    headers = service_target().headers(d)
+    assert headers == {
+        "Content-Type": "application/json",
+        "Accept-Encoding": "identity",
+        "X-Correlation-ID": "corr-1",
+        "X-Request-ID": "req-1",
+        "Idempotency-Key": "wamid.ABC",
+        "X-Routed-From": "wacored",
+        "X-Routed-Service": "rides",
+        "X-Route-Reason": "keyword",
+        "traceparent": d.traceparent,
+        "X-Hub-Signature-256": headers["X-Hub-Signature-256"],
+    }
+    assert signature_valid(SECRET, BODY, headers["X-Hub-Signature-256"])
+
+
+def test_graph_target_headers_use_the_access_token_not_a_signature() -> None:
+    graph = Target(name="whatsapp", url="https://graph.test/v21.0/1/messages",
+                   forwarding=ForwardingConfig(), access_token="EAAG-token")
+    headers = graph.headers(delivery(service="wacored", target="whatsapp"))
+    assert headers["Authorization"] == "Bearer EAAG-token"
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Idempotency-Key"] == "wamid.ABC"
+    assert "X-Hub-Signature-256" not in headers
+
+
+def test_targets_of_config() -> None:
+    env = {"WACORED_APP_SECRET": SECRET, "WA_TOKEN": "EAAG-token", "WA_PHONE_ID": "106540352242922"}
+    config = Config.load(SHIPPED, env)
+    targets = targets_of(config)
+    assert set(targets) == set(config.services) | {"whatsapp"}
+    for name, svc in config.services.items():
+        assert (targets[name].url, targets[name].forwarding, targets[name].app_secret) == (
+            svc.url, svc.forwarding, SECRET,
+        )
+        assert not targets[name].is_graph
+    graph = targets["whatsapp"]
+    assert graph.is_graph
+    assert graph.url == "https://graph.facebook.com/v21.0/106540352242922/messages"
+    assert graph.access_token == "EAAG-token"
+
+
+def test_graph_url_with_a_trailing_slash() -> None:
+    data = {
+        "whatsapp": {"graph_api_url": "https://graph.test/v21.0/", "phone_number_id": "42"},
+        "services": {"rides": {"url": "http://127.0.0.1:9001/rides", "keys": ["rides"]}},
+    }
+    assert targets_of(Config.from_mapping(data, {}))["whatsapp"].url == "https://graph.test/v21.0/42/messages"
+
+
+# -- deliver() over httpx.MockTransport ------------------------------------------------------------
+
+Step = int | tuple[int, str] | type[httpx.TransportError]
+
+
+Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
+
+
+def scripted(steps: list[Step], seen: list[httpx.Request]) -> Handler:
+    """A MockTransport handler answering each request with the next step: a status or an error."""
+    script = iter(steps)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        step = next(script)
+        if isinstance(step, type):
+            raise step("simulated", request=request)
+        status, text = step if isinstance(step, tuple) else (step, "")
+        return httpx.Response(status, text=text)
+
+    return handler
+
+
+async def run_deliver(steps: list[Step], retries: int = 2) -> tuple[Outcome, list[httpx.Request], float]:
+    seen: list[httpx.Request] = []
+    start = trio.current_time()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(scripted(steps, seen))) as client:
+        target = service_target(retries)
+        outcome = await deliver(client, target, delivery(), random.Random(0), trio.current_time)
+    return outcome, seen, trio.current_time() - start
+
+
+async def test_transient_then_success_is_delivered(autojump_clock: trio.abc.Clock) -> None:
+    outcome, seen, elapsed = await run_deliver([503, 503, 200])
+    assert (outcome.delivered, outcome.attempts, outcome.permanent) == (True, 3, False)
+    assert (outcome.message_id, outcome.target, outcome.key) == (7, "rides", "wamid.ABC")
+    assert outcome.status_code == 200
+    assert outcome.error == ""
+    assert 0 < elapsed <= 0.2 + 0.4  # two backoffs, each within its cap
+    assert {(r.url, r.content, r.headers["Idempotency-Key"]) for r in seen} == {
+        (httpx.URL("http://rides.test/webhook"), BODY, "wamid.ABC"),
+    }
+
+
+async def test_transient_until_out_of_retries(autojump_clock: trio.abc.Clock) -> None:
+    outcome, seen, _ = await run_deliver([503, 503, 503])
+    assert (outcome.delivered, outcome.attempts, outcome.permanent) == (False, 3, False)
+    assert outcome.status_code == 503
+    assert "503" in outcome.error
+    assert len(seen) == 3
+
+
+async def test_no_retries_means_one_attempt(autojump_clock: trio.abc.Clock) -> None:
+    outcome, seen, _ = await run_deliver([503], retries=0)
+    assert (outcome.delivered, outcome.attempts, len(seen)) == (False, 1, 1)
+
+
+async def test_permanent_error_is_not_retried(autojump_clock: trio.abc.Clock) -> None:
+    outcome, seen, elapsed = await run_deliver([(404, "no such route: /webhook")])
+    assert (outcome.delivered, outcome.attempts, outcome.permanent) == (False, 1, True)
+    assert outcome.status_code == 404
+    assert "404" in outcome.error
+    assert "no such route: /webhook" in outcome.error
+    assert (len(seen), elapsed) == (1, 0)
+
+
+async def test_permanent_error_body_is_an_excerpt(autojump_clock: trio.abc.Clock) -> None:
+    outcome, _, _ = await run_deliver([(400, "x" * 5000)])
+    assert "x" * 100 in outcome.error
+    assert len(outcome.error) < 300
+
+
+async def test_connection_error_is_transient(autojump_clock: trio.abc.Clock) -> None:
+    outcome, seen, _ = await run_deliver([httpx.ConnectError] * 3)
+    assert (outcome.delivered, outcome.attempts, outcome.permanent) == (False, 3, False)
+    assert outcome.status_code is None
+    assert "ConnectError" in outcome.error
+
+
+async def test_connection_error_then_success(autojump_clock: trio.abc.Clock) -> None:
+    outcome, _, _ = await run_deliver([httpx.ConnectError, 204])
+    assert (outcome.delivered, outcome.attempts, outcome.status_code) == (True, 2, 204)
+
+
+async def test_timeout_is_transient(autojump_clock: trio.abc.Clock) -> None:
+    outcome, _, _ = await run_deliver([httpx.ReadTimeout] * 3)
+    assert (outcome.delivered, outcome.attempts, outcome.permanent) == (False, 3, False)
+    assert "timeout" in outcome.error
+
+
+@pytest.mark.parametrize(
+    ("status", "delivered", "attempts"),
+    [pytest.param(200, True, 1, id="2xx-is-delivered"), pytest.param(502, False, 3, id="5xx-is-transient")],
+)
+async def test_undecodable_response_body_is_classified_by_status(
+    autojump_clock: trio.abc.Clock, status: int, delivered: bool, attempts: int
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        # A stream, so the mock does not decode the body while building the response.
+        return httpx.Response(status, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip"))
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        outcome = await deliver(client, service_target(), delivery(), random.Random(0), trio.current_time)
+    assert (outcome.delivered, outcome.attempts, outcome.permanent) == (delivered, attempts, False)
