@@ -13,7 +13,7 @@ import trio.lowlevel
 from wacored.config import ForwardingConfig
 from wacored.forwarder import Target, run_forwarder
 from wacored.routing import SessionAction
-from wacored.sessions import SessionChange
+from wacored.sessions import SessionChange, SessionTable
 from wacored.store import NewRow, Outcome, WriteConnection, load_sessions, migrate, queued_targets
 from wacored.writer import CatchUp, DeliveryQueue, Ingest, Record, WriteOp, run_writer
 
@@ -22,12 +22,13 @@ def row(key: str, sender: str = "s1", target: str = "rides") -> NewRow:
     return NewRow(key, "message", sender, target, "keyword", target, b"{}", "rid", "cid", "tp", 1000.0)
 
 
-async def start_writer(nursery: trio.Nursery, path: Path, buffer: int = 1024
+async def start_writer(nursery: trio.Nursery, path: Path, buffer: int = 1024, sessions: SessionTable | None = None,
                        ) -> tuple[trio.MemorySendChannel[WriteOp], DeliveryQueue]:
     migrate(path)
     queue = DeliveryQueue("rides", buffer=buffer)
     send, receive = trio.open_memory_channel[WriteOp](100)
-    await nursery.start(run_writer, WriteConnection(path), receive, {"rides": queue})
+    await nursery.start(run_writer, WriteConnection(path), receive, {"rides": queue},
+                        sessions if sessions is not None else SessionTable(3600))
     return send, queue
 
 
@@ -51,8 +52,9 @@ async def test_duplicates_are_ignored_within_and_across_batches(tmp_path: Path) 
 
 async def test_session_changes_apply_only_for_inserted_messages(tmp_path: Path) -> None:
     path = tmp_path / "db"
+    sessions = SessionTable(3600)
     async with trio.open_nursery() as nursery:
-        writes, _ = await start_writer(nursery, path)
+        writes, _ = await start_writer(nursery, path, sessions=sessions)
         start = SessionChange("s1", SessionAction.START, "rides", 1000.0)
         await ingest(writes, [row("m1")], [(0, start)])
         # A redelivered "menu" must not end the session it did not start.
@@ -60,6 +62,7 @@ async def test_session_changes_apply_only_for_inserted_messages(tmp_path: Path) 
         await ingest(writes, [row("m1")], [(0, end)])
         await writes.aclose()
     assert load_sessions(path, 0) == [("s1", "rides", 1000.0)]
+    assert sessions.service_of("s1", 1001.0) == "rides"  # memory follows the file
 
 
 async def test_a_full_channel_spills_to_disk_and_catch_up_reads_back_in_order(tmp_path: Path) -> None:

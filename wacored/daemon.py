@@ -104,7 +104,7 @@ async def run_daemon(
     targets = targets_of(config)
     try:
         async with trio.open_nursery() as root:
-            await root.start(run_actor, rt, "writer", run_writer, conn, writes_receive, queues)
+            await root.start(run_actor, rt, "writer", run_writer, conn, writes_receive, queues, sessions)
             async with writes, trio.open_nursery() as workers:
                 for name, target in targets.items():
                     forwarder = partial(run_forwarder, target, queues[name], writes.clone(), clock=wall_clock)

@@ -193,11 +193,7 @@ class Webhook:
             return []
         op = Ingest(rows, changes)
         await self.rt.writes.send(op)
-        ids = await op.reply.wait()
-        for index, change in changes:
-            if ids[index] is not None:
-                self.rt.sessions.apply(change)
-        return ids
+        return await op.reply.wait()
 
     def _accepted(
         self, batch: Batch, rows: list[NewRow], ids: list[int | None]

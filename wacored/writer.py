@@ -27,7 +27,7 @@ from typing import Generic, TypeVar
 
 import trio
 
-from .sessions import SessionChange
+from .sessions import SessionChange, SessionTable
 from .store import Delivery, NewRow, Outcome, StoreUnavailable, WriteConnection
 
 log = logging.getLogger(__name__)
@@ -138,12 +138,15 @@ async def run_writer(
     conn: WriteConnection,
     receive: trio.MemoryReceiveChannel[WriteOp],
     queues: Mapping[str, DeliveryQueue],
+    sessions: SessionTable,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Commit every request that arrives, in groups, until the channel is closed by all its senders.
 
     Owns: the write connection (closes it when done) and the receive end of the write channel.
+    Applies committed session changes to `sessions` itself, so memory follows the file even when
+    the request that asked for them is cancelled (its client went away) while the commit runs.
     """
     task_status.started()
     try:
@@ -155,12 +158,14 @@ async def run_writer(
                         ops.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                await _commit_group(conn, ops, queues)
+                await _commit_group(conn, ops, queues, sessions)
     finally:
         conn.close()
 
 
-async def _commit_group(conn: WriteConnection, ops: list[WriteOp], queues: Mapping[str, DeliveryQueue]) -> None:
+async def _commit_group(
+    conn: WriteConnection, ops: list[WriteOp], queues: Mapping[str, DeliveryQueue], sessions: SessionTable
+) -> None:
     spills = {q.target: q.spill_from for q in queues.values() if q.spill_from is not None}
     try:
         results = await trio.to_thread.run_sync(_run, conn, ops, spills)
@@ -176,6 +181,9 @@ async def _commit_group(conn: WriteConnection, ops: list[WriteOp], queues: Mappi
             for row, row_id in zip(op.rows, ids, strict=True):
                 if row_id is not None and row.target in queues:
                     queues[row.target].offer(Delivery.from_row(row_id, row))
+            for index, change in op.changes:
+                if ids[index] is not None:
+                    sessions.apply(change)
             op.reply.set(ids)
         elif isinstance(op, CatchUp):
             page: list[Delivery] = result  # type: ignore[assignment]
