@@ -274,7 +274,7 @@ def load_sessions(path: Path, since: float) -> list[tuple[str, str, float]]:
 
 
 class Reader:
-    """A read-only connection of its own, for health checks and operator queries."""
+    """A connection of its own for reads (health checks), so they never wait on the writer."""
 
     def __init__(self, path: Path) -> None:
         self.conn = connect(path)
@@ -285,9 +285,3 @@ class Reader:
     def ping(self) -> int:
         """The schema version; raises `sqlite3.Error` when the database cannot be read."""
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
-
-    def counts(self) -> dict[str, int]:
-        out = dict(self.conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall())
-        dead = self.conn.execute("SELECT state, COUNT(*) FROM dead_letters GROUP BY state").fetchall()
-        out.update({f"dead_letters_{state}": n for state, n in dead})
-        return out
