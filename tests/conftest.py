@@ -32,6 +32,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    client: tuple[str, int] | None = None
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -84,7 +85,8 @@ class Downstream:
             if not message.get("more_body"):
                 break
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        request = Received(scope["path"], headers, body)
+        client = scope.get("client")
+        request = Received(scope["path"], headers, body, tuple(client) if client else None)
         status = await self.respond(request)
         if 200 <= status < 300:
             self.received.append(request)

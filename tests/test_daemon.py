@@ -297,3 +297,12 @@ async def test_non_ascii_bodies_are_verified_on_their_raw_bytes(world: World) ->
     [got] = await world.services.wait_for(1, "/rides")
     assert got.json()["entry"][0]["changes"][0]["value"]["contacts"][0]["profile"]["name"] == "Renée 🚕"
     assert signature_valid(SECRET, got.body, got.headers["x-hub-signature-256"])
+
+
+async def test_one_lane_reuses_its_connection(world: World) -> None:
+    # A forward that left its response body unread would cost a new TCP connection every time.
+    sender = "250788000095"
+    for text in ("rides", "a", "b", "c", "d"):
+        await world.daemon.send_text(text, sender=sender)
+    got = await world.services.wait_for(5, "/rides")
+    assert len({g.client for g in got}) == 1

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 LANE_BUFFER = 64
 CATCH_UP_RETRY_S = 1.0
 EXCERPT = 200
+MAX_DRAIN = 64 * 1024
 
 
 class Verdict(StrEnum):
@@ -135,41 +136,42 @@ class Attempt:
 async def attempt(client: httpx.AsyncClient, target: Target, d: Delivery) -> Attempt:
     """One POST of `d` to `target`, classified; never raises for a network or HTTP failure."""
     try:
-        # Streamed, so the verdict rests on the status alone: a body that cannot be decoded must
-        # neither turn a delivered 2xx into a retry nor crash the lane.
         async with client.stream("POST", target.url, content=d.body, headers=target.headers(d)) as response:
-            verdict = classify(response.status_code)
-            if verdict is Verdict.DELIVERED:
-                return Attempt(verdict, status_code=response.status_code)
-            excerpt = await _excerpt(response)
+            head = await _drain(response)
     except httpx.TimeoutException as exc:
         return Attempt(Verdict.TRANSIENT, f"timeout ({type(exc).__name__})")
     except httpx.TransportError as exc:
         return Attempt(Verdict.TRANSIENT, f"connection error ({type(exc).__name__}: {exc})"[:EXCERPT])
+    # The verdict rests on the status alone: what the body says cannot undo a 2xx.
+    verdict = classify(response.status_code)
+    if verdict is Verdict.DELIVERED:
+        return Attempt(verdict, status_code=response.status_code)
+    encoding = response.headers.get("content-encoding", "identity")
+    excerpt = head.decode(response.encoding or "utf-8", "replace") if encoding == "identity" else f"<{encoding}>"
     return Attempt(verdict, f"HTTP {response.status_code}: {excerpt}", response.status_code)
 
 
-async def _excerpt(response: httpx.Response) -> str:
-    """The start of an error response's body, for the dead letter; never more than `EXCERPT` chars.
+async def _drain(response: httpx.Response) -> bytes:
+    """Read the response body so the connection can carry the lane's next request; return its head.
 
-    Raw bytes: forwards ask for ``Accept-Encoding: identity``, and a body a server compressed anyway
-    is not worth decoding (httpx's decoders leak their stream when a body is corrupt).
+    Raw bytes: forwards ask for ``Accept-Encoding: identity``, and decoding a body is not worth the
+    risk (httpx's decoders leak their stream when a body is corrupt). A body past `MAX_DRAIN` is cut
+    off and the connection closed; a transport error while reading does not undo the status.
     """
-    encoding = response.headers.get("content-encoding", "identity")
-    if encoding != "identity":
-        return f"<{encoding}-encoded body>"
     if response.is_stream_consumed:  # already read, as a transport may hand it over
-        return response.content[:EXCERPT].decode(response.encoding or "utf-8", errors="replace")
-    chunk = b""
+        return response.content[:EXCERPT]
+    head = b""
+    size = 0
     try:
         async with aclosing(cast(AsyncGenerator[bytes, None], response.aiter_raw())) as parts:
             async for part in parts:
-                chunk += part
-                if len(chunk) >= EXCERPT:
+                head += part[: EXCERPT - len(head)]
+                size += len(part)
+                if size > MAX_DRAIN:
                     break
-    except httpx.TransportError as exc:
-        return f"<unreadable body: {type(exc).__name__}>"
-    return chunk[:EXCERPT].decode(response.encoding or "utf-8", errors="replace")
+    except httpx.TransportError:
+        pass
+    return head
 
 
 async def deliver(
