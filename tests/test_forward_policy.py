@@ -87,6 +87,7 @@ def test_service_target_headers() -> None:
     assert headers == {
         "Content-Type": "application/json",
         "Accept-Encoding": "identity",
+        "User-Agent": "wacored/0.1.0",
         "X-Correlation-ID": "corr-1",
         "X-Request-ID": "req-1",
         "Idempotency-Key": "wamid.ABC",
@@ -159,9 +160,8 @@ def scripted(steps: list[Step], seen: list[httpx.Request]) -> Handler:
 async def run_deliver(steps: list[Step], retries: int = 2) -> tuple[Outcome, list[httpx.Request], float]:
     seen: list[httpx.Request] = []
     start = trio.current_time()
-    async with httpx.AsyncClient(transport=httpx.MockTransport(scripted(steps, seen))) as client:
-        target = service_target(retries)
-        outcome = await deliver(client, target, delivery(), random.Random(0), trio.current_time)
+    transport = httpx.MockTransport(scripted(steps, seen))
+    outcome = await deliver(transport, service_target(retries), delivery(), random.Random(0), trio.current_time)
     return outcome, seen, trio.current_time() - start
 
 
@@ -234,6 +234,21 @@ async def test_undecodable_response_body_is_classified_by_status(
         # A stream, so the mock does not decode the body while building the response.
         return httpx.Response(status, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip"))
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        outcome = await deliver(client, service_target(), delivery(), random.Random(0), trio.current_time)
+    transport = httpx.MockTransport(handler)
+    outcome = await deliver(transport, service_target(), delivery(), random.Random(0), trio.current_time)
     assert (outcome.delivered, outcome.attempts, outcome.permanent) == (delivered, attempts, False)
+
+
+async def test_a_service_that_never_answers_times_out_per_attempt(autojump_clock: trio.abc.Clock) -> None:
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    start = trio.current_time()
+    target = service_target()
+    outcome = await deliver(httpx.MockTransport(hang), target, delivery(), random.Random(0), trio.current_time)
+    assert (outcome.delivered, outcome.attempts, outcome.permanent) == (False, 3, False)
+    assert "timeout" in outcome.error
+    # Three attempts of timeout_ms each, plus at most the two backoffs.
+    timeout_s = target.forwarding.timeout_ms / 1000
+    assert 3 * timeout_s <= trio.current_time() - start <= 3 * timeout_s + 3 * target.forwarding.retry_base_ms / 1000

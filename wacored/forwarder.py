@@ -2,9 +2,9 @@
 
 A target is a downstream service (``[services.NAME] url``, body re-signed with the app secret) or the
 Graph API sender (``whatsapp``: replies such as the home menu, with the access token). Each forwarder
-runs `concurrency` lanes, each with its own `httpx.AsyncClient` (one shared client's pool bookkeeping
-caps throughput, STACK_NOTES "httpx"); a sender always maps to the same lane, so one sender's
-messages reach a service in arrival order while different senders proceed concurrently.
+runs `concurrency` lanes, each with its own httpx transport and kept-alive connection (one shared
+pool's bookkeeping caps throughput, STACK_NOTES "httpx"); a sender always maps to the same lane, so
+one sender's messages reach a service in arrival order while different senders proceed concurrently.
 
 Delivery policy (pure functions below): 2xx delivered; 408/425/429/5xx, timeouts and connection
 errors transient, retried `retries` times with exponential backoff and full jitter; any other 4xx
@@ -38,6 +38,7 @@ import httpx
 import trio
 
 from .config import GRAPH_SENDER, Config, ForwardingConfig
+from .runtime import VERSION
 from .store import Delivery, Outcome, StoreUnavailable
 from .whatsapp import sign
 from .writer import CatchUp, DeliveryQueue, Record, WriteOp
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 LANE_BUFFER = 64
 CATCH_UP_RETRY_S = 1.0
 EXCERPT = 200
+USER_AGENT = f"wacored/{VERSION}"
 MAX_DRAIN = 64 * 1024
 
 
@@ -89,10 +91,17 @@ class Target:
     def is_graph(self) -> bool:
         return self.name == GRAPH_SENDER
 
+    @property
+    def timeouts(self) -> dict[str, float]:
+        """httpx's per-operation timeouts (the request extension its transports read)."""
+        seconds = self.forwarding.timeout_ms / 1000
+        return {"connect": seconds, "read": seconds, "write": seconds, "pool": seconds}
+
     def headers(self, d: Delivery) -> dict[str, str]:
         headers = {
             "Content-Type": "application/json",
             "Accept-Encoding": "identity",
+            "User-Agent": USER_AGENT,
             "X-Correlation-ID": d.correlation_id,
             "X-Request-ID": d.request_id,
             "Idempotency-Key": d.key,
@@ -133,12 +142,24 @@ class Attempt:
     status_code: int | None = None
 
 
-async def attempt(client: httpx.AsyncClient, target: Target, d: Delivery) -> Attempt:
-    """One POST of `d` to `target`, classified; never raises for a network or HTTP failure."""
+async def attempt(transport: httpx.AsyncBaseTransport, target: Target, d: Delivery) -> Attempt:
+    """One POST of `d` to `target`, classified; never raises for a network or HTTP failure.
+
+    The request goes straight to the lane's transport: httpx's client layers (auth and redirect
+    flows, cookies, hooks) do nothing for a forward and cost a third of its CPU (bench/README.md).
+    """
+    request = httpx.Request("POST", target.url, content=d.body, headers=target.headers(d),
+                            extensions={"timeout": target.timeouts})
     try:
-        async with client.stream("POST", target.url, content=d.body, headers=target.headers(d)) as response:
-            head = await _drain(response)
-    except httpx.TimeoutException as exc:
+        # httpx's timeouts bound each read and write; the scope bounds the whole attempt, so a
+        # service that trickles its answer cannot hold the lane past `timeout_ms` either.
+        with trio.fail_after(target.forwarding.timeout_ms / 1000):
+            response = await transport.handle_async_request(request)
+            try:
+                head = await _drain(response)
+            finally:
+                await response.aclose()
+    except (httpx.TimeoutException, trio.TooSlowError) as exc:
         return Attempt(Verdict.TRANSIENT, f"timeout ({type(exc).__name__})")
     except httpx.TransportError as exc:
         return Attempt(Verdict.TRANSIENT, f"connection error ({type(exc).__name__}: {exc})"[:EXCERPT])
@@ -175,14 +196,15 @@ async def _drain(response: httpx.Response) -> bytes:
 
 
 async def deliver(
-    client: httpx.AsyncClient, target: Target, d: Delivery, rng: random.Random, clock: Callable[[], float]
+    transport: httpx.AsyncBaseTransport, target: Target, d: Delivery, rng: random.Random,
+    clock: Callable[[], float],
 ) -> Outcome:
     """Attempt `d` until delivered, permanently refused, or out of retries."""
     fwd = target.forwarding
     tries = 0
     result = Attempt(Verdict.TRANSIENT)
     for tries in range(1, fwd.retries + 2):
-        result = await attempt(client, target, d)
+        result = await attempt(transport, target, d)
         if result.verdict is not Verdict.TRANSIENT or tries > fwd.retries:
             break
         await trio.sleep(backoff_s(tries, fwd.retry_base_ms / 1000, rng))
@@ -206,13 +228,9 @@ def _tls() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
-def _client(fwd: ForwardingConfig, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
-    timeout = httpx.Timeout(fwd.timeout_ms / 1000)
+def _transport() -> httpx.AsyncBaseTransport:
     # One connection per lane: a lane sends one request at a time anyway.
-    return httpx.AsyncClient(
-        timeout=timeout, limits=httpx.Limits(max_connections=1), trust_env=False, transport=transport,
-        verify=_tls(),
-    )
+    return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1), verify=_tls(), trust_env=False)
 
 
 async def run_lane(
@@ -224,9 +242,9 @@ async def run_lane(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> None:
     """Deliver one lane's messages one at a time, in order; report each outcome to the writer."""
-    async with receive, writes, _client(target.forwarding, transport) as client:
+    async with receive, writes, (transport or _transport()) as lane_transport:
         async for d in receive:
-            outcome = await deliver(client, target, d, rng, clock)
+            outcome = await deliver(lane_transport, target, d, rng, clock)
             if outcome.delivered:
                 log.debug("delivered", extra={"event": "delivered", "service": target.name, "message_id": d.key})
             else:
