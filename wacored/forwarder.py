@@ -146,7 +146,8 @@ async def attempt(transport: httpx.AsyncBaseTransport, target: Target, d: Delive
     """One POST of `d` to `target`, classified; never raises for a network or HTTP failure.
 
     The request goes straight to the lane's transport: httpx's client layers (auth and redirect
-    flows, cookies, hooks) do nothing for a forward and cost a third of its CPU (bench/README.md).
+    flows, cookies, hooks) do nothing for a forward and cost ~30% of its CPU (825 -> 593 us per
+    sequential request against bench/noop.py).
     """
     request = httpx.Request("POST", target.url, content=d.body, headers=target.headers(d),
                             extensions={"timeout": target.timeouts})
