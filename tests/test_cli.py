@@ -138,41 +138,70 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_a_real_daemon_process_serves_and_stops_on_sigterm(
-    tmp_path: Path, services: Downstream, graph: Downstream
-) -> None:
+async def start_process(tmp_path: Path, services: Downstream, graph: Downstream) -> tuple[trio.Process, int]:
     data = config_mapping(tmp_path, services.url, graph.url)
     port = free_port()
     data["server"]["listen"] = f"127.0.0.1:{port}"
     path = tmp_path / "wacored.toml"
     path.write_text(_toml(data))
-    env = clean_env()
-    log = (tmp_path / "daemon.log").open("wb")
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "wacored", "run", "-c", str(path)], env=env, cwd=tmp_path,
-        stdout=log, stderr=log,
-    )
+    with (tmp_path / "daemon.log").open("wb") as log:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "wacored", "run", "-c", str(path)], env=clean_env(), cwd=tmp_path,
+            stdout=log, stderr=log,
+        )
+    async with httpx.AsyncClient(trust_env=False) as client:
+        with trio.fail_after(20):
+            while True:
+                try:
+                    await client.get(f"http://127.0.0.1:{port}/health")
+                    return process, port
+                except httpx.ConnectError:
+                    await trio.sleep(0.05)
+
+
+async def test_a_second_signal_stops_at_once_with_exit_1(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    process, port = await start_process(tmp_path, services, graph)
+    try:
+        # A request whose body never finishes keeps the graceful stop waiting.
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        await trio.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(1):
+            await process.wait()
+        assert process.returncode is None  # still draining
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(5):
+            assert await process.wait() == 1
+        assert '"event": "forced_stop"' in (tmp_path / "daemon.log").read_text()
+        await stream.aclose()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_a_real_daemon_process_serves_and_stops_on_sigterm(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    process, port = await start_process(tmp_path, services, graph)
     try:
         async with httpx.AsyncClient(trust_env=False) as client:
-            with trio.fail_after(20):
-                while True:
-                    try:
-                        health = await client.get(f"http://127.0.0.1:{port}/health")
-                        break
-                    except httpx.ConnectError:
-                        await trio.sleep(0.05)
+            health = await client.get(f"http://127.0.0.1:{port}/health")
         assert health.json()["status"] == "healthy"
         result = await trio.to_thread.run_sync(
-            lambda: wacored("simulate", "rides", "-c", str(path), env=env, cwd=tmp_path))
+            lambda: wacored("simulate", "rides", "-c", str(tmp_path / "wacored.toml"), env=clean_env(), cwd=tmp_path))
         assert "HTTP 200" in result.stdout, result.stderr
         await services.wait_for(1, "/rides")
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(15):
             code = await process.wait()
-        assert code == 0, (tmp_path / "daemon.log").read_text()
-        assert '"event": "stopped"' in (tmp_path / "daemon.log").read_text()
+        log = (tmp_path / "daemon.log").read_text()
+        assert code == 0, log
+        assert '"event": "stopped"' in log
     finally:
-        log.close()
         if process.returncode is None:
             process.kill()
             await process.wait()

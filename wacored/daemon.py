@@ -128,19 +128,27 @@ async def _mark_draining(rt: Runtime, stop: trio.Event) -> None:
 
 
 async def serve_until_signalled(config: Config) -> int:
-    """`run_daemon` under SIGTERM/SIGINT: the first signal drains, a second stops at once (exit 1)."""
+    """`run_daemon` under SIGTERM/SIGINT: the first signal stops gracefully (exit 0), a second one
+    stops at once (exit 1). Either way nothing accepted is lost: it is on disk."""
     stop = trio.Event()
+    forced = False
+    # The receiver stays open for the whole drain: a second signal must reach us, not the default
+    # handler (STACK_NOTES, "Signals and systemd").
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
+
             async def watch() -> None:
+                nonlocal forced
                 async for signum in signals:
                     if stop.is_set():
                         log.warning("second signal: stopping now", extra={"event": "forced_stop"})
-                        raise SystemExit(1)
+                        forced = True
+                        nursery.cancel_scope.cancel(reason="second signal")
+                        return
                     log.info("stopping", extra={"event": "stopping", "signal": signal.Signals(signum).name})
                     stop.set()
 
             nursery.start_soon(watch)
             await run_daemon(config, stop=stop)
-            nursery.cancel_scope.cancel()
-    return 0
+            nursery.cancel_scope.cancel(reason="daemon stopped")
+    return 1 if forced else 0
