@@ -22,6 +22,7 @@ def minimal(**sections: Any) -> dict[str, Any]:
             "jobs": {"url": "http://127.0.0.1:9003/jobs", "keys": ["jobs", "3"]},
         },
         "home_menu": {"items": [{"key": "rides", "title": "Rides"}, {"key": "jobs", "title": "Jobs"}]},
+        "whatsapp": {"access_token": "EAAG-token", "phone_number_id": "106540352242922"},
     }
     data.update(sections)
     return data
@@ -52,11 +53,19 @@ def items(n: int) -> list[dict[str, str]]:
 
 
 def test_shipped_config_loads_with_secret_from_env() -> None:
-    config = Config.load(SHIPPED, SECRET_ENV)
+    config = Config.load(SHIPPED, {**SECRET_ENV, "WA_TOKEN": "t", "WA_PHONE_ID": "1"})
     assert config.source == SHIPPED
     assert config.whatsapp.app_secret == "s3cret"
     assert config.secret_problems() == []
     assert config.warnings == ()
+
+
+def test_without_graph_credentials_replies_are_warned_about() -> None:
+    config = Config.load(SHIPPED, SECRET_ENV)
+    assert config.warnings == (
+        "whatsapp.access_token: empty; replies such as the home menu will be dead-lettered",
+        "whatsapp.phone_number_id: empty; replies such as the home menu will be dead-lettered",
+    )
 
 
 def test_shipped_config_has_seven_services_and_a_seven_item_menu() -> None:

@@ -432,6 +432,9 @@ def _build(
 
     home_menu = _read_menu(top.data.pop("home_menu", None), services, problems)
     warnings.extend(_menu_warnings(home_menu))
+    for key in ("access_token", "phone_number_id"):
+        if not getattr(whatsapp, key):
+            warnings.append(f"whatsapp.{key}: empty; replies such as the home menu will be dead-lettered")
     top.finish()
     if problems:
         return None
