@@ -25,6 +25,7 @@ def delivery(**overrides: object) -> Delivery:
         "id": 7, "key": "wamid.ABC", "kind": "message", "sender": "250788000001", "service": "rides",
         "reason": "keyword", "target": "rides", "body": BODY, "request_id": "req-1",
         "correlation_id": "corr-1", "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "received_at": 1700000000.0,
     }
     fields.update(overrides)
     return Delivery(**fields)  # type: ignore[arg-type]

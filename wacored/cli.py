@@ -43,24 +43,22 @@ def environment(env_file: Path | None) -> dict[str, str]:
     return env
 
 
-def load_config(args: argparse.Namespace, *, need_secret: bool) -> Config:
-    config = Config.load(Path(args.config), environment(args.env_file))
-    if need_secret and (problems := config.secret_problems()):
-        raise ConfigError(problems)
+def load_config(args: argparse.Namespace) -> Config | None:
+    """The config with its secrets, or None after printing every problem (to stderr)."""
+    try:
+        config = Config.load(Path(args.config), environment(args.env_file))
+        if problems := config.secret_problems():
+            raise ConfigError(problems)
+    except ConfigError as exc:
+        print(f"{args.config}: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return None
     return config
 
 
-def _print_problems(path: str, problems: Sequence[str]) -> None:
-    print(f"{path}: invalid configuration:", file=sys.stderr)
-    for problem in problems:
-        print(f"  - {problem}", file=sys.stderr)
-
-
 def cmd_check_config(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args, need_secret=True)
-    except ConfigError as exc:
-        _print_problems(args.config, exc.problems)
+    if (config := load_config(args)) is None:
         return 1
     for warning in config.warnings:
         print(f"warning: {warning}")
@@ -75,10 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import serve_until_signalled
 
     logs.setup(args.log_level)
-    try:
-        config = load_config(args, need_secret=True)
-    except ConfigError as exc:
-        _print_problems(args.config, exc.problems)
+    if (config := load_config(args)) is None:
         return 1
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -90,10 +85,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from .whatsapp import sign, text_webhook
 
-    try:
-        config = load_config(args, need_secret=True)
-    except ConfigError as exc:
-        _print_problems(args.config, exc.problems)
+    if (config := load_config(args)) is None:
         return 1
     host = config.server.host if config.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     url = args.url or f"http://{host}:{config.server.port}/webhook"

@@ -55,28 +55,15 @@ class NewRow:
 
 
 @dataclass(frozen=True)
-class Delivery:
+class Delivery(NewRow):
     """A committed update on its way to its target (a service, or the Graph API sender)."""
 
     id: int
-    key: str
-    kind: str
-    sender: str
-    service: str
-    reason: str
-    target: str
-    body: bytes
-    request_id: str
-    correlation_id: str
-    traceparent: str
+    """The ``messages`` row id: commit order, which is delivery order."""
 
     @classmethod
     def from_row(cls, row_id: int, row: NewRow) -> Delivery:
-        return cls(
-            id=row_id, key=row.key, kind=row.kind, sender=row.sender, service=row.service,
-            reason=row.reason, target=row.target, body=row.body, request_id=row.request_id,
-            correlation_id=row.correlation_id, traceparent=row.traceparent,
-        )
+        return cls(**vars(row), id=row_id)
 
 
 @dataclass(frozen=True)
@@ -166,8 +153,8 @@ _INSERT = (
     "INSERT OR IGNORE INTO messages (key, kind, sender, service, reason, target, body, request_id,"
     " correlation_id, traceparent, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 )
-_DELIVERY_COLUMNS = (
-    "id, key, kind, sender, service, reason, target, body, request_id, correlation_id, traceparent"
+_DELIVERY_COLUMNS = (  # in `Delivery`'s field order
+    "key, kind, sender, service, reason, target, body, request_id, correlation_id, traceparent, received_at, id"
 )
 
 
