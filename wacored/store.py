@@ -159,16 +159,38 @@ _DELIVERY_COLUMNS = (  # in `Delivery`'s field order
 
 
 class WriteConnection:
-    """The single write connection. Every method runs inside one transaction opened by `batch`."""
+    """The single write connection. `insert`, `record` and `queued` run inside a transaction opened
+    by `try_begin` or `begin_waiting` and closed by `commit` or `rollback`.
+
+    Statements never wait for a lock (busy timeout 0): they run on the event loop's thread, and only
+    `begin_waiting` and `commit`, which may wait (for another process's lock; for fsync), belong in a
+    worker thread.
+    """
 
     def __init__(self, path: Path, busy_timeout_ms: int = 5000) -> None:
-        self.conn = connect(path, busy_timeout_ms)
+        self.conn = connect(path, busy_timeout_ms=0)
+        self.busy_timeout_ms = busy_timeout_ms
 
     def close(self) -> None:
         self.conn.close()
 
-    def begin(self) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
+    def try_begin(self) -> bool:
+        """Open the write transaction now; False if another connection holds the write lock."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                return False
+            raise
+        return True
+
+    def begin_waiting(self) -> None:
+        """Open the write transaction, waiting up to the busy timeout for another process's lock."""
+        self.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        finally:
+            self.conn.execute("PRAGMA busy_timeout = 0")
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")

@@ -2,9 +2,9 @@
 
 Requests arrive on one memory channel: `Ingest` (a routed webhook batch; the caller waits for the
 commit), `Record` (a delivery outcome; fire and forget) and `CatchUp` (a forwarder asking for queued
-rows its channel could not hold). The writer takes everything waiting, runs it in one transaction in
-a worker thread (group commit), then, back in trio, hands the newly inserted rows to their delivery
-queues and answers the callers. Because only this actor both commits rows and hands them on, a row is
+rows its channel could not hold). The writer takes everything waiting, runs it as one transaction (group
+commit; the fsync in a worker thread), then hands the newly inserted rows to their delivery queues
+and answers the callers. Because only this actor both commits rows and hands them on, a row is
 either in its target's channel or found by that target's next catch-up read, never both, never neither.
 
 Error handling:
@@ -13,8 +13,9 @@ Error handling:
     safe: their messages stay ``queued`` and are delivered again after a restart.
 
 Cancellation:
-    The thread running a transaction is never abandoned (`to_thread.run_sync` waits), so cancelling
-    the writer cannot cut a commit in half. The writer ends when every sender of its channel is closed.
+    A worker thread waiting for a lock or running a COMMIT is never abandoned (`to_thread.run_sync`
+    waits), so cancelling the writer cannot cut a commit in half. The writer ends when every sender
+    of its channel is closed.
 """
 
 from __future__ import annotations
@@ -113,21 +114,35 @@ class DeliveryQueue:
         return self.receive.statistics().current_buffer_used
 
 
-def _run(conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, int]) -> list[object]:
-    """The transaction: every op of the group, in order. Runs in a worker thread."""
+def _stage(conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, int]) -> list[object]:
+    """Every op of the group, in order, inside the open transaction."""
     results: list[object] = []
-    conn.begin()
+    for op in ops:
+        if isinstance(op, Ingest):
+            results.append(conn.insert(op.rows, op.changes))
+        elif isinstance(op, Record):
+            conn.record(op.outcome)
+            results.append(None)
+        else:
+            from_id = spills.get(op.target)
+            results.append([] if from_id is None else conn.queued(op.target, from_id, CATCH_UP_PAGE))
+    return results
+
+
+async def _transaction(conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, int]) -> list[object]:
+    """Run the group as one transaction.
+
+    The statements run right here on the event loop's thread: they are short, and a worker thread
+    running them would take the GIL back after every statement, waiting up to the interpreter's
+    switch interval each time while ingress keeps this thread busy (measured: 10.5 ms a group of 11
+    rows under load). Only what may wait goes to a thread: a lock held by another process, and the
+    COMMIT's fsync.
+    """
+    if not conn.try_begin():
+        await trio.to_thread.run_sync(conn.begin_waiting)
     try:
-        for op in ops:
-            if isinstance(op, Ingest):
-                results.append(conn.insert(op.rows, op.changes))
-            elif isinstance(op, Record):
-                conn.record(op.outcome)
-                results.append(None)
-            else:
-                from_id = spills.get(op.target)
-                results.append([] if from_id is None else conn.queued(op.target, from_id, CATCH_UP_PAGE))
-        conn.commit()
+        results = _stage(conn, ops, spills)
+        await trio.to_thread.run_sync(conn.commit)
     except BaseException:
         conn.rollback()
         raise
@@ -168,7 +183,7 @@ async def _commit_group(
 ) -> None:
     spills = {q.target: q.spill_from for q in queues.values() if q.spill_from is not None}
     try:
-        results = await trio.to_thread.run_sync(_run, conn, ops, spills)
+        results = await _transaction(conn, ops, spills)
     except sqlite3.Error as exc:
         log.error("store commit failed", extra={"event": "store_commit_failed", "error": str(exc)})
         for op in ops:
