@@ -40,6 +40,7 @@ import trio
 from .config import GRAPH_SENDER, Config, ForwardingConfig
 from .runtime import VERSION
 from .store import Delivery, Outcome, StoreUnavailable
+from .transport import LaneTransport
 from .whatsapp import sign
 from .writer import CatchUp, DeliveryQueue, Record, WriteOp
 
@@ -91,11 +92,6 @@ class Target:
     def is_graph(self) -> bool:
         return self.name == GRAPH_SENDER
 
-    @property
-    def timeouts(self) -> dict[str, float]:
-        """httpx's per-operation timeouts (the request extension its transports read)."""
-        seconds = self.forwarding.timeout_ms / 1000
-        return {"connect": seconds, "read": seconds, "write": seconds, "pool": seconds}
 
     def headers(self, d: Delivery) -> dict[str, str]:
         headers = {
@@ -145,15 +141,13 @@ class Attempt:
 async def attempt(transport: httpx.AsyncBaseTransport, target: Target, d: Delivery) -> Attempt:
     """One POST of `d` to `target`, classified; never raises for a network or HTTP failure.
 
-    The request goes straight to the lane's transport: httpx's client layers (auth and redirect
-    flows, cookies, hooks) do nothing for a forward and cost ~30% of its CPU (825 -> 593 us per
-    sequential request against bench/noop.py).
+    The request goes straight to the lane's transport (`LaneTransport`): httpx's client layers
+    (auth and redirect flows, cookies, hooks) do nothing for a forward and cost ~30% of its CPU.
     """
-    request = httpx.Request("POST", target.url, content=d.body, headers=target.headers(d),
-                            extensions={"timeout": target.timeouts})
+    request = httpx.Request("POST", target.url, content=d.body, headers=target.headers(d))
     try:
-        # httpx's timeouts bound each read and write; the scope bounds the whole attempt, so a
-        # service that trickles its answer cannot hold the lane past `timeout_ms` either.
+        # One deadline for the whole attempt (connect, send, answer), so a service that trickles
+        # its answer cannot hold the lane past `timeout_ms` either.
         with trio.fail_after(target.forwarding.timeout_ms / 1000):
             response = await transport.handle_async_request(request)
             try:
@@ -230,8 +224,7 @@ def _tls() -> ssl.SSLContext:
 
 
 def _transport() -> httpx.AsyncBaseTransport:
-    # One connection per lane: a lane sends one request at a time anyway.
-    return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1), verify=_tls(), trust_env=False)
+    return LaneTransport(_tls())
 
 
 async def run_lane(
