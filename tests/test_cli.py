@@ -205,3 +205,15 @@ async def test_a_real_daemon_process_serves_and_stops_on_sigterm(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def test_a_port_in_use_is_one_clear_line_and_exit_1(tmp_path: Path) -> None:
+    data = config_mapping(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        data["server"]["listen"] = f"127.0.0.1:{taken.getsockname()[1]}"
+        (tmp_path / "wacored.toml").write_text(_toml(data))
+        result = wacored("run", "-c", str(tmp_path / "wacored.toml"), env=clean_env(), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "wacored: cannot run: [Errno 98] Address already in use" in result.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from wacored.store import SCHEMA_VERSION, Reader, migrate
+from wacored.store import SCHEMA_VERSION, Reader, SchemaError, migrate
 
 
 def test_a_new_database_is_created_at_the_current_version_in_wal_mode(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_a_database_from_a_newer_wacored_is_refused(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.close()
-    with pytest.raises(RuntimeError, match="newer than this wacored"):
+    with pytest.raises(SchemaError, match="newer than this wacored"):
         migrate(path)
 
 

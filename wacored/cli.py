@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import sys
@@ -18,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import logs
+
+log = logging.getLogger(__name__)
 from .config import ENV_ALIASES, Config, ConfigError
 
 DEV_ENV = Path("var/dev.env")
@@ -68,16 +71,36 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import sqlite3
+
     import trio
 
     from .daemon import serve_until_signalled
+    from .store import SchemaError
 
     logs.setup(args.log_level)
     if (config := load_config(args)) is None:
         return 1
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    return trio.run(serve_until_signalled, config)
+    failures: list[BaseException] = []
+    code = 1
+    try:
+        code = trio.run(serve_until_signalled, config)
+    except* (OSError, sqlite3.Error, SchemaError) as group:
+        # What the environment refused (a port in use, an unwritable store): one clear line each.
+        # An actor that crashed has already logged its traceback.
+        failures.extend(_leaves(group))
+    for failure in failures:
+        log.error("cannot run", extra={"event": "run_failed", "error": str(failure)})
+        print(f"wacored: cannot run: {failure}", file=sys.stderr)
+    return code
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -37,6 +37,10 @@ class StoreUnavailable(Exception):
     """The store could not commit; nothing of the request was stored."""
 
 
+class SchemaError(Exception):
+    """The database was written by a newer wacored: this one must not touch it."""
+
+
 @dataclass(frozen=True)
 class NewRow:
     """An accepted update, routed, about to be committed."""
@@ -136,9 +140,7 @@ def migrate(path: Path) -> int:
         conn.execute("PRAGMA journal_mode = WAL")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{path} has schema version {version}, newer than this wacored ({SCHEMA_VERSION})"
-            )
+            raise SchemaError(f"{path} has schema version {version}, newer than this wacored ({SCHEMA_VERSION})")
         db = sqlite_utils.Database(conn, execute_plugins=False)
         for step in range(version, SCHEMA_VERSION):
             with conn:
