@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import logs
+from .config import ENV_ALIASES, Config, ConfigError
 
 log = logging.getLogger(__name__)
-from .config import ENV_ALIASES, Config, ConfigError
 
 DEV_ENV = Path("var/dev.env")
 
