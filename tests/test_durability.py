@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -182,3 +183,35 @@ async def test_an_idle_session_is_ignored(tmp_path: Path, services: Downstream, 
         now[0] += 3601
         r = await daemon.send_text("back again", sender="250788000081")
     assert r.json()["routes"][0] == {**r.json()["routes"][0], "service": "wacored", "reason": "fallback"}
+
+
+async def test_a_backlog_larger_than_memory_is_delivered_once_each_in_order(
+    tmp_path: Path, services: Downstream, graph: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="wacored.writer")
+    async def slow(_: Received) -> int:
+        await trio.sleep(0.005)
+        return 200
+
+    services.respond = slow
+    senders = [f"2507880002{i:02d}" for i in range(12)]
+    config = make_config(tmp_path, services, graph, forwarding={"concurrency": 2})
+    async with open_daemon(config, queue_buffer=4) as daemon:
+
+        async def talk(sender: str) -> None:
+            for text in ["rides"] + [f"m{i}" for i in range(14)]:
+                assert (await daemon.send_text(text, sender=sender)).status_code == 200
+
+        async with trio.open_nursery() as senders_nursery:
+            for sender in senders:
+                senders_nursery.start_soon(talk, sender)
+        got = await services.wait_for(12 * 15, "/rides")
+        await trio.sleep(0.2)
+    assert len(services.on("/rides")) == 12 * 15
+    assert len({g.headers["idempotency-key"] for g in got}) == 12 * 15
+    for sender in senders:
+        texts = [g.message["text"]["body"] for g in got if g.message["from"] == sender]
+        assert texts == ["rides"] + [f"m{i}" for i in range(14)]
+    events = [(getattr(r, "event", None), getattr(r, "service", None)) for r in caplog.records]
+    assert ("queue_spilled", "rides") in events
+    assert ("queue_caught_up", "rides") in events

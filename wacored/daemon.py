@@ -33,6 +33,7 @@ from .writer import DeliveryQueue, WriteOp, run_writer
 log = logging.getLogger(__name__)
 
 WRITE_BUFFER = 4096
+QUEUE_BUFFER = 1024
 
 
 async def run_actor(
@@ -68,13 +69,15 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
     return hc
 
 
-async def recover(config: Config, wall_clock: Callable[[], float]) -> tuple[SessionTable, dict[str, DeliveryQueue]]:
+async def recover(
+    config: Config, wall_clock: Callable[[], float], queue_buffer: int = QUEUE_BUFFER
+) -> tuple[SessionTable, dict[str, DeliveryQueue]]:
     """Migrate, load sessions, and queue every accepted-but-undelivered message again."""
     path = config.store.path
     await trio.to_thread.run_sync(migrate, path)
     since = wall_clock() - config.sessions.ttl_s
     sessions = SessionTable(config.sessions.ttl_s, await trio.to_thread.run_sync(load_sessions, path, since))
-    queues = {name: DeliveryQueue(name) for name in targets_of(config)}
+    queues = {name: DeliveryQueue(name, queue_buffer) for name in targets_of(config)}
     for target, oldest in (await trio.to_thread.run_sync(queued_targets, path)).items():
         if target in queues:
             queues[target].spill_from = oldest
@@ -92,11 +95,15 @@ async def run_daemon(
     *,
     stop: trio.Event | None = None,
     wall_clock: Callable[[], float] = time.time,
+    queue_buffer: int = QUEUE_BUFFER,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run wacored until `stop` is set; `task_status.started` gets the bound URLs once serving."""
+    """Run wacored until `stop` is set; `task_status.started` gets the bound URLs once serving.
+
+    `queue_buffer` is how many deliveries each target holds in memory before the rest wait on disk.
+    """
     stop = stop if stop is not None else trio.Event()
-    sessions, queues = await recover(config, wall_clock)
+    sessions, queues = await recover(config, wall_clock, queue_buffer)
     writes, writes_receive = trio.open_memory_channel[WriteOp](WRITE_BUFFER)
     conn = WriteConnection(config.store.path, config.store.busy_timeout_ms)
     reader = Reader(config.store.path)

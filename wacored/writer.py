@@ -105,6 +105,8 @@ class DeliveryQueue:
                 return
             except trio.WouldBlock:
                 self.spill_from = delivery.id
+                log.info("delivery queue full: deliveries wait on disk",
+                         extra={"event": "queue_spilled", "service": self.target})
 
     @property
     def empty(self) -> bool:
@@ -205,4 +207,7 @@ async def _commit_group(
             queue = queues[op.target]
             # Only this actor moves spill_from, and no commit ran since the read: the page is exact.
             queue.spill_from = page[-1].id + 1 if len(page) == CATCH_UP_PAGE else None
+            if queue.spill_from is None:
+                log.info("delivery queue caught up with the disk",
+                         extra={"event": "queue_caught_up", "service": queue.target})
             op.reply.set(page)
