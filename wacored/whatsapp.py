@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .config import HomeMenuConfig
+from .config import MENU_LIMITS, HomeMenuConfig
 
 SIGNATURE_HEADER = "x-hub-signature-256"
 _PREFIX = "sha256="
@@ -218,10 +218,6 @@ def parse_webhook(raw: bytes) -> Batch:
 # --------------------------------------------------------------------------------------------------
 # Outbound messages (Graph API ``POST /{phone_number_id}/messages``)
 
-# Interactive list limits, Cloud API reference.
-LIMITS = {"header": 60, "body": 1024, "button": 20, "row_title": 24, "row_description": 72, "section": 24}
-
-
 def truncate(text: str, limit: int) -> str:
     """Cut `text` to `limit` characters, ending in '…' when anything was cut."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -231,9 +227,9 @@ def home_menu_message(menu: HomeMenuConfig, phone: str | None, bsuid: str | None
     """The home menu as an interactive list to `phone`, or to the BSUID `recipient` without one."""
     rows = []
     for item in menu.items:
-        row = {"id": item.key, "title": truncate(item.title, LIMITS["row_title"])}
+        row = {"id": item.key, "title": truncate(item.title, MENU_LIMITS["row_title"])}
         if item.description:
-            row["description"] = truncate(item.description, LIMITS["row_description"])
+            row["description"] = truncate(item.description, MENU_LIMITS["row_description"])
         rows.append(row)
     message: dict[str, Any] = {"messaging_product": "whatsapp", "recipient_type": "individual"}
     if phone:
@@ -243,11 +239,11 @@ def home_menu_message(menu: HomeMenuConfig, phone: str | None, bsuid: str | None
     message["type"] = "interactive"
     message["interactive"] = {
         "type": "list",
-        "header": {"type": "text", "text": truncate(menu.header, LIMITS["header"])},
-        "body": {"text": truncate(menu.body, LIMITS["body"])},
+        "header": {"type": "text", "text": truncate(menu.header, MENU_LIMITS["header"])},
+        "body": {"text": truncate(menu.body, MENU_LIMITS["body"])},
         "action": {
-            "button": truncate(menu.button, LIMITS["button"]),
-            "sections": [{"title": truncate(menu.header, LIMITS["section"]), "rows": rows}],
+            "button": truncate(menu.button, MENU_LIMITS["button"]),
+            "sections": [{"title": truncate(menu.header, MENU_LIMITS["section"]), "rows": rows}],
         },
     }
     return message

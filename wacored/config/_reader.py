@@ -1,181 +1,31 @@
-"""The daemon's configuration: a frozen value object read from TOML plus the environment.
+"""Reading and validating the configuration's TOML mapping, without I/O.
 
-`Config.load` reads the file, applies environment overrides (secrets live in the environment in
-production), validates everything and either returns a `Config` or raises `ConfigError` carrying every
-problem found, each prefixed with its key path (``services.rides.url: ...``). Nothing here mutates a
-config after it is built: a reload builds a new one and swaps it in whole.
+Each section reader pops the keys it knows from its table, so what is left is unknown and reported;
+every problem is collected (with its key path) rather than raised, so one run reports them all.
 """
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-HOME_SERVICE = "wacored"
-"""The pseudo-service a message is routed to when wacored itself answers it (the home menu)."""
-GRAPH_SENDER = "whatsapp"
-"""The forwarder whose downstream is the Graph API (replies such as the home menu)."""
-RESERVED_NAMES = frozenset({HOME_SERVICE, GRAPH_SENDER})
-
-# WhatsApp interactive list limits (Cloud API reference, "Interactive list messages").
-MAX_MENU_ROWS = 10
-
-ENV_ALIASES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("whatsapp", "verify_token"): ("WACORED_VERIFY_TOKEN", "WA_VERIFY_TOKEN"),
-    ("whatsapp", "app_secret"): ("WACORED_APP_SECRET", "WHATSAPP_APP_SECRET", "WA_APP_SECRET"),
-    ("whatsapp", "access_token"): ("WACORED_ACCESS_TOKEN", "WA_TOKEN", "WHATSAPP_ACCESS_TOKEN"),
-    ("whatsapp", "phone_number_id"): (
-        "WACORED_PHONE_NUMBER_ID",
-        "WA_PHONE_ID",
-        "WHATSAPP_PHONE_NUMBER_ID",
-    ),
-    ("sessions", "ttl_hours"): ("SESSION_TTL_HOURS",),
-    ("forwarding", "timeout_ms"): ("WA_ROUTER_TIMEOUT_MS",),
-}
-
-
-class ConfigError(Exception):
-    """The configuration is invalid; `problems` lists every problem with its key path."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    max_body_bytes: int = 3 * 1024 * 1024
-
-    @property
-    def listen(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class WhatsAppConfig:
-    verify_token: str = ""
-    app_secret: str = field(default="", repr=False)
-    access_token: str = field(default="", repr=False)
-    phone_number_id: str = ""
-    graph_api_url: str = "https://graph.facebook.com/v21.0"
-
-    @property
-    def messages_url(self) -> str:
-        return f"{self.graph_api_url.rstrip('/')}/{self.phone_number_id}/messages"
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    path: Path = Path("var/wacored.db")
-    busy_timeout_ms: int = 5000
-
-
-@dataclass(frozen=True)
-class RateLimitConfig:
-    per_sender: int = 30
-    window_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    menu_words: tuple[str, ...] = ("menu", "home", "exit")
-    fallback: str = "menu"
-    statuses: str = ""
-
-
-@dataclass(frozen=True)
-class SessionsConfig:
-    ttl_hours: float = 24.0
-
-    @property
-    def ttl_s(self) -> float:
-        return self.ttl_hours * 3600.0
-
-
-@dataclass(frozen=True)
-class ForwardingConfig:
-    timeout_ms: int = 4000
-    retries: int = 2
-    retry_base_ms: int = 200
-    concurrency: int = 16
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    name: str
-    url: str
-    keys: tuple[str, ...]
-    forwarding: ForwardingConfig
-
-
-@dataclass(frozen=True)
-class MenuItem:
-    key: str
-    title: str
-    description: str = ""
-
-
-@dataclass(frozen=True)
-class HomeMenuConfig:
-    header: str = "Services"
-    body: str = "What would you like to do?"
-    button: str = "View Services"
-    items: tuple[MenuItem, ...] = ()
-
-
-@dataclass(frozen=True)
-class Config:
-    server: ServerConfig
-    whatsapp: WhatsAppConfig
-    store: StoreConfig
-    ratelimit: RateLimitConfig
-    routing: RoutingConfig
-    sessions: SessionsConfig
-    forwarding: ForwardingConfig
-    home_menu: HomeMenuConfig
-    services: Mapping[str, ServiceConfig]
-    source: Path | None = None
-    warnings: tuple[str, ...] = ()
-
-    @classmethod
-    def load(cls, path: Path, env: Mapping[str, str]) -> Config:
-        """Read, override from `env` and validate `path`; raise `ConfigError` listing every problem."""
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError([f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}"]) from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
-        return cls.from_mapping(data, env, source=path)
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], env: Mapping[str, str], source: Path | None = None) -> Config:
-        problems: list[str] = []
-        warnings: list[str] = []
-        merged = _apply_env(data, env, problems)
-        config = _build(merged, problems, warnings, source)
-        if problems or config is None:
-            raise ConfigError(problems)
-        return config
-
-    def secret_problems(self) -> list[str]:
-        """What keeps this config from serving Meta: there is no unsigned mode."""
-        if not self.whatsapp.app_secret:
-            names = ", ".join(ENV_ALIASES[("whatsapp", "app_secret")])
-            return [f"whatsapp.app_secret: required (set it in the environment: {names})"]
-        return []
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading and validation. Each section reader pops the keys it knows, so what is left is unknown.
+from ._sections import (
+    ENV_ALIASES,
+    MAX_MENU_ROWS,
+    MENU_LIMITS,
+    RESERVED_NAMES,
+    ForwardingConfig,
+    HomeMenuConfig,
+    MenuItem,
+    RateLimitConfig,
+    RoutingConfig,
+    ServerConfig,
+    ServiceConfig,
+    SessionsConfig,
+    StoreConfig,
+    WhatsAppConfig,
+)
 
 T = TypeVar("T")
 
@@ -370,10 +220,10 @@ def _read_menu(data: Any, services: Mapping[str, ServiceConfig], problems: list[
 
 
 def _menu_warnings(menu: HomeMenuConfig) -> list[str]:
-    limits = [("header", menu.header, 60), ("body", menu.body, 1024), ("button", menu.button, 20)]
+    limits = [(name, getattr(menu, name), MENU_LIMITS[name]) for name in ("header", "body", "button")]
     for i, item in enumerate(menu.items):
-        limits.append((f"items[{i}].title", item.title, 24))
-        limits.append((f"items[{i}].description", item.description, 72))
+        limits.append((f"items[{i}].title", item.title, MENU_LIMITS["row_title"]))
+        limits.append((f"items[{i}].description", item.description, MENU_LIMITS["row_description"]))
     return [
         f"home_menu.{name}: {len(text)} characters, WhatsApp allows {limit}; it will be cut with '…'"
         for name, text, limit in limits
@@ -381,46 +231,41 @@ def _menu_warnings(menu: HomeMenuConfig) -> list[str]:
     ]
 
 
-def _build(
-    data: Mapping[str, Any], problems: list[str], warnings: list[str], source: Path | None
-) -> Config | None:
-    top = _Section(data, "", problems)
-    server = _read_server(top.data.pop("server", None), problems)
-    whatsapp = _read_whatsapp(top.data.pop("whatsapp", None), problems)
-
-    st = _Section(top.data.pop("store", None), "store", problems)
+def _read_store(data: Any, problems: list[str]) -> StoreConfig:
+    s = _Section(data, "store", problems)
     store = StoreConfig(
-        path=Path(st.take("path", "var/wacored.db", lambda v: None if v else "must not be empty")),
-        busy_timeout_ms=st.take("busy_timeout_ms", 5000, _not_negative),
+        path=Path(s.take("path", "var/wacored.db", lambda v: None if v else "must not be empty")),
+        busy_timeout_ms=s.take("busy_timeout_ms", 5000, _not_negative),
     )
-    st.finish()
+    s.finish()
+    return store
 
-    rl = _Section(top.data.pop("ratelimit", None), "ratelimit", problems)
+
+def _read_ratelimit(data: Any, problems: list[str]) -> RateLimitConfig:
+    s = _Section(data, "ratelimit", problems)
     ratelimit = RateLimitConfig(
-        per_sender=rl.take("per_sender", 30, _positive), window_s=rl.take("window_s", 60.0, _positive)
+        per_sender=s.take("per_sender", 30, _positive), window_s=s.take("window_s", 60.0, _positive)
     )
-    rl.finish()
+    s.finish()
+    return ratelimit
 
-    se = _Section(top.data.pop("sessions", None), "sessions", problems)
-    sessions = SessionsConfig(ttl_hours=se.take("ttl_hours", 24.0, _positive))
-    se.finish()
 
-    fw = _Section(top.data.pop("forwarding", None), "forwarding", problems)
-    forwarding = _read_forwarding(fw, ForwardingConfig())
-    fw.finish()
+def _read_sessions(data: Any, problems: list[str]) -> SessionsConfig:
+    s = _Section(data, "sessions", problems)
+    sessions = SessionsConfig(ttl_hours=s.take("ttl_hours", 24.0, _positive))
+    s.finish()
+    return sessions
 
-    services = _read_services(top.data.pop("services", None), forwarding, problems)
-    if not services:
-        problems.append("services: at least one [services.NAME] is required")
 
-    ro = _Section(top.data.pop("routing", None), "routing", problems)
-    menu_words: tuple[str, ...] = ro.take("menu_words", RoutingConfig.menu_words)
+def _read_routing(data: Any, services: Mapping[str, ServiceConfig], problems: list[str]) -> RoutingConfig:
+    s = _Section(data, "routing", problems)
+    menu_words: tuple[str, ...] = s.take("menu_words", RoutingConfig.menu_words)
     routing = RoutingConfig(
         menu_words=tuple(w.strip().lower() for w in menu_words),
-        fallback=ro.take("fallback", "menu"),
-        statuses=ro.take("statuses", ""),
+        fallback=s.take("fallback", "menu"),
+        statuses=s.take("statuses", ""),
     )
-    ro.finish()
+    s.finish()
     if routing.fallback != "menu" and routing.fallback not in services:
         problems.append(f"routing.fallback: must be \"menu\" or a service name, got {routing.fallback!r}")
     if routing.statuses and routing.statuses not in services:
@@ -429,25 +274,37 @@ def _build(
     for word in routing.menu_words:
         if word in all_keys:
             problems.append(f"routing.menu_words: {word!r} is also a key of services.{all_keys[word]}")
+    return routing
 
-    home_menu = _read_menu(top.data.pop("home_menu", None), services, problems)
-    warnings.extend(_menu_warnings(home_menu))
-    for key in ("access_token", "phone_number_id"):
-        if not getattr(whatsapp, key):
-            warnings.append(f"whatsapp.{key}: empty; replies such as the home menu will be dead-lettered")
+
+def _credential_warnings(whatsapp: WhatsAppConfig) -> list[str]:
+    return [
+        f"whatsapp.{key}: empty; replies such as the home menu will be dead-lettered"
+        for key in ("access_token", "phone_number_id")
+        if not getattr(whatsapp, key)
+    ]
+
+
+def read(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Every section of `data`, overridden from `env`: (the sections by name, problems, warnings).
+
+    The sections are only complete when there are no problems.
+    """
+    problems: list[str] = []
+    top = _Section(_apply_env(data, env, problems), "", problems)
+    sections: dict[str, Any] = {}
+    for name, reader in (("server", _read_server), ("whatsapp", _read_whatsapp), ("store", _read_store),
+                         ("ratelimit", _read_ratelimit), ("sessions", _read_sessions)):
+        sections[name] = reader(top.data.pop(name, None), problems)
+    fw = _Section(top.data.pop("forwarding", None), "forwarding", problems)
+    sections["forwarding"] = _read_forwarding(fw, ForwardingConfig())
+    fw.finish()
+    services = _read_services(top.data.pop("services", None), sections["forwarding"], problems)
+    if not services:
+        problems.append("services: at least one [services.NAME] is required")
+    sections["services"] = services
+    sections["routing"] = _read_routing(top.data.pop("routing", None), services, problems)
+    sections["home_menu"] = _read_menu(top.data.pop("home_menu", None), services, problems)
     top.finish()
-    if problems:
-        return None
-    return Config(
-        server=server,
-        whatsapp=whatsapp,
-        store=store,
-        ratelimit=ratelimit,
-        routing=routing,
-        sessions=sessions,
-        forwarding=forwarding,
-        home_menu=home_menu,
-        services=services,
-        source=source,
-        warnings=tuple(warnings),
-    )
+    warnings = _menu_warnings(sections["home_menu"]) + _credential_warnings(sections["whatsapp"])
+    return sections, problems, warnings

@@ -1,0 +1,117 @@
+"""The configuration's sections: frozen, typed values, and the names and limits they rely on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOME_SERVICE = "wacored"
+"""The pseudo-service a message is routed to when wacored itself answers it (the home menu)."""
+GRAPH_SENDER = "whatsapp"
+"""The forwarder whose downstream is the Graph API (replies such as the home menu)."""
+RESERVED_NAMES = frozenset({HOME_SERVICE, GRAPH_SENDER})
+
+# WhatsApp interactive list limits (Cloud API reference, "Interactive list messages").
+MAX_MENU_ROWS = 10
+MENU_LIMITS = {"header": 60, "body": 1024, "button": 20, "row_title": 24, "row_description": 72, "section": 24}
+"""Characters allowed in each text of the list message; longer text is cut with '…'."""
+
+ENV_ALIASES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("whatsapp", "verify_token"): ("WACORED_VERIFY_TOKEN", "WA_VERIFY_TOKEN"),
+    ("whatsapp", "app_secret"): ("WACORED_APP_SECRET", "WHATSAPP_APP_SECRET", "WA_APP_SECRET"),
+    ("whatsapp", "access_token"): ("WACORED_ACCESS_TOKEN", "WA_TOKEN", "WHATSAPP_ACCESS_TOKEN"),
+    ("whatsapp", "phone_number_id"): (
+        "WACORED_PHONE_NUMBER_ID",
+        "WA_PHONE_ID",
+        "WHATSAPP_PHONE_NUMBER_ID",
+    ),
+    ("sessions", "ttl_hours"): ("SESSION_TTL_HOURS",),
+    ("forwarding", "timeout_ms"): ("WA_ROUTER_TIMEOUT_MS",),
+}
+
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 3 * 1024 * 1024
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class WhatsAppConfig:
+    verify_token: str = ""
+    app_secret: str = field(default="", repr=False)
+    access_token: str = field(default="", repr=False)
+    phone_number_id: str = ""
+    graph_api_url: str = "https://graph.facebook.com/v21.0"
+
+    @property
+    def messages_url(self) -> str:
+        return f"{self.graph_api_url.rstrip('/')}/{self.phone_number_id}/messages"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: Path = Path("var/wacored.db")
+    busy_timeout_ms: int = 5000
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    per_sender: int = 30
+    window_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    menu_words: tuple[str, ...] = ("menu", "home", "exit")
+    fallback: str = "menu"
+    statuses: str = ""
+
+
+@dataclass(frozen=True)
+class SessionsConfig:
+    ttl_hours: float = 24.0
+
+    @property
+    def ttl_s(self) -> float:
+        return self.ttl_hours * 3600.0
+
+
+@dataclass(frozen=True)
+class ForwardingConfig:
+    timeout_ms: int = 4000
+    retries: int = 2
+    retry_base_ms: int = 200
+    concurrency: int = 16
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    url: str
+    keys: tuple[str, ...]
+    forwarding: ForwardingConfig
+
+
+@dataclass(frozen=True)
+class MenuItem:
+    key: str
+    title: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class HomeMenuConfig:
+    header: str = "Services"
+    body: str = "What would you like to do?"
+    button: str = "View Services"
+    items: tuple[MenuItem, ...] = ()
+
+
