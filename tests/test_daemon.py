@@ -306,3 +306,19 @@ async def test_one_lane_reuses_its_connection(world: World) -> None:
         await world.daemon.send_text(text, sender=sender)
     got = await world.services.wait_for(5, "/rides")
     assert len({g.client for g in got}) == 1
+
+
+async def test_a_caller_that_leaves_mid_body_changes_nothing(world: World) -> None:
+    head = b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\nX-Hub-Signature-256: sha256=00\r\n\r\n{"
+    host, port = world.daemon.url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(head)
+    await stream.aclose()
+    with trio.fail_after(5):
+        while True:
+            health = (await world.daemon.client.get(f"{world.daemon.url}/health")).json()
+            if health["checks"]["requests"].get("client_gone"):
+                break
+            await trio.sleep(0.02)
+    assert health["status"] == "healthy"
+    assert (await world.daemon.send_text("rides")).status_code == 200

@@ -48,7 +48,11 @@ _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 class TooLarge(Exception):
-    pass
+    """The body is longer than ``max_body_bytes``."""
+
+
+class ClientGone(Exception):
+    """The caller disconnected before its body was read: there is nobody left to answer."""
 
 
 def request_ids(headers: dict[str, str]) -> tuple[str, str]:
@@ -74,7 +78,7 @@ async def read_body(receive: Receive, declared: int | None, limit: int) -> bytes
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise trio.BrokenResourceError("client went away")
+            raise ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -98,7 +102,13 @@ class Webhook:
             await self._handshake(scope, send, ids)
         elif scope["method"] == "POST":
             started = time.perf_counter()
-            status, body, extra = await self._post(receive, headers, request_id, correlation_id)
+            try:
+                status, body, extra = await self._post(receive, headers, request_id, correlation_id)
+            except ClientGone:
+                # Nothing was stored (the body never arrived whole); Meta will deliver it again.
+                self.rt.counters.bump(self.rt.counters.requests, "client_gone")
+                log.info("caller left before its body was read", extra={"event": "webhook_client_gone"})
+                return
             extra["X-WA-Core-Latency"] = f"{round((time.perf_counter() - started) * 1000)}ms"
             await self._respond(send, status, body, {**ids, **extra})
         else:
