@@ -283,7 +283,7 @@ async def run_forwarder(
 
 
 async def _next(queue: DeliveryQueue, writes: trio.MemorySendChannel[WriteOp]) -> list[Delivery]:
-    if queue.spill_from is not None and queue.empty:
+    if queue.spill_from is not None and queue.depth() == 0:
         ask = CatchUp(queue.target)
         await writes.send(ask)
         try:

@@ -108,10 +108,6 @@ class DeliveryQueue:
                 log.info("delivery queue full: deliveries wait on disk",
                          extra={"event": "queue_spilled", "service": self.target})
 
-    @property
-    def empty(self) -> bool:
-        return self.receive.statistics().current_buffer_used == 0
-
     def depth(self) -> int:
         return self.receive.statistics().current_buffer_used
 
