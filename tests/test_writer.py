@@ -14,7 +14,7 @@ from wacored.config import ForwardingConfig
 from wacored.forwarder import Target, run_forwarder
 from wacored.routing import SessionAction
 from wacored.sessions import SessionChange, SessionTable
-from wacored.store import NewRow, Outcome, WriteConnection, load_sessions, migrate, queued_targets
+from wacored.store import NewRow, Outcome, Reader, WriteConnection, migrate
 from wacored.writer import CatchUp, DeliveryQueue, Ingest, Record, WriteOp, run_writer
 
 
@@ -61,7 +61,7 @@ async def test_session_changes_apply_only_for_inserted_messages(tmp_path: Path) 
         end = SessionChange("s1", SessionAction.END, "wacored", 1001.0)
         await ingest(writes, [row("m1")], [(0, end)])
         await writes.aclose()
-    assert load_sessions(path, 0) == [("s1", "rides", 1000.0)]
+    assert Reader(path).sessions(0) == [("s1", "rides", 1000.0)]
     assert sessions.service_of("s1", 1001.0) == "rides"  # memory follows the file
 
 
@@ -100,7 +100,7 @@ async def test_outcomes_mark_delivered_or_dead_letter_once(tmp_path: Path) -> No
                       " ORDER BY key").fetchall()
     assert dead == [("down", "pending", "transient", "HTTP 503: busy", None, 2120.0),
                     ("gone", "abandoned", "permanent", "HTTP 404: no", 404, None)]
-    assert queued_targets(path) == {}
+    assert Reader(path).queued_targets() == {}
 
 
 async def test_forwarder_delivers_a_spilled_backlog_once_each_in_order(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -27,7 +27,7 @@ from .config import Config
 from .forwarder import run_forwarder, targets_of
 from .runtime import ActorState, Runtime
 from .sessions import SessionTable
-from .store import Reader, WriteConnection, load_sessions, migrate, queued_targets
+from .store import Reader, WriteConnection, migrate
 from .writer import DeliveryQueue, WriteOp, run_writer
 
 log = logging.getLogger(__name__)
@@ -70,15 +70,13 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
 
 
 async def recover(
-    config: Config, wall_clock: Callable[[], float], queue_buffer: int = QUEUE_BUFFER
+    config: Config, reader: Reader, targets: Iterable[str], wall_clock: Callable[[], float], queue_buffer: int
 ) -> tuple[SessionTable, dict[str, DeliveryQueue]]:
-    """Migrate, load sessions, and queue every accepted-but-undelivered message again."""
-    path = config.store.path
-    await trio.to_thread.run_sync(migrate, path)
+    """Load live sessions, and queue every accepted-but-undelivered message again."""
     since = wall_clock() - config.sessions.ttl_s
-    sessions = SessionTable(config.sessions.ttl_s, await trio.to_thread.run_sync(load_sessions, path, since))
-    queues = {name: DeliveryQueue(name, queue_buffer) for name in targets_of(config)}
-    for target, oldest in (await trio.to_thread.run_sync(queued_targets, path)).items():
+    sessions = SessionTable(config.sessions.ttl_s, await trio.to_thread.run_sync(reader.sessions, since))
+    queues = {name: DeliveryQueue(name, queue_buffer) for name in targets}
+    for target, oldest in (await trio.to_thread.run_sync(reader.queued_targets)).items():
         if target in queues:
             queues[target].spill_from = oldest
             log.info("re-queued undelivered messages", extra={"event": "recovered", "service": target})
@@ -103,13 +101,14 @@ async def run_daemon(
     `queue_buffer` is how many deliveries each target holds in memory before the rest wait on disk.
     """
     stop = stop if stop is not None else trio.Event()
-    sessions, queues = await recover(config, wall_clock, queue_buffer)
-    writes, writes_receive = trio.open_memory_channel[WriteOp](WRITE_BUFFER)
-    conn = WriteConnection(config.store.path, config.store.busy_timeout_ms)
-    reader = Reader(config.store.path)
-    rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock)
+    await trio.to_thread.run_sync(migrate, config.store.path)
     targets = targets_of(config)
+    reader = Reader(config.store.path)
     try:
+        sessions, queues = await recover(config, reader, targets, wall_clock, queue_buffer)
+        writes, writes_receive = trio.open_memory_channel[WriteOp](WRITE_BUFFER)
+        conn = WriteConnection(config.store.path, config.store.busy_timeout_ms)
+        rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock)
         async with trio.open_nursery() as root:
             await root.start(run_actor, rt, "writer", run_writer, conn, writes_receive, queues, sessions)
             async with writes, trio.open_nursery() as workers:

@@ -122,7 +122,8 @@ MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1,)
 
 
 def connect(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
-    """A connection for use from worker threads, with the pragmas every connection needs."""
+    """A connection with the pragmas every connection needs, usable from the event loop's thread and
+    from worker threads (one at a time)."""
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     # How long a write waits for another process's lock (an operator's shell, a CLI) before failing.
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
@@ -262,30 +263,9 @@ class WriteConnection:
         return [Delivery(*row) for row in rows]
 
 
-def queued_targets(path: Path) -> dict[str, int]:
-    """Each target with queued messages, and its oldest queued row id (start-up recovery)."""
-    conn = connect(path)
-    try:
-        return dict(conn.execute(
-            "SELECT target, MIN(id) FROM messages WHERE state = 'queued' GROUP BY target"
-        ).fetchall())
-    finally:
-        conn.close()
-
-
-def load_sessions(path: Path, since: float) -> list[tuple[str, str, float]]:
-    """Sessions that were live at `since`; older ones are dead whatever the reaper has done."""
-    conn = connect(path)
-    try:
-        return conn.execute(
-            "SELECT sender, service, last_interaction FROM sessions WHERE last_interaction > ?", (since,)
-        ).fetchall()
-    finally:
-        conn.close()
-
-
 class Reader:
-    """A connection of its own for reads (health checks), so they never wait on the writer."""
+    """A connection of its own for reads (start-up recovery, health checks), so they never wait on
+    the writer."""
 
     def __init__(self, path: Path) -> None:
         self.conn = connect(path)
@@ -296,3 +276,15 @@ class Reader:
     def ping(self) -> int:
         """The schema version; raises `sqlite3.Error` when the database cannot be read."""
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def queued_targets(self) -> dict[str, int]:
+        """Each target with queued messages, and its oldest queued row id (start-up recovery)."""
+        return dict(self.conn.execute(
+            "SELECT target, MIN(id) FROM messages WHERE state = 'queued' GROUP BY target"
+        ).fetchall())
+
+    def sessions(self, since: float) -> list[tuple[str, str, float]]:
+        """Sessions that were live at `since`; older ones are dead whatever the reaper has done."""
+        return self.conn.execute(
+            "SELECT sender, service, last_interaction FROM sessions WHERE last_interaction > ?", (since,)
+        ).fetchall()
