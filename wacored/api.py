@@ -15,7 +15,7 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from .ingress import Receive, Scope, Send, Webhook, request_ids
-from .runtime import VERSION, Runtime
+from .runtime import VERSION, ActorState, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,14 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
     }
     checks["sessions"] = {"active": rt.sessions.active(rt.wall_clock())}
     checks["requests"] = dict(rt.counters.requests)
+    checks["routed"] = dict(rt.counters.routed)
+    checks["statuses"] = dict(rt.counters.statuses)
     services = {
         name: {"queued_in_memory": q.depth(), "spilled_to_disk": q.spill_from is not None}
         for name, q in sorted(rt.queues.items())
     }
     core_down = checks["database"]["status"] != "ok" or any(
-        not rt.actors.get(name, _stopped).running for name in CORE_ACTORS
+        not rt.actors.get(name, ActorState()).running for name in CORE_ACTORS
     )
     any_down = any(not a.running for a in rt.actors.values())
     status = "unhealthy" if core_down else "degraded" if any_down else "healthy"
@@ -59,13 +61,6 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
         "services": services,
     }
     return (503 if status == "unhealthy" else 200), body
-
-
-class _Stopped:
-    running = False
-
-
-_stopped = _Stopped()
 
 
 def create_app(rt: Runtime) -> Any:

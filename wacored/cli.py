@@ -133,13 +133,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if response.status_code == 200 else 1
 
 
-def _secret_names(env: Mapping[str, str]) -> bool:
+def _has_app_secret(env: Mapping[str, str]) -> bool:
     return any(env.get(name) for name in ENV_ALIASES[("whatsapp", "app_secret")])
 
 
 def cmd_dev_env(args: argparse.Namespace) -> int:
     path: Path = args.path
-    if _secret_names(os.environ):
+    if _has_app_secret(os.environ):
         print("wacored: the app secret comes from the environment; no local secrets needed")
         return 0
     if path.exists():

@@ -24,7 +24,8 @@ VERSION = "0.1.0"
 
 @dataclass
 class Counters:
-    """Plain counts of what ingress and the forwarders did (exported by /health)."""
+    """Plain counts of what ingress did, shown by /health: requests by outcome, messages routed by
+    ``service:reason``, and status updates by status (counted whether forwarded or dropped)."""
 
     requests: dict[str, int] = field(default_factory=dict)
     routed: dict[str, int] = field(default_factory=dict)
@@ -51,7 +52,7 @@ class Runtime:
     queues: Mapping[str, DeliveryQueue]
     reader: Reader
     wall_clock: Callable[[], float] = time.time
-    started_at: float = field(default_factory=time.time)
+    started_at: float = 0.0
     draining: bool = False
     counters: Counters = field(default_factory=Counters)
     actors: dict[str, ActorState] = field(default_factory=dict)
@@ -76,4 +77,5 @@ class Runtime:
             queues=queues,
             reader=reader,
             wall_clock=wall_clock,
+            started_at=wall_clock(),
         )
