@@ -27,11 +27,9 @@ import random
 import ssl
 import time
 import zlib
-from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import cast
 
 import certifi
 import httpx
@@ -50,7 +48,6 @@ LANE_BUFFER = 64
 CATCH_UP_RETRY_S = 1.0
 EXCERPT = 200
 USER_AGENT = f"wacored/{VERSION}"
-MAX_DRAIN = 64 * 1024
 
 
 class Verdict(StrEnum):
@@ -176,20 +173,15 @@ async def _drain(response: httpx.Response) -> bytes:
     """Read the response body so the connection can carry the lane's next request; return its head.
 
     Raw bytes: forwards ask for ``Accept-Encoding: identity``, and decoding a body is not worth the
-    risk (httpx's decoders leak their stream when a body is corrupt). A body past `MAX_DRAIN` is cut
-    off and the connection closed; a transport error while reading does not undo the status.
+    risk (httpx's decoders leak their stream when a body is corrupt). How much is read is the
+    transport's bound (`transport.MAX_BODY`); a transport error while reading does not undo the status.
     """
     if response.is_stream_consumed:  # already read, as a transport may hand it over
         return response.content[:EXCERPT]
     head = b""
-    size = 0
     try:
-        async with aclosing(cast(AsyncGenerator[bytes, None], response.aiter_raw())) as parts:
-            async for part in parts:
-                head += part[: EXCERPT - len(head)]
-                size += len(part)
-                if size > MAX_DRAIN:
-                    break
+        async for part in response.aiter_raw():
+            head += part[: EXCERPT - len(head)]
     except httpx.TransportError:
         pass
     return head
