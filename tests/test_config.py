@@ -411,27 +411,16 @@ def test_load_reports_problems_with_key_paths(tmp_path: Path) -> None:
     assert info.value.problems == ["server.bogus: unknown key"]
 
 
-def test_load_invalid_toml(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("content", "expected"), [
+    pytest.param(b"[server\n", "not valid TOML", id="invalid-toml"),
+    pytest.param(None, "cannot read", id="missing-file"),
+    pytest.param(b'[server]\nlisten = "\xff"\n', "", id="not-utf8"),
+])
+def test_an_unreadable_file_is_one_problem_naming_it(tmp_path: Path, content: bytes | None, expected: str) -> None:
     path = tmp_path / "wacored.toml"
-    path.write_text("[server\n", encoding="utf-8")
+    if content is not None:
+        path.write_bytes(content)
     with pytest.raises(ConfigError) as info:
         Config.load(path, {})
     [problem] = info.value.problems
-    assert problem.startswith(f"{path}: not valid TOML")
-
-
-def test_load_missing_file(tmp_path: Path) -> None:
-    path = tmp_path / "missing.toml"
-    with pytest.raises(ConfigError) as info:
-        Config.load(path, {})
-    [problem] = info.value.problems
-    assert problem.startswith(f"{path}: cannot read")
-
-
-def test_load_file_that_is_not_utf8(tmp_path: Path) -> None:
-    path = tmp_path / "wacored.toml"
-    path.write_bytes(b'[server]\nlisten = "\xff"\n')
-    with pytest.raises(ConfigError) as info:
-        Config.load(path, {})
-    [problem] = info.value.problems
-    assert problem.startswith(f"{path}: ")
+    assert problem.startswith(f"{path}: {expected}")
