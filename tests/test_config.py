@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from wacored.config import Config, ConfigError, ForwardingConfig
+from wacored.config import Config, ConfigError, DlqConfig, ForwardingConfig, TelemetryConfig
 
 SHIPPED = Path(__file__).resolve().parent.parent / "wacored.toml"
 SECRET_ENV = {"WACORED_APP_SECRET": "s3cret"}
@@ -94,8 +94,27 @@ def test_shipped_defaults() -> None:
     assert config.routing.fallback == "menu"
     assert config.sessions.ttl_s == 24 * 3600
     assert config.forwarding == ForwardingConfig(
-        timeout_ms=4000, retries=2, retry_base_ms=200, concurrency=16
+        timeout_ms=4000, retries=2, retry_base_ms=200, concurrency=16, breaker_failures=5, breaker_open_s=30.0
     )
+    assert config.server.drain_timeout_s == 10.0
+    assert config.dlq == DlqConfig(interval_s=300.0, batch=50, backoff_s=(120.0, 240.0, 480.0), max_attempts=3)
+    assert (config.sessions.reap_at, config.sessions.reap_minute) == ("02:00", 120)
+    assert (config.sessions.dlq_retention_days, config.sessions.abandoned_retention_days,
+            config.sessions.seen_retention_days) == (7, 30, 8)
+    assert config.admin.token == ""
+    assert config.telemetry == TelemetryConfig()
+    assert (config.slo.p95_ms, config.slo.cold_start_ms) == (1200, 1750)
+
+
+def test_otlp_traces_need_an_endpoint() -> None:
+    assert problems_of(minimal(telemetry={"traces": "otlp"})) == [
+        'telemetry.otlp_endpoint: required when traces = "otlp"'
+    ]
+
+
+def test_dlq_delay_repeats_its_last_step() -> None:
+    dlq = DlqConfig(backoff_s=(120.0, 240.0))
+    assert [dlq.delay_s(n) for n in (1, 2, 3, 4)] == [120.0, 240.0, 240.0, 240.0]
 
 
 # -- environment overrides -------------------------------------------------------------------------
@@ -125,6 +144,9 @@ FILE_VALUES = {
         ("WHATSAPP_PHONE_NUMBER_ID", "106540352242922", "whatsapp.phone_number_id", "106540352242922"),
         ("SESSION_TTL_HOURS", "2.5", "sessions.ttl_hours", 2.5),
         ("WA_ROUTER_TIMEOUT_MS", "1500", "forwarding.timeout_ms", 1500),
+        ("WACORED_ADMIN_TOKEN", "adm1n", "admin.token", "adm1n"),
+        ("WA_CORE_P95_SLO_MS", "900", "slo.p95_ms", 900),
+        ("WA_CORE_COLD_START_SLO_MS", "2500", "slo.cold_start_ms", 2500),
     ],
 )
 def test_env_overrides_the_file(name: str, raw: str, attribute: str, expected: object) -> None:
@@ -156,6 +178,7 @@ def test_env_timeout_is_inherited_by_services_without_their_own() -> None:
         ("WA_ROUTER_TIMEOUT_MS", "1.5", "env WA_ROUTER_TIMEOUT_MS: must be an integer, got '1.5'"),
         ("SESSION_TTL_HOURS", "0", "sessions.ttl_hours: must be greater than 0"),
         ("WA_ROUTER_TIMEOUT_MS", "-1", "forwarding.timeout_ms: must be greater than 0"),
+        ("WA_CORE_P95_SLO_MS", "fast", "env WA_CORE_P95_SLO_MS: must be an integer, got 'fast'"),
     ],
 )
 def test_bad_numeric_env_value_is_a_problem(name: str, raw: str, problem: str) -> None:
@@ -176,6 +199,11 @@ def test_bad_numeric_env_value_is_a_problem(name: str, raw: str, problem: str) -
         "routing.bogus",
         "sessions.bogus",
         "forwarding.bogus",
+        "dlq.bogus",
+        "admin.bogus",
+        "telemetry.bogus",
+        "slo.bogus",
+        "supervisor.bogus",
         "home_menu.bogus",
         "home_menu.items.0.bogus",
         "services.rides.bogus",
@@ -203,6 +231,10 @@ def test_unknown_key_is_a_problem_with_its_path(path: str) -> None:
         ("services.rides.keys", "rides", "services.rides.keys: must be a list of strings"),
         ("services.rides.retries", "3", "services.rides.retries: must be an integer, got a string"),
         ("home_menu.button", ["x"], "home_menu.button: must be a string, got list"),
+        ("dlq.backoff_s", [120, "4m"], "dlq.backoff_s: must be a list of numbers"),
+        ("dlq.backoff_s", 120, "dlq.backoff_s: must be a list of numbers"),
+        ("dlq.max_attempts", 2.5, "dlq.max_attempts: must be an integer, got a number"),
+        ("sessions.reap_at", 2, "sessions.reap_at: must be a string, got an integer"),
     ],
 )
 def test_wrong_type_is_a_problem(path: str, value: object, problem: str) -> None:
@@ -239,6 +271,24 @@ def test_service_that_is_a_scalar_is_a_problem_not_a_crash(value: object) -> Non
         ("forwarding.concurrency", 0, "forwarding.concurrency: must be greater than 0"),
         ("services.rides.url", "ftp://x", "services.rides.url: must be an http:// or https:// URL"),
         ("store.path", "", "store.path: must not be empty"),
+        ("server.drain_timeout_s", -1, "server.drain_timeout_s: must not be negative"),
+        ("forwarding.breaker_failures", 0, "forwarding.breaker_failures: must be greater than 0"),
+        ("services.rides.breaker_open_s", 0, "services.rides.breaker_open_s: must be greater than 0"),
+        ("dlq.interval_s", 0, "dlq.interval_s: must be greater than 0"),
+        ("dlq.backoff_s", [], "dlq.backoff_s: must be a non-empty list of positive numbers of seconds"),
+        ("dlq.backoff_s", [120, 0], "dlq.backoff_s: must be a non-empty list of positive numbers of seconds"),
+        ("dlq.max_attempts", -1, "dlq.max_attempts: must not be negative"),
+        ("sessions.reap_at", "2am", 'sessions.reap_at: must be a time of day "HH:MM" (UTC)'),
+        ("sessions.reap_at", "24:00", 'sessions.reap_at: must be a time of day "HH:MM" (UTC)'),
+        ("sessions.seen_retention_days", 7,
+         "sessions.seen_retention_days: must exceed Meta's 7-day redelivery horizon, "
+         "or a late redelivery is taken as new (got 7)"),
+        ("telemetry.traces", "jaeger", "telemetry.traces: must be one of none, console, otlp, got 'jaeger'"),
+        ("telemetry.log_level", "loud", "telemetry.log_level: must be one of debug, info, warning, error, got 'loud'"),
+        ("telemetry.otlp_endpoint", "collector:4318", "telemetry.otlp_endpoint: must be an http:// or https:// URL"),
+        ("slo.p95_ms", 0, "slo.p95_ms: must be greater than 0"),
+        ("supervisor.max_restarts", 0, "supervisor.max_restarts: must be greater than 0"),
+        ("server.certfile", "/etc/wacored/cert.pem", "server.certfile: certfile and keyfile must be set together"),
     ],
 )
 def test_out_of_range_value_is_a_problem(path: str, value: object, problem: str) -> None:

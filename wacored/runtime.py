@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .breaker import Breaker
 from .config import Config
 from .ratelimit import SlidingWindowLimiter
 from .routing import RoutingTable
@@ -24,12 +25,25 @@ VERSION = "0.1.0"
 
 @dataclass
 class Counters:
-    """Plain counts of what ingress did, shown by /health: requests by outcome, messages routed by
-    ``service:reason``, and status updates by status (counted whether forwarded or dropped)."""
+    """Plain counts of what the daemon did, shown by /health and exported as Prometheus counters.
+
+    Keys are bounded label values joined with ``:`` (never a phone number or message id).
+    """
 
     requests: dict[str, int] = field(default_factory=dict)
+    """Webhook POSTs by outcome (accepted, duplicate, bad_signature, ...)."""
     routed: dict[str, int] = field(default_factory=dict)
+    """Messages by ``service:reason``."""
     statuses: dict[str, int] = field(default_factory=dict)
+    """Status updates by status, counted whether forwarded or dropped."""
+    forwards: dict[str, int] = field(default_factory=dict)
+    """Forward attempts by ``service:outcome`` (delivered, transient, permanent, breaker_open)."""
+    dlq_retries: dict[str, int] = field(default_factory=dict)
+    """Dead-letter retries by ``service:outcome`` (delivered, failed, abandoned, breaker_open)."""
+    reloads: dict[str, int] = field(default_factory=dict)
+    """Config reloads by result (ok, failed)."""
+    reaped: dict[str, int] = field(default_factory=dict)
+    """Rows the reaper deleted by kind (sessions, dead_letters_delivered, dead_letters_abandoned, messages)."""
 
     @staticmethod
     def bump(table: dict[str, int], key: str, n: int = 1) -> None:
@@ -38,8 +52,32 @@ class Counters:
 
 @dataclass
 class ActorState:
+    """What the supervisor and the actor itself tell about one actor."""
+
     running: bool = False
     error: str = ""
+    restarts: int = 0
+    heartbeat: float = 0.0
+    """`trio.current_time()` of the actor's last sign of life; the watchdog wants it fresh."""
+    last_run: float | None = None
+    """Periodic actors: wall-clock time their last run ended."""
+    next_run: float | None = None
+    """Periodic actors: wall-clock time of their next run."""
+
+
+@dataclass
+class StoreStats:
+    """Figures read from the store now and then (never at scrape time), cached for /health and metrics."""
+
+    queued: dict[str, int] = field(default_factory=dict)
+    """Accepted, not yet delivered nor dead-lettered, by target."""
+    oldest_queued_at: dict[str, float] = field(default_factory=dict)
+    """Wall-clock time the oldest queued message of each target was received."""
+    dead_letters: dict[str, int] = field(default_factory=dict)
+    """Dead letters by state (pending, abandoned, delivered)."""
+    oldest_pending_at: float | None = None
+    """Wall-clock time the oldest pending dead letter was created."""
+    refreshed_at: float | None = None
 
 
 @dataclass
@@ -57,6 +95,13 @@ class Runtime:
     counters: Counters = field(default_factory=Counters)
     actors: dict[str, ActorState] = field(default_factory=dict)
     reader_lock: trio.Lock = field(default_factory=trio.Lock)
+    breakers: dict[str, Breaker] = field(default_factory=dict)
+    """One per target, kept across config reloads (reconfigured in place)."""
+    stats: StoreStats = field(default_factory=StoreStats)
+
+    def beat(self, actor: str) -> None:
+        """Record a sign of life from `actor` (see `ActorState.heartbeat`)."""
+        self.actors.setdefault(actor, ActorState()).heartbeat = trio.current_time()
 
     @classmethod
     def build(

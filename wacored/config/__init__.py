@@ -25,6 +25,8 @@ from ._sections import (
     MAX_MENU_ROWS,
     MENU_LIMITS,
     RESERVED_NAMES,
+    AdminConfig,
+    DlqConfig,
     ForwardingConfig,
     HomeMenuConfig,
     MenuItem,
@@ -33,7 +35,10 @@ from ._sections import (
     ServerConfig,
     ServiceConfig,
     SessionsConfig,
+    SloConfig,
     StoreConfig,
+    SupervisorConfig,
+    TelemetryConfig,
     WhatsAppConfig,
 )
 
@@ -44,8 +49,10 @@ __all__ = [
     "MAX_MENU_ROWS",
     "MENU_LIMITS",
     "RESERVED_NAMES",
+    "AdminConfig",
     "Config",
     "ConfigError",
+    "DlqConfig",
     "ForwardingConfig",
     "HomeMenuConfig",
     "MenuItem",
@@ -54,7 +61,10 @@ __all__ = [
     "ServerConfig",
     "ServiceConfig",
     "SessionsConfig",
+    "SloConfig",
     "StoreConfig",
+    "SupervisorConfig",
+    "TelemetryConfig",
     "WhatsAppConfig",
 ]
 
@@ -78,6 +88,11 @@ class Config:
     forwarding: ForwardingConfig
     home_menu: HomeMenuConfig
     services: Mapping[str, ServiceConfig]
+    dlq: DlqConfig = DlqConfig()
+    admin: AdminConfig = AdminConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    slo: SloConfig = SloConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
     source: Path | None = None
     warnings: tuple[str, ...] = ()
 

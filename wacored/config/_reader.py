@@ -12,9 +12,14 @@ from typing import Any, TypeVar
 
 from ._sections import (
     ENV_ALIASES,
+    LOG_LEVELS,
     MAX_MENU_ROWS,
     MENU_LIMITS,
+    META_REDELIVERY_DAYS,
     RESERVED_NAMES,
+    TRACE_EXPORTERS,
+    AdminConfig,
+    DlqConfig,
     ForwardingConfig,
     HomeMenuConfig,
     MenuItem,
@@ -23,7 +28,10 @@ from ._sections import (
     ServerConfig,
     ServiceConfig,
     SessionsConfig,
+    SloConfig,
     StoreConfig,
+    SupervisorConfig,
+    TelemetryConfig,
     WhatsAppConfig,
 )
 
@@ -55,11 +63,15 @@ class _Section:
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if expected is tuple:
-            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            numbers = bool(default) and isinstance(default[0], float)  # type: ignore[index]
+            ok = isinstance(value, list) and all(
+                (isinstance(v, (int, float)) and not isinstance(v, bool)) if numbers else isinstance(v, str)
+                for v in value
+            )
             if not ok:
-                self.problem(name, "must be a list of strings")
+                self.problem(name, f"must be a list of {'numbers' if numbers else 'strings'}")
                 return default
-            value = tuple(value)
+            value = tuple(float(v) for v in value) if numbers else tuple(value)
         elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             self.problem(name, f"must be {_type_name(expected)}, got {_type_name(type(value))}")
             return default
@@ -67,6 +79,10 @@ class _Section:
             self.problem(name, message)
             return default
         return value  # type: ignore[no-any-return]
+
+    def problems_so_far(self) -> str:
+        """The problems reported for this section so far, as one string to search for a key."""
+        return " ".join(p for p in self.problems if p.startswith(f"{self.path}."))
 
     def finish(self) -> None:
         for name in sorted(self.data):
@@ -93,6 +109,9 @@ def _http_url(value: str) -> str | None:
     return "must be an http:// or https:// URL"
 
 
+_ENV_TYPES: dict[str, type] = {"ttl_hours": float, "timeout_ms": int, "p95_ms": int, "cold_start_ms": int}
+
+
 def _apply_env(data: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) -> dict[str, Any]:
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for (section, key), names in ENV_ALIASES.items():
@@ -103,18 +122,11 @@ def _apply_env(data: Mapping[str, Any], env: Mapping[str, str], problems: list[s
         target = merged.setdefault(section, {})
         if not isinstance(target, dict):
             continue
-        if key == "ttl_hours":
-            try:
-                target[key] = float(raw)
-            except ValueError:
-                problems.append(f"env {name}: must be a number, got {raw!r}")
-        elif key == "timeout_ms":
-            try:
-                target[key] = int(raw)
-            except ValueError:
-                problems.append(f"env {name}: must be an integer, got {raw!r}")
-        else:
-            target[key] = raw
+        kind = _ENV_TYPES.get(key, str)
+        try:
+            target[key] = kind(raw)
+        except ValueError:
+            problems.append(f"env {name}: must be {_type_name(kind)}, got {raw!r}")
     return merged
 
 
@@ -129,9 +141,15 @@ def _read_server(data: Any, problems: list[str]) -> ServerConfig:
     s = _Section(data, "server", problems)
     listen = s.take("listen", "127.0.0.1:8080", _parse_listen)
     max_body = s.take("max_body_bytes", 3 * 1024 * 1024, _positive)
+    drain = s.take("drain_timeout_s", ServerConfig.drain_timeout_s, _not_negative)
+    certfile = s.take("certfile", "")
+    keyfile = s.take("keyfile", "")
     s.finish()
+    if bool(certfile) != bool(keyfile):
+        s.problem("certfile", "certfile and keyfile must be set together")
     host, _, port = listen.rpartition(":")
-    return ServerConfig(host=host.strip("[]"), port=int(port), max_body_bytes=max_body)
+    return ServerConfig(host=host.strip("[]"), port=int(port), max_body_bytes=max_body, drain_timeout_s=drain,
+                        certfile=certfile, keyfile=keyfile)
 
 
 def _read_whatsapp(data: Any, problems: list[str]) -> WhatsAppConfig:
@@ -153,6 +171,8 @@ def _read_forwarding(s: _Section, base: ForwardingConfig) -> ForwardingConfig:
         retries=s.take("retries", base.retries, _not_negative),
         retry_base_ms=s.take("retry_base_ms", base.retry_base_ms, _not_negative),
         concurrency=s.take("concurrency", base.concurrency, _positive),
+        breaker_failures=s.take("breaker_failures", base.breaker_failures, _positive),
+        breaker_open_s=s.take("breaker_open_s", base.breaker_open_s, _positive),
     )
 
 
@@ -250,11 +270,96 @@ def _read_ratelimit(data: Any, problems: list[str]) -> RateLimitConfig:
     return ratelimit
 
 
+def _clock_time(value: str) -> str | None:
+    hours, sep, minutes = value.partition(":")
+    if sep and hours.isdigit() and minutes.isdigit() and int(hours) < 24 and int(minutes) < 60 and len(minutes) == 2:
+        return None
+    return 'must be a time of day "HH:MM" (UTC)'
+
+
 def _read_sessions(data: Any, problems: list[str]) -> SessionsConfig:
     s = _Section(data, "sessions", problems)
-    sessions = SessionsConfig(ttl_hours=s.take("ttl_hours", 24.0, _positive))
+    base = SessionsConfig()
+    sessions = SessionsConfig(
+        ttl_hours=s.take("ttl_hours", base.ttl_hours, _positive),
+        reap_at=s.take("reap_at", base.reap_at, _clock_time),
+        dlq_retention_days=s.take("dlq_retention_days", base.dlq_retention_days, _positive),
+        abandoned_retention_days=s.take("abandoned_retention_days", base.abandoned_retention_days, _positive),
+        seen_retention_days=s.take("seen_retention_days", base.seen_retention_days, _positive),
+    )
+    if "seen_retention_days" not in s.problems_so_far() and sessions.seen_retention_days <= META_REDELIVERY_DAYS:
+        s.problem("seen_retention_days", f"must exceed Meta's {META_REDELIVERY_DAYS}-day redelivery horizon, "
+                  f"or a late redelivery is taken as new (got {sessions.seen_retention_days:g})")
     s.finish()
     return sessions
+
+
+def _read_dlq(data: Any, problems: list[str]) -> DlqConfig:
+    s = _Section(data, "dlq", problems)
+    base = DlqConfig()
+    backoff: tuple[float, ...] = s.take("backoff_s", base.backoff_s, _backoff_steps)
+    dlq = DlqConfig(
+        interval_s=s.take("interval_s", base.interval_s, _positive),
+        batch=s.take("batch", base.batch, _positive),
+        backoff_s=backoff,
+        max_attempts=s.take("max_attempts", base.max_attempts, _not_negative),
+    )
+    s.finish()
+    return dlq
+
+
+def _backoff_steps(value: tuple[float, ...]) -> str | None:
+    if not value or any(v <= 0 for v in value):
+        return "must be a non-empty list of positive numbers of seconds"
+    return None
+
+
+def _read_admin(data: Any, problems: list[str]) -> AdminConfig:
+    s = _Section(data, "admin", problems)
+    admin = AdminConfig(token=s.take("token", ""))
+    s.finish()
+    return admin
+
+
+def _read_telemetry(data: Any, problems: list[str]) -> TelemetryConfig:
+    s = _Section(data, "telemetry", problems)
+    base = TelemetryConfig()
+    telemetry = TelemetryConfig(
+        log_level=s.take("log_level", base.log_level, _one_of(LOG_LEVELS)),
+        traces=s.take("traces", base.traces, _one_of(TRACE_EXPORTERS)),
+        otlp_endpoint=s.take("otlp_endpoint", "", lambda v: None if not v else _http_url(v)),
+        service_name=s.take("service_name", base.service_name, lambda v: None if v else "must not be empty"),
+    )
+    s.finish()
+    if telemetry.traces == "otlp" and not telemetry.otlp_endpoint:
+        s.problem("otlp_endpoint", 'required when traces = "otlp"')
+    return telemetry
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
+    return check
+
+
+def _read_slo(data: Any, problems: list[str]) -> SloConfig:
+    s = _Section(data, "slo", problems)
+    slo = SloConfig(p95_ms=s.take("p95_ms", 1200, _positive), cold_start_ms=s.take("cold_start_ms", 1750, _positive))
+    s.finish()
+    return slo
+
+
+def _read_supervisor(data: Any, problems: list[str]) -> SupervisorConfig:
+    s = _Section(data, "supervisor", problems)
+    base = SupervisorConfig()
+    supervisor = SupervisorConfig(
+        max_restarts=s.take("max_restarts", base.max_restarts, _positive),
+        window_s=s.take("window_s", base.window_s, _positive),
+        backoff_base_s=s.take("backoff_base_s", base.backoff_base_s, _positive),
+        backoff_max_s=s.take("backoff_max_s", base.backoff_max_s, _positive),
+    )
+    s.finish()
+    return supervisor
 
 
 def _read_routing(data: Any, services: Mapping[str, ServiceConfig], problems: list[str]) -> RoutingConfig:
@@ -294,7 +399,9 @@ def read(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any
     top = _Section(_apply_env(data, env, problems), "", problems)
     sections: dict[str, Any] = {}
     for name, reader in (("server", _read_server), ("whatsapp", _read_whatsapp), ("store", _read_store),
-                         ("ratelimit", _read_ratelimit), ("sessions", _read_sessions)):
+                         ("ratelimit", _read_ratelimit), ("sessions", _read_sessions), ("dlq", _read_dlq),
+                         ("admin", _read_admin), ("telemetry", _read_telemetry), ("slo", _read_slo),
+                         ("supervisor", _read_supervisor)):
         sections[name] = reader(top.data.pop(name, None), problems)
     fw = _Section(top.data.pop("forwarding", None), "forwarding", problems)
     sections["forwarding"] = _read_forwarding(fw, ForwardingConfig())

@@ -27,8 +27,14 @@ ENV_ALIASES: dict[tuple[str, str], tuple[str, ...]] = {
     ),
     ("sessions", "ttl_hours"): ("SESSION_TTL_HOURS",),
     ("forwarding", "timeout_ms"): ("WA_ROUTER_TIMEOUT_MS",),
+    ("admin", "token"): ("WACORED_ADMIN_TOKEN",),
+    ("slo", "p95_ms"): ("WA_CORE_P95_SLO_MS",),
+    ("slo", "cold_start_ms"): ("WA_CORE_COLD_START_SLO_MS",),
 }
-
+META_REDELIVERY_DAYS = 7
+"""Meta retries a webhook for up to 7 days: dedupe rows must outlive that."""
+TRACE_EXPORTERS = ("none", "console", "otlp")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,14 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 3 * 1024 * 1024
+    drain_timeout_s: float = 10.0
+    """How long forwarders may finish their current attempts after SIGTERM."""
+    certfile: str = ""
+    keyfile: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.certfile)
 
     @property
     def listen(self) -> str:
@@ -78,6 +92,17 @@ class RoutingConfig:
 @dataclass(frozen=True)
 class SessionsConfig:
     ttl_hours: float = 24.0
+    reap_at: str = "02:00"
+    """When the daily reap runs, ``HH:MM`` UTC."""
+    dlq_retention_days: float = 7.0
+    abandoned_retention_days: float = 30.0
+    seen_retention_days: float = 8.0
+
+    @property
+    def reap_minute(self) -> int:
+        """`reap_at` as minutes after midnight UTC."""
+        hours, minutes = self.reap_at.split(":")
+        return int(hours) * 60 + int(minutes)
 
     @property
     def ttl_s(self) -> float:
@@ -90,6 +115,50 @@ class ForwardingConfig:
     retries: int = 2
     retry_base_ms: int = 200
     concurrency: int = 16
+    breaker_failures: int = 5
+    """Consecutive transient failures that open the service's circuit breaker."""
+    breaker_open_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class DlqConfig:
+    interval_s: float = 300.0
+    batch: int = 50
+    backoff_s: tuple[float, ...] = (120.0, 240.0, 480.0)
+    max_attempts: int = 3
+
+    def delay_s(self, retry: int) -> float:
+        """The wait before retry number `retry` (1-based) of a dead letter; the last step repeats."""
+        return self.backoff_s[min(retry, len(self.backoff_s)) - 1]
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    token: str = field(default="", repr=False)
+    """Bearer token for ``/admin/``; empty turns the admin API off."""
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    log_level: str = "info"
+    traces: str = "none"
+    otlp_endpoint: str = ""
+    service_name: str = "wacored"
+
+
+@dataclass(frozen=True)
+class SloConfig:
+    p95_ms: int = 1200
+    cold_start_ms: int = 1750
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    max_restarts: int = 5
+    """Crashes of one actor within `window_s` that stop the daemon (systemd restarts it)."""
+    window_s: float = 60.0
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
 
 
 @dataclass(frozen=True)
