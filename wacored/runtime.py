@@ -14,6 +14,7 @@ import trio
 
 from .breaker import Breaker
 from .config import Config
+from .metrics import Metrics
 from .ratelimit import SlidingWindowLimiter
 from .routing import RoutingTable
 from .sessions import SessionTable
@@ -98,6 +99,7 @@ class Runtime:
     breakers: dict[str, Breaker] = field(default_factory=dict)
     """One per target, kept across config reloads (reconfigured in place)."""
     stats: StoreStats = field(default_factory=StoreStats)
+    metrics: Metrics = field(default_factory=Metrics)
 
     def beat(self, actor: str) -> None:
         """Record a sign of life from `actor` (see `ActorState.heartbeat`)."""
