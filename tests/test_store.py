@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,24 @@ def test_the_reader_reports_the_schema_version(tmp_path: Path) -> None:
         assert reader.ping() == SCHEMA_VERSION
     finally:
         reader.close()
+
+
+def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite_utils
+
+    from wacored.store import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    MIGRATIONS[0](sqlite_utils.Database(conn))
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO messages (key, kind, sender, service, reason, target, body, received_at, state)"
+        " VALUES ('wamid.1', 'message', '2507', 'rides', 'keyword', 'rides', x'7b7d', 1.0, 'queued')"
+    )
+    conn.commit()
+    conn.close()
+    assert migrate(path) == SCHEMA_VERSION == 2
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT key, state FROM messages").fetchall() == [("wamid.1", "queued")]
+        assert db.execute("SELECT count(*) FROM runs").fetchone() == (0,)

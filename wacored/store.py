@@ -6,7 +6,10 @@ Tables (schema version in ``PRAGMA user_version``, forward-only migrations in `M
   with its route, the exact bytes to deliver and its delivery ``state`` (``queued`` -> ``delivered`` |
   ``dead_lettered``). The row id is commit order, which is delivery order.
 - ``sessions``: the service each sender is in and when it last interacted.
-- ``dead_letters``: one row per message that could not be delivered: error, attempts, next attempt.
+- ``dead_letters``: one row per message that could not be delivered: ``state`` (``pending`` -> retried
+  by the DLQ retrier -> ``delivered`` | ``abandoned``), ``reason`` (``transient``, ``permanent``,
+  ``breaker_open``), the last error, retries made (``attempts``) and when the next one is due.
+- ``runs``: each periodic actor's last and next run (schema v2).
 
 `Store` methods are synchronous and run in a worker thread (`trio.to_thread`): the writer actor owns
 the write connection, readers open their own (WAL lets them read while the writer commits).
@@ -28,7 +31,7 @@ import sqlite_utils
 from .routing import SessionAction
 from .sessions import SessionChange
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DLQ_FIRST_RETRY_S = 120.0
 """When a dead letter is first due again (the retrier's first backoff step)."""
 
@@ -117,7 +120,19 @@ def _v1(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX dead_letters_due ON dead_letters(state, next_attempt_at)")
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1,)
+def _v2(db: sqlite_utils.Database) -> None:
+    """What the retrier and reaper need: when each periodic actor last ran and runs next (so `wacored
+    status` can tell, and a reap missed while the daemon was down runs soon after start), and indexes
+    for the reaper's age-bounded deletes."""
+    db.table("runs").create(
+        {"actor": str, "last_run": float, "next_run": float, "result": str}, pk="actor", not_null={"actor"},
+    )
+    db.execute("CREATE INDEX messages_received ON messages(received_at)")
+    db.execute("CREATE INDEX dead_letters_done ON dead_letters(state, updated_at)")
+    db.execute("CREATE INDEX sessions_idle ON sessions(last_interaction)")
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2)
 """Migration i takes the schema from version i to i+1. Append only; never edit a released one."""
 
 
