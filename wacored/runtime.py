@@ -101,6 +101,12 @@ class Runtime:
     stats: StoreStats = field(default_factory=StoreStats)
     metrics: Metrics = field(default_factory=Metrics)
 
+    dlq_due: trio.Event = field(default_factory=trio.Event)
+    """Set to make the DLQ retrier look for due entries now (an operator replayed some)."""
+
+    def wake_retrier(self) -> None:
+        self.dlq_due.set()
+
     def beat(self, actor: str) -> None:
         """Record a sign of life from `actor` (see `ActorState.heartbeat`)."""
         self.actors.setdefault(actor, ActorState()).heartbeat = trio.current_time()
