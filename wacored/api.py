@@ -15,7 +15,8 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from .ingress import Receive, Scope, Send, Webhook, request_ids
-from .runtime import VERSION, ActorState, Runtime
+from .runtime import ActorState, Runtime
+from .version import VERSION
 
 log = logging.getLogger(__name__)
 
