@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 from . import logs
@@ -77,6 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .daemon import serve_until_signalled
     from .store import SchemaError
+    from .systemd import Notifier
 
     logs.setup(args.log_level)
     if (config := load_config(args)) is None:
@@ -86,7 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     failures: list[BaseException] = []
     code = 1
     try:
-        code = trio.run(serve_until_signalled, config)
+        # systemd's variables are read here, once, and handed down (none is read deep in the daemon).
+        with Notifier.from_environ(os.environ) as notifier:
+            code = trio.run(partial(serve_until_signalled, config, notifier=notifier))
     except* (OSError, sqlite3.Error, SchemaError) as group:
         # What the environment refused (a port in use, an unwritable store): one clear line each.
         # An actor that crashed has already logged its traceback.

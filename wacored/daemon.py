@@ -28,6 +28,7 @@ from .forwarder import run_forwarder, targets_of
 from .runtime import ActorState, Runtime
 from .sessions import SessionTable
 from .store import Reader, WriteConnection, migrate
+from .systemd import Notifier, open_watchdog, run_beating
 from .writer import DeliveryQueue, WriteOp, run_writer
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,18 @@ async def run_daemon(
     stop: trio.Event | None = None,
     wall_clock: Callable[[], float] = time.time,
     queue_buffer: int = QUEUE_BUFFER,
+    notifier: Notifier | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run wacored until `stop` is set; `task_status.started` gets the bound URLs once serving.
 
     `queue_buffer` is how many deliveries each target holds in memory before the rest wait on disk.
+    `notifier` tells systemd READY=1 once serving and STOPPING=1 once `stop` is set, and runs the
+    watchdog when systemd asked for one (see `wacored.systemd`).
     """
     stop = stop if stop is not None else trio.Event()
+    notifier = notifier if notifier is not None else Notifier(None)
+    hc = hypercorn_config(config)
     await trio.to_thread.run_sync(migrate, config.store.path)
     targets = targets_of(config)
     reader = Reader(config.store.path)
@@ -109,52 +115,81 @@ async def run_daemon(
         writes, writes_receive = trio.open_memory_channel[WriteOp](WRITE_BUFFER)
         conn = WriteConnection(config.store.path, config.store.busy_timeout_ms)
         rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock)
-        async with trio.open_nursery() as root:
+        async with open_watchdog(rt, notifier), trio.open_nursery() as root:
             await root.start(run_actor, rt, "writer", run_writer, conn, writes_receive, queues, sessions)
             async with writes, trio.open_nursery() as workers:
                 for name, target in targets.items():
                     forwarder = partial(run_forwarder, target, queues[name], writes.clone(), clock=wall_clock)
                     await workers.start(run_actor, rt, f"forwarder.{name}", forwarder)
                 async with trio.open_nursery() as front:
-                    front.start_soon(_mark_draining, rt, stop)
-                    serve = partial(hypercorn.trio.serve, create_app(rt), hypercorn_config(config),
-                                    shutdown_trigger=stop.wait)
-                    urls = await front.start(run_actor, rt, "ingress", serve)
+                    front.start_soon(_mark_draining, rt, stop, notifier)
+                    serve = partial(hypercorn.trio.serve, create_app(rt), hc, shutdown_trigger=stop.wait)
+                    # Ingress has no loop of its own to beat from: beat while hypercorn serves.
+                    urls = await front.start(run_actor, rt, "ingress", partial(run_beating, rt, "ingress", serve))
                     log.info("listening", extra={"event": "listening", "urls": urls})
                     task_status.started(urls)
+                    notifier.ready(f"listening on {' '.join(urls)}")
                 workers.cancel_scope.cancel(reason="daemon stopping")
     finally:
         reader.close()
     log.info("stopped", extra={"event": "stopped"})
 
 
-async def _mark_draining(rt: Runtime, stop: trio.Event) -> None:
+async def _mark_draining(rt: Runtime, stop: trio.Event, notifier: Notifier) -> None:
     await stop.wait()
     rt.draining = True
+    notifier.stopping("draining")
 
 
-async def serve_until_signalled(config: Config) -> int:
-    """`run_daemon` under SIGTERM/SIGINT: the first signal stops gracefully (exit 0), a second one
-    stops at once (exit 1). Either way nothing accepted is lost: it is on disk."""
+Reload = Callable[[], Awaitable[None]]
+"""What SIGHUP runs. It handles its own failures (a bad new config keeps the old one running)."""
+
+
+async def _log_reload() -> None:
+    log.info("SIGHUP: reload is not implemented yet", extra={"event": "reload_skipped"})
+
+
+async def serve_until_signalled(
+    config: Config, *, notifier: Notifier | None = None, reload: Reload = _log_reload
+) -> int:
+    """`run_daemon` under signals. SIGTERM/SIGINT: the first one stops gracefully (exit 0), a second
+    one stops at once (exit 1); either way nothing accepted is lost: it is on disk. SIGHUP runs
+    `reload` between RELOADING=1 and READY=1 to systemd, one reload at a time."""
     stop = trio.Event()
+    notifier = notifier if notifier is not None else Notifier(None)
     forced = False
     # The receiver stays open for the whole drain: a second signal must reach us, not the default
-    # handler (STACK_NOTES, "Signals and systemd").
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # handler (STACK_NOTES, "Signals and systemd"). SIGHUP's default handler would kill us.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
                 nonlocal forced
                 async for signum in signals:
-                    if stop.is_set():
+                    if signum == signal.SIGHUP:
+                        await _reload(reload, notifier, stop)
+                    elif stop.is_set():
                         log.warning("second signal: stopping now", extra={"event": "forced_stop"})
                         forced = True
                         nursery.cancel_scope.cancel(reason="second signal")
                         return
-                    log.info("stopping", extra={"event": "stopping", "signal": signal.Signals(signum).name})
-                    stop.set()
+                    else:
+                        log.info("stopping", extra={"event": "stopping", "signal": signal.Signals(signum).name})
+                        stop.set()
 
             nursery.start_soon(watch)
-            await run_daemon(config, stop=stop)
+            await run_daemon(config, stop=stop, notifier=notifier)
             nursery.cancel_scope.cancel(reason="daemon stopped")
     return 1 if forced else 0
+
+
+async def _reload(reload: Reload, notifier: Notifier, stop: trio.Event) -> None:
+    if stop.is_set():
+        log.info("SIGHUP while stopping: ignored", extra={"event": "reload_ignored"})
+        return
+    notifier.reloading()
+    try:
+        await reload()
+    finally:
+        if not stop.is_set():
+            notifier.ready("serving (reloaded)")
