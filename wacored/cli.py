@@ -66,6 +66,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 1
     for warning in config.warnings:
         print(f"warning: {warning}")
+    if config.server.tls:
+        from .tls import TLSError, check_server_tls
+
+        # A warning, not an error: the config may be checked on a machine that has no certificate.
+        try:
+            check_server_tls(config.server.certfile, config.server.keyfile)
+        except TLSError as exc:
+            print(f"warning: {exc} (`run` will refuse to start)")
     services = ", ".join(config.services)
     print(f"{args.config}: ok ({len(config.services)} services: {services}; listen {config.server.listen})")
     return 0

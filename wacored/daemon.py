@@ -29,6 +29,7 @@ from .runtime import ActorState, Runtime
 from .sessions import SessionTable
 from .store import Reader, WriteConnection, migrate
 from .systemd import Notifier, open_watchdog, run_beating
+from .tls import check_server_tls
 from .writer import DeliveryQueue, WriteOp, run_writer
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,16 @@ async def run_actor(
 
 
 def hypercorn_config(config: Config) -> hypercorn.config.Config:
+    """Hypercorn's settings for `config`; HTTPS when ``[server] certfile``/``keyfile`` are set.
+
+    Error handling:
+        Raises `TLSError` (an `OSError`) naming the file when the certificate or key is unusable.
+    """
     hc = hypercorn.config.Config()
     hc.bind = [config.server.listen]
+    if config.server.tls:
+        check_server_tls(config.server.certfile, config.server.keyfile)
+        hc.certfile, hc.keyfile = config.server.certfile, config.server.keyfile
     hc.accesslog = None
     # Hypercorn's messages go through our handlers (JSON lines) instead of its own format.
     hc.errorlog = logging.getLogger("hypercorn.error")
@@ -106,7 +115,7 @@ async def run_daemon(
     """
     stop = stop if stop is not None else trio.Event()
     notifier = notifier if notifier is not None else Notifier(None)
-    hc = hypercorn_config(config)
+    hc = hypercorn_config(config)  # first: an unreadable certificate stops us before anything starts
     await trio.to_thread.run_sync(migrate, config.store.path)
     targets = targets_of(config)
     reader = Reader(config.store.path)
