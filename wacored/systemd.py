@@ -108,8 +108,8 @@ class Notifier:
 
     Sends never block: the socket is non-blocking, because a blocking send stalls the whole trio loop
     once systemd's receive queue is full. A datagram that cannot be sent is dropped, counted in
-    `dropped` and logged; losing one is harmless (the next ``WATCHDOG=1`` comes within half an
-    interval, and systemd reads ``READY=1`` once it catches up with its queue anyway).
+    `dropped` and logged. A lost ``WATCHDOG=1`` is followed by another half an interval later; a lost
+    ``READY=1`` shows as a start timeout in ``systemctl status``: both beat a daemon frozen in a send.
 
     Error handling:
         No method raises for a send that fails (queue full, socket gone, permission denied).
