@@ -12,7 +12,7 @@ import socket
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,6 +22,7 @@ import pytest
 import trio
 import trio.testing
 
+from wacored.daemon import serve_until_signalled
 from wacored.runtime import ActorState
 from wacored.systemd import (
     Notifier,
@@ -319,6 +320,33 @@ async def test_the_daemon_runs_the_watchdog_systemd_asked_for(
     config = make_config(tmp_path, services, graph)
     async with open_daemon(config, notifier=receiver.notifier(WATCHDOG_USEC=60_000_000)):
         assert await receiver.wait_for("WATCHDOG") == {"WATCHDOG": "1"}
+
+
+async def test_sighup_runs_the_injected_reload_between_reloading_and_ready(
+    tmp_path: Path, services: Downstream, graph: Downstream, receiver: Receiver
+) -> None:
+    seen_before_reload: list[Message] = []
+
+    async def reload() -> None:
+        seen_before_reload.extend(receiver.drain())
+        await trio.sleep(0.05)  # a reload takes a while; READY=1 must wait for it
+
+    run = partial(serve_until_signalled, make_config(tmp_path, services, graph),
+                  notifier=receiver.notifier(), reload=reload)
+    async with trio.open_nursery() as nursery:
+        code: list[int] = []
+        nursery.start_soon(lambda: _store(code, run))
+        await receiver.wait_for("READY")  # the signal receiver is open from before READY=1
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert (await receiver.wait_for("READY"))["STATUS"] == "serving (reloaded)"
+        assert any("RELOADING" in m for m in seen_before_reload)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert code == [0]
+    assert (await receiver.wait_for("STOPPING"))["STOPPING"] == "1"
+
+
+async def _store(into: list[int], fn: Callable[[], Awaitable[int]]) -> None:
+    into.append(await fn())
 
 
 # --- a real process under a fake systemd --------------------------------------------------------
