@@ -78,9 +78,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import serve_until_signalled
     from .store import SchemaError
 
-    logs.setup(args.log_level)
     if (config := load_config(args)) is None:
         return 1
+    logs.setup(args.log_level or config.telemetry.log_level)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     failures: list[BaseException] = []
@@ -170,7 +170,8 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon")
     common(run)
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                     help="default: [telemetry] log_level")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file and print every problem")
