@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests.conftest import World
 from wacored import logs
 from wacored.cli import parser
 
@@ -61,3 +64,48 @@ def test_bound_ids_apply_inside_the_block_only() -> None:
 def test_run_log_level_defaults_to_the_config() -> None:
     assert parser().parse_args(["run"]).log_level is None
     assert parser().parse_args(["run", "--log-level", "debug"]).log_level == "debug"
+
+
+@pytest.fixture
+def json_lines() -> Iterator[io.StringIO]:
+    """What the ``wacored`` loggers write, formatted the way `logs.setup` does: in the emitting task."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("wacored")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield out
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def events(out: io.StringIO, event: str) -> list[dict[str, Any]]:
+    docs = [json.loads(text) for text in out.getvalue().splitlines()]
+    return [doc for doc in docs if doc["event"] == event]
+
+
+async def test_ingress_lines_carry_the_request_and_correlation_ids(world: World, json_lines: io.StringIO) -> None:
+    body = b'{"object": "whatsapp_business_account", "entry": []}'
+    headers = {"X-Request-ID": "req-42", "X-Correlation-ID": "corr-42", "X-Hub-Signature-256": "sha256=00"}
+    assert (await world.daemon.post(body, headers, signed=False)).status_code == 401
+    [refused] = events(json_lines, "webhook_bad_signature")
+    assert (refused["request_id"], refused["correlation_id"]) == ("req-42", "corr-42")
+    assert refused["status"] == 401
+
+
+async def test_no_log_line_of_a_routed_message_holds_its_text_or_number(
+    world: World, json_lines: io.StringIO
+) -> None:
+    await world.daemon.send_text("rides secret words", sender="250788123456")
+    await world.daemon.send_text("rides", sender="250788123456")
+    await world.services.wait_for(1, "/rides")
+    await world.daemon.client.get(f"{world.daemon.url}/webhook", params={"hub.mode": "subscribe",
+                                                                         "hub.verify_token": "wrong"})
+    text = json_lines.getvalue()
+    assert events(json_lines, "handshake_refused")
+    assert "secret words" not in text
+    assert "250788123456" not in text
+    assert "test-app-secret" not in text
+    assert "test-verify-token" not in text

@@ -16,10 +16,12 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 from . import logs
 from .config import ENV_ALIASES, Config, ConfigError
+from .slo import process_started_at
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import serve_until_signalled
     from .store import SchemaError
 
+    started = process_started_at()
     if (config := load_config(args)) is None:
         return 1
     logs.setup(args.log_level or config.telemetry.log_level)
@@ -86,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     failures: list[BaseException] = []
     code = 1
     try:
-        code = trio.run(serve_until_signalled, config)
+        code = trio.run(partial(serve_until_signalled, config, process_start=started))
     except* (OSError, sqlite3.Error, SchemaError) as group:
         # What the environment refused (a port in use, an unwritable store): one clear line each.
         # An actor that crashed has already logged its traceback.

@@ -94,12 +94,15 @@ async def run_daemon(
     stop: trio.Event | None = None,
     wall_clock: Callable[[], float] = time.time,
     queue_buffer: int = QUEUE_BUFFER,
+    process_start: float | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run wacored until `stop` is set; `task_status.started` gets the bound URLs once serving.
 
     `queue_buffer` is how many deliveries each target holds in memory before the rest wait on disk.
+    `process_start` (`time.monotonic()`) is where the cold start is measured from, by default this call.
     """
+    process_start = time.monotonic() if process_start is None else process_start
     stop = stop if stop is not None else trio.Event()
     await trio.to_thread.run_sync(migrate, config.store.path)
     targets = targets_of(config)
@@ -122,6 +125,7 @@ async def run_daemon(
                     urls = await front.start(run_actor, rt, "ingress", serve)
                     log.info("listening", extra={"event": "listening", "urls": urls})
                     task_status.started(urls)
+                    rt.slo.record_cold_start(time.monotonic() - process_start, config.slo.cold_start_ms)
                 workers.cancel_scope.cancel(reason="daemon stopping")
     finally:
         reader.close()
@@ -133,7 +137,7 @@ async def _mark_draining(rt: Runtime, stop: trio.Event) -> None:
     rt.draining = True
 
 
-async def serve_until_signalled(config: Config) -> int:
+async def serve_until_signalled(config: Config, *, process_start: float | None = None) -> int:
     """`run_daemon` under SIGTERM/SIGINT: the first signal stops gracefully (exit 0), a second one
     stops at once (exit 1). Either way nothing accepted is lost: it is on disk."""
     stop = trio.Event()
@@ -155,6 +159,6 @@ async def serve_until_signalled(config: Config) -> int:
                     stop.set()
 
             nursery.start_soon(watch)
-            await run_daemon(config, stop=stop)
+            await run_daemon(config, stop=stop, process_start=process_start)
             nursery.cancel_scope.cancel(reason="daemon stopped")
     return 1 if forced else 0

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs
 
 import trio
 
+from . import logs
 from .config import GRAPH_SENDER
 from .routing import SessionAction, decide
 from .runtime import Runtime
@@ -98,21 +99,30 @@ class Webhook:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         request_id, correlation_id = request_ids(headers)
         ids = {"X-Request-ID": request_id, "X-Correlation-ID": correlation_id}
-        if scope["method"] == "GET":
-            await self._handshake(scope, send, ids)
-        elif scope["method"] == "POST":
-            started = time.perf_counter()
-            try:
-                status, body, extra = await self._post(receive, headers, request_id, correlation_id)
-            except ClientGone:
-                # Nothing was stored (the body never arrived whole); Meta will deliver it again.
-                self.rt.counters.bump(self.rt.counters.requests, "client_gone")
-                log.info("caller left before its body was read", extra={"event": "webhook_client_gone"})
-                return
-            extra["X-WA-Core-Latency"] = f"{round((time.perf_counter() - started) * 1000)}ms"
-            await self._respond(send, status, body, {**ids, **extra})
-        else:
-            await self._respond(send, 405, {"error": "method_not_allowed"}, {**ids, "Allow": "GET, POST"})
+        with logs.bound(request_id=request_id, correlation_id=correlation_id):
+            if scope["method"] == "GET":
+                await self._handshake(scope, send, ids)
+            elif scope["method"] == "POST":
+                await self._answer_post(receive, send, headers, ids)
+            else:
+                await self._respond(send, 405, {"error": "method_not_allowed"}, {**ids, "Allow": "GET, POST"})
+
+    async def _answer_post(self, receive: Receive, send: Send, headers: dict[str, str], ids: dict[str, str]) -> None:
+        rt = self.rt
+        started = time.perf_counter()
+        try:
+            status, body, extra = await self._post(receive, headers, ids["X-Request-ID"],
+                                                   ids["X-Correlation-ID"])
+        except ClientGone:
+            # Nothing was stored (the body never arrived whole); Meta will deliver it again.
+            rt.counters.bump(rt.counters.requests, "client_gone")
+            log.info("caller left before its body was read", extra={"event": "webhook_client_gone"})
+            return
+        latency_s = time.perf_counter() - started
+        extra["X-WA-Core-Latency"] = f"{round(latency_s * 1000)}ms"
+        await self._respond(send, status, body, {**ids, **extra})
+        rt.metrics.ack_latency.observe(latency_s)
+        rt.slo.observe_ack(latency_s, rt.config.slo.p95_ms)
 
     async def _handshake(self, scope: Scope, send: Send, ids: dict[str, str]) -> None:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -121,9 +131,11 @@ class Webhook:
         given = query.get("hub.verify_token", [""])[0]
         challenge = query.get("hub.challenge", [""])[0]
         if mode == "subscribe" and token and secrets.compare_digest(given.encode(), token.encode()):
+            self.rt.counters.bump(self.rt.counters.handshakes, "ok")
             log.info("webhook verified", extra={"event": "handshake_ok"})
             await self._send(send, 200, challenge.encode(), "text/plain; charset=utf-8", ids)
             return
+        self.rt.counters.bump(self.rt.counters.handshakes, "refused")
         log.warning("webhook verification refused", extra={"event": "handshake_refused"})
         await self._respond(send, 403, {"error": "forbidden"}, ids)
 
@@ -219,7 +231,8 @@ class Webhook:
         duplicates = n_messages - len(routes)
         for route in routes:
             counters.bump(counters.routed, f"{route['service']}:{route['reason']}")
-        counters.bump(counters.requests, "duplicate" if duplicates and not routes else "accepted")
+        outcome = "duplicate" if duplicates and not routes else "accepted"
+        counters.bump(counters.requests, outcome)
         if batch.errors:
             log.warning("webhook carried errors", extra={"event": "webhook_value_errors", "count": batch.errors})
         body = {"accepted": len(routes), "duplicates": duplicates, "statuses": len(batch.statuses),

@@ -18,6 +18,7 @@ from .metrics import Metrics
 from .ratelimit import SlidingWindowLimiter
 from .routing import RoutingTable
 from .sessions import SessionTable
+from .slo import SloState
 from .store import Reader
 from .writer import DeliveryQueue, WriteOp
 
@@ -33,6 +34,8 @@ class Counters:
 
     requests: dict[str, int] = field(default_factory=dict)
     """Webhook POSTs by outcome (accepted, duplicate, bad_signature, ...)."""
+    handshakes: dict[str, int] = field(default_factory=dict)
+    """Webhook verification handshakes by result (ok, refused)."""
     routed: dict[str, int] = field(default_factory=dict)
     """Messages by ``service:reason``."""
     statuses: dict[str, int] = field(default_factory=dict)
@@ -100,6 +103,10 @@ class Runtime:
     """One per target, kept across config reloads (reconfigured in place)."""
     stats: StoreStats = field(default_factory=StoreStats)
     metrics: Metrics = field(default_factory=Metrics)
+    slo: SloState = field(default_factory=SloState)
+
+    def __post_init__(self) -> None:
+        self.metrics.watch(self, VERSION)
 
     def beat(self, actor: str) -> None:
         """Record a sign of life from `actor` (see `ActorState.heartbeat`)."""
