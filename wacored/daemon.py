@@ -21,6 +21,7 @@ from typing import Any
 import hypercorn.config
 import hypercorn.trio
 import trio
+from opentelemetry.trace import Tracer
 
 from .api import create_app
 from .config import Config
@@ -28,6 +29,7 @@ from .forwarder import run_forwarder, targets_of
 from .runtime import ActorState, Runtime
 from .sessions import SessionTable
 from .store import Reader, WriteConnection, migrate
+from .telemetry import Tracing
 from .writer import DeliveryQueue, WriteOp, run_writer
 
 log = logging.getLogger(__name__)
@@ -94,29 +96,34 @@ async def run_daemon(
     stop: trio.Event | None = None,
     wall_clock: Callable[[], float] = time.time,
     queue_buffer: int = QUEUE_BUFFER,
+    tracer: Tracer | None = None,
     process_start: float | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run wacored until `stop` is set; `task_status.started` gets the bound URLs once serving.
 
     `queue_buffer` is how many deliveries each target holds in memory before the rest wait on disk.
-    `process_start` (`time.monotonic()`) is where the cold start is measured from, by default this call.
+    `tracer` replaces the one `[telemetry]` asks for (tests); `process_start` (`time.monotonic()`)
+    is where the cold start is measured from, by default this call.
     """
     process_start = time.monotonic() if process_start is None else process_start
     stop = stop if stop is not None else trio.Event()
     await trio.to_thread.run_sync(migrate, config.store.path)
     targets = targets_of(config)
     reader = Reader(config.store.path)
+    tracing = Tracing.from_config(config.telemetry) if tracer is None else Tracing(None)
     try:
         sessions, queues = await recover(config, reader, targets, wall_clock, queue_buffer)
         writes, writes_receive = trio.open_memory_channel[WriteOp](WRITE_BUFFER)
         conn = WriteConnection(config.store.path, config.store.busy_timeout_ms)
         rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock)
+        rt.tracer = tracer or tracing.tracer
         async with trio.open_nursery() as root:
             await root.start(run_actor, rt, "writer", run_writer, conn, writes_receive, queues, sessions)
             async with writes, trio.open_nursery() as workers:
                 for name, target in targets.items():
-                    forwarder = partial(run_forwarder, target, queues[name], writes.clone(), clock=wall_clock)
+                    forwarder = partial(run_forwarder, target, queues[name], writes.clone(), clock=wall_clock,
+                                        tracer=rt.tracer)
                     await workers.start(run_actor, rt, f"forwarder.{name}", forwarder)
                 async with trio.open_nursery() as front:
                     front.start_soon(_mark_draining, rt, stop)
@@ -129,6 +136,7 @@ async def run_daemon(
                 workers.cancel_scope.cancel(reason="daemon stopping")
     finally:
         reader.close()
+        await tracing.aclose()
     log.info("stopped", extra={"event": "stopped"})
 
 

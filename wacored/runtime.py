@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import trio
+from opentelemetry.trace import Tracer
 
 from .breaker import Breaker
 from .config import Config
@@ -20,6 +21,7 @@ from .routing import RoutingTable
 from .sessions import SessionTable
 from .slo import SloState
 from .store import Reader
+from .telemetry import NO_TRACER
 from .writer import DeliveryQueue, WriteOp
 
 VERSION = "0.1.0"
@@ -103,6 +105,8 @@ class Runtime:
     """One per target, kept across config reloads (reconfigured in place)."""
     stats: StoreStats = field(default_factory=StoreStats)
     metrics: Metrics = field(default_factory=Metrics)
+    tracer: Tracer = NO_TRACER
+    """The daemon's own tracer (`telemetry.Tracing`); the no-op one when traces are off."""
     slo: SloState = field(default_factory=SloState)
 
     def __post_init__(self) -> None:
