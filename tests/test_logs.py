@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import trio
 
 from tests.conftest import World
 from wacored import logs
@@ -66,46 +66,77 @@ def test_run_log_level_defaults_to_the_config() -> None:
     assert parser().parse_args(["run", "--log-level", "debug"]).log_level == "debug"
 
 
-@pytest.fixture
-def json_lines() -> Iterator[io.StringIO]:
+class JsonLines(logging.Handler):
     """What the ``wacored`` loggers write, formatted the way `logs.setup` does: in the emitting task."""
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(logs.JsonFormatter())
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logs.JsonFormatter())
+        self.lines: list[str] = []
+        self._changed = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [doc for doc in map(json.loads, self.lines) if doc["event"] == event]
+
+    async def wait_for(self, event: str) -> list[dict[str, Any]]:
+        with trio.fail_after(10):
+            while not (found := self.events(event)):
+                await self._changed.wait()
+        return found
+
+
+@pytest.fixture
+def json_lines() -> Iterator[JsonLines]:
+    handler = JsonLines()
     logger = logging.getLogger("wacored")
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
-    yield out
+    yield handler
     logger.removeHandler(handler)
     logger.setLevel(level)
 
 
-def events(out: io.StringIO, event: str) -> list[dict[str, Any]]:
-    docs = [json.loads(text) for text in out.getvalue().splitlines()]
-    return [doc for doc in docs if doc["event"] == event]
-
-
-async def test_ingress_lines_carry_the_request_and_correlation_ids(world: World, json_lines: io.StringIO) -> None:
+async def test_ingress_lines_carry_the_request_and_correlation_ids(world: World, json_lines: JsonLines) -> None:
     body = b'{"object": "whatsapp_business_account", "entry": []}'
     headers = {"X-Request-ID": "req-42", "X-Correlation-ID": "corr-42", "X-Hub-Signature-256": "sha256=00"}
     assert (await world.daemon.post(body, headers, signed=False)).status_code == 401
-    [refused] = events(json_lines, "webhook_bad_signature")
+    [refused] = json_lines.events("webhook_bad_signature")
     assert (refused["request_id"], refused["correlation_id"]) == ("req-42", "corr-42")
     assert refused["status"] == 401
 
 
 async def test_no_log_line_of_a_routed_message_holds_its_text_or_number(
-    world: World, json_lines: io.StringIO
+    world: World, json_lines: JsonLines
 ) -> None:
     await world.daemon.send_text("rides secret words", sender="250788123456")
     await world.daemon.send_text("rides", sender="250788123456")
     await world.services.wait_for(1, "/rides")
     await world.daemon.client.get(f"{world.daemon.url}/webhook", params={"hub.mode": "subscribe",
                                                                          "hub.verify_token": "wrong"})
-    text = json_lines.getvalue()
-    assert events(json_lines, "handshake_refused")
+    text = json_lines.text()
+    assert json_lines.events("handshake_refused")
     assert "secret words" not in text
     assert "250788123456" not in text
     assert "test-app-secret" not in text
     assert "test-verify-token" not in text
+
+
+async def test_forwarder_lines_carry_the_message_ids(world: World, json_lines: JsonLines) -> None:
+    async def refuse(_: object) -> int:
+        return 400
+
+    world.services.respond = refuse
+    r = await world.daemon.send_text("rides", headers={"X-Request-ID": "req-7", "X-Correlation-ID": "corr-7"})
+    [line] = await json_lines.wait_for("dead_lettered")
+    assert {k: line[k] for k in ("service", "message_id", "request_id", "correlation_id")} == {
+        "service": "rides", "message_id": r.json()["routes"][0]["message_id"], "request_id": "req-7",
+        "correlation_id": "corr-7"}

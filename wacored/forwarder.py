@@ -258,13 +258,14 @@ async def run_lane(
     async with receive, writes, (transport or _transport()) as lane_transport:
         async for d in receive:
             outcome = await deliver(lane_transport, target, d, rng, clock, tracer=tracer)
+            ids = {"service": target.name, "message_id": d.key, "request_id": d.request_id,
+                   "correlation_id": d.correlation_id}
             if outcome.delivered:
-                log.debug("delivered", extra={"event": "delivered", "service": target.name, "message_id": d.key})
+                log.debug("delivered", extra={"event": "delivered", **ids})
             else:
                 log.warning(
                     "dead-lettered",
-                    extra={"event": "dead_lettered", "service": target.name, "message_id": d.key,
-                           "error": outcome.error, "attempts": outcome.attempts},
+                    extra={"event": "dead_lettered", **ids, "error": outcome.error, "attempts": outcome.attempts},
                 )
             await writes.send(Record(outcome))
 
