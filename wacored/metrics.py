@@ -71,7 +71,6 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-
         self._state: StateCollector | None = None
 
     def watch(self, rt: Runtime, version: str) -> None:
