@@ -1,4 +1,5 @@
-"""The HTTP application: the webhook handler plus a Quart app for everything else (``/health``).
+"""The HTTP application: the webhook handler plus a Quart app for everything else (``/health``,
+``/metrics``).
 
 Every response carries ``X-Request-ID`` and ``X-Correlation-ID`` (the caller's, or new UUID4s).
 """
@@ -104,6 +105,13 @@ def create_app(rt: Runtime) -> Any:
     async def health() -> tuple[Response, int]:
         status, body = await health_report(rt)
         return jsonify(body), status
+
+    @quart.get("/metrics")
+    async def metrics() -> Response:
+        # A plain route on the daemon's own registry: mounting prometheus_client's ASGI app through
+        # the dispatcher breaks Quart's lifespan (STACK_NOTES, "Serving").
+        body, content_type = rt.metrics.render(request.headers.get("Accept", ""))
+        return Response(body, content_type=content_type)
 
     @quart.after_request
     async def add_ids(response: Response) -> Response:

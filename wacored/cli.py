@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import logs
 from .config import ENV_ALIASES, Config, ConfigError
+from .slo import process_started_at
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .supervisor import ActorGaveUp
     from .systemd import Notifier
 
-    logs.setup(args.log_level)
+    started = process_started_at()
     if (config := load_config(args)) is None:
         return 1
+    logs.setup(args.log_level or config.telemetry.log_level)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     failures: list[BaseException] = []
@@ -107,7 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         # systemd's variables are read here, once, and handed down (none is read deep in the daemon).
         with Notifier.from_environ(os.environ) as notifier:
-            code = trio.run(partial(serve_until_signalled, config, reload, notifier=notifier))
+            code = trio.run(partial(serve_until_signalled, config, reload, notifier=notifier,
+                                    process_start=started))
     except* (OSError, sqlite3.Error, SchemaError, ActorGaveUp) as group:
         # What the environment refused (a port in use, an unwritable store): one clear line each.
         # An actor that crashed has already logged its traceback.
@@ -191,7 +194,8 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon")
     common(run)
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                     help="default: [telemetry] log_level")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file and print every problem")

@@ -32,6 +32,7 @@ from typing import Any
 import hypercorn.config
 import hypercorn.trio
 import trio
+from opentelemetry.trace import Tracer
 
 from .api import create_app
 from .breaker import Breaker
@@ -48,6 +49,7 @@ from .store import Reader, WriteConnection, migrate
 from .supervisor import supervise
 from .systemd import Notifier, open_watchdog, run_beating
 from .targets import targets_of
+from .telemetry import Tracing
 from .tls import check_server_tls
 from .writer import DeliveryQueue, Reply, WriteOp, run_writer
 
@@ -227,6 +229,8 @@ async def run_daemon(
     queue_buffer: int = QUEUE_BUFFER,
     transport: Callable[[], Any] | None = None,
     notifier: Notifier | None = None,
+    tracer: Tracer | None = None,
+    process_start: float | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run wacored until `stop` is set; `task_status.started` gets the bound URLs once serving.
@@ -235,17 +239,22 @@ async def run_daemon(
     holds in memory before the rest wait on disk. `transport` makes each forward lane's HTTP
     transport (tests pass `httpx.MockTransport`s). `notifier` tells systemd READY=1 once serving and
     STOPPING=1 once `stop` is set, and runs the watchdog when systemd asked for one (`systemd.py`).
+    `tracer` replaces the one `[telemetry]` asks for (tests); `process_start` (`time.monotonic()`)
+    is where the cold start is measured from, by default this call.
     """
+    process_start = time.monotonic() if process_start is None else process_start
     stop = stop if stop is not None else trio.Event()
     notifier = notifier if notifier is not None else Notifier(None)
     hc = hypercorn_config(config)  # first: an unreadable certificate stops us before anything starts
     await trio.to_thread.run_sync(migrate, config.store.path)
     targets = targets_of(config)
     reader = Reader(config.store.path)
+    tracing = Tracing.from_config(config.telemetry) if tracer is None else Tracing(None)
     try:
         sessions, queues = await recover(config, reader, targets, wall_clock, queue_buffer)
         writes, writes_receive = trio.open_memory_channel[WriteOp](WRITE_BUFFER)
         rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock)
+        rt.tracer = tracer or tracing.tracer
         daemon = Daemon(rt, writes, queue_buffer, transport)
 
         def writer(task_status: trio.TaskStatus[Any]) -> Any:
@@ -271,6 +280,7 @@ async def run_daemon(
                     log.info("listening", extra={"event": "listening", "urls": urls})
                     task_status.started(urls)
                     notifier.ready(f"listening on {' '.join(urls)}")
+                    rt.slo.record_cold_start(time.monotonic() - process_start, config.slo.cold_start_ms)
                 rt.stopping.set()
                 periodic.cancel(reason="daemon stopping")
                 workers.cancel_scope.deadline = trio.current_time() + rt.config.server.drain_timeout_s
@@ -279,6 +289,7 @@ async def run_daemon(
                             extra={"event": "drain_timeout"})
     finally:
         reader.close()
+        await tracing.aclose()
     log.info("stopped", extra={"event": "stopped"})
 
 
@@ -297,7 +308,8 @@ async def _mark_draining(rt: Runtime, stop: trio.Event, notifier: Notifier) -> N
 
 
 async def serve_until_signalled(
-    config: Config, load: Callable[[], Config] | None = None, *, notifier: Notifier | None = None
+    config: Config, load: Callable[[], Config] | None = None, *, notifier: Notifier | None = None,
+    process_start: float | None = None,
 ) -> int:
     """`run_daemon` under signals. SIGHUP reloads the config through `load`, between RELOADING=1 and
     READY=1 to systemd, one reload at a time. SIGTERM/SIGINT: the first one stops gracefully (exit 0),
@@ -326,7 +338,8 @@ async def serve_until_signalled(
                         stop.set()
 
             nursery.start_soon(watch)
-            await run_daemon(config, stop=stop, reloads=reload_receive, notifier=notifier)
+            await run_daemon(config, stop=stop, reloads=reload_receive, notifier=notifier,
+                             process_start=process_start)
             nursery.cancel_scope.cancel(reason="daemon stopped")
     return 1 if forced else 0
 

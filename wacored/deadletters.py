@@ -89,7 +89,7 @@ async def retry_one(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.Asy
         rt.counters.bump(rt.counters.dlq_retries, f"{target.name}:breaker_open")
         return outcome(None, wait_s=breaker.retry_in(trio.current_time()))
     try:
-        result = await attempt(transports[target.name], target, d, dlq_retry=True)
+        result = await attempt(transports[target.name], target, d, tracer=rt.tracer, dlq_retry=True)
     finally:
         breaker.release()
     if result.verdict is Verdict.TRANSIENT:

@@ -40,10 +40,12 @@ from enum import StrEnum
 import certifi
 import httpx
 import trio
+from opentelemetry.trace import Status, StatusCode, Tracer
 
 from .runtime import HEARTBEAT_S, Runtime
 from .store import Delivery, Outcome, StoreUnavailable
 from .targets import Target, targets_of
+from .telemetry import NO_TRACER, forward_span, traceparent_of
 from .transport import LaneTransport
 from .writer import CatchUp, DeliveryQueue, Record, WriteOp
 
@@ -87,14 +89,33 @@ class Attempt:
 
 
 async def attempt(
-    transport: httpx.AsyncBaseTransport, target: Target, d: Delivery, *, dlq_retry: bool = False
+    transport: httpx.AsyncBaseTransport, target: Target, d: Delivery, *, tracer: Tracer = NO_TRACER,
+    dlq_retry: bool = False,
 ) -> Attempt:
     """One POST of `d` to `target`, classified; never raises for a network or HTTP failure.
 
-    The request goes straight to the lane's transport (`LaneTransport`): httpx's client layers
-    (auth and redirect flows, cookies, hooks) do nothing for a forward and cost ~30% of its CPU.
+    Traced as one CLIENT span (`telemetry.forward_span`: a child of the message's stored context, or
+    linked to it for a dead-letter retry, `dlq_retry`); the ``traceparent`` sent is that span's.
     """
-    request = httpx.Request("POST", target.parsed_url, content=d.body, headers=target.headers(d, dlq_retry=dlq_retry))
+    with forward_span(tracer, d, retry=dlq_retry) as span:
+        result = await _attempt(transport, target, d, traceparent_of(span) or d.traceparent, dlq_retry)
+        span.set_attribute("wacored.outcome", result.verdict.value)
+        if result.status_code is not None:
+            span.set_attribute("http.response.status_code", result.status_code)
+        if result.verdict is not Verdict.DELIVERED:
+            span.set_status(Status(StatusCode.ERROR, result.error[:EXCERPT]))
+        return result
+
+
+async def _attempt(
+    transport: httpx.AsyncBaseTransport, target: Target, d: Delivery, traceparent: str, dlq_retry: bool
+) -> Attempt:
+    """The POST itself. It goes straight to the lane's transport (`LaneTransport`): httpx's client
+    layers (auth and redirect flows, cookies, hooks) do nothing for a forward and cost ~30% of its CPU.
+    """
+    headers = target.headers(d, dlq_retry=dlq_retry)
+    headers["traceparent"] = traceparent
+    request = httpx.Request("POST", target.parsed_url, content=d.body, headers=headers)
     try:
         # One deadline for the whole attempt (connect, send, answer), so a service that trickles
         # its answer cannot hold the lane past `timeout_ms` either.
@@ -157,7 +178,7 @@ async def deliver(
         tries += 1
         started = trio.current_time()
         try:
-            result = await attempt(transport, target, d)
+            result = await attempt(transport, target, d, tracer=rt.tracer)
         finally:
             breaker.release()
         rt.metrics.forward_latency.labels(name).observe(trio.current_time() - started)
@@ -225,14 +246,15 @@ async def run_lane(
             outcome = await deliver(rt, name, lane_transport, d, rng)
             if outcome is None:
                 return
+            ids = {"service": name, "message_id": d.key, "request_id": d.request_id,
+                   "correlation_id": d.correlation_id}
             if outcome.delivered:
-                log.debug("delivered", extra={"event": "delivered", "service": name, "message_id": d.key})
+                log.debug("delivered", extra={"event": "delivered", **ids})
             else:
                 log.warning(
                     "dead-lettered",
-                    extra={"event": "dead_lettered", "service": name, "message_id": d.key,
-                           "correlation_id": d.correlation_id, "reason": outcome.reason,
-                           "error": outcome.error, "attempts": outcome.attempts},
+                    extra={"event": "dead_lettered", **ids, "reason": outcome.reason, "error": outcome.error,
+                           "attempts": outcome.attempts},
                 )
             await writes.send(Record(outcome))
 

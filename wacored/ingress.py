@@ -28,12 +28,15 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import trio
+from opentelemetry import trace
 
+from . import logs
 from .config import GRAPH_SENDER
 from .routing import SessionAction, decide
 from .runtime import Runtime
 from .sessions import SessionChange
 from .store import NewRow, StoreUnavailable
+from .telemetry import message_traceparent, webhook_span
 from .whatsapp import Batch, PayloadError, encode, home_menu_message, parse_webhook, signature_valid
 from .writer import Ingest
 
@@ -44,7 +47,6 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 class TooLarge(Exception):
@@ -60,13 +62,6 @@ def request_ids(headers: dict[str, str]) -> tuple[str, str]:
     rid = headers.get("x-request-id", "")
     cid = headers.get("x-correlation-id", "")
     return (rid if _ID.match(rid) else str(uuid.uuid4()), cid if _ID.match(cid) else str(uuid.uuid4()))
-
-
-def child_traceparent(incoming: str | None) -> str:
-    """A W3C traceparent continuing the caller's trace, or starting one."""
-    match = _TRACEPARENT.match(incoming or "")
-    trace_id = match.group(1) if match and match.group(1) != "0" * 32 else secrets.token_hex(16)
-    return f"00-{trace_id}-{secrets.token_hex(8)}-01"
 
 
 async def read_body(receive: Receive, declared: int | None, limit: int) -> bytes:
@@ -98,21 +93,33 @@ class Webhook:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         request_id, correlation_id = request_ids(headers)
         ids = {"X-Request-ID": request_id, "X-Correlation-ID": correlation_id}
-        if scope["method"] == "GET":
-            await self._handshake(scope, send, ids)
-        elif scope["method"] == "POST":
-            started = time.perf_counter()
+        with logs.bound(request_id=request_id, correlation_id=correlation_id):
+            if scope["method"] == "GET":
+                await self._handshake(scope, send, ids)
+            elif scope["method"] == "POST":
+                await self._answer_post(receive, send, headers, ids)
+            else:
+                await self._respond(send, 405, {"error": "method_not_allowed"}, {**ids, "Allow": "GET, POST"})
+
+    async def _answer_post(self, receive: Receive, send: Send, headers: dict[str, str], ids: dict[str, str]) -> None:
+        rt = self.rt
+        started = time.perf_counter()
+        with webhook_span(rt.tracer, headers) as span:
             try:
-                status, body, extra = await self._post(receive, headers, request_id, correlation_id)
+                status, body, extra = await self._post(receive, headers, ids["X-Request-ID"],
+                                                       ids["X-Correlation-ID"])
             except ClientGone:
                 # Nothing was stored (the body never arrived whole); Meta will deliver it again.
-                self.rt.counters.bump(self.rt.counters.requests, "client_gone")
+                rt.counters.bump(rt.counters.requests, "client_gone")
+                span.set_attribute("wacored.outcome", "client_gone")
                 log.info("caller left before its body was read", extra={"event": "webhook_client_gone"})
                 return
-            extra["X-WA-Core-Latency"] = f"{round((time.perf_counter() - started) * 1000)}ms"
+            span.set_attribute("http.response.status_code", status)
+            latency_s = time.perf_counter() - started
+            extra["X-WA-Core-Latency"] = f"{round(latency_s * 1000)}ms"
             await self._respond(send, status, body, {**ids, **extra})
-        else:
-            await self._respond(send, 405, {"error": "method_not_allowed"}, {**ids, "Allow": "GET, POST"})
+        rt.metrics.ack_latency.observe(latency_s)
+        rt.slo.observe_ack(latency_s, rt.config.slo.p95_ms)
 
     async def _handshake(self, scope: Scope, send: Send, ids: dict[str, str]) -> None:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -121,9 +128,11 @@ class Webhook:
         given = query.get("hub.verify_token", [""])[0]
         challenge = query.get("hub.challenge", [""])[0]
         if mode == "subscribe" and token and secrets.compare_digest(given.encode(), token.encode()):
+            self.rt.counters.bump(self.rt.counters.handshakes, "ok")
             log.info("webhook verified", extra={"event": "handshake_ok"})
             await self._send(send, 200, challenge.encode(), "text/plain; charset=utf-8", ids)
             return
+        self.rt.counters.bump(self.rt.counters.handshakes, "refused")
         log.warning("webhook verification refused", extra={"event": "handshake_refused"})
         await self._respond(send, 403, {"error": "forbidden"}, ids)
 
@@ -161,6 +170,7 @@ class Webhook:
         self, status: int, outcome: str, body: dict[str, Any], extra: dict[str, str] | None = None
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         self.rt.counters.bump(self.rt.counters.requests, outcome)
+        trace.get_current_span().set_attribute("wacored.outcome", outcome)
         log.warning("webhook refused", extra={"event": f"webhook_{outcome}", "status": status})
         return status, body, dict(extra or {})
 
@@ -175,7 +185,7 @@ class Webhook:
 
         def row(key: str, kind: str, sender: str, service: str, reason: str, target: str, body: bytes) -> NewRow:
             return NewRow(key, kind, sender, service, reason, target, body, request_id, correlation_id,
-                          child_traceparent(traceparent), now)
+                          message_traceparent(rt.tracer, traceparent, service, reason, kind), now)
 
         for m in batch.messages:
             session = view.service_of(m.sender, now)
@@ -222,7 +232,9 @@ class Webhook:
         duplicates = n_messages - len(routes)
         for route in routes:
             counters.bump(counters.routed, f"{route['service']}:{route['reason']}")
-        counters.bump(counters.requests, "duplicate" if duplicates and not routes else "accepted")
+        outcome = "duplicate" if duplicates and not routes else "accepted"
+        counters.bump(counters.requests, outcome)
+        trace.get_current_span().set_attributes({"wacored.outcome": outcome, "wacored.accepted": len(routes)})
         if batch.errors:
             log.warning("webhook carried errors", extra={"event": "webhook_value_errors", "count": batch.errors})
         body = {"accepted": len(routes), "duplicates": duplicates, "statuses": len(batch.statuses),

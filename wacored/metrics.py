@@ -1,17 +1,58 @@
-"""Prometheus metrics of one daemon: its own registry, and the histograms observed on the hot paths.
+"""Prometheus metrics of one daemon: its own registry, the histograms observed on the hot paths, and a
+collector exporting at scrape time what the daemon already keeps.
 
 Counters and gauges that mirror state the daemon already keeps (`Runtime.counters`, breakers,
-`Runtime.stats`, actors) are read at scrape time from those cached values, never from the database.
+`Runtime.stats`, actors, sessions, queues, SLO figures) are read at scrape time from those cached
+values, never from the database: a scrape costs microseconds and cannot block on a lock.
+
+Every known label value is exported from the start (zero-valued), so a query or an alert rule finds
+its series before the first event. Labels are bounded: services come from the config (read at scrape
+time: a reload swaps it whole), outcomes from fixed lists; never a phone number or a message id.
+The catalogue (names and labels) is a contract with the alert rules and dashboards: see README.md,
+"Telemetry".
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Histogram
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+import trio
+from prometheus_client import CollectorRegistry, GCCollector, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from .config import GRAPH_SENDER, HOME_SERVICE
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from .runtime import Runtime
 
 ACK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 10.0)
 """Around the 1.2 s ack SLO (``[slo] p95_ms``), with room below it to see normal latency."""
 FORWARD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """Up to twice the default forward timeout (4 s)."""
+
+REQUEST_OUTCOMES = ("accepted", "duplicate", "bad_signature", "bad_request", "too_large", "rate_limited",
+                    "unavailable", "client_gone")
+HANDSHAKE_RESULTS = ("ok", "refused")
+STATUSES = ("sent", "delivered", "read", "failed")
+OTHER_STATUS = "other"
+"""Status values are Meta's strings: any but the known ones are counted under one label."""
+FORWARD_OUTCOMES = ("delivered", "transient", "permanent", "breaker_open")
+DLQ_STATES = ("pending", "abandoned", "delivered")
+DLQ_RETRY_OUTCOMES = ("delivered", "failed", "abandoned", "breaker_open")
+RELOAD_RESULTS = ("ok", "failed")
+REAPED_KINDS = ("sessions", "dead_letters_delivered", "dead_letters_abandoned", "messages")
+SERVICE_REASONS = ("keyword", "interactive", "state")
+HOME_REASONS = ("home_menu", "fallback")
+
+
+Series = dict[tuple[str, ...], float]
+"""Label values -> sample value, for one metric family."""
 
 
 class Metrics:
@@ -27,3 +68,169 @@ class Metrics:
             "wacored_forward_latency_seconds", "Duration of one forward attempt, by target service.",
             ["service"], buckets=FORWARD_BUCKETS, registry=self.registry,
         )
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self._state: StateCollector | None = None
+
+    def watch(self, rt: Runtime, version: str) -> None:
+        """Export `rt`'s state from now on (called once, when the runtime is built)."""
+        self._state = StateCollector(rt, version)
+        self.registry.register(self._state)
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """The exposition for a scrape whose ``Accept`` header is `accept`: body and content type."""
+        if self._state is not None:
+            # Before encoding, so the per-service histograms have series from the first scrape on.
+            for service in targets(self._state.rt):
+                self.forward_latency.labels(service)
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+def targets(rt: Runtime) -> list[str]:
+    """The label values of ``service`` for forwarding targets: the configured services, ``whatsapp``,
+    and any target the daemon still holds a queue for (a service removed by a reload)."""
+    names = [*rt.config.services, GRAPH_SENDER]
+    return names + sorted(set(rt.queues) - set(names))
+
+
+class StateCollector(Collector):
+    """Reads one daemon's cached state at scrape time (see the module docstring)."""
+
+    def __init__(self, rt: Runtime, version: str) -> None:
+        self.rt = rt
+        self.version = version
+
+    def describe(self) -> list[Metric]:
+        # Nothing to announce: registering must not run `collect` (the runtime may not be serving yet).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        rt = self.rt
+        now = rt.wall_clock()
+        services = targets(rt)
+        yield _gauge("wacored_build_info", "The running version (always 1).", ["version"], {(self.version,): 1})
+        yield from self._ingress(services)
+        yield from self._forwarding(services, now)
+        yield from self._dead_letters(services, now)
+        yield from self._operations(now)
+        yield from self._slo()
+
+    def _ingress(self, services: list[str]) -> Iterator[Metric]:
+        c = self.rt.counters
+        yield _counter("wacored_webhook_requests", "Webhook POSTs by outcome.", ["outcome"],
+                       _known(c.requests, REQUEST_OUTCOMES))
+        yield _counter("wacored_handshakes", "Webhook verification handshakes by result.", ["result"],
+                       _known(c.handshakes, HANDSHAKE_RESULTS))
+        routed: Series = {(s, r): 0 for s in services if s != GRAPH_SENDER for r in SERVICE_REASONS}
+        routed.update({(HOME_SERVICE, r): 0 for r in HOME_REASONS})
+        if (fallback := self.rt.config.routing.fallback) != "menu":
+            routed[(fallback, "fallback")] = 0
+        routed.update(_split(c.routed, 2))
+        yield _counter("wacored_messages_routed", "Routed messages by service and reason.",
+                       ["service", "reason"], routed)
+        statuses: Series = {(s,): 0 for s in STATUSES}
+        for status, n in c.statuses.items():
+            key = (status if status in STATUSES else OTHER_STATUS,)
+            statuses[key] = statuses.get(key, 0) + n
+        yield _counter("wacored_status_updates", "Status updates received, by status.", ["status"], statuses)
+
+    def _forwarding(self, services: list[str], now: float) -> Iterator[Metric]:
+        rt = self.rt
+        yield _counter("wacored_forward_attempts", "Forward attempts by service and outcome.",
+                       ["service", "outcome"], _by_service(rt.counters.forwards, services, FORWARD_OUTCOMES))
+        stats = rt.stats
+        yield _gauge("wacored_queue_depth", "Messages accepted and not yet delivered nor dead-lettered.",
+                     ["service"], {(s,): stats.queued.get(s, 0) for s in services})
+        yield _gauge("wacored_queue_oldest_age_seconds", "Age of the oldest queued message (0 when none).",
+                     ["service"], {(s,): _age(now, stats.oldest_queued_at.get(s)) for s in services})
+        yield _gauge("wacored_queue_memory_depth", "Deliveries waiting in the forwarder's memory channel.",
+                     ["service"], {(s,): q.depth() if (q := rt.queues.get(s)) else 0 for s in services})
+        mono = _monotonic_now()
+        breakers = {s: rt.breakers.get(s) for s in services}
+        yield _gauge("wacored_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", ["service"],
+                     {(s,): b.state(mono).gauge if b else 0 for s, b in breakers.items()})
+        yield _counter("wacored_breaker_trips", "Times the circuit breaker opened.", ["service"],
+                       {(s,): b.trips if b else 0 for s, b in breakers.items()})
+
+    def _dead_letters(self, services: list[str], now: float) -> Iterator[Metric]:
+        rt = self.rt
+        yield _gauge("wacored_dead_letters", "Dead letters by state.", ["state"],
+                     _known(rt.stats.dead_letters, DLQ_STATES))
+        yield _gauge("wacored_dead_letter_oldest_pending_age_seconds",
+                     "Age of the oldest pending dead letter (0 when none).", [],
+                     {(): _age(now, rt.stats.oldest_pending_at)})
+        yield _counter("wacored_dlq_retries", "Dead-letter retries by service and outcome.",
+                       ["service", "outcome"], _by_service(rt.counters.dlq_retries, services, DLQ_RETRY_OUTCOMES))
+
+    def _operations(self, now: float) -> Iterator[Metric]:
+        rt = self.rt
+        yield _gauge("wacored_sessions_active", "Senders with a live session.", [],
+                     {(): rt.sessions.active(now)})
+        actors = sorted(rt.actors.items())
+        yield _gauge("wacored_actor_up", "1 while the actor runs.", ["actor"],
+                     {(name, ): int(a.running) for name, a in actors})
+        yield _counter("wacored_actor_restarts", "Restarts of the actor by the supervisor.", ["actor"],
+                       {(name,): a.restarts for name, a in actors})
+        yield _counter("wacored_config_reloads", "Config reloads (SIGHUP) by result.", ["result"],
+                       _known(rt.counters.reloads, RELOAD_RESULTS))
+        yield _counter("wacored_reaped", "Rows the reaper deleted, by kind.", ["kind"],
+                       _known(rt.counters.reaped, REAPED_KINDS))
+
+    def _slo(self) -> Iterator[Metric]:
+        rt, slo = self.rt, self.rt.slo
+        yield _gauge("wacored_slo_ack_p95_seconds", "p95 of the ack latency over the last POSTs (window).", [],
+                     {(): slo.p95.window.p95()})
+        yield _gauge("wacored_slo_ack_p95_target_seconds", "The ack latency p95 objective.", [],
+                     {(): rt.config.slo.p95_ms / 1000})
+        yield _gauge("wacored_slo_cold_start_seconds", "Process start to ready (bound and recovered).", [],
+                     {(): slo.cold_start_s or 0.0})
+        yield _gauge("wacored_slo_cold_start_target_seconds", "The cold start objective.", [],
+                     {(): rt.config.slo.cold_start_ms / 1000})
+        yield _counter("wacored_slo_breaches", "Times an SLO was breached (p95: crossings above target).",
+                       ["slo"], {(name,): n for name, n in slo.breaches.items()})
+
+
+def _monotonic_now() -> float:
+    """The breakers' clock: trio's (a scrape runs in the daemon's trio loop), else time.monotonic()."""
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        return time.monotonic()
+
+
+def _age(now: float, since: float | None) -> float:
+    return max(0.0, now - since) if since is not None else 0.0
+
+
+def _known(counts: Mapping[str, int], known: Iterable[str]) -> Series:
+    values: Series = {(k,): 0 for k in known}
+    values.update({(k,): v for k, v in counts.items()})
+    return values
+
+
+def _split(counts: Mapping[str, int], n_labels: int) -> Series:
+    """``"a:b"`` keyed counts as label tuples (a label value never contains ``:``; a key that does not
+    split into `n_labels` values is left out rather than break the whole scrape)."""
+    return {parts: n for key, n in counts.items() if len(parts := tuple(key.split(":"))) == n_labels}
+
+
+def _by_service(counts: Mapping[str, int], services: list[str], outcomes: Iterable[str]) -> Series:
+    values: Series = {(s, o): 0 for s in services for o in outcomes}
+    values.update(_split(counts, 2))
+    return values
+
+
+def _counter(name: str, doc: str, labels: list[str], values: Series) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for label_values, value in values.items():
+        family.add_metric(list(label_values), value)
+    return family
+
+
+def _gauge(name: str, doc: str, labels: list[str], values: Series) -> Metric:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for label_values, value in values.items():
+        family.add_metric(list(label_values), value)
+    return family

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
+from opentelemetry.trace import Tracer
 
 from .breaker import Breaker
 from .config import Config
@@ -18,8 +19,11 @@ from .metrics import Metrics
 from .ratelimit import SlidingWindowLimiter
 from .routing import RoutingTable
 from .sessions import SessionTable
+from .slo import SloState
 from .store import Reader
 from .targets import Target, targets_of
+from .telemetry import NO_TRACER
+from .version import VERSION
 from .writer import HEARTBEAT_S, DeliveryQueue, WriteOp
 
 
@@ -32,6 +36,8 @@ class Counters:
 
     requests: dict[str, int] = field(default_factory=dict)
     """Webhook POSTs by outcome (accepted, duplicate, bad_signature, ...)."""
+    handshakes: dict[str, int] = field(default_factory=dict)
+    """Webhook verification handshakes by result (ok, refused)."""
     routed: dict[str, int] = field(default_factory=dict)
     """Messages by ``service:reason``."""
     statuses: dict[str, int] = field(default_factory=dict)
@@ -104,9 +110,14 @@ class Runtime:
     """One per target, kept across config reloads (reconfigured in place)."""
     stats: StoreStats = field(default_factory=StoreStats)
     metrics: Metrics = field(default_factory=Metrics)
-
+    tracer: Tracer = NO_TRACER
+    """The daemon's own tracer (`telemetry.Tracing`); the no-op one when traces are off."""
+    slo: SloState = field(default_factory=SloState)
     dlq_due: trio.Event = field(default_factory=trio.Event)
     """Set to make the DLQ retrier look for due entries now (an operator replayed some)."""
+
+    def __post_init__(self) -> None:
+        self.metrics.watch(self, VERSION)
 
     def wake_retrier(self) -> None:
         self.dlq_due.set()
