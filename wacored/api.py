@@ -14,6 +14,7 @@ import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
+from . import admin
 from .ingress import Receive, Scope, Send, Webhook, request_ids
 from .runtime import VERSION, ActorState, Runtime
 
@@ -72,6 +73,8 @@ def create_app(rt: Runtime) -> Any:
     async def health() -> tuple[Response, int]:
         status, body = await health_report(rt)
         return jsonify(body), status
+
+    admin.install(quart, rt)
 
     @quart.after_request
     async def add_ids(response: Response) -> Response:

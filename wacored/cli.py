@@ -228,8 +228,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from . import operations as ops
 
     def work(conn: sqlite3.Connection, config: Config) -> int:
-        report = ops.status(conn, session_ttl_s=config.sessions.ttl_s, now=time.time())
-        report["database"] = {"path": str(config.store.path)}
+        report = ops.status(conn, session_ttl_s=config.sessions.ttl_s, now=time.time(), path=config.store.path)
         print(json.dumps(report, indent=2) if args.json else _status_text(report))
         return 0
 

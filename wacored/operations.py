@@ -200,15 +200,17 @@ def purge(conn: sqlite3.Connection, *, state: str, older_than_s: float, now: flo
     return cur.rowcount
 
 
-def status(conn: sqlite3.Connection, *, session_ttl_s: float, now: float) -> dict[str, Any]:
+def status(conn: sqlite3.Connection, *, session_ttl_s: float, now: float, path: Path | None = None) -> dict[str, Any]:
     """What ``wacored status`` and ``GET /admin/status`` show: dead letters by state and the oldest
     pending one, sessions active (last interaction within `session_ttl_s`) and stale, undelivered
-    messages per target, and each periodic actor's last and next run. One read transaction, so the
-    figures are of one moment; it never blocks the daemon's writer (WAL)."""
+    messages per target, and each periodic actor's last and next run; `path` is shown as the
+    database's. One read transaction, so the figures are of one moment; it never blocks the daemon's
+    writer (WAL)."""
     conn.execute("BEGIN")
     try:
         return {
             "timestamp": iso(now),
+            "database": {"path": None if path is None else str(path)},
             "dead_letters": _dead_letter_counts(conn, now),
             "sessions": _session_counts(conn, now - session_ttl_s),
             "queued": _queued(conn, now),
