@@ -17,8 +17,14 @@ import hypercorn.trio
 import pytest
 import trio
 
+from wacored.breaker import Breaker
 from wacored.config import Config
 from wacored.daemon import run_daemon
+from wacored.runtime import Runtime
+from wacored.sessions import SessionTable
+from wacored.store import Reader, migrate
+from wacored.targets import Target
+from wacored.writer import WriteOp
 from wacored.whatsapp import sign, text_webhook
 
 FIXTURES = Path(__file__).parent / "fixtures" / "whatsapp"
@@ -190,3 +196,19 @@ def make_config(tmp_path: Path, services: Downstream, graph: Downstream, **secti
 async def world(tmp_path: Path, services: Downstream, graph: Downstream) -> AsyncIterator[World]:
     async with open_daemon(make_config(tmp_path, services, graph)) as daemon:
         yield World(daemon, services, graph, tmp_path)
+
+
+def bare_runtime(tmp_path: Path, *targets: Target, wall_clock: Callable[[], float] = trio.current_time,
+                 writes: trio.MemorySendChannel[WriteOp] | None = None, **sections: dict[str, Any]) -> Runtime:
+    """A daemon's shared state without the daemon, for testing one actor: `targets` replace the
+    config's of the same name (each with a fresh breaker)."""
+    path = tmp_path / "bare.db"
+    migrate(path)
+    config = Config.from_mapping(config_mapping(tmp_path, "http://services.test", "http://graph.test", **sections), {})
+    if writes is None:
+        writes, _ = trio.open_memory_channel[WriteOp](0)
+    rt = Runtime.build(config, writes, {}, Reader(path), SessionTable(3600), wall_clock)
+    for t in targets:
+        rt.targets[t.name] = t
+        rt.breakers[t.name] = Breaker(t.forwarding.breaker_failures, t.forwarding.breaker_open_s)
+    return rt

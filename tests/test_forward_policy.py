@@ -13,6 +13,8 @@ import trio
 from wacored.config import Config, ForwardingConfig
 from wacored.forwarder import Target, Verdict, backoff_s, classify, deliver, lane_of, targets_of
 from wacored.store import Delivery, Outcome
+
+from .conftest import bare_runtime
 from wacored.whatsapp import signature_valid
 
 SHIPPED = Path(__file__).resolve().parent.parent / "wacored.toml"
@@ -158,16 +160,24 @@ def scripted(steps: list[Step], seen: list[httpx.Request]) -> Handler:
     return handler
 
 
-async def run_deliver(steps: list[Step], retries: int = 2) -> tuple[Outcome, list[httpx.Request], float]:
+async def deliver_to(tmp_path: Path, target: Target, transport: httpx.AsyncBaseTransport) -> Outcome:
+    outcome = await deliver(bare_runtime(tmp_path, target), target.name, transport, delivery(), random.Random(0))
+    assert outcome is not None
+    return outcome
+
+
+async def run_deliver(
+    tmp_path: Path, steps: list[Step], retries: int = 2
+) -> tuple[Outcome, list[httpx.Request], float]:
     seen: list[httpx.Request] = []
     start = trio.current_time()
     transport = httpx.MockTransport(scripted(steps, seen))
-    outcome = await deliver(transport, service_target(retries), delivery(), random.Random(0), trio.current_time)
+    outcome = await deliver_to(tmp_path, service_target(retries), transport)
     return outcome, seen, trio.current_time() - start
 
 
-async def test_transient_then_success_is_delivered(autojump_clock: trio.abc.Clock) -> None:
-    outcome, seen, elapsed = await run_deliver([503, 503, 200])
+async def test_transient_then_success_is_delivered(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    outcome, seen, elapsed = await run_deliver(tmp_path, [503, 503, 200])
     assert (outcome.delivered, outcome.attempts, outcome.permanent) == (True, 3, False)
     assert (outcome.message_id, outcome.target, outcome.key) == (7, "rides", "wamid.ABC")
     assert outcome.status_code == 200
@@ -178,21 +188,21 @@ async def test_transient_then_success_is_delivered(autojump_clock: trio.abc.Cloc
     }
 
 
-async def test_transient_until_out_of_retries(autojump_clock: trio.abc.Clock) -> None:
-    outcome, seen, _ = await run_deliver([503, 503, 503])
+async def test_transient_until_out_of_retries(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    outcome, seen, _ = await run_deliver(tmp_path, [503, 503, 503])
     assert (outcome.delivered, outcome.attempts, outcome.permanent) == (False, 3, False)
     assert outcome.status_code == 503
     assert "503" in outcome.error
     assert len(seen) == 3
 
 
-async def test_no_retries_means_one_attempt(autojump_clock: trio.abc.Clock) -> None:
-    outcome, seen, _ = await run_deliver([503], retries=0)
+async def test_no_retries_means_one_attempt(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    outcome, seen, _ = await run_deliver(tmp_path, [503], retries=0)
     assert (outcome.delivered, outcome.attempts, len(seen)) == (False, 1, 1)
 
 
-async def test_permanent_error_is_not_retried(autojump_clock: trio.abc.Clock) -> None:
-    outcome, seen, elapsed = await run_deliver([(404, "no such route: /webhook")])
+async def test_permanent_error_is_not_retried(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    outcome, seen, elapsed = await run_deliver(tmp_path, [(404, "no such route: /webhook")])
     assert (outcome.delivered, outcome.attempts, outcome.permanent) == (False, 1, True)
     assert outcome.status_code == 404
     assert "404" in outcome.error
@@ -200,26 +210,26 @@ async def test_permanent_error_is_not_retried(autojump_clock: trio.abc.Clock) ->
     assert (len(seen), elapsed) == (1, 0)
 
 
-async def test_permanent_error_body_is_an_excerpt(autojump_clock: trio.abc.Clock) -> None:
-    outcome, _, _ = await run_deliver([(400, "x" * 5000)])
+async def test_permanent_error_body_is_an_excerpt(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    outcome, _, _ = await run_deliver(tmp_path, [(400, "x" * 5000)])
     assert "x" * 100 in outcome.error
     assert len(outcome.error) < 300
 
 
-async def test_connection_error_is_transient(autojump_clock: trio.abc.Clock) -> None:
-    outcome, seen, _ = await run_deliver([httpx.ConnectError] * 3)
+async def test_connection_error_is_transient(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    outcome, seen, _ = await run_deliver(tmp_path, [httpx.ConnectError] * 3)
     assert (outcome.delivered, outcome.attempts, outcome.permanent) == (False, 3, False)
     assert outcome.status_code is None
     assert "ConnectError" in outcome.error
 
 
-async def test_connection_error_then_success(autojump_clock: trio.abc.Clock) -> None:
-    outcome, _, _ = await run_deliver([httpx.ConnectError, 204])
+async def test_connection_error_then_success(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    outcome, _, _ = await run_deliver(tmp_path, [httpx.ConnectError, 204])
     assert (outcome.delivered, outcome.attempts, outcome.status_code) == (True, 2, 204)
 
 
-async def test_timeout_is_transient(autojump_clock: trio.abc.Clock) -> None:
-    outcome, _, _ = await run_deliver([httpx.ReadTimeout] * 3)
+async def test_timeout_is_transient(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    outcome, _, _ = await run_deliver(tmp_path, [httpx.ReadTimeout] * 3)
     assert (outcome.delivered, outcome.attempts, outcome.permanent) == (False, 3, False)
     assert "timeout" in outcome.error
 
@@ -229,25 +239,25 @@ async def test_timeout_is_transient(autojump_clock: trio.abc.Clock) -> None:
     [pytest.param(200, True, 1, id="2xx-is-delivered"), pytest.param(502, False, 3, id="5xx-is-transient")],
 )
 async def test_undecodable_response_body_is_classified_by_status(
-    autojump_clock: trio.abc.Clock, status: int, delivered: bool, attempts: int
+    tmp_path: Path, autojump_clock: trio.abc.Clock, status: int, delivered: bool, attempts: int
 ) -> None:
     async def handler(request: httpx.Request) -> httpx.Response:
         # A stream, so the mock does not decode the body while building the response.
         return httpx.Response(status, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip"))
 
     transport = httpx.MockTransport(handler)
-    outcome = await deliver(transport, service_target(), delivery(), random.Random(0), trio.current_time)
+    outcome = await deliver_to(tmp_path, service_target(), transport)
     assert (outcome.delivered, outcome.attempts, outcome.permanent) == (delivered, attempts, False)
 
 
-async def test_a_service_that_never_answers_times_out_per_attempt(autojump_clock: trio.abc.Clock) -> None:
+async def test_a_service_that_never_answers_times_out_per_attempt(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
     async def hang(request: httpx.Request) -> httpx.Response:
         await trio.sleep_forever()
         raise AssertionError
 
     start = trio.current_time()
     target = service_target()
-    outcome = await deliver(httpx.MockTransport(hang), target, delivery(), random.Random(0), trio.current_time)
+    outcome = await deliver_to(tmp_path, target, httpx.MockTransport(hang))
     assert (outcome.delivered, outcome.attempts, outcome.permanent) == (False, 3, False)
     assert "timeout" in outcome.error
     # Three attempts of timeout_ms each, plus at most the two backoffs.

@@ -17,6 +17,8 @@ from wacored.sessions import SessionChange, SessionTable
 from wacored.store import NewRow, Outcome, Reader, WriteConnection, migrate
 from wacored.writer import CatchUp, DeliveryQueue, Ingest, Record, WriteOp, run_writer
 
+from .conftest import bare_runtime
+
 
 def row(key: str, sender: str = "s1", target: str = "rides") -> NewRow:
     return NewRow(key, "message", sender, target, "keyword", target, b"{}", "rid", "cid", "tp", 1000.0)
@@ -89,7 +91,8 @@ async def test_outcomes_mark_delivered_or_dead_letter_once(tmp_path: Path) -> No
         writes, _ = await start_writer(nursery, path)
         ids = await ingest(writes, [row("ok"), row("down"), row("gone")])
         await writes.send(Record(Outcome(ids[0], True, 1, 2000.0)))
-        await writes.send(Record(Outcome(ids[1], False, 3, 2000.0, "HTTP 503: busy", target="rides", key="down")))
+        await writes.send(Record(Outcome(ids[1], False, 3, 2000.0, "HTTP 503: busy", target="rides", key="down",
+                                         retry_at=2120.0)))
         await writes.send(Record(Outcome(ids[2], False, 1, 2000.0, "HTTP 404: no", permanent=True,
                                          status_code=404, target="rides", key="gone")))
         await writes.aclose()
@@ -121,8 +124,9 @@ async def test_forwarder_delivers_a_spilled_backlog_once_each_in_order(tmp_path:
         writes, queue = await start_writer(nursery, path, buffer=3)
         for start in range(0, 600, 50):
             await ingest(writes, [row(k) for k in keys[start:start + 50]])
-        await nursery.start(partial(run_forwarder, target, queue, writes.clone(),
-                                    transport=httpx.MockTransport(handler)))
+        rt = bare_runtime(tmp_path, target)
+        await nursery.start(partial(run_forwarder, rt, "rides", queue, writes.clone(),
+                                    transport=lambda: httpx.MockTransport(handler)))
         with trio.fail_after(10):
             await all_received.wait()
         nursery.cancel_scope.cancel()

@@ -16,7 +16,8 @@ from quart_trio import QuartTrio
 
 from . import admin
 from .ingress import Receive, Scope, Send, Webhook, request_ids
-from .runtime import VERSION, ActorState, Runtime
+from .runtime import ActorState, Runtime
+from .version import VERSION
 
 log = logging.getLogger(__name__)
 

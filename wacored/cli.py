@@ -83,6 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .daemon import serve_until_signalled
     from .store import SchemaError
+    from .supervisor import ActorGaveUp
 
     logs.setup(args.log_level)
     if (config := load_config(args)) is None:
@@ -91,9 +92,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     failures: list[BaseException] = []
     code = 1
+
+    def reload() -> Config:
+        """The file again, with the environment as it is now (SIGHUP)."""
+        new = Config.load(Path(args.config), environment(args.env_file))
+        if problems := new.secret_problems():
+            raise ConfigError(problems)
+        return new
+
     try:
-        code = trio.run(serve_until_signalled, config)
-    except* (OSError, sqlite3.Error, SchemaError) as group:
+        code = trio.run(serve_until_signalled, config, reload)
+    except* (OSError, sqlite3.Error, SchemaError, ActorGaveUp) as group:
         # What the environment refused (a port in use, an unwritable store): one clear line each.
         # An actor that crashed has already logged its traceback.
         failures.extend(_leaves(group))

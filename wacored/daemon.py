@@ -1,20 +1,31 @@
-"""The daemon: the nursery tree of actors around one SQLite store, and its signals.
+"""The daemon: the nursery tree of supervised actors around one SQLite store, its reloads and signals.
 
 Nesting follows shutdown order (STYLE.md, lesson 3). Outermost, the writer: it outlives everything
-that writes. Inside it the forwarders, and inside them ingress. On stop, ingress stops taking
-requests and answers the ones it has read; then the forwarders are cancelled (what they had not
-delivered stays queued on disk); then the writer commits what is left and closes the store.
+that writes. Inside it the workers (a forwarder per target, and the periodic actors: DLQ retrier,
+reaper, stats), and inside them ingress. On stop, ingress stops taking requests and answers the ones
+it has read; then the periodic actors are cancelled and the forwarders get ``[server]
+drain_timeout_s`` to finish the deliveries in hand (what they had not delivered stays queued on
+disk); then the writer commits what is left and closes the store. Every actor runs under
+`supervisor.supervise`.
 
 Start-up: migrate the schema, load live sessions, and mark every target with queued rows as spilled
 from its oldest one, so its forwarder reads them back from disk before anything new (recovery).
+
+Reload (`ReloadRequest`, sent on SIGHUP): the new config is loaded and validated off the event loop,
+then swapped in whole between two requests: routing, rate limits, menu, sessions, DLQ and
+forwarding settings, targets (a service added gets a forwarder, a removed one's forwarder stops and
+its undelivered messages wait on disk). What needs a new process (listen address, TLS files, store
+path) keeps its old value and is logged. On any problem the old config stays, every problem logged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -23,12 +34,20 @@ import hypercorn.trio
 import trio
 
 from .api import create_app
-from .config import Config
-from .forwarder import run_forwarder, targets_of
-from .runtime import ActorState, Runtime
+from .breaker import Breaker
+from .config import Config, ConfigError
+from .deadletters import run_dlq_retrier
+from .forwarder import run_forwarder
+from .ratelimit import SlidingWindowLimiter
+from .reaper import run_reaper
+from .routing import RoutingTable
+from .runtime import Runtime
 from .sessions import SessionTable
+from .stats import run_stats
 from .store import Reader, WriteConnection, migrate
-from .writer import DeliveryQueue, WriteOp, run_writer
+from .supervisor import supervise
+from .targets import targets_of
+from .writer import DeliveryQueue, Reply, WriteOp, run_writer
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +55,12 @@ WRITE_BUFFER = 4096
 QUEUE_BUFFER = 1024
 
 
-async def run_actor(
-    rt: Runtime,
-    name: str,
-    fn: Callable[..., Awaitable[Any]],
-    *args: Any,
-    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
-    **kwargs: Any,
-) -> None:
-    """Run one actor, recording in `rt.actors` whether it is running and how it ended."""
-    state = rt.actors.setdefault(name, ActorState())
-    state.running, state.error = True, ""
-    try:
-        await fn(*args, task_status=task_status, **kwargs)
-    except Exception as exc:
-        state.error = f"{type(exc).__name__}: {exc}"
-        log.exception("actor crashed", extra={"event": "actor_crashed", "actor": name})
-        raise
-    finally:
-        state.running = False
+@dataclass(eq=False)
+class ReloadRequest:
+    """Load a new config (`load` raises `ConfigError`) and swap it in; `done` says whether it was."""
+
+    load: Callable[[], Config]
+    done: Reply[bool] = field(default_factory=Reply)
 
 
 def hypercorn_config(config: Config) -> hypercorn.config.Config:
@@ -88,17 +94,135 @@ async def recover(
     return sessions, queues
 
 
+class Daemon:
+    """One running daemon's actors: how each is started, restarted, added and removed."""
+
+    def __init__(
+        self, rt: Runtime, writes: trio.MemorySendChannel[WriteOp], queue_buffer: int,
+        transport: Callable[[], Any] | None,
+    ) -> None:
+        self.rt = rt
+        self.writes = writes
+        self.queue_buffer = queue_buffer
+        self.transport = transport
+        self.workers: trio.Nursery | None = None
+        self.forwarders: dict[str, trio.CancelScope] = {}
+
+    async def start_forwarder(self, name: str) -> None:
+        assert self.workers is not None
+        rt, queue, scope = self.rt, self.rt.queues[name], trio.CancelScope()
+        self.forwarders[name] = scope
+
+        def start(task_status: trio.TaskStatus[Any]) -> Any:
+            return run_forwarder(rt, name, queue, self.writes.clone(), transport=self.transport,
+                                 task_status=task_status)
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await supervise(rt, f"forwarder.{name}", start, on_restart=queue.restart, task_status=task_status)
+
+        await self.workers.start(run)
+
+    def stop_forwarder(self, name: str) -> None:
+        self.forwarders.pop(name).cancel(reason="service removed from the config")
+        self.rt.queues.pop(name)
+        self.rt.actors.pop(f"forwarder.{name}", None)
+
+    async def run_periodic(self, task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED) -> None:
+        """The DLQ retrier, reaper and stats actors, each with a reader of its own."""
+        rt = self.rt
+        readers = [Reader(rt.config.store.path) for _ in range(3)]
+        try:
+            async with trio.open_nursery() as nursery:
+                retrier, reaper, stats = readers
+                await nursery.start(supervise, rt, "dlq_retrier",
+                                    lambda ts: run_dlq_retrier(rt, retrier, self.writes.clone(), task_status=ts))
+                await nursery.start(supervise, rt, "reaper",
+                                    lambda ts: run_reaper(rt, reaper, self.writes.clone(), task_status=ts))
+                await nursery.start(supervise, rt, "stats", lambda ts: run_stats(rt, stats, task_status=ts))
+                task_status.started(nursery.cancel_scope)
+        finally:
+            for reader in readers:
+                reader.close()
+
+    async def serve_reloads(self, requests: trio.MemoryReceiveChannel[ReloadRequest]) -> None:
+        async for request in requests:
+            request.done.set(await self.reload(request.load))
+
+    async def reload(self, load: Callable[[], Config]) -> bool:
+        """Load, validate and swap in a new config; False (old config kept) on any problem."""
+        rt = self.rt
+        try:
+            new = await trio.to_thread.run_sync(load)
+        except ConfigError as exc:
+            rt.counters.bump(rt.counters.reloads, "failed")
+            for problem in exc.problems:
+                log.error("config reload refused", extra={"event": "reload_failed", "problem": problem})
+            return False
+        new = _keep_restart_only(rt.config, new)
+        old_targets, new_targets = rt.targets, targets_of(new)
+        rt.config = new
+        rt.routing = RoutingTable.from_config(new)
+        if (new.ratelimit.per_sender, new.ratelimit.window_s) != (rt.limiter.limit, rt.limiter.window_s):
+            rt.limiter = SlidingWindowLimiter(new.ratelimit.per_sender, new.ratelimit.window_s)
+        rt.sessions.ttl_s = new.sessions.ttl_s
+        for name, target in new_targets.items():
+            fwd = target.forwarding
+            if name in rt.breakers:
+                rt.breakers[name].reconfigure(fwd.breaker_failures, fwd.breaker_open_s)
+            else:
+                rt.breakers[name] = Breaker(fwd.breaker_failures, fwd.breaker_open_s)
+        rt.targets = new_targets
+        for name in old_targets.keys() - new_targets.keys():
+            self.stop_forwarder(name)
+        for name in new_targets.keys() - old_targets.keys():
+            queue = rt.queues[name] = DeliveryQueue(name, self.queue_buffer)
+            queue.spill_from = 0  # whatever an earlier run left queued for it
+            await self.start_forwarder(name)
+        logging.getLogger().setLevel(new.telemetry.log_level.upper())
+        rt.counters.bump(rt.counters.reloads, "ok")
+        log.info("config reloaded", extra={
+            "event": "reloaded",
+            "added": sorted(new_targets.keys() - old_targets.keys()),
+            "removed": sorted(old_targets.keys() - new_targets.keys()),
+            "changed": sorted(n for n in new_targets.keys() & old_targets.keys() if new_targets[n] != old_targets[n]),
+        })
+        return True
+
+
+def _keep_restart_only(old: Config, new: Config) -> Config:
+    """`new`, except what only a restart can change, which keeps its `old` value (logged)."""
+    server = dataclasses.replace(new.server, host=old.server.host, port=old.server.port,
+                                 certfile=old.server.certfile, keyfile=old.server.keyfile)
+    for what, before, after in (("server.listen", old.server.listen, new.server.listen),
+                                ("server.certfile/keyfile", (old.server.certfile, old.server.keyfile),
+                                 (new.server.certfile, new.server.keyfile)),
+                                ("store.path", old.store.path, new.store.path)):
+        if before != after:
+            log.warning("this change needs a restart; the old value stays until then",
+                        extra={"event": "reload_needs_restart", "key": what})
+    for name, svc in new.services.items():
+        if name in old.services and svc.forwarding.concurrency != old.services[name].forwarding.concurrency:
+            log.warning("a new lane count applies after a restart",
+                        extra={"event": "reload_needs_restart", "key": f"services.{name}.concurrency"})
+    return dataclasses.replace(new, server=server, store=old.store)
+
+
 async def run_daemon(
     config: Config,
     *,
     stop: trio.Event | None = None,
+    reloads: trio.MemoryReceiveChannel[ReloadRequest] | None = None,
     wall_clock: Callable[[], float] = time.time,
     queue_buffer: int = QUEUE_BUFFER,
+    transport: Callable[[], Any] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run wacored until `stop` is set; `task_status.started` gets the bound URLs once serving.
 
-    `queue_buffer` is how many deliveries each target holds in memory before the rest wait on disk.
+    `reloads` carries config reloads (SIGHUP). `queue_buffer` is how many deliveries each target
+    holds in memory before the rest wait on disk. `transport` makes each forward lane's HTTP
+    transport (tests pass `httpx.MockTransport`s).
     """
     stop = stop if stop is not None else trio.Event()
     await trio.to_thread.run_sync(migrate, config.store.path)
@@ -107,25 +231,47 @@ async def run_daemon(
     try:
         sessions, queues = await recover(config, reader, targets, wall_clock, queue_buffer)
         writes, writes_receive = trio.open_memory_channel[WriteOp](WRITE_BUFFER)
-        conn = WriteConnection(config.store.path, config.store.busy_timeout_ms)
         rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock)
-        async with trio.open_nursery() as root:
-            await root.start(run_actor, rt, "writer", run_writer, conn, writes_receive, queues, sessions)
+        daemon = Daemon(rt, writes, queue_buffer, transport)
+
+        def writer(task_status: trio.TaskStatus[Any]) -> Any:
+            conn = WriteConnection(rt.config.store.path, rt.config.store.busy_timeout_ms)
+            return run_writer(conn, writes_receive, rt.queues, rt.sessions, beat=partial(rt.beat, "writer"),
+                              task_status=task_status)
+
+        async with writes_receive, trio.open_nursery() as root:
+            await root.start(supervise, rt, "writer", writer)
             async with writes, trio.open_nursery() as workers:
-                for name, target in targets.items():
-                    forwarder = partial(run_forwarder, target, queues[name], writes.clone(), clock=wall_clock)
-                    await workers.start(run_actor, rt, f"forwarder.{name}", forwarder)
+                daemon.workers = workers
+                for name in targets:
+                    await daemon.start_forwarder(name)
+                periodic: trio.CancelScope = await workers.start(daemon.run_periodic)
                 async with trio.open_nursery() as front:
+                    if reloads is not None:
+                        front.start_soon(_until, stop, partial(daemon.serve_reloads, reloads))
                     front.start_soon(_mark_draining, rt, stop)
                     serve = partial(hypercorn.trio.serve, create_app(rt), hypercorn_config(config),
                                     shutdown_trigger=stop.wait)
-                    urls = await front.start(run_actor, rt, "ingress", serve)
+                    urls = await front.start(supervise, rt, "ingress", lambda ts: serve(task_status=ts))
                     log.info("listening", extra={"event": "listening", "urls": urls})
                     task_status.started(urls)
-                workers.cancel_scope.cancel(reason="daemon stopping")
+                rt.stopping.set()
+                periodic.cancel(reason="daemon stopping")
+                workers.cancel_scope.deadline = trio.current_time() + rt.config.server.drain_timeout_s
+            if workers.cancel_scope.cancelled_caught:
+                log.warning("drain timeout: deliveries in flight were cut short; they stay queued",
+                            extra={"event": "drain_timeout"})
     finally:
         reader.close()
     log.info("stopped", extra={"event": "stopped"})
+
+
+async def _until(stop: trio.Event, fn: Callable[[], Any]) -> None:
+    """Run `fn()` until `stop` is set."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fn)
+        await stop.wait()
+        nursery.cancel_scope.cancel(reason="daemon stopping")
 
 
 async def _mark_draining(rt: Runtime, stop: trio.Event) -> None:
@@ -133,19 +279,26 @@ async def _mark_draining(rt: Runtime, stop: trio.Event) -> None:
     rt.draining = True
 
 
-async def serve_until_signalled(config: Config) -> int:
-    """`run_daemon` under SIGTERM/SIGINT: the first signal stops gracefully (exit 0), a second one
-    stops at once (exit 1). Either way nothing accepted is lost: it is on disk."""
+async def serve_until_signalled(config: Config, load: Callable[[], Config] | None = None) -> int:
+    """`run_daemon` under signals: SIGHUP reloads the config through `load`; the first SIGTERM/SIGINT
+    stops gracefully (exit 0), a second one stops at once (exit 1). Either way nothing accepted is
+    lost: it is on disk."""
     stop = trio.Event()
     forced = False
+    reload_send, reload_receive = trio.open_memory_channel[ReloadRequest](8)
     # The receiver stays open for the whole drain: a second signal must reach us, not the default
     # handler (STACK_NOTES, "Signals and systemd").
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
                 nonlocal forced
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        if load is not None and not stop.is_set() and _room(reload_send):
+                            log.info("reloading the config", extra={"event": "reloading"})
+                            reload_send.send_nowait(ReloadRequest(load))
+                        continue
                     if stop.is_set():
                         log.warning("second signal: stopping now", extra={"event": "forced_stop"})
                         forced = True
@@ -155,6 +308,12 @@ async def serve_until_signalled(config: Config) -> int:
                     stop.set()
 
             nursery.start_soon(watch)
-            await run_daemon(config, stop=stop)
+            await run_daemon(config, stop=stop, reloads=reload_receive)
             nursery.cancel_scope.cancel(reason="daemon stopped")
     return 1 if forced else 0
+
+
+def _room(send: trio.MemorySendChannel[ReloadRequest]) -> bool:
+    """Whether another reload can be queued (a burst of SIGHUPs collapses into the ones queued)."""
+    stats = send.statistics()
+    return stats.current_buffer_used < stats.max_buffer_size

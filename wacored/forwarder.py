@@ -9,14 +9,21 @@ one sender's messages reach a service in arrival order while different senders p
 Delivery policy (pure functions below): 2xx delivered; 408/425/429/5xx, timeouts and connection
 errors transient, retried `retries` times with exponential backoff and full jitter; any other 4xx
 permanent, dead-lettered at once. A delivery that still fails is dead-lettered through the writer.
+Every attempt first asks the target's circuit breaker (`breaker.py`): while it is open the delivery
+is not attempted but dead-lettered with the reason ``breaker_open``, for the DLQ retrier.
+
+Each delivery reads the target afresh from `Runtime.targets`, so a config reload changes URLs,
+secrets, timeouts and retries between two deliveries without disturbing one in flight. The number of
+lanes is fixed when the forwarder starts.
 
 Error handling:
     Every httpx error of an attempt is caught and classified (`httpx.TransportError` and subclasses);
     nothing else is expected, and anything else crashes the actor (its messages stay queued on disk).
 
-Cancellation:
+Cancellation and stopping:
     An attempt cut short by cancellation records nothing: the message stays ``queued`` and is
-    delivered again after the next start (downstreams deduplicate on ``Idempotency-Key``).
+    delivered again after the next start (downstreams deduplicate on ``Idempotency-Key``). Once
+    `Runtime.stopping` is set, lanes finish the delivery in hand (no further retries) and take no more.
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ import functools
 import logging
 import random
 import ssl
-import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,11 +41,10 @@ import certifi
 import httpx
 import trio
 
-from .config import GRAPH_SENDER, Config, ForwardingConfig
-from .runtime import VERSION
+from .runtime import HEARTBEAT_S, Runtime
 from .store import Delivery, Outcome, StoreUnavailable
+from .targets import Target, targets_of
 from .transport import LaneTransport
-from .whatsapp import sign
 from .writer import CatchUp, DeliveryQueue, Record, WriteOp
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,6 @@ log = logging.getLogger(__name__)
 LANE_BUFFER = 64
 CATCH_UP_RETRY_S = 1.0
 EXCERPT = 200
-USER_AGENT = f"wacored/{VERSION}"
 
 
 class Verdict(StrEnum):
@@ -76,77 +80,21 @@ def lane_of(sender: str, lanes: int) -> int:
 
 
 @dataclass(frozen=True)
-class Target:
-    """Where one forwarder delivers, and how it authenticates."""
-
-    name: str
-    url: str
-    forwarding: ForwardingConfig
-    app_secret: str = ""
-    access_token: str = ""
-
-    @property
-    def is_graph(self) -> bool:
-        return self.name == GRAPH_SENDER
-
-    @functools.cached_property
-    def parsed_url(self) -> httpx.URL:
-        """`url`, parsed once: every forward of the target reuses it."""
-        return httpx.URL(self.url)
-
-
-    def headers(self, d: Delivery) -> dict[str, str]:
-        headers = {
-            "Content-Type": "application/json",
-            "Accept-Encoding": "identity",
-            "User-Agent": USER_AGENT,
-            "X-Correlation-ID": d.correlation_id,
-            "X-Request-ID": d.request_id,
-            "Idempotency-Key": d.key,
-            "traceparent": d.traceparent,
-        }
-        if self.is_graph:
-            headers["Authorization"] = f"Bearer {self.access_token}"
-            return headers
-        headers.update({
-            "X-Routed-From": "wacored",
-            "X-Routed-Service": d.service,
-            "X-Route-Reason": d.reason,
-            "X-Hub-Signature-256": sign(self.app_secret, d.body),
-        })
-        return headers
-
-
-def targets_of(config: Config) -> dict[str, Target]:
-    """Every forwarding target of a config: each service, and the Graph API sender."""
-    secret = config.whatsapp.app_secret
-    targets = {
-        name: Target(name=name, url=svc.url, forwarding=svc.forwarding, app_secret=secret)
-        for name, svc in config.services.items()
-    }
-    targets[GRAPH_SENDER] = Target(
-        name=GRAPH_SENDER,
-        url=config.whatsapp.messages_url,
-        forwarding=config.forwarding,
-        access_token=config.whatsapp.access_token,
-    )
-    return targets
-
-
-@dataclass(frozen=True)
 class Attempt:
     verdict: Verdict
     error: str = ""
     status_code: int | None = None
 
 
-async def attempt(transport: httpx.AsyncBaseTransport, target: Target, d: Delivery) -> Attempt:
+async def attempt(
+    transport: httpx.AsyncBaseTransport, target: Target, d: Delivery, *, dlq_retry: bool = False
+) -> Attempt:
     """One POST of `d` to `target`, classified; never raises for a network or HTTP failure.
 
     The request goes straight to the lane's transport (`LaneTransport`): httpx's client layers
     (auth and redirect flows, cookies, hooks) do nothing for a forward and cost ~30% of its CPU.
     """
-    request = httpx.Request("POST", target.parsed_url, content=d.body, headers=target.headers(d))
+    request = httpx.Request("POST", target.parsed_url, content=d.body, headers=target.headers(d, dlq_retry=dlq_retry))
     try:
         # One deadline for the whole attempt (connect, send, answer), so a service that trickles
         # its answer cannot hold the lane past `timeout_ms` either.
@@ -187,29 +135,65 @@ async def _drain(response: httpx.Response) -> bytes:
     return head
 
 
+def _dead_letter_reason(verdict: Verdict) -> str:
+    return {Verdict.PERMANENT: "permanent", Verdict.TRANSIENT: "transient"}.get(verdict, "")
+
+
 async def deliver(
-    transport: httpx.AsyncBaseTransport, target: Target, d: Delivery, rng: random.Random,
-    clock: Callable[[], float],
-) -> Outcome:
-    """Attempt `d` until delivered, permanently refused, or out of retries."""
-    fwd = target.forwarding
+    rt: Runtime, name: str, transport: httpx.AsyncBaseTransport, d: Delivery, rng: random.Random,
+) -> Outcome | None:
+    """Attempt `d` until delivered, refused, blocked by the breaker, or out of retries.
+
+    None: the daemon is stopping, and `d` stays queued for the next start.
+    """
+    breaker = rt.breakers[name]
     tries = 0
     result = Attempt(Verdict.TRANSIENT)
-    for tries in range(1, fwd.retries + 2):
-        result = await attempt(transport, target, d)
-        if result.verdict is not Verdict.TRANSIENT or tries > fwd.retries:
-            break
-        await trio.sleep(backoff_s(tries, fwd.retry_base_ms / 1000, rng))
+    while True:
+        target = rt.targets.get(name, None) or _gone(name)
+        if not breaker.allow(trio.current_time()):
+            rt.counters.bump(rt.counters.forwards, f"{name}:breaker_open")
+            return _outcome(rt, d, name, tries, Attempt(Verdict.TRANSIENT, "circuit breaker open"), "breaker_open")
+        tries += 1
+        started = trio.current_time()
+        try:
+            result = await attempt(transport, target, d)
+        finally:
+            breaker.release()
+        rt.metrics.forward_latency.labels(name).observe(trio.current_time() - started)
+        if result.verdict is Verdict.TRANSIENT:
+            breaker.failure(trio.current_time())
+        else:
+            breaker.success()
+        rt.counters.bump(rt.counters.forwards, f"{name}:{result.verdict.value}")
+        if result.verdict is not Verdict.TRANSIENT or tries > target.forwarding.retries:
+            return _outcome(rt, d, name, tries, result, _dead_letter_reason(result.verdict))
+        if rt.stopping.is_set():
+            return None
+        await trio.sleep(backoff_s(tries, target.forwarding.retry_base_ms / 1000, rng))
+
+
+def _gone(name: str) -> Target:
+    # The forwarder of a removed service is cancelled by the reload; nothing reaches here before.
+    raise LookupError(f"target {name!r} is not configured")
+
+
+def _outcome(rt: Runtime, d: Delivery, name: str, tries: int, result: Attempt, reason: str) -> Outcome:
+    at = rt.wall_clock()
+    delivered = result.verdict is Verdict.DELIVERED
+    permanent = result.verdict is Verdict.PERMANENT
     return Outcome(
         message_id=d.id,
-        delivered=result.verdict is Verdict.DELIVERED,
+        delivered=delivered,
         attempts=tries,
-        at=clock(),
+        at=at,
         error=result.error,
-        permanent=result.verdict is Verdict.PERMANENT,
+        permanent=permanent,
         status_code=result.status_code,
-        target=target.name,
+        target=name,
         key=d.key,
+        reason=reason,
+        retry_at=None if delivered or permanent else at + rt.config.dlq.delay_s(1),
     )
 
 
@@ -220,73 +204,99 @@ def _tls() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
-def _transport() -> httpx.AsyncBaseTransport:
+def new_transport() -> httpx.AsyncBaseTransport:
+    """A lane's transport: one kept-alive connection, TLS with the shared context."""
     return LaneTransport(_tls())
 
 
 async def run_lane(
-    target: Target,
+    rt: Runtime,
+    name: str,
     receive: trio.MemoryReceiveChannel[Delivery],
     writes: trio.MemorySendChannel[WriteOp],
     rng: random.Random,
-    clock: Callable[[], float] = time.time,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> None:
     """Deliver one lane's messages one at a time, in order; report each outcome to the writer."""
-    async with receive, writes, (transport or _transport()) as lane_transport:
+    async with receive, writes, (transport or new_transport()) as lane_transport:
         async for d in receive:
-            outcome = await deliver(lane_transport, target, d, rng, clock)
+            if rt.stopping.is_set():
+                return
+            outcome = await deliver(rt, name, lane_transport, d, rng)
+            if outcome is None:
+                return
             if outcome.delivered:
-                log.debug("delivered", extra={"event": "delivered", "service": target.name, "message_id": d.key})
+                log.debug("delivered", extra={"event": "delivered", "service": name, "message_id": d.key})
             else:
                 log.warning(
                     "dead-lettered",
-                    extra={"event": "dead_lettered", "service": target.name, "message_id": d.key,
+                    extra={"event": "dead_lettered", "service": name, "message_id": d.key,
+                           "correlation_id": d.correlation_id, "reason": outcome.reason,
                            "error": outcome.error, "attempts": outcome.attempts},
                 )
             await writes.send(Record(outcome))
 
 
 async def run_forwarder(
-    target: Target,
+    rt: Runtime,
+    name: str,
     queue: DeliveryQueue,
     writes: trio.MemorySendChannel[WriteOp],
     *,
     rng: random.Random | None = None,
-    clock: Callable[[], float] = time.time,
-    transport: httpx.AsyncBaseTransport | None = None,
+    transport: Callable[[], httpx.AsyncBaseTransport] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Feed `target`'s lanes from its queue, reading spilled rows back from disk in order.
+    """Feed target `name`'s lanes from its queue, reading spilled rows back from disk in order.
 
-    Owns: the queue's receive end, its lanes and their HTTP clients, and `writes` (closed on exit).
-    Stops: when cancelled (what was not delivered stays queued on disk). `transport` replaces the
-    network (tests pass `httpx.MockTransport`).
+    Owns: its lanes and their HTTP transports, and `writes` (closed on exit); the queue belongs to the
+    daemon, so a restarted forwarder carries on from it. Stops: when cancelled (what was not
+    delivered stays queued on disk), or once `rt.stopping` is set and its lanes have finished the
+    deliveries in hand. `transport` makes each lane's transport (tests pass `httpx.MockTransport`).
     """
     rng = rng or random.Random()
-    lanes = max(1, target.forwarding.concurrency)
+    actor = f"forwarder.{name}"
+    lanes = max(1, rt.targets[name].forwarding.concurrency)
     async with writes, trio.open_nursery() as nursery:
         sends: list[trio.MemorySendChannel[Delivery]] = []
         for _ in range(lanes):
             send, receive = trio.open_memory_channel[Delivery](LANE_BUFFER)
             sends.append(send)
-            nursery.start_soon(run_lane, target, receive, writes.clone(), rng, clock, transport)
+            nursery.start_soon(run_lane, rt, name, receive, writes.clone(), rng, transport() if transport else None)
         task_status.started()
-        async with queue.receive:
+        with trio.CancelScope() as feeding:
+            nursery.start_soon(_cancel_when_set, rt.stopping, feeding)
             while True:
-                batch = await _next(queue, writes)
-                for d in batch:
+                rt.beat(actor)
+                for d in await _next(queue, writes):
                     await sends[lane_of(d.sender, lanes)].send(d)
+        for send in sends:
+            await send.aclose()
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel(reason="daemon stopping")
 
 
 async def _next(queue: DeliveryQueue, writes: trio.MemorySendChannel[WriteOp]) -> list[Delivery]:
+    """The next deliveries: rows read back from disk while the queue has spilled, else the channel's
+    next one (or none after `HEARTBEAT_S`, so the caller can beat)."""
     if queue.spill_from is not None and queue.depth() == 0:
         ask = CatchUp(queue.target)
         await writes.send(ask)
         try:
-            return await ask.reply.wait()
+            # Not cancellable: the writer has moved `spill_from` past this page once it answers.
+            with trio.CancelScope(shield=True):
+                return await ask.reply.wait()
         except StoreUnavailable:
             # The rows stay on disk and spill_from is unchanged: ask again shortly.
             await trio.sleep(CATCH_UP_RETRY_S)
             return []
-    return [await queue.receive.receive()]
+    with trio.move_on_after(HEARTBEAT_S):
+        return [await queue.receive.receive()]
+    return []
+
+
+__all__ = ["Attempt", "Target", "Verdict", "attempt", "backoff_s", "classify", "deliver", "lane_of",
+           "new_transport", "run_forwarder", "run_lane", "targets_of"]

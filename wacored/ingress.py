@@ -178,7 +178,10 @@ class Webhook:
                           child_traceparent(traceparent), now)
 
         for m in batch.messages:
-            decision = decide(rt.routing, m, view.service_of(m.sender, now))
+            session = view.service_of(m.sender, now)
+            if session is not None and session not in rt.config.services:
+                session = None  # its service was removed by a reload: route afresh
+            decision = decide(rt.routing, m, session)
             if decision.session is not SessionAction.KEEP:
                 change = SessionChange(m.sender, decision.session, decision.service, now)
                 view.apply(change)

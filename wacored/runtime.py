@@ -7,7 +7,7 @@ whole, never mutated in place.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -19,9 +19,8 @@ from .ratelimit import SlidingWindowLimiter
 from .routing import RoutingTable
 from .sessions import SessionTable
 from .store import Reader
-from .writer import DeliveryQueue, WriteOp
-
-VERSION = "0.1.0"
+from .targets import Target, targets_of
+from .writer import HEARTBEAT_S, DeliveryQueue, WriteOp
 
 
 @dataclass
@@ -88,7 +87,7 @@ class Runtime:
     sessions: SessionTable
     limiter: SlidingWindowLimiter
     writes: trio.MemorySendChannel[WriteOp]
-    queues: Mapping[str, DeliveryQueue]
+    queues: dict[str, DeliveryQueue]
     reader: Reader
     wall_clock: Callable[[], float] = time.time
     started_at: float = 0.0
@@ -96,6 +95,10 @@ class Runtime:
     counters: Counters = field(default_factory=Counters)
     actors: dict[str, ActorState] = field(default_factory=dict)
     reader_lock: trio.Lock = field(default_factory=trio.Lock)
+    targets: dict[str, Target] = field(default_factory=dict)
+    """Where each forwarder delivers, rebuilt from each config (a reload swaps the dict whole)."""
+    stopping: trio.Event = field(default_factory=trio.Event)
+    """Set once ingress has stopped: forwarders finish their current attempt and take no more."""
     breakers: dict[str, Breaker] = field(default_factory=dict)
     """One per target, kept across config reloads (reconfigured in place)."""
     stats: StoreStats = field(default_factory=StoreStats)
@@ -107,20 +110,25 @@ class Runtime:
     def wake_retrier(self) -> None:
         self.dlq_due.set()
 
+    def actor(self, name: str) -> ActorState:
+        return self.actors.setdefault(name, ActorState())
+
     def beat(self, actor: str) -> None:
         """Record a sign of life from `actor` (see `ActorState.heartbeat`)."""
-        self.actors.setdefault(actor, ActorState()).heartbeat = trio.current_time()
+        self.actor(actor).heartbeat = trio.current_time()
+
 
     @classmethod
     def build(
         cls,
         config: Config,
         writes: trio.MemorySendChannel[WriteOp],
-        queues: Mapping[str, DeliveryQueue],
+        queues: dict[str, DeliveryQueue],
         reader: Reader,
         sessions: SessionTable,
         wall_clock: Callable[[], float] = time.time,
     ) -> Runtime:
+        targets = targets_of(config)
         return cls(
             config=config,
             routing=RoutingTable.from_config(config),
@@ -131,4 +139,11 @@ class Runtime:
             reader=reader,
             wall_clock=wall_clock,
             started_at=wall_clock(),
+            targets=targets,
+            breakers={
+                name: Breaker(t.forwarding.breaker_failures, t.forwarding.breaker_open_s) for name, t in targets.items()
+            },
         )
+
+
+__all__ = ["HEARTBEAT_S", "ActorState", "Counters", "Runtime", "StoreStats"]

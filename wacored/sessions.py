@@ -42,6 +42,13 @@ class SessionTable:
     def active(self, now: float) -> int:
         return sum(1 for _, at in self._live.values() if now - at < self.ttl_s)
 
+    def prune(self, now: float) -> int:
+        """Forget sessions idle for the TTL or longer (the reaper deletes their rows); how many."""
+        dead = [sender for sender, (_, at) in self._live.items() if now - at >= self.ttl_s]
+        for sender in dead:
+            del self._live[sender]
+        return len(dead)
+
     def apply(self, change: SessionChange) -> None:
         if change.action is SessionAction.END:
             self._live.pop(change.sender, None)

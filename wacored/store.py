@@ -32,8 +32,6 @@ from .routing import SessionAction
 from .sessions import SessionChange
 
 SCHEMA_VERSION = 2
-DLQ_FIRST_RETRY_S = 120.0
-"""When a dead letter is first due again (the retrier's first backoff step)."""
 
 
 class StoreUnavailable(Exception):
@@ -75,7 +73,7 @@ class Delivery(NewRow):
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a delivery ended: delivered, or dead-lettered with why."""
+    """How a delivery ended: delivered, or dead-lettered with why and when to retry it."""
 
     message_id: int
     delivered: bool
@@ -86,6 +84,35 @@ class Outcome:
     status_code: int | None = None
     target: str = ""
     key: str = ""
+    reason: str = "transient"
+    """Why it was dead-lettered: ``transient``, ``permanent`` or ``breaker_open``."""
+    retry_at: float | None = None
+    """When the DLQ retrier first tries it again (None: abandoned at once)."""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A pending dead letter the retrier is about to try again, with the message to deliver."""
+
+    id: int
+    attempts: int
+    delivery: Delivery
+
+
+@dataclass(frozen=True)
+class Retried:
+    """What one retry of a dead letter decided (see `deadletters.after_retry`)."""
+
+    dead_letter_id: int
+    message_id: int
+    state: str
+    """``delivered``, ``pending`` or ``abandoned``."""
+    counted: bool
+    """Whether the retry counts towards ``max_attempts`` (a breaker-blocked one does not)."""
+    next_attempt_at: float | None
+    at: float
+    error: str = ""
+    status_code: int | None = None
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -255,8 +282,9 @@ class WriteConnection:
         )
         if outcome.delivered:
             return
-        dl_state, reason = ("abandoned", "permanent") if outcome.permanent else ("pending", "transient")
-        next_at = None if outcome.permanent else outcome.at + DLQ_FIRST_RETRY_S
+        dl_state = "abandoned" if outcome.permanent else "pending"
+        reason = "permanent" if outcome.permanent else outcome.reason
+        next_at = None if outcome.permanent else outcome.retry_at
         self.conn.execute(
             "INSERT INTO dead_letters (message_id, key, service, state, reason, error, status_code,"
             " attempts, next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
@@ -269,6 +297,34 @@ class WriteConnection:
             ),
         )
 
+    def retried(self, r: Retried) -> None:
+        """Apply one retry's result to its dead letter (and its message, once delivered).
+
+        Only a ``pending`` entry changes: an operator may have purged or replayed it meanwhile.
+        """
+        counted = 1 if r.counted else 0
+        cur = self.conn.execute(
+            "UPDATE dead_letters SET state = ?, attempts = attempts + ?, next_attempt_at = ?,"
+            " error = CASE WHEN ? = '' THEN error ELSE ? END, status_code = COALESCE(?, status_code),"
+            " updated_at = ? WHERE id = ? AND state = 'pending'",
+            (r.state, counted, r.next_attempt_at, r.error, r.error, r.status_code, r.at, r.dead_letter_id),
+        )
+        if r.state == "delivered" and cur.rowcount == 1:
+            self.conn.execute(
+                "UPDATE messages SET state = 'delivered', attempts = attempts + 1, done_at = ? WHERE id = ?",
+                (r.at, r.message_id),
+            )
+
+    def record_run(self, actor: str, last_run: float, next_run: float | None, result: str) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO runs (actor, last_run, next_run, result) VALUES (?,?,?,?)",
+            (actor, last_run, next_run, result),
+        )
+
+    def reap(self, kind: str, cutoff: float, limit: int) -> int:
+        """Delete at most `limit` rows of `kind` older than `cutoff`; how many were deleted."""
+        return self.conn.execute(REAP_SQL[kind], (cutoff, limit)).rowcount
+
     def queued(self, target: str, from_id: int, limit: int) -> list[Delivery]:
         rows = self.conn.execute(
             f"SELECT {_DELIVERY_COLUMNS} FROM messages WHERE target = ? AND state = 'queued' AND id >= ?"
@@ -276,6 +332,21 @@ class WriteConnection:
             (target, from_id, limit),
         ).fetchall()
         return [Delivery(*row) for row in rows]
+
+
+REAP_SQL = {
+    "sessions": "DELETE FROM sessions WHERE sender IN"
+    " (SELECT sender FROM sessions WHERE last_interaction < ? LIMIT ?)",
+    "dead_letters_delivered": "DELETE FROM dead_letters WHERE id IN"
+    " (SELECT id FROM dead_letters WHERE state = 'delivered' AND updated_at < ? LIMIT ?)",
+    "dead_letters_abandoned": "DELETE FROM dead_letters WHERE id IN"
+    " (SELECT id FROM dead_letters WHERE state = 'abandoned' AND updated_at < ? LIMIT ?)",
+    # A message still queued, or still behind a dead letter, is never forgotten: only finished ones,
+    # old enough that Meta can no longer redeliver them, lose their dedupe row.
+    "messages": "DELETE FROM messages WHERE id IN (SELECT id FROM messages AS m WHERE received_at < ?"
+    " AND state != 'queued' AND NOT EXISTS (SELECT 1 FROM dead_letters AS d WHERE d.message_id = m.id) LIMIT ?)",
+}
+"""What the reaper deletes, in this order (dead letters before the messages they hold)."""
 
 
 class Reader:
@@ -303,3 +374,39 @@ class Reader:
         return self.conn.execute(
             "SELECT sender, service, last_interaction FROM sessions WHERE last_interaction > ?", (since,)
         ).fetchall()
+
+    def due_dead_letters(self, now: float, limit: int) -> list[DeadLetter]:
+        """Pending dead letters due at `now`, oldest due first, with the messages to deliver."""
+        columns = ", ".join(f"m.{c.strip()}" for c in _DELIVERY_COLUMNS.split(","))
+        rows = self.conn.execute(
+            f"SELECT d.id, d.attempts, {columns} FROM dead_letters AS d JOIN messages AS m ON m.id = d.message_id"
+            " WHERE d.state = 'pending' AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at, d.id LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [DeadLetter(row[0], row[1], Delivery(*row[2:])) for row in rows]
+
+    def next_due(self) -> float | None:
+        """When the earliest pending dead letter is due (None: none pending)."""
+        value = self.conn.execute(
+            "SELECT MIN(next_attempt_at) FROM dead_letters WHERE state = 'pending'"
+        ).fetchone()[0]
+        return None if value is None else float(value)
+
+    def last_run(self, actor: str) -> float | None:
+        row = self.conn.execute("SELECT last_run FROM runs WHERE actor = ?", (actor,)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def figures(self) -> tuple[dict[str, tuple[int, float]], dict[str, int], float | None]:
+        """Queued messages per target (count, oldest received_at), dead letters by state, and when
+        the oldest pending dead letter was created."""
+        queued = {
+            target: (count, oldest)
+            for target, count, oldest in self.conn.execute(
+                "SELECT target, COUNT(*), MIN(received_at) FROM messages WHERE state = 'queued' GROUP BY target"
+            )
+        }
+        dead = dict(self.conn.execute("SELECT state, COUNT(*) FROM dead_letters GROUP BY state").fetchall())
+        oldest = self.conn.execute(
+            "SELECT MIN(created_at) FROM dead_letters WHERE state = 'pending'"
+        ).fetchone()[0]
+        return queued, dead, oldest

@@ -14,15 +14,16 @@ Error handling:
 
 Cancellation:
     A worker thread waiting for a lock or running a COMMIT is never abandoned (`to_thread.run_sync`
-    waits), so cancelling the writer cannot cut a commit in half. The writer ends when every sender
-    of its channel is closed.
+    waits), and a group taken from the channel is committed under a shield, so cancelling the writer
+    cannot cut a commit in half nor leave a caller unanswered. The writer ends when every sender of
+    its channel is closed.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 MAX_GROUP = 512
 """Requests per transaction at most, so one commit never holds a caller for long."""
 CATCH_UP_PAGE = 256
+HEARTBEAT_S = 5.0
+"""Every actor gives a sign of life at least this often, idle or not (the watchdog reads them)."""
 
 
 T = TypeVar("T")
@@ -82,7 +85,16 @@ class CatchUp:
     reply: Reply[list[Delivery]] = field(default_factory=Reply)
 
 
-WriteOp = Ingest | Record | CatchUp
+@dataclass(eq=False)
+class Write:
+    """Any other write (a dead letter's retry, a reaper batch, a run record): `apply` runs on the write
+    connection inside the group's transaction; its result is the reply once committed."""
+
+    apply: Callable[[WriteConnection], object]
+    reply: Reply[object] = field(default_factory=Reply)
+
+
+WriteOp = Ingest | Record | CatchUp | Write
 
 
 class DeliveryQueue:
@@ -111,6 +123,16 @@ class DeliveryQueue:
     def depth(self) -> int:
         return self.receive.statistics().current_buffer_used
 
+    def restart(self) -> None:
+        """Before a crashed forwarder restarts: forget what the channel holds and read every queued
+        row back from disk in order (some may be delivered twice, under the same Idempotency-Key)."""
+        while True:
+            try:
+                self.receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+        self.spill_from = 0
+
 
 def _stage(conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, int]) -> list[object]:
     """Every op of the group, in order, inside the open transaction."""
@@ -121,6 +143,8 @@ def _stage(conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, i
         elif isinstance(op, Record):
             conn.record(op.outcome)
             results.append(None)
+        elif isinstance(op, Write):
+            results.append(op.apply(conn))
         else:
             from_id = spills.get(op.target)
             results.append([] if from_id is None else conn.queued(op.target, from_id, CATCH_UP_PAGE))
@@ -153,25 +177,36 @@ async def run_writer(
     queues: Mapping[str, DeliveryQueue],
     sessions: SessionTable,
     *,
+    beat: Callable[[], None] = lambda: None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Commit every request that arrives, in groups, until the channel is closed by all its senders.
 
-    Owns: the write connection (closes it when done) and the receive end of the write channel.
+    Owns: the write connection (closes it when done). The receive end belongs to the daemon, so a
+    restarted writer carries on with what is still queued in the channel.
     Applies committed session changes to `sessions` itself, so memory follows the file even when
     the request that asked for them is cancelled (its client went away) while the commit runs.
+    `beat` is called at least every `HEARTBEAT_S`, idle or not (the watchdog's sign of life).
     """
     task_status.started()
     try:
-        async with receive:
-            async for first in receive:
+        while True:
+            beat()
+            with trio.move_on_after(HEARTBEAT_S):
+                try:
+                    first = await receive.receive()
+                except trio.EndOfChannel:
+                    return
                 ops: list[WriteOp] = [first]
                 while len(ops) < MAX_GROUP:
                     try:
                         ops.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                await _commit_group(conn, ops, queues, sessions)
+                with trio.CancelScope(shield=True):
+                    # The group is out of the channel: it must be committed (or answered) whatever
+                    # happens to this task, or its callers would wait forever.
+                    await _commit_group(conn, ops, queues, sessions)
     finally:
         conn.close()
 
@@ -182,12 +217,16 @@ async def _commit_group(
     spills = {q.target: q.spill_from for q in queues.values() if q.spill_from is not None}
     try:
         results = await _transaction(conn, ops, spills)
-    except sqlite3.Error as exc:
+    except Exception as exc:
+        # sqlite3.Error is the store refusing; anything else is a bug that crashes the writer (the
+        # supervisor restarts it). Either way nothing of the group was stored: say so to every caller.
         log.error("store commit failed", extra={"event": "store_commit_failed", "error": str(exc)})
         for op in ops:
-            if isinstance(op, (Ingest, CatchUp)):
+            if not isinstance(op, Record):
                 op.reply.fail(StoreUnavailable(str(exc)))
-        return
+        if isinstance(exc, sqlite3.Error):
+            return
+        raise
     for op, result in zip(ops, results, strict=True):
         if isinstance(op, Ingest):
             ids: list[int | None] = result  # type: ignore[assignment]
@@ -207,3 +246,5 @@ async def _commit_group(
                 log.info("delivery queue caught up with the disk",
                          extra={"event": "queue_caught_up", "service": queue.target})
             op.reply.set(page)
+        elif isinstance(op, Write):
+            op.reply.set(result)

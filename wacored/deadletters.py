@@ -1,0 +1,174 @@
+"""The dead-letter queue: when a dead letter is tried again (pure), and the retrier actor that does it.
+
+A message the forwarder could not deliver is dead-lettered ``pending`` with its first retry due after
+``[dlq] backoff_s[0]`` (or ``abandoned`` at once for a permanent refusal). The retrier wakes every
+``interval_s``, or sooner when an entry falls due or an operator replays some, takes up to ``batch``
+due entries, oldest due first, and tries each once, straight to its service (no re-ingest) with
+``X-DLQ-Retry: true`` and the original ``Idempotency-Key`` and correlation id. Retry n that fails is
+followed by retry n+1 ``backoff_s[n]`` after it (measured from the failure); after ``max_attempts``
+failed retries the entry is ``abandoned``: kept, never retried automatically. A retry the service's
+breaker blocks is not an attempt: it is rescheduled for when the breaker lets a probe through.
+
+Error handling:
+    A retry never raises for a network or HTTP failure (`forwarder.attempt` classifies them). A store
+    error reading due entries is logged and the retrier tries again at its next wake.
+
+Cancellation:
+    A retry cut short records nothing: the entry stays ``pending`` and due, and is tried again.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable
+
+import httpx
+import trio
+
+from .config import DlqConfig
+from .forwarder import Verdict, attempt, new_transport
+from .runtime import HEARTBEAT_S, Runtime
+from .store import DeadLetter, Reader, Retried
+from .writer import Write, WriteOp
+
+log = logging.getLogger(__name__)
+
+ACTOR = "dlq_retrier"
+MIN_RESCHEDULE_S = 1.0
+
+
+def after_retry(
+    attempts: int, verdict: Verdict | None, at: float, dlq: DlqConfig, *, dead_letter_id: int, message_id: int,
+    wait_s: float = 0.0, error: str = "", status_code: int | None = None,
+) -> Retried:
+    """What one retry of a dead letter that had `attempts` retries before means for it.
+
+    `verdict` None: the retry was not attempted (breaker open, service gone); try again in `wait_s`.
+    """
+    def result(state: str, counted: bool, next_at: float | None) -> Retried:
+        return Retried(dead_letter_id, message_id, state, counted, next_at, at, error, status_code)
+
+    if verdict is None:
+        return result("pending", False, at + max(wait_s, MIN_RESCHEDULE_S))
+    if verdict is Verdict.DELIVERED:
+        return result("delivered", True, None)
+    if verdict is Verdict.PERMANENT or attempts + 1 >= dlq.max_attempts:
+        return result("abandoned", True, None)
+    return result("pending", True, at + dlq.delay_s(attempts + 2))
+
+
+async def retry_one(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.AsyncBaseTransport]) -> Retried:
+    """Try one dead letter once, through its service's breaker."""
+    d = dl.delivery
+    dlq = rt.config.dlq
+    target = rt.targets.get(d.target)
+
+    def outcome(verdict: Verdict | None, **kw: object) -> Retried:
+        return after_retry(dl.attempts, verdict, rt.wall_clock(), dlq, dead_letter_id=dl.id, message_id=d.id,
+                           **kw)  # type: ignore[arg-type]
+
+    if target is None:
+        log.warning("dead letter for a service no longer configured",
+                    extra={"event": "dlq_orphaned", "service": d.target, "message_id": d.key})
+        return outcome(None, wait_s=dlq.interval_s, error=f"service {d.target!r} is not configured")
+    breaker = rt.breakers[target.name]
+    if not breaker.allow(trio.current_time()):
+        rt.counters.bump(rt.counters.dlq_retries, f"{target.name}:breaker_open")
+        return outcome(None, wait_s=breaker.retry_in(trio.current_time()))
+    transport = transports.get(target.name) or transports.setdefault(target.name, new_transport())
+    try:
+        result = await attempt(transport, target, d, dlq_retry=True)
+    finally:
+        breaker.release()
+    if result.verdict is Verdict.TRANSIENT:
+        breaker.failure(trio.current_time())
+    else:
+        breaker.success()
+    retried = outcome(result.verdict, error=result.error, status_code=result.status_code)
+    label = {"delivered": "delivered", "abandoned": "abandoned"}.get(retried.state, "failed")
+    rt.counters.bump(rt.counters.dlq_retries, f"{target.name}:{label}")
+    log.log(logging.INFO if label == "delivered" else logging.WARNING, "dead letter retried",
+            extra={"event": f"dlq_retry_{label}", "service": target.name, "message_id": d.key,
+                   "correlation_id": d.correlation_id, "attempts": dl.attempts + int(retried.counted),
+                   "error": result.error})
+    return retried
+
+
+async def write(writes: trio.MemorySendChannel[WriteOp], apply: Callable[..., object]) -> object:
+    """Run `apply(connection)` in the writer's next transaction and wait for it to commit."""
+    op = Write(apply)
+    await writes.send(op)
+    return await op.reply.wait()
+
+
+async def sleep_until(rt: Runtime, actor: str, deadline: float, wake: trio.Event | None = None) -> None:
+    """Sleep until wall-clock `deadline` (or `wake` is set), beating for `actor` meanwhile."""
+    while (left := deadline - rt.wall_clock()) > 0 and not (wake is not None and wake.is_set()):
+        with trio.move_on_after(min(left, HEARTBEAT_S)):
+            if wake is None:
+                await trio.sleep_forever()
+            await wake.wait()
+        rt.beat(actor)
+
+
+async def run_dlq_retrier(
+    rt: Runtime,
+    reader: Reader,
+    writes: trio.MemorySendChannel[WriteOp],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Retry due dead letters until cancelled, or until the daemon stops.
+
+    Owns: `reader` (reads due entries), `writes` (closed on exit), one HTTP transport per service.
+    """
+    transports: dict[str, httpx.AsyncBaseTransport] = {}
+    task_status.started()
+    try:
+        async with writes:
+            while not rt.stopping.is_set():
+                rt.beat(ACTOR)
+                if rt.dlq_due.is_set():
+                    rt.dlq_due = trio.Event()
+                await _one_pass(rt, reader, writes, transports)
+                await sleep_until(rt, ACTOR, await _next_wake(rt, reader), rt.dlq_due)
+    finally:
+        with trio.CancelScope(shield=True):
+            for transport in transports.values():
+                await transport.aclose()
+
+
+async def _one_pass(
+    rt: Runtime, reader: Reader, writes: trio.MemorySendChannel[WriteOp],
+    transports: dict[str, httpx.AsyncBaseTransport],
+) -> None:
+    started = rt.wall_clock()
+    try:
+        due = await trio.to_thread.run_sync(reader.due_dead_letters, started, rt.config.dlq.batch)
+    except sqlite3.Error as exc:
+        log.error("cannot read due dead letters", extra={"event": "dlq_read_failed", "error": str(exc)})
+        return
+    for dl in due:
+        if rt.stopping.is_set():
+            return
+        retried = await retry_one(rt, dl, transports)
+        await write(writes, lambda conn, r=retried: conn.retried(r))
+        rt.beat(ACTOR)
+    state = rt.actor(ACTOR)
+    state.last_run = rt.wall_clock()
+    state.next_run = state.last_run + rt.config.dlq.interval_s
+    result = f"{len(due)} retried"
+    await write(writes, lambda conn: conn.record_run(ACTOR, started, state.next_run, result))
+
+
+async def _next_wake(rt: Runtime, reader: Reader) -> float:
+    """The next interval tick, or sooner when a pending entry falls due before it."""
+    tick = rt.wall_clock() + rt.config.dlq.interval_s
+    try:
+        due = await trio.to_thread.run_sync(reader.next_due)
+    except sqlite3.Error:
+        due = None
+    wake = tick if due is None else min(tick, due)
+    rt.actor(ACTOR).next_run = wake
+    return wake

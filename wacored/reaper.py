@@ -1,0 +1,146 @@
+"""The reaper: once a day (``[sessions] reap_at``, UTC) it deletes what is no longer needed.
+
+- sessions idle longer than ``ttl_hours``;
+- ``delivered`` dead letters older than ``dlq_retention_days``, ``abandoned`` ones older than
+  ``abandoned_retention_days``;
+- message rows (and with them their dedupe keys) older than ``seen_retention_days``, which must
+  exceed Meta's 7-day redelivery horizon: only finished ones, never a queued message or one still
+  held by a dead letter.
+
+Deletes run in batches of `BATCH` rows, each its own short transaction, so a large reap never holds
+the write lock long enough to delay an ingest commit. A daemon that was down at ``reap_at`` runs the
+missed reap `MISSED_REAP_DELAY_S` after it starts. `reap` is the same work for ``wacored sessions reap``,
+on its own connection, safe beside a running daemon.
+
+Cancellation:
+    Between batches; a batch is one transaction, committed whole or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from .config import SessionsConfig
+from .deadletters import sleep_until, write
+from .runtime import Runtime
+from .store import Reader, WriteConnection
+from .writer import WriteOp
+
+log = logging.getLogger(__name__)
+
+ACTOR = "reaper"
+BATCH = 500
+DAY_S = 86400.0
+MISSED_REAP_DELAY_S = 60.0
+
+
+def cutoffs(sessions: SessionsConfig, now: float) -> dict[str, float]:
+    """For each kind of row, the time before which it is deleted (in `REAP_SQL`'s order)."""
+    return {
+        "sessions": now - sessions.ttl_s,
+        "dead_letters_delivered": now - sessions.dlq_retention_days * DAY_S,
+        "dead_letters_abandoned": now - sessions.abandoned_retention_days * DAY_S,
+        "messages": now - sessions.seen_retention_days * DAY_S,
+    }
+
+
+def next_reap(now: float, minute: int) -> float:
+    """The first time strictly after `now` that is `minute` minutes past midnight UTC."""
+    day = now - now % DAY_S
+    at = day + minute * 60.0
+    return at if at > now else at + DAY_S
+
+
+def missed(last_run: float | None, now: float, minute: int) -> bool:
+    """Whether a scheduled reap fell between `last_run` and `now` (a store never reaped has missed none)."""
+    return last_run is not None and next_reap(last_run, minute) <= now
+
+
+async def reap_with(run: Callable[[str, float, int], object], sessions: SessionsConfig, now: float) -> dict[str, int]:
+    """Every kind, batch by batch, through `run(kind, cutoff, limit) -> deleted` (awaitable)."""
+    counts: dict[str, int] = {}
+    for kind, cutoff in cutoffs(sessions, now).items():
+        counts[kind] = 0
+        while True:
+            deleted = await run(kind, cutoff, BATCH)  # type: ignore[misc]
+            counts[kind] += deleted
+            if deleted < BATCH:
+                break
+    return counts
+
+
+def reap(path: Path, sessions: SessionsConfig, now: float, *, busy_timeout_ms: int = 5000) -> dict[str, int]:
+    """Run the reap once now, on a connection of its own (``wacored sessions reap``); the counts by kind."""
+    conn = WriteConnection(path, busy_timeout_ms)
+    try:
+        async def run(kind: str, cutoff: float, limit: int) -> int:
+            conn.begin_waiting()
+            try:
+                deleted = conn.reap(kind, cutoff, limit)
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+            return deleted
+
+        counts = trio.run(reap_with, run, sessions, now)
+        conn.begin_waiting()
+        conn.record_run(ACTOR, now, next_reap(now, sessions.reap_minute), _summary(counts))
+        conn.commit()
+        return counts
+    finally:
+        conn.close()
+
+
+def _summary(counts: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {n}" for kind, n in counts.items())
+
+
+async def run_reaper(
+    rt: Runtime,
+    reader: Reader,
+    writes: trio.MemorySendChannel[WriteOp],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Reap daily at ``reap_at`` until the daemon stops. Owns `writes` (closed on exit)."""
+    async with writes:
+        try:
+            last = await trio.to_thread.run_sync(reader.last_run, ACTOR)
+        except sqlite3.Error:
+            last = None
+        now = rt.wall_clock()
+        due = now + MISSED_REAP_DELAY_S if missed(last, now, rt.config.sessions.reap_minute) else None
+        task_status.started()
+        while not rt.stopping.is_set():
+            if due is None:
+                due = next_reap(rt.wall_clock(), rt.config.sessions.reap_minute)
+            rt.actor(ACTOR).next_run = due
+            await sleep_until(rt, ACTOR, due)
+            await _reap_now(rt, writes)
+            due = None
+
+
+async def _reap_now(rt: Runtime, writes: trio.MemorySendChannel[WriteOp]) -> None:
+    now = rt.wall_clock()
+    sessions = rt.config.sessions
+
+    async def run(kind: str, cutoff: float, limit: int) -> int:
+        deleted = await write(writes, lambda conn: conn.reap(kind, cutoff, limit))
+        rt.beat(ACTOR)
+        return deleted  # type: ignore[return-value]
+
+    counts = await reap_with(run, sessions, now)
+    rt.sessions.prune(now)
+    for kind, n in counts.items():
+        rt.counters.bump(rt.counters.reaped, kind, n)
+    state = rt.actor(ACTOR)
+    state.last_run = now
+    state.next_run = next_reap(now, sessions.reap_minute)
+    await write(writes, lambda conn: conn.record_run(ACTOR, now, state.next_run, _summary(counts)))
+    log.info("reaped", extra={"event": "reaped", **counts})
