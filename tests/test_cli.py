@@ -354,7 +354,7 @@ def test_status(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "reaper: last never, next never" in out
 
 
-@pytest.mark.parametrize("args", [["status"], ["dlq", "list"], ["dlq", "replay", "--all"],
+@pytest.mark.parametrize("args", [["status"], ["dlq", "list"], ["dlq", "replay", "--all"], ["sessions", "reap"],
                                   ["dlq", "purge", "--state", "delivered", "--older-than", "1d"]])
 def test_operator_commands_never_create_a_missing_database(
     ops_config: Path, args: list[str], capsys: pytest.CaptureFixture[str]
@@ -407,3 +407,34 @@ def test_a_write_lock_held_too_long_is_one_line_and_exit_1(
 def test_simulate_still_needs_the_app_secret(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert ops_main(ops_config, "simulate", "rides") == 1
     assert "whatsapp.app_secret: required" in capsys.readouterr().err
+
+
+def test_sessions_reap_runs_the_reaper_once_and_status_shows_it(
+    ops_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed(ops_config)  # long ago: the delivered entry and the two abandoned ones are past retention
+    now = time.time()
+    with sqlite3.connect(ops_config.parent / "wacored.db") as conn:
+        conn.executemany("INSERT INTO sessions (sender, service, last_interaction) VALUES (?, 'rides', ?)",
+                         [("idle", now - 25 * 3600), ("live", now - 60)])
+    reader = sqlite3.connect(ops_config.parent / "wacored.db", isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM sessions").fetchone()
+        assert ops_main(ops_config, "sessions", "reap", "--json") == 0
+    finally:
+        reader.close()
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["sessions"] == 1
+    assert counts["dead_letters_delivered"] == 1
+    assert counts["dead_letters_abandoned"] == 2
+    assert counts["messages"] == 3  # the dead letters' messages, once their dead letters are gone
+    assert set(dead_letters(ops_config)) == {"wamid.P"}
+    assert ops_main(ops_config, "sessions", "reap") == 0
+    assert capsys.readouterr().out == (
+        "reaped: sessions 0, dead_letters_delivered 0, dead_letters_abandoned 0, messages 0\n")
+    assert ops_main(ops_config, "status", "--json") == 0
+    reaper = json.loads(capsys.readouterr().out)["runs"]["reaper"]
+    assert reaper["last_run"] is not None
+    assert reaper["next_run"] is not None
+    assert reaper["result"] == "sessions 0, dead_letters_delivered 0, dead_letters_abandoned 0, messages 0"

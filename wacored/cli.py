@@ -1,5 +1,5 @@
 """The ``wacored`` command: run, check-config, simulate, dev-env, and the operator's commands on the
-store (dlq list|replay|purge, status), which work while the daemon runs.
+store (dlq list|replay|purge, sessions reap, status), which work while the daemon runs.
 
 Every subcommand takes ``-c FILE`` (default ``wacored.toml``, or ``$WACORED_CONFIG``) and reads
 secrets from the environment; only run, simulate and check-config need the app secret.
@@ -244,6 +244,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _on_store(args, work)
 
 
+def cmd_sessions_reap(args: argparse.Namespace) -> int:
+    from .reaper import reap
+
+    def work(_: sqlite3.Connection, config: Config) -> int:
+        # `reap` opens its own write connection; ours only proved the store exists and is ours.
+        counts = reap(config.store.path, config.sessions, time.time(), busy_timeout_ms=config.store.busy_timeout_ms)
+        if args.json:
+            print(json.dumps(counts, indent=2))
+        else:
+            print("reaped: " + ", ".join(f"{kind} {n}" for kind, n in counts.items()))
+        return 0
+
+    return _on_store(args, work)
+
+
 _DLQ_COLUMNS = ("id", "message_id", "service", "state", "reason", "attempts", "next_attempt_at", "created_at",
                 "error")
 
@@ -338,7 +353,8 @@ def _duration(text: str) -> float:
 def _operator_commands(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], common: Callable[[argparse.ArgumentParser], None]
 ) -> None:
-    """``dlq list|replay|purge`` and ``status``: the store's state, safe while the daemon runs."""
+    """``dlq list|replay|purge``, ``sessions reap`` and ``status``: the store's state, safe while the
+    daemon runs."""
     dlq = sub.add_parser("dlq", help="list, replay or purge dead letters").add_subparsers(dest="dlq", required=True)
     ls = dlq.add_parser("list", help="dead letters, oldest first")
     common(ls)
@@ -361,6 +377,12 @@ def _operator_commands(
     purge.add_argument("--older-than", required=True, type=_duration, metavar="DURATION",
                        help="e.g. 90s, 30m, 12h, 7d (since the entry last changed)")
     purge.set_defaults(func=cmd_dlq_purge)
+
+    sessions = sub.add_parser("sessions", help="sessions and old rows").add_subparsers(dest="sessions", required=True)
+    reap = sessions.add_parser("reap", help="run the reaper once now: idle sessions, old dead letters and messages")
+    common(reap)
+    reap.add_argument("--json", action="store_true")
+    reap.set_defaults(func=cmd_sessions_reap)
 
     status = sub.add_parser("status", help="dead letters, sessions, queued messages and periodic runs")
     common(status)
