@@ -211,3 +211,15 @@ async def test_a_locked_store_is_503_for_writes_and_reads_go_on(daemon: Daemon) 
     finally:
         other.close()
     assert rows(daemon) == before
+
+
+async def test_a_replay_wakes_the_retrier_at_once(tmp_path: Path, services: Downstream, graph: Downstream,
+                                                  seeded: dict[str, int]) -> None:
+    # The daemon's clock stands still and the retrier's interval is an hour: only the wake-up a
+    # replay gives can make it deliver now.
+    config = make_config(tmp_path, services, graph, admin={"token": TOKEN}, dlq={"interval_s": 3600})
+    async with open_daemon(config, wall_clock=lambda: NOW) as daemon:
+        response = await call(daemon, "POST", "/admin/dlq/replay", {"ids": ["wamid.AB"]})
+        assert response.json()["replayed"] == 1
+        [retry] = await services.wait_for(1, "/rides")
+    assert retry.headers["idempotency-key"] == "wamid.AB"

@@ -18,8 +18,9 @@ DAY = 86400.0
 def add_message(conn: sqlite3.Connection, key: str, *, target: str = "rides", state: str = "queued",
                 received_at: float = NOW - 60) -> int:
     cur = conn.execute(
-        "INSERT INTO messages (key, kind, sender, service, reason, target, body, received_at, state)"
-        " VALUES (?, 'message', '250788000001', ?, 'keyword', ?, x'7b7d', ?, ?)",
+        "INSERT INTO messages (key, kind, sender, service, reason, target, body, request_id, correlation_id,"
+        " traceparent, received_at, state) VALUES (?, 'message', '250788000001', ?, 'keyword', ?, x'7b7d',"
+        " 'req-1', 'corr-1', '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', ?, ?)",
         (key, target, target, received_at, state),
     )
     assert cur.lastrowid is not None
