@@ -24,8 +24,8 @@ from wacored.runtime import Runtime
 from wacored.sessions import SessionTable
 from wacored.store import Reader, migrate
 from wacored.targets import Target
-from wacored.writer import WriteOp
 from wacored.whatsapp import sign, text_webhook
+from wacored.writer import WriteOp
 
 FIXTURES = Path(__file__).parent / "fixtures" / "whatsapp"
 SECRET = "test-app-secret"

@@ -13,9 +13,9 @@ import trio
 from wacored.config import Config, ForwardingConfig
 from wacored.forwarder import Target, Verdict, backoff_s, classify, deliver, lane_of, targets_of
 from wacored.store import Delivery, Outcome
+from wacored.whatsapp import signature_valid
 
 from .conftest import bare_runtime
-from wacored.whatsapp import signature_valid
 
 SHIPPED = Path(__file__).resolve().parent.parent / "wacored.toml"
 SECRET = "app-secret"
@@ -250,7 +250,9 @@ async def test_undecodable_response_body_is_classified_by_status(
     assert (outcome.delivered, outcome.attempts, outcome.permanent) == (delivered, attempts, False)
 
 
-async def test_a_service_that_never_answers_times_out_per_attempt(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+async def test_a_service_that_never_answers_times_out_per_attempt(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
     async def hang(request: httpx.Request) -> httpx.Response:
         await trio.sleep_forever()
         raise AssertionError

@@ -27,7 +27,8 @@ CORE_ACTORS = ("writer", "ingress")
 
 async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
     """The /health body: ``unhealthy`` (503) when the store or a core actor is down, ``degraded`` when
-    a forwarder is down, else ``healthy``."""
+    another actor is down or a breaker is not closed, else ``healthy``. Store figures (queued
+    messages, dead letters) are the stats actor's cached ones, never a query at request time."""
     checks: dict[str, Any] = {}
     try:
         with trio.fail_after(HEALTH_DB_TIMEOUT_S):
@@ -36,23 +37,38 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
         checks["database"] = {"status": "ok", "schema_version": schema, "path": str(rt.config.store.path)}
     except (sqlite3.Error, trio.TooSlowError) as exc:
         checks["database"] = {"status": "error", "error": str(exc) or type(exc).__name__}
-    checks["actors"] = {
-        name: {"status": "running" if a.running else "stopped", **({"error": a.error} if a.error else {})}
-        for name, a in sorted(rt.actors.items())
-    }
-    checks["sessions"] = {"active": rt.sessions.active(rt.wall_clock())}
+    now = rt.wall_clock()
+    checks["actors"] = {name: _actor(a) for name, a in sorted(rt.actors.items())}
+    active = rt.sessions.active(now)
+    checks["sessions"] = {"active": active, "stale_in_memory": len(rt.sessions) - active}
     checks["requests"] = dict(rt.counters.requests)
     checks["routed"] = dict(rt.counters.routed)
     checks["statuses"] = dict(rt.counters.statuses)
+    stats = rt.stats
+    checks["dead_letters"] = {
+        **stats.dead_letters,
+        "oldest_pending_age_s": None if stats.oldest_pending_at is None else round(now - stats.oldest_pending_at, 1),
+        "as_of": _iso(stats.refreshed_at),
+    }
+    checks["reloads"] = dict(rt.counters.reloads)
+    mono = trio.current_time()
     services = {
-        name: {"queued_in_memory": q.depth(), "spilled_to_disk": q.spill_from is not None}
-        for name, q in sorted(rt.queues.items())
+        name: {
+            "breaker": rt.breakers[name].state(mono).value,
+            "queued": stats.queued.get(name, 0),
+            "oldest_queued_age_s": round(now - stats.oldest_queued_at[name], 1) if name in stats.oldest_queued_at
+            else None,
+            "queued_in_memory": rt.queues[name].depth() if name in rt.queues else 0,
+            "spilled_to_disk": name in rt.queues and rt.queues[name].spill_from is not None,
+        }
+        for name in sorted(rt.targets)
     }
     core_down = checks["database"]["status"] != "ok" or any(
         not rt.actors.get(name, ActorState()).running for name in CORE_ACTORS
     )
     any_down = any(not a.running for a in rt.actors.values())
-    status = "unhealthy" if core_down else "degraded" if any_down else "healthy"
+    any_open = any(svc["breaker"] != "closed" for svc in services.values())
+    status = "unhealthy" if core_down else "degraded" if any_down or any_open else "healthy"
     body = {
         "status": status,
         "service": "wacored",
@@ -63,6 +79,21 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
         "services": services,
     }
     return (503 if status == "unhealthy" else 200), body
+
+
+def _iso(at: float | None) -> str | None:
+    if at is None:
+        return None
+    return dt.datetime.fromtimestamp(at, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _actor(a: ActorState) -> dict[str, Any]:
+    report: dict[str, Any] = {"status": "running" if a.running else "stopped", "restarts": a.restarts}
+    if a.error:
+        report["error"] = a.error
+    if a.next_run is not None or a.last_run is not None:
+        report.update(last_run=_iso(a.last_run), next_run=_iso(a.next_run))
+    return report
 
 
 def create_app(rt: Runtime) -> Any:

@@ -56,6 +56,7 @@ class ActorState:
 
     running: bool = False
     error: str = ""
+    """The last crash, if any (kept after a restart)."""
     restarts: int = 0
     heartbeat: float = 0.0
     """`trio.current_time()` of the actor's last sign of life; the watchdog wants it fresh."""

@@ -73,8 +73,9 @@ async def supervise(
     state = rt.actor(name)
     policy = RestartPolicy(rt.config.supervisor)
     status = _Started(task_status)
+    state.error = ""  # from here on: the last crash, kept across restarts for /health
     while True:
-        state.running, state.error = True, ""
+        state.running = True
         rt.beat(name)
         try:
             await start(status if not status.done else trio.TASK_STATUS_IGNORED)
