@@ -16,6 +16,7 @@ import hypercorn.config
 import hypercorn.trio
 import pytest
 import trio
+import trio.testing
 
 from wacored.breaker import Breaker
 from wacored.config import Config
@@ -169,6 +170,14 @@ class World:
     services: Downstream
     graph: Downstream
     tmp_path: Path
+
+
+@pytest.fixture
+def store_clock() -> trio.testing.MockClock:
+    """A mock clock for actors that wait on SQLite worker threads. The plain autojump clock jumps to the
+    next deadline whenever trio waits, a worker thread included, so it races ahead while a commit runs;
+    this one jumps only after 20 ms of real idleness (a commit here takes a few)."""
+    return trio.testing.MockClock(autojump_threshold=0.02)
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from .api import create_app
 from .breaker import Breaker
 from .config import Config, ConfigError
 from .deadletters import run_dlq_retrier
-from .forwarder import run_forwarder
+from .forwarder import new_transport, run_forwarder
 from .ratelimit import SlidingWindowLimiter
 from .reaper import run_reaper
 from .routing import RoutingTable
@@ -135,8 +135,8 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 retrier, reaper, stats = readers
-                await nursery.start(supervise, rt, "dlq_retrier",
-                                    lambda ts: run_dlq_retrier(rt, retrier, self.writes.clone(), task_status=ts))
+                await nursery.start(supervise, rt, "dlq_retrier", lambda ts: run_dlq_retrier(
+                    rt, retrier, self.writes.clone(), transport=self.transport or new_transport, task_status=ts))
                 await nursery.start(supervise, rt, "reaper",
                                     lambda ts: run_reaper(rt, reaper, self.writes.clone(), task_status=ts))
                 await nursery.start(supervise, rt, "stats", lambda ts: run_stats(rt, stats, task_status=ts))

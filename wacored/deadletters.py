@@ -58,6 +58,18 @@ def after_retry(
     return result("pending", True, at + dlq.delay_s(attempts + 2))
 
 
+class _Transports(dict[str, httpx.AsyncBaseTransport]):
+    """One transport per service, made on first use."""
+
+    def __init__(self, make: Callable[[], httpx.AsyncBaseTransport]) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, name: str) -> httpx.AsyncBaseTransport:
+        self[name] = transport = self.make()
+        return transport
+
+
 async def retry_one(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.AsyncBaseTransport]) -> Retried:
     """Try one dead letter once, through its service's breaker."""
     d = dl.delivery
@@ -76,9 +88,8 @@ async def retry_one(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.Asy
     if not breaker.allow(trio.current_time()):
         rt.counters.bump(rt.counters.dlq_retries, f"{target.name}:breaker_open")
         return outcome(None, wait_s=breaker.retry_in(trio.current_time()))
-    transport = transports.get(target.name) or transports.setdefault(target.name, new_transport())
     try:
-        result = await attempt(transport, target, d, dlq_retry=True)
+        result = await attempt(transports[target.name], target, d, dlq_retry=True)
     finally:
         breaker.release()
     if result.verdict is Verdict.TRANSIENT:
@@ -117,13 +128,15 @@ async def run_dlq_retrier(
     reader: Reader,
     writes: trio.MemorySendChannel[WriteOp],
     *,
+    transport: Callable[[], httpx.AsyncBaseTransport] = new_transport,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Retry due dead letters until cancelled, or until the daemon stops.
 
-    Owns: `reader` (reads due entries), `writes` (closed on exit), one HTTP transport per service.
+    Owns: `reader` (reads due entries), `writes` (closed on exit), one HTTP transport per service
+    (made by `transport`).
     """
-    transports: dict[str, httpx.AsyncBaseTransport] = {}
+    transports = _Transports(transport)
     task_status.started()
     try:
         async with writes:
@@ -135,8 +148,8 @@ async def run_dlq_retrier(
                 await sleep_until(rt, ACTOR, await _next_wake(rt, reader), rt.dlq_due)
     finally:
         with trio.CancelScope(shield=True):
-            for transport in transports.values():
-                await transport.aclose()
+            for made in transports.values():
+                await made.aclose()
 
 
 async def _one_pass(
