@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from . import logs
 from .config import ENV_ALIASES, Config, ConfigError
@@ -197,7 +196,7 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
 
     def work(conn: sqlite3.Connection, _: Config) -> int:
         entries = [e.to_json() for e in ops.list_dead_letters(conn, state=args.state, service=args.service)]
-        print(json.dumps(entries, indent=2) if args.json else _dead_letter_table(entries))
+        print(json.dumps(entries, indent=2) if args.json else ops.dead_letter_table(entries))
         return 0
 
     return _on_store(args, work)
@@ -238,7 +237,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     def work(conn: sqlite3.Connection, config: Config) -> int:
         report = ops.status(conn, session_ttl_s=config.sessions.ttl_s, now=time.time(), path=config.store.path)
-        print(json.dumps(report, indent=2) if args.json else _status_text(report))
+        print(json.dumps(report, indent=2) if args.json else ops.status_text(report))
         return 0
 
     return _on_store(args, work)
@@ -257,53 +256,6 @@ def cmd_sessions_reap(args: argparse.Namespace) -> int:
         return 0
 
     return _on_store(args, work)
-
-
-_DLQ_COLUMNS = ("id", "message_id", "service", "state", "reason", "attempts", "next_attempt_at", "created_at",
-                "error")
-
-
-def _dead_letter_table(entries: list[dict[str, Any]]) -> str:
-    """`dlq list` for a person: one aligned line per entry; errors cut short (``--json`` has them whole)."""
-    if not entries:
-        return "no dead letters"
-    rows = [[c.upper() for c in _DLQ_COLUMNS]] + [
-        [_cell(e[c]) if c != "error" else _cell(e[c])[:60] for c in _DLQ_COLUMNS] for e in entries
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_DLQ_COLUMNS))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)
-
-
-def _cell(value: object) -> str:
-    return "-" if value is None else " ".join(str(value).split())
-
-
-def _ago(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit} ago"
-    return f"{seconds:.0f}s ago"
-
-
-def _status_text(report: dict[str, Any]) -> str:
-    """`wacored status` for a person."""
-    dl, sessions = report["dead_letters"], report["sessions"]
-    lines = [
-        f"store         {report['database']['path']} at {report['timestamp']}",
-        f"dead letters  pending {dl['pending']}, abandoned {dl['abandoned']}, delivered {dl['delivered']}",
-    ]
-    if (oldest := dl["oldest_pending"]) is not None:
-        lines.append(f"  oldest pending: id {oldest['id']} ({oldest['message_id']}, {oldest['service']}),"
-                     f" created {_ago(oldest['age_s'])}")
-    lines.append(f"sessions      active {sessions['active']}, stale {sessions['stale']}")
-    lines.append("queued        " + ("none" if not report["queued"] else ""))
-    for target, q in report["queued"].items():
-        lines.append(f"  {target}: {q['count']} (oldest received {_ago(q['age_s'])})")
-    lines.append("periodic runs")
-    for actor, run in report["runs"].items():
-        result = f" ({run['result']})" if run["result"] else ""
-        lines.append(f"  {actor}: last {run['last_run'] or 'never'}{result}, next {run['next_run'] or 'never'}")
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def parser() -> argparse.ArgumentParser:

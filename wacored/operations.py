@@ -1,8 +1,9 @@
 """What an operator asks of the store: list, replay and purge dead letters, and the daemon's status.
 
-Shared by the CLI (``wacored dlq ...``, ``wacored status``) and the admin API (``/admin/``). Every
-function takes a connection from `open_store` and is synchronous: the CLI calls it directly, the admin
-API from a worker thread (`trio.to_thread`). All of it is meant to run while the daemon runs: each call
+Shared by the CLI (``wacored dlq ...``, ``wacored status``) and the admin API (``/admin/``), with
+the text the CLI shows a person (`dead_letter_table`, `status_text`). The queries take a connection
+from `open_store` and are synchronous: the CLI calls them directly, the admin API from a worker
+thread (`trio.to_thread`). All of it is meant to run while the daemon runs: each call
 is one short transaction (``BEGIN IMMEDIATE`` for writes, so a write waits for the daemon's lock up to
 the busy timeout instead of failing half-way), and reads never block the daemon's writer (WAL).
 
@@ -263,6 +264,54 @@ def _runs(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     ):
         runs[actor] = {"last_run": iso(last_run), "next_run": iso(next_run), "result": result}
     return runs
+
+
+_DLQ_COLUMNS = ("id", "message_id", "service", "state", "reason", "attempts", "next_attempt_at", "created_at",
+                "error")
+
+
+def dead_letter_table(entries: list[dict[str, Any]]) -> str:
+    """`dlq list` for a person: one aligned line per entry of `DeadLetter.to_json`; errors cut short
+    (``--json`` has them whole)."""
+    if not entries:
+        return "no dead letters"
+    rows = [[c.upper() for c in _DLQ_COLUMNS]] + [
+        [_cell(e[c])[: 60 if c == "error" else None] for c in _DLQ_COLUMNS] for e in entries
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_DLQ_COLUMNS))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else " ".join(str(value).split())
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def status_text(report: dict[str, Any]) -> str:
+    """`wacored status` for a person, from what `status` returned."""
+    dl, sessions = report["dead_letters"], report["sessions"]
+    lines = [
+        f"store         {report['database']['path']} at {report['timestamp']}",
+        f"dead letters  pending {dl['pending']}, abandoned {dl['abandoned']}, delivered {dl['delivered']}",
+    ]
+    if (oldest := dl["oldest_pending"]) is not None:
+        lines.append(f"  oldest pending: id {oldest['id']} ({oldest['message_id']}, {oldest['service']}),"
+                     f" created {_ago(oldest['age_s'])}")
+    lines.append(f"sessions      active {sessions['active']}, stale {sessions['stale']}")
+    lines.append("queued        " + ("none" if not report["queued"] else ""))
+    for target, q in report["queued"].items():
+        lines.append(f"  {target}: {q['count']} (oldest received {_ago(q['age_s'])})")
+    lines.append("periodic runs")
+    for actor, run in report["runs"].items():
+        result = f" ({run['result']})" if run["result"] else ""
+        lines.append(f"  {actor}: last {run['last_run'] or 'never'}{result}, next {run['next_run'] or 'never'}")
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _identify(ident: str | int) -> tuple[str, str | int]:
