@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 from . import logs
@@ -72,6 +73,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 1
     for warning in config.warnings:
         print(f"warning: {warning}")
+    if config.server.tls:
+        from .tls import TLSError, check_server_tls
+
+        # A warning, not an error: the config may be checked on a machine that has no certificate.
+        try:
+            check_server_tls(config.server.certfile, config.server.keyfile)
+        except TLSError as exc:
+            print(f"warning: {exc} (`run` will refuse to start)")
     services = ", ".join(config.services)
     print(f"{args.config}: ok ({len(config.services)} services: {services}; listen {config.server.listen})")
     return 0
@@ -83,6 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import serve_until_signalled
     from .store import SchemaError
     from .supervisor import ActorGaveUp
+    from .systemd import Notifier
 
     logs.setup(args.log_level)
     if (config := load_config(args)) is None:
@@ -100,7 +110,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return new
 
     try:
-        code = trio.run(serve_until_signalled, config, reload)
+        # systemd's variables are read here, once, and handed down (none is read deep in the daemon).
+        with Notifier.from_environ(os.environ) as notifier:
+            code = trio.run(partial(serve_until_signalled, config, reload, notifier=notifier))
     except* (OSError, sqlite3.Error, SchemaError, ActorGaveUp) as group:
         # What the environment refused (a port in use, an unwritable store): one clear line each.
         # An actor that crashed has already logged its traceback.

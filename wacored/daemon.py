@@ -46,7 +46,9 @@ from .sessions import SessionTable
 from .stats import run_stats
 from .store import Reader, WriteConnection, migrate
 from .supervisor import supervise
+from .systemd import Notifier, open_watchdog, run_beating
 from .targets import targets_of
+from .tls import check_server_tls
 from .writer import DeliveryQueue, Reply, WriteOp, run_writer
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,16 @@ class ReloadRequest:
 
 
 def hypercorn_config(config: Config) -> hypercorn.config.Config:
+    """Hypercorn's settings for `config`; HTTPS when ``[server] certfile``/``keyfile`` are set.
+
+    Error handling:
+        Raises `TLSError` (an `OSError`) naming the file when the certificate or key is unusable.
+    """
     hc = hypercorn.config.Config()
     hc.bind = [config.server.listen]
+    if config.server.tls:
+        check_server_tls(config.server.certfile, config.server.keyfile)
+        hc.certfile, hc.keyfile = config.server.certfile, config.server.keyfile
     hc.accesslog = None
     # Hypercorn's messages go through our handlers (JSON lines) instead of its own format.
     hc.errorlog = logging.getLogger("hypercorn.error")
@@ -216,15 +226,19 @@ async def run_daemon(
     wall_clock: Callable[[], float] = time.time,
     queue_buffer: int = QUEUE_BUFFER,
     transport: Callable[[], Any] | None = None,
+    notifier: Notifier | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run wacored until `stop` is set; `task_status.started` gets the bound URLs once serving.
 
     `reloads` carries config reloads (SIGHUP). `queue_buffer` is how many deliveries each target
     holds in memory before the rest wait on disk. `transport` makes each forward lane's HTTP
-    transport (tests pass `httpx.MockTransport`s).
+    transport (tests pass `httpx.MockTransport`s). `notifier` tells systemd READY=1 once serving and
+    STOPPING=1 once `stop` is set, and runs the watchdog when systemd asked for one (`systemd.py`).
     """
     stop = stop if stop is not None else trio.Event()
+    notifier = notifier if notifier is not None else Notifier(None)
+    hc = hypercorn_config(config)  # first: an unreadable certificate stops us before anything starts
     await trio.to_thread.run_sync(migrate, config.store.path)
     targets = targets_of(config)
     reader = Reader(config.store.path)
@@ -239,7 +253,7 @@ async def run_daemon(
             return run_writer(conn, writes_receive, rt.queues, rt.sessions, beat=partial(rt.beat, "writer"),
                               task_status=task_status)
 
-        async with writes_receive, trio.open_nursery() as root:
+        async with writes_receive, open_watchdog(rt, notifier), trio.open_nursery() as root:
             await root.start(supervise, rt, "writer", writer)
             async with writes, trio.open_nursery() as workers:
                 daemon.workers = workers
@@ -249,12 +263,14 @@ async def run_daemon(
                 async with trio.open_nursery() as front:
                     if reloads is not None:
                         front.start_soon(_until, stop, partial(daemon.serve_reloads, reloads))
-                    front.start_soon(_mark_draining, rt, stop)
-                    serve = partial(hypercorn.trio.serve, create_app(rt), hypercorn_config(config),
-                                    shutdown_trigger=stop.wait)
-                    urls = await front.start(supervise, rt, "ingress", lambda ts: serve(task_status=ts))
+                    front.start_soon(_mark_draining, rt, stop, notifier)
+                    serve = partial(hypercorn.trio.serve, create_app(rt), hc, shutdown_trigger=stop.wait)
+                    # Ingress has no loop of its own to beat from: beat while hypercorn serves.
+                    urls = await front.start(supervise, rt, "ingress",
+                                             lambda ts: run_beating(rt, "ingress", serve, task_status=ts))
                     log.info("listening", extra={"event": "listening", "urls": urls})
                     task_status.started(urls)
+                    notifier.ready(f"listening on {' '.join(urls)}")
                 rt.stopping.set()
                 periodic.cancel(reason="daemon stopping")
                 workers.cancel_scope.deadline = trio.current_time() + rt.config.server.drain_timeout_s
@@ -274,20 +290,24 @@ async def _until(stop: trio.Event, fn: Callable[[], Any]) -> None:
         nursery.cancel_scope.cancel(reason="daemon stopping")
 
 
-async def _mark_draining(rt: Runtime, stop: trio.Event) -> None:
+async def _mark_draining(rt: Runtime, stop: trio.Event, notifier: Notifier) -> None:
     await stop.wait()
     rt.draining = True
+    notifier.stopping("draining")
 
 
-async def serve_until_signalled(config: Config, load: Callable[[], Config] | None = None) -> int:
-    """`run_daemon` under signals: SIGHUP reloads the config through `load`; the first SIGTERM/SIGINT
-    stops gracefully (exit 0), a second one stops at once (exit 1). Either way nothing accepted is
-    lost: it is on disk."""
+async def serve_until_signalled(
+    config: Config, load: Callable[[], Config] | None = None, *, notifier: Notifier | None = None
+) -> int:
+    """`run_daemon` under signals. SIGHUP reloads the config through `load`, between RELOADING=1 and
+    READY=1 to systemd, one reload at a time. SIGTERM/SIGINT: the first one stops gracefully (exit 0),
+    a second one stops at once (exit 1); either way nothing accepted is lost: it is on disk."""
     stop = trio.Event()
+    notifier = notifier if notifier is not None else Notifier(None)
     forced = False
-    reload_send, reload_receive = trio.open_memory_channel[ReloadRequest](8)
+    reload_send, reload_receive = trio.open_memory_channel[ReloadRequest](1)
     # The receiver stays open for the whole drain: a second signal must reach us, not the default
-    # handler (STACK_NOTES, "Signals and systemd").
+    # handler (STACK_NOTES, "Signals and systemd"). SIGHUP's default handler would kill us.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -295,25 +315,42 @@ async def serve_until_signalled(config: Config, load: Callable[[], Config] | Non
                 nonlocal forced
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        if load is not None and not stop.is_set() and _room(reload_send):
-                            log.info("reloading the config", extra={"event": "reloading"})
-                            reload_send.send_nowait(ReloadRequest(load))
-                        continue
-                    if stop.is_set():
+                        await _reload(reload_send, load, notifier, stop)
+                    elif stop.is_set():
                         log.warning("second signal: stopping now", extra={"event": "forced_stop"})
                         forced = True
                         nursery.cancel_scope.cancel(reason="second signal")
                         return
-                    log.info("stopping", extra={"event": "stopping", "signal": signal.Signals(signum).name})
-                    stop.set()
+                    else:
+                        log.info("stopping", extra={"event": "stopping", "signal": signal.Signals(signum).name})
+                        stop.set()
 
             nursery.start_soon(watch)
-            await run_daemon(config, stop=stop, reloads=reload_receive)
+            await run_daemon(config, stop=stop, reloads=reload_receive, notifier=notifier)
             nursery.cancel_scope.cancel(reason="daemon stopped")
     return 1 if forced else 0
 
 
-def _room(send: trio.MemorySendChannel[ReloadRequest]) -> bool:
-    """Whether another reload can be queued (a burst of SIGHUPs collapses into the ones queued)."""
-    stats = send.statistics()
-    return stats.current_buffer_used < stats.max_buffer_size
+async def _reload(
+    send: trio.MemorySendChannel[ReloadRequest], load: Callable[[], Config] | None, notifier: Notifier,
+    stop: trio.Event,
+) -> None:
+    """One SIGHUP: ask the daemon to reload and wait until it has (or is stopping)."""
+    if stop.is_set() or load is None:
+        log.info("SIGHUP ignored", extra={"event": "reload_ignored", "stopping": stop.is_set()})
+        return
+    log.info("reloading the config", extra={"event": "reloading"})
+    notifier.reloading()
+    request = ReloadRequest(load)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_when_set, stop, nursery.cancel_scope)
+        await send.send(request)
+        await request.done.wait()
+        nursery.cancel_scope.cancel()
+    if not stop.is_set():
+        notifier.ready("serving (reloaded)")
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel(reason="daemon stopping")
