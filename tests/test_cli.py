@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -15,8 +18,10 @@ import pytest
 import trio
 
 from wacored.cli import main
+from wacored.store import SCHEMA_VERSION, migrate
 
 from .conftest import Downstream, config_mapping, make_config, open_daemon
+from .test_operations import add_dead_letter
 
 ROOT = Path(__file__).parent.parent
 BAD_CONFIG = """
@@ -112,8 +117,6 @@ async def test_simulate_posts_a_signed_webhook(
 
 def _toml(data: dict[str, object]) -> str:
     """Just enough TOML for the test configs (tables of scalars, lists and one array of tables)."""
-    import json
-
     lines: list[str] = []
 
     def table(prefix: str, values: dict[str, object]) -> None:
@@ -217,3 +220,221 @@ def test_a_port_in_use_is_one_clear_line_and_exit_1(tmp_path: Path) -> None:
         result = wacored("run", "-c", str(tmp_path / "wacored.toml"), env=clean_env(), cwd=tmp_path)
     assert result.returncode == 1
     assert "wacored: cannot run: [Errno 98] Address already in use" in result.stderr
+
+
+# The operator's commands on the store: dlq list|replay|purge and status, run in-process.
+
+OPS_NOW = 1_700_000_000.0
+"""When the seeded entries were made: in the past, as the commands use the real clock."""
+
+
+@pytest.fixture
+def ops_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A config without an app secret (the operator's commands do not need it), its store migrated."""
+    for name in list(os.environ):
+        if name.startswith(("WACORED_", "WA_", "WHATSAPP_")):
+            monkeypatch.delenv(name)
+    data = config_mapping(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    del data["whatsapp"]["app_secret"]
+    data["store"]["busy_timeout_ms"] = 20
+    path = tmp_path / "wacored.toml"
+    path.write_text(_toml(data))
+    migrate(tmp_path / "wacored.db")
+    return path
+
+
+def ops_main(config: Path, *args: str) -> int:
+    return main([*args, "-c", str(config), "--env-file", str(config.parent / "none.env")])
+
+
+def seed(config: Path) -> dict[str, int]:
+    with sqlite3.connect(config.parent / "wacored.db") as conn:
+        return {
+            "old": add_dead_letter(conn, "wamid.OLD", state="delivered", created_at=OPS_NOW - 30 * 86400),
+            "ab": add_dead_letter(conn, "wamid.AB", created_at=OPS_NOW - 100),
+            "jobs": add_dead_letter(conn, "wamid.JOBS", service="jobs", created_at=OPS_NOW - 50),
+            "p": add_dead_letter(conn, "wamid.P", state="pending", created_at=OPS_NOW - 10, next_attempt_at=OPS_NOW),
+        }
+
+
+def dead_letters(config: Path) -> dict[str, tuple[str, int]]:
+    with sqlite3.connect(config.parent / "wacored.db") as conn:
+        return {key: (state, attempts) for key, state, attempts in conn.execute(
+            "SELECT key, state, attempts FROM dead_letters")}
+
+
+def test_dlq_list_as_json_and_as_a_table(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = seed(ops_config)
+    assert ops_main(ops_config, "dlq", "list", "--json") == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert [e["message_id"] for e in entries] == ["wamid.OLD", "wamid.AB", "wamid.JOBS", "wamid.P"]
+    assert entries[1]["id"] == ids["ab"]
+    assert entries[1]["created_at"] == "2023-11-14T22:11:40Z"
+    assert entries[1]["next_attempt_at"] is None
+    assert {"id", "message_id", "service", "state", "reason", "error", "attempts", "next_attempt_at",
+            "created_at", "status_code", "updated_at"} <= set(entries[0])
+    assert ops_main(ops_config, "dlq", "list", "--json", "--state", "abandoned", "--service", "jobs") == 0
+    assert [e["message_id"] for e in json.loads(capsys.readouterr().out)] == ["wamid.JOBS"]
+    assert ops_main(ops_config, "dlq", "list") == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["ID", "MESSAGE_ID", "SERVICE", "STATE", "REASON", "ATTEMPTS", "NEXT_ATTEMPT_AT",
+                              "CREATED_AT", "ERROR"]
+    assert rows[3].split()[:4] == [str(ids["p"]), "wamid.P", "rides", "pending"]
+    assert ops_main(ops_config, "dlq", "list", "--state", "pending", "--service", "wallet") == 0
+    assert capsys.readouterr().out == "no dead letters\n"
+
+
+def test_dlq_replay_by_id_all_and_unknown(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = seed(ops_config)
+    assert ops_main(ops_config, "dlq", "replay", str(ids["ab"]), "wamid.P") == 0
+    assert capsys.readouterr().out == "replayed 2 dead letter(s): due now\n"
+    assert dead_letters(ops_config)["wamid.AB"] == ("pending", 0)
+    assert dead_letters(ops_config)["wamid.P"] == ("pending", 0)
+    assert ops_main(ops_config, "dlq", "replay", "wamid.OLD", "4242", "wamid.NOPE") == 1
+    out, err = capsys.readouterr()
+    assert out == "replayed 0 dead letter(s): due now\n"
+    assert "unknown dead letter: 4242" in err
+    assert "unknown dead letter: wamid.NOPE" in err
+    assert "already delivered, not replayed: wamid.OLD" in err
+    assert dead_letters(ops_config)["wamid.OLD"] == ("delivered", 3)
+    assert ops_main(ops_config, "dlq", "replay", "--all") == 0
+    assert capsys.readouterr().out == "replayed 1 dead letter(s): due now\n"
+    assert dead_letters(ops_config)["wamid.JOBS"] == ("pending", 0)
+    assert ops_main(ops_config, "dlq", "replay", "--all", "--state", "pending", "--service", "jobs") == 0
+    assert capsys.readouterr().out == "replayed 1 dead letter(s): due now\n"
+
+
+def test_dlq_purge(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    seed(ops_config)
+    with sqlite3.connect(ops_config.parent / "wacored.db") as conn:
+        add_dead_letter(conn, "wamid.RECENT", state="delivered", created_at=time.time() - 3600)
+    assert ops_main(ops_config, "dlq", "purge", "--state", "delivered", "--older-than", "7d") == 0
+    assert capsys.readouterr().out == "purged 1 delivered dead letter(s)\n"
+    assert "wamid.OLD" not in dead_letters(ops_config)
+    assert ops_main(ops_config, "dlq", "purge", "--state", "abandoned", "--older-than", "90s") == 0
+    assert capsys.readouterr().out == "purged 2 abandoned dead letter(s)\n"
+    assert set(dead_letters(ops_config)) == {"wamid.P", "wamid.RECENT"}
+
+
+@pytest.mark.parametrize("args", [
+    ["dlq", "purge", "--state", "pending", "--older-than", "7d"],
+    ["dlq", "purge", "--state", "delivered", "--older-than", "7w"],
+    ["dlq", "purge", "--state", "delivered"],
+    ["dlq", "replay"],
+    ["dlq", "replay", "1", "--all"],
+    ["dlq", "replay", "1", "--service", "rides"],
+    ["dlq", "list", "--state", "queued"],
+])
+def test_operator_commands_reject_bad_arguments(ops_config: Path, args: list[str],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        ops_main(ops_config, *args)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_status(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = seed(ops_config)
+    with sqlite3.connect(ops_config.parent / "wacored.db") as conn:
+        conn.execute("INSERT INTO runs VALUES ('dlq_retrier', ?, ?, 'delivered=1')", (OPS_NOW, OPS_NOW + 300))
+        conn.execute("INSERT INTO sessions (sender, service, last_interaction) VALUES ('a', 'rides', 0)")
+    assert ops_main(ops_config, "status", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dead_letters"]["pending"] == 1
+    assert report["dead_letters"]["oldest_pending"]["id"] == ids["p"]
+    assert report["sessions"] == {"active": 0, "stale": 1}
+    assert report["runs"]["dlq_retrier"]["result"] == "delivered=1"
+    assert report["runs"]["reaper"] == {"last_run": None, "next_run": None, "result": None}
+    assert ops_main(ops_config, "status") == 0
+    out = capsys.readouterr().out
+    assert "dead letters  pending 1, abandoned 2, delivered 1" in out
+    assert f"oldest pending: id {ids['p']} (wamid.P, rides)" in out
+    assert "sessions      active 0, stale 1" in out
+    assert "dlq_retrier: last 2023-11-14T22:13:20Z (delivered=1), next 2023-11-14T22:18:20Z" in out
+    assert "reaper: last never, next never" in out
+
+
+@pytest.mark.parametrize("args", [["status"], ["dlq", "list"], ["dlq", "replay", "--all"], ["sessions", "reap"],
+                                  ["dlq", "purge", "--state", "delivered", "--older-than", "1d"]])
+def test_operator_commands_never_create_a_missing_database(
+    ops_config: Path, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = ops_config.parent / "wacored.db"
+    db.unlink()
+    assert ops_main(ops_config, *args) == 1
+    assert f"wacored: no database at {db}" in capsys.readouterr().err
+    assert not db.exists()
+
+
+def test_operator_commands_refuse_a_newer_schema(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with sqlite3.connect(ops_config.parent / "wacored.db") as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    assert ops_main(ops_config, "dlq", "replay", "--all") == 1
+    assert "newer than this wacored" in capsys.readouterr().err
+
+
+def test_operator_commands_work_while_another_connection_reads(
+    ops_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed(ops_config)
+    reader = sqlite3.connect(ops_config.parent / "wacored.db", isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+        assert ops_main(ops_config, "dlq", "replay", "wamid.AB") == 0
+        assert ops_main(ops_config, "dlq", "purge", "--state", "delivered", "--older-than", "1d") == 0
+        assert ops_main(ops_config, "status", "--json") == 0
+        assert ops_main(ops_config, "dlq", "list", "--json") == 0
+    finally:
+        reader.close()
+    assert "purged 1 delivered" in capsys.readouterr().out
+
+
+def test_a_write_lock_held_too_long_is_one_line_and_exit_1(
+    ops_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed(ops_config)
+    writer = sqlite3.connect(ops_config.parent / "wacored.db", isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        assert ops_main(ops_config, "dlq", "replay", "--all") == 1  # the busy timeout is 20 ms here
+        assert capsys.readouterr().err == "wacored: database is locked\n"
+        assert ops_main(ops_config, "dlq", "list", "--json") == 0  # reads go on meanwhile
+    finally:
+        writer.close()
+
+
+def test_simulate_still_needs_the_app_secret(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert ops_main(ops_config, "simulate", "rides") == 1
+    assert "whatsapp.app_secret: required" in capsys.readouterr().err
+
+
+def test_sessions_reap_runs_the_reaper_once_and_status_shows_it(
+    ops_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed(ops_config)  # long ago: the delivered entry and the two abandoned ones are past retention
+    now = time.time()
+    with sqlite3.connect(ops_config.parent / "wacored.db") as conn:
+        conn.executemany("INSERT INTO sessions (sender, service, last_interaction) VALUES (?, 'rides', ?)",
+                         [("idle", now - 25 * 3600), ("live", now - 60)])
+    reader = sqlite3.connect(ops_config.parent / "wacored.db", isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM sessions").fetchone()
+        assert ops_main(ops_config, "sessions", "reap", "--json") == 0
+    finally:
+        reader.close()
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["sessions"] == 1
+    assert counts["dead_letters_delivered"] == 1
+    assert counts["dead_letters_abandoned"] == 2
+    assert counts["messages"] == 3  # the dead letters' messages, once their dead letters are gone
+    assert set(dead_letters(ops_config)) == {"wamid.P"}
+    assert ops_main(ops_config, "sessions", "reap") == 0
+    assert capsys.readouterr().out == (
+        "reaped: sessions 0, dead_letters_delivered 0, dead_letters_abandoned 0, messages 0\n")
+    assert ops_main(ops_config, "status", "--json") == 0
+    reaper = json.loads(capsys.readouterr().out)["runs"]["reaper"]
+    assert reaper["last_run"] is not None
+    assert reaper["next_run"] is not None
+    assert reaper["result"] == "sessions 0, dead_letters_delivered 0, dead_letters_abandoned 0, messages 0"

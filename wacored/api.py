@@ -15,6 +15,7 @@ import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
+from . import admin
 from .ingress import Receive, Scope, Send, Webhook, request_ids
 from .runtime import ActorState, Runtime
 from .version import VERSION
@@ -112,6 +113,8 @@ def create_app(rt: Runtime) -> Any:
         # the dispatcher breaks Quart's lifespan (STACK_NOTES, "Serving").
         body, content_type = rt.metrics.render(request.headers.get("Accept", ""))
         return Response(body, content_type=content_type)
+
+    admin.install(quart, rt)
 
     @quart.after_request
     async def add_ids(response: Response) -> Response:

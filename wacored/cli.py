@@ -1,8 +1,10 @@
-"""The ``wacored`` command: run, check-config, simulate, dev-env.
+"""The ``wacored`` command: run, check-config, simulate, dev-env, and the operator's commands on the
+store (dlq list|replay|purge, sessions reap, status), which work while the daemon runs.
 
 Every subcommand takes ``-c FILE`` (default ``wacored.toml``, or ``$WACORED_CONFIG``) and reads
-secrets from the environment. ``--env-file`` (default ``var/dev.env`` when it exists) fills in
-variables the environment does not set: that is where ``make run`` keeps generated local secrets.
+secrets from the environment; only run, simulate and check-config need the app secret.
+``--env-file`` (default ``var/dev.env`` when it exists) fills in variables the environment does not
+set: that is where ``make run`` keeps generated local secrets.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import json
 import logging
 import os
 import secrets
+import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -48,11 +51,15 @@ def environment(env_file: Path | None) -> dict[str, str]:
     return env
 
 
-def load_config(args: argparse.Namespace) -> Config | None:
-    """The config with its secrets, or None after printing every problem (to stderr)."""
+def load_config(args: argparse.Namespace, *, need_secret: bool = True) -> Config | None:
+    """The config with its secrets, or None after printing every problem (to stderr).
+
+    Only what talks to Meta or serves it (`run`, `simulate`, and `check-config`, which says whether
+    `run` would start) needs the app secret; the operator's commands work on the store without it.
+    """
     try:
         config = Config.load(Path(args.config), environment(args.env_file))
-        if problems := config.secret_problems():
+        if need_secret and (problems := config.secret_problems()):
             raise ConfigError(problems)
     except ConfigError as exc:
         print(f"{args.config}: invalid configuration:", file=sys.stderr)
@@ -81,8 +88,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import sqlite3
-
     import trio
 
     from .daemon import serve_until_signalled
@@ -182,6 +187,92 @@ def cmd_dev_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _on_store(args: argparse.Namespace, work: Callable[[sqlite3.Connection, Config], int]) -> int:
+    """Run an operator command's `work` on a connection of its own to the configured store (the
+    daemon may be running); a missing or foreign database, or SQLite refusing, is one line and exit 1."""
+    from . import operations as ops
+    from .store import SchemaError
+
+    if (config := load_config(args, need_secret=False)) is None:
+        return 1
+    try:
+        conn = ops.open_store(config.store.path, config.store.busy_timeout_ms)
+        try:
+            return work(conn, config)
+        finally:
+            conn.close()
+    except (ops.OperationsError, SchemaError, sqlite3.Error) as exc:
+        print(f"wacored: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    from . import operations as ops
+
+    def work(conn: sqlite3.Connection, _: Config) -> int:
+        entries = [e.to_json() for e in ops.list_dead_letters(conn, state=args.state, service=args.service)]
+        print(json.dumps(entries, indent=2) if args.json else ops.dead_letter_table(entries))
+        return 0
+
+    return _on_store(args, work)
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from . import operations as ops
+
+    def work(conn: sqlite3.Connection, _: Config) -> int:
+        if args.all:
+            count = ops.replay_all(conn, time.time(), state=args.state or "abandoned", service=args.service)
+            print(f"replayed {count} dead letter(s): due now")
+            return 0
+        result = ops.replay(conn, args.ids, time.time())
+        print(f"replayed {result.replayed} dead letter(s): due now")
+        for ident in result.unknown:
+            print(f"unknown dead letter: {ident}", file=sys.stderr)
+        for ident in result.delivered:
+            print(f"already delivered, not replayed: {ident}", file=sys.stderr)
+        return 1 if result.unknown or result.delivered else 0
+
+    return _on_store(args, work)
+
+
+def cmd_dlq_purge(args: argparse.Namespace) -> int:
+    from . import operations as ops
+
+    def work(conn: sqlite3.Connection, _: Config) -> int:
+        count = ops.purge(conn, state=args.state, older_than_s=args.older_than, now=time.time())
+        print(f"purged {count} {args.state} dead letter(s)")
+        return 0
+
+    return _on_store(args, work)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import operations as ops
+
+    def work(conn: sqlite3.Connection, config: Config) -> int:
+        report = ops.status(conn, session_ttl_s=config.sessions.ttl_s, now=time.time(), path=config.store.path)
+        print(json.dumps(report, indent=2) if args.json else ops.status_text(report))
+        return 0
+
+    return _on_store(args, work)
+
+
+def cmd_sessions_reap(args: argparse.Namespace) -> int:
+    from .reaper import reap
+
+    def work(_: sqlite3.Connection, config: Config) -> int:
+        # `reap` opens its own write connection; ours only proved the store exists and is ours.
+        counts = reap(config.store.path, config.sessions, time.time(), busy_timeout_ms=config.store.busy_timeout_ms)
+        if args.json:
+            print(json.dumps(counts, indent=2))
+        else:
+            print("reaped: " + ", ".join(f"{kind} {n}" for kind, n in counts.items()))
+        return 0
+
+    return _on_store(args, work)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wacored", description="WhatsApp webhook core router daemon")
     sub = p.add_subparsers(dest="command", required=True)
@@ -210,12 +301,72 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--url", help="webhook URL (default: from [server] listen)")
     sim.set_defaults(func=cmd_simulate)
 
+    _operator_commands(sub, common)
+
     dev = sub.add_parser("dev-env", help="generate local secrets for development if none are set")
     dev.add_argument("path", type=Path, nargs="?", default=DEV_ENV)
     dev.set_defaults(func=cmd_dev_env)
     return p
 
 
+def _duration(text: str) -> float:
+    from .operations import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _operator_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    """``dlq list|replay|purge``, ``sessions reap`` and ``status``: the store's state, safe while the
+    daemon runs."""
+    dlq = sub.add_parser("dlq", help="list, replay or purge dead letters").add_subparsers(dest="dlq", required=True)
+    ls = dlq.add_parser("list", help="dead letters, oldest first")
+    common(ls)
+    ls.add_argument("--state", choices=["pending", "abandoned", "delivered"])
+    ls.add_argument("--service")
+    ls.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    ls.set_defaults(func=cmd_dlq_list)
+
+    replay = dlq.add_parser("replay", help="make dead letters pending and due now, with a fresh retry budget")
+    common(replay)
+    replay.add_argument("ids", nargs="*", metavar="ID", help="dead letter row id or WhatsApp message id (wamid)")
+    replay.add_argument("--all", action="store_true", help="every entry in --state (default: abandoned)")
+    replay.add_argument("--service", help="with --all: only this service's entries")
+    replay.add_argument("--state", choices=["abandoned", "pending"], help="with --all: which entries")
+    replay.set_defaults(func=cmd_dlq_replay, check=lambda args: _check_replay(replay, args))
+
+    purge = dlq.add_parser("purge", help="delete delivered or abandoned dead letters older than a duration")
+    common(purge)
+    purge.add_argument("--state", required=True, choices=["delivered", "abandoned"])
+    purge.add_argument("--older-than", required=True, type=_duration, metavar="DURATION",
+                       help="e.g. 90s, 30m, 12h, 7d (since the entry last changed)")
+    purge.set_defaults(func=cmd_dlq_purge)
+
+    sessions = sub.add_parser("sessions", help="sessions and old rows").add_subparsers(dest="sessions", required=True)
+    reap = sessions.add_parser("reap", help="run the reaper once now: idle sessions, old dead letters and messages")
+    common(reap)
+    reap.add_argument("--json", action="store_true")
+    reap.set_defaults(func=cmd_sessions_reap)
+
+    status = sub.add_parser("status", help="dead letters, sessions, queued messages and periodic runs")
+    common(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+
+def _check_replay(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.all == bool(args.ids):
+        p.error("give dead letter ids or --all (not both)")
+    if args.ids and (args.service or args.state):
+        p.error("--service and --state go with --all")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if check := getattr(args, "check", None):
+        check(args)  # what argparse cannot say: which options go together
     return int(args.func(args))

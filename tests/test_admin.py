@@ -1,0 +1,225 @@
+"""The admin API against a real running daemon, its effects checked in the SQLite file."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from wacored import operations as ops
+from wacored.store import migrate
+
+from .conftest import Daemon, Downstream, Received, World, make_config, open_daemon
+from .test_operations import add_dead_letter
+
+TOKEN = "test-admin-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+LONG_AGO = 1_700_000_000.0
+NOW = 1_750_000_000.0
+"""The daemon's wall clock in these tests: replays are due at exactly this time."""
+
+
+@pytest.fixture
+async def gate(services: Downstream) -> AsyncIterator[trio.Event]:
+    """Deliveries to the services wait until the test is over, then fail: a retrier woken by a
+    replay cannot change a row before the test has looked at it."""
+    opened = trio.Event()
+
+    async def held(_: Received) -> int:
+        await opened.wait()
+        return 503
+
+    services.respond = held
+    yield opened
+    opened.set()
+
+
+@pytest.fixture
+def seeded(tmp_path: Path) -> dict[str, int]:
+    """Dead letters in the store before the daemon starts; none of them due."""
+    migrate(tmp_path / "wacored.db")
+    with sqlite3.connect(tmp_path / "wacored.db") as conn:
+        return {
+            "old": add_dead_letter(conn, "wamid.OLD", state="delivered", created_at=LONG_AGO - 30 * 86400),
+            "ab": add_dead_letter(conn, "wamid.AB", created_at=LONG_AGO - 100),
+            "jobs": add_dead_letter(conn, "wamid.JOBS", service="jobs", created_at=LONG_AGO - 50),
+            "p": add_dead_letter(conn, "wamid.P", state="pending", created_at=LONG_AGO,
+                                 next_attempt_at=LONG_AGO + 10 * 365 * 86400),
+        }
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path, services: Downstream, graph: Downstream, seeded: dict[str, int],
+                 gate: trio.Event) -> AsyncIterator[Daemon]:
+    config = make_config(tmp_path, services, graph, admin={"token": TOKEN}, store={"busy_timeout_ms": 20},
+                         forwarding={"timeout_ms": 60000})
+    async with open_daemon(config, wall_clock=lambda: NOW) as d:
+        yield d
+
+
+def rows(daemon: Daemon) -> dict[str, tuple[str, int, float | None]]:
+    with sqlite3.connect(daemon.config.store.path) as conn:
+        return {key: (state, attempts, next_at) for key, state, attempts, next_at in conn.execute(
+            "SELECT key, state, attempts, next_attempt_at FROM dead_letters")}
+
+
+async def call(daemon: Daemon, method: str, path: str, body: Any = None,
+               headers: dict[str, str] | None = None) -> httpx.Response:
+    return await daemon.client.request(method, f"{daemon.url}{path}", json=body,
+                                       headers=AUTH if headers is None else headers)
+
+
+ADMIN_CALLS = [("GET", "/admin/dlq"), ("GET", "/admin/status"), ("POST", "/admin/dlq/replay"),
+               ("POST", "/admin/dlq/purge"), ("GET", "/admin/"), ("DELETE", "/admin/nothing/here")]
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_CALLS)
+async def test_without_a_token_configured_the_admin_api_does_not_exist(world: World, method: str, path: str) -> None:
+    for headers in ({}, AUTH, {"Authorization": "Bearer x"}):
+        response = await call(world.daemon, method, path, {"all": True}, headers)
+        assert response.status_code == 404
+        assert response.json() == {"error": "not_found"}
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_CALLS)
+async def test_a_missing_or_wrong_token_is_401_and_logged_without_it(
+    daemon: Daemon, caplog: pytest.LogCaptureFixture, method: str, path: str
+) -> None:
+    before = rows(daemon)
+    for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": TOKEN},
+                    {"Authorization": f"Basic {TOKEN}"}, {"Authorization": f"Bearer {TOKEN}x"}):
+        with caplog.at_level(logging.WARNING, logger="wacored.admin"):
+            response = await call(daemon, method, path, {"all": True}, headers)
+        assert response.status_code == 401
+        assert response.json() == {"error": "unauthorized"}
+    refusals = [r for r in caplog.records if getattr(r, "event", None) == "admin_unauthorized"]
+    assert len(refusals) == 5
+    assert all(TOKEN not in str(vars(r)) and "wrong-token" not in str(vars(r)) for r in refusals)
+    assert rows(daemon) == before
+
+
+async def test_an_unknown_admin_path_is_404_once_authorized(daemon: Daemon) -> None:
+    response = await call(daemon, "GET", "/admin/nothing")
+    assert (response.status_code, response.json()) == (404, {"error": "not_found"})
+
+
+async def test_list(daemon: Daemon, seeded: dict[str, int]) -> None:
+    response = await call(daemon, "GET", "/admin/dlq")
+    assert response.status_code == 200
+    entries = response.json()
+    assert [e["message_id"] for e in entries] == ["wamid.OLD", "wamid.AB", "wamid.JOBS", "wamid.P"]
+    with sqlite3.connect(daemon.config.store.path) as conn:
+        assert entries == [e.to_json() for e in ops.list_dead_letters(conn)]
+    filtered = await call(daemon, "GET", "/admin/dlq?state=abandoned&service=jobs")
+    assert [e["id"] for e in filtered.json()] == [seeded["jobs"]]
+    bad = await call(daemon, "GET", "/admin/dlq?state=queued")
+    assert bad.status_code == 400
+    assert bad.json()["error"] == "bad_request"
+
+
+async def test_replay_by_ids(daemon: Daemon, seeded: dict[str, int]) -> None:
+    response = await call(daemon, "POST", "/admin/dlq/replay",
+                          {"ids": [seeded["ab"], "wamid.JOBS", "wamid.OLD", 4242, "wamid.NOPE"]})
+    assert response.status_code == 200
+    assert response.json() == {"replayed": 2, "unknown": ["4242", "wamid.NOPE"], "delivered": ["wamid.OLD"]}
+    after = rows(daemon)
+    assert after["wamid.AB"] == after["wamid.JOBS"] == ("pending", 0, NOW)
+    assert after["wamid.OLD"][:2] == ("delivered", 3)
+    assert after["wamid.P"][2] == LONG_AGO + 10 * 365 * 86400
+
+
+async def test_replay_all(daemon: Daemon) -> None:
+    response = await call(daemon, "POST", "/admin/dlq/replay", {"all": True, "service": "jobs"})
+    assert response.json() == {"replayed": 1}
+    assert rows(daemon)["wamid.AB"][0] == "abandoned"
+    response = await call(daemon, "POST", "/admin/dlq/replay", {"all": True})
+    assert response.json() == {"replayed": 1}
+    assert rows(daemon)["wamid.AB"] == ("pending", 0, NOW)
+    response = await call(daemon, "POST", "/admin/dlq/replay", {"all": True, "state": "pending"})
+    assert response.json() == {"replayed": 3}
+    assert rows(daemon)["wamid.P"] == ("pending", 0, NOW)
+    assert rows(daemon)["wamid.OLD"][0] == "delivered"
+
+
+@pytest.mark.parametrize("body", [
+    None, [], "ids", {}, {"ids": []}, {"ids": "wamid.AB"}, {"ids": [True]}, {"ids": [""]}, {"ids": [1.5]},
+    {"ids": [1], "all": True}, {"all": False}, {"all": "yes"}, {"all": True, "state": "delivered"},
+    {"all": True, "service": 3}, {"ids": [1], "service": "rides"}, {"all": True, "force": True},
+])
+async def test_replay_rejects_bad_input(daemon: Daemon, body: Any) -> None:
+    before = rows(daemon)
+    response = await call(daemon, "POST", "/admin/dlq/replay", body)
+    assert response.status_code == 400
+    assert response.json()["error"] == "bad_request"
+    assert isinstance(response.json()["detail"], str)
+    assert rows(daemon) == before
+
+
+async def test_replay_of_a_body_that_is_not_json_is_400(daemon: Daemon) -> None:
+    response = await daemon.client.post(f"{daemon.url}/admin/dlq/replay", content=b"{nope", headers=AUTH)
+    assert (response.status_code, response.json()["error"]) == (400, "bad_request")
+
+
+async def test_purge(daemon: Daemon) -> None:
+    response = await call(daemon, "POST", "/admin/dlq/purge", {"state": "delivered", "older_than": "7d"})
+    assert response.json() == {"purged": 1}
+    assert set(rows(daemon)) == {"wamid.AB", "wamid.JOBS", "wamid.P"}
+    response = await call(daemon, "POST", "/admin/dlq/purge", {"state": "abandoned", "older_than": "90s"})
+    assert response.json() == {"purged": 2}
+    assert set(rows(daemon)) == {"wamid.P"}
+
+
+@pytest.mark.parametrize("body", [
+    {"state": "pending", "older_than": "7d"}, {"state": "delivered"}, {"state": "delivered", "older_than": "7w"},
+    {"state": "delivered", "older_than": 7}, {"older_than": "7d"}, {"state": "delivered", "older_than": "1d", "x": 1},
+])
+async def test_purge_rejects_bad_input(daemon: Daemon, body: Any) -> None:
+    before = rows(daemon)
+    response = await call(daemon, "POST", "/admin/dlq/purge", body)
+    assert (response.status_code, response.json()["error"]) == (400, "bad_request")
+    assert rows(daemon) == before
+
+
+async def test_status(daemon: Daemon, seeded: dict[str, int]) -> None:
+    response = await call(daemon, "GET", "/admin/status")
+    assert response.status_code == 200
+    report = response.json()
+    assert set(report) == {"timestamp", "database", "dead_letters", "sessions", "queued", "runs"}
+    assert report["timestamp"] == ops.iso(NOW)
+    assert report["database"] == {"path": str(daemon.config.store.path)}
+    assert {k: report["dead_letters"][k] for k in ops.STATES} == {"pending": 1, "abandoned": 2, "delivered": 1}
+    assert report["dead_letters"]["oldest_pending"]["id"] == seeded["p"]
+    assert set(report["runs"]) >= {"dlq_retrier", "reaper"}
+
+
+async def test_a_locked_store_is_503_for_writes_and_reads_go_on(daemon: Daemon) -> None:
+    before = rows(daemon)
+    other = sqlite3.connect(daemon.config.store.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # held past the 20 ms busy timeout of this config
+        response = await call(daemon, "POST", "/admin/dlq/replay", {"all": True})
+        assert response.status_code == 503
+        assert response.json() == {"error": "store_unavailable", "detail": "database is locked"}
+        assert (await call(daemon, "GET", "/admin/dlq")).status_code == 200
+        assert (await call(daemon, "GET", "/admin/status")).status_code == 200
+    finally:
+        other.close()
+    assert rows(daemon) == before
+
+
+async def test_a_replay_wakes_the_retrier_at_once(tmp_path: Path, services: Downstream, graph: Downstream,
+                                                  seeded: dict[str, int]) -> None:
+    # The daemon's clock stands still and the retrier's interval is an hour: only the wake-up a
+    # replay gives can make it deliver now.
+    config = make_config(tmp_path, services, graph, admin={"token": TOKEN}, dlq={"interval_s": 3600})
+    async with open_daemon(config, wall_clock=lambda: NOW) as daemon:
+        response = await call(daemon, "POST", "/admin/dlq/replay", {"ids": ["wamid.AB"]})
+        assert response.json()["replayed"] == 1
+        [retry] = await services.wait_for(1, "/rides")
+    assert retry.headers["idempotency-key"] == "wamid.AB"

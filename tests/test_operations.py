@@ -1,0 +1,224 @@
+"""Operator queries on real SQLite files built with the store's own schema."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wacored import operations as ops
+from wacored.store import SCHEMA_VERSION, SchemaError, migrate
+
+NOW = 1_800_000_000.0
+DAY = 86400.0
+
+
+def add_message(conn: sqlite3.Connection, key: str, *, target: str = "rides", state: str = "queued",
+                received_at: float = NOW - 60) -> int:
+    cur = conn.execute(
+        "INSERT INTO messages (key, kind, sender, service, reason, target, body, request_id, correlation_id,"
+        " traceparent, received_at, state) VALUES (?, 'message', '250788000001', ?, 'keyword', ?, x'7b7d',"
+        " 'req-1', 'corr-1', '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', ?, ?)",
+        (key, target, target, received_at, state),
+    )
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def add_dead_letter(conn: sqlite3.Connection, key: str, *, state: str = "abandoned", service: str = "rides",
+                    created_at: float = NOW - DAY, updated_at: float | None = None, attempts: int = 3,
+                    next_attempt_at: float | None = None) -> int:
+    message = add_message(conn, key, target=service, state="dead_lettered", received_at=created_at)
+    cur = conn.execute(
+        "INSERT INTO dead_letters (message_id, key, service, state, reason, error, status_code, attempts,"
+        " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'transient', 'HTTP 503', 503, ?, ?, ?, ?)",
+        (message, key, service, state, attempts, next_attempt_at, created_at,
+         created_at if updated_at is None else updated_at),
+    )
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "wacored.db"
+    migrate(path)
+    return path
+
+
+@pytest.fixture
+def conn(db: Path) -> Iterator[sqlite3.Connection]:
+    c = ops.open_store(db)
+    yield c
+    c.close()
+
+
+def row(conn: sqlite3.Connection, dl_id: int) -> tuple[str, int, float | None, float | None]:
+    return conn.execute(  # type: ignore[no-any-return]
+        "SELECT state, attempts, next_attempt_at, updated_at FROM dead_letters WHERE id = ?", (dl_id,)
+    ).fetchone()
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("30m", 1800), ("12h", 43200), ("7d", 604800),
+                                                ("1.5h", 5400), (" 2D ", 172800)])
+def test_durations(text: str, seconds: float) -> None:
+    assert ops.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "7", "d", "7w", "-1d", "7 d", "1h30m"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        ops.parse_duration(text)
+
+
+def test_a_missing_database_is_never_created(tmp_path: Path) -> None:
+    with pytest.raises(ops.StoreMissing, match="no database at"):
+        ops.open_store(tmp_path / "nope.db")
+    assert not (tmp_path / "nope.db").exists()
+
+
+def test_a_newer_schema_is_refused(db: Path) -> None:
+    with sqlite3.connect(db) as c:
+        c.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(SchemaError, match="newer than this wacored"):
+        ops.open_store(db)
+
+
+def test_a_file_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty.db").touch()
+    with pytest.raises(ops.NotAStore):
+        ops.open_store(tmp_path / "empty.db")
+    (tmp_path / "junk.db").write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(ops.NotAStore):
+        ops.open_store(tmp_path / "junk.db")
+
+
+def test_list_is_oldest_first_and_filters(conn: sqlite3.Connection) -> None:
+    b = add_dead_letter(conn, "wamid.B", created_at=NOW - 100, state="pending", next_attempt_at=NOW + 60)
+    a = add_dead_letter(conn, "wamid.A", created_at=NOW - 200, service="jobs")
+    c = add_dead_letter(conn, "wamid.C", created_at=NOW - 50, state="delivered")
+    assert [d.id for d in ops.list_dead_letters(conn)] == [a, b, c]
+    assert [d.id for d in ops.list_dead_letters(conn, state="pending")] == [b]
+    assert [d.id for d in ops.list_dead_letters(conn, service="jobs")] == [a]
+    assert ops.list_dead_letters(conn, state="abandoned", service="rides") == []
+    with pytest.raises(ValueError, match="state must be one of"):
+        ops.list_dead_letters(conn, state="queued")
+
+
+def test_the_json_shape(conn: sqlite3.Connection) -> None:
+    dl = add_dead_letter(conn, "wamid.A", created_at=0.0, state="pending", next_attempt_at=90.0)
+    [entry] = ops.list_dead_letters(conn)
+    assert entry.to_json() == {
+        "id": dl, "message_id": "wamid.A", "message_row_id": entry.message_row_id, "service": "rides",
+        "state": "pending", "reason": "transient", "error": "HTTP 503", "status_code": 503, "attempts": 3,
+        "next_attempt_at": "1970-01-01T00:01:30Z", "created_at": "1970-01-01T00:00:00Z",
+        "updated_at": "1970-01-01T00:00:00Z",
+    }
+
+
+def test_replay_by_row_id_or_wamid_makes_entries_due_now_with_a_fresh_budget(conn: sqlite3.Connection) -> None:
+    a = add_dead_letter(conn, "wamid.A")
+    b = add_dead_letter(conn, "wamid.B", state="pending", next_attempt_at=NOW + 600, attempts=2)
+    c = add_dead_letter(conn, "wamid.C", state="delivered")
+    result = ops.replay(conn, [str(a), "wamid.B", "wamid.C", "999", "wamid.nope"], NOW)
+    assert result == ops.ReplayResult(2, unknown=["999", "wamid.nope"], delivered=["wamid.C"])
+    assert row(conn, a) == ("pending", 0, NOW, NOW)
+    assert row(conn, b) == ("pending", 0, NOW, NOW)
+    assert row(conn, c) == ("delivered", 3, None, NOW - DAY)
+
+
+def test_replay_all_takes_abandoned_entries_unless_told_otherwise(conn: sqlite3.Connection) -> None:
+    a = add_dead_letter(conn, "wamid.A")
+    j = add_dead_letter(conn, "wamid.J", service="jobs")
+    p = add_dead_letter(conn, "wamid.P", state="pending", next_attempt_at=NOW + 600)
+    d = add_dead_letter(conn, "wamid.D", state="delivered")
+    assert ops.replay_all(conn, NOW, service="jobs") == 1
+    assert row(conn, j)[0] == "pending"
+    assert row(conn, a)[0] == "abandoned"
+    assert ops.replay_all(conn, NOW) == 1
+    assert row(conn, a) == ("pending", 0, NOW, NOW)
+    assert ops.replay_all(conn, NOW + 1, state="pending") == 3
+    assert row(conn, p)[2] == NOW + 1
+    assert row(conn, d)[0] == "delivered"
+    with pytest.raises(ValueError, match="state must be one of abandoned, pending"):
+        ops.replay_all(conn, NOW, state="delivered")
+
+
+def test_purge_deletes_only_old_entries_of_the_state_asked(conn: sqlite3.Connection) -> None:
+    old = add_dead_letter(conn, "wamid.OLD", state="delivered", updated_at=NOW - 8 * DAY)
+    add_dead_letter(conn, "wamid.NEW", state="delivered", updated_at=NOW - 6 * DAY)
+    add_dead_letter(conn, "wamid.AB", state="abandoned", updated_at=NOW - 30 * DAY)
+    add_dead_letter(conn, "wamid.P", state="pending", updated_at=NOW - 30 * DAY)
+    assert ops.purge(conn, state="delivered", older_than_s=7 * DAY, now=NOW) == 1
+    assert row(conn, old) is None
+    assert {d.message_id for d in ops.list_dead_letters(conn)} == {"wamid.NEW", "wamid.AB", "wamid.P"}
+    with pytest.raises(ValueError, match="state must be one of delivered, abandoned"):
+        ops.purge(conn, state="pending", older_than_s=0, now=NOW)
+
+
+def test_status_counts(conn: sqlite3.Connection) -> None:
+    add_dead_letter(conn, "wamid.P1", state="pending", created_at=NOW - 300)
+    oldest = add_dead_letter(conn, "wamid.P0", state="pending", created_at=NOW - 900)
+    add_dead_letter(conn, "wamid.A", state="abandoned")
+    add_message(conn, "wamid.Q1", target="rides", received_at=NOW - 30)
+    add_message(conn, "wamid.Q2", target="rides", received_at=NOW - 20)
+    add_message(conn, "wamid.Q3", target="whatsapp", received_at=NOW - 5)
+    add_message(conn, "wamid.D", target="jobs", state="delivered")
+    conn.executemany("INSERT INTO sessions (sender, service, last_interaction) VALUES (?, 'rides', ?)",
+                     [("a", NOW - 10), ("b", NOW - 3599), ("c", NOW - 3601)])
+    conn.execute("INSERT INTO runs VALUES ('reaper', ?, ?, 'sessions=1')", (NOW - DAY, NOW + 3600))
+    report = ops.status(conn, session_ttl_s=3600, now=NOW)
+    assert report["dead_letters"] == {
+        "pending": 2, "abandoned": 1, "delivered": 0,
+        "oldest_pending": {"id": oldest, "message_id": "wamid.P0", "service": "rides",
+                           "created_at": ops.iso(NOW - 900), "age_s": 900.0},
+    }
+    assert report["sessions"] == {"active": 2, "stale": 1}
+    assert report["queued"] == {
+        "rides": {"count": 2, "oldest_received_at": ops.iso(NOW - 30), "age_s": 30.0},
+        "whatsapp": {"count": 1, "oldest_received_at": ops.iso(NOW - 5), "age_s": 5.0},
+    }
+    assert report["runs"] == {
+        "dlq_retrier": {"last_run": None, "next_run": None, "result": None},
+        "reaper": {"last_run": ops.iso(NOW - DAY), "next_run": ops.iso(NOW + 3600), "result": "sessions=1"},
+    }
+    assert not conn.in_transaction
+
+
+def test_status_of_an_empty_store(conn: sqlite3.Connection) -> None:
+    report = ops.status(conn, session_ttl_s=3600, now=NOW)
+    assert report["dead_letters"]["oldest_pending"] is None
+    assert report["sessions"] == {"active": 0, "stale": 0}
+    assert report["queued"] == {}
+
+
+def test_writes_wait_for_the_lock_and_fail_cleanly_past_the_busy_timeout(db: Path) -> None:
+    other = sqlite3.connect(db, isolation_level=None)
+    conn = ops.open_store(db, busy_timeout_ms=10)
+    try:
+        add_dead_letter(conn, "wamid.A")
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            ops.replay_all(conn, NOW)
+        assert not conn.in_transaction
+        other.execute("ROLLBACK")
+        assert ops.replay_all(conn, NOW) == 1
+    finally:
+        conn.close()
+        other.close()
+
+
+def test_writes_go_ahead_while_another_connection_reads(db: Path, conn: sqlite3.Connection) -> None:
+    add_dead_letter(conn, "wamid.A")
+    reader = sqlite3.connect(db, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT COUNT(*) FROM dead_letters").fetchone() == (1,)
+        assert ops.replay(conn, ["wamid.A"], NOW).replayed == 1
+        assert ops.purge(conn, state="abandoned", older_than_s=0, now=NOW) == 0
+        assert reader.execute("SELECT state FROM dead_letters").fetchone() == ("abandoned",)  # its snapshot
+        reader.execute("COMMIT")
+    finally:
+        reader.close()

@@ -1,0 +1,194 @@
+"""The admin HTTP API under ``/admin/``: the operator's commands (`operations`) over HTTP.
+
+- ``GET /admin/dlq?state=&service=``: dead letters, oldest first (the objects of ``dlq list --json``);
+- ``POST /admin/dlq/replay`` ``{"ids": [...]}`` or ``{"all": true, "service": S, "state": "abandoned"}``;
+- ``POST /admin/dlq/purge`` ``{"state": "delivered"|"abandoned", "older_than": "7d"}``;
+- ``GET /admin/status``: what ``wacored status --json`` prints.
+
+Every request needs ``Authorization: Bearer <[admin] token>``. With no token configured the API is off
+and every ``/admin/`` path answers 404, so its existence is not advertised. The token and the store
+path are read from ``rt.config`` at each request: a reload swaps the config whole.
+
+Error handling:
+    No token configured → 404 ``{"error":"not_found"}``; a missing or wrong token → 401
+    ``{"error":"unauthorized"}`` (logged, without what was presented); bad input → 400
+    ``{"error":"bad_request","detail":...}``; the store refusing (locked past its busy timeout,
+    missing, newer schema) → 503 ``{"error":"store_unavailable","detail":...}``.
+
+Cancellation:
+    The SQLite work runs in a worker thread on a connection of its own (never the writer's, nor the
+    shared `Runtime.reader`), so the event loop never waits on it; a cancelled request lets its
+    short transaction finish in the thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sqlite3
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+from quart import Blueprint, Response, jsonify, request
+from quart_trio import QuartTrio
+
+from . import operations as ops
+from .runtime import Runtime
+from .store import SchemaError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_REPLAY_KEYS = {"ids", "all", "service", "state"}
+_PURGE_KEYS = {"state", "older_than"}
+
+
+class AdminError(Exception):
+    """An answer other than 200, with its JSON body."""
+
+    def __init__(self, status: int, error: str, detail: str | None = None) -> None:
+        super().__init__(detail or error)
+        self.status, self.error, self.detail = status, error, detail
+
+    def response(self) -> tuple[Response, int]:
+        body = {"error": self.error, **({"detail": self.detail} if self.detail is not None else {})}
+        return jsonify(body), self.status
+
+
+def _bad_request(detail: str) -> AdminError:
+    return AdminError(400, "bad_request", detail)
+
+
+def install(app: QuartTrio, rt: Runtime) -> None:
+    """Serve ``/admin/`` on `app` for the daemon of `rt`."""
+    app.register_blueprint(_blueprint(rt))
+
+
+def _blueprint(rt: Runtime) -> Blueprint:
+    bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+    @bp.errorhandler(AdminError)
+    async def refused(exc: AdminError) -> tuple[Response, int]:
+        return exc.response()
+
+    @bp.before_request
+    async def authorize() -> None:
+        _authorize(rt.config.admin.token, request.headers.get("Authorization", ""))
+
+    @bp.get("/dlq")
+    async def dlq() -> Response:
+        state, service = request.args.get("state") or None, request.args.get("service") or None
+        if state is not None and state not in ops.STATES:
+            raise _bad_request(f"state must be one of {', '.join(ops.STATES)}")
+        entries = await _on_store(rt, partial(ops.list_dead_letters, state=state, service=service))
+        return jsonify([e.to_json() for e in entries])
+
+    @bp.post("/dlq/replay")
+    async def replay() -> Response:
+        body = _object(await request.get_json(force=True, silent=True), _REPLAY_KEYS)
+        result = await _on_store(rt, _replay_request(body, rt.wall_clock()))
+        if result["replayed"]:
+            rt.wake_retrier()  # due now: the retrier should not wait for its next interval
+        return jsonify(result)
+
+    @bp.post("/dlq/purge")
+    async def purge() -> Response:
+        body = _object(await request.get_json(force=True, silent=True), _PURGE_KEYS)
+        state, older_than_s = _purge_request(body)
+        count = await _on_store(rt, partial(ops.purge, state=state, older_than_s=older_than_s, now=rt.wall_clock()))
+        return jsonify({"purged": count})
+
+    @bp.get("/status")
+    async def status() -> Response:
+        config = rt.config
+        work = partial(ops.status, session_ttl_s=config.sessions.ttl_s, now=rt.wall_clock(), path=config.store.path)
+        return jsonify(await _on_store(rt, work))
+
+    @bp.route("/", defaults={"rest": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    @bp.route("/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def unknown(rest: str) -> Response:
+        # Only reached once authorized: an unknown path must not answer before the token is checked.
+        raise AdminError(404, "not_found")
+
+    return bp
+
+
+def _authorize(token: str, header: str) -> None:
+    """Raise unless `header` is ``Bearer <token>``; with no token the API does not exist."""
+    if not token:
+        raise AdminError(404, "not_found")
+    scheme, _, presented = header.partition(" ")
+    # compare_digest: the time taken must not tell how much of a guess was right.
+    if scheme.lower() != "bearer" or not secrets.compare_digest(presented.strip().encode(), token.encode()):
+        log.warning("admin request refused: missing or wrong bearer token", extra={
+            "event": "admin_unauthorized", "method": request.method, "path": request.path,
+            "remote": request.remote_addr})
+        raise AdminError(401, "unauthorized")
+
+
+async def _on_store(rt: Runtime, work: Callable[[sqlite3.Connection], T]) -> T:
+    """`work` in a worker thread, on a connection of its own to the store of the current config."""
+    store = rt.config.store
+    try:
+        return await trio.to_thread.run_sync(_with_connection, store.path, store.busy_timeout_ms, work)
+    except (ops.OperationsError, SchemaError, sqlite3.Error) as exc:
+        log.warning("admin: store unavailable", extra={"event": "admin_store_error", "error": str(exc)})
+        raise AdminError(503, "store_unavailable", str(exc)) from exc
+
+
+def _with_connection(path: Path, busy_timeout_ms: int, work: Callable[[sqlite3.Connection], T]) -> T:
+    conn = ops.open_store(path, busy_timeout_ms)
+    try:
+        return work(conn)
+    finally:
+        conn.close()
+
+
+def _object(body: Any, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise _bad_request("expected a JSON object")
+    if extra := sorted(set(body) - allowed):
+        raise _bad_request(f"unknown key(s): {', '.join(extra)}")
+    return body
+
+
+def _replay_request(body: dict[str, Any], now: float) -> Callable[[sqlite3.Connection], dict[str, Any]]:
+    """The replay that ``{"ids": [...]}`` or ``{"all": true, ...}`` asks for, validated before any
+    connection is opened."""
+    ids, replay_all = body.get("ids"), body.get("all", False)
+    if not isinstance(replay_all, bool):
+        raise _bad_request('"all" must be true or false')
+    if (ids is None) == (not replay_all):
+        raise _bad_request('give "ids" (a list of dead letter ids or wamids) or "all": true')
+    if replay_all:
+        state, service = body.get("state", "abandoned"), body.get("service")
+        if state not in ops.REPLAYABLE:
+            raise _bad_request(f'"state" must be one of {", ".join(ops.REPLAYABLE)}')
+        if service is not None and not isinstance(service, str):
+            raise _bad_request('"service" must be a string')
+        return lambda conn: {"replayed": ops.replay_all(conn, now, state=state, service=service)}
+    if "state" in body or "service" in body:
+        raise _bad_request('"state" and "service" go with "all": true')
+    if not isinstance(ids, list) or not ids or not all(_is_id(i) for i in ids):
+        raise _bad_request('"ids" must be a non-empty list of dead letter ids (integers) or wamids (strings)')
+    return lambda conn: ops.replay(conn, ids, now).to_json()
+
+
+def _is_id(value: Any) -> bool:
+    # bool is an int in Python, but `true` is not a row id.
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and bool(value.strip()))
+
+
+def _purge_request(body: dict[str, Any]) -> tuple[str, float]:
+    state, older_than = body.get("state"), body.get("older_than")
+    if state not in ops.PURGEABLE:
+        raise _bad_request(f'"state" must be one of {", ".join(ops.PURGEABLE)} (pending entries are never purged)')
+    if not isinstance(older_than, str):
+        raise _bad_request('"older_than" must be a duration such as "7d", "12h", "30m" or "90s"')
+    try:
+        return state, ops.parse_duration(older_than)
+    except ValueError as exc:
+        raise _bad_request(str(exc)) from None
