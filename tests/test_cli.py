@@ -76,6 +76,13 @@ def test_run_refuses_to_start_without_an_app_secret(tmp_path: Path) -> None:
     assert "whatsapp.app_secret: required" in result.stderr
 
 
+def test_check_config_without_an_app_secret_warns_that_run_would_refuse(tmp_path: Path) -> None:
+    result = wacored("check-config", "-c", str(ROOT / "wacored.toml"), env=clean_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warning: whatsapp.app_secret: required" in result.stdout
+    assert "`run` will refuse to start" in result.stdout
+
+
 def test_dev_env_generates_private_secrets_once(tmp_path: Path) -> None:
     env = clean_env()
     first = wacored("dev-env", env=env, cwd=tmp_path)

@@ -70,3 +70,21 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT key, state FROM messages").fetchall() == [("wamid.1", "queued")]
         assert db.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+
+
+def test_ids_written_as_null_by_hand_read_as_empty_strings(tmp_path: Path) -> None:
+    """A header is never None, whoever wrote the row (an operator's repair, an old import)."""
+    path = tmp_path / "db"
+    migrate(path)
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute(
+            "INSERT INTO messages (key, kind, sender, service, reason, target, body, received_at, state)"
+            " VALUES ('wamid.1', 'message', '2507', 'rides', 'keyword', 'rides', x'7b7d', 1.0, 'dead_lettered')"
+        )
+        db.execute(
+            "INSERT INTO dead_letters (message_id, key, service, state, reason, error, attempts, next_attempt_at,"
+            " created_at) VALUES (1, 'wamid.1', 'rides', 'pending', 'transient', 'x', 0, 5.0, 1.0)"
+        )
+    (due,) = Reader(path).due_dead_letters(10.0, 5)
+    d = due.delivery
+    assert (d.key, d.request_id, d.correlation_id, d.traceparent) == ("wamid.1", "", "", "")

@@ -54,8 +54,8 @@ def environment(env_file: Path | None) -> dict[str, str]:
 def load_config(args: argparse.Namespace, *, need_secret: bool = True) -> Config | None:
     """The config with its secrets, or None after printing every problem (to stderr).
 
-    Only what talks to Meta or serves it (`run`, `simulate`, and `check-config`, which says whether
-    `run` would start) needs the app secret; the operator's commands work on the store without it.
+    Only what talks to Meta or serves it (`run`, `simulate`) needs the app secret; `check-config` warns
+    when it is missing, and the operator's commands work on the store without it.
     """
     try:
         config = Config.load(Path(args.config), environment(args.env_file))
@@ -70,8 +70,12 @@ def load_config(args: argparse.Namespace, *, need_secret: bool = True) -> Config
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    if (config := load_config(args)) is None:
+    if (config := load_config(args, need_secret=False)) is None:
         return 1
+    # Only `run` and `simulate` refuse without secrets (ARCHITECTURE, "Operations contract"): the file
+    # may be checked where they are not set. Say what `run` would refuse.
+    for problem in config.secret_problems():
+        print(f"warning: {problem} (`run` will refuse to start)")
     for warning in config.warnings:
         print(f"warning: {warning}")
     if config.server.tls:

@@ -198,9 +198,15 @@ _INSERT = (
     "INSERT OR IGNORE INTO messages (key, kind, sender, service, reason, target, body, request_id,"
     " correlation_id, traceparent, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 )
-_DELIVERY_COLUMNS = (  # in `Delivery`'s field order
-    "key, kind, sender, service, reason, target, body, request_id, correlation_id, traceparent, received_at, id"
-)
+def _delivery_columns(table: str = "") -> str:
+    """The columns of a `Delivery`, in its field order; ids the schema lets be NULL (a row written by
+    hand) read as empty strings, so a header is never None."""
+    t = f"{table}." if table else ""
+    return ", ".join([
+        *(f"{t}{c}" for c in ("key", "kind", "sender", "service", "reason", "target", "body")),
+        *(f"COALESCE({t}{c}, '')" for c in ("request_id", "correlation_id", "traceparent")),
+        f"{t}received_at", f"{t}id",
+    ])
 
 
 class WriteConnection:
@@ -327,7 +333,7 @@ class WriteConnection:
 
     def queued(self, target: str, from_id: int, limit: int) -> list[Delivery]:
         rows = self.conn.execute(
-            f"SELECT {_DELIVERY_COLUMNS} FROM messages WHERE target = ? AND state = 'queued' AND id >= ?"
+            f"SELECT {_delivery_columns()} FROM messages WHERE target = ? AND state = 'queued' AND id >= ?"
             " ORDER BY id LIMIT ?",
             (target, from_id, limit),
         ).fetchall()
@@ -377,9 +383,9 @@ class Reader:
 
     def due_dead_letters(self, now: float, limit: int) -> list[DeadLetter]:
         """Pending dead letters due at `now`, oldest due first, with the messages to deliver."""
-        columns = ", ".join(f"m.{c.strip()}" for c in _DELIVERY_COLUMNS.split(","))
         rows = self.conn.execute(
-            f"SELECT d.id, d.attempts, {columns} FROM dead_letters AS d JOIN messages AS m ON m.id = d.message_id"
+            f"SELECT d.id, d.attempts, {_delivery_columns('m')} FROM dead_letters AS d"
+            " JOIN messages AS m ON m.id = d.message_id"
             " WHERE d.state = 'pending' AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at, d.id LIMIT ?",
             (now, limit),
         ).fetchall()
