@@ -48,6 +48,13 @@ class RestartPolicy:
         return min(self.config.backoff_base_s * 2.0 ** (n - 1), self.config.backoff_max_s)
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of what went wrong, looking through the nursery groups trio wraps errors in."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
 class _Started:
     """Passes `started` on to the real task status, remembering that it was called."""
 
@@ -81,7 +88,7 @@ async def supervise(
             await start(status if not status.done else trio.TASK_STATUS_IGNORED)
             return
         except Exception as exc:
-            state.error = f"{type(exc).__name__}: {exc}"
+            state.error = describe(exc)
             log.exception("actor crashed", extra={"event": "actor_crashed", "actor": name})
             if not status.done:
                 raise
