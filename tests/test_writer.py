@@ -131,3 +131,24 @@ async def test_forwarder_delivers_a_spilled_backlog_once_each_in_order(tmp_path:
             await all_received.wait()
         nursery.cancel_scope.cancel()
     assert received == keys
+
+
+async def test_dead_lettering_a_message_again_never_resets_its_retries(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    async with trio.open_nursery() as nursery:
+        writes, _ = await start_writer(nursery, path)
+        (mid,) = await ingest(writes, [row("again")])
+        assert mid is not None
+        failed = Outcome(mid, False, 3, 2000.0, "HTTP 503: busy", target="rides", key="again", retry_at=2120.0)
+        await writes.send(Record(failed))
+        await ingest(writes, [])  # a barrier: the record above is committed
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE dead_letters SET attempts = 2, next_attempt_at = 9000")
+        await writes.send(Record(Outcome(mid, False, 1, 3000.0, "HTTP 502: again", target="rides", key="again",
+                                         retry_at=3120.0)))
+        await ingest(writes, [])
+        await writes.aclose()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT state, attempts, next_attempt_at, error FROM dead_letters").fetchall() == [
+        ("pending", 2, 9000.0, "HTTP 502: again")
+    ]

@@ -294,9 +294,10 @@ class WriteConnection:
         self.conn.execute(
             "INSERT INTO dead_letters (message_id, key, service, state, reason, error, status_code,"
             " attempts, next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT(message_id) DO UPDATE SET state = excluded.state, reason = excluded.reason,"
-            " error = excluded.error, status_code = excluded.status_code,"
-            " next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at",
+            # Dead-lettered again (delivered twice after a crash): the entry keeps its retries made,
+            # and one that is already final stays final, so nothing is ever retried without end.
+            " ON CONFLICT(message_id) DO UPDATE SET error = excluded.error, status_code = excluded.status_code,"
+            " updated_at = excluded.updated_at WHERE dead_letters.state = 'pending'",
             (
                 outcome.message_id, outcome.key, outcome.target, dl_state, reason, outcome.error,
                 outcome.status_code, 0, next_at, outcome.at, outcome.at,
