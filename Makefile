@@ -21,8 +21,8 @@ test: $(STAMP) lint tools
 	$(BIN)/python -m pytest
 
 # The deploy tests run the real tools: promtool and prometheus (Debian's prometheus package ships both;
-# the tests start their own; a service the package started under systemd is stopped and disabled), nginx for `nginx -t`, shellcheck.
-# Installed once, when missing; `apt-get` needs root, as on CI.
+# the tests start their own, so a service the package started under systemd is stopped and disabled),
+# nginx and shellcheck. Installed once, when missing; `apt-get` needs root, as on CI.
 TOOLS := promtool prometheus nginx shellcheck
 tools:
 	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
