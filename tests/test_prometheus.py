@@ -135,13 +135,10 @@ async def test_every_dashboard_query_returns_data_and_every_alert_evaluates(
         prometheus, api = await run_prometheus(tmp_path, url.removeprefix("http://"))
         try:
             async with httpx.AsyncClient(trust_env=False, base_url=api, timeout=10) as http:
-                await poll(http, 'up{job="wacored"} == 1', "Prometheus never scraped wacored")
+                await poll(http, 'up{job="wacored"} == 1', "Prometheus never scraped wacored", within=15)
                 await feed(url)
                 await services.wait_for(1, "/rides")
-                # Dead letters are counted by the daemon now and then; wait until they show, and until
-                # rate() over the dashboard's 1m has points after the traffic.
-                await poll(http, 'sum(wacored_dead_letters{state=~"pending|abandoned"}) > 0',
-                           "no dead letter ever showed in wacored_dead_letters", within=60)
+                # rate() over the dashboard's 1m needs a few scrapes after the traffic.
                 await poll(http, 'sum(increase(wacored_webhook_requests_total{outcome="accepted"}[1m])) > 0',
                            "no accepted request in the scraped counters")
                 failures = []
