@@ -76,7 +76,11 @@ mkdir -p "$opt_dir"
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
     { echo "install.sh: $python is older than Python 3.11" >&2; exit 1; }
 "$python" -m venv "$opt_dir/venv"
-"$opt_dir/venv/bin/pip" install --quiet --disable-pip-version-check "$source_dir"
+# Build from a copy: pip builds in the tree it is given and would leave build/ in the checkout.
+build_dir="$(mktemp -d)"
+trap 'rm -rf "$build_dir"' EXIT
+cp -r "$source_dir/pyproject.toml" "$source_dir/README.md" "$source_dir/wacored" "$build_dir/"
+"$opt_dir/venv/bin/pip" install --quiet --disable-pip-version-check "$build_dir"
 install -m 0644 "$source_dir/README.md" "$opt_dir/README.md"
 echo "    $("$opt_dir/venv/bin/python" -c 'import wacored.runtime as r; print("wacored", r.VERSION)')"
 
