@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= wacored.toml
 
-.PHONY: run test lint bench check-config clean
+.PHONY: run test lint tools bench check-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,22 @@ run: $(STAMP)
 	$(BIN)/wacored dev-env var/dev.env
 	$(BIN)/wacored run -c $(CONFIG) --env-file var/dev.env
 
-test: $(STAMP) lint
+test: $(STAMP) lint tools
 	$(BIN)/python -m pytest
+
+# The deploy tests run the real tools: promtool and prometheus (Debian's prometheus package ships both;
+# the tests start their own, so a service the package started under systemd is stopped and disabled),
+# nginx and shellcheck. Installed once, when missing; `apt-get` needs root, as on CI.
+TOOLS := promtool prometheus nginx shellcheck
+tools:
+	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			prometheus nginx shellcheck >/dev/null || \
+			{ echo "make tools: could not install$$missing (apt-get install prometheus nginx shellcheck)"; exit 1; }; \
+		if [ -d /run/systemd/system ]; then systemctl disable --now --quiet prometheus nginx || true; fi; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check wacored tests bench

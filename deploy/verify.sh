@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Post-deploy check of a running wacored, against its own listener (not the TLS proxy, which only
+# exposes /webhook). Prints PASS or FAIL for each check and a summary; exits 1 if any check failed.
+#
+# Usage: deploy/verify.sh [--env-file FILE] [--from NUMBER] [--text TEXT] [URL]
+#   URL             wacored's listener (default http://127.0.0.1:8080)
+#   --env-file FILE KEY=VALUE file that fills in unset variables, e.g. /etc/wacored/wacored.env
+#   --from NUMBER   sender of the signed test message (default $WACORED_VERIFY_SENDER, else 15550000000)
+#   --text TEXT     its text (default "menu": wacored answers it by sending the home menu to NUMBER,
+#                   so use your own WhatsApp number to see it arrive; a made-up number ends as one
+#                   abandoned dead letter)
+# Secrets: WACORED_VERIFY_TOKEN (the handshake) and WACORED_APP_SECRET (signing the test message),
+# from the environment or --env-file.
+#
+# Checks: health (status healthy), database (reachable, schema version), actors (every one running),
+# metrics (/metrics exposes wacored_*), handshake (the challenge is echoed), message (a signed message
+# is accepted and routed).
+set -euo pipefail
+
+url="http://127.0.0.1:8080"
+env_file=""
+sender="${WACORED_VERIFY_SENDER:-15550000000}"
+text="menu"
+
+usage() {
+    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --env-file) env_file="${2:?--env-file needs a file}"; shift 2 ;;
+        --from) sender="${2:?--from needs a number}"; shift 2 ;;
+        --text) text="${2:?--text needs a text}"; shift 2 ;;
+        -h | --help) usage; exit 0 ;;
+        -*) echo "verify.sh: unknown option: $1" >&2; usage >&2; exit 2 ;;
+        *) url="$1"; shift ;;
+    esac
+done
+url="${url%/}"
+
+# Fill in unset variables from the env file, without executing it (it is data, not a script).
+if [[ -n "$env_file" ]]; then
+    [[ -r "$env_file" ]] || { echo "verify.sh: cannot read $env_file" >&2; exit 2; }
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        line="${line#export }"
+        [[ "$line" =~ ^[[:space:]]*([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || continue
+        key="${BASH_REMATCH[1]}"
+        value="${BASH_REMATCH[2]}"
+        value="${value#[\"\']}"
+        value="${value%[\"\']}"
+        if [[ -z "${!key:-}" ]]; then export "$key=$value"; fi
+    done <"$env_file"
+fi
+verify_token="${WACORED_VERIFY_TOKEN:-${WA_VERIFY_TOKEN:-}}"
+app_secret="${WACORED_APP_SECRET:-${WHATSAPP_APP_SECRET:-${WA_APP_SECRET:-}}}"
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+passed=0
+failed=0
+pass() { printf 'PASS  %-10s %s\n' "$1" "$2"; passed=$((passed + 1)); }
+fail() { printf 'FAIL  %-10s %s\n' "$1" "$2"; failed=$((failed + 1)); }
+
+# fetch NAME CURL-ARGS...: the body goes to $tmp/NAME, the HTTP status to $status (000: no answer,
+# curl's error in $tmp/NAME.err).
+status=""
+fetch() {
+    local name="$1"
+    shift
+    status="$(curl --silent --show-error --noproxy '*' --max-time 10 --output "$tmp/$name" \
+        --write-out '%{http_code}' "$@" 2>"$tmp/$name.err")" || true
+    [[ -n "$status" ]] || status="000"
+}
+no_answer() { printf 'no answer from %s: %s' "$url" "$(head -c 200 "$tmp/$1.err")"; }
+
+# health, database, actors: one GET /health. The Python reads the JSON; it prints the detail and
+# exits 1 when the check fails.
+fetch health "$url/health"
+health_check() {
+    python3 - "$1" "$tmp/health" <<'PY'
+import json, sys
+check, path = sys.argv[1], sys.argv[2]
+try:
+    body = json.load(open(path, encoding="utf-8"))
+except ValueError:
+    print("/health did not answer JSON"); sys.exit(1)
+checks = body.get("checks", {})
+if check == "health":
+    print(f"status {body.get('status')}, version {body.get('version')}, up {body.get('uptime_s')} s")
+    sys.exit(body.get("status") != "healthy")
+if check == "database":
+    db = checks.get("database", {})
+    if db.get("status") != "ok":
+        print(f"store not readable: {db.get('error', db)}"); sys.exit(1)
+    print(f"schema version {db.get('schema_version')} at {db.get('path')}")
+    sys.exit(not isinstance(db.get("schema_version"), int) or db["schema_version"] < 1)
+if check == "actors":
+    actors = checks.get("actors", {})
+    down = [f"{name} ({a.get('error') or a.get('status')})" for name, a in actors.items() if a.get("status") != "running"]
+    down += [f"{name} (missing)" for name in ("writer", "ingress") if name not in actors]
+    if down:
+        print("not running: " + ", ".join(down)); sys.exit(1)
+    print(f"{len(actors)} running: " + ", ".join(sorted(actors)))
+PY
+}
+for check in health database actors; do
+    if [[ "$status" == "000" ]]; then
+        fail "$check" "$(no_answer health)"
+    elif detail="$(health_check "$check")"; then
+        pass "$check" "$detail"
+    else
+        fail "$check" "HTTP $status: $detail"
+    fi
+done
+
+# metrics: the families the dashboard and the alerts rely on.
+fetch metrics "$url/metrics"
+if [[ "$status" == "000" ]]; then
+    fail metrics "$(no_answer metrics)"
+elif [[ "$status" != "200" ]]; then
+    fail metrics "GET /metrics answered HTTP $status"
+else
+    missing=""
+    for family in wacored_build_info wacored_webhook_requests_total wacored_ack_latency_seconds_bucket \
+        wacored_actor_up wacored_breaker_state wacored_dead_letters wacored_queue_depth; do
+        grep -q "^${family}[{ ]" "$tmp/metrics" || missing="$missing $family"
+    done
+    if [[ -n "$missing" ]]; then
+        fail metrics "missing:$missing"
+    else
+        pass metrics "$(grep -c '^wacored_' "$tmp/metrics") wacored_* samples"
+    fi
+fi
+
+# handshake: what Meta sends when the webhook is (re)configured.
+if [[ -z "$verify_token" ]]; then
+    fail handshake "WACORED_VERIFY_TOKEN is not set (environment or --env-file)"
+else
+    challenge="verify-$RANDOM$RANDOM"
+    fetch handshake --get --data-urlencode "hub.mode=subscribe" --data-urlencode "hub.verify_token=$verify_token" \
+        --data-urlencode "hub.challenge=$challenge" "$url/webhook"
+    if [[ "$status" == "000" ]]; then
+        fail handshake "$(no_answer handshake)"
+    elif [[ "$status" == "200" && "$(cat "$tmp/handshake")" == "$challenge" ]]; then
+        pass handshake "the challenge was echoed"
+    else
+        fail handshake "HTTP $status: $(head -c 200 "$tmp/handshake") (is WACORED_VERIFY_TOKEN the daemon's?)"
+    fi
+fi
+
+# message: a signed WhatsApp webhook with one new message, the way Meta sends it. The secret reaches
+# Python through the environment, never a command line.
+if [[ -z "$app_secret" ]]; then
+    fail message "WACORED_APP_SECRET is not set (environment or --env-file)"
+else
+    signature="$(VERIFY_SECRET="$app_secret" VERIFY_FROM="$sender" VERIFY_TEXT="$text" python3 - "$tmp/message.json" <<'PY'
+import hashlib, hmac, json, os, sys, time, uuid
+sender, now = os.environ["VERIFY_FROM"], int(time.time())
+message = {"from": sender, "id": f"wamid.VERIFY{uuid.uuid4().hex}", "timestamp": str(now), "type": "text",
+           "text": {"body": os.environ["VERIFY_TEXT"]}}
+value = {"messaging_product": "whatsapp",
+         "metadata": {"display_phone_number": "15550000000", "phone_number_id": "VERIFY"},
+         "contacts": [{"profile": {"name": "wacored verify.sh"}, "wa_id": sender}], "messages": [message]}
+body = json.dumps({"object": "whatsapp_business_account",
+                   "entry": [{"id": "VERIFY", "changes": [{"value": value, "field": "messages"}]}]}).encode()
+open(sys.argv[1], "wb").write(body)
+print("sha256=" + hmac.new(os.environ["VERIFY_SECRET"].encode(), body, hashlib.sha256).hexdigest())
+PY
+)"
+    fetch message -X POST -H "Content-Type: application/json" -H "X-Hub-Signature-256: $signature" \
+        -H "X-Request-ID: verify-$RANDOM$RANDOM" --data-binary "@$tmp/message.json" "$url/webhook"
+    if [[ "$status" == "000" ]]; then
+        fail message "$(no_answer message)"
+    elif route="$(python3 - "$tmp/message" <<'PY'
+import json, sys
+try:
+    body = json.load(open(sys.argv[1], encoding="utf-8"))
+    route = body["routes"][0]
+except (ValueError, KeyError, IndexError, TypeError):
+    sys.exit(1)
+if body.get("accepted") != 1:
+    sys.exit(1)
+print(f"routed to {route['service']} ({route['reason']}), message {route['message_id']}")
+PY
+)" && [[ "$status" == "200" ]]; then
+        pass message "$route"
+    else
+        fail message "HTTP $status: $(head -c 200 "$tmp/message")"
+    fi
+fi
+
+printf '%d passed, %d failed\n' "$passed" "$failed"
+[[ "$failed" -eq 0 ]]

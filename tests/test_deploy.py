@@ -1,0 +1,433 @@
+"""deploy/: the files an operator installs, each checked by the real tool that reads it.
+
+promtool (alert rules and their unit tests), systemd-analyze (the unit), nginx (the TLS site, run in
+front of a real daemon), shellcheck, and the two scripts: install.sh as a dry install under
+``--prefix``, verify.sh against real daemon processes on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import ssl
+import stat
+import subprocess
+import sys
+import tomllib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trustme
+
+from wacored.whatsapp import sign, text_webhook
+
+from .conftest import SECRET, VERIFY_TOKEN, Downstream, config_mapping
+from .test_cli import _toml, clean_env, free_port
+
+ROOT = Path(__file__).parent.parent
+DEPLOY = ROOT / "deploy"
+RULES = DEPLOY / "prometheus" / "wacored.rules.yml"
+RULE_TESTS = DEPLOY / "prometheus" / "wacored.rules.test.yml"
+UNIT = DEPLOY / "systemd" / "wacored.service"
+SITE = DEPLOY / "nginx" / "wacored.conf"
+README = ROOT / "README.md"
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed (`make tools` installs it)")
+    return path
+
+
+def run(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, timeout=timeout,
+                          check=False)
+
+
+# --- Prometheus rules ------------------------------------------------------------------------------
+
+
+def alerts() -> dict[str, str]:
+    """Each alert's name and its block of the rules file."""
+    blocks = re.split(r"^      - alert: ", RULES.read_text(), flags=re.M)[1:]
+    return {block.split("\n", 1)[0].strip(): block for block in blocks}
+
+
+def test_promtool_accepts_the_scrape_config_and_the_rules() -> None:
+    result = run(need("promtool"), "check", "config", DEPLOY / "prometheus" / "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(alerts())} rules found" in result.stdout
+
+
+def test_the_alert_unit_tests_pass() -> None:
+    result = run(need("promtool"), "test", "rules", RULE_TESTS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_every_alert_is_tested_firing_and_not_firing() -> None:
+    firing: dict[str, int] = {}
+    quiet: dict[str, int] = {}
+    for case in re.split(r"^      - alertname: ", RULE_TESTS.read_text(), flags=re.M)[1:]:
+        name = case.split("\n", 1)[0].strip()
+        table = firing if "exp_alerts:" in case else quiet
+        table[name] = table.get(name, 0) + 1
+    names = set(alerts())
+    assert len(names) >= 12
+    assert names - set(firing) == set(), "alerts never tested firing"
+    assert names - set(quiet) == set(), "alerts never tested quiet"
+    assert set(firing) | set(quiet) <= names, "tests of alerts that do not exist"
+
+
+def test_every_alert_has_a_severity_a_summary_a_description_and_a_runbook_in_the_readme() -> None:
+    readme = README.read_text()
+    for name, block in alerts().items():
+        assert re.search(r"severity: (critical|warning)\n", block), name
+        assert "summary: " in block, name
+        assert "description: " in block, name
+        assert f'runbook_url: "README.md#{name.lower()}"' in block, name
+        assert f"\n#### {name}\n" in readme, f"README.md has no troubleshooting entry for {name}"
+
+
+# --- systemd ---------------------------------------------------------------------------------------
+
+
+def unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_the_unit_has_the_promised_settings() -> None:
+    s = unit_settings()
+    assert s["Type"] == ["notify"]
+    assert s["ExecStart"] == ["/opt/wacored/venv/bin/wacored run -c /etc/wacored/wacored.toml"]
+    assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert s["WatchdogSec"] == ["30"]
+    assert s["Restart"] == ["on-failure"]
+    assert s["StateDirectory"] == ["wacored"]
+    assert s["EnvironmentFile"] == ["/etc/wacored/wacored.env"]
+    assert s["User"] == ["wacored"]
+    assert s["CapabilityBoundingSet"] == [""]
+    assert s["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "ProtectKernelTunables", "ProtectControlGroups",
+                "LockPersonality", "MemoryDenyWriteExecute"):
+        assert s[key] == ["yes"], key
+    assert s["ProtectSystem"] == ["strict"]
+    assert "@system-service" in s["SystemCallFilter"]
+    # The drain (deliveries in flight, then hypercorn's keep-alive grace) must end before systemd kills.
+    config = tomllib.loads((ROOT / "wacored.toml").read_text())
+    assert int(s["TimeoutStopSec"][0]) > config["server"]["drain_timeout_s"] + 10
+
+
+def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
+    tool = need("systemd-analyze")
+    # verify also checks that ExecStart's binary exists: point it at this checkout's wacored.
+    wacored = Path(sys.executable).parent / "wacored"
+    unit = tmp_path / "wacored.service"
+    unit.write_text(UNIT.read_text().replace("/opt/wacored/venv/bin/wacored", str(wacored)))
+    result = run(tool, "verify", unit)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    if not Path("/opt/wacored/venv/bin/wacored").exists():
+        # The shipped file as it is: the missing binary is the one and only complaint.
+        result = run(tool, "verify", UNIT)
+        complaints = {line for line in result.stderr.splitlines() if line}
+        assert complaints == {"wacored.service: Command /opt/wacored/venv/bin/wacored is not executable: "
+                              "No such file or directory"}
+
+
+def test_the_unit_is_well_hardened(tmp_path: Path) -> None:
+    tool = need("systemd-analyze")
+    unit = tmp_path / "wacored.service"
+    shutil.copy(UNIT, unit)
+    # --threshold is on systemd's internal 0-100 scale: 20 is the "2.0" it prints.
+    result = subprocess.run([tool, "security", "--offline=true", "--threshold=20", unit.name], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"Overall exposure level for wacored.service: [01]\.\d OK", result.stdout)
+
+
+# --- shell scripts ---------------------------------------------------------------------------------
+
+
+def test_the_scripts_are_shellcheck_clean() -> None:
+    result = run(need("shellcheck"), DEPLOY / "install.sh", DEPLOY / "verify.sh")
+    assert result.returncode == 0, result.stdout
+
+
+# --- install.sh --prefix ---------------------------------------------------------------------------
+
+
+@dataclass
+class Install:
+    root: Path
+    first: subprocess.CompletedProcess[str]
+    second: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module")
+def install(tmp_path_factory: pytest.TempPathFactory) -> Install:
+    """One dry install, then a second run over it after the operator edited the config and secrets."""
+    root = tmp_path_factory.mktemp("install")
+    first = run("bash", DEPLOY / "install.sh", "--prefix", root, "--python", sys.executable, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    with (root / "etc/wacored/wacored.toml").open("a") as f:
+        f.write("# edited by the operator\n")
+    env = root / "etc/wacored/wacored.env"
+    env.write_text(env.read_text().replace("WACORED_APP_SECRET=\n", "WACORED_APP_SECRET=s3cret\n"))
+    second = run("bash", DEPLOY / "install.sh", "--prefix", root, "--python", sys.executable, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    return Install(root, first, second)
+
+
+def test_a_dry_install_writes_everything_under_the_prefix(install: Install) -> None:
+    root = install.root
+    assert (root / "etc/systemd/system/wacored.service").read_text() == UNIT.read_text()
+    config = tomllib.loads((root / "etc/wacored/wacored.toml").read_text())
+    assert config["store"]["path"] == "/var/lib/wacored/wacored.db"
+    assert config["services"] == tomllib.loads((ROOT / "wacored.toml").read_text())["services"]
+    assert os.access(root / "opt/wacored/venv/bin/wacored", os.X_OK)
+    assert sorted(p.name for p in root.iterdir()) == ["etc", "opt"]
+
+
+def test_the_secrets_file_is_private_and_holds_empty_placeholders(install: Install) -> None:
+    env = install.root / "etc/wacored/wacored.env"
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600
+    assignments = [line for line in env.read_text().splitlines() if line and not line.startswith("#")]
+    # systemd takes everything after "=" as the value: a comment on the line would become the secret.
+    assert assignments == ["WACORED_APP_SECRET=s3cret", "WACORED_VERIFY_TOKEN=", "WACORED_ACCESS_TOKEN=",
+                           "WACORED_PHONE_NUMBER_ID="]
+
+
+def test_a_dry_install_only_says_what_it_would_do_to_the_system(install: Install) -> None:
+    out = install.first.stdout
+    assert "would run: useradd --system --user-group --home-dir /var/lib/wacored" in out
+    for command in ("systemctl daemon-reload", "systemctl enable wacored.service",
+                    "systemctl try-restart wacored.service"):
+        assert f"would run: {command}" in out
+    assert "ok (7 services" in out  # the installed wacored checked the installed config
+
+
+def test_installing_again_keeps_the_operators_config_and_secrets(install: Install) -> None:
+    assert install.second.stdout.count("exists: kept as it is") == 2
+    assert (install.root / "etc/wacored/wacored.toml").read_text().endswith("# edited by the operator\n")
+    assert "WACORED_APP_SECRET=s3cret\n" in (install.root / "etc/wacored/wacored.env").read_text()
+
+
+def test_the_installed_unit_verifies_against_the_installed_wacored(install: Install, tmp_path: Path) -> None:
+    tool = need("systemd-analyze")
+    unit = tmp_path / "wacored.service"
+    installed = (install.root / "etc/systemd/system/wacored.service").read_text()
+    unit.write_text(installed.replace("/opt/wacored/", f"{install.root}/opt/wacored/"))
+    result = run(tool, "verify", unit)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+# --- real daemon processes -------------------------------------------------------------------------
+
+MDWE = """
+import ctypes, os, sys
+# PR_SET_MDWE (65), PR_MDWE_REFUSE_EXEC_GAIN (1): what MemoryDenyWriteExecute=yes asks of the kernel.
+if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:
+    raise OSError(ctypes.get_errno(), "prctl(PR_SET_MDWE)")
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+@asynccontextmanager
+async def daemon_process(
+    tmp_path: Path, services: Downstream, graph: Downstream, *, wrapper: Sequence[str] = ()
+) -> AsyncIterator[str]:
+    """A `wacored run` process on a free port; yields its URL once /health answers."""
+    data = config_mapping(tmp_path, services.url, graph.url)
+    port = free_port()
+    data["server"]["listen"] = f"127.0.0.1:{port}"
+    (tmp_path / "wacored.toml").write_text(_toml(data))
+    command = [sys.executable, *wrapper, "-m", "wacored", "run", "-c", str(tmp_path / "wacored.toml")]
+    url = f"http://127.0.0.1:{port}"
+    with (tmp_path / "daemon.log").open("wb") as log:
+        process = await trio.lowlevel.open_process(command, env=clean_env(), cwd=tmp_path, stdout=log, stderr=log)
+    try:
+        await wait_until_answering(f"{url}/health", process)
+        yield url
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(15):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def wait_until_answering(url: str, process: trio.Process, **client: object) -> None:
+    async with httpx.AsyncClient(trust_env=False, **client) as http:  # type: ignore[arg-type]
+        with trio.fail_after(20):
+            while True:
+                assert process.returncode is None, f"{process.args!r} exited with {process.returncode}"
+                try:
+                    await http.get(url)
+                    return
+                except httpx.TransportError:
+                    await trio.sleep(0.05)
+
+
+async def verify(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    result = await trio.run_process(["bash", str(DEPLOY / "verify.sh"), *args], capture_stdout=True,
+                                    capture_stderr=True, check=False, env=env or clean_env())
+    return result.returncode, result.stdout.decode().splitlines()
+
+
+def verdicts(lines: list[str]) -> dict[str, str]:
+    """`{"health": "PASS", ...}` from verify.sh's output."""
+    return {m[2]: m[1] for line in lines if (m := re.match(r"^(PASS|FAIL)  (\w+) ", line))}
+
+
+async def test_verify_passes_every_check_but_metrics_against_a_running_daemon(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    env_file = tmp_path / "wacored.env"
+    env_file.write_text(f"WACORED_APP_SECRET={SECRET}\nexport WACORED_VERIFY_TOKEN='{VERIFY_TOKEN}'\n")
+    async with daemon_process(tmp_path, services, graph) as url:
+        code, lines = await verify("--env-file", str(env_file), "--from", "250788000777", url)
+        [menu] = await graph.wait_for(1)
+    got = verdicts(lines)
+    assert set(got) == {"health", "database", "actors", "metrics", "handshake", "message"}, lines
+    assert {name: v for name, v in got.items() if name != "metrics"} == dict.fromkeys(
+        ["health", "database", "actors", "handshake", "message"], "PASS"), lines
+    assert any(re.match(r"PASS  message +routed to wacored \(home_menu\)", line) for line in lines)
+    assert menu.json()["to"] == "250788000777"  # the test message went all the way through
+    assert code == (0 if got["metrics"] == "PASS" else 1)
+
+
+async def test_verify_passes_completely_against_a_running_daemon(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    """Needs /metrics serving the catalogue (the metrics work of issue 4)."""
+    async with daemon_process(tmp_path, services, graph) as url:
+        code, lines = await verify(url, env=clean_env(WACORED_APP_SECRET=SECRET, WACORED_VERIFY_TOKEN=VERIFY_TOKEN))
+    assert (code, lines[-1]) == (0, "6 passed, 0 failed"), lines
+
+
+async def test_verify_fails_on_a_wrong_url() -> None:
+    code, lines = await verify(f"http://127.0.0.1:{free_port()}",
+                               env=clean_env(WACORED_APP_SECRET=SECRET, WACORED_VERIFY_TOKEN=VERIFY_TOKEN))
+    assert code == 1
+    assert set(verdicts(lines).values()) == {"FAIL"}
+    assert lines[-1] == "0 passed, 6 failed"
+    assert "no answer from http://127.0.0.1:" in lines[0]
+
+
+async def test_verify_fails_on_wrong_secrets(tmp_path: Path, services: Downstream, graph: Downstream) -> None:
+    async with daemon_process(tmp_path, services, graph) as url:
+        code, lines = await verify(url, env=clean_env(WACORED_APP_SECRET="wrong", WACORED_VERIFY_TOKEN="wrong"))
+        no_secrets, bare = await verify(url)
+    got = verdicts(lines)
+    assert code == 1
+    assert (got["handshake"], got["message"]) == ("FAIL", "FAIL")
+    assert "HTTP 401" in next(line for line in lines if line.startswith("FAIL  message"))
+    assert no_secrets == 1
+    assert "WACORED_APP_SECRET is not set" in "\n".join(bare)
+    assert services.received == []
+    assert graph.received == []
+
+
+async def test_the_daemon_runs_with_memory_deny_write_execute(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    """MemoryDenyWriteExecute=yes in the unit: the same kernel rule, applied by prctl, then the daemon's
+    whole path (HTTP, SQLite, forwarding) exercised."""
+    async with daemon_process(tmp_path, services, graph, wrapper=["-c", MDWE]) as url:
+        body = text_webhook(text="rides", sender="250788000778", wamid="wamid.MDWE1", timestamp=1700000000)
+        async with httpx.AsyncClient(trust_env=False) as http:
+            r = await http.post(f"{url}/webhook", content=body,
+                                headers={"X-Hub-Signature-256": sign(SECRET, body)})
+        assert r.status_code == 200, r.text
+        [got] = await services.wait_for(1, "/rides")
+    assert got.message["id"] == "wamid.MDWE1"
+    assert "Permission denied" not in (tmp_path / "daemon.log").read_text()
+
+
+# --- nginx -----------------------------------------------------------------------------------------
+
+
+def nginx_site(tmp_path: Path, *, https_port: int, http_port: int, upstream_port: int) -> Path:
+    """The shipped site with this test's ports, certificate and log paths: nothing else changed."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    (tmp_path / "cert.pem").write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    site = SITE.read_text()
+    for old, new in [
+        ("listen 80;", f"listen 127.0.0.1:{http_port};"), ("listen [::]:80;", ""),
+        ("listen 443 ssl http2;", f"listen 127.0.0.1:{https_port} ssl http2;"), ("listen [::]:443 ssl http2;", ""),
+        ("server 127.0.0.1:8080;", f"server 127.0.0.1:{upstream_port};"),
+        ("/etc/letsencrypt/live/webhook.example.com/fullchain.pem", str(tmp_path / "cert.pem")),
+        ("/etc/letsencrypt/live/webhook.example.com/privkey.pem", str(tmp_path / "key.pem")),
+        ("/var/log/nginx/", f"{tmp_path}/"),
+    ]:
+        assert old in site, old
+        site = site.replace(old, new)
+    (tmp_path / "site.conf").write_text(site)
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"{user}pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+                    f"http {{\n  access_log off;\n  include {tmp_path}/site.conf;\n}}\n")
+    return conf
+
+
+def test_nginx_accepts_the_site(tmp_path: Path) -> None:
+    conf = nginx_site(tmp_path, https_port=free_port(), http_port=free_port(), upstream_port=8080)
+    result = run(need("nginx"), "-t", "-p", tmp_path, "-c", conf)
+    assert result.returncode == 0, result.stderr
+    assert "syntax is ok" in result.stderr
+
+
+async def test_nginx_proxies_the_webhook_over_tls(tmp_path: Path, services: Downstream, graph: Downstream) -> None:
+    nginx = need("nginx")
+    (tmp_path / "nginx").mkdir()
+    https_port = free_port()
+    async with daemon_process(tmp_path, services, graph) as url:
+        conf = nginx_site(tmp_path / "nginx", https_port=https_port, http_port=free_port(),
+                          upstream_port=int(url.rsplit(":", 1)[1]))
+        process = await trio.lowlevel.open_process(
+            [nginx, "-p", str(tmp_path / "nginx"), "-c", str(conf), "-g", "daemon off;"])
+        try:
+            public = f"https://localhost:{https_port}"
+            tls = ssl.create_default_context(cafile=tmp_path / "nginx" / "ca.pem")
+            await wait_until_answering(public, process, verify=tls)
+            async with httpx.AsyncClient(trust_env=False, verify=tls) as http:
+                body = text_webhook(text="jobs", sender="250788000779", wamid="wamid.NGINX1", timestamp=1700000000)
+                signed = {"X-Hub-Signature-256": sign(SECRET, body), "Content-Type": "application/json"}
+                ours = await http.post(f"{public}/webhook", content=body, headers={**signed, "X-Request-ID": "rid-1"})
+                theirs = await http.post(f"{public}/webhook", content=body, headers=signed)
+                handshake = await http.get(f"{public}/webhook", params={
+                    "hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": "c-1"})
+                health = await http.get(f"{public}/health")
+                big = await http.post(f"{public}/webhook", content=b"x" * (3 * 1024 * 1024 + 1), headers=signed)
+            [got] = await services.wait_for(1, "/jobs")
+        finally:
+            process.send_signal(signal.SIGQUIT)
+            with trio.move_on_after(10):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+    assert (ours.status_code, ours.headers["X-Routed-Service"], ours.headers["X-Request-ID"]) == (200, "jobs", "rid-1")
+    assert theirs.json()["duplicates"] == 1
+    assert re.fullmatch(r"[0-9a-f]{32}", theirs.headers["X-Request-ID"])  # nginx's $request_id
+    assert got.message["id"] == "wamid.NGINX1"
+    assert (handshake.status_code, handshake.text) == (200, "c-1")
+    assert health.status_code == 404  # only /webhook is public
+    assert big.status_code == 413
