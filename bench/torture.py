@@ -83,10 +83,19 @@ class RunError(Exception):
 
 @dataclass
 class Recorder:
-    """An ASGI app noting the ``Idempotency-Key`` of every POST before answering it 200."""
+    """An ASGI app noting the ``Idempotency-Key`` of every POST before answering it 200.
 
+    With `delay_s` it takes that long over each POST (more deliveries in flight when a signal comes);
+    with `fail_rate` it answers that share of POSTs 503 instead, recording nothing (a transient
+    failure: wacored retries, then dead-letters).
+    """
+
+    delay_s: float = 0.0
+    fail_rate: float = 0.0
+    rng: random.Random = field(default_factory=random.Random)
     keys: Counter[str] = field(default_factory=Counter)
     posts: int = 0
+    refused: int = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -97,11 +106,16 @@ class Recorder:
                     return
         while (await receive()).get("more_body", False):
             pass
+        status = 200
         if scope["method"] == "POST":
+            await trio.sleep(self.delay_s)
             self.posts += 1
-            headers = dict(scope["headers"])
-            self.keys[headers.get(b"idempotency-key", b"").decode()] += 1
-        await send({"type": "http.response.start", "status": 200,
+            if self.rng.random() < self.fail_rate:
+                status = 503
+                self.refused += 1
+            else:
+                self.keys[dict(scope["headers"]).get(b"idempotency-key", b"").decode()] += 1
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"{}"})
 
@@ -363,6 +377,7 @@ class Result:
     lost: list[str]
     drained: bool
     wall_s: float
+    refused: int
     tally: Tally
     daemon: Daemon
     problems: list[str]
@@ -373,7 +388,7 @@ async def torture(args: argparse.Namespace, tmp: Path, log: TextIO) -> Result:
     rng = random.Random(args.seed)
     secret = secrets.token_hex(16)
     store = tmp / "wacored.db"
-    recorder = Recorder()
+    recorder = Recorder(args.downstream_delay_ms / 1000, args.fail_rate, random.Random(rng.random()))
     tally = Tally()
     async with trio.open_nursery() as nursery, httpx.AsyncClient(
         trust_env=False, timeout=10.0, limits=httpx.Limits(max_connections=args.senders + 4)
@@ -412,6 +427,7 @@ async def torture(args: argparse.Namespace, tmp: Path, log: TextIO) -> Result:
         sent=sent, acked=len(tally.acked), delivered=len(delivered), dead_lettered=len(dead & wamids),
         duplicates=sum(1 for k in delivered if recorder.keys[k] > 1),
         lost=sorted(tally.acked - delivered - dead), drained=drained, wall_s=time.monotonic() - started,
+        refused=recorder.refused,
         tally=tally, daemon=daemon, problems=problems,
     )
 
@@ -459,12 +475,13 @@ def report(args: argparse.Namespace, r: Result) -> str:
     verdict = "PASS" if not r.lost and r.drained and not (t.failed and args.mode != "kill") else "FAIL"
     lines = [
         f"wacored torture, mode {args.mode}: {args.messages} messages from {args.senders} concurrent senders"
-        f" ({args.phones} phone numbers), {args.signals} x {SIGNALS[args.mode].name}, seed {args.seed}",
+        f" ({args.phones} phone numbers), {args.signals} x {SIGNALS[args.mode].name}, seed {args.seed};"
+        f" downstream delay {args.downstream_delay_ms:g} ms, fail rate {args.fail_rate:g}",
         "",
         f"sent            {r.sent}",
         f"acknowledged    {r.acked}  (answered 200)",
         f"delivered       {r.delivered}  (distinct Idempotency-Keys at the downstream)",
-        f"dead-lettered   {r.dead_lettered}",
+        f"dead-lettered   {r.dead_lettered}  (the downstream answered {r.refused} forwards 503)",
         f"duplicates      {r.duplicates}  (keys delivered more than once: at-least-once, allowed)",
         f"LOST            {len(r.lost)}  (acknowledged, neither delivered nor dead-lettered)",
         "",
@@ -496,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--senders", type=int, default=8, help="concurrent senders (default 8)")
     p.add_argument("--phones", type=int, default=200, help="distinct WhatsApp senders in the messages (default 200)")
     p.add_argument("--signals", type=int, default=4, help="signals sent during the load (default 4)")
+    p.add_argument("--downstream-delay-ms", type=float, default=0.0,
+                   help="the downstream takes this long over each forward (default 0)")
+    p.add_argument("--fail-rate", type=float, default=0.0,
+                   help="share of forwards the downstream answers 503 (default 0; some end dead-lettered)")
     p.add_argument("--seed", type=int, default=1, help="seed of the signal points and retry pauses (default 1)")
     p.add_argument("--max-load-s", type=float, default=80.0, help="bound on the load phase (default 80)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
