@@ -16,8 +16,9 @@ Properties, per answer: never a 5xx (nothing here makes the store unavailable, s
 with the contract's shape; ``X-Request-ID``/``X-Correlation-ID`` echoed when well-formed, else new
 UUID4s; 413 over the size limit, else 401 unless the signature is exactly Meta's, else 400 for what the
 parser refuses, else 200 with the counts of the batch (a valid payload, correctly signed, is always
-200). After the run: ``/health`` is healthy with every actor running, and the store holds exactly the
-rows that 200 answers announced: nothing refused left a row.
+200). After the run: ``/health`` is healthy with every actor running; the store holds exactly the rows
+that 200 answers announced (nothing refused left a row); and every forward that reached a downstream
+was one of those, with well-formed ids and trace context whatever the caller sent, and re-signed.
 
 Settings: `derandomize` and no example database, so every run sends the same examples (CI is
 deterministic); no deadline, since a request's time is the machine's, not the property's.
@@ -42,15 +43,16 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wacored.whatsapp import PayloadError, parse_webhook, sign
+from wacored.whatsapp import PayloadError, parse_webhook, sign, signature_valid
 
-from .conftest import FIXTURES, SECRET, Downstream, World, make_config, open_daemon
+from .conftest import FIXTURES, SECRET, Downstream, Received, World, make_config, open_daemon
 
 LIMIT = 16 * 1024
 """The fuzzed daemon's ``max_body_bytes``: small, so that huge strings cross it cheaply."""
 EXAMPLES = 300
 _ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _LATENCY = re.compile(r"\d+ms")
+_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01")
 _OWS = " \t"
 """HTTP strips this whitespace around header values before the application sees them."""
 
@@ -427,6 +429,18 @@ def run_probe(address: tuple[str, int], probe: Probe, ledger: Ledger) -> None:
     expect(answer, request.read, signature, valid and read == body, ledger)
 
 
+def check_forwards(received: list[Received], stored: set[str], *, signed: bool) -> None:
+    """What reached the downstreams: only stored updates, with fresh well-formed ids and trace context
+    whatever the callers sent, and (to services) Meta's signature over the forwarded bytes."""
+    for got in received:
+        h = got.headers
+        assert h["idempotency-key"] in stored, h
+        assert _TRACEPARENT.fullmatch(h["traceparent"]), h
+        assert _ID.fullmatch(h["x-request-id"]), h
+        assert _ID.fullmatch(h["x-correlation-id"]), h
+        assert not signed or signature_valid(SECRET, got.body, h["x-hub-signature-256"]), h
+
+
 def store_keys(path: Path) -> set[str]:
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
@@ -455,6 +469,8 @@ async def test_fuzzed_webhooks_never_break_the_daemon(
         assert health.status_code == 200
         assert health.json()["status"] == "healthy"
         assert {a["status"] for a in health.json()["checks"]["actors"].values()} == {"running"}
+        check_forwards(services.received, ledger.stored, signed=True)
+        check_forwards(graph.received, ledger.stored, signed=False)
     assert ledger.examples >= EXAMPLES
     assert {200, 400, 401, 413} <= set(ledger.statuses), ledger.statuses
     assert store_keys(tmp_path / "wacored.db") == ledger.stored
