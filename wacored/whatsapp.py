@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,6 +182,18 @@ def _status(entry_id: Any, field: Any, value: dict[str, Any], raw: Any, where: s
     )
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A JSON escape of a UTF-16 surrogate; paired ones are fine, lone ones are not text."""
+
+
+def _encodable(doc: Any) -> bool:
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_webhook(raw: bytes) -> Batch:
     """Parse a whole webhook POST body.
 
@@ -189,9 +202,15 @@ def parse_webhook(raw: bytes) -> Batch:
             without the fields every update has (an id; a sender).
     """
     try:
-        doc = json.loads(raw)
+        # UTF-8 only (RFC 8259): json.loads would guess UTF-16/32 and let encoded surrogates through.
+        doc = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise PayloadError("body is not JSON") from exc
+    except RecursionError as exc:
+        raise PayloadError("body is nested too deeply") from exc
+    if _SURROGATE_ESCAPE.search(raw) and not _encodable(doc):
+        # A lone "\ud800" escape decodes to a str that cannot be stored nor forwarded as UTF-8.
+        raise PayloadError("body holds a lone UTF-16 surrogate escape")
     if not isinstance(doc, dict) or doc.get("object") != "whatsapp_business_account":
         raise PayloadError("object must be 'whatsapp_business_account'")
     messages: list[InboundMessage] = []
