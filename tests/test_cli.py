@@ -217,6 +217,25 @@ async def test_a_real_daemon_process_serves_and_stops_on_sigterm(
             await process.wait()
 
 
+async def test_an_idle_keep_alive_connection_does_not_hold_the_stop(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    """A monitor's kept-alive connection, idle after its GET /health, is closed at once on SIGTERM
+    instead of holding the stop for hypercorn's whole graceful timeout (10 s)."""
+    process, port = await start_process(tmp_path, services, graph)
+    try:
+        async with httpx.AsyncClient(trust_env=False) as client:
+            for path in ("/health", "/metrics"):
+                assert (await client.get(f"http://127.0.0.1:{port}{path}")).status_code == 200
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(3):
+                assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 def test_a_port_in_use_is_one_clear_line_and_exit_1(tmp_path: Path) -> None:
     data = config_mapping(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
     with socket.socket() as taken:
