@@ -140,10 +140,19 @@ def create_app(rt: Runtime) -> Any:
         return response
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/webhook":
-            await webhook(scope, receive, send)
-        else:
-            # Quart types the ASGI messages precisely; hypercorn hands us the same objects untyped.
-            await quart(scope, receive, _shielded(send) if scope["type"] == "http" else send)  # type: ignore[arg-type]
+        if scope["type"] != "http":
+            await quart(scope, receive, send)  # type: ignore[arg-type]
+            return
+        # Counted only when begun before the stop: those may answer without `Connection: close`.
+        counted = not rt.draining
+        rt.in_flight += counted
+        try:
+            if scope["path"] == "/webhook":
+                await webhook(scope, receive, send)
+            else:
+                # Quart types the ASGI messages precisely; hypercorn hands us the same objects untyped.
+                await quart(scope, receive, _shielded(send))  # type: ignore[arg-type]
+        finally:
+            rt.in_flight -= counted
 
     return app

@@ -99,6 +99,8 @@ class Runtime:
     wall_clock: Callable[[], float] = time.time
     started_at: float = 0.0
     draining: bool = False
+    in_flight: int = 0
+    """HTTP requests begun before `draining` was set and not yet answered."""
     counters: Counters = field(default_factory=Counters)
     actors: dict[str, ActorState] = field(default_factory=dict)
     reader_lock: trio.Lock = field(default_factory=trio.Lock)
