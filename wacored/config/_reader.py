@@ -6,6 +6,7 @@ every problem is collected (with its key path) rather than raised, so one run re
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -294,18 +295,22 @@ def _read_sessions(data: Any, problems: list[str]) -> SessionsConfig:
     return sessions
 
 
-def _read_dlq(data: Any, problems: list[str]) -> DlqConfig:
-    s = _Section(data, "dlq", problems)
-    base = DlqConfig()
-    backoff: tuple[float, ...] = s.take("backoff_s", base.backoff_s, _backoff_steps)
-    dlq = DlqConfig(
-        interval_s=s.take("interval_s", base.interval_s, _positive),
-        batch=s.take("batch", base.batch, _positive),
-        backoff_s=backoff,
-        max_attempts=s.take("max_attempts", base.max_attempts, _not_negative),
-    )
+def _read_fields(data: Any, path: str, problems: list[str], cls: type[T],
+                 checks: Mapping[str, Callable[[Any], str | None]]) -> tuple[T, _Section]:
+    """A section whose keys are exactly `cls`'s fields, each defaulting to `cls()`'s value."""
+    s = _Section(data, path, problems)
+    base = cls()
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # every cls passed is a dataclass
+    values = {f.name: s.take(f.name, getattr(base, f.name), checks.get(f.name)) for f in fields}
     s.finish()
-    return dlq
+    return cls(**values), s
+
+
+def _read_dlq(data: Any, problems: list[str]) -> DlqConfig:
+    checks: dict[str, Callable[[Any], str | None]] = {
+        "interval_s": _positive, "batch": _positive, "backoff_s": _backoff_steps, "max_attempts": _not_negative,
+    }
+    return _read_fields(data, "dlq", problems, DlqConfig, checks)[0]
 
 
 def _backoff_steps(value: tuple[float, ...]) -> str | None:
@@ -315,22 +320,17 @@ def _backoff_steps(value: tuple[float, ...]) -> str | None:
 
 
 def _read_admin(data: Any, problems: list[str]) -> AdminConfig:
-    s = _Section(data, "admin", problems)
-    admin = AdminConfig(token=s.take("token", ""))
-    s.finish()
-    return admin
+    return _read_fields(data, "admin", problems, AdminConfig, {})[0]
 
 
 def _read_telemetry(data: Any, problems: list[str]) -> TelemetryConfig:
-    s = _Section(data, "telemetry", problems)
-    base = TelemetryConfig()
-    telemetry = TelemetryConfig(
-        log_level=s.take("log_level", base.log_level, _one_of(LOG_LEVELS)),
-        traces=s.take("traces", base.traces, _one_of(TRACE_EXPORTERS)),
-        otlp_endpoint=s.take("otlp_endpoint", "", lambda v: None if not v else _http_url(v)),
-        service_name=s.take("service_name", base.service_name, lambda v: None if v else "must not be empty"),
-    )
-    s.finish()
+    checks = {
+        "log_level": _one_of(LOG_LEVELS),
+        "traces": _one_of(TRACE_EXPORTERS),
+        "otlp_endpoint": lambda v: None if not v else _http_url(v),
+        "service_name": lambda v: None if v else "must not be empty",
+    }
+    telemetry, s = _read_fields(data, "telemetry", problems, TelemetryConfig, checks)
     if telemetry.traces == "otlp" and not telemetry.otlp_endpoint:
         s.problem("otlp_endpoint", 'required when traces = "otlp"')
     return telemetry
@@ -343,23 +343,12 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
 
 
 def _read_slo(data: Any, problems: list[str]) -> SloConfig:
-    s = _Section(data, "slo", problems)
-    slo = SloConfig(p95_ms=s.take("p95_ms", 1200, _positive), cold_start_ms=s.take("cold_start_ms", 1750, _positive))
-    s.finish()
-    return slo
+    return _read_fields(data, "slo", problems, SloConfig, {"p95_ms": _positive, "cold_start_ms": _positive})[0]
 
 
 def _read_supervisor(data: Any, problems: list[str]) -> SupervisorConfig:
-    s = _Section(data, "supervisor", problems)
-    base = SupervisorConfig()
-    supervisor = SupervisorConfig(
-        max_restarts=s.take("max_restarts", base.max_restarts, _positive),
-        window_s=s.take("window_s", base.window_s, _positive),
-        backoff_base_s=s.take("backoff_base_s", base.backoff_base_s, _positive),
-        backoff_max_s=s.take("backoff_max_s", base.backoff_max_s, _positive),
-    )
-    s.finish()
-    return supervisor
+    checks = dict.fromkeys(("max_restarts", "window_s", "backoff_base_s", "backoff_max_s"), _positive)
+    return _read_fields(data, "supervisor", problems, SupervisorConfig, checks)[0]
 
 
 def _read_routing(data: Any, services: Mapping[str, ServiceConfig], problems: list[str]) -> RoutingConfig:
