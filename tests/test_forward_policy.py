@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Coroutine
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -265,3 +266,30 @@ async def test_a_service_that_never_answers_times_out_per_attempt(
     # Three attempts of timeout_ms each, plus at most the two backoffs.
     timeout_s = target.forwarding.timeout_ms / 1000
     assert 3 * timeout_s <= trio.current_time() - start <= 3 * timeout_s + 3 * target.forwarding.retry_base_ms / 1000
+
+
+async def test_a_forwarder_behind_a_slow_service_keeps_beating(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """Its lanes full, the forwarder still shows life: a slow service must not trip the watchdog."""
+    from wacored.forwarder import LANE_BUFFER, run_forwarder
+    from wacored.runtime import HEARTBEAT_S
+    from wacored.writer import DeliveryQueue, WriteOp
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(30)
+        return httpx.Response(200)
+
+    writes, outcomes = trio.open_memory_channel[WriteOp](1000)
+    target = Target(name="rides", url="http://rides.test/", app_secret=SECRET,
+                    forwarding=ForwardingConfig(timeout_ms=60_000, concurrency=1))
+    rt = bare_runtime(tmp_path, target, writes=writes)
+    queue = DeliveryQueue("rides", buffer=1000)
+    for i in range(LANE_BUFFER + 10):
+        queue.send.send_nowait(delivery(id=i, key=f"wamid.{i}"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(run_forwarder, rt, "rides", queue, writes.clone(),
+                                    transport=lambda: httpx.MockTransport(slow)))
+        await trio.sleep(120)
+        assert queue.depth() > 0  # the lane is full: the forwarder waits to hand over
+        assert trio.current_time() - rt.actors["forwarder.rides"].heartbeat <= HEARTBEAT_S
+        nursery.cancel_scope.cancel()
+    outcomes.close()

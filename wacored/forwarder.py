@@ -36,6 +36,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 
 import certifi
 import httpx
@@ -291,9 +292,18 @@ async def run_forwarder(
             while True:
                 rt.beat(actor)
                 for d in await _next(queue, writes):
-                    await sends[lane_of(d.sender, lanes)].send(d)
+                    await _hand_over(sends[lane_of(d.sender, lanes)], d, partial(rt.beat, actor))
         for send in sends:
             await send.aclose()
+
+
+async def _hand_over(lane: trio.MemorySendChannel[Delivery], d: Delivery, beat: Callable[[], None]) -> None:
+    """Put `d` in its lane, beating while the lane is full: a slow service is not a wedged forwarder."""
+    while True:
+        with trio.move_on_after(HEARTBEAT_S):
+            await lane.send(d)  # a send cut short has sent nothing: trying again cannot duplicate
+            return
+        beat()
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
