@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from wacored.config import Config, ConfigError
@@ -215,6 +216,9 @@ async def test_a_bad_reload_keeps_the_old_config(tmp_path: Path, services: Downs
     assert health["checks"]["reloads"] == {"failed": 1}
 
 
+# The clients' POSTs cut by the stop leave httpx's own request-body generators unfinished (httpx, the
+# test's client, does not close them when the server closes the connection mid-request).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_a_stop_under_keep_alive_load_is_quick(tmp_path: Path, services: Downstream, graph: Downstream) -> None:
     """Busy kept-alive clients at the moment of the stop do not hold it for hypercorn's 10 s graceful
     timeout (before the fix, about one stop in two did)."""
