@@ -293,3 +293,33 @@ async def test_a_forwarder_behind_a_slow_service_keeps_beating(tmp_path: Path, a
         assert trio.current_time() - rt.actors["forwarder.rides"].heartbeat <= HEARTBEAT_S
         nursery.cancel_scope.cancel()
     outcomes.close()
+
+
+async def test_a_failed_probe_reopens_the_breaker_for_another_period(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    seen: list[httpx.Request] = []
+
+    async def down(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(503)
+
+    fwd = ForwardingConfig(timeout_ms=1000, retries=0, breaker_failures=2, breaker_open_s=10.0)
+    target = Target(name="rides", url="http://rides.test/", forwarding=fwd, app_secret=SECRET)
+    rt = bare_runtime(tmp_path, target)
+    transport = httpx.MockTransport(down)
+
+    async def reason() -> str:
+        outcome = await deliver(rt, "rides", transport, delivery(), random.Random(0))
+        assert outcome is not None
+        return outcome.reason
+
+    assert [await reason(), await reason()] == ["transient", "transient"]  # the second one opens it
+    assert await reason() == "breaker_open"
+    await trio.sleep(10)
+    assert await reason() == "transient"  # the probe, which fails...
+    assert await reason() == "breaker_open"  # ...so the breaker is open again, not half-open
+    await trio.sleep(9.9)
+    assert await reason() == "breaker_open"
+    assert len(seen) == 3
+    assert rt.counters.forwards == {"rides:transient": 3, "rides:breaker_open": 3}

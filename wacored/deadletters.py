@@ -27,7 +27,7 @@ import httpx
 import trio
 
 from .config import DlqConfig
-from .forwarder import Verdict, attempt, new_transport
+from .forwarder import Verdict, guarded_attempt, new_transport
 from .runtime import HEARTBEAT_S, Runtime
 from .store import DeadLetter, Reader, Retried
 from .writer import Write, WriteOp
@@ -84,18 +84,10 @@ async def retry_one(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.Asy
         log.warning("dead letter for a service no longer configured",
                     extra={"event": "dlq_orphaned", "service": d.target, "message_id": d.key})
         return outcome(None, wait_s=dlq.interval_s, error=f"service {d.target!r} is not configured")
-    breaker = rt.breakers[target.name]
-    if not breaker.allow(trio.current_time()):
+    result = await guarded_attempt(rt, target, transports[target.name], d, dlq_retry=True)
+    if result is None:
         rt.counters.bump(rt.counters.dlq_retries, f"{target.name}:breaker_open")
-        return outcome(None, wait_s=breaker.retry_in(trio.current_time()))
-    try:
-        result = await attempt(transports[target.name], target, d, tracer=rt.tracer, dlq_retry=True)
-    finally:
-        breaker.release()
-    if result.verdict is Verdict.TRANSIENT:
-        breaker.failure(trio.current_time())
-    else:
-        breaker.success()
+        return outcome(None, wait_s=rt.breakers[target.name].retry_in(trio.current_time()))
     retried = outcome(result.verdict, error=result.error, status_code=result.status_code)
     label = {"delivered": "delivered", "abandoned": "abandoned"}.get(retried.state, "failed")
     rt.counters.bump(rt.counters.dlq_retries, f"{target.name}:{label}")

@@ -161,6 +161,31 @@ def _dead_letter_reason(verdict: Verdict) -> str:
     return {Verdict.PERMANENT: "permanent", Verdict.TRANSIENT: "transient"}.get(verdict, "")
 
 
+async def guarded_attempt(
+    rt: Runtime, target: Target, transport: httpx.AsyncBaseTransport, d: Delivery, *, dlq_retry: bool = False
+) -> Attempt | None:
+    """One attempt of `d` through `target`'s circuit breaker, counted and timed; None when the breaker
+    did not let it through."""
+    name = target.name
+    breaker = rt.breakers[name]
+    started = trio.current_time()
+    if not breaker.allow(started):
+        rt.counters.bump(rt.counters.forwards, f"{name}:breaker_open")
+        return None
+    try:
+        result = await attempt(transport, target, d, tracer=rt.tracer, dlq_retry=dlq_retry)
+    except BaseException:
+        breaker.release()  # cut short (cancelled): it proved nothing either way
+        raise
+    rt.metrics.forward_latency.labels(name).observe(trio.current_time() - started)
+    if result.verdict is Verdict.TRANSIENT:
+        breaker.failure(trio.current_time())
+    else:
+        breaker.success()
+    rt.counters.bump(rt.counters.forwards, f"{name}:{result.verdict.value}")
+    return result
+
+
 async def deliver(
     rt: Runtime, name: str, transport: httpx.AsyncBaseTransport, d: Delivery, rng: random.Random,
 ) -> Outcome | None:
@@ -168,36 +193,20 @@ async def deliver(
 
     None: the daemon is stopping, and `d` stays queued for the next start.
     """
-    breaker = rt.breakers[name]
     tries = 0
-    result = Attempt(Verdict.TRANSIENT)
     while True:
-        target = rt.targets.get(name, None) or _gone(name)
-        if not breaker.allow(trio.current_time()):
-            rt.counters.bump(rt.counters.forwards, f"{name}:breaker_open")
+        # Read afresh each time: a reload may have changed the target since the last attempt. (A
+        # removed service's forwarder is cancelled in the same step that removes its target.)
+        target = rt.targets[name]
+        result = await guarded_attempt(rt, target, transport, d)
+        if result is None:
             return _outcome(rt, d, name, tries, Attempt(Verdict.TRANSIENT, "circuit breaker open"), "breaker_open")
         tries += 1
-        started = trio.current_time()
-        try:
-            result = await attempt(transport, target, d, tracer=rt.tracer)
-        finally:
-            breaker.release()
-        rt.metrics.forward_latency.labels(name).observe(trio.current_time() - started)
-        if result.verdict is Verdict.TRANSIENT:
-            breaker.failure(trio.current_time())
-        else:
-            breaker.success()
-        rt.counters.bump(rt.counters.forwards, f"{name}:{result.verdict.value}")
         if result.verdict is not Verdict.TRANSIENT or tries > target.forwarding.retries:
             return _outcome(rt, d, name, tries, result, _dead_letter_reason(result.verdict))
         if rt.stopping.is_set():
             return None
         await trio.sleep(backoff_s(tries, target.forwarding.retry_base_ms / 1000, rng))
-
-
-def _gone(name: str) -> Target:
-    # The forwarder of a removed service is cancelled by the reload; nothing reaches here before.
-    raise LookupError(f"target {name!r} is not configured")
 
 
 def _outcome(rt: Runtime, d: Delivery, name: str, tries: int, result: Attempt, reason: str) -> Outcome:
@@ -330,5 +339,5 @@ async def _next(queue: DeliveryQueue, writes: trio.MemorySendChannel[WriteOp]) -
     return []
 
 
-__all__ = ["Attempt", "Target", "Verdict", "attempt", "backoff_s", "classify", "deliver", "lane_of",
+__all__ = ["Attempt", "Target", "Verdict", "attempt", "backoff_s", "classify", "deliver", "guarded_attempt", "lane_of",
            "new_transport", "run_forwarder", "run_lane", "targets_of"]
