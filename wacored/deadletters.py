@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable
+from operator import methodcaller
 
 import httpx
 import trio
@@ -29,7 +30,7 @@ import trio
 from .config import DlqConfig
 from .forwarder import Verdict, guarded_attempt, new_transport
 from .runtime import HEARTBEAT_S, Runtime
-from .store import DeadLetter, Reader, Retried
+from .store import DeadLetter, Reader, Retried, WriteConnection
 from .writer import Write, WriteOp
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,9 @@ async def retry_one(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.Asy
     return retried
 
 
-async def write(writes: trio.MemorySendChannel[WriteOp], apply: Callable[..., object]) -> object:
-    """Run `apply(connection)` in the writer's next transaction and wait for it to commit."""
+async def write(writes: trio.MemorySendChannel[WriteOp], apply: Callable[[WriteConnection], object]) -> object:
+    """Run `apply(connection)` in the writer's next transaction and wait for it to commit
+    (`operator.methodcaller` names a `WriteConnection` method and its arguments)."""
     op = Write(apply)
     await writes.send(op)
     return await op.reply.wait()
@@ -136,8 +138,13 @@ async def run_dlq_retrier(
                 rt.beat(ACTOR)
                 if rt.dlq_due.is_set():
                     rt.dlq_due = trio.Event()
-                await _one_pass(rt, reader, writes, transports)
-                await sleep_until(rt, ACTOR, await _next_wake(rt, reader), rt.dlq_due)
+                started = rt.wall_clock()
+                retried = await _one_pass(rt, reader, writes, transports)
+                wake = await _next_wake(rt, reader)
+                state = rt.actor(ACTOR)
+                state.last_run, state.next_run = started, wake
+                await write(writes, methodcaller("record_run", ACTOR, started, wake, f"{retried} retried"))
+                await sleep_until(rt, ACTOR, wake, rt.dlq_due)
     finally:
         with trio.CancelScope(shield=True):
             for made in transports.values():
@@ -147,24 +154,20 @@ async def run_dlq_retrier(
 async def _one_pass(
     rt: Runtime, reader: Reader, writes: trio.MemorySendChannel[WriteOp],
     transports: dict[str, httpx.AsyncBaseTransport],
-) -> None:
-    started = rt.wall_clock()
+) -> int:
+    """Retry what is due now, up to a batch; how many were tried."""
     try:
-        due = await trio.to_thread.run_sync(reader.due_dead_letters, started, rt.config.dlq.batch)
+        due = await trio.to_thread.run_sync(reader.due_dead_letters, rt.wall_clock(), rt.config.dlq.batch)
     except sqlite3.Error as exc:
         log.error("cannot read due dead letters", extra={"event": "dlq_read_failed", "error": str(exc)})
-        return
-    for dl in due:
+        return 0
+    for n, dl in enumerate(due):
         if rt.stopping.is_set():
-            return
+            return n
         retried = await retry_one(rt, dl, transports)
-        await write(writes, lambda conn, r=retried: conn.retried(r))
+        await write(writes, methodcaller("retried", retried))
         rt.beat(ACTOR)
-    state = rt.actor(ACTOR)
-    state.last_run = rt.wall_clock()
-    state.next_run = state.last_run + rt.config.dlq.interval_s
-    result = f"{len(due)} retried"
-    await write(writes, lambda conn: conn.record_run(ACTOR, started, state.next_run, result))
+    return len(due)
 
 
 async def _next_wake(rt: Runtime, reader: Reader) -> float:
@@ -174,6 +177,4 @@ async def _next_wake(rt: Runtime, reader: Reader) -> float:
         due = await trio.to_thread.run_sync(reader.next_due)
     except sqlite3.Error:
         due = None
-    wake = tick if due is None else min(tick, due)
-    rt.actor(ACTOR).next_run = wake
-    return wake
+    return tick if due is None else min(tick, due)

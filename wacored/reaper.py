@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable
+from operator import methodcaller
 from pathlib import Path
 
 import trio
@@ -131,7 +132,7 @@ async def _reap_now(rt: Runtime, writes: trio.MemorySendChannel[WriteOp]) -> Non
     sessions = rt.config.sessions
 
     async def run(kind: str, cutoff: float, limit: int) -> int:
-        deleted = await write(writes, lambda conn: conn.reap(kind, cutoff, limit))
+        deleted = await write(writes, methodcaller("reap", kind, cutoff, limit))
         rt.beat(ACTOR)
         return deleted  # type: ignore[return-value]
 
@@ -142,5 +143,5 @@ async def _reap_now(rt: Runtime, writes: trio.MemorySendChannel[WriteOp]) -> Non
     state = rt.actor(ACTOR)
     state.last_run = now
     state.next_run = next_reap(now, sessions.reap_minute)
-    await write(writes, lambda conn: conn.record_run(ACTOR, now, state.next_run, _summary(counts)))
+    await write(writes, methodcaller("record_run", ACTOR, now, state.next_run, _summary(counts)))
     log.info("reaped", extra={"event": "reaped", **counts})
