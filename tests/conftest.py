@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -221,3 +222,12 @@ def bare_runtime(tmp_path: Path, *targets: Target, wall_clock: Callable[[], floa
         rt.targets[t.name] = t
         rt.breakers[t.name] = Breaker(t.forwarding.breaker_failures, t.forwarding.breaker_open_s)
     return rt
+
+
+def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    """What `sql` reads from the SQLite file at `path`, on a connection of its own."""
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()

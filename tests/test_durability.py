@@ -12,15 +12,7 @@ import trio
 
 from wacored.whatsapp import parse_webhook
 
-from .conftest import FIXTURES, Downstream, Received, make_config, open_daemon, serve_downstream
-
-
-def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
-    db = sqlite3.connect(path)
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
+from .conftest import FIXTURES, Downstream, Received, make_config, open_daemon, rows, serve_downstream
 
 
 async def test_restart_delivers_what_was_accepted_and_not_delivered(

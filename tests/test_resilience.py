@@ -4,10 +4,8 @@ config reloads. Real time, with short settings; every wait is bounded."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +14,7 @@ import trio
 from wacored.config import Config, ConfigError
 from wacored.daemon import ReloadRequest
 
-from .conftest import SECRET, Downstream, Received, config_mapping, make_config, open_daemon, serve_downstream
+from .conftest import SECRET, Downstream, Received, config_mapping, make_config, open_daemon, rows, serve_downstream
 
 FAST = {
     "forwarding": {"retry_base_ms": 5, "timeout_ms": 1000, "concurrency": 4, "retries": 1,
@@ -24,14 +22,6 @@ FAST = {
     "dlq": {"interval_s": 0.2, "backoff_s": [0.2, 0.2, 0.2], "max_attempts": 3},
     "supervisor": {"backoff_base_s": 0.05},
 }
-
-
-def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
-    db = sqlite3.connect(path)
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
 
 
 async def until(check: Callable[[], bool]) -> None:
