@@ -100,3 +100,33 @@ async def test_cancellation_is_not_a_crash(tmp_path: Path, autojump_clock: trio.
         await nursery.start(supervise, rt, "calm", actor)
         nursery.cancel_scope.cancel()
     assert (actor.runs, rt.actors["calm"].restarts, rt.actors["calm"].error) == (1, 0, "")
+
+
+async def test_a_writer_that_crashes_answers_its_callers_and_is_restarted(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    from wacored.store import NewRow, StoreUnavailable, WriteConnection
+    from wacored.writer import Ingest, Write, WriteOp, run_writer
+
+    send, receive = trio.open_memory_channel[WriteOp](10)
+    rt = bare_runtime(tmp_path, writes=send, supervisor={"backoff_base_s": 0.5})
+    path = tmp_path / "bare.db"
+
+    def writer(task_status: trio.TaskStatus[Any]) -> Any:
+        return run_writer(WriteConnection(path), receive, {}, rt.sessions, task_status=task_status)
+
+    def bug(conn: WriteConnection) -> object:
+        raise RuntimeError("a bug in a write")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervise, rt, "writer", writer)
+        broken = Write(bug)
+        await send.send(broken)
+        with pytest.raises(StoreUnavailable, match="a bug in a write"):
+            await broken.reply.wait()
+        row = NewRow("wamid.1", "message", "2507", "rides", "keyword", "rides", b"{}", "r", "c", "t", 1.0)
+        ingest = Ingest([row], [])
+        await send.send(ingest)  # waits in the channel for the restarted writer
+        assert await ingest.reply.wait() == [1]
+        assert rt.actors["writer"].restarts == 1
+        await send.aclose()
