@@ -14,8 +14,9 @@ from its oldest one, so its forwarder reads them back from disk before anything 
 Reload (`ReloadRequest`, sent on SIGHUP): the new config is loaded and validated off the event loop,
 then swapped in whole between two requests: routing, rate limits, menu, sessions, DLQ and
 forwarding settings, targets (a service added gets a forwarder, a removed one's forwarder stops and
-its undelivered messages wait on disk). What needs a new process (listen address, TLS files, store
-path) keeps its old value and is logged. On any problem the old config stays, every problem logged.
+its undelivered messages wait on disk), log level, admin token, SLO targets. What needs a new process
+(listen address, TLS files, store path, trace exporter, a service's lane count) keeps its old
+value and is logged. On any problem the old config stays, every problem logged.
 """
 
 from __future__ import annotations
@@ -210,7 +211,10 @@ def _keep_restart_only(old: Config, new: Config) -> Config:
     for what, before, after in (("server.listen", old.server.listen, new.server.listen),
                                 ("server.certfile/keyfile", (old.server.certfile, old.server.keyfile),
                                  (new.server.certfile, new.server.keyfile)),
-                                ("store.path", old.store.path, new.store.path)):
+                                ("store.path", old.store.path, new.store.path),
+                                ("telemetry.traces/otlp_endpoint/service_name",
+                                 (old.telemetry.traces, old.telemetry.otlp_endpoint, old.telemetry.service_name),
+                                 (new.telemetry.traces, new.telemetry.otlp_endpoint, new.telemetry.service_name))):
         if before != after:
             log.warning("this change needs a restart; the old value stays until then",
                         extra={"event": "reload_needs_restart", "key": what})
