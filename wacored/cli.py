@@ -373,4 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if check := getattr(args, "check", None):
         check(args)  # what argparse cannot say: which options go together
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # Whoever read our output left (`wacored dlq list | head`): nothing more to say, no traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
