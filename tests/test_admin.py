@@ -200,9 +200,11 @@ async def test_status(daemon: Daemon, seeded: dict[str, int]) -> None:
 
 async def test_a_locked_store_is_503_for_writes_and_reads_go_on(daemon: Daemon) -> None:
     before = rows(daemon)
-    other = sqlite3.connect(daemon.config.store.path, isolation_level=None)
+    other = sqlite3.connect(daemon.config.store.path, isolation_level=None, check_same_thread=False)
     try:
-        other.execute("BEGIN IMMEDIATE")  # held past the 20 ms busy timeout of this config
+        # Held past the 20 ms busy timeout of this config. Taken in a thread: waiting for the lock on
+        # the event loop would stop the daemon's writer from finishing a transaction it holds.
+        await trio.to_thread.run_sync(other.execute, "BEGIN IMMEDIATE")
         response = await call(daemon, "POST", "/admin/dlq/replay", {"all": True})
         assert response.status_code == 503
         assert response.json() == {"error": "store_unavailable", "detail": "database is locked"}

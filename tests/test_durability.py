@@ -45,8 +45,10 @@ async def test_a_locked_store_answers_503_and_loses_nothing(
     config = make_config(tmp_path, services, graph, store={"busy_timeout_ms": 50})
     async with open_daemon(config) as daemon:
         body = b""
-        lock = sqlite3.connect(tmp_path / "wacored.db", isolation_level=None)
-        lock.execute("BEGIN EXCLUSIVE")  # an operator's shell holding the database
+        lock = sqlite3.connect(tmp_path / "wacored.db", isolation_level=None, check_same_thread=False)
+        # An operator's shell holding the database; taken in a thread, as waiting for it on the event
+        # loop would stop the daemon's writer from finishing a transaction it holds.
+        await trio.to_thread.run_sync(lock.execute, "BEGIN EXCLUSIVE")
         try:
             from wacored.whatsapp import text_webhook
 
