@@ -327,10 +327,12 @@ def _operator_commands(
 ) -> None:
     """``dlq list|replay|purge``, ``sessions reap`` and ``status``: the store's state, safe while the
     daemon runs."""
+    from .store import DEAD_LETTER_STATES
+
     dlq = sub.add_parser("dlq", help="list, replay or purge dead letters").add_subparsers(dest="dlq", required=True)
     ls = dlq.add_parser("list", help="dead letters, oldest first")
     common(ls)
-    ls.add_argument("--state", choices=["pending", "abandoned", "delivered"])
+    ls.add_argument("--state", choices=DEAD_LETTER_STATES)
     ls.add_argument("--service")
     ls.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     ls.set_defaults(func=cmd_dlq_list)

@@ -25,6 +25,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from .config import GRAPH_SENDER, HOME_SERVICE
+from .store import DEAD_LETTER_STATES, REAP_SQL
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -43,10 +44,9 @@ STATUSES = ("sent", "delivered", "read", "failed")
 OTHER_STATUS = "other"
 """Status values are Meta's strings: any but the known ones are counted under one label."""
 FORWARD_OUTCOMES = ("delivered", "transient", "permanent", "breaker_open")
-DLQ_STATES = ("pending", "abandoned", "delivered")
 DLQ_RETRY_OUTCOMES = ("delivered", "failed", "abandoned", "breaker_open")
 RELOAD_RESULTS = ("ok", "failed")
-REAPED_KINDS = ("sessions", "dead_letters_delivered", "dead_letters_abandoned", "messages")
+REAPED_KINDS = tuple(REAP_SQL)
 SERVICE_REASONS = ("keyword", "interactive", "state")
 HOME_REASONS = ("home_menu", "fallback")
 
@@ -157,7 +157,7 @@ class StateCollector(Collector):
     def _dead_letters(self, services: list[str], now: float) -> Iterator[Metric]:
         rt = self.rt
         yield _gauge("wacored_dead_letters", "Dead letters by state.", ["state"],
-                     _known(rt.stats.dead_letters, DLQ_STATES))
+                     _known(rt.stats.dead_letters, DEAD_LETTER_STATES))
         yield _gauge("wacored_dead_letter_oldest_pending_age_seconds",
                      "Age of the oldest pending dead letter (0 when none).", [],
                      {(): _age(now, rt.stats.oldest_pending_at)})

@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .store import SCHEMA_VERSION, SchemaError
+from .store import DEAD_LETTER_STATES, SCHEMA_VERSION, SchemaError, dead_letters_by_state, queued_by_target
 
-STATES = ("pending", "abandoned", "delivered")
+STATES = DEAD_LETTER_STATES
+
 REPLAYABLE = ("abandoned", "pending")
 """States `replay_all` takes; delivered entries are never replayed."""
 PURGEABLE = ("delivered", "abandoned")
@@ -222,8 +223,7 @@ def status(conn: sqlite3.Connection, *, session_ttl_s: float, now: float, path: 
 
 
 def _dead_letter_counts(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
-    counts: dict[str, Any] = dict.fromkeys(STATES, 0)
-    counts.update(conn.execute("SELECT state, COUNT(*) FROM dead_letters GROUP BY state").fetchall())
+    counts: dict[str, Any] = dict(dead_letters_by_state(conn))
     oldest = conn.execute(
         "SELECT id, key, service, created_at FROM dead_letters WHERE state = 'pending'"
         " ORDER BY created_at, id LIMIT 1"
@@ -243,12 +243,9 @@ def _session_counts(conn: sqlite3.Connection, live_after: float) -> dict[str, in
 
 
 def _queued(conn: sqlite3.Connection, now: float) -> dict[str, dict[str, Any]]:
-    rows = conn.execute(
-        "SELECT target, COUNT(*), MIN(received_at) FROM messages WHERE state = 'queued' GROUP BY target ORDER BY target"
-    ).fetchall()
     return {
         target: {"count": count, "oldest_received_at": iso(oldest), "age_s": round(now - oldest, 1)}
-        for target, count, oldest in rows
+        for target, (count, oldest) in queued_by_target(conn).items()
     }
 
 

@@ -27,7 +27,7 @@ async def refresh(rt: Runtime, reader: Reader) -> None:
     rt.stats = StoreStats(
         queued={target: count for target, (count, _) in queued.items()},
         oldest_queued_at={target: at for target, (_, at) in queued.items()},
-        dead_letters={state: dead.get(state, 0) for state in ("pending", "abandoned", "delivered")},
+        dead_letters=dead,
         oldest_pending_at=oldest,
         refreshed_at=rt.wall_clock(),
     )

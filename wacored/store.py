@@ -34,6 +34,10 @@ from .sessions import SessionChange
 SCHEMA_VERSION = 2
 
 
+DEAD_LETTER_STATES = ("pending", "abandoned", "delivered")
+"""A dead letter's states: owed a retry, given up on (kept for an operator), delivered by a retry."""
+
+
 class StoreUnavailable(Exception):
     """The store could not commit; nothing of the request was stored."""
 
@@ -341,6 +345,24 @@ class WriteConnection:
         return [Delivery(*row) for row in rows]
 
 
+def queued_by_target(conn: sqlite3.Connection) -> dict[str, tuple[int, float]]:
+    """Messages accepted and neither delivered nor dead-lettered, per target: (count, oldest received_at)."""
+    return {
+        target: (count, oldest)
+        for target, count, oldest in conn.execute(
+            "SELECT target, COUNT(*), MIN(received_at) FROM messages WHERE state = 'queued'"
+            " GROUP BY target ORDER BY target"
+        )
+    }
+
+
+def dead_letters_by_state(conn: sqlite3.Connection) -> dict[str, int]:
+    """How many dead letters are in each state (every state named, 0 when none)."""
+    counts = dict.fromkeys(DEAD_LETTER_STATES, 0)
+    counts.update(conn.execute("SELECT state, COUNT(*) FROM dead_letters GROUP BY state").fetchall())
+    return counts
+
+
 REAP_SQL = {
     "sessions": "DELETE FROM sessions WHERE sender IN"
     " (SELECT sender FROM sessions WHERE last_interaction < ? LIMIT ?)",
@@ -406,13 +428,7 @@ class Reader:
     def figures(self) -> tuple[dict[str, tuple[int, float]], dict[str, int], float | None]:
         """Queued messages per target (count, oldest received_at), dead letters by state, and when
         the oldest pending dead letter was created."""
-        queued = {
-            target: (count, oldest)
-            for target, count, oldest in self.conn.execute(
-                "SELECT target, COUNT(*), MIN(received_at) FROM messages WHERE state = 'queued' GROUP BY target"
-            )
-        }
-        dead = dict(self.conn.execute("SELECT state, COUNT(*) FROM dead_letters GROUP BY state").fetchall())
+        queued, dead = queued_by_target(self.conn), dead_letters_by_state(self.conn)
         oldest = self.conn.execute(
             "SELECT MIN(created_at) FROM dead_letters WHERE state = 'pending'"
         ).fetchone()[0]
