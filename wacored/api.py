@@ -6,9 +6,9 @@ Every response carries ``X-Request-ID`` and ``X-Correlation-ID`` (the caller's, 
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import sqlite3
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -18,6 +18,7 @@ from quart_trio import QuartTrio
 
 from . import admin
 from .ingress import Receive, Scope, Send, Webhook, request_ids
+from .operations import iso
 from .runtime import ActorState, Runtime
 from .version import VERSION
 
@@ -50,7 +51,7 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
     checks["dead_letters"] = {
         **stats.dead_letters,
         "oldest_pending_age_s": None if stats.oldest_pending_at is None else round(now - stats.oldest_pending_at, 1),
-        "as_of": _iso(stats.refreshed_at),
+        "as_of": iso(stats.refreshed_at),
     }
     checks["reloads"] = dict(rt.counters.reloads)
     mono = trio.current_time()
@@ -75,7 +76,7 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
         "status": status,
         "service": "wacored",
         "version": VERSION,
-        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "timestamp": iso(time.time()),
         "uptime_s": round(rt.wall_clock() - rt.started_at, 1),
         "checks": checks,
         "services": services,
@@ -83,18 +84,12 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
     return (503 if status == "unhealthy" else 200), body
 
 
-def _iso(at: float | None) -> str | None:
-    if at is None:
-        return None
-    return dt.datetime.fromtimestamp(at, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def _actor(a: ActorState) -> dict[str, Any]:
     report: dict[str, Any] = {"status": "running" if a.running else "stopped", "restarts": a.restarts}
     if a.error:
         report["error"] = a.error
     if a.next_run is not None or a.last_run is not None:
-        report.update(last_run=_iso(a.last_run), next_run=_iso(a.next_run))
+        report.update(last_run=iso(a.last_run), next_run=iso(a.next_run))
     return report
 
 
