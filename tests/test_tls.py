@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import subprocess
 import sys
 from pathlib import Path
 
@@ -120,31 +121,33 @@ async def test_a_missing_certificate_stops_run_daemon_before_it_starts(
     assert not (tmp_path / "wacored.db").exists()  # nothing was started, not even the store
 
 
-async def test_wacored_run_with_a_missing_certificate_is_one_clear_line_and_exit_1(
-    tmp_path: Path, services: Downstream, graph: Downstream, cert_files: tuple[str, str]
-) -> None:
+@pytest.fixture
+def missing_cert_config(tmp_path: Path, services: Downstream, graph: Downstream, cert_files: tuple[str, str]) -> Path:
+    """A config file whose certificate does not exist (its key does)."""
     data = config_mapping(tmp_path, services.url, graph.url,
                           server={"certfile": str(tmp_path / "missing.pem"), "keyfile": cert_files[1]})
     path = tmp_path / "wacored.toml"
     path.write_text(_toml(data))
-    result = await trio.run_process([sys.executable, "-m", "wacored", "run", "-c", str(path)], env=clean_env(),
-                                    cwd=tmp_path, capture_stdout=True, capture_stderr=True, check=False)
+    return path
+
+
+async def wacored_process(*args: str, cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process([sys.executable, "-m", "wacored", *args], env=clean_env(), cwd=cwd,
+                                  capture_stdout=True, capture_stderr=True, check=False)
+
+
+async def test_wacored_run_with_a_missing_certificate_is_one_clear_line_and_exit_1(
+    tmp_path: Path, missing_cert_config: Path
+) -> None:
+    result = await wacored_process("run", "-c", str(missing_cert_config), cwd=tmp_path)
     assert result.returncode == 1
     lines = [line for line in result.stderr.decode().splitlines() if line.startswith("wacored:")]
     assert lines == [f"wacored: cannot run: server.certfile {tmp_path / 'missing.pem'}: No such file or directory"]
     assert "Traceback" not in result.stderr.decode()
 
 
-async def test_check_config_warns_about_a_missing_certificate(
-    tmp_path: Path, services: Downstream, graph: Downstream, cert_files: tuple[str, str]
-) -> None:
-    data = config_mapping(tmp_path, services.url, graph.url,
-                          server={"certfile": str(tmp_path / "missing.pem"), "keyfile": cert_files[1]})
-    path = tmp_path / "wacored.toml"
-    path.write_text(_toml(data))
-    result = await trio.run_process([sys.executable, "-m", "wacored", "check-config", "-c", str(path)],
-                                    env=clean_env(), cwd=tmp_path, capture_stdout=True, capture_stderr=True,
-                                    check=False)
+async def test_check_config_warns_about_a_missing_certificate(tmp_path: Path, missing_cert_config: Path) -> None:
+    result = await wacored_process("check-config", "-c", str(missing_cert_config), cwd=tmp_path)
     assert result.returncode == 0
     assert (f"warning: server.certfile {tmp_path / 'missing.pem'}: No such file or directory "
             "(`run` will refuse to start)") in result.stdout.decode()
