@@ -298,6 +298,8 @@ async def run_forwarder(
         task_status.started()
         with trio.CancelScope() as feeding:
             nursery.start_soon(_cancel_when_set, rt.stopping, feeding)
+            # The fast paths below do not yield; the loop does whenever the queue is empty or a lane
+            # is full, so a burst runs at most a queue's buffer without a checkpoint.
             while True:
                 rt.beat(actor)
                 for d in await _next(queue, writes):
@@ -308,6 +310,11 @@ async def run_forwarder(
 
 async def _hand_over(lane: trio.MemorySendChannel[Delivery], d: Delivery, beat: Callable[[], None]) -> None:
     """Put `d` in its lane, beating while the lane is full: a slow service is not a wedged forwarder."""
+    try:
+        lane.send_nowait(d)  # the usual case, without a cancel scope per delivery
+        return
+    except trio.WouldBlock:
+        pass
     while True:
         with trio.move_on_after(HEARTBEAT_S):
             await lane.send(d)  # a send cut short has sent nothing: trying again cannot duplicate
@@ -334,6 +341,10 @@ async def _next(queue: DeliveryQueue, writes: trio.MemorySendChannel[WriteOp]) -
             # The rows stay on disk and spill_from is unchanged: ask again shortly.
             await trio.sleep(CATCH_UP_RETRY_S)
             return []
+    try:
+        return [queue.receive.receive_nowait()]  # the usual case under load, without a cancel scope
+    except trio.WouldBlock:
+        pass
     with trio.move_on_after(HEARTBEAT_S):
         return [await queue.receive.receive()]
     return []
