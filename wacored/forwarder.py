@@ -46,7 +46,7 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 from .runtime import HEARTBEAT_S, Runtime
 from .store import Delivery, Outcome, StoreUnavailable
 from .targets import Target, targets_of
-from .telemetry import NO_TRACER, forward_span, traceparent_of
+from .telemetry import NO_TRACER, forward_span, recording, traceparent_of
 from .transport import LaneTransport
 from .writer import CatchUp, DeliveryQueue, Record, WriteOp
 
@@ -97,7 +97,10 @@ async def attempt(
 
     Traced as one CLIENT span (`telemetry.forward_span`: a child of the message's stored context, or
     linked to it for a dead-letter retry, `dlq_retry`); the ``traceparent`` sent is that span's.
+    Without tracing, no span work at all: the stored ``traceparent`` goes as it is.
     """
+    if not recording(tracer):
+        return await _attempt(transport, target, d, d.traceparent, dlq_retry)
     with forward_span(tracer, d, retry=dlq_retry) as span:
         result = await _attempt(transport, target, d, traceparent_of(span) or d.traceparent, dlq_retry)
         span.set_attribute("wacored.outcome", result.verdict.value)
