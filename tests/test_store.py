@@ -66,10 +66,28 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     )
     conn.commit()
     conn.close()
-    assert migrate(path) == SCHEMA_VERSION == 2
+    assert migrate(path) == SCHEMA_VERSION == 3
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT key, state FROM messages").fetchall() == [("wamid.1", "queued")]
         assert db.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+        # v3: the old row still dedupes its own key, now within its kind.
+        db.execute(
+            "INSERT OR IGNORE INTO messages (key, kind, sender, service, reason, target, body, received_at)"
+            " VALUES ('wamid.1', 'message', '2507', 'rides', 'keyword', 'rides', x'7b7d', 2.0)"
+        )
+        assert db.execute("SELECT count(*) FROM messages").fetchone() == (1,)
+
+
+def test_messages_and_statuses_dedupe_in_separate_namespaces(tmp_path: Path) -> None:
+    """A wamid shaped like a status key cannot dedupe a status away (nor the other way round)."""
+    path = tmp_path / "db"
+    migrate(path)
+    insert = ("INSERT OR IGNORE INTO messages (key, kind, sender, service, reason, target, body, received_at)"
+              " VALUES ('status:wamid.9:read', ?, '2507', 'rides', 'status', 'rides', x'7b7d', 1.0)")
+    with closing(sqlite3.connect(path)) as db, db:
+        assert db.execute(insert, ("message",)).rowcount == 1
+        assert db.execute(insert, ("status",)).rowcount == 1
+        assert db.execute(insert, ("status",)).rowcount == 0
 
 
 def test_ids_written_as_null_by_hand_read_as_empty_strings(tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ async def test_outcomes_mark_delivered_or_dead_letter_once(tmp_path: Path) -> No
         await writes.send(Record(Outcome(ids[0], True, 1, 2000.0)))
         await writes.send(Record(Outcome(ids[1], False, 3, 2000.0, "HTTP 503: busy", target="rides", key="down",
                                          retry_at=2120.0)))
-        await writes.send(Record(Outcome(ids[2], False, 1, 2000.0, "HTTP 404: no", permanent=True,
+        await writes.send(Record(Outcome(ids[2], False, 1, 2000.0, "HTTP 404: no", permanent=True, reason="permanent",
                                          status_code=404, target="rides", key="gone")))
         await writes.aclose()
     db = sqlite3.connect(path)

@@ -32,9 +32,20 @@ DEV_ENV = Path("var/dev.env")
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """``KEY=VALUE`` lines (``#`` comments, optional ``export``, optional quotes)."""
+    """``KEY=VALUE`` lines (``#`` comments, optional ``export``, optional quotes).
+
+    Raises:
+        ConfigError: the file cannot be read or is not UTF-8 text (at start-up `run` refuses to
+            start; on SIGHUP the reload is refused and the old config stays).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the env file: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: the env file is not UTF-8 text: {exc.reason} at byte {exc.start}"]) from exc
     values: dict[str, str] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
@@ -44,6 +55,8 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def environment(env_file: Path | None) -> dict[str, str]:
+    """The process environment, with `env_file`'s values for keys it does not set (`ConfigError` when the
+    file exists but cannot be read)."""
     env = dict(os.environ)
     if env_file is not None and env_file.exists():
         for key, value in read_env_file(env_file).items():

@@ -169,10 +169,12 @@ class Daemon:
         try:
             new = await trio.to_thread.run_sync(load)
         except ConfigError as exc:
-            rt.counters.bump(rt.counters.reloads, "failed")
-            for problem in exc.problems:
-                log.error("config reload refused", extra={"event": "reload_failed", "problem": problem})
-            return False
+            return _refused(rt, exc.problems)
+        except Exception as exc:
+            # Whatever reading the files raised, a reload never takes the daemon down: the old
+            # config keeps serving. (ConfigError is the expected way; this is the net.)
+            log.exception("config reload raised", extra={"event": "reload_failed", "problem": str(exc)})
+            return _refused(rt, [])
         new = _keep_restart_only(rt.config, new)
         old_targets, new_targets = rt.targets, targets_of(new)
         rt.config = new
@@ -202,6 +204,13 @@ class Daemon:
             "changed": sorted(n for n in new_targets.keys() & old_targets.keys() if new_targets[n] != old_targets[n]),
         })
         return True
+
+
+def _refused(rt: Runtime, problems: list[str]) -> bool:
+    rt.counters.bump(rt.counters.reloads, "failed")
+    for problem in problems:
+        log.error("config reload refused", extra={"event": "reload_failed", "problem": problem})
+    return False
 
 
 def _keep_restart_only(old: Config, new: Config) -> Config:

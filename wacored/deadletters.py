@@ -10,8 +10,10 @@ failed retries the entry is ``abandoned``: kept, never retried automatically. A 
 breaker blocks is not an attempt: it is rescheduled for when the breaker lets a probe through.
 
 Error handling:
-    A retry never raises for a network or HTTP failure (`forwarder.attempt` classifies them). A store
-    error reading due entries is logged and the retrier tries again at its next wake.
+    A retry never raises for a network or HTTP failure (`forwarder.attempt` classifies them). Anything
+    else a retry raises costs that one entry: it is ``abandoned`` with the reason ``internal_error``
+    (logged once with its traceback, counted), and the pass goes on. A store error reading due entries
+    is logged and the retrier tries again at its next wake.
 
 Cancellation:
     A retry cut short records nothing: the entry stays ``pending`` and due, and is tried again.
@@ -19,6 +21,7 @@ Cancellation:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 from collections.abc import Callable
@@ -28,7 +31,7 @@ import httpx
 import trio
 
 from .config import DlqConfig
-from .forwarder import Verdict, guarded_attempt, new_transport
+from .forwarder import INTERNAL_ERROR, Verdict, guarded_attempt, internal_error, new_transport
 from .runtime import HEARTBEAT_S, Runtime
 from .store import DeadLetter, Reader, Retried, WriteConnection
 from .writer import Write, WriteOp
@@ -164,10 +167,25 @@ async def _one_pass(
     for n, dl in enumerate(due):
         if rt.stopping.is_set():
             return n
-        retried = await retry_one(rt, dl, transports)
+        retried = await _retry_contained(rt, dl, transports)
         await write(writes, methodcaller("retried", retried))
         rt.beat(ACTOR)
     return len(due)
+
+
+async def _retry_contained(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.AsyncBaseTransport]) -> Retried:
+    """`retry_one`, with anything unexpected it raises abandoning that entry alone."""
+    try:
+        return await retry_one(rt, dl, transports)
+    except Exception as exc:
+        d = dl.delivery
+        log.exception("dead letter retry raised: the entry is abandoned", extra={
+            "event": "dlq_retry_internal_error", "service": d.target, "message_id": d.key,
+            "error": internal_error(exc)})
+        rt.counters.bump(rt.counters.internal_errors, f"{d.target}:dlq_retry")
+        retried = after_retry(dl.attempts, Verdict.PERMANENT, rt.wall_clock(), rt.config.dlq, dead_letter_id=dl.id,
+                              message_id=d.id, error=internal_error(exc))
+        return dataclasses.replace(retried, reason=INTERNAL_ERROR)
 
 
 async def _next_wake(rt: Runtime, reader: Reader) -> float:

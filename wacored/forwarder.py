@@ -17,8 +17,14 @@ secrets, timeouts and retries between two deliveries without disturbing one in f
 lanes is fixed when the forwarder starts.
 
 Error handling:
-    Every httpx error of an attempt is caught and classified (`httpx.TransportError` and subclasses);
-    nothing else is expected, and anything else crashes the actor (its messages stay queued on disk).
+    Every httpx error of an attempt is caught and classified (`httpx.TransportError` and subclasses).
+    Anything else raised while delivering one message (a bug, or a row no check foresaw) costs that
+    message, never the lane: it is dead-lettered at once as ``internal_error`` (permanent: retrying the
+    same bytes would raise again), logged once with its traceback and counted, and the lane goes on
+    with its next row. A crash of the actor itself is left for broken infrastructure: a poison row
+    would otherwise crash every restart that reads it back. A downstream's answer is never trusted:
+    its excerpt is made safe once, where it is read (`untrusted.excerpt`), so logs, spans, the store
+    and the admin API only ever see masked, bounded UTF-8.
 
 Cancellation and stopping:
     An attempt cut short by cancellation records nothing: the message stays ``queued`` and is
@@ -48,13 +54,14 @@ from .store import Delivery, Outcome, StoreUnavailable
 from .targets import Target, targets_of
 from .telemetry import NO_TRACER, forward_span, recording, traceparent_of
 from .transport import LaneTransport
+from .untrusted import EXCERPT, clean, excerpt, token
 from .writer import CatchUp, DeliveryQueue, Record, WriteOp
 
 log = logging.getLogger(__name__)
 
 LANE_BUFFER = 64
 CATCH_UP_RETRY_S = 1.0
-EXCERPT = 200
+INTERNAL_ERROR = "internal_error"
 
 
 class Verdict(StrEnum):
@@ -107,7 +114,7 @@ async def attempt(
         if result.status_code is not None:
             span.set_attribute("http.response.status_code", result.status_code)
         if result.verdict is not Verdict.DELIVERED:
-            span.set_status(Status(StatusCode.ERROR, result.error[:EXCERPT]))
+            span.set_status(Status(StatusCode.ERROR, result.error))  # already safe: `untrusted.excerpt`
         return result
 
 
@@ -132,14 +139,16 @@ async def _attempt(
     except (httpx.TimeoutException, trio.TooSlowError) as exc:
         return Attempt(Verdict.TRANSIENT, f"timeout ({type(exc).__name__})")
     except httpx.TransportError as exc:
-        return Attempt(Verdict.TRANSIENT, f"connection error ({type(exc).__name__}: {exc})"[:EXCERPT])
+        return Attempt(Verdict.TRANSIENT, clean(f"connection error ({type(exc).__name__}: {exc})"))
     # The verdict rests on the status alone: what the body says cannot undo a 2xx.
     verdict = classify(response.status_code)
     if verdict is Verdict.DELIVERED:
         return Attempt(verdict, status_code=response.status_code)
+    # Whatever charset the service names, the excerpt is UTF-8 with replacement: a name such as
+    # "base64" makes Python's codec lookup raise, and others raise UnicodeError.
     encoding = response.headers.get("content-encoding", "identity")
-    excerpt = head.decode(response.encoding or "utf-8", "replace") if encoding == "identity" else f"<{encoding}>"
-    return Attempt(verdict, f"HTTP {response.status_code}: {excerpt}", response.status_code)
+    said = excerpt(head) if encoding == "identity" else f"<{token(encoding)}>"
+    return Attempt(verdict, f"HTTP {response.status_code}: {said}", response.status_code)
 
 
 async def _drain(response: httpx.Response) -> bytes:
@@ -212,6 +221,24 @@ async def deliver(
         await trio.sleep(backoff_s(tries, target.forwarding.retry_base_ms / 1000, rng))
 
 
+def internal_error(exc: Exception) -> str:
+    """What is kept of an unexpected exception: its class and a short, safe message."""
+    return clean(f"{INTERNAL_ERROR}: {type(exc).__name__}: {exc}")
+
+
+async def deliver_contained(
+    rt: Runtime, name: str, transport: httpx.AsyncBaseTransport, d: Delivery, rng: random.Random,
+) -> Outcome | None:
+    """`deliver`, with anything unexpected it raises turned into a permanent dead letter for `d` alone."""
+    try:
+        return await deliver(rt, name, transport, d, rng)
+    except Exception as exc:
+        log.exception("delivery raised: the message is dead-lettered, the lane goes on", extra={
+            "event": "delivery_internal_error", "service": name, "message_id": d.key, "error": internal_error(exc)})
+        rt.counters.bump(rt.counters.internal_errors, f"{name}:delivery")
+        return _outcome(rt, d, name, 1, Attempt(Verdict.PERMANENT, internal_error(exc)), INTERNAL_ERROR)
+
+
 def _outcome(rt: Runtime, d: Delivery, name: str, tries: int, result: Attempt, reason: str) -> Outcome:
     at = rt.wall_clock()
     delivered = result.verdict is Verdict.DELIVERED
@@ -256,7 +283,7 @@ async def run_lane(
         async for d in receive:
             if rt.stopping.is_set():
                 return
-            outcome = await deliver(rt, name, lane_transport, d, rng)
+            outcome = await deliver_contained(rt, name, lane_transport, d, rng)
             if outcome is None:
                 return
             ids = {"service": name, "message_id": d.key, "request_id": d.request_id,
@@ -353,5 +380,6 @@ async def _next(queue: DeliveryQueue, writes: trio.MemorySendChannel[WriteOp]) -
     return []
 
 
-__all__ = ["Attempt", "Target", "Verdict", "attempt", "backoff_s", "classify", "deliver", "guarded_attempt", "lane_of",
-           "new_transport", "run_forwarder", "run_lane", "targets_of"]
+__all__ = ["EXCERPT", "INTERNAL_ERROR", "Attempt", "Target", "Verdict", "attempt", "backoff_s", "classify", "deliver",
+           "deliver_contained", "guarded_attempt", "internal_error", "lane_of", "new_transport", "run_forwarder",
+           "run_lane", "targets_of"]

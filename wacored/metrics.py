@@ -46,6 +46,7 @@ OTHER_STATUS = "other"
 FORWARD_OUTCOMES = ("delivered", "transient", "permanent", "breaker_open")
 DLQ_RETRY_OUTCOMES = ("delivered", "failed", "abandoned", "breaker_open")
 RELOAD_RESULTS = ("ok", "failed")
+INTERNAL_ERROR_STAGES = ("delivery", "dlq_retry")
 REAPED_KINDS = tuple(REAP_SQL)
 SERVICE_REASONS = ("keyword", "interactive", "state")
 HOME_REASONS = ("home_menu", "fallback")
@@ -163,6 +164,10 @@ class StateCollector(Collector):
                      {(): _age(now, rt.stats.oldest_pending_at)})
         yield _counter("wacored_dlq_retries", "Dead-letter retries by service and outcome.",
                        ["service", "outcome"], _by_service(rt.counters.dlq_retries, services, DLQ_RETRY_OUTCOMES))
+        yield _counter("wacored_internal_errors",
+                       "Deliveries that raised something unexpected (each dead-lettered its message as"
+                       " internal_error), by service and stage.",
+                       ["service", "stage"], _by_service(rt.counters.internal_errors, services, INTERNAL_ERROR_STAGES))
 
     def _operations(self, now: float) -> Iterator[Metric]:
         rt = self.rt

@@ -48,6 +48,9 @@ class Counters:
     """Dead-letter retries by ``service:outcome`` (delivered, failed, abandoned, breaker_open)."""
     reloads: dict[str, int] = field(default_factory=dict)
     """Config reloads by result (ok, failed)."""
+    internal_errors: dict[str, int] = field(default_factory=dict)
+    """Deliveries that raised something unexpected, by ``service:stage`` (delivery, dlq_retry): each
+    dead-lettered its one message as ``internal_error``."""
     reaped: dict[str, int] = field(default_factory=dict)
     """Rows the reaper deleted by kind (sessions, dead_letters_delivered, dead_letters_abandoned, messages)."""
 

@@ -2,13 +2,15 @@
 
 Tables (schema version in ``PRAGMA user_version``, forward-only migrations in `MIGRATIONS`):
 
-- ``messages``: every accepted update, keyed by its dedupe key (the wamid, or ``status:<id>:<status>``)
+- ``messages``: every accepted update, keyed by its kind and dedupe key (the wamid, or
+  ``status:<id>:<status>``; schema v3 made the kind part of the key, so a wamid that looks like a
+  status key cannot dedupe a status away, nor the other way round)
   with its route, the exact bytes to deliver and its delivery ``state`` (``queued`` -> ``delivered`` |
   ``dead_lettered``). The row id is commit order, which is delivery order.
 - ``sessions``: the service each sender is in and when it last interacted.
 - ``dead_letters``: one row per message that could not be delivered: ``state`` (``pending`` -> retried
   by the DLQ retrier -> ``delivered`` | ``abandoned``), ``reason`` (``transient``, ``permanent``,
-  ``breaker_open``), the last error, retries made (``attempts``) and when the next one is due.
+  ``breaker_open``, ``internal_error``), the last error, retries made (``attempts``) and when the next one is due.
 - ``runs``: each periodic actor's last and next run (schema v2).
 
 `Store` methods are synchronous and run in a worker thread (`trio.to_thread`): the writer actor owns
@@ -31,7 +33,7 @@ import sqlite_utils
 from .routing import SessionAction
 from .sessions import SessionChange
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 DEAD_LETTER_STATES = ("pending", "abandoned", "delivered")
@@ -89,7 +91,7 @@ class Outcome:
     target: str = ""
     key: str = ""
     reason: str = "transient"
-    """Why it was dead-lettered: ``transient``, ``permanent`` or ``breaker_open``."""
+    """Why it was dead-lettered: ``transient``, ``permanent``, ``breaker_open`` or ``internal_error``."""
     retry_at: float | None = None
     """When the DLQ retrier first tries it again (None: abandoned at once)."""
 
@@ -117,6 +119,8 @@ class Retried:
     at: float
     error: str = ""
     status_code: int | None = None
+    reason: str | None = None
+    """A new ``reason`` for the dead letter (``internal_error``), or None to keep it."""
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -163,7 +167,15 @@ def _v2(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX sessions_idle ON sessions(last_interaction)")
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2)
+def _v3(db: sqlite_utils.Database) -> None:
+    """Messages and status updates dedupe in separate namespaces: unique on (kind, key), not key alone."""
+    db.execute("CREATE UNIQUE INDEX messages_kind_key ON messages(kind, key)")
+    db.execute("DROP INDEX idx_messages_key")
+    # Lookups by key alone (an operator's `dlq replay WAMID`) still want an index.
+    db.execute("CREATE INDEX messages_key ON messages(key)")
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2, _v3)
 """Migration i takes the schema from version i to i+1. Append only; never edit a released one."""
 
 
@@ -293,7 +305,7 @@ class WriteConnection:
         if outcome.delivered:
             return
         dl_state = "abandoned" if outcome.permanent else "pending"
-        reason = "permanent" if outcome.permanent else outcome.reason
+        reason = outcome.reason
         next_at = None if outcome.permanent else outcome.retry_at
         self.conn.execute(
             "INSERT INTO dead_letters (message_id, key, service, state, reason, error, status_code,"
@@ -317,8 +329,9 @@ class WriteConnection:
         cur = self.conn.execute(
             "UPDATE dead_letters SET state = ?, attempts = attempts + ?, next_attempt_at = ?,"
             " error = CASE WHEN ? = '' THEN error ELSE ? END, status_code = COALESCE(?, status_code),"
-            " updated_at = ? WHERE id = ? AND state = 'pending'",
-            (r.state, counted, r.next_attempt_at, r.error, r.error, r.status_code, r.at, r.dead_letter_id),
+            " reason = COALESCE(?, reason), updated_at = ? WHERE id = ? AND state = 'pending'",
+            (r.state, counted, r.next_attempt_at, r.error, r.error, r.status_code, r.reason, r.at,
+             r.dead_letter_id),
         )
         if r.state == "delivered" and cur.rowcount == 1:
             self.conn.execute(
