@@ -21,6 +21,7 @@ from wacored.cli import main
 from wacored.store import SCHEMA_VERSION, migrate
 
 from .conftest import Downstream, config_mapping, make_config, open_daemon
+from .support import clean_env, free_port, toml_text
 from .test_operations import add_dead_letter
 
 ROOT = Path(__file__).parent.parent
@@ -39,12 +40,6 @@ BAD_PROBLEMS = [
     "services.rides.url: required",
     "routing.fallback: must be \"menu\" or a service name, got 'taxis'",
 ]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WACORED_", "WA_", "WHATSAPP_"))}
-    env.update(extra)
-    return env
 
 
 def wacored(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -111,7 +106,7 @@ async def test_simulate_posts_a_signed_webhook(
 ) -> None:
     config = make_config(tmp_path, services, graph)
     path = tmp_path / "wacored.toml"
-    path.write_text(_toml(config_mapping(tmp_path, services.url, graph.url)))
+    path.write_text(toml_text(config_mapping(tmp_path, services.url, graph.url)))
     async with open_daemon(config) as daemon:
         args = ["simulate", text, "--type", kind, "-c", str(path), "--url", f"{daemon.url}/webhook",
                 "--env-file", str(tmp_path / "none.env")]
@@ -122,38 +117,12 @@ async def test_simulate_posts_a_signed_webhook(
     assert f"X-Routed-Service: {service}" in out
 
 
-def _toml(data: dict[str, object]) -> str:
-    """Just enough TOML for the test configs (tables of scalars, lists and one array of tables)."""
-    lines: list[str] = []
-
-    def table(prefix: str, values: dict[str, object]) -> None:
-        scalars = {k: v for k, v in values.items() if not isinstance(v, dict) and k != "items"}
-        lines.append(f"[{prefix}]")
-        lines.extend(f"{k} = {json.dumps(v)}" for k, v in scalars.items())
-        for item in values.get("items", []) if prefix == "home_menu" else []:  # type: ignore[union-attr]
-            lines.append("[[home_menu.items]]")
-            lines.extend(f"{k} = {json.dumps(v)}" for k, v in item.items())
-        for k, v in values.items():
-            if isinstance(v, dict):
-                table(f"{prefix}.{k}", v)
-
-    for name, section in data.items():
-        table(name, section)  # type: ignore[arg-type]
-    return "\n".join(lines) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def start_process(tmp_path: Path, services: Downstream, graph: Downstream) -> tuple[trio.Process, int]:
     data = config_mapping(tmp_path, services.url, graph.url)
     port = free_port()
     data["server"]["listen"] = f"127.0.0.1:{port}"
     path = tmp_path / "wacored.toml"
-    path.write_text(_toml(data))
+    path.write_text(toml_text(data))
     with (tmp_path / "daemon.log").open("wb") as log:
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "wacored", "run", "-c", str(path)], env=clean_env(), cwd=tmp_path,
@@ -242,7 +211,7 @@ def test_a_port_in_use_is_one_clear_line_and_exit_1(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         data["server"]["listen"] = f"127.0.0.1:{taken.getsockname()[1]}"
-        (tmp_path / "wacored.toml").write_text(_toml(data))
+        (tmp_path / "wacored.toml").write_text(toml_text(data))
         result = wacored("run", "-c", str(tmp_path / "wacored.toml"), env=clean_env(), cwd=tmp_path)
     assert result.returncode == 1
     assert "wacored: cannot run: [Errno 98] Address already in use" in result.stderr
@@ -264,7 +233,7 @@ def ops_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     del data["whatsapp"]["app_secret"]
     data["store"]["busy_timeout_ms"] = 20
     path = tmp_path / "wacored.toml"
-    path.write_text(_toml(data))
+    path.write_text(toml_text(data))
     migrate(tmp_path / "wacored.db")
     return path
 

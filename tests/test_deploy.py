@@ -29,7 +29,7 @@ import trustme
 from wacored.whatsapp import sign, text_webhook
 
 from .conftest import SECRET, VERIFY_TOKEN, Downstream, config_mapping
-from .test_cli import _toml, clean_env, free_port
+from .support import clean_env, free_port, toml_text
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
@@ -253,7 +253,7 @@ async def daemon_process(
     data = config_mapping(tmp_path, services.url, graph.url)
     port = free_port()
     data["server"]["listen"] = f"127.0.0.1:{port}"
-    (tmp_path / "wacored.toml").write_text(_toml(data))
+    (tmp_path / "wacored.toml").write_text(toml_text(data))
     command = [sys.executable, *wrapper, "-m", "wacored", "run", "-c", str(tmp_path / "wacored.toml")]
     url = f"http://127.0.0.1:{port}"
     with (tmp_path / "daemon.log").open("wb") as log:

@@ -43,9 +43,13 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from wacored.config import ForwardingConfig
+from wacored.forwarder import Target, Verdict, attempt, new_transport
+from wacored.store import Delivery
 from wacored.whatsapp import PayloadError, parse_webhook, sign, signature_valid
 
 from .conftest import FIXTURES, SECRET, Downstream, Received, World, make_config, open_daemon
+from .support import RawDownstream
 
 LIMIT = 16 * 1024
 """The fuzzed daemon's ``max_body_bytes``: small, so that huge strings cross it cheaply."""
@@ -191,10 +195,32 @@ def serialize(doc: Any, payload: Payload) -> bytes:
 
 FORMAT = {"ensure_ascii": st.booleans(), "indent": st.none() | st.just(2)}
 FLIPS = st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=3).map(tuple)
-PAYLOADS = st.sampled_from(["valid", "valid", "mutated", "tainted"]).flatmap(lambda kind: {
+ODD_IDS = st.text(max_size=40) | st.sampled_from([
+    "wamid.café", "wamid.\x00", "wamid.\r\nX-Injected: 1", "wamid with space", "w" * 300, "status:wamid.X:read",
+    "wamid.\u2028", "wamid.\x7f", "\ufeffwamid", "wamid.%0d%0a",
+])
+"""Ids that must either be refused at parse time or go out as a header unchanged."""
+
+
+@st.composite
+def odd_ids(draw: st.DrawFn) -> Any:
+    """A real payload whose updates' ids (and statuses' values) are odd strings."""
+    doc = draw(templates())
+    for entry in doc["entry"]:
+        for change in entry.get("changes", []):
+            for kind in ("messages", "statuses"):
+                for update in change.get("value", {}).get(kind, []):
+                    update["id"] = draw(ODD_IDS)
+                    if kind == "statuses" and draw(st.booleans()):
+                        update["status"] = draw(ODD_IDS)
+    return doc
+
+
+PAYLOADS = st.sampled_from(["valid", "valid", "mutated", "tainted", "odd_ids"]).flatmap(lambda kind: {
     "valid": st.builds(Payload, doc=templates(), valid=st.just(True), **FORMAT),
     "mutated": st.builds(Payload, doc=mutated(), valid=st.just(False), flips=FLIPS, **FORMAT),
     "tainted": st.builds(Payload, doc=tainted(), valid=st.just(False), **FORMAT),
+    "odd_ids": st.builds(Payload, doc=odd_ids(), valid=st.just(False), **FORMAT),
 }[kind])
 
 
@@ -223,7 +249,7 @@ TRACEPARENTS = st.none() | HEADER_TEXT | st.sampled_from([
 ])
 SIGNATURES = st.just("correct") | st.sampled_from([  # half of them right, to reach the parser
     "missing", "empty", "garbled", "prefix", "uppercase", "other_bytes", "other_secret",
-    "truncated", "extended", "padded",
+    "truncated", "extended", "padded", "non_ascii",
 ])
 FRAMINGS = st.sampled_from(["length", "zero_padded", "chunked", "declared_over", "short", "truncated"])
 
@@ -264,6 +290,7 @@ def signature_header(probe: Probe, body: bytes) -> str | None:
         "prefix": probe.prefix + right.removeprefix("sha256="), "uppercase": "sha256=" + right[7:].upper(),
         "other_bytes": sign(SECRET, body + b" "), "other_secret": sign(SECRET + "x", body),
         "truncated": right[:-1], "extended": right + "0", "padded": f" \t{right} ",
+        "non_ascii": right[:-2] + "\u00e9" + probe.garbled,
     }[probe.signature]
 
 
@@ -356,8 +383,9 @@ class Ledger:
     tags: itertools.count[int] = field(default_factory=itertools.count)
     examples: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
-    stored: set[str] = field(default_factory=set)
-    """The keys 200 answers said were stored: routed messages, and the status updates of their batch."""
+    stored: set[tuple[str, str]] = field(default_factory=set)
+    """(kind, key) of what 200 answers said was stored: routed messages, and the status updates of their
+    batch (each kind dedupes in its own namespace)."""
 
 
 def check_ids(answer: Answer, name: str, sent: str | None) -> None:
@@ -393,9 +421,9 @@ def expect(answer: Answer, read: bytes | None, signature: str | None, valid: boo
     assert doc["accepted"] + doc["duplicates"] == len(batch.messages)
     assert doc["statuses"] == len(batch.statuses)
     assert [r["message_id"] for r in doc["routes"]] == list(dict.fromkeys(
-        m.wamid for m in batch.messages if m.wamid not in ledger.stored))
-    ledger.stored.update(r["message_id"] for r in doc["routes"])
-    ledger.stored.update(f"status:{s.key}" for s in batch.statuses)
+        m.wamid for m in batch.messages if ("message", m.wamid) not in ledger.stored))
+    ledger.stored.update(("message", r["message_id"]) for r in doc["routes"])
+    ledger.stored.update(("status", f"status:{s.key}") for s in batch.statuses)
 
 
 def run_probe(address: tuple[str, int], probe: Probe, ledger: Ledger) -> None:
@@ -429,22 +457,22 @@ def run_probe(address: tuple[str, int], probe: Probe, ledger: Ledger) -> None:
     expect(answer, request.read, signature, valid and read == body, ledger)
 
 
-def check_forwards(received: list[Received], stored: set[str], *, signed: bool) -> None:
+def check_forwards(received: list[Received], stored: set[tuple[str, str]], *, signed: bool) -> None:
     """What reached the downstreams: only stored updates, with fresh well-formed ids and trace context
     whatever the callers sent, and (to services) Meta's signature over the forwarded bytes."""
     for got in received:
         h = got.headers
-        assert h["idempotency-key"] in stored, h
+        assert h["idempotency-key"] in {key for _, key in stored}, h
         assert _TRACEPARENT.fullmatch(h["traceparent"]), h
         assert _ID.fullmatch(h["x-request-id"]), h
         assert _ID.fullmatch(h["x-correlation-id"]), h
         assert not signed or signature_valid(SECRET, got.body, h["x-hub-signature-256"]), h
 
 
-def store_keys(path: Path) -> set[str]:
+def store_keys(path: Path) -> set[tuple[str, str]]:
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return {key for (key,) in db.execute("SELECT key FROM messages")}
+        return {(kind, key) for (kind, key) in db.execute("SELECT kind, key FROM messages")}
     finally:
         db.close()
 
@@ -509,3 +537,71 @@ async def test_a_signed_deeply_nested_body_is_a_bad_request(world: World) -> Non
     r = await world.daemon.post(body)
     assert r.status_code == 400, (r.status_code, r.text)
     assert r.json()["error"] == "bad_request"
+
+
+# --- a downstream that answers anything -----------------------------------------------------------
+
+_DIGIT_RUN = re.compile(r"\d{8,}")
+ANSWER_STATUSES = st.integers(100, 999) | st.sampled_from([200, 204, 304, 400, 404, 408, 429, 500, 503])
+HEADER_VALUES = st.binary(max_size=64).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")) | st.sampled_from([
+    b"text/plain; charset=base64", b"text/plain; charset=utf-16", b"text/html; charset=no-such", b"; charset=",
+    b"application/json; charset=\"rot13\"", b"gzip", b"br, gzip", b"deflate", b"chunked", b"close", b"\xff\xfe",
+    b"12", b"-1", b"99999999999999999999", b"Wed, 21 Oct 2015 07:28:00 GMT", b"x" * 20_000,
+])
+ANSWER_HEADERS = st.lists(st.tuples(st.sampled_from([
+    b"Content-Type", b"Content-Encoding", b"Retry-After", b"Connection", b"X-Odd", b"Content-Language",
+]), HEADER_VALUES), max_size=4)
+ANSWER_BODIES = st.binary(max_size=2048) | st.sampled_from([
+    b"", b"\x1f\x8b\x08\x00corrupt gzip", "refused 250788123456 \u2028\u202e".encode(), b"\x00" * 300,
+]) | st.integers(0, 200_000).map(lambda n: b"9" * n)
+ANSWER_FRAMINGS = st.sampled_from(["length", "close", "short", "chunked", "bad_chunked"])
+
+
+@st.composite
+def answers(draw: st.DrawFn) -> bytes:
+    """Whatever a downstream may send back: any status, odd headers, any body, any framing."""
+    status, headers, body = draw(ANSWER_STATUSES), draw(ANSWER_HEADERS), draw(ANSWER_BODIES)
+    framing = draw(ANSWER_FRAMINGS)
+    head = b"HTTP/1.1 %d Whatever\r\n" % status + b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+    if framing == "length":
+        return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    if framing == "short":
+        return head + b"Content-Length: %d\r\n\r\n" % (len(body) + 10) + body
+    if framing == "chunked":
+        return head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    if framing == "bad_chunked":
+        return head + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n" + body
+    return head + b"\r\n" + body
+
+
+async def test_a_downstream_answering_anything_never_breaks_a_lane(nursery: trio.Nursery) -> None:
+    """One lane's real transport against a raw TCP server sending hypothesis's answers: every attempt
+    is classified (never raises), and what it keeps of the answer is bounded, printable, masked text."""
+    current = [b""]
+    server = await RawDownstream(lambda _: current[0]).start(nursery)
+    target = Target(name="rides", url=f"{server.url}/rides", forwarding=ForwardingConfig(timeout_ms=2000),
+                    app_secret="s")
+    d = Delivery(key="wamid.FUZZ", kind="message", sender="250788000001", service="rides", reason="keyword",
+                 target="rides", body=b"{}", request_id="r", correlation_id="c",
+                 traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", received_at=0.0, id=1)
+    seen: dict[str, int] = {}
+    async with new_transport() as transport:
+
+        @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(answer=answers())
+        def fuzz(answer: bytes) -> None:
+            current[0] = answer
+            result = trio.from_thread.run(attempt, transport, target, d)
+            seen[result.verdict.value] = seen.get(result.verdict.value, 0) + 1
+            assert result.error.isprintable(), result.error
+            assert len(result.error) <= 260, result.error
+            assert not _DIGIT_RUN.search(result.error), result.error
+            if result.verdict is Verdict.DELIVERED:
+                assert result.status_code is not None
+                assert 200 <= result.status_code < 300
+
+        await trio.to_thread.run_sync(fuzz)
+        current[0] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+        assert (await attempt(transport, target, d)).verdict is Verdict.DELIVERED
+    assert set(seen) == {"delivered", "transient", "permanent"}, seen

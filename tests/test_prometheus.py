@@ -23,7 +23,7 @@ import trio
 from wacored.whatsapp import sign, text_webhook
 
 from .conftest import FIXTURES, SECRET, VERIFY_TOKEN, Downstream, Received
-from .test_cli import free_port
+from .support import free_port
 from .test_deploy import RULES, daemon_process
 
 DASHBOARD = Path(__file__).parent.parent / "dashboards" / "wacored.json"

@@ -37,7 +37,7 @@ from wacored.systemd import (
 )
 
 from .conftest import Downstream, config_mapping, make_config, open_daemon
-from .test_cli import _toml, clean_env, free_port
+from .support import clean_env, free_port, toml_text
 
 Message = dict[str, str]
 
@@ -361,7 +361,7 @@ async def process_config(tmp_path: Path, services: Downstream, graph: Downstream
     data = config_mapping(tmp_path, services.url, graph.url)
     data["server"]["listen"] = f"127.0.0.1:{free_port()}"
     path = tmp_path / "wacored.toml"
-    path.write_text(_toml(data))
+    path.write_text(toml_text(data))
     return path
 
 

@@ -256,3 +256,18 @@ async def test_spans_are_exported_over_otlp_http_to_the_configured_collector(
                 for span in scope_spans.spans:
                     names[span.name] = span.trace_id.hex()
     assert names == {"POST /webhook": TRACE_ID, "route message": TRACE_ID, "forward": TRACE_ID}
+
+
+async def test_a_failed_attempt_span_carries_a_masked_bounded_excerpt(spans: Spans, tracer: Tracer) -> None:
+    """The span status holds the downstream's answer as safe text: digits masked, bounded, decodable."""
+    async def handler(_: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, content=b"no such user 250788123456 " + b"\xff" * 500,
+                              headers={"Content-Type": "text/plain; charset=base64"})
+
+    result = await attempt(httpx.MockTransport(handler), target(), delivery(), tracer=tracer)
+    [span] = spans.get_finished_spans()
+    description = span.status.description or ""
+    assert description == result.error
+    assert "250788123456" not in description
+    assert "2507****456" in description
+    assert len(description) <= 220

@@ -18,7 +18,7 @@ from wacored.tls import TLSError, check_server_tls
 from wacored.whatsapp import sign, text_webhook
 
 from .conftest import SECRET, Downstream, config_mapping, open_daemon
-from .test_cli import _toml, clean_env
+from .support import clean_env, toml_text
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def missing_cert_config(tmp_path: Path, services: Downstream, graph: Downstream,
     data = config_mapping(tmp_path, services.url, graph.url,
                           server={"certfile": str(tmp_path / "missing.pem"), "keyfile": cert_files[1]})
     path = tmp_path / "wacored.toml"
-    path.write_text(_toml(data))
+    path.write_text(toml_text(data))
     return path
 
 

@@ -28,7 +28,6 @@ EXCERPT = 200
 TOKEN = 40
 
 _VISIBLE_ASCII = re.compile(r"[!-~]+")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def id_problem(value: str) -> str | None:
@@ -41,9 +40,11 @@ def id_problem(value: str) -> str | None:
 
 
 def clean(text: str, limit: int = EXCERPT) -> str:
-    """`text` on one line, control characters replaced, digit runs masked, at most `limit` characters
-    (cut with '…')."""
-    text = mask_digits(_CONTROL.sub("\N{REPLACEMENT CHARACTER}", text))
+    """`text` on one line, every unprintable character (controls, line and paragraph separators,
+    bidirectional overrides) replaced, digit runs masked, at most `limit` characters (cut with '…')."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else "\N{REPLACEMENT CHARACTER}" for c in text)
+    text = mask_digits(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -1,0 +1,103 @@
+"""Test helpers shared by several test modules (test modules never import each other)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import trio
+
+
+@dataclass
+class RawDownstream:
+    """A downstream that breaks the rules: a TCP server on 127.0.0.1 port 0 answering each HTTP/1.1
+    request with whatever bytes `answer` returns, then closing the connection.
+
+    `requests` holds each request's raw bytes (head and body) as read.
+    """
+
+    answer: Callable[[bytes], bytes]
+    url: str = ""
+    requests: list[bytes] = field(default_factory=list)
+
+    async def start(self, nursery: trio.Nursery) -> RawDownstream:
+        listeners = await nursery.start(partial(trio.serve_tcp, self._serve, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            request = await _read_request(stream)
+            if request is None:
+                return
+            self.requests.append(request)
+            try:
+                await stream.send_all(self.answer(request))
+            except trio.BrokenResourceError:
+                pass
+
+
+async def _read_request(stream: trio.SocketStream) -> bytes | None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return None
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def http_answer(status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, length: bool = True) -> bytes:
+    """An HTTP/1.1 answer, as bytes, with any headers (a ``Content-Length`` added unless `length` is False)."""
+    lines = [b"HTTP/1.1 %d X" % status, *(k + b": " + v for k, v in headers)]
+    if length:
+        lines.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join([*lines, b"", b""]) + body
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WACORED_", "WA_", "WHATSAPP_"))}
+    env.update(extra)
+    return env
+
+
+def toml_text(data: dict[str, object]) -> str:
+    """Just enough TOML for the test configs (tables of scalars, lists and one array of tables)."""
+    lines: list[str] = []
+
+    def table(prefix: str, values: dict[str, object]) -> None:
+        scalars = {k: v for k, v in values.items() if not isinstance(v, dict) and k != "items"}
+        lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {json.dumps(v)}" for k, v in scalars.items())
+        for item in values.get("items", []) if prefix == "home_menu" else []:  # type: ignore[union-attr]
+            lines.append("[[home_menu.items]]")
+            lines.extend(f"{k} = {json.dumps(v)}" for k, v in item.items())
+        for k, v in values.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}", v)
+
+    for name, section in data.items():
+        table(name, section)  # type: ignore[arg-type]
+    return "\n".join(lines) + "\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
