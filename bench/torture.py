@@ -18,7 +18,7 @@ Then a final SIGTERM and restart, and the store is polled (read-only) until noth
 
 Each request that does not end in 200 is classified. *Not taken*: the connection was refused, or the
 request was sent while the daemon was down or stopping (after a signal, before it was serving again);
-Meta retries it and nothing is lost (STACK_NOTES, "Graceful shutdown under load"). *Interrupted*:
+Meta retries it and nothing is lost (docs/stack-notes.md, "Serving"). *Interrupted*:
 sent before a SIGKILL and cut by it. *Failed*: any other request left unanswered, or any answer but
 200; a SIGTERM or SIGHUP must leave none.
 

@@ -1,4 +1,4 @@
-"""The whole daemon over real HTTP: the original system's integration tests, ported, and the contract.
+"""The whole daemon over real HTTP: the integration tests of the system wacored replaced, ported, and the contract.
 
 Each test starts the real daemon (hypercorn on 127.0.0.1 port 0, a real SQLite file) with real local
 downstream services and a fake Graph API, and sends signed WhatsApp webhooks.
@@ -16,7 +16,7 @@ from wacored.whatsapp import signature_valid, text_webhook
 
 from .conftest import SECRET, VERIFY_TOKEN, World
 
-# --- the original system's 11 integration tests ---------------------------------------------------
+# --- the 11 integration tests of the system wacored replaced ---------------------------------------------------
 
 
 async def test_health_reports_its_fields(world: World) -> None:

@@ -124,7 +124,7 @@ def create_app(rt: Runtime) -> Any:
     @quart.get("/metrics")
     async def metrics() -> Response:
         # A plain route on the daemon's own registry: mounting prometheus_client's ASGI app through
-        # the dispatcher breaks Quart's lifespan (STACK_NOTES, "Serving").
+        # the dispatcher breaks Quart's lifespan (docs/stack-notes.md, "Serving").
         body, content_type = rt.metrics.render(request.headers.get("Accept", ""))
         return Response(body, content_type=content_type)
 

@@ -1,6 +1,6 @@
 """The daemon: the nursery tree of supervised actors around one SQLite store, its reloads and signals.
 
-Nesting follows shutdown order (STYLE.md, lesson 3). Outermost, the writer: it outlives everything
+Nesting follows shutdown order (docs/conventions.md). Outermost, the writer: it outlives everything
 that writes. Inside it the workers (a forwarder per target, and the periodic actors: DLQ retrier,
 reaper, stats), and inside them ingress. On stop, ingress stops taking requests and answers the ones
 it has read; then the periodic actors are cancelled and the forwarders get ``[server]
@@ -372,7 +372,7 @@ async def serve_until_signalled(
     forced = False
     reload_send, reload_receive = trio.open_memory_channel[ReloadRequest](1)
     # The receiver stays open for the whole drain: a second signal must reach us, not the default
-    # handler (STACK_NOTES, "Signals and systemd"). SIGHUP's default handler would kill us.
+    # handler (docs/stack-notes.md, "Signals and systemd"). SIGHUP's default handler would kill us.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 

@@ -3,8 +3,9 @@
 A target is a downstream service (``[services.NAME] url``, body re-signed with the app secret) or the
 Graph API sender (``whatsapp``: replies such as the home menu, with the access token). Each forwarder
 runs `concurrency` lanes, each with its own httpx transport and kept-alive connection (one shared
-pool's bookkeeping caps throughput, STACK_NOTES "httpx"); a sender always maps to the same lane, so
-one sender's messages reach a service in arrival order while different senders proceed concurrently.
+pool's bookkeeping caps throughput: docs/stack-notes.md, "httpx and the lane transport"); a sender
+always maps to the same lane, so one sender's messages reach a service in arrival order while
+different senders proceed concurrently.
 
 Delivery policy (pure functions below): 2xx delivered; 408/425/429/5xx, timeouts and connection
 errors transient, retried `retries` times with exponential backoff and full jitter; any other 4xx
@@ -71,7 +72,7 @@ class Verdict(StrEnum):
 
 
 def classify(status: int) -> Verdict:
-    """What an HTTP status means for a delivery (ARCHITECTURE.md, "Forwarding")."""
+    """What an HTTP status means for a delivery (README, "Forwarding")."""
     if 200 <= status < 300:
         return Verdict.DELIVERED
     if status in (408, 425, 429) or status >= 500:

@@ -12,7 +12,7 @@ read in flight (``max_unverified_bytes``); a read shed for a newer request is an
 the body is never read, so the connection cannot carry another request.
 
 The webhook is served as a plain ASGI handler rather than through Quart: it is the hot path, and on
-the design's prototype Quart's request/response machinery alone held it to 0.73x the bare server.
+a prototype of this design Quart's request/response machinery alone held it to 0.73x the bare server.
 Every other path goes to the Quart app in `api.py`.
 
 Error handling:

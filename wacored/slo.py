@@ -3,7 +3,8 @@
 The policy is pure (`AckWindow`, `P95Monitor`, `cold_start_breached`): time and latencies are passed
 in, so tests drive them with plain numbers. `SloState` is what one daemon keeps: the window, the last
 cold start and how many times each SLO was breached; ingress feeds it, `/metrics` reads it, and the
-events it logs keep the original system's names: ``cold_start`` (with its ms) and ``slo_breach``
+events it logs keep the names that operators of the system it replaced already alert on:
+``cold_start`` (with its ms) and ``slo_breach``
 (``slo=p95`` or ``slo=cold_start``).
 
 A p95 breach is logged when the window's p95 *crosses* above the target, not on every slow request:
@@ -24,7 +25,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 WINDOW = 120
-"""POSTs in the sliding window whose p95 is judged (the original system's figure)."""
+"""POSTs in the sliding window whose p95 is judged (the figure the system it replaced used)."""
 
 
 class Slo(StrEnum):

@@ -240,7 +240,7 @@ async def open_watchdog(
     """Run `run_watchdog` for the body of the block when systemd asked for a watchdog.
 
     Meant as the outermost block of the daemon: a forever task in the workers' nursery would keep it
-    open until the drain deadline (STACK_NOTES, "Signals and systemd"), so it lives in a nursery of
+    open until the drain deadline (docs/stack-notes.md, "Signals and systemd"), so it lives in a nursery of
     its own that is cancelled as soon as the body is done.
     """
     if notifier.watchdog_s is None:

@@ -40,7 +40,7 @@ class Target:
         return httpx.URL(self.url)
 
     def headers(self, d: Delivery, *, dlq_retry: bool = False) -> dict[str, str]:
-        """The contract's headers for `d` (ARCHITECTURE.md, "Forwarding"); never a copied incoming one."""
+        """The contract's headers for `d` (README, "Forwarding"); never a copied incoming one."""
         headers = {
             "Content-Type": "application/json",
             "Accept-Encoding": "identity",

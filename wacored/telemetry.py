@@ -8,7 +8,7 @@
     forward (CLIENT, a DLQ retry: a new trace *linked* to the stored context, not parented)
 
 Memory channels and the SQLite row do not carry contextvars, so the stored ``traceparent`` is the
-carrier between ingress and the forwarders (STACK_NOTES, "OpenTelemetry").
+carrier between ingress and the forwarders (docs/stack-notes.md, "OpenTelemetry").
 
 The provider is never the global one (tests run many daemons in one process). With ``traces =
 "none"`` the daemon's tracer is `NO_TRACER` and ingress skips span work entirely; rows still get a
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 NO_TRACER: Tracer = trace.NoOpTracer()
 SPAN_QUEUE = 65_536
 """Spans held before the processor drops: a 1000-message batch makes ~2000 spans at once, and the
-SDK's default queue (2048) dropped half of them at burst rates (STACK_NOTES)."""
+SDK's default queue (2048) dropped half of them at burst rates (docs/stack-notes.md, "OpenTelemetry")."""
 SPAN_BATCH = 2_048
 EXPORT_TIMEOUT_MS = 5_000
 FLUSH_S = 5.0
