@@ -31,7 +31,7 @@ import trio
 from opentelemetry import trace
 
 from . import logs
-from .config import GRAPH_SENDER
+from .config import GRAPH_SENDER, WhatsAppConfig
 from .routing import SessionAction, decide
 from .runtime import Runtime
 from .sessions import SessionChange
@@ -158,7 +158,7 @@ class Webhook:
         except TooLarge:
             return self._reject(413, "too_large", {"error": "payload_too_large",
                                                    "limit": config.server.max_body_bytes})
-        if not signature_valid(config.whatsapp.app_secret, raw, headers.get("x-hub-signature-256")):
+        if not self._signed(config.whatsapp, raw, headers.get("x-hub-signature-256")):
             return self._reject(401, "bad_signature", {"error": "unauthorized"})
         try:
             batch = await _parse(raw)
@@ -175,6 +175,15 @@ class Webhook:
             # The writer refused the transaction, or is gone: either way nothing was stored.
             return self._reject(503, "unavailable", {"error": "unavailable"}, {"Retry-After": "5"})
         return self._accepted(batch, rows, ids)
+
+    def _signed(self, whatsapp: WhatsAppConfig, raw: bytes, header: str | None) -> bool:
+        """Signed with the app secret, or with the previous one while a rotation keeps it (counted)."""
+        if signature_valid(whatsapp.app_secret, raw, header):
+            return True
+        if whatsapp.app_secret_previous and signature_valid(whatsapp.app_secret_previous, raw, header):
+            self.rt.counters.previous_secret += 1
+            return True
+        return False
 
     def _reject(
         self, status: int, outcome: str, body: dict[str, Any], extra: dict[str, str] | None = None
