@@ -85,9 +85,11 @@ async def test_permanent_refusals_are_abandoned_and_never_retried(
     assert calls == 1
 
 
-async def test_a_crashing_forwarder_is_restarted_and_delivers(
+async def test_a_bug_in_one_delivery_costs_that_message_and_the_lane_goes_on(
     tmp_path: Path, services: Downstream, graph: Downstream
 ) -> None:
+    """A bug (not a network error) while delivering one message dead-letters it as internal_error; the
+    forwarder is not restarted (a restart would read the same row back and hit the same bug)."""
     crashes = 0
     real = httpx.AsyncHTTPTransport
 
@@ -111,14 +113,18 @@ async def test_a_crashing_forwarder_is_restarted_and_delivers(
     config = make_config(tmp_path, services, graph, **FAST)
     async with open_daemon(config, transport=CrashOnce) as daemon:
         assert (await daemon.send_text("rides")).status_code == 200
+        assert (await daemon.send_text("rides")).status_code == 200
         got = await services.wait_for(1, "/rides")
+        await until(lambda: rows(db, "SELECT COUNT(*) FROM dead_letters") == [(1,)])
         health = (await daemon.client.get(f"{daemon.url}/health")).json()
     assert crashes == 1
-    assert health["checks"]["actors"]["forwarder.rides"]["restarts"] == 1
-    assert "a bug in the forwarder" in health["checks"]["actors"]["forwarder.rides"]["error"]
+    assert health["checks"]["actors"]["forwarder.rides"]["restarts"] == 0
     assert health["checks"]["actors"]["forwarder.rides"]["status"] == "running"
     assert len(got) == 1
-    assert rows(db, "SELECT state FROM messages") == [("delivered",)]
+    assert rows(db, "SELECT state FROM messages ORDER BY id") == [("dead_lettered",), ("delivered",)]
+    [(state, reason, error)] = rows(db, "SELECT state, reason, error FROM dead_letters")
+    assert (state, reason) == ("abandoned", "internal_error")
+    assert error == "internal_error: RuntimeError: a bug in the forwarder"
 
 
 async def test_stop_lets_a_delivery_in_flight_finish_within_the_drain_timeout(

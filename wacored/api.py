@@ -2,6 +2,8 @@
 ``/metrics``).
 
 Every response carries ``X-Request-ID`` and ``X-Correlation-ID`` (the caller's, or new UUID4s).
+Every HTTP request counts toward ``[server] max_connections`` (`admission`): one arriving at the cap
+sheds the oldest unverified webhook read, or is refused 503 when there is none to shed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from . import admin
-from .ingress import Receive, Scope, Send, Webhook, request_ids
+from .ingress import Receive, Scope, Send, Webhook, refuse_overloaded, request_ids
 from .operations import iso
 from .runtime import ActorState, Runtime
 from .version import VERSION
@@ -45,6 +47,9 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
     active = rt.sessions.active(now)
     checks["sessions"] = {"active": active, "stale_in_memory": len(rt.sessions) - active}
     checks["requests"] = dict(rt.counters.requests)
+    admission = rt.admission
+    checks["ingress"] = {"in_flight": admission.in_flight, "unverified_reads": len(admission.reads),
+                         "unverified_bytes": admission.unverified_bytes}
     checks["routed"] = dict(rt.counters.routed)
     checks["statuses"] = dict(rt.counters.statuses)
     stats = rt.stats
@@ -138,6 +143,15 @@ def create_app(rt: Runtime) -> Any:
         if scope["type"] != "http":
             await quart(scope, receive, send)  # type: ignore[arg-type]
             return
+        if not rt.admission.admit(rt.config.server):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            rid, cid = request_ids(headers)
+            if scope["path"] == "/webhook" and scope["method"] == "POST":
+                rt.counters.bump(rt.counters.requests, "over_capacity")
+            log.warning("request refused at the connection cap", extra={
+                "event": "over_capacity", "path": scope["path"], "request_id": rid})
+            await refuse_overloaded(send, {"X-Request-ID": rid, "X-Correlation-ID": cid})
+            return
         # Counted only when begun before the stop: those may answer without `Connection: close`.
         counted = not rt.draining
         rt.in_flight += counted
@@ -149,5 +163,6 @@ def create_app(rt: Runtime) -> Any:
                 await quart(scope, receive, _shielded(send))  # type: ignore[arg-type]
         finally:
             rt.in_flight -= counted
+            rt.admission.leave()
 
     return app

@@ -15,7 +15,8 @@ Reload (`ReloadRequest`, sent on SIGHUP): the new config is loaded and validated
 then swapped in whole between two requests: routing, rate limits, menu, sessions, DLQ and
 forwarding settings, targets (a service added gets a forwarder, a removed one's forwarder stops and
 its undelivered messages wait on disk), log level, admin token, SLO targets. What needs a new process
-(listen address, TLS files, store path, trace exporter, a service's lane count) keeps its old
+(listen address, TLS files, the body read deadline, store path, trace exporter, a service's lane
+count) keeps its old
 value and is logged. On any problem the old config stays, every problem logged.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -35,6 +37,7 @@ import hypercorn.trio
 import trio
 from opentelemetry.trace import Tracer
 
+from .admission import ensure_fd_limit
 from .api import create_app
 from .breaker import Breaker
 from .config import Config, ConfigError
@@ -57,6 +60,9 @@ from .writer import DeliveryQueue, Reply, WriteOp, run_writer
 log = logging.getLogger(__name__)
 
 WRITE_BUFFER = 4096
+KEEP_ALIVE_S = 5.0
+"""Hypercorn's default, stated: longer than nginx's upstream ``keepalive_timeout`` (deploy/nginx/)."""
+ANSWER_SLACK_S = 5.0
 IN_FLIGHT_WAIT_S = 5.0
 QUEUE_BUFFER = 1024
 
@@ -84,8 +90,18 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
     # Hypercorn's messages go through our handlers (JSON lines) instead of its own format.
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.graceful_timeout = 10.0
-    # Hypercorn's own cap must not cut a body before ingress can answer 413 itself.
+    # Hypercorn's own cap must not cut a body before ingress can answer 413 itself. It also bounds a
+    # request head: a longer one is refused 431 by hypercorn.
     hc.h11_max_incomplete_size = 64 * 1024
+    # A connection's idle timer runs from accept until a whole request head is parsed, and again
+    # after each answer: an idle connection, or a slowloris on headers, is closed after this long.
+    hc.keep_alive_timeout = KEEP_ALIVE_S
+    # Hypercorn's read_timeout bounds each receive, not a whole body (a trickle resets it), and it
+    # keeps running while the app works out an answer (the caller is silent then): so it is only a
+    # backstop for a connection gone silent, and must outlast ingress's own body deadline (or a
+    # stalled body would be closed without its 408) plus the slowest answer, a commit waiting
+    # ``busy_timeout_ms`` for SQLite's lock.
+    hc.read_timeout = math.ceil(config.server.read_timeout_s + config.store.busy_timeout_ms / 1000 + ANSWER_SLACK_S)
     return hc
 
 
@@ -216,8 +232,14 @@ def _refused(rt: Runtime, problems: list[str]) -> bool:
 def _keep_restart_only(old: Config, new: Config) -> Config:
     """`new`, except what only a restart can change, which keeps its `old` value (logged)."""
     server = dataclasses.replace(new.server, host=old.server.host, port=old.server.port,
-                                 certfile=old.server.certfile, keyfile=old.server.keyfile)
+                                 certfile=old.server.certfile, keyfile=old.server.keyfile,
+                                 read_timeout_s=old.server.read_timeout_s)
+    if new.server.max_connections != old.server.max_connections:
+        ensure_fd_limit(new.server.max_connections)
+    # read_timeout_s also sets hypercorn's read_timeout (`hypercorn_config`), fixed at start: the two
+    # must stay consistent, so the body deadline waits for the restart too.
     for what, before, after in (("server.listen", old.server.listen, new.server.listen),
+                                ("server.read_timeout_s", old.server.read_timeout_s, new.server.read_timeout_s),
                                 ("server.certfile/keyfile", (old.server.certfile, old.server.keyfile),
                                  (new.server.certfile, new.server.keyfile)),
                                 ("store.path", old.store.path, new.store.path),
@@ -260,6 +282,7 @@ async def run_daemon(
     stop = stop if stop is not None else trio.Event()
     notifier = notifier if notifier is not None else Notifier(None)
     hc = hypercorn_config(config)  # first: an unreadable certificate stops us before anything starts
+    ensure_fd_limit(config.server.max_connections)
     await trio.to_thread.run_sync(migrate, config.store.path)
     targets = targets_of(config)
     reader = Reader(config.store.path)

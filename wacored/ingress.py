@@ -5,6 +5,12 @@ signature over the raw bytes (401), parsing (400), per-sender rate limit (429, n
 routing of every message in order, one commit through the writer (503 if it fails), then 200 with
 the routes. The answer is sent only after the commit: a 200 means the batch is on disk.
 
+The body is read under the bounds of `admission`: a deadline for the whole body (``[server]
+read_timeout_s``, 408 ``{"error":"request_timeout"}``) and a budget of unverified bytes across every
+read in flight (``max_unverified_bytes``); a read shed for a newer request is answered 503
+``{"error":"overloaded"}`` with ``Retry-After``. Both answers say ``Connection: close``: the rest of
+the body is never read, so the connection cannot carry another request.
+
 The webhook is served as a plain ASGI handler rather than through Quart: it is the hot path, and on
 the design's prototype Quart's request/response machinery alone held it to 0.73x the bare server.
 Every other path goes to the Quart app in `api.py`.
@@ -12,6 +18,10 @@ Every other path goes to the Quart app in `api.py`.
 Error handling:
     Every failure is an HTTP answer with a JSON body, a log line and a count; nothing raises out of
     the handler except cancellation.
+
+Cancellation:
+    The body read runs in the read's own cancel scope (`admission.Admission.reading`): its deadline or
+    a shed cancels the read only, and the request still answers. Any other cancellation propagates.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import trio
 from opentelemetry import trace
 
 from . import logs
+from .admission import Outcome
 from .config import GRAPH_SENDER, WhatsAppConfig
 from .routing import SessionAction, decide
 from .runtime import Runtime
@@ -68,8 +79,12 @@ def request_ids(headers: dict[str, str]) -> tuple[str, str]:
     return (rid if _ID.match(rid) else str(uuid.uuid4()), cid if _ID.match(cid) else str(uuid.uuid4()))
 
 
-async def read_body(receive: Receive, declared: int | None, limit: int) -> bytes:
-    """The whole request body; `TooLarge` past `limit` bytes (without reading a declared-long one)."""
+async def read_body(
+    receive: Receive, declared: int | None, limit: int, account: Callable[[int], None] | None = None
+) -> bytes:
+    """The whole request body; `TooLarge` past `limit` bytes (without reading a declared-long one).
+
+    `account(n)` is called before each chunk of `n` bytes is kept (the unverified-bytes budget)."""
     if declared is not None and declared > limit:
         raise TooLarge
     chunks: list[bytes] = []
@@ -82,6 +97,8 @@ async def read_body(receive: Receive, declared: int | None, limit: int) -> bytes
         size += len(chunk)
         if size > limit:
             raise TooLarge
+        if account is not None:
+            account(len(chunk))
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -152,12 +169,19 @@ class Webhook:
         rt = self.rt
         config = rt.config
         declared = headers.get("content-length")
+        server = config.server
+        admission = rt.admission
         try:
-            raw = await read_body(receive, int(declared) if declared and declared.isdigit() else None,
-                                  config.server.max_body_bytes)
+            with admission.reading(server.read_timeout_s) as read:
+                raw = await read_body(receive, int(declared) if declared and declared.isdigit() else None,
+                                      server.max_body_bytes,
+                                      lambda n: admission.grow(read, n, server.max_unverified_bytes))
         except TooLarge:
-            return self._reject(413, "too_large", {"error": "payload_too_large",
-                                                   "limit": config.server.max_body_bytes})
+            return self._reject(413, "too_large", {"error": "payload_too_large", "limit": server.max_body_bytes})
+        if read.outcome is Outcome.TIMED_OUT:
+            return self._reject(408, "read_timeout", {"error": "request_timeout"}, {"Connection": "close"})
+        if read.outcome is Outcome.SHED:
+            return self._reject(503, "shed", {"error": "overloaded"}, {"Retry-After": "1", "Connection": "close"})
         if not self._signed(config.whatsapp, raw, headers.get("x-hub-signature-256")):
             return self._reject(401, "bad_signature", {"error": "unauthorized"})
         try:
@@ -267,7 +291,17 @@ class Webhook:
     async def _send(self, send: Send, status: int, body: bytes, content_type: str, headers: dict[str, str]) -> None:
         raw = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
         raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        if self.rt.draining:
+        if self.rt.draining and "Connection" not in headers:
             raw.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
+
+
+async def refuse_overloaded(send: Send, ids: dict[str, str]) -> None:
+    """Answer a request refused at the connection cap (nothing in flight could be shed): 503, closed."""
+    body = json.dumps({"error": "overloaded"}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"retry-after", b"1"), (b"connection", b"close")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in ids.items()]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -38,7 +38,7 @@ FORWARD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """Up to twice the default forward timeout (4 s)."""
 
 REQUEST_OUTCOMES = ("accepted", "duplicate", "bad_signature", "bad_request", "too_large", "rate_limited",
-                    "unavailable", "client_gone")
+                    "unavailable", "client_gone", "read_timeout", "shed", "over_capacity")
 HANDSHAKE_RESULTS = ("ok", "refused")
 STATUSES = ("sent", "delivered", "read", "failed")
 OTHER_STATUS = "other"

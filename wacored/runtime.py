@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import trio
 from opentelemetry.trace import Tracer
 
+from .admission import Admission
 from .breaker import Breaker
 from .config import Config
 from .metrics import Metrics
@@ -106,6 +107,8 @@ class Runtime:
     draining: bool = False
     in_flight: int = 0
     """HTTP requests begun before `draining` was set and not yet answered."""
+    admission: Admission = field(default_factory=Admission)
+    """Requests in flight and unverified webhook reads, for the bounds of ``[server]`` (`admission`)."""
     counters: Counters = field(default_factory=Counters)
     actors: dict[str, ActorState] = field(default_factory=dict)
     reader_lock: trio.Lock = field(default_factory=trio.Lock)

@@ -102,6 +102,10 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+def _positive_seconds(value: float) -> str | None:
+    return None if 0 < value < 86400 else "must be a number of seconds greater than 0 (and under a day)"
+
+
 def _not_negative(value: float) -> str | None:
     return None if value >= 0 else "must not be negative"
 
@@ -145,14 +149,21 @@ def _read_server(data: Any, problems: list[str]) -> ServerConfig:
     listen = s.take("listen", "127.0.0.1:8080", _parse_listen)
     max_body = s.take("max_body_bytes", 3 * 1024 * 1024, _positive)
     drain = s.take("drain_timeout_s", ServerConfig.drain_timeout_s, _not_negative)
+    read_timeout = s.take("read_timeout_s", ServerConfig.read_timeout_s, _positive_seconds)
+    max_connections = s.take("max_connections", ServerConfig.max_connections, _positive)
+    max_unverified = s.take("max_unverified_bytes", ServerConfig.max_unverified_bytes, _positive)
     certfile = s.take("certfile", "")
     keyfile = s.take("keyfile", "")
     s.finish()
     if bool(certfile) != bool(keyfile):
         s.problem("certfile", "certfile and keyfile must be set together")
+    if max_unverified < max_body:
+        # Below one whole body, a single legitimate POST could never be read.
+        s.problem("max_unverified_bytes", f"must be at least max_body_bytes ({max_body})")
     host, _, port = listen.rpartition(":")
     return ServerConfig(host=host.strip("[]"), port=int(port), max_body_bytes=max_body, drain_timeout_s=drain,
-                        certfile=certfile, keyfile=keyfile)
+                        read_timeout_s=read_timeout, max_connections=max_connections,
+                        max_unverified_bytes=max_unverified, certfile=certfile, keyfile=keyfile)
 
 
 def _read_whatsapp(data: Any, problems: list[str]) -> WhatsAppConfig:

@@ -45,6 +45,12 @@ class ServerConfig:
     max_body_bytes: int = 3 * 1024 * 1024
     drain_timeout_s: float = 10.0
     """How long forwarders may finish their current attempts after SIGTERM."""
+    read_timeout_s: float = 10.0
+    """A webhook body not wholly received this long after its headers is answered 408."""
+    max_connections: int = 1000
+    """Requests in flight; a newcomer at the cap sheds the oldest unverified body read."""
+    max_unverified_bytes: int = 64 * 1024 * 1024
+    """Body bytes buffered, across every webhook read not yet complete (so not yet verified)."""
     certfile: str = ""
     keyfile: str = ""
 
