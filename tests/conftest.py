@@ -31,6 +31,8 @@ from wacored.writer import WriteOp
 
 FIXTURES = Path(__file__).parent / "fixtures" / "whatsapp"
 SECRET = "test-app-secret"
+SIGNING_SECRET = "whsec_" + "dGVzdC1zZXJ2aWNlLXNpZ25pbmcta2V5LTMyYnl0ZXM="
+"""Every test service's own Standard Webhooks secret (32 key bytes); never the app secret."""
 VERIFY_TOKEN = "test-verify-token"
 SERVICES = ("rides", "insurance", "jobs", "property", "wallet", "marketplace", "ai_agents")
 
@@ -125,7 +127,8 @@ def config_mapping(tmp_path: Path, downstream: str, graph: str, **sections: dict
         "store": {"path": str(tmp_path / "wacored.db")},
         "forwarding": {"retry_base_ms": 10, "timeout_ms": 2000, "concurrency": 4},
         "home_menu": {"items": [{"key": name, "title": name.title()} for name in SERVICES]},
-        "services": {name: {"url": f"{downstream}/{name}", "keys": keys[name]} for name in SERVICES},
+        "services": {name: {"url": f"{downstream}/{name}", "keys": keys[name], "signing_secrets": [SIGNING_SECRET]}
+                     for name in SERVICES},
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)

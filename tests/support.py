@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -196,3 +198,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_verify() -> Callable[[str, dict[str, str], bytes], bool]:
+    """The README's verification recipe for a downstream, run exactly as it is printed there."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    [recipe] = [b for b in blocks if "def verify(" in b]
+    namespace: dict[str, object] = {}
+    exec(recipe, namespace)  # noqa: S102 -- the README's own code, which is what is under test
+    verify = namespace["verify"]
+    assert callable(verify)
+    return verify  # type: ignore[return-value]

@@ -433,3 +433,13 @@ def test_sessions_reap_runs_the_reaper_once_and_status_shows_it(
     assert reaper["last_run"] is not None
     assert reaper["next_run"] is not None
     assert reaper["result"] == "sessions 0, dead_letters_delivered 0, dead_letters_abandoned 0, messages 0"
+
+
+def test_secrets_new_prints_a_fresh_standard_webhooks_secret() -> None:
+    from wacored.signing import secret_problem
+
+    first, second = (wacored("secrets", "new", env=clean_env()) for _ in range(2))
+    assert first.returncode == second.returncode == 0
+    assert first.stdout.startswith("whsec_")
+    assert secret_problem(first.stdout.strip()) is None
+    assert first.stdout != second.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import operator
 from pathlib import Path
 from typing import Any
@@ -11,15 +12,18 @@ import pytest
 from wacored.config import Config, ConfigError, DlqConfig, ForwardingConfig, TelemetryConfig
 
 SHIPPED = Path(__file__).resolve().parent.parent / "wacored.toml"
-SECRET_ENV = {"WACORED_APP_SECRET": "s3cret"}
+SIGNING = "whsec_" + "c2hpcHBlZC1jb25maWctdGVzdC1zaWduaW5nLWtleQ=="
+SECRET_ENV = {"WACORED_APP_SECRET": "s3cret", **{
+    f"WACORED_SIGNING_SECRETS_{name.upper()}": SIGNING
+    for name in ("rides", "insurance", "jobs", "property", "wallet", "marketplace", "ai_agents")}}
 
 
 def minimal(**sections: Any) -> dict[str, Any]:
     """A valid config mapping with two services; keyword arguments replace whole sections."""
     data: dict[str, Any] = {
         "services": {
-            "rides": {"url": "http://127.0.0.1:9001/rides", "keys": ["rides", "1"]},
-            "jobs": {"url": "http://127.0.0.1:9003/jobs", "keys": ["jobs", "3"]},
+            "rides": {"url": "http://127.0.0.1:9001/rides", "keys": ["rides", "1"], "signing_secrets": [SIGNING]},
+            "jobs": {"url": "http://127.0.0.1:9003/jobs", "keys": ["jobs", "3"], "signing_secrets": [SIGNING]},
         },
         "home_menu": {"items": [{"key": "rides", "title": "Rides"}, {"key": "jobs", "title": "Jobs"}]},
         "whatsapp": {"access_token": "EAAG-token", "phone_number_id": "106540352242922"},
@@ -474,3 +478,42 @@ def test_an_unreadable_file_is_one_problem_naming_it(tmp_path: Path, content: by
         Config.load(path, {})
     [problem] = info.value.problems
     assert problem.startswith(f"{path}: {expected}")
+
+
+# --- signing secrets ------------------------------------------------------------------------------
+
+def test_signing_secrets_come_from_the_file_or_replace_it_from_the_environment() -> None:
+    other = "whsec_" + base64.b64encode(b"n" * 32).decode()
+    config = Config.from_mapping(minimal(), {"WACORED_SIGNING_SECRETS_RIDES": f" {other} ,{SIGNING}"})
+    assert config.services["rides"].signing_secrets == (other, SIGNING)
+    assert config.services["jobs"].signing_secrets == (SIGNING,)
+
+
+@pytest.mark.parametrize(("secret", "problem"), [
+    ("s3cret", "must start with 'whsec_'"),
+    ("whsec_not base64!", "must be base64"),
+    ("whsec_" + base64.b64encode(b"short").decode(), "must hold 24 to 64 key bytes, holds 5"),
+])
+def test_a_malformed_signing_secret_is_refused_without_quoting_it(secret: str, problem: str) -> None:
+    problems = problems_of(put(minimal(), "services.rides.signing_secrets", [secret]))
+    [only] = problems
+    assert only.startswith("services.rides.signing_secrets: signing_secrets[0] ")
+    assert problem in only
+    assert secret not in only
+
+
+def test_a_service_without_a_secret_is_warned_about_and_legacy_needs_one() -> None:
+    data = minimal()
+    del data["services"]["jobs"]["signing_secrets"]
+    config = Config.from_mapping(data, {})
+    assert [w for w in config.warnings if "signing_secrets" in w] == [
+        "services.jobs.signing_secrets: none; the service cannot verify that a forward came from wacored"
+        " (set WACORED_SIGNING_SECRETS_JOBS or signing_secrets; `wacored secrets new` makes one)"]
+    assert problems_of(put(data, "services.jobs.legacy_signature", True)) == [
+        "services.jobs.legacy_signature: needs a signing secret to sign with (never the app secret)"]
+
+
+def test_the_previous_app_secret_comes_from_the_environment() -> None:
+    config = Config.from_mapping(minimal(), {"WACORED_APP_SECRET_PREVIOUS": "old"})
+    assert config.whatsapp.app_secret_previous == "old"
+    assert "old" not in repr(config.whatsapp)

@@ -6,15 +6,17 @@ downstream services and a fake Graph API, and sends signed WhatsApp webhooks.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import uuid
 
 import trio
 
-from wacored.whatsapp import signature_valid, text_webhook
+from wacored.whatsapp import text_webhook
 
-from .conftest import SECRET, VERIFY_TOKEN, World
+from .conftest import SECRET, SIGNING_SECRET, VERIFY_TOKEN, World
+from .support import readme_verify
 
 # --- the 11 integration tests of the system wacored replaced ---------------------------------------------------
 
@@ -231,7 +233,11 @@ async def test_forwarded_request_follows_the_contract(world: World) -> None:
     assert h["x-routed-service"] == "rides"
     assert h["x-route-reason"] == "keyword"
     assert re.match(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-01$", h["traceparent"])
-    assert signature_valid(SECRET, got.body, h["x-hub-signature-256"])
+    assert readme_verify()(SIGNING_SECRET, h, got.body)
+    assert h["webhook-id"] == h["idempotency-key"]
+    # Meta's app secret never leaves wacored: nothing forwarded verifies with it.
+    assert "x-hub-signature-256" not in h
+    assert not readme_verify()("whsec_" + base64.b64encode(SECRET.encode()).decode(), h, got.body)
     assert "x-evil" not in h
     doc = got.json()
     assert doc["object"] == "whatsapp_business_account"
@@ -296,7 +302,7 @@ async def test_non_ascii_bodies_are_verified_on_their_raw_bytes(world: World) ->
     assert r.status_code == 200
     [got] = await world.services.wait_for(1, "/rides")
     assert got.json()["entry"][0]["changes"][0]["value"]["contacts"][0]["profile"]["name"] == "Renée 🚕"
-    assert signature_valid(SECRET, got.body, got.headers["x-hub-signature-256"])
+    assert readme_verify()(SIGNING_SECRET, got.headers, got.body)
 
 
 async def test_one_lane_reuses_its_connection(world: World) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import random
 from collections.abc import Callable, Coroutine
 from functools import partial
@@ -13,10 +16,11 @@ import trio
 
 from wacored.config import Config, ForwardingConfig
 from wacored.forwarder import Target, Verdict, backoff_s, classify, deliver, lane_of, targets_of
+from wacored.signing import key_of
 from wacored.store import Delivery, Outcome
 from wacored.whatsapp import signature_valid
 
-from .conftest import bare_runtime
+from .conftest import SIGNING_SECRET, bare_runtime
 
 SHIPPED = Path(__file__).resolve().parent.parent / "wacored.toml"
 SECRET = "app-secret"
@@ -36,7 +40,7 @@ def delivery(**overrides: object) -> Delivery:
 
 def service_target(retries: int = 2) -> Target:
     fwd = ForwardingConfig(timeout_ms=1000, retries=retries, retry_base_ms=200, concurrency=1)
-    return Target(name="rides", url="http://rides.test/webhook", forwarding=fwd, app_secret=SECRET)
+    return Target(name="rides", url="http://rides.test/webhook", forwarding=fwd, signing_secrets=(SIGNING_SECRET,))
 
 
 # -- classify, backoff, lanes ----------------------------------------------------------------------
@@ -87,7 +91,7 @@ def test_lane_of_is_within_range_and_spreads(lanes: int) -> None:
 
 def test_service_target_headers() -> None:
     d = delivery()
-    headers = service_target().headers(d)
+    headers = service_target().headers(d, now=1_700_000_000.7)
     assert headers == {
         "Content-Type": "application/json",
         "Accept-Encoding": "identity",
@@ -99,15 +103,37 @@ def test_service_target_headers() -> None:
         "X-Routed-Service": "rides",
         "X-Route-Reason": "keyword",
         "traceparent": d.traceparent,
-        "X-Hub-Signature-256": headers["X-Hub-Signature-256"],
+        "webhook-id": "wamid.ABC",
+        "webhook-timestamp": "1700000000",
+        "webhook-signature": headers["webhook-signature"],
     }
-    assert signature_valid(SECRET, BODY, headers["X-Hub-Signature-256"])
+    expected = hmac.new(key_of(SIGNING_SECRET), b"wamid.ABC.1700000000." + BODY, hashlib.sha256).digest()
+    assert headers["webhook-signature"] == "v1," + base64.b64encode(expected).decode()
+
+
+def test_every_configured_secret_signs_newest_first_and_legacy_uses_the_first() -> None:
+    old = "whsec_" + base64.b64encode(b"o" * 24).decode()
+    target = Target(name="rides", url="http://rides.test/", forwarding=ForwardingConfig(),
+                    signing_secrets=(SIGNING_SECRET, old), legacy_signature=True)
+    headers = target.headers(delivery(), now=1_700_000_000)
+    new_sig, old_sig = headers["webhook-signature"].split(" ")
+    signed = b"wamid.ABC.1700000000." + BODY
+    for sig, key in ((new_sig, key_of(SIGNING_SECRET)), (old_sig, b"o" * 24)):
+        assert sig == "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    assert signature_valid(SIGNING_SECRET, BODY, headers["X-Hub-Signature-256"])
+    assert not signature_valid(SECRET, BODY, headers["X-Hub-Signature-256"])
+
+
+def test_a_service_without_a_secret_gets_no_signature_at_all() -> None:
+    target = Target(name="rides", url="http://rides.test/", forwarding=ForwardingConfig())
+    headers = target.headers(delivery(), now=1_700_000_000)
+    assert not {"webhook-signature", "webhook-timestamp", "X-Hub-Signature-256"} & set(headers)
 
 
 def test_graph_target_headers_use_the_access_token_not_a_signature() -> None:
     graph = Target(name="whatsapp", url="https://graph.test/v21.0/1/messages",
                    forwarding=ForwardingConfig(), access_token="EAAG-token")
-    headers = graph.headers(delivery(service="wacored", target="whatsapp"))
+    headers = graph.headers(delivery(service="wacored", target="whatsapp"), now=0)
     assert headers["Authorization"] == "Bearer EAAG-token"
     assert headers["Content-Type"] == "application/json"
     assert headers["Idempotency-Key"] == "wamid.ABC"
@@ -115,13 +141,14 @@ def test_graph_target_headers_use_the_access_token_not_a_signature() -> None:
 
 
 def test_targets_of_config() -> None:
-    env = {"WACORED_APP_SECRET": SECRET, "WA_TOKEN": "EAAG-token", "WA_PHONE_ID": "106540352242922"}
+    env = {"WACORED_APP_SECRET": SECRET, "WA_TOKEN": "EAAG-token", "WA_PHONE_ID": "106540352242922",
+           "WACORED_SIGNING_SECRETS_RIDES": SIGNING_SECRET}
     config = Config.load(SHIPPED, env)
     targets = targets_of(config)
     assert set(targets) == set(config.services) | {"whatsapp"}
     for name, svc in config.services.items():
-        assert (targets[name].url, targets[name].forwarding, targets[name].app_secret) == (
-            svc.url, svc.forwarding, SECRET,
+        assert (targets[name].url, targets[name].forwarding, targets[name].signing_secrets) == (
+            svc.url, svc.forwarding, (SIGNING_SECRET,) if name == "rides" else (),
         )
         assert not targets[name].is_graph
     graph = targets["whatsapp"]
@@ -279,7 +306,7 @@ async def test_a_forwarder_behind_a_slow_service_keeps_beating(tmp_path: Path, a
         return httpx.Response(200)
 
     writes, outcomes = trio.open_memory_channel[WriteOp](1000)
-    target = Target(name="rides", url="http://rides.test/", app_secret=SECRET,
+    target = Target(name="rides", url="http://rides.test/", signing_secrets=(SIGNING_SECRET,),
                     forwarding=ForwardingConfig(timeout_ms=60_000, concurrency=1))
     rt = bare_runtime(tmp_path, target, writes=writes)
     queue = DeliveryQueue("rides", buffer=1000)
@@ -305,7 +332,7 @@ async def test_a_failed_probe_reopens_the_breaker_for_another_period(
         return httpx.Response(503)
 
     fwd = ForwardingConfig(timeout_ms=1000, retries=0, breaker_failures=2, breaker_open_s=10.0)
-    target = Target(name="rides", url="http://rides.test/", forwarding=fwd, app_secret=SECRET)
+    target = Target(name="rides", url="http://rides.test/", forwarding=fwd, signing_secrets=(SIGNING_SECRET,))
     rt = bare_runtime(tmp_path, target)
     transport = httpx.MockTransport(down)
 

@@ -18,7 +18,8 @@ UUID4s; 413 over the size limit, else 401 unless the signature is exactly Meta's
 parser refuses, else 200 with the counts of the batch (a valid payload, correctly signed, is always
 200). After the run: ``/health`` is healthy with every actor running; the store holds exactly the rows
 that 200 answers announced (nothing refused left a row); and every forward that reached a downstream
-was one of those, with well-formed ids and trace context whatever the caller sent, and re-signed.
+was one of those, with well-formed ids and trace context whatever the caller sent, and signed with
+the service's own secret (never Meta's).
 
 Settings: `derandomize` and no example database, so every run sends the same examples (CI is
 deterministic); no deadline, since a request's time is the machine's, not the property's.
@@ -46,10 +47,10 @@ from hypothesis import strategies as st
 from wacored.config import ForwardingConfig
 from wacored.forwarder import Target, Verdict, attempt, new_transport
 from wacored.store import Delivery
-from wacored.whatsapp import PayloadError, parse_webhook, sign, signature_valid
+from wacored.whatsapp import PayloadError, parse_webhook, sign
 
-from .conftest import FIXTURES, SECRET, Downstream, Received, World, make_config, open_daemon
-from .support import RawDownstream
+from .conftest import FIXTURES, SECRET, SIGNING_SECRET, Downstream, Received, World, make_config, open_daemon
+from .support import RawDownstream, readme_verify
 
 LIMIT = 16 * 1024
 """The fuzzed daemon's ``max_body_bytes``: small, so that huge strings cross it cheaply."""
@@ -458,6 +459,7 @@ def run_probe(address: tuple[str, int], probe: Probe, ledger: Ledger) -> None:
 
 
 def check_forwards(received: list[Received], stored: set[tuple[str, str]], *, signed: bool) -> None:
+    verify = readme_verify()
     """What reached the downstreams: only stored updates, with fresh well-formed ids and trace context
     whatever the callers sent, and (to services) Meta's signature over the forwarded bytes."""
     for got in received:
@@ -466,7 +468,8 @@ def check_forwards(received: list[Received], stored: set[tuple[str, str]], *, si
         assert _TRACEPARENT.fullmatch(h["traceparent"]), h
         assert _ID.fullmatch(h["x-request-id"]), h
         assert _ID.fullmatch(h["x-correlation-id"]), h
-        assert not signed or signature_valid(SECRET, got.body, h["x-hub-signature-256"]), h
+        assert not signed or verify(SIGNING_SECRET, h, got.body), h
+        assert "x-hub-signature-256" not in h, h  # Meta's app secret never leaves wacored
 
 
 def store_keys(path: Path) -> set[tuple[str, str]]:
@@ -579,8 +582,7 @@ async def test_a_downstream_answering_anything_never_breaks_a_lane(nursery: trio
     is classified (never raises), and what it keeps of the answer is bounded, printable, masked text."""
     current = [b""]
     server = await RawDownstream(lambda _: current[0]).start(nursery)
-    target = Target(name="rides", url=f"{server.url}/rides", forwarding=ForwardingConfig(timeout_ms=2000),
-                    app_secret="s")
+    target = Target(name="rides", url=f"{server.url}/rides", forwarding=ForwardingConfig(timeout_ms=2000))
     d = Delivery(key="wamid.FUZZ", kind="message", sender="250788000001", service="rides", reason="keyword",
                  target="rides", body=b"{}", request_id="r", correlation_id="c",
                  traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", received_at=0.0, id=1)

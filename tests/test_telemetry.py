@@ -81,7 +81,7 @@ def delivery(traceparent: str = STORED) -> Delivery:
 
 def target() -> Target:
     return Target(name="rides", url="http://rides.test/webhook", forwarding=ForwardingConfig(timeout_ms=1000),
-                  app_secret="s")
+                  )
 
 
 def recording_transport(status: int, seen: list[httpx.Request]) -> httpx.MockTransport:

@@ -118,7 +118,7 @@ async def test_forwarder_delivers_a_spilled_backlog_once_each_in_order(tmp_path:
         return httpx.Response(200)
 
     path = tmp_path / "db"
-    target = Target("rides", "http://rides.test/", ForwardingConfig(concurrency=1), app_secret="s")
+    target = Target("rides", "http://rides.test/", ForwardingConfig(concurrency=1))
     keys = [f"m{i:03d}" for i in range(600)]  # more than two catch-up pages through a 3-slot channel
     async with trio.open_nursery() as nursery:
         writes, queue = await start_writer(nursery, path, buffer=3)

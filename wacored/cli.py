@@ -179,6 +179,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if response.status_code == 200 else 1
 
 
+def cmd_secrets_new(args: argparse.Namespace) -> int:
+    from .signing import new_secret
+
+    print(new_secret())
+    return 0
+
+
 def _has_app_secret(env: Mapping[str, str]) -> bool:
     return any(env.get(name) for name in ENV_ALIASES[("whatsapp", "app_secret")])
 
@@ -319,6 +326,11 @@ def parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     _operator_commands(sub, common)
+
+    secrets_cmd = sub.add_parser("secrets", help="signing secrets for downstream services")
+    secrets_sub = secrets_cmd.add_subparsers(dest="secrets_command", required=True)
+    new = secrets_sub.add_parser("new", help="print a fresh Standard Webhooks secret (whsec_...)")
+    new.set_defaults(func=cmd_secrets_new)
 
     dev = sub.add_parser("dev-env", help="generate local secrets for development if none are set")
     dev.add_argument("path", type=Path, nargs="?", default=DEV_ENV)

@@ -1,6 +1,6 @@
 """Forwarders: one actor per target, delivering committed messages over HTTP.
 
-A target is a downstream service (``[services.NAME] url``, body re-signed with the app secret) or the
+A target is a downstream service (``[services.NAME] url``, signed with its own secrets) or the
 Graph API sender (``whatsapp``: replies such as the home menu, with the access token). Each forwarder
 runs `concurrency` lanes, each with its own httpx transport and kept-alive connection (one shared
 pool's bookkeeping caps throughput: docs/stack-notes.md, "httpx and the lane transport"); a sender
@@ -39,6 +39,7 @@ import functools
 import logging
 import random
 import ssl
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,7 +126,7 @@ async def _attempt(
     """The POST itself. It goes straight to the lane's transport (`LaneTransport`): httpx's client
     layers (auth and redirect flows, cookies, hooks) do nothing for a forward and cost ~30% of its CPU.
     """
-    headers = target.headers(d, dlq_retry=dlq_retry)
+    headers = target.headers(d, now=time.time(), dlq_retry=dlq_retry)
     headers["traceparent"] = traceparent
     request = httpx.Request("POST", target.parsed_url, content=d.body, headers=headers)
     try:

@@ -42,7 +42,7 @@ from opentelemetry import trace
 
 from . import logs
 from .admission import Outcome
-from .config import GRAPH_SENDER
+from .config import GRAPH_SENDER, WhatsAppConfig
 from .routing import SessionAction, decide
 from .runtime import Runtime
 from .sessions import SessionChange
@@ -182,7 +182,7 @@ class Webhook:
             return self._reject(408, "read_timeout", {"error": "request_timeout"}, {"Connection": "close"})
         if read.outcome is Outcome.SHED:
             return self._reject(503, "shed", {"error": "overloaded"}, {"Retry-After": "1", "Connection": "close"})
-        if not signature_valid(config.whatsapp.app_secret, raw, headers.get("x-hub-signature-256")):
+        if not self._signed(config.whatsapp, raw, headers.get("x-hub-signature-256")):
             return self._reject(401, "bad_signature", {"error": "unauthorized"})
         try:
             batch = await _parse(raw)
@@ -199,6 +199,15 @@ class Webhook:
             # The writer refused the transaction, or is gone: either way nothing was stored.
             return self._reject(503, "unavailable", {"error": "unavailable"}, {"Retry-After": "5"})
         return self._accepted(batch, rows, ids)
+
+    def _signed(self, whatsapp: WhatsAppConfig, raw: bytes, header: str | None) -> bool:
+        """Signed with the app secret, or with the previous one while a rotation keeps it (counted)."""
+        if signature_valid(whatsapp.app_secret, raw, header):
+            return True
+        if whatsapp.app_secret_previous and signature_valid(whatsapp.app_secret_previous, raw, header):
+            self.rt.counters.previous_secret += 1
+            return True
+        return False
 
     def _reject(
         self, status: int, outcome: str, body: dict[str, Any], extra: dict[str, str] | None = None

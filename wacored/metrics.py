@@ -122,6 +122,9 @@ class StateCollector(Collector):
         c = self.rt.counters
         yield _counter("wacored_webhook_requests", "Webhook POSTs by outcome.", ["outcome"],
                        _known(c.requests, REQUEST_OUTCOMES))
+        yield _counter("wacored_webhook_previous_secret",
+                       "Webhook POSTs verified with the previous app secret (drop it once this stops growing).",
+                       [], {(): c.previous_secret})
         yield _counter("wacored_handshakes", "Webhook verification handshakes by result.", ["result"],
                        _known(c.handshakes, HANDSHAKE_RESULTS))
         routed: Series = {(s, r): 0 for s in services if s != GRAPH_SENDER for r in SERVICE_REASONS}

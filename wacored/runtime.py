@@ -37,6 +37,8 @@ class Counters:
 
     requests: dict[str, int] = field(default_factory=dict)
     """Webhook POSTs by outcome (accepted, duplicate, bad_signature, ...)."""
+    previous_secret: int = 0
+    """Webhook POSTs verified with ``[whatsapp] app_secret_previous`` (a rotation in progress)."""
     handshakes: dict[str, int] = field(default_factory=dict)
     """Webhook verification handshakes by result (ok, refused)."""
     routed: dict[str, int] = field(default_factory=dict)

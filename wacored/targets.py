@@ -1,8 +1,10 @@
 """Forwarding targets: where each forwarder delivers and how it authenticates (pure, no I/O).
 
-A target is a downstream service (``[services.NAME] url``, the body re-signed with the app secret) or
-the Graph API sender (``whatsapp``: replies such as the home menu, with the access token). Targets are
-rebuilt from each config, so a reload changes URLs, keys and timeouts between two deliveries.
+A target is a downstream service (``[services.NAME] url``, signed with that service's own Standard
+Webhooks secrets, `signing.py`) or the Graph API sender (``whatsapp``: replies such as the home menu,
+with the access token). Meta's app secret never leaves wacored: a service that held it could forge
+webhooks that wacored's own ``/webhook`` accepts. Targets are rebuilt from each config, so a reload
+changes URLs, secrets and timeouts between two deliveries.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import httpx
 
 from .config import GRAPH_SENDER, Config, ForwardingConfig
+from .signing import key_of, signature
 from .store import Delivery
 from .version import VERSION
 from .whatsapp import sign
@@ -27,7 +30,8 @@ class Target:
     name: str
     url: str
     forwarding: ForwardingConfig
-    app_secret: str = ""
+    signing_secrets: tuple[str, ...] = ()
+    legacy_signature: bool = False
     access_token: str = ""
 
     @property
@@ -39,8 +43,14 @@ class Target:
         """`url`, parsed once: every forward of the target reuses it."""
         return httpx.URL(self.url)
 
-    def headers(self, d: Delivery, *, dlq_retry: bool = False) -> dict[str, str]:
-        """The contract's headers for `d` (README, "Forwarding"); never a copied incoming one."""
+    @functools.cached_property
+    def signing_keys(self) -> tuple[bytes, ...]:
+        """The key bytes of `signing_secrets`, decoded once (config validation has checked them)."""
+        return tuple(key_of(secret) for secret in self.signing_secrets)
+
+    def headers(self, d: Delivery, *, now: float, dlq_retry: bool = False) -> dict[str, str]:
+        """The contract's headers for `d` sent at wall-clock `now` (README, "Forwarding");
+        never a copied incoming one."""
         headers = {
             "Content-Type": "application/json",
             "Accept-Encoding": "identity",
@@ -59,16 +69,26 @@ class Target:
             "X-Routed-From": "wacored",
             "X-Routed-Service": d.service,
             "X-Route-Reason": d.reason,
-            "X-Hub-Signature-256": sign(self.app_secret, d.body),
         })
+        if self.signing_keys:
+            timestamp = int(now)
+            headers.update({
+                "webhook-id": d.key,
+                "webhook-timestamp": str(timestamp),
+                "webhook-signature": signature(self.signing_keys, d.key, timestamp, d.body),
+            })
+        if self.legacy_signature:
+            # For a handler written for Meta's header: keyed with the whole first secret string, as
+            # such a handler keys with its "app secret" string.
+            headers["X-Hub-Signature-256"] = sign(self.signing_secrets[0], d.body)
         return headers
 
 
 def targets_of(config: Config) -> dict[str, Target]:
     """Every forwarding target of a config: each service, and the Graph API sender."""
-    secret = config.whatsapp.app_secret
     targets = {
-        name: Target(name=name, url=svc.url, forwarding=svc.forwarding, app_secret=secret)
+        name: Target(name=name, url=svc.url, forwarding=svc.forwarding, signing_secrets=svc.signing_secrets,
+                     legacy_signature=svc.legacy_signature)
         for name, svc in config.services.items()
     }
     targets[GRAPH_SENDER] = Target(

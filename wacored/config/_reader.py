@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..signing import secret_problem
 from ._sections import (
     ENV_ALIASES,
     LOG_LEVELS,
@@ -18,6 +19,7 @@ from ._sections import (
     MENU_LIMITS,
     META_REDELIVERY_DAYS,
     RESERVED_NAMES,
+    SIGNING_SECRETS_ENV,
     TRACE_EXPORTERS,
     AdminConfig,
     DlqConfig,
@@ -169,6 +171,7 @@ def _read_whatsapp(data: Any, problems: list[str]) -> WhatsAppConfig:
     cfg = WhatsAppConfig(
         verify_token=s.take("verify_token", ""),
         app_secret=s.take("app_secret", ""),
+        app_secret_previous=s.take("app_secret_previous", ""),
         access_token=s.take("access_token", ""),
         phone_number_id=s.take("phone_number_id", ""),
         graph_api_url=s.take("graph_api_url", WhatsAppConfig.graph_api_url, _http_url),
@@ -189,7 +192,7 @@ def _read_forwarding(s: _Section, base: ForwardingConfig) -> ForwardingConfig:
 
 
 def _read_services(
-    data: Any, forwarding: ForwardingConfig, problems: list[str]
+    data: Any, forwarding: ForwardingConfig, env: Mapping[str, str], problems: list[str]
 ) -> dict[str, ServiceConfig]:
     if data is None:
         data = {}
@@ -214,9 +217,35 @@ def _read_services(
                 s.problem("keys", f"key {key!r} is also a key of services.{owner[key]}")
             owner[key] = name
         fwd = _read_forwarding(s, forwarding)
+        secrets, legacy = _read_signing(s, name, env)
         s.finish()
-        services[name] = ServiceConfig(name=name, url=url, keys=keys, forwarding=fwd)
+        services[name] = ServiceConfig(name=name, url=url, keys=keys, forwarding=fwd, signing_secrets=secrets,
+                                       legacy_signature=legacy)
     return services
+
+
+def _read_signing(s: _Section, name: str, env: Mapping[str, str]) -> tuple[tuple[str, ...], bool]:
+    """A service's signing secrets (the environment's, when set, replace the file's) and its legacy flag."""
+    secrets: tuple[str, ...] = s.take("signing_secrets", ())
+    from_env = env.get(SIGNING_SECRETS_ENV + name.upper())
+    if from_env:
+        secrets = tuple(part.strip() for part in from_env.split(",") if part.strip())
+    for i, secret in enumerate(secrets):
+        if problem := secret_problem(secret):
+            where = f"env {SIGNING_SECRETS_ENV + name.upper()}" if from_env else "signing_secrets"
+            s.problem("signing_secrets", f"{where}[{i}] {problem}")
+    legacy = s.take("legacy_signature", False)
+    if legacy and not secrets:
+        s.problem("legacy_signature", "needs a signing secret to sign with (never the app secret)")
+    return secrets, legacy
+
+
+def _signing_warnings(services: Mapping[str, ServiceConfig]) -> list[str]:
+    return [
+        f"services.{name}.signing_secrets: none; the service cannot verify that a forward came from wacored"
+        f" (set {SIGNING_SECRETS_ENV}{name.upper()} or signing_secrets; `wacored secrets new` makes one)"
+        for name, svc in services.items() if not svc.signing_secrets
+    ]
 
 
 def _read_menu(data: Any, services: Mapping[str, ServiceConfig], problems: list[str]) -> HomeMenuConfig:
@@ -406,12 +435,13 @@ def read(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any
     fw = _Section(top.data.pop("forwarding", None), "forwarding", problems)
     sections["forwarding"] = _read_forwarding(fw, ForwardingConfig())
     fw.finish()
-    services = _read_services(top.data.pop("services", None), sections["forwarding"], problems)
+    services = _read_services(top.data.pop("services", None), sections["forwarding"], env, problems)
     if not services:
         problems.append("services: at least one [services.NAME] is required")
     sections["services"] = services
     sections["routing"] = _read_routing(top.data.pop("routing", None), services, problems)
     sections["home_menu"] = _read_menu(top.data.pop("home_menu", None), services, problems)
     top.finish()
-    warnings = _menu_warnings(sections["home_menu"]) + _credential_warnings(sections["whatsapp"])
+    warnings = (_menu_warnings(sections["home_menu"]) + _credential_warnings(sections["whatsapp"])
+                + _signing_warnings(services))
     return sections, problems, warnings

@@ -19,6 +19,7 @@ MENU_LIMITS = {"header": 60, "body": 1024, "button": 20, "row_title": 24, "row_d
 ENV_ALIASES: dict[tuple[str, str], tuple[str, ...]] = {
     ("whatsapp", "verify_token"): ("WACORED_VERIFY_TOKEN", "WA_VERIFY_TOKEN"),
     ("whatsapp", "app_secret"): ("WACORED_APP_SECRET", "WHATSAPP_APP_SECRET", "WA_APP_SECRET"),
+    ("whatsapp", "app_secret_previous"): ("WACORED_APP_SECRET_PREVIOUS",),
     ("whatsapp", "access_token"): ("WACORED_ACCESS_TOKEN", "WA_TOKEN", "WHATSAPP_ACCESS_TOKEN"),
     ("whatsapp", "phone_number_id"): (
         "WACORED_PHONE_NUMBER_ID",
@@ -67,6 +68,9 @@ class ServerConfig:
 class WhatsAppConfig:
     verify_token: str = ""
     app_secret: str = field(default="", repr=False)
+    app_secret_previous: str = field(default="", repr=False)
+    """Also accepted while set: the app secret before a rotation (counted, so the operator knows when
+    no POST needs it any more)."""
     access_token: str = field(default="", repr=False)
     phone_number_id: str = ""
     graph_api_url: str = "https://graph.facebook.com/v21.0"
@@ -167,12 +171,21 @@ class SupervisorConfig:
     backoff_max_s: float = 30.0
 
 
+SIGNING_SECRETS_ENV = "WACORED_SIGNING_SECRETS_"
+"""``WACORED_SIGNING_SECRETS_<NAME>`` (upper-case service name, comma-separated) overrides a service's
+``signing_secrets``."""
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     name: str
     url: str
     keys: tuple[str, ...]
     forwarding: ForwardingConfig
+    signing_secrets: tuple[str, ...] = field(default=(), repr=False)
+    """``whsec_`` secrets the service verifies wacored with (Standard Webhooks); the first is the newest."""
+    legacy_signature: bool = False
+    """Also send ``X-Hub-Signature-256``, computed with the first signing secret (never the app secret)."""
 
 
 @dataclass(frozen=True)
