@@ -17,7 +17,7 @@ POLL_S = 0.05
 async def wait_until(check: Callable[[], bool], timeout_s: float = 15.0) -> None:
     """Poll `check` until it holds (it reads state: the store, a downstream), failing after `timeout_s`."""
     with trio.fail_after(timeout_s):
-        while not check():
+        while not check():  # noqa: ASYNC110 -- a file or a server, which signal nothing
             await trio.sleep(POLL_S)
 
 

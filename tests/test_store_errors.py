@@ -95,7 +95,8 @@ async def test_health_is_degraded_then_unhealthy_while_commits_fail_and_healthy_
         writes = body["checks"]["store_writes"]
         assert (body["status"], writes["status"]) == ("degraded", "failing")
         assert writes["last_error"] == "database or disk is full"
-        assert writes["consecutive_failures"] >= 1 and writes["failing_since"] is not None
+        assert writes["consecutive_failures"] >= 1
+        assert writes["failing_since"] is not None
 
         body = await health_when(daemon, lambda status, _: status == 503)
         assert (body["status"], body["checks"]["store_writes"]["status"]) == ("unhealthy", "down")
