@@ -292,8 +292,12 @@ async def test_a_body_over_the_limit_is_413(daemon: Daemon) -> None:
     ("/admin/status", "INSERT OR REPLACE INTO runs VALUES ('reaper', 'last night', NULL, 'hand-edited')"),
 ])
 async def test_a_value_of_the_wrong_type_in_the_store_is_503(daemon: Daemon, path: str, edit: str) -> None:
-    with sqlite3.connect(daemon.config.store.path) as conn:  # a hand-edited store
-        conn.execute(edit)
+    def hand_edit() -> None:
+        with sqlite3.connect(daemon.config.store.path) as conn:
+            conn.execute(edit)
+
+    # In a thread: waiting for the writer's lock on the event loop would stop the writer releasing it.
+    await trio.to_thread.run_sync(hand_edit)
     response = await call(daemon, "GET", path)
     assert response.status_code == 503, response.text
     assert response.json()["error"] == "store_unavailable"

@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _REPLAY_KEYS = {"ids", "all", "service", "state"}
 _PURGE_KEYS = {"state", "older_than"}
-MAX_BODY = 64 * 1024
-"""Bytes of an admin request body at most (a replay of a few thousand ids fits)."""
+MAX_BODY = 1024 * 1024
+"""Bytes of an admin request body at most (a replay of a hundred thousand ids fits)."""
 MAX_DEPTH = 32
 """JSON nesting at most: the bodies are one object of flat values; `json` recurses per level."""
 SQLITE_INT = (-(2**63), 2**63 - 1)
