@@ -225,3 +225,109 @@ async def test_a_replay_wakes_the_retrier_at_once(tmp_path: Path, services: Down
         assert response.json()["replayed"] == 1
         [retry] = await services.wait_for(1, "/rides")
     assert retry.headers["idempotency-key"] == "wamid.AB"
+
+
+async def _still_accepting(daemon: Daemon) -> None:
+    response = await daemon.send_text("rides", sender="250788000099")
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("body", [
+    {"ids": [2**70]}, {"ids": [-(2**70)]}, {"ids": [2**63]}, {"ids": ["99999999999999999999999"]},
+    {"ids": [1, "1" + "0" * 30]}, {"ids": ["²"]},
+])
+async def test_replay_ids_outside_sqlite_integers_are_400(daemon: Daemon, body: Any) -> None:
+    before = rows(daemon)
+    response = await call(daemon, "POST", "/admin/dlq/replay", body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "bad_request"
+    assert rows(daemon) == before
+    await _still_accepting(daemon)
+
+
+async def test_the_largest_sqlite_integer_is_a_valid_id(daemon: Daemon) -> None:
+    response = await call(daemon, "POST", "/admin/dlq/replay", {"ids": [2**63 - 1, str(2**63 - 1)]})
+    assert response.status_code == 200
+    assert response.json()["unknown"] == [str(2**63 - 1)] * 2
+
+
+@pytest.mark.parametrize(("path", "raw"), [
+    ("/admin/dlq/replay", b"[" * 100_000 + b"]" * 100_000),
+    ("/admin/dlq/purge", b'{"state": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    ("/admin/dlq/replay", b'{"ids": ' + b"[" * 40 + b"1" + b"]" * 40 + b"}"),
+])
+async def test_deeply_nested_json_is_400(daemon: Daemon, path: str, raw: bytes) -> None:
+    response = await daemon.client.post(f"{daemon.url}{path}", content=raw,
+                                        headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "bad_request"
+    await _still_accepting(daemon)
+
+
+async def test_brackets_inside_strings_are_not_nesting(daemon: Daemon) -> None:
+    response = await call(daemon, "POST", "/admin/dlq/replay", {"ids": ["[" * 100 + '\\"{' * 50]})
+    assert response.status_code == 200
+    assert response.json()["replayed"] == 0
+
+
+# The daemon answers before reading the rest of the body, so httpx drops its unfinished upload stream.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_body_over_the_limit_is_413(daemon: Daemon) -> None:
+    ids = list(range(200_000))  # ~1.3 MB
+    response = await call(daemon, "POST", "/admin/dlq/replay", {"ids": ids})
+    assert response.status_code == 413
+    assert response.json()["error"] == "too_large"
+
+    async def chunks() -> Any:  # no Content-Length: the limit holds while reading
+        for _ in range(2048):
+            yield b" " * 1024
+
+    response = await daemon.client.post(f"{daemon.url}/admin/dlq/replay", content=chunks(), headers=AUTH)
+    assert response.status_code == 413
+    await _still_accepting(daemon)
+
+
+@pytest.mark.parametrize(("path", "edit"), [
+    ("/admin/dlq", "UPDATE dead_letters SET created_at = 'yesterday' WHERE key = 'wamid.AB'"),
+    ("/admin/status", "INSERT OR REPLACE INTO runs VALUES ('reaper', 'last night', NULL, 'hand-edited')"),
+])
+async def test_a_value_of_the_wrong_type_in_the_store_is_503(daemon: Daemon, path: str, edit: str) -> None:
+    def hand_edit() -> None:
+        with sqlite3.connect(daemon.config.store.path) as conn:
+            conn.execute(edit)
+
+    # In a thread: waiting for the writer's lock on the event loop would stop the writer releasing it.
+    await trio.to_thread.run_sync(hand_edit)
+    response = await call(daemon, "GET", path)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "store_unavailable"
+    await _still_accepting(daemon)
+
+
+@pytest.mark.parametrize("damage", ["missing", "directory", "not_a_database", "no_tables"])
+async def test_a_store_that_cannot_be_read_is_503(daemon: Daemon, damage: str) -> None:
+    path = daemon.config.store.path
+    kept = path.with_name("kept.db")
+    path.rename(kept)  # the daemon's own connections keep the file open; the admin API opens the path
+    try:
+        if damage == "directory":
+            path.mkdir()
+        elif damage == "not_a_database":
+            path.write_bytes(b"\x00garbage" * 1024)
+        elif damage == "no_tables":
+            with sqlite3.connect(path) as conn:
+                conn.execute("PRAGMA user_version = 2")
+                conn.execute("CREATE TABLE unrelated (x)")
+        for method, url, body in (("GET", "/admin/dlq", None), ("GET", "/admin/status", None),
+                                  ("POST", "/admin/dlq/replay", {"all": True}),
+                                  ("POST", "/admin/dlq/purge", {"state": "delivered", "older_than": "1d"})):
+            response = await call(daemon, method, url, body)
+            assert response.status_code == 503, (method, url, response.text)
+            assert response.json()["error"] == "store_unavailable"
+    finally:
+        if path.is_dir():
+            path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
+        kept.rename(path)
+    await _still_accepting(daemon)

@@ -14,10 +14,24 @@ from wacored.config import ForwardingConfig
 from wacored.forwarder import Target, run_forwarder
 from wacored.routing import SessionAction
 from wacored.sessions import SessionChange, SessionTable
-from wacored.store import NewRow, Outcome, Reader, WriteConnection, migrate
-from wacored.writer import CatchUp, DeliveryQueue, Ingest, Record, WriteOp, run_writer
+from wacored.store import NewRow, Outcome, Reader, StoreUnavailable, WriteConnection, migrate
+from wacored.writer import (
+    RETRY_MAX_S,
+    CatchUp,
+    DeliveryQueue,
+    Ingest,
+    Record,
+    StoreWrites,
+    Write,
+    WriteOp,
+    retry_delay_s,
+    run_writer,
+    store_writes_status,
+    stuck_from,
+)
 
 from .conftest import bare_runtime
+from .support import DiskFull, read, wait_until
 
 
 def row(key: str, sender: str = "s1", target: str = "rides") -> NewRow:
@@ -152,3 +166,75 @@ async def test_dead_lettering_a_message_again_never_resets_its_retries(tmp_path:
     assert db.execute("SELECT state, attempts, next_attempt_at, error FROM dead_letters").fetchall() == [
         ("pending", 2, 9000.0, "HTTP 502: again")
     ]
+
+
+def test_store_writes_are_failing_then_down_after_the_sustained_period() -> None:
+    assert store_writes_status(None, 1000.0, 60.0) == "ok"
+    assert store_writes_status(1000.0, 1000.0, 60.0) == "failing"
+    assert store_writes_status(1000.0, 1059.9, 60.0) == "failing"
+    assert store_writes_status(1000.0, 1060.0, 60.0) == "down"
+
+
+def test_held_outcomes_back_off_exponentially_up_to_a_bound() -> None:
+    delays = [retry_delay_s(n) for n in range(1, 12)]
+    assert delays[:3] == [0.1, 0.2, 0.4]
+    assert delays == sorted(delays)
+    assert max(delays) == RETRY_MAX_S
+    w = StoreWrites()
+    w.failed("disk full", now=1000.0, mono=5.0)
+    w.failed("disk full", now=1001.0, mono=6.0)
+    assert (w.failing_since, w.consecutive, w.failures, w.retry_at) == (1000.0, 2, 2, 6.2)
+    w.succeeded()
+    assert (w.failing_since, w.consecutive, w.failures, w.last_error) == (None, 0, 2, "disk full")
+
+
+def test_a_queued_row_nobody_delivers_is_stuck() -> None:
+    assert stuck_from(None, set(), None) is None  # nothing queued
+    assert stuck_from(7, {7, 8}, None) is None  # being delivered
+    assert stuck_from(7, set(), 3) is None  # a catch-up will read it
+    assert stuck_from(7, {8, 9}, None) == 7  # older than everything in flight, and not in flight
+    assert stuck_from(7, set(), None) == 7
+
+
+async def test_outcomes_of_failed_commits_are_kept_in_order_and_committed_later(tmp_path: Path) -> None:
+    """Injected SQLITE_FULL on the writer's COMMIT (see tests/test_store_errors.py for why not tmpfs)."""
+    path = tmp_path / "db"
+    migrate(path)
+    disk, state = DiskFull(), StoreWrites()
+    queue = DeliveryQueue("rides")
+    send, receive = trio.open_memory_channel[WriteOp](100)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(run_writer, disk.connection(path), receive, {"rides": queue},
+                                    SessionTable(3600), state=state))
+        ids = await ingest(send, [row("a"), row("b")])
+        assert queue.in_flight == set(ids)
+        disk.full = True
+        await send.send(Record(Outcome(ids[0], False, 1, 2000.0, "HTTP 503", target="rides", key="a",
+                                       retry_at=2100.0)))
+        await send.send(Record(Outcome(ids[0], True, 1, 2001.0, target="rides", key="a")))  # redelivered
+        await send.send(Record(Outcome(ids[1], True, 1, 2002.0, target="rides", key="b")))
+        with trio.fail_after(5):
+            try:
+                await ingest(send, [row("c")])
+                raise AssertionError("committed on a full disk")
+            except StoreUnavailable:
+                pass
+            op = Write(lambda conn: conn.record_run("x", 1.0, None, "r"))
+            await send.send(op)
+            try:
+                await op.reply.wait()
+                raise AssertionError("committed on a full disk")
+            except StoreUnavailable:
+                pass
+        assert len(state.held) == 3
+        assert state.failing_since is not None
+        assert queue.in_flight == set(ids)  # still being delivered as far as the sweep is concerned
+        disk.full = False
+        await wait_until(lambda: not state.held, timeout_s=10)
+        assert read(path, "SELECT key, state FROM messages ORDER BY id") == [("a", "delivered"), ("b", "delivered")]
+        # In order: the dead letter written first, then its message delivered by the redelivery.
+        assert read(path, "SELECT state FROM dead_letters") == [("pending",)]
+        assert queue.in_flight == set()
+        assert state.failing_since is None
+        assert state.consecutive == 0
+        await send.aclose()

@@ -11,9 +11,12 @@ path are read from ``rt.config`` at each request: a reload swaps the config whol
 
 Error handling:
     No token configured → 404 ``{"error":"not_found"}``; a missing or wrong token → 401
-    ``{"error":"unauthorized"}`` (logged, without what was presented); bad input → 400
-    ``{"error":"bad_request","detail":...}``; the store refusing (locked past its busy timeout,
-    missing, newer schema) → 503 ``{"error":"store_unavailable","detail":...}``.
+    ``{"error":"unauthorized"}`` (logged, without what was presented); a body over `MAX_BODY` bytes →
+    413 ``{"error":"too_large"}``; bad input → 400 ``{"error":"bad_request","detail":...}``: a body that
+    is not JSON, nested deeper than `MAX_DEPTH`, or an id outside SQLite's 64-bit integers; the store
+    refusing or unreadable (locked past its busy timeout, missing, a directory, not a database,
+    corrupt, a table missing, a newer schema, a value of the wrong type, an OS error) → 503
+    ``{"error":"store_unavailable","detail":...}``.
 
 Cancellation:
     The SQLite work runs in a worker thread on a connection of its own (never the writer's, nor the
@@ -23,6 +26,7 @@ Cancellation:
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import sqlite3
@@ -34,6 +38,7 @@ from typing import Any, TypeVar
 import trio
 from quart import Blueprint, Response, jsonify, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import operations as ops
 from .runtime import Runtime
@@ -44,6 +49,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _REPLAY_KEYS = {"ids", "all", "service", "state"}
 _PURGE_KEYS = {"state", "older_than"}
+MAX_BODY = 1024 * 1024
+"""Bytes of an admin request body at most (a replay of a hundred thousand ids fits)."""
+MAX_DEPTH = 32
+"""JSON nesting at most: the bodies are one object of flat values; `json` recurses per level."""
+SQLITE_INT = (-(2**63), 2**63 - 1)
+"""The integers SQLite stores: a row id outside them cannot even be looked up."""
 
 
 class AdminError(Exception):
@@ -64,6 +75,8 @@ def _bad_request(detail: str) -> AdminError:
 
 def install(app: QuartTrio, rt: Runtime) -> None:
     """Serve ``/admin/`` on `app` for the daemon of `rt`."""
+    # Quart stops reading a body past this (RequestEntityTooLarge); only admin routes take bodies.
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.register_blueprint(_blueprint(rt))
 
 
@@ -83,12 +96,12 @@ def _blueprint(rt: Runtime) -> Blueprint:
         state, service = request.args.get("state") or None, request.args.get("service") or None
         if state is not None and state not in ops.STATES:
             raise _bad_request(f"state must be one of {', '.join(ops.STATES)}")
-        entries = await _on_store(rt, partial(ops.list_dead_letters, state=state, service=service))
-        return jsonify([e.to_json() for e in entries])
+        entries = await _on_store(rt, partial(_listed, state=state, service=service))
+        return jsonify(entries)
 
     @bp.post("/dlq/replay")
     async def replay() -> Response:
-        body = _object(await request.get_json(force=True, silent=True), _REPLAY_KEYS)
+        body = _object(await _json_body(), _REPLAY_KEYS)
         result = await _on_store(rt, _replay_request(body, rt.wall_clock()))
         if result["replayed"]:
             rt.wake_retrier()  # due now: the retrier should not wait for its next interval
@@ -96,7 +109,7 @@ def _blueprint(rt: Runtime) -> Blueprint:
 
     @bp.post("/dlq/purge")
     async def purge() -> Response:
-        body = _object(await request.get_json(force=True, silent=True), _PURGE_KEYS)
+        body = _object(await _json_body(), _PURGE_KEYS)
         state, older_than_s = _purge_request(body)
         count = await _on_store(rt, partial(ops.purge, state=state, older_than_s=older_than_s, now=rt.wall_clock()))
         return jsonify({"purged": count})
@@ -134,17 +147,71 @@ async def _on_store(rt: Runtime, work: Callable[[sqlite3.Connection], T]) -> T:
     store = rt.config.store
     try:
         return await trio.to_thread.run_sync(_with_connection, store.path, store.busy_timeout_ms, work)
-    except (ops.OperationsError, SchemaError, sqlite3.Error) as exc:
+    except (ops.OperationsError, SchemaError, sqlite3.Error, OSError) as exc:
         log.warning("admin: store unavailable", extra={"event": "admin_store_error", "error": str(exc)})
-        raise AdminError(503, "store_unavailable", str(exc)) from exc
+        raise AdminError(503, "store_unavailable", str(exc) or type(exc).__name__) from exc
+
+
+class UnreadableValue(ops.OperationsError):
+    """The store holds a value of a type or range wacored never writes (a hand-edited or damaged file)."""
 
 
 def _with_connection(path: Path, busy_timeout_ms: int, work: Callable[[sqlite3.Connection], T]) -> T:
     conn = ops.open_store(path, busy_timeout_ms)
     try:
         return work(conn)
+    except (TypeError, ValueError, OverflowError) as exc:
+        # The input was validated before any connection opened, so this comes from what was read:
+        # the store's fault, not the request's. Logged with its traceback in case it is ours.
+        log.exception("admin: unreadable value in the store", extra={"event": "admin_store_unreadable"})
+        raise UnreadableValue(f"the store holds a value wacored cannot read ({type(exc).__name__}: {exc})") from exc
     finally:
         conn.close()
+
+
+def _listed(conn: sqlite3.Connection, *, state: str | None, service: str | None) -> list[dict[str, Any]]:
+    """The dead letters as JSON objects, made in the worker thread: an unreadable row is the store's."""
+    return [e.to_json() for e in ops.list_dead_letters(conn, state=state, service=service)]
+
+
+async def _json_body() -> Any:
+    """The request body as JSON: bounded in size (413) and in depth, and valid (400)."""
+    if (request.content_length or 0) > MAX_BODY:
+        raise AdminError(413, "too_large", f"a body of at most {MAX_BODY} bytes")
+    try:
+        raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+    except RequestEntityTooLarge:  # sent without a Content-Length, and longer than MAX_BODY
+        raise AdminError(413, "too_large", f"a body of at most {MAX_BODY} bytes") from None
+    assert isinstance(raw, bytes)  # as_text=False
+    if json_depth(raw) > MAX_DEPTH:
+        raise _bad_request(f"JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        return json.loads(raw)
+    except ValueError:  # not JSON, not UTF-8, or an integer of more digits than Python converts
+        raise _bad_request("the body is not valid JSON") from None
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply `raw`'s arrays and objects nest, counted without parsing (brackets inside strings
+    do not count), so a hostile body never reaches the recursive parser."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
 
 
 def _object(body: Any, allowed: set[str]) -> dict[str, Any]:
@@ -174,12 +241,26 @@ def _replay_request(body: dict[str, Any], now: float) -> Callable[[sqlite3.Conne
         raise _bad_request('"state" and "service" go with "all": true')
     if not isinstance(ids, list) or not ids or not all(_is_id(i) for i in ids):
         raise _bad_request('"ids" must be a non-empty list of dead letter ids (integers) or wamids (strings)')
+    if not all(_in_range(i) for i in ids):
+        raise _bad_request(f'a dead letter id is an integer from {SQLITE_INT[0]} to {SQLITE_INT[1]}')
     return lambda conn: ops.replay(conn, ids, now).to_json()
 
 
 def _is_id(value: Any) -> bool:
     # bool is an int in Python, but `true` is not a row id.
     return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and bool(value.strip()))
+
+
+def _in_range(ident: int | str) -> bool:
+    """Whether a row id (an integer, or the digits `operations.replay` reads as one) fits SQLite."""
+    if isinstance(ident, str):
+        text = ident.strip()
+        if not text.isdigit():
+            return True  # a wamid
+        if not text.isascii():
+            return False  # digits such as "²" that `int` refuses
+        ident = int(text) if len(text) <= 20 else SQLITE_INT[1] + 1
+    return SQLITE_INT[0] <= ident <= SQLITE_INT[1]
 
 
 def _purge_request(body: dict[str, Any]) -> tuple[str, float]:

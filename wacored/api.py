@@ -23,6 +23,7 @@ from .ingress import Receive, Scope, Send, Webhook, refuse_overloaded, request_i
 from .operations import iso
 from .runtime import ActorState, Runtime
 from .version import VERSION
+from .writer import StoreWrites, store_writes_status
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ CORE_ACTORS = ("writer", "ingress")
 
 
 async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
-    """The /health body: ``unhealthy`` (503) when the store or a core actor is down, ``degraded`` when
-    another actor is down or a breaker is not closed, else ``healthy``. Store figures (queued
+    """The /health body: ``unhealthy`` (503) when the store cannot be read, its commits have failed for
+    ``[store] unhealthy_after_s``, or a core actor is down; ``degraded`` while commits fail, when
+    another actor is down or a breaker is not closed; else ``healthy``. Store figures (queued
     messages, dead letters) are the stats actor's cached ones, never a query at request time."""
     checks: dict[str, Any] = {}
     try:
@@ -43,6 +45,7 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
     except (sqlite3.Error, trio.TooSlowError) as exc:
         checks["database"] = {"status": "error", "error": str(exc) or type(exc).__name__}
     now = rt.wall_clock()
+    checks["store_writes"] = _store_writes(rt.store_writes, now, rt.config.store.unhealthy_after_s)
     checks["actors"] = {name: _actor(a) for name, a in sorted(rt.actors.items())}
     active = rt.sessions.active(now)
     checks["sessions"] = {"active": active, "stale_in_memory": len(rt.sessions) - active}
@@ -71,12 +74,13 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
         }
         for name in sorted(rt.targets)
     }
-    core_down = checks["database"]["status"] != "ok" or any(
+    writes = checks["store_writes"]["status"]
+    core_down = checks["database"]["status"] != "ok" or writes == "down" or any(
         not rt.actors.get(name, ActorState()).running for name in CORE_ACTORS
     )
     any_down = any(not a.running for a in rt.actors.values())
     any_open = any(svc["breaker"] != "closed" for svc in services.values())
-    status = "unhealthy" if core_down else "degraded" if any_down or any_open else "healthy"
+    status = "unhealthy" if core_down else "degraded" if any_down or any_open or writes != "ok" else "healthy"
     body = {
         "status": status,
         "service": "wacored",
@@ -87,6 +91,19 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
         "services": services,
     }
     return (503 if status == "unhealthy" else 200), body
+
+
+def _store_writes(w: StoreWrites, now: float, unhealthy_after_s: float) -> dict[str, Any]:
+    """How commits are going: ``ok``, ``failing`` (since when, the last error) or ``down`` (failing
+    for `unhealthy_after_s`), and the delivery outcomes held until the store takes them."""
+    return {
+        "status": store_writes_status(w.failing_since, now, unhealthy_after_s),
+        "failing_since": iso(w.failing_since),
+        "consecutive_failures": w.consecutive,
+        "last_error": w.last_error or None,
+        "last_error_at": iso(w.last_error_at),
+        "outcomes_held": len(w.held),
+    }
 
 
 def _actor(a: ActorState) -> dict[str, Any]:

@@ -297,7 +297,7 @@ async def run_daemon(
         def writer(task_status: trio.TaskStatus[Any]) -> Any:
             conn = WriteConnection(rt.config.store.path, rt.config.store.busy_timeout_ms)
             return run_writer(conn, writes_receive, rt.queues, rt.sessions, beat=partial(rt.beat, "writer"),
-                              task_status=task_status)
+                              state=rt.store_writes, wall_clock=rt.wall_clock, task_status=task_status)
 
         async with writes_receive, open_watchdog(rt, notifier), trio.open_nursery() as root:
             await root.start(supervise, rt, "writer", writer)

@@ -13,7 +13,10 @@ Error handling:
     A retry never raises for a network or HTTP failure (`forwarder.attempt` classifies them). Anything
     else a retry raises costs that one entry: it is ``abandoned`` with the reason ``internal_error``
     (logged once with its traceback, counted), and the pass goes on. A store error reading due entries
-    is logged and the retrier tries again at its next wake.
+    is logged and the retrier tries again at its next wake. A write the store refuses
+    (`StoreUnavailable`: disk full, locked) is tried again with the writer's bounded backoff until it
+    commits (`write_committed`), so the retrier waits out an outage instead of crashing in a loop, and
+    a retry already made is recorded rather than made again.
 
 Cancellation:
     A retry cut short records nothing: the entry stays ``pending`` and due, and is tried again.
@@ -33,8 +36,8 @@ import trio
 from .config import DlqConfig
 from .forwarder import INTERNAL_ERROR, Verdict, guarded_attempt, internal_error, new_transport
 from .runtime import HEARTBEAT_S, Runtime
-from .store import DeadLetter, Reader, Retried, WriteConnection
-from .writer import Write, WriteOp
+from .store import DeadLetter, Reader, Retried, StoreUnavailable, WriteConnection
+from .writer import Write, WriteOp, retry_delay_s
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,23 @@ async def write(writes: trio.MemorySendChannel[WriteOp], apply: Callable[[WriteC
     return await op.reply.wait()
 
 
+async def write_committed(
+    rt: Runtime, actor: str, writes: trio.MemorySendChannel[WriteOp], apply: Callable[[WriteConnection], object]
+) -> object:
+    """`write`, tried again while the store refuses it, `retry_delay_s` apart (beating for `actor`),
+    until it commits. `apply` must be safe to run again: a refused transaction changed nothing."""
+    failures = 0
+    while True:
+        try:
+            return await write(writes, apply)
+        except StoreUnavailable as exc:
+            failures += 1
+            log.warning("store write refused: trying again", extra={
+                "event": "store_write_retry", "actor": actor, "error": str(exc), "failures": failures})
+        await trio.sleep(retry_delay_s(failures))  # at most RETRY_MAX_S, below the heartbeat
+        rt.beat(actor)
+
+
 async def sleep_until(rt: Runtime, actor: str, deadline: float, wake: trio.Event | None = None) -> None:
     """Sleep until wall-clock `deadline` (or `wake` is set), beating for `actor` meanwhile."""
     while (left := deadline - rt.wall_clock()) > 0 and not (wake is not None and wake.is_set()):
@@ -146,7 +166,8 @@ async def run_dlq_retrier(
                 wake = await _next_wake(rt, reader)
                 state = rt.actor(ACTOR)
                 state.last_run, state.next_run = started, wake
-                await write(writes, methodcaller("record_run", ACTOR, started, wake, f"{retried} retried"))
+                await write_committed(rt, ACTOR, writes,
+                                      methodcaller("record_run", ACTOR, started, wake, f"{retried} retried"))
                 await sleep_until(rt, ACTOR, wake, rt.dlq_due)
     finally:
         with trio.CancelScope(shield=True):
@@ -168,7 +189,7 @@ async def _one_pass(
         if rt.stopping.is_set():
             return n
         retried = await _retry_contained(rt, dl, transports)
-        await write(writes, methodcaller("retried", retried))
+        await write_committed(rt, ACTOR, writes, methodcaller("retried", retried))
         rt.beat(ACTOR)
     return len(due)
 

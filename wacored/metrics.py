@@ -116,6 +116,7 @@ class StateCollector(Collector):
         yield from self._forwarding(services, now)
         yield from self._dead_letters(services, now)
         yield from self._operations(now)
+        yield from self._store_writes(now)
         yield from self._slo()
 
     def _ingress(self, services: list[str]) -> Iterator[Metric]:
@@ -185,6 +186,16 @@ class StateCollector(Collector):
                        _known(rt.counters.reloads, RELOAD_RESULTS))
         yield _counter("wacored_reaped", "Rows the reaper deleted, by kind.", ["kind"],
                        _known(rt.counters.reaped, REAPED_KINDS))
+
+    def _store_writes(self, now: float) -> Iterator[Metric]:
+        w = self.rt.store_writes
+        yield _counter("wacored_store_commit_failures", "Store transactions that failed (disk full, locked, I/O).",
+                       [], {(): w.failures})
+        yield _gauge("wacored_store_commit_failing_seconds",
+                     "How long the store's commits have been failing (0 while they succeed).", [],
+                     {(): _age(now, w.failing_since)})
+        yield _gauge("wacored_store_outcomes_held", "Delivery outcomes waiting for the store to take them.", [],
+                     {(): len(w.held)})
 
     def _slo(self) -> Iterator[Metric]:
         rt, slo = self.rt, self.rt.slo

@@ -12,6 +12,11 @@ the write lock long enough to delay an ingest commit. A daemon that was down at 
 missed reap `MISSED_REAP_DELAY_S` after it starts. `reap` is the same work for ``wacored sessions reap``,
 on its own connection, safe beside a running daemon.
 
+Error handling:
+    A batch the store refuses (`StoreUnavailable`: disk full, locked) is tried again with the
+    writer's bounded backoff until it commits (`deadletters.write_committed`): a reap waits out an
+    outage instead of crashing the reaper in a loop.
+
 Cancellation:
     Between batches; a batch is one transaction, committed whole or not at all.
 """
@@ -27,7 +32,7 @@ from pathlib import Path
 import trio
 
 from .config import SessionsConfig
-from .deadletters import sleep_until, write
+from .deadletters import sleep_until, write_committed
 from .runtime import Runtime
 from .store import Reader, WriteConnection
 from .writer import WriteOp
@@ -132,7 +137,7 @@ async def _reap_now(rt: Runtime, writes: trio.MemorySendChannel[WriteOp]) -> Non
     sessions = rt.config.sessions
 
     async def run(kind: str, cutoff: float, limit: int) -> int:
-        deleted = await write(writes, methodcaller("reap", kind, cutoff, limit))
+        deleted = await write_committed(rt, ACTOR, writes, methodcaller("reap", kind, cutoff, limit))
         rt.beat(ACTOR)
         return deleted  # type: ignore[return-value]
 
@@ -143,5 +148,5 @@ async def _reap_now(rt: Runtime, writes: trio.MemorySendChannel[WriteOp]) -> Non
     state = rt.actor(ACTOR)
     state.last_run = now
     state.next_run = next_reap(now, sessions.reap_minute)
-    await write(writes, methodcaller("record_run", ACTOR, now, state.next_run, _summary(counts)))
+    await write_committed(rt, ACTOR, writes, methodcaller("record_run", ACTOR, now, state.next_run, _summary(counts)))
     log.info("reaped", extra={"event": "reaped", **counts})

@@ -25,7 +25,7 @@ from .store import Reader
 from .targets import Target, targets_of
 from .telemetry import NO_TRACER
 from .version import VERSION
-from .writer import HEARTBEAT_S, DeliveryQueue, WriteOp
+from .writer import HEARTBEAT_S, DeliveryQueue, StoreWrites, WriteOp
 
 
 @dataclass
@@ -125,6 +125,9 @@ class Runtime:
     slo: SloState = field(default_factory=SloState)
     dlq_due: trio.Event = field(default_factory=trio.Event)
     """Set to make the DLQ retrier look for due entries now (an operator replayed some)."""
+    store_writes: StoreWrites = field(default_factory=StoreWrites)
+    """How the writer's commits are going and the outcomes it holds. Owner: the writer actor (kept
+    here so a restarted writer carries on); /health and /metrics only read it."""
 
     def __post_init__(self) -> None:
         self.metrics.watch(self, VERSION)
@@ -168,4 +171,4 @@ class Runtime:
         )
 
 
-__all__ = ["HEARTBEAT_S", "ActorState", "Counters", "Runtime", "StoreStats"]
+__all__ = ["HEARTBEAT_S", "ActorState", "Counters", "Runtime", "StoreStats", "StoreWrites"]

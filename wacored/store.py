@@ -17,8 +17,9 @@ Tables (schema version in ``PRAGMA user_version``, forward-only migrations in `M
 the write connection, readers open their own (WAL lets them read while the writer commits).
 
 Error handling:
-    `sqlite3.Error` propagates; the writer turns it into `StoreUnavailable` for every request of the
-    failed transaction, which ingress answers with 503 (Meta retries; nothing was acknowledged).
+    `sqlite3.Error` propagates; the writer turns it into `StoreUnavailable` for every waiting request
+    of the failed transaction, which ingress answers with 503 (Meta retries; nothing was
+    acknowledged), and keeps its delivery outcomes to commit them later (`writer.py`).
 """
 
 from __future__ import annotations
@@ -348,6 +349,17 @@ class WriteConnection:
     def reap(self, kind: str, cutoff: float, limit: int) -> int:
         """Delete at most `limit` rows of `kind` older than `cutoff`; how many were deleted."""
         return self.conn.execute(REAP_SQL[kind], (cutoff, limit)).rowcount
+
+    def changes(self) -> int:
+        """Rows changed on this connection so far (a commit that changed none wrote nothing)."""
+        return self.conn.total_changes
+
+    def oldest_queued(self, target: str) -> int | None:
+        """The id of `target`'s oldest ``queued`` message (None: none), read outside a transaction."""
+        row = self.conn.execute(
+            "SELECT MIN(id) FROM messages WHERE target = ? AND state = 'queued'", (target,)
+        ).fetchone()
+        return None if row[0] is None else int(row[0])
 
     def queued(self, target: str, from_id: int, limit: int) -> list[Delivery]:
         rows = self.conn.execute(

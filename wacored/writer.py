@@ -1,28 +1,41 @@
 """The store writer actor: the only code that writes SQLite, committing whatever is queued at once.
 
 Requests arrive on one memory channel: `Ingest` (a routed webhook batch; the caller waits for the
-commit), `Record` (a delivery outcome; fire and forget) and `CatchUp` (a forwarder asking for queued
-rows its channel could not hold). The writer takes everything waiting, runs it as one transaction (group
-commit; the fsync in a worker thread), then hands the newly inserted rows to their delivery queues
-and answers the callers. Because only this actor both commits rows and hands them on, a row is
-either in its target's channel or found by that target's next catch-up read, never both, never neither.
+commit), `Record` (a delivery outcome; fire and forget), `CatchUp` (a forwarder asking for queued
+rows its channel could not hold) and `Write` (any other write; the caller waits). The writer takes
+everything waiting, runs it as one transaction (group commit; the fsync in a worker thread), then
+hands the newly inserted rows to their delivery queues and answers the callers.
+
+Invariant: every committed ``queued`` row of a target is in exactly one of these places: its
+queue's channel or a lane (its id in `DeliveryQueue.in_flight` until its outcome commits, the
+outcome possibly held in `StoreWrites.held`), or on disk at or after the queue's `spill_from`, read
+back by the next `CatchUp`. Rows that fall out of it (a crashed writer or forwarder lost them, a row
+written by another process) are found by the sweep (`stuck_from`, every `SWEEP_S`) and spilled again.
 
 Error handling:
-    A failed transaction is rolled back and every `Ingest` in it is answered with `StoreUnavailable`
-    (ingress says 503; Meta redelivers). Outcomes of a failed transaction are lost from memory, which is
-    safe: their messages stay ``queued`` and are delivered again after a restart.
+    A failed transaction is rolled back. Its `Ingest`s are answered `StoreUnavailable` (ingress says
+    503; Meta redelivers) and never again; its `CatchUp`s and `Write`s too (their callers retry).
+    Its `Record`s are kept in order in `StoreWrites.held`, with every later `Record`, and committed
+    in a transaction of their own after a bounded backoff (`retry_delay_s`), again until they
+    commit: an outcome is never dropped while the daemon runs (one a constraint refuses, which can
+    never commit, is logged and left to the sweep). Every failure is counted in `StoreWrites`
+    (/health, /metrics) until a commit that writes succeeds. An error other than `sqlite3.Error` is
+    a bug: the callers are answered, the outcomes kept, and the writer crashes (the supervisor
+    restarts it; `StoreWrites` belongs to the daemon, so the restarted writer carries on).
 
 Cancellation:
     A worker thread waiting for a lock or running a COMMIT is never abandoned (`to_thread.run_sync`
     waits), and a group taken from the channel is committed under a shield, so cancelling the writer
     cannot cut a commit in half nor leave a caller unanswered. The writer ends when every sender of
-    its channel is closed.
+    its channel is closed, after one last try of the outcomes it holds (any still failing then are
+    lost from memory; their messages stay ``queued`` and are delivered again after the restart).
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -39,6 +52,11 @@ MAX_GROUP = 512
 CATCH_UP_PAGE = 256
 HEARTBEAT_S = 5.0
 """Every actor gives a sign of life at least this often, idle or not (the watchdog reads them)."""
+SWEEP_S = HEARTBEAT_S
+"""How often the writer looks for queued rows nobody is delivering (`stuck_from`)."""
+RETRY_BASE_S = 0.1
+RETRY_MAX_S = 5.0
+"""Held outcomes are tried again after 0.1 s, doubling per consecutive failure, at most 5 s apart."""
 
 
 T = TypeVar("T")
@@ -103,17 +121,22 @@ class DeliveryQueue:
     The writer offers each committed row; when the channel is full the row stays on disk only and
     `spill_from` remembers the first such row, so the forwarder reads the rest back in id order
     (`CatchUp`) once it has emptied its channel. Start-up recovery is a spill from the oldest queued row.
+    `in_flight` holds the ids handed to the forwarder (channel or catch-up page) whose outcome has not
+    committed yet: a catch-up never hands them out again, and the sweep knows they are being delivered.
+    Owner: the writer (and `restart`, run by the supervisor while the forwarder is down).
     """
 
     def __init__(self, target: str, buffer: int = 1024) -> None:
         self.target = target
         self.send, self.receive = trio.open_memory_channel[Delivery](buffer)
         self.spill_from: int | None = None
+        self.in_flight: set[int] = set()
 
     def offer(self, delivery: Delivery) -> None:
         if self.spill_from is None:
             try:
                 self.send.send_nowait(delivery)
+                self.in_flight.add(delivery.id)
                 return
             except trio.WouldBlock:
                 self.spill_from = delivery.id
@@ -131,7 +154,66 @@ class DeliveryQueue:
                 self.receive.receive_nowait()
             except trio.WouldBlock:
                 break
+        self.in_flight.clear()
         self.spill_from = 0
+
+
+@dataclass
+class StoreWrites:
+    """How the writer's commits are going, and the outcomes it holds until they commit.
+
+    Owner: the writer actor, the only one to change it. The daemon keeps it (`Runtime.store_writes`),
+    so a restarted writer carries on with what a crashed one held; /health and /metrics read it.
+    """
+
+    held: list[Record] = field(default_factory=list)
+    """Outcomes of failed transactions (and every later one), in order, waiting to be committed."""
+    failures: int = 0
+    """Failed transactions since the daemon started."""
+    consecutive: int = 0
+    """Failed transactions since the last commit that wrote something."""
+    failing_since: float | None = None
+    """Wall-clock time of the first of the `consecutive` failures (None: commits succeed)."""
+    last_error: str = ""
+    last_error_at: float | None = None
+    retry_at: float = 0.0
+    """`trio.current_time()` at which the held outcomes are tried again."""
+
+    def failed(self, error: str, now: float, mono: float) -> None:
+        self.failures += 1
+        self.consecutive += 1
+        if self.failing_since is None:
+            self.failing_since = now
+        self.last_error, self.last_error_at = error, now
+        self.retry_at = mono + retry_delay_s(self.consecutive)
+
+    def succeeded(self) -> None:
+        """A commit that wrote something: the store takes writes again (the last error is kept)."""
+        self.consecutive = 0
+        self.failing_since = None
+
+
+def retry_delay_s(consecutive: int) -> float:
+    """How long held outcomes wait after the `consecutive`-th failure in a row (bounded backoff)."""
+    return float(min(RETRY_BASE_S * 2 ** max(consecutive - 1, 0), RETRY_MAX_S))
+
+
+def store_writes_status(failing_since: float | None, now: float, unhealthy_after_s: float) -> str:
+    """``ok``; ``failing`` while commits fail (degraded); ``down`` once they have failed for
+    `unhealthy_after_s` (unhealthy)."""
+    if failing_since is None:
+        return "ok"
+    return "down" if now - failing_since >= unhealthy_after_s else "failing"
+
+
+def stuck_from(oldest_queued: int | None, in_flight: set[int], spill_from: int | None) -> int | None:
+    """Where a target's queue must be read back from disk, given its oldest ``queued`` row: that row,
+    when nobody is delivering it (not in flight, not behind a spill). In-flight ids are handed out in
+    id order and stay queued until their outcome commits, so a queued row older than every one of
+    them that is not one of them has been lost by whoever held it."""
+    if oldest_queued is None or spill_from is not None or oldest_queued in in_flight:
+        return None
+    return oldest_queued
 
 
 def _stage(conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, int]) -> list[object]:
@@ -178,25 +260,34 @@ async def run_writer(
     sessions: SessionTable,
     *,
     beat: Callable[[], None] = lambda: None,
+    state: StoreWrites | None = None,
+    wall_clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Commit every request that arrives, in groups, until the channel is closed by all its senders.
 
-    Owns: the write connection (closes it when done). The receive end belongs to the daemon, so a
-    restarted writer carries on with what is still queued in the channel.
-    Applies committed session changes to `sessions` itself, so memory follows the file even when
-    the request that asked for them is cancelled (its client went away) while the commit runs.
-    `beat` is called at least every `HEARTBEAT_S`, idle or not (the watchdog's sign of life).
+    Owns: the write connection (closes it when done), and `state` (failures, held outcomes). The
+    receive end and `state` belong to the daemon, so a restarted writer carries on with what is still
+    queued in the channel and with the outcomes held. Applies committed session changes to `sessions`
+    itself, so memory follows the file even when the request that asked for them is cancelled (its
+    client went away) while the commit runs. `beat` is called at least every `HEARTBEAT_S`, idle or
+    not (the watchdog's sign of life). Held outcomes are retried when due, before the next group;
+    every `SWEEP_S` the queues are swept for rows nobody delivers.
     """
+    state = state if state is not None else StoreWrites()
     task_status.started()
+    next_sweep = trio.current_time() + SWEEP_S
     try:
         while True:
             beat()
-            with trio.move_on_after(HEARTBEAT_S):
+            wake = min(trio.current_time() + HEARTBEAT_S, next_sweep)
+            if state.held:
+                wake = min(wake, state.retry_at)
+            with trio.move_on_at(wake):
                 try:
                     first = await receive.receive()
                 except trio.EndOfChannel:
-                    return
+                    break
                 ops: list[WriteOp] = [first]
                 while len(ops) < MAX_GROUP:
                     try:
@@ -206,27 +297,62 @@ async def run_writer(
                 with trio.CancelScope(shield=True):
                     # The group is out of the channel: it must be committed (or answered) whatever
                     # happens to this task, or its callers would wait forever.
-                    await _commit_group(conn, ops, queues, sessions)
+                    await _commit_group(conn, ops, queues, sessions, state, wall_clock)
+            now = trio.current_time()
+            if state.held and now >= state.retry_at:
+                with trio.CancelScope(shield=True):
+                    await _commit_held(conn, queues, state, wall_clock)
+            if now >= next_sweep:
+                _sweep(conn, queues)
+                next_sweep = now + SWEEP_S
+        if state.held:  # stopping: one last try
+            with trio.CancelScope(shield=True):
+                await _commit_held(conn, queues, state, wall_clock)
     finally:
         conn.close()
 
 
+def _failed(state: StoreWrites, exc: BaseException, wall_clock: Callable[[], float]) -> None:
+    state.failed(str(exc) or type(exc).__name__, wall_clock(), trio.current_time())
+    log.error("store commit failed", extra={
+        "event": "store_commit_failed", "error": str(exc), "consecutive": state.consecutive,
+        "outcomes_held": len(state.held)})
+
+
+def _recorded(queues: Mapping[str, DeliveryQueue], record: Record) -> None:
+    """`record` is committed (or given up): its message is no longer in flight."""
+    if (queue := queues.get(record.outcome.target)) is not None:
+        queue.in_flight.discard(record.outcome.message_id)
+
+
 async def _commit_group(
-    conn: WriteConnection, ops: list[WriteOp], queues: Mapping[str, DeliveryQueue], sessions: SessionTable
+    conn: WriteConnection, ops: list[WriteOp], queues: Mapping[str, DeliveryQueue], sessions: SessionTable,
+    state: StoreWrites, wall_clock: Callable[[], float],
 ) -> None:
+    if state.held:
+        # Outcomes keep their order: while older ones wait to be retried, newer ones wait behind them.
+        state.held.extend(op for op in ops if isinstance(op, Record))
+        ops = [op for op in ops if not isinstance(op, Record)]
+        if not ops:
+            return
     spills = {q.target: q.spill_from for q in queues.values() if q.spill_from is not None}
+    changes = conn.changes()
     try:
         results = await _transaction(conn, ops, spills)
     except Exception as exc:
         # sqlite3.Error is the store refusing; anything else is a bug that crashes the writer (the
-        # supervisor restarts it). Either way nothing of the group was stored: say so to every caller.
-        log.error("store commit failed", extra={"event": "store_commit_failed", "error": str(exc)})
+        # supervisor restarts it). Either way nothing of the group was stored: say so to every caller
+        # but the outcomes, which are kept to be committed later (nobody would ever send them again).
+        state.held.extend(op for op in ops if isinstance(op, Record))
+        _failed(state, exc, wall_clock)
         for op in ops:
             if not isinstance(op, Record):
                 op.reply.fail(StoreUnavailable(str(exc)))
         if isinstance(exc, sqlite3.Error):
             return
         raise
+    if conn.changes() != changes:
+        state.succeeded()
     for op, result in zip(ops, results, strict=True):
         if isinstance(op, Ingest):
             ids: list[int | None] = result  # type: ignore[assignment]
@@ -237,6 +363,8 @@ async def _commit_group(
                 if ids[index] is not None:
                     sessions.apply(change)
             op.reply.set(ids)
+        elif isinstance(op, Record):
+            _recorded(queues, op)
         elif isinstance(op, CatchUp):
             page: list[Delivery] = result  # type: ignore[assignment]
             queue = queues[op.target]
@@ -245,6 +373,70 @@ async def _commit_group(
             if queue.spill_from is None:
                 log.info("delivery queue caught up with the disk",
                          extra={"event": "queue_caught_up", "service": queue.target})
-            op.reply.set(page)
+            # A row already handed out (a sweep spilled from an older one) is not handed out twice.
+            fresh = [d for d in page if d.id not in queue.in_flight]
+            queue.in_flight.update(d.id for d in fresh)
+            op.reply.set(fresh)
         elif isinstance(op, Write):
             op.reply.set(result)
+
+
+async def _commit_held(
+    conn: WriteConnection, queues: Mapping[str, DeliveryQueue], state: StoreWrites, wall_clock: Callable[[], float],
+) -> None:
+    """Commit the held outcomes, in order, in a transaction of their own (so one that can never
+    commit does not take new ingests down with it)."""
+    held = list(state.held)
+    changes = conn.changes()
+    try:
+        await _transaction(conn, held, {})
+    except sqlite3.OperationalError as exc:  # disk full, locked, I/O: the store, not the outcomes
+        _failed(state, exc, wall_clock)
+        return
+    except sqlite3.Error:
+        await _commit_one_by_one(conn, queues, state, wall_clock)
+        return
+    del state.held[: len(held)]
+    if conn.changes() != changes:
+        state.succeeded()
+    for record in held:
+        _recorded(queues, record)
+    log.info("held outcomes committed", extra={"event": "outcomes_committed", "count": len(held)})
+
+
+async def _commit_one_by_one(
+    conn: WriteConnection, queues: Mapping[str, DeliveryQueue], state: StoreWrites, wall_clock: Callable[[], float],
+) -> None:
+    """A constraint refused one of the held outcomes: commit them one at a time, giving up only those
+    the store refuses for what they are (their messages, if still queued, are left to the sweep)."""
+    while state.held:
+        record = state.held[0]
+        try:
+            await _transaction(conn, [record], {})
+        except sqlite3.OperationalError as exc:
+            _failed(state, exc, wall_clock)
+            return
+        except sqlite3.Error as exc:
+            log.error("outcome cannot be recorded", extra={
+                "event": "outcome_unrecordable", "service": record.outcome.target,
+                "message_id": record.outcome.key, "error": str(exc)})
+        del state.held[0]
+        _recorded(queues, record)
+
+
+def _sweep(conn: WriteConnection, queues: Mapping[str, DeliveryQueue]) -> None:
+    """Spill again every queue whose oldest queued row nobody is delivering (`stuck_from`). Between
+    two groups, on the connection that commits every row: what it reads is exactly the state."""
+    for queue in queues.values():
+        if queue.spill_from is not None:
+            continue
+        try:
+            oldest = conn.oldest_queued(queue.target)
+        except sqlite3.Error as exc:
+            log.warning("cannot look for stuck deliveries", extra={"event": "sweep_failed", "error": str(exc)})
+            return
+        from_id = stuck_from(oldest, queue.in_flight, queue.spill_from)
+        if from_id is not None:
+            queue.spill_from = from_id
+            log.warning("queued messages nobody was delivering: read back from disk",
+                        extra={"event": "queue_resumed", "service": queue.target})

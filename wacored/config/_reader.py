@@ -297,6 +297,7 @@ def _read_store(data: Any, problems: list[str]) -> StoreConfig:
     store = StoreConfig(
         path=Path(s.take("path", "var/wacored.db", lambda v: None if v else "must not be empty")),
         busy_timeout_ms=s.take("busy_timeout_ms", 5000, _not_negative),
+        unhealthy_after_s=s.take("unhealthy_after_s", StoreConfig.unhealthy_after_s, _positive),
     )
     s.finish()
     return store

@@ -84,6 +84,8 @@ class WhatsAppConfig:
 class StoreConfig:
     path: Path = Path("var/wacored.db")
     busy_timeout_ms: int = 5000
+    unhealthy_after_s: float = 60.0
+    """Commits failing this long make /health ``unhealthy`` (503); before that, ``degraded``."""
 
 
 @dataclass(frozen=True)
