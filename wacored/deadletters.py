@@ -2,7 +2,8 @@
 
 A message the forwarder could not deliver is dead-lettered ``pending`` with its first retry due after
 ``[dlq] backoff_s[0]`` (or ``abandoned`` at once for a permanent refusal). The retrier wakes every
-``interval_s``, or sooner when an entry falls due or an operator replays some, takes up to ``batch``
+``interval_s``, or sooner when an entry falls due (new ones are found within `DUE_POLL_S`) or an
+operator replays some, takes up to ``batch``
 due entries, oldest due first, and tries each once, straight to its service (no re-ingest) with
 ``X-DLQ-Retry: true`` and the original ``Idempotency-Key`` and correlation id. Retry n that fails is
 followed by retry n+1 ``backoff_s[n]`` after it (measured from the failure); after ``max_attempts``
@@ -43,15 +44,19 @@ log = logging.getLogger(__name__)
 
 ACTOR = "dlq_retrier"
 MIN_RESCHEDULE_S = 1.0
+DUE_POLL_S = 1.0
+"""How often a sleeping retrier looks for entries due sooner than it planned: a new dead letter's first
+retry comes at most this late (the read is one ``MIN`` over an index, in a worker thread)."""
 
 
 def after_retry(
     attempts: int, verdict: Verdict | None, at: float, dlq: DlqConfig, *, dead_letter_id: int, message_id: int,
-    wait_s: float = 0.0, error: str = "", status_code: int | None = None,
+    wait_s: float = 0.0, error: str = "", status_code: int | None = None, retry_after_s: float | None = None,
 ) -> Retried:
     """What one retry of a dead letter that had `attempts` retries before means for it.
 
     `verdict` None: the retry was not attempted (breaker open, service gone); try again in `wait_s`.
+    `retry_after_s`: the service asked for at least that long before the next try (``Retry-After``).
     """
     def result(state: str, counted: bool, next_at: float | None) -> Retried:
         return Retried(dead_letter_id, message_id, state, counted, next_at, at, error, status_code)
@@ -62,7 +67,7 @@ def after_retry(
         return result("delivered", True, None)
     if verdict is Verdict.PERMANENT or attempts + 1 >= dlq.max_attempts:
         return result("abandoned", True, None)
-    return result("pending", True, at + dlq.delay_s(attempts + 2))
+    return result("pending", True, at + max(dlq.delay_s(attempts + 2), retry_after_s or 0.0))
 
 
 class _Transports(dict[str, httpx.AsyncBaseTransport]):
@@ -95,7 +100,8 @@ async def retry_one(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.Asy
     if result is None:
         rt.counters.bump(rt.counters.dlq_retries, f"{target.name}:breaker_open")
         return outcome(None, wait_s=rt.breakers[target.name].retry_in(trio.current_time()))
-    retried = outcome(result.verdict, error=result.error, status_code=result.status_code)
+    retried = outcome(result.verdict, error=result.error, status_code=result.status_code,
+                      retry_after_s=result.retry_after_s)
     label = {"delivered": "delivered", "abandoned": "abandoned"}.get(retried.state, "failed")
     rt.counters.bump(rt.counters.dlq_retries, f"{target.name}:{label}")
     log.log(logging.INFO if label == "delivered" else logging.WARNING, "dead letter retried",
@@ -168,7 +174,7 @@ async def run_dlq_retrier(
                 state.last_run, state.next_run = started, wake
                 await write_committed(rt, ACTOR, writes,
                                       methodcaller("record_run", ACTOR, started, wake, f"{retried} retried"))
-                await sleep_until(rt, ACTOR, wake, rt.dlq_due)
+                await _wait_for_due(rt, reader, wake)
     finally:
         with trio.CancelScope(shield=True):
             for made in transports.values():
@@ -212,8 +218,24 @@ async def _retry_contained(rt: Runtime, dl: DeadLetter, transports: dict[str, ht
 async def _next_wake(rt: Runtime, reader: Reader) -> float:
     """The next interval tick, or sooner when a pending entry falls due before it."""
     tick = rt.wall_clock() + rt.config.dlq.interval_s
-    try:
-        due = await trio.to_thread.run_sync(reader.next_due)
-    except sqlite3.Error:
-        due = None
+    due = await _next_due(reader)
     return tick if due is None else min(tick, due)
+
+
+async def _next_due(reader: Reader) -> float | None:
+    try:
+        return await trio.to_thread.run_sync(reader.next_due)
+    except sqlite3.Error:
+        return None
+
+
+async def _wait_for_due(rt: Runtime, reader: Reader, wake: float) -> None:
+    """Sleep until `wake`, or sooner: when an operator's replay in this process sets `rt.dlq_due`, or
+    when a pending entry falls due before `wake`. An entry written since the pass (a new dead letter,
+    a replay from the CLI or from another process) is found within `DUE_POLL_S`, by one indexed
+    ``MIN`` read, so its first retry comes on time instead of at the next ``interval_s`` tick."""
+    while rt.wall_clock() < wake and not rt.dlq_due.is_set():
+        await sleep_until(rt, ACTOR, min(wake, rt.wall_clock() + DUE_POLL_S), rt.dlq_due)
+        due = await _next_due(reader)
+        if due is not None and due < wake:
+            wake = rt.actor(ACTOR).next_run = due

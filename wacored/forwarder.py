@@ -8,8 +8,10 @@ always maps to the same lane, so one sender's messages reach a service in arriva
 different senders proceed concurrently.
 
 Delivery policy (pure functions below): 2xx delivered; 408/425/429/5xx, timeouts and connection
-errors transient, retried `retries` times with exponential backoff and full jitter; any other 4xx
-permanent, dead-lettered at once. A delivery that still fails is dead-lettered through the writer.
+errors transient, retried `retries` times with exponential backoff and full jitter, or later when a
+429/503 names a ``Retry-After`` (`retry_after.py`; such an answer does not count against the
+breaker); any other 4xx permanent, dead-lettered at once. A delivery that still fails is
+dead-lettered through the writer.
 Every attempt first asks the target's circuit breaker (`breaker.py`): while it is open the delivery
 is not attempted but dead-lettered with the reason ``breaker_open``, for the DLQ retrier.
 
@@ -51,6 +53,7 @@ import httpx
 import trio
 from opentelemetry.trace import Status, StatusCode, Tracer
 
+from .retry_after import retry_after_s
 from .runtime import HEARTBEAT_S, Runtime
 from .store import Delivery, Outcome, StoreUnavailable
 from .targets import Target, targets_of
@@ -86,6 +89,11 @@ def backoff_s(retry: int, base_s: float, rng: random.Random) -> float:
     return rng.uniform(0.0, base_s * 2 ** (retry - 1))
 
 
+def next_try_s(backoff: float, result: Attempt) -> float:
+    """The wait before the next try: the backoff, or longer when the service asked for it."""
+    return backoff if result.retry_after_s is None else max(backoff, result.retry_after_s)
+
+
 def lane_of(sender: str, lanes: int) -> int:
     """A stable lane per sender (crc32: the same across restarts, unlike `hash`)."""
     return zlib.crc32(sender.encode()) % lanes
@@ -96,6 +104,8 @@ class Attempt:
     verdict: Verdict
     error: str = ""
     status_code: int | None = None
+    retry_after_s: float | None = None
+    """What the service's ``Retry-After`` asked for (a 429 or 503 only; capped), or None."""
 
 
 async def attempt(
@@ -146,11 +156,13 @@ async def _attempt(
     verdict = classify(response.status_code)
     if verdict is Verdict.DELIVERED:
         return Attempt(verdict, status_code=response.status_code)
+    wait = retry_after_s(response.status_code, response.headers.get("retry-after"), time.time(),
+                         target.forwarding.retry_after_max_s)
     # Whatever charset the service names, the excerpt is UTF-8 with replacement: a name such as
     # "base64" makes Python's codec lookup raise, and others raise UnicodeError.
     encoding = response.headers.get("content-encoding", "identity")
     said = excerpt(head) if encoding == "identity" else f"<{token(encoding)}>"
-    return Attempt(verdict, f"HTTP {response.status_code}: {said}", response.status_code)
+    return Attempt(verdict, f"HTTP {response.status_code}: {said}", response.status_code, wait)
 
 
 async def _drain(response: httpx.Response) -> bytes:
@@ -192,7 +204,10 @@ async def guarded_attempt(
         breaker.release()  # cut short (cancelled): it proved nothing either way
         raise
     rt.metrics.forward_latency.labels(name).observe(trio.current_time() - started)
-    if result.verdict is Verdict.TRANSIENT:
+    if result.retry_after_s is not None:
+        # The service said when to come back: waiting for it is not a failure of the service.
+        breaker.release()
+    elif result.verdict is Verdict.TRANSIENT:
         breaker.failure(trio.current_time())
     else:
         breaker.success()
@@ -220,7 +235,7 @@ async def deliver(
             return _outcome(rt, d, name, tries, result, _dead_letter_reason(result.verdict))
         if rt.stopping.is_set():
             return None
-        await trio.sleep(backoff_s(tries, target.forwarding.retry_base_ms / 1000, rng))
+        await trio.sleep(next_try_s(backoff_s(tries, target.forwarding.retry_base_ms / 1000, rng), result))
 
 
 def internal_error(exc: Exception) -> str:
@@ -256,7 +271,7 @@ def _outcome(rt: Runtime, d: Delivery, name: str, tries: int, result: Attempt, r
         target=name,
         key=d.key,
         reason=reason,
-        retry_at=None if delivered or permanent else at + rt.config.dlq.delay_s(1),
+        retry_at=None if delivered or permanent else at + next_try_s(rt.config.dlq.delay_s(1), result),
     )
 
 
@@ -383,5 +398,5 @@ async def _next(queue: DeliveryQueue, writes: trio.MemorySendChannel[WriteOp]) -
 
 
 __all__ = ["EXCERPT", "INTERNAL_ERROR", "Attempt", "Target", "Verdict", "attempt", "backoff_s", "classify", "deliver",
-           "deliver_contained", "guarded_attempt", "internal_error", "lane_of", "new_transport", "run_forwarder",
-           "run_lane", "targets_of"]
+           "deliver_contained", "guarded_attempt", "internal_error", "lane_of", "new_transport", "next_try_s",
+           "run_forwarder", "run_lane", "targets_of"]

@@ -188,6 +188,7 @@ def _read_forwarding(s: _Section, base: ForwardingConfig) -> ForwardingConfig:
         concurrency=s.take("concurrency", base.concurrency, _positive),
         breaker_failures=s.take("breaker_failures", base.breaker_failures, _positive),
         breaker_open_s=s.take("breaker_open_s", base.breaker_open_s, _positive),
+        retry_after_max_s=s.take("retry_after_max_s", base.retry_after_max_s, _not_negative),
     )
 
 

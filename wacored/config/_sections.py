@@ -130,6 +130,8 @@ class ForwardingConfig:
     breaker_failures: int = 5
     """Consecutive transient failures that open the service's circuit breaker."""
     breaker_open_s: float = 30.0
+    retry_after_max_s: float = 300.0
+    """The longest ``Retry-After`` honoured: a service cannot park a lane or a dead letter longer."""
 
 
 @dataclass(frozen=True)
