@@ -298,3 +298,28 @@ async def _until_up(client: httpx.AsyncClient, url: str) -> None:
             except httpx.TransportError:
                 pass
             await trio.sleep(0.05)
+
+
+async def test_rows_of_the_wrong_type_are_read_without_crashing_anything(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    """Times written by hand as text (an operator's repair, an old import): /health, /metrics, the
+    stats actor, the retrier and the reaper go on."""
+    db = tmp_path / "wacored.db"
+    migrate(db)
+    message = store_row(db, "wamid.TEXT", state="dead_lettered", received_at="yesterday")
+    store_row(db, "wamid.QUEUED", received_at="last week", target="nowhere")
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("INSERT INTO dead_letters (message_id, key, service, state, reason, error, attempts,"
+                     " next_attempt_at, created_at) VALUES (?, 'wamid.TEXT', 'rides', 'pending', 'transient', 'x',"
+                     " 0, 'tomorrow', 'yesterday')", (message,))
+        conn.execute("INSERT INTO runs (actor, last_run, next_run, result) VALUES ('reaper', 'never', 'x', '')")
+        conn.execute("INSERT INTO runs (actor, last_run, next_run, result) VALUES ('dlq_retrier', 'x', 'y', '')")
+    conn.close()
+    async with open_daemon(make_config(tmp_path, services, graph, **FAST)) as daemon:
+        await still_serving(daemon)
+        for path in ("/health", "/metrics", "/health"):
+            assert (await daemon.client.get(f"{daemon.url}{path}")).status_code == 200, path
+        health = (await daemon.client.get(f"{daemon.url}/health")).json()
+        assert {name: a["restarts"] for name, a in health["checks"]["actors"].items() if a["restarts"]} == {}

@@ -370,15 +370,25 @@ class WriteConnection:
         return [Delivery(*row) for row in rows]
 
 
+def as_time(value: object) -> float | None:
+    """A time read from the store, or None when the row holds something else: a row written by hand
+    (an operator's repair, an old import) must not crash the actor that reads it."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
 def queued_by_target(conn: sqlite3.Connection) -> dict[str, tuple[int, float]]:
-    """Messages accepted and neither delivered nor dead-lettered, per target: (count, oldest received_at)."""
-    return {
-        target: (count, oldest)
+    """Messages accepted and neither delivered nor dead-lettered, per target: (count, oldest received_at).
+
+    Only numeric times are compared (a row written by hand with another value is counted, not dated)."""
+    return dict(
+        (target, (count, oldest))
         for target, count, oldest in conn.execute(
-            "SELECT target, COUNT(*), MIN(received_at) FROM messages WHERE state = 'queued'"
-            " GROUP BY target ORDER BY target"
+            "SELECT target, COUNT(*), COALESCE(MIN(CASE WHEN typeof(received_at) IN ('integer', 'real')"
+            " THEN received_at END), 0.0) FROM messages WHERE state = 'queued' GROUP BY target ORDER BY target"
         )
-    }
+    )
 
 
 def dead_letters_by_state(conn: sqlite3.Connection) -> dict[str, int]:
@@ -444,11 +454,11 @@ class Reader:
         value = self.conn.execute(
             "SELECT MIN(next_attempt_at) FROM dead_letters WHERE state = 'pending'"
         ).fetchone()[0]
-        return None if value is None else float(value)
+        return as_time(value)
 
     def last_run(self, actor: str) -> float | None:
         row = self.conn.execute("SELECT last_run FROM runs WHERE actor = ?", (actor,)).fetchone()
-        return None if row is None or row[0] is None else float(row[0])
+        return None if row is None else as_time(row[0])
 
     def figures(self) -> tuple[dict[str, tuple[int, float]], dict[str, int], float | None]:
         """Queued messages per target (count, oldest received_at), dead letters by state, and when
@@ -457,4 +467,4 @@ class Reader:
         oldest = self.conn.execute(
             "SELECT MIN(created_at) FROM dead_letters WHERE state = 'pending'"
         ).fetchone()[0]
-        return queued, dead, oldest
+        return queued, dead, as_time(oldest)
