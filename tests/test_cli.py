@@ -272,8 +272,8 @@ def test_dlq_list_as_json_and_as_a_table(ops_config: Path, capsys: pytest.Captur
     assert [e["message_id"] for e in json.loads(capsys.readouterr().out)] == ["wamid.JOBS"]
     assert ops_main(ops_config, "dlq", "list") == 0
     header, *rows = capsys.readouterr().out.splitlines()
-    assert header.split() == ["ID", "MESSAGE_ID", "SERVICE", "STATE", "REASON", "ATTEMPTS", "NEXT_ATTEMPT_AT",
-                              "CREATED_AT", "ERROR"]
+    assert header.split() == ["ID", "MESSAGE_ID", "SERVICE", "STATE", "REASON", "ATTEMPTS", "RETRIES",
+                              "NEXT_ATTEMPT_AT", "CREATED_AT", "ERROR"]
     assert rows[3].split()[:4] == [str(ids["p"]), "wamid.P", "rides", "pending"]
     assert ops_main(ops_config, "dlq", "list", "--state", "pending", "--service", "wallet") == 0
     assert capsys.readouterr().out == "no dead letters\n"
@@ -443,3 +443,14 @@ def test_secrets_new_prints_a_fresh_standard_webhooks_secret() -> None:
     assert first.stdout.startswith("whsec_")
     assert secret_problem(first.stdout.strip()) is None
     assert first.stdout != second.stdout
+
+
+def test_dlq_list_shows_the_whole_error(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    seed(ops_config)
+    long_error = "HTTP 503: " + "the service says why at length, " * 6 + "and the cause is at the end"
+    db = sqlite3.connect(ops_config.parent / "wacored.db")
+    with db:
+        db.execute("UPDATE dead_letters SET error = ?", (long_error,))
+    db.close()
+    assert ops_main(ops_config, "dlq", "list") == 0
+    assert all(line.endswith("and the cause is at the end") for line in capsys.readouterr().out.splitlines()[1:])

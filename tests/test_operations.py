@@ -113,7 +113,7 @@ def test_the_json_shape(conn: sqlite3.Connection) -> None:
     assert entry.to_json() == {
         "id": dl, "message_id": "wamid.A", "message_row_id": entry.message_row_id, "service": "rides",
         "state": "pending", "reason": "transient", "error": "HTTP 503", "status_code": 503, "attempts": 3,
-        "next_attempt_at": "1970-01-01T00:01:30Z", "created_at": "1970-01-01T00:00:00Z",
+        "retries": 3, "next_attempt_at": "1970-01-01T00:01:30Z", "created_at": "1970-01-01T00:00:00Z",
         "updated_at": "1970-01-01T00:00:00Z",
     }
 

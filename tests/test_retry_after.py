@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from wacored import operations as ops
 from wacored.config import Config
 from wacored.retry_after import retry_after_s
 
@@ -106,3 +107,10 @@ async def test_a_new_dead_letter_is_retried_on_time_not_at_the_next_interval(
         await wait_until(lambda: rows(db, "SELECT state FROM dead_letters") == [("delivered",)])
     gap = seen[1] - seen[0]
     assert 2.0 <= gap < 3.5, gap
+    # `dlq list` counts every attempt made: the first delivery's one and the retry.
+    conn = ops.open_store(db)
+    try:
+        [entry] = ops.list_dead_letters(conn)
+    finally:
+        conn.close()
+    assert (entry.to_json()["attempts"], entry.to_json()["retries"]) == (2, 1)

@@ -45,7 +45,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _COLUMNS = (
     "id, message_id, key, service, state, reason, error, status_code, attempts, next_attempt_at,"
-    " created_at, updated_at"
+    " created_at, updated_at, (SELECT m.attempts FROM messages AS m WHERE m.id = dead_letters.message_id)"
 )
 
 
@@ -115,13 +115,18 @@ class DeadLetter:
     next_attempt_at: float | None
     created_at: float
     updated_at: float | None
+    attempts_made: int | None = None
+    """Every attempt made for the message, its first delivery's included (None: the message row is gone)."""
 
     def to_json(self) -> dict[str, Any]:
-        """The object ``dlq list --json`` and ``GET /admin/dlq`` show."""
+        """The object ``dlq list --json`` and ``GET /admin/dlq`` show: ``attempts`` is every attempt made
+        (first delivery and retries), ``retries`` the retries counted towards ``max_attempts``."""
         return {
             "id": self.id, "message_id": self.message_id, "message_row_id": self.message_row_id,
             "service": self.service, "state": self.state, "reason": self.reason, "error": self.error,
-            "status_code": self.status_code, "attempts": self.attempts,
+            "status_code": self.status_code,
+            "attempts": self.attempts if self.attempts_made is None else max(self.attempts_made, self.attempts),
+            "retries": self.attempts,
             "next_attempt_at": iso(self.next_attempt_at), "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at),
         }
@@ -263,17 +268,18 @@ def _runs(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     return runs
 
 
-_DLQ_COLUMNS = ("id", "message_id", "service", "state", "reason", "attempts", "next_attempt_at", "created_at",
-                "error")
+_DLQ_COLUMNS = ("id", "message_id", "service", "state", "reason", "attempts", "retries", "next_attempt_at",
+                "created_at", "error")
 
 
 def dead_letter_table(entries: list[dict[str, Any]]) -> str:
-    """`dlq list` for a person: one aligned line per entry of `DeadLetter.to_json`; errors cut short
-    (``--json`` has them whole)."""
+    """`dlq list` for a person: one aligned line per entry of `DeadLetter.to_json`, the error last and
+    whole (it is bounded where it is made: a status and a 200-character excerpt), so the cause of a
+    failure is never hidden."""
     if not entries:
         return "no dead letters"
     rows = [[c.upper() for c in _DLQ_COLUMNS]] + [
-        [_cell(e[c])[: 60 if c == "error" else None] for c in _DLQ_COLUMNS] for e in entries
+        [_cell(e[c]) for c in _DLQ_COLUMNS] for e in entries
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(_DLQ_COLUMNS))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)

@@ -322,7 +322,8 @@ class WriteConnection:
         )
 
     def retried(self, r: Retried) -> None:
-        """Apply one retry's result to its dead letter (and its message, once delivered).
+        """Apply one retry's result to its dead letter, and to its message: one attempt more when it
+        counted, and delivered once it is.
 
         Only a ``pending`` entry changes: an operator may have purged or replayed it meanwhile.
         """
@@ -334,11 +335,14 @@ class WriteConnection:
             (r.state, counted, r.next_attempt_at, r.error, r.error, r.status_code, r.reason, r.at,
              r.dead_letter_id),
         )
-        if r.state == "delivered" and cur.rowcount == 1:
-            self.conn.execute(
-                "UPDATE messages SET state = 'delivered', attempts = attempts + 1, done_at = ? WHERE id = ?",
-                (r.at, r.message_id),
-            )
+        if cur.rowcount != 1:
+            return
+        if r.counted:
+            # The message's `attempts` is every attempt made, first delivery and retries alike.
+            self.conn.execute("UPDATE messages SET attempts = attempts + 1 WHERE id = ?", (r.message_id,))
+        if r.state == "delivered":
+            self.conn.execute("UPDATE messages SET state = 'delivered', done_at = ? WHERE id = ?",
+                              (r.at, r.message_id))
 
     def record_run(self, actor: str, last_run: float, next_run: float | None, result: str) -> None:
         self.conn.execute(
