@@ -20,6 +20,7 @@ from quart_trio import QuartTrio
 
 from . import admin
 from .ingress import Receive, Scope, Send, Webhook, refuse_overloaded, request_ids
+from .numbers import OTHER
 from .operations import iso
 from .runtime import ActorState, Runtime
 from .version import VERSION
@@ -164,7 +165,7 @@ def create_app(rt: Runtime) -> Any:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             rid, cid = request_ids(headers)
             if scope["path"] == "/webhook" and scope["method"] == "POST":
-                rt.counters.bump(rt.counters.requests, "over_capacity")
+                rt.counters.request("over_capacity", OTHER)
             log.warning("request refused at the connection cap", extra={
                 "event": "over_capacity", "path": scope["path"], "request_id": rid})
             await refuse_overloaded(send, {"X-Request-ID": rid, "X-Correlation-ID": cid})

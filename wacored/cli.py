@@ -160,7 +160,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     url = args.url or f"http://{host}:{config.server.port}/webhook"
     body = text_webhook(
         text=args.text, sender=args.sender, wamid=f"wamid.SIM{uuid.uuid4().hex}", timestamp=int(time.time()),
-        phone_number_id=config.whatsapp.phone_number_id or "PHONE_NUMBER_ID", kind=args.type,
+        phone_number_id=args.to or config.whatsapp.phone_number_id or "PHONE_NUMBER_ID", kind=args.type,
     )
     headers = {"Content-Type": "application/json", "X-Hub-Signature-256": sign(config.whatsapp.app_secret, body)}
     try:
@@ -322,6 +322,8 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("text", help="message text (for --type interactive: the reply id)")
     sim.add_argument("--from", dest="sender", default="250788000001", help="sender phone number")
     sim.add_argument("--type", default="text", choices=["text", "interactive", "location", "image"])
+    sim.add_argument("--to", metavar="PHONE_NUMBER_ID",
+                     help="the business number written to (default: [whatsapp] phone_number_id)")
     sim.add_argument("--url", help="webhook URL (default: from [server] listen)")
     sim.set_defaults(func=cmd_simulate)
 

@@ -43,6 +43,7 @@ from .breaker import Breaker
 from .config import Config, ConfigError
 from .deadletters import run_dlq_retrier
 from .forwarder import new_transport, run_forwarder
+from .numbers import Numbers
 from .ratelimit import SlidingWindowLimiter
 from .reaper import run_reaper
 from .routing import RoutingTable
@@ -110,7 +111,7 @@ async def recover(
 ) -> tuple[SessionTable, dict[str, DeliveryQueue]]:
     """Load live sessions, and queue every accepted-but-undelivered message again."""
     since = wall_clock() - config.sessions.ttl_s
-    sessions = SessionTable(config.sessions.ttl_s, await trio.to_thread.run_sync(reader.sessions, since))
+    sessions = SessionTable(config.sessions.ttl_s, numbered=await trio.to_thread.run_sync(reader.all_sessions, since))
     queues = {name: DeliveryQueue(name, queue_buffer) for name in targets}
     for target, oldest in (await trio.to_thread.run_sync(reader.queued_targets)).items():
         if target in queues:
@@ -195,6 +196,7 @@ class Daemon:
         old_targets, new_targets = rt.targets, targets_of(new)
         rt.config = new
         rt.routing = RoutingTable.from_config(new)
+        rt.numbers = Numbers.from_config(new)
         if (new.ratelimit.per_sender, new.ratelimit.window_s) != (rt.limiter.limit, rt.limiter.window_s):
             rt.limiter = SlidingWindowLimiter(new.ratelimit.per_sender, new.ratelimit.window_s)
         rt.sessions.ttl_s = new.sessions.ttl_s

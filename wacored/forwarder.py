@@ -138,7 +138,7 @@ async def _attempt(
     """
     headers = target.headers(d, now=time.time(), dlq_retry=dlq_retry)
     headers["traceparent"] = traceparent
-    request = httpx.Request("POST", target.parsed_url, content=d.body, headers=headers)
+    request = httpx.Request("POST", target.url_of(d), content=d.body, headers=headers)
     try:
         # One deadline for the whole attempt (connect, send, answer), so a service that trickles
         # its answer cannot hold the lane past `timeout_ms` either.

@@ -42,13 +42,14 @@ from opentelemetry import trace
 
 from . import logs
 from .admission import Outcome
-from .config import GRAPH_SENDER, WhatsAppConfig
+from .config import GRAPH_SENDER, HOME_SERVICE, WhatsAppConfig
+from .numbers import OTHER, UNKNOWN_NUMBER, Numbers
 from .routing import SessionAction, decide
 from .runtime import Runtime
 from .sessions import SessionChange
 from .store import NewRow, StoreUnavailable
 from .telemetry import message_traceparent, webhook_span
-from .whatsapp import Batch, PayloadError, encode, home_menu_message, parse_webhook, signature_valid
+from .whatsapp import Batch, InboundMessage, PayloadError, encode, home_menu_message, parse_webhook, signature_valid
 from .writer import Ingest
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ class Webhook:
                                                        ids["X-Correlation-ID"])
             except ClientGone:
                 # Nothing was stored (the body never arrived whole); Meta will deliver it again.
-                rt.counters.bump(rt.counters.requests, "client_gone")
+                rt.counters.request("client_gone", OTHER)
                 span.set_attribute("wacored.outcome", "client_gone")
                 log.info("caller left before its body was read", extra={"event": "webhook_client_gone"})
                 return
@@ -188,17 +189,20 @@ class Webhook:
             batch = await _parse(raw)
         except PayloadError as exc:
             return self._reject(400, "bad_request", {"error": "bad_request", "detail": str(exc)})
-        wait = rt.limiter.admit(Counter(m.sender for m in batch.messages), trio.current_time())
+        numbers = rt.numbers
+        # A POST may hold changes of several numbers: it is labelled with its first change's number.
+        label = numbers.label(numbers.key_of(batch.number))
+        wait = rt.limiter.admit(Counter(_window(numbers, m) for m in batch.messages), trio.current_time())
         if wait is not None:
             return self._reject(429, "rate_limited", {"error": "rate_limit_exceeded", "retryAfter": wait},
-                                {"Retry-After": str(wait)})
+                                {"Retry-After": str(wait)}, number=label)
         rows, changes = self._route(batch, request_id, correlation_id, headers.get("traceparent"))
         try:
             ids = await self._commit(rows, changes)
         except (StoreUnavailable, trio.BrokenResourceError, trio.ClosedResourceError):
             # The writer refused the transaction, or is gone: either way nothing was stored.
-            return self._reject(503, "unavailable", {"error": "unavailable"}, {"Retry-After": "5"})
-        return self._accepted(batch, rows, ids)
+            return self._reject(503, "unavailable", {"error": "unavailable"}, {"Retry-After": "5"}, number=label)
+        return self._accepted(batch, rows, ids, label)
 
     def _signed(self, whatsapp: WhatsAppConfig, raw: bytes, header: str | None) -> bool:
         """Signed with the app secret, or with the previous one while a rotation keeps it (counted)."""
@@ -210,9 +214,11 @@ class Webhook:
         return False
 
     def _reject(
-        self, status: int, outcome: str, body: dict[str, Any], extra: dict[str, str] | None = None
+        self, status: int, outcome: str, body: dict[str, Any], extra: dict[str, str] | None = None,
+        *, number: str = OTHER,
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
-        self.rt.counters.bump(self.rt.counters.requests, outcome)
+        """`number` labels the POST: ``other`` until it is parsed (its first change's number after)."""
+        self.rt.counters.request(outcome, number)
         trace.get_current_span().set_attribute("wacored.outcome", outcome)
         log.warning("webhook refused", extra={"event": f"webhook_{outcome}", "status": status})
         return status, body, dict(extra or {})
@@ -220,38 +226,51 @@ class Webhook:
     def _route(
         self, batch: Batch, request_id: str, correlation_id: str, traceparent: str | None
     ) -> tuple[list[NewRow], list[tuple[int, SessionChange]]]:
+        """Each message by the rules of the number it was written to (`numbers.Numbers`), in order."""
         rt = self.rt
         now = rt.wall_clock()
+        numbers = rt.numbers
         view = rt.sessions.overlay()
         rows: list[NewRow] = []
         changes: list[tuple[int, SessionChange]] = []
 
-        def row(key: str, kind: str, sender: str, service: str, reason: str, target: str, body: bytes) -> NewRow:
+        def row(key: str, kind: str, sender: str, service: str, reason: str, target: str, body: bytes,
+                number: str) -> NewRow:
             return NewRow(key, kind, sender, service, reason, target, body, request_id, correlation_id,
-                          message_traceparent(rt.tracer, traceparent, service, reason, kind), now)
+                          message_traceparent(rt.tracer, traceparent, service, reason, kind), now, number=number)
 
         for m in batch.messages:
-            session = view.service_of(m.sender, now)
-            if session is not None and session not in rt.config.services:
-                session = None  # its service was removed by a reload: route afresh
-            decision = decide(rt.routing, m, session)
+            number = numbers.key_of(m.number)
+            if number is None:
+                # A number `numbers = "listed"` does not know: kept (so a redelivery is a duplicate)
+                # and counted, never routed, forwarded nor answered.
+                rows.append(row(m.wamid, "message", m.sender, HOME_SERVICE, UNKNOWN_NUMBER, "", m.body,
+                                m.number or ""))
+                continue
+            plan = numbers.plan(number)
+            session = view.service_of(m.sender, now, number)
+            if session is not None and session not in plan.services:
+                session = None  # its service was removed by a reload, or no longer routes here: route afresh
+            decision = decide(plan.routing, m, session)
             if decision.session is not SessionAction.KEEP:
-                change = SessionChange(m.sender, decision.session, decision.service, now)
+                change = SessionChange(m.sender, decision.session, decision.service, now, number)
                 view.apply(change)
                 changes.append((len(rows), change))
             if decision.sends_home_menu:
-                body = encode(home_menu_message(rt.config.home_menu, m.phone, m.bsuid))
+                body = encode(home_menu_message(plan.menu, m.phone, m.bsuid))
                 rows.append(row(m.wamid, "message", m.sender, decision.service, decision.reason.value,
-                                GRAPH_SENDER, body))
+                                GRAPH_SENDER, body, number))
             else:
                 rows.append(row(m.wamid, "message", m.sender, decision.service, decision.reason.value,
-                                decision.service, m.body))
-        statuses_to = rt.config.routing.statuses
+                                decision.service, m.body, number))
         for s in batch.statuses:
+            number = numbers.key_of(s.number)
             rt.counters.bump(rt.counters.statuses, s.status)
+            rt.counters.count(("statuses", s.status, numbers.label(number)))
+            statuses_to = numbers.plan(number).statuses if number is not None else ""
             if statuses_to:
                 rows.append(row(f"status:{s.key}", "status", s.recipient, statuses_to, "status",
-                                statuses_to, s.body))
+                                statuses_to, s.body, number or ""))
         return rows, changes
 
     async def _commit(self, rows: list[NewRow], changes: list[tuple[int, SessionChange]]) -> list[int | None]:
@@ -262,21 +281,19 @@ class Webhook:
         return await op.reply.wait()
 
     def _accepted(
-        self, batch: Batch, rows: list[NewRow], ids: list[int | None]
+        self, batch: Batch, rows: list[NewRow], ids: list[int | None], label: str
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
-        counters = self.rt.counters
+        counters, numbers = self.rt.counters, self.rt.numbers
         n_messages = len(batch.messages)
-        inserted = ids[:n_messages]
-        routes = [
-            {"message_id": r.key, "service": r.service, "reason": r.reason}
-            for r, row_id in zip(rows[:n_messages], inserted, strict=True)
-            if row_id is not None
-        ]
+        inserted = [r for r, row_id in zip(rows[:n_messages], ids[:n_messages], strict=True) if row_id is not None]
+        routes = [{"message_id": r.key, "service": r.service, "reason": r.reason} for r in inserted]
         duplicates = n_messages - len(routes)
-        for route in routes:
-            counters.bump(counters.routed, f"{route['service']}:{route['reason']}")
+        for r in inserted:
+            counters.bump(counters.routed, f"{r.service}:{r.reason}")
+            # An unrouted row's number is the payload's id: `label` makes it ``other``, never the id.
+            counters.count(("routed", r.service, r.reason, numbers.label(r.number)))
         outcome = "duplicate" if duplicates and not routes else "accepted"
-        counters.bump(counters.requests, outcome)
+        counters.request(outcome, label)
         trace.get_current_span().set_attributes({"wacored.outcome": outcome, "wacored.accepted": len(routes)})
         if batch.errors:
             log.warning("webhook carried errors", extra={"event": "webhook_value_errors", "count": batch.errors})
@@ -295,6 +312,12 @@ class Webhook:
             raw.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
+
+
+def _window(numbers: Numbers, m: InboundMessage) -> tuple[str, str]:
+    """The rate-limit window of `m`: its (number key, sender); an unknown number's id stands for itself."""
+    number = numbers.key_of(m.number)
+    return (number if number is not None else m.number or "", m.sender)
 
 
 async def refuse_overloaded(send: Send, ids: dict[str, str]) -> None:

@@ -7,7 +7,9 @@ values, never from the database: a scrape costs microseconds and cannot block on
 
 Every known label value is exported from the start (zero-valued), so a query or an alert rule finds
 its series before the first event. Labels are bounded: services come from the config (read at scrape
-time: a reload swaps it whole), outcomes from fixed lists; never a phone number or a message id.
+time: a reload swaps it whole), outcomes from fixed lists; never a phone number or a message id. The
+``number`` label (requests, routes, status updates; present once the config has ``[numbers.ID]``
+sections) holds a configured business number id or ``other``.
 The catalogue (names and labels) is a contract with the alert rules and dashboards: see README.md,
 "Telemetry".
 """
@@ -25,6 +27,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from .config import GRAPH_SENDER, HOME_SERVICE
+from .numbers import OTHER, UNKNOWN_NUMBER
 from .store import DEAD_LETTER_STATES, REAP_SQL
 
 if TYPE_CHECKING:
@@ -121,25 +124,68 @@ class StateCollector(Collector):
 
     def _ingress(self, services: list[str]) -> Iterator[Metric]:
         c = self.rt.counters
+        if self.rt.config.numbers:
+            yield from self._ingress_by_number()
+            return
         yield _counter("wacored_webhook_requests", "Webhook POSTs by outcome.", ["outcome"],
                        _known(c.requests, REQUEST_OUTCOMES))
-        yield _counter("wacored_webhook_previous_secret",
-                       "Webhook POSTs verified with the previous app secret (drop it once this stops growing).",
-                       [], {(): c.previous_secret})
-        yield _counter("wacored_handshakes", "Webhook verification handshakes by result.", ["result"],
-                       _known(c.handshakes, HANDSHAKE_RESULTS))
+        yield from self._handshakes()
         routed: Series = {(s, r): 0 for s in services if s != GRAPH_SENDER for r in SERVICE_REASONS}
         routed.update({(HOME_SERVICE, r): 0 for r in HOME_REASONS})
         if (fallback := self.rt.config.routing.fallback) != "menu":
             routed[(fallback, "fallback")] = 0
+        if self.rt.numbers.listed:
+            routed[(HOME_SERVICE, UNKNOWN_NUMBER)] = 0
         routed.update(_split(c.routed, 2))
         yield _counter("wacored_messages_routed", "Routed messages by service and reason.",
                        ["service", "reason"], routed)
         statuses: Series = {(s,): 0 for s in STATUSES}
         for status, n in c.statuses.items():
-            key = (status if status in STATUSES else OTHER_STATUS,)
+            key = (_status(status),)
             statuses[key] = statuses.get(key, 0) + n
         yield _counter("wacored_status_updates", "Status updates received, by status.", ["status"], statuses)
+
+    def _handshakes(self) -> Iterator[Metric]:
+        c = self.rt.counters
+        yield _counter("wacored_webhook_previous_secret",
+                       "Webhook POSTs verified with the previous app secret (drop it once this stops growing).",
+                       [], {(): c.previous_secret})
+        yield _counter("wacored_handshakes", "Webhook verification handshakes by result.", ["result"],
+                       _known(c.handshakes, HANDSHAKE_RESULTS))
+
+    def _ingress_by_number(self) -> Iterator[Metric]:
+        """The same families with a ``number`` label, once the config has ``[numbers.ID]`` sections
+        (with one number the label would only ever repeat it). Its values are the configured ids
+        and ``other`` (`numbers.Numbers.label`), never an id from a payload."""
+        numbers, counts = self.rt.numbers, self.rt.counters.by_number
+        labels = sorted(numbers.labels) + [OTHER]
+        requests: Series = {(o, n): 0 for o in REQUEST_OUTCOMES for n in labels}
+        routed: Series = {}
+        for label in labels:
+            plan = numbers.plan("" if label in (OTHER, numbers.default_id) else label)
+            routed.update({(s, r, label): 0 for s in sorted(plan.services) for r in SERVICE_REASONS})
+            routed.update({(HOME_SERVICE, r, label): 0 for r in HOME_REASONS})
+            if plan.routing.fallback != "menu":
+                routed[(plan.routing.fallback, "fallback", label)] = 0
+        if numbers.listed:
+            routed[(HOME_SERVICE, UNKNOWN_NUMBER, OTHER)] = 0
+        statuses: Series = {(s, n): 0 for s in STATUSES for n in labels}
+        for key, n in counts.items():
+            kind, *values = key
+            if kind == "requests":
+                requests[tuple(values)] = n
+            elif kind == "routed":
+                routed[tuple(values)] = n
+            elif kind == "statuses":
+                status = (_status(values[0]), values[1])
+                statuses[status] = statuses.get(status, 0) + n
+        yield _counter("wacored_webhook_requests", "Webhook POSTs by outcome and (first change's) number.",
+                       ["outcome", "number"], requests)
+        yield from self._handshakes()
+        yield _counter("wacored_messages_routed", "Routed messages by service, reason and number.",
+                       ["service", "reason", "number"], routed)
+        yield _counter("wacored_status_updates", "Status updates received, by status and number.",
+                       ["status", "number"], statuses)
 
     def _forwarding(self, services: list[str], now: float) -> Iterator[Metric]:
         rt = self.rt
@@ -209,6 +255,10 @@ class StateCollector(Collector):
                      {(): rt.config.slo.cold_start_ms / 1000})
         yield _counter("wacored_slo_breaches", "Times an SLO was breached (p95: crossings above target).",
                        ["slo"], {(name,): n for name, n in slo.breaches.items()})
+
+
+def _status(status: str) -> str:
+    return status if status in STATUSES else OTHER_STATUS
 
 
 def _monotonic_now() -> float:

@@ -17,6 +17,7 @@ from .admission import Admission
 from .breaker import Breaker
 from .config import Config
 from .metrics import Metrics
+from .numbers import Numbers
 from .ratelimit import SlidingWindowLimiter
 from .routing import RoutingTable
 from .sessions import SessionTable
@@ -57,9 +58,22 @@ class Counters:
     reaped: dict[str, int] = field(default_factory=dict)
     """Rows the reaper deleted by kind (sessions, dead_letters_delivered, dead_letters_abandoned, messages)."""
 
+    by_number: dict[tuple[str, ...], int] = field(default_factory=dict)
+    """The per-number counts behind the ``number`` label: (``requests``, outcome, number),
+    (``routed``, service, reason, number) and (``statuses``, status, number), `number` a label of
+    `numbers.Numbers.label` (a configured id or ``other``)."""
+
     @staticmethod
     def bump(table: dict[str, int], key: str, n: int = 1) -> None:
         table[key] = table.get(key, 0) + n
+
+    def request(self, outcome: str, number: str) -> None:
+        """A webhook POST ended with `outcome`; `number` labels it (its first change's, or ``other``)."""
+        self.bump(self.requests, outcome)
+        self.count(("requests", outcome, number))
+
+    def count(self, key: tuple[str, ...], n: int = 1) -> None:
+        self.by_number[key] = self.by_number.get(key, 0) + n
 
 
 @dataclass
@@ -98,7 +112,8 @@ class Runtime:
     config: Config
     routing: RoutingTable
     sessions: SessionTable
-    limiter: SlidingWindowLimiter
+    limiter: SlidingWindowLimiter[tuple[str, str]]
+    """Windows per (number key, sender)."""
     writes: trio.MemorySendChannel[WriteOp]
     queues: dict[str, DeliveryQueue]
     reader: Reader
@@ -129,7 +144,12 @@ class Runtime:
     """How the writer's commits are going and the outcomes it holds. Owner: the writer actor (kept
     here so a restarted writer carries on); /health and /metrics only read it."""
 
+    numbers: Numbers = field(init=False)
+    """Which number a message was written to and that number's rules (`numbers.py`), built from
+    `config` and rebuilt with each reload's."""
+
     def __post_init__(self) -> None:
+        self.numbers = Numbers.from_config(self.config)
         self.metrics.watch(self, VERSION)
 
     def wake_retrier(self) -> None:

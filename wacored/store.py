@@ -5,9 +5,13 @@ Tables (schema version in ``PRAGMA user_version``, forward-only migrations in `M
 - ``messages``: every accepted update, keyed by its kind and dedupe key (the wamid, or
   ``status:<id>:<status>``; schema v3 made the kind part of the key, so a wamid that looks like a
   status key cannot dedupe a status away, nor the other way round)
-  with its route, the exact bytes to deliver and its delivery ``state`` (``queued`` -> ``delivered`` |
-  ``dead_lettered``). The row id is commit order, which is delivery order.
-- ``sessions``: the service each sender is in and when it last interacted.
+  with its route, the business number it was written to (``number``, schema v4: a number key of
+  `numbers.py`, ``""`` for the default number), the exact bytes to deliver and its delivery ``state``
+  (``queued`` -> ``delivered`` | ``dead_lettered``; ``unrouted`` for a message kept only to dedupe it,
+  one to a number ``numbers = "listed"`` does not know). The row id is commit order, which is delivery
+  order.
+- ``sessions``: the service each sender is in with each business number, and when it last interacted
+  (schema v4 keyed it by (number, sender); sessions from before are the default number's, ``""``).
 - ``dead_letters``: one row per message that could not be delivered: ``state`` (``pending`` -> retried
   by the DLQ retrier -> ``delivered`` | ``abandoned``), ``reason`` (``transient``, ``permanent``,
   ``breaker_open``, ``internal_error``), the last error, retries made (``attempts``) and when the next one is due.
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlite_utils
@@ -34,7 +38,7 @@ import sqlite_utils
 from .routing import SessionAction
 from .sessions import SessionChange
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 DEAD_LETTER_STATES = ("pending", "abandoned", "delivered")
@@ -64,6 +68,13 @@ class NewRow:
     correlation_id: str
     traceparent: str
     received_at: float
+    number: str = field(default="", kw_only=True)
+    """The business number written to, as a number key (`numbers.py`): ``""`` is the default number."""
+
+    @property
+    def routed(self) -> bool:
+        """False for a message kept only to dedupe it (no target: stored ``unrouted``)."""
+        return bool(self.target)
 
 
 @dataclass(frozen=True)
@@ -176,7 +187,24 @@ def _v3(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX messages_key ON messages(key)")
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2, _v3)
+def _v4(db: sqlite_utils.Database) -> None:
+    """Several business numbers: each message keeps the number it was written to (replies go from it,
+    forwards name it), and sessions are per (number, sender). Rows and sessions from before are the
+    default number's: ``""``."""
+    db.execute("ALTER TABLE messages ADD COLUMN number TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE sessions RENAME TO sessions_v3")
+    db.execute("DROP INDEX sessions_idle")
+    db.execute(
+        "CREATE TABLE sessions (number TEXT NOT NULL DEFAULT '', sender TEXT NOT NULL, service TEXT NOT NULL,"
+        " started_at FLOAT, last_interaction FLOAT NOT NULL, PRIMARY KEY (number, sender))"
+    )
+    db.execute("INSERT INTO sessions (number, sender, service, started_at, last_interaction)"
+               " SELECT '', sender, service, started_at, last_interaction FROM sessions_v3")
+    db.execute("DROP TABLE sessions_v3")
+    db.execute("CREATE INDEX sessions_idle ON sessions(last_interaction)")
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2, _v3, _v4)
 """Migration i takes the schema from version i to i+1. Append only; never edit a released one."""
 
 
@@ -213,7 +241,7 @@ def migrate(path: Path) -> int:
 
 _INSERT = (
     "INSERT OR IGNORE INTO messages (key, kind, sender, service, reason, target, body, request_id,"
-    " correlation_id, traceparent, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+    " correlation_id, traceparent, received_at, number, state) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 def _delivery_columns(table: str = "") -> str:
     """The columns of a `Delivery`, in its field order; ids the schema lets be NULL (a row written by
@@ -222,8 +250,14 @@ def _delivery_columns(table: str = "") -> str:
     return ", ".join([
         *(f"{t}{c}" for c in ("key", "kind", "sender", "service", "reason", "target", "body")),
         *(f"COALESCE({t}{c}, '')" for c in ("request_id", "correlation_id", "traceparent")),
-        f"{t}received_at", f"{t}id",
+        f"{t}received_at", f"{t}id", f"COALESCE({t}number, '')",
     ])
+
+
+def _delivery(row: Sequence[object]) -> Delivery:
+    """A `Delivery` from the columns of `_delivery_columns` (the number is keyword-only)."""
+    return Delivery(*row[:-1], number=row[-1])  # type: ignore[arg-type]  # the columns' types are the fields'
+
 
 
 class WriteConnection:
@@ -275,24 +309,25 @@ class WriteConnection:
         for r in rows:
             cur.execute(_INSERT, (
                 r.key, r.kind, r.sender, r.service, r.reason, r.target, r.body, r.request_id,
-                r.correlation_id, r.traceparent, r.received_at,
+                r.correlation_id, r.traceparent, r.received_at, r.number, "queued" if r.routed else "unrouted",
             ))
             ids.append(cur.lastrowid if cur.rowcount == 1 else None)
         for index, change in changes:
             if ids[index] is None:
                 continue
             if change.action is SessionAction.END:
-                cur.execute("DELETE FROM sessions WHERE sender = ?", (change.sender,))
+                cur.execute("DELETE FROM sessions WHERE number = ? AND sender = ?", (change.number, change.sender))
             elif change.action is SessionAction.START:
                 cur.execute(
-                    "INSERT INTO sessions (sender, service, started_at, last_interaction) VALUES (?,?,?,?)"
-                    " ON CONFLICT(sender) DO UPDATE SET service = excluded.service,"
+                    "INSERT INTO sessions (number, sender, service, started_at, last_interaction) VALUES (?,?,?,?,?)"
+                    " ON CONFLICT(number, sender) DO UPDATE SET service = excluded.service,"
                     " started_at = excluded.started_at, last_interaction = excluded.last_interaction",
-                    (change.sender, change.service, change.at, change.at),
+                    (change.number, change.sender, change.service, change.at, change.at),
                 )
             elif change.action is SessionAction.TOUCH:
                 cur.execute(
-                    "UPDATE sessions SET last_interaction = ? WHERE sender = ?", (change.at, change.sender)
+                    "UPDATE sessions SET last_interaction = ? WHERE number = ? AND sender = ?",
+                    (change.at, change.number, change.sender),
                 )
         return ids
 
@@ -371,7 +406,7 @@ class WriteConnection:
             " ORDER BY id LIMIT ?",
             (target, from_id, limit),
         ).fetchall()
-        return [Delivery(*row) for row in rows]
+        return [_delivery(row) for row in rows]
 
 
 def as_time(value: object) -> float | None:
@@ -403,8 +438,8 @@ def dead_letters_by_state(conn: sqlite3.Connection) -> dict[str, int]:
 
 
 REAP_SQL = {
-    "sessions": "DELETE FROM sessions WHERE sender IN"
-    " (SELECT sender FROM sessions WHERE last_interaction < ? LIMIT ?)",
+    "sessions": "DELETE FROM sessions WHERE rowid IN"
+    " (SELECT rowid FROM sessions WHERE last_interaction < ? LIMIT ?)",
     "dead_letters_delivered": "DELETE FROM dead_letters WHERE id IN"
     " (SELECT id FROM dead_letters WHERE state = 'delivered' AND updated_at < ? LIMIT ?)",
     "dead_letters_abandoned": "DELETE FROM dead_letters WHERE id IN"
@@ -437,10 +472,18 @@ class Reader:
             "SELECT target, MIN(id) FROM messages WHERE state = 'queued' GROUP BY target"
         ).fetchall())
 
-    def sessions(self, since: float) -> list[tuple[str, str, float]]:
-        """Sessions that were live at `since`; older ones are dead whatever the reaper has done."""
+    def sessions(self, since: float, number: str = "") -> list[tuple[str, str, float]]:
+        """The sessions with one business number (a number key; ``""``: the default number) that were
+        live at `since`; older ones are dead whatever the reaper has done."""
         return self.conn.execute(
-            "SELECT sender, service, last_interaction FROM sessions WHERE last_interaction > ?", (since,)
+            "SELECT sender, service, last_interaction FROM sessions WHERE number = ? AND last_interaction > ?",
+            (number, since),
+        ).fetchall()
+
+    def all_sessions(self, since: float) -> list[tuple[str, str, str, float]]:
+        """Every number's sessions live at `since`: (number key, sender, service, last interaction)."""
+        return self.conn.execute(
+            "SELECT number, sender, service, last_interaction FROM sessions WHERE last_interaction > ?", (since,)
         ).fetchall()
 
     def due_dead_letters(self, now: float, limit: int) -> list[DeadLetter]:
@@ -451,7 +494,7 @@ class Reader:
             " WHERE d.state = 'pending' AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at, d.id LIMIT ?",
             (now, limit),
         ).fetchall()
-        return [DeadLetter(row[0], row[1], Delivery(*row[2:])) for row in rows]
+        return [DeadLetter(row[0], row[1], _delivery(row[2:])) for row in rows]
 
     def next_due(self) -> float | None:
         """When the earliest pending dead letter is due (None: none pending)."""

@@ -5,6 +5,11 @@ Webhooks secrets, `signing.py`) or the Graph API sender (``whatsapp``: replies s
 with the access token). Meta's app secret never leaves wacored: a service that held it could forge
 webhooks that wacored's own ``/webhook`` accepts. Targets are rebuilt from each config, so a reload
 changes URLs, secrets and timeouts between two deliveries.
+
+The business number travels with each row (``Delivery.number``, a number key of `numbers.py`): a
+service is told it in ``X-WA-Phone-Number-Id`` so it can answer from that number, and the Graph sender
+posts each reply to ``{graph_api_url}/{that number's id}/messages`` with that number's token, so one
+target serves every number.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 import httpx
 
 from .config import GRAPH_SENDER, Config, ForwardingConfig
+from .numbers import number_tokens
 from .signing import key_of, signature
 from .store import Delivery
 from .version import VERSION
@@ -33,6 +39,11 @@ class Target:
     signing_secrets: tuple[str, ...] = ()
     legacy_signature: bool = False
     access_token: str = ""
+    default_number: str = ""
+    """``[whatsapp] phone_number_id``: the id of number key ``""``."""
+    graph_api_url: str = ""
+    number_tokens: tuple[tuple[str, str], ...] = ()
+    """(number key, token) for the numbers whose token is not `access_token` (another WABA's)."""
 
     @property
     def is_graph(self) -> bool:
@@ -47,6 +58,20 @@ class Target:
     def signing_keys(self) -> tuple[bytes, ...]:
         """The key bytes of `signing_secrets`, decoded once (config validation has checked them)."""
         return tuple(key_of(secret) for secret in self.signing_secrets)
+
+    @functools.cached_property
+    def _tokens(self) -> dict[str, str]:
+        return dict(self.number_tokens)
+
+    def number_id(self, d: Delivery) -> str:
+        """The id of the business number `d` was written to (or is sent from)."""
+        return d.number or self.default_number
+
+    def url_of(self, d: Delivery) -> httpx.URL:
+        """Where `d` is POSTed: the Graph API path names the number a reply goes from."""
+        if not self.is_graph or not d.number or d.number == self.default_number:
+            return self.parsed_url
+        return httpx.URL(f"{self.graph_api_url.rstrip('/')}/{d.number}/messages")
 
     def headers(self, d: Delivery, *, now: float, dlq_retry: bool = False) -> dict[str, str]:
         """The contract's headers for `d` sent at wall-clock `now` (README, "Forwarding");
@@ -63,13 +88,16 @@ class Target:
         if dlq_retry:
             headers["X-DLQ-Retry"] = "true"
         if self.is_graph:
-            headers["Authorization"] = f"Bearer {self.access_token}"
+            headers["Authorization"] = f"Bearer {self._tokens.get(d.number, self.access_token)}"
             return headers
         headers.update({
             "X-Routed-From": "wacored",
             "X-Routed-Service": d.service,
             "X-Route-Reason": d.reason,
         })
+        if number := self.number_id(d):
+            # Digits only: a configured id, or one `numbers.Numbers.key_of` kept because it is digits.
+            headers["X-WA-Phone-Number-Id"] = number
         if self.signing_keys:
             timestamp = int(now)
             headers.update({
@@ -86,9 +114,10 @@ class Target:
 
 def targets_of(config: Config) -> dict[str, Target]:
     """Every forwarding target of a config: each service, and the Graph API sender."""
+    default = config.whatsapp.phone_number_id
     targets = {
         name: Target(name=name, url=svc.url, forwarding=svc.forwarding, signing_secrets=svc.signing_secrets,
-                     legacy_signature=svc.legacy_signature)
+                     legacy_signature=svc.legacy_signature, default_number=default)
         for name, svc in config.services.items()
     }
     targets[GRAPH_SENDER] = Target(
@@ -96,5 +125,8 @@ def targets_of(config: Config) -> dict[str, Target]:
         url=config.whatsapp.messages_url,
         forwarding=config.forwarding,
         access_token=config.whatsapp.access_token,
+        default_number=default,
+        graph_api_url=config.whatsapp.graph_api_url,
+        number_tokens=tuple(sorted(number_tokens(config).items())),
     )
     return targets

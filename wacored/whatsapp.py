@@ -6,7 +6,8 @@ body that is forwarded downstream: a WhatsApp-format webhook holding exactly tha
 entry id, the change's field and metadata and only the sender's contacts entry, so an existing
 WhatsApp handler accepts it unchanged.
 
-Every id that leaves wacored (a wamid, a status id, a status value) is checked here, at parse time
+Every id that leaves wacored (a wamid, a status id, a status value, the business number's
+``metadata.phone_number_id``) is checked here, at parse time
 (`untrusted.id_problem`): one that could not go out as a header is a 400 now, never a stored row that
 crashes its delivery later.
 
@@ -74,6 +75,8 @@ class InboundMessage:
     reply_id: str | None
     """An interactive button/list reply id, or a template quick reply's payload."""
     body: bytes
+    number: str | None = None
+    """The business number written to: the change's ``value.metadata.phone_number_id`` (None: absent)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ class StatusUpdate:
     status: str
     recipient: str
     body: bytes
+    number: str | None = None
+    """The business number that sent the message: the change's ``metadata.phone_number_id``."""
 
     @property
     def key(self) -> str:
@@ -97,6 +102,8 @@ class Batch:
     statuses: tuple[StatusUpdate, ...]
     errors: int
     """Value-level ``errors`` objects (Meta reporting a problem with the webhook itself)."""
+    number: str | None = None
+    """The first change's business number (``metadata.phone_number_id``), None when it names none."""
 
 
 def _dump(obj: Any) -> bytes:
@@ -180,6 +187,8 @@ class _Change:
     field: Any
     value: dict[str, Any]
     contacts: _Contacts
+    number: str | None
+    """``value.metadata.phone_number_id`` (checked like every id that leaves wacored), None when absent."""
 
     def envelope(self, update: dict[str, Any], kind: str) -> bytes:
         inner: dict[str, Any] = {"messaging_product": self.value.get("messaging_product", "whatsapp")}
@@ -211,6 +220,7 @@ def _message(change: _Change, raw: Any, where: str) -> InboundMessage:
         text=_text(message),
         reply_id=_reply_id(message),
         body=change.envelope(message, "messages"),
+        number=change.number,
     )
 
 
@@ -222,7 +232,17 @@ def _status(change: _Change, raw: Any, where: str) -> StatusUpdate:
         status=_id(status.get("status"), f"{where}.status"),
         recipient=recipient if isinstance(recipient, str) else "",
         body=change.envelope(status, "statuses"),
+        number=change.number,
     )
+
+
+def _number(value: dict[str, Any], where: str) -> str | None:
+    """The change's ``metadata.phone_number_id``: it leaves wacored (``X-WA-Phone-Number-Id``, the
+    Graph API path), so it is checked here like every id; None when the change names none."""
+    metadata = value.get("metadata")
+    if not isinstance(metadata, dict) or metadata.get("phone_number_id") in (None, ""):
+        return None
+    return _id(metadata["phone_number_id"], f"{where}.metadata.phone_number_id")
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -276,6 +296,7 @@ def parse_webhook(raw: bytes) -> Batch:
     messages: list[InboundMessage] = []
     statuses: list[StatusUpdate] = []
     errors = 0
+    first: list[str | None] = []
     budget = _Budget(MAX_EXPANSION * len(raw) + EXPANSION_ALLOWANCE)
     entries = doc.get("entry")
     if not isinstance(entries, list):
@@ -287,13 +308,16 @@ def parse_webhook(raw: bytes) -> Batch:
             change_doc = _dict(raw_change, f"entry[{e}].changes[{c}]")
             value = _dict(change_doc.get("value", {}), where)
             change = _Change(entry.get("id"), change_doc.get("field"), value,
-                             _Contacts(_list(value.get("contacts"), f"{where}.contacts")))
+                             _Contacts(_list(value.get("contacts"), f"{where}.contacts")), _number(value, where))
+            if not first:
+                first.append(change.number)
             for m, raw_message in enumerate(_list(value.get("messages"), f"{where}.messages")):
                 messages.append(budget.spend(_message(change, raw_message, f"{where}.messages[{m}]")))
             for s, raw_status in enumerate(_list(value.get("statuses"), f"{where}.statuses")):
                 statuses.append(budget.spend(_status(change, raw_status, f"{where}.statuses[{s}]")))
             errors += len(_list(value.get("errors"), f"{where}.errors"))
-    return Batch(messages=tuple(messages), statuses=tuple(statuses), errors=errors)
+    return Batch(messages=tuple(messages), statuses=tuple(statuses), errors=errors,
+                 number=first[0] if first else None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from ._sections import (
     ForwardingConfig,
     HomeMenuConfig,
     MenuItem,
+    NumberConfig,
     RateLimitConfig,
     RoutingConfig,
     ServerConfig,
@@ -56,6 +57,7 @@ __all__ = [
     "ForwardingConfig",
     "HomeMenuConfig",
     "MenuItem",
+    "NumberConfig",
     "RateLimitConfig",
     "RoutingConfig",
     "ServerConfig",
@@ -93,6 +95,8 @@ class Config:
     telemetry: TelemetryConfig = TelemetryConfig()
     slo: SloConfig = SloConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    numbers: Mapping[str, NumberConfig] = field(default_factory=dict)
+    """``[numbers.<phone_number_id>]`` sections, by id (none: every number uses the top-level config)."""
     source: Path | None = None
     warnings: tuple[str, ...] = ()
 

@@ -18,6 +18,7 @@ from ._sections import (
     MAX_MENU_ROWS,
     MENU_LIMITS,
     META_REDELIVERY_DAYS,
+    NUMBER_MODES,
     RESERVED_NAMES,
     SIGNING_SECRETS_ENV,
     TRACE_EXPORTERS,
@@ -175,6 +176,7 @@ def _read_whatsapp(data: Any, problems: list[str]) -> WhatsAppConfig:
         access_token=s.take("access_token", ""),
         phone_number_id=s.take("phone_number_id", ""),
         graph_api_url=s.take("graph_api_url", WhatsAppConfig.graph_api_url, _http_url),
+        numbers=s.take("numbers", WhatsAppConfig.numbers, _one_of(NUMBER_MODES)),
     )
     s.finish()
     return cfg
@@ -249,8 +251,10 @@ def _signing_warnings(services: Mapping[str, ServiceConfig]) -> list[str]:
     ]
 
 
-def _read_menu(data: Any, services: Mapping[str, ServiceConfig], problems: list[str]) -> HomeMenuConfig:
-    s = _Section(data, "home_menu", problems)
+def _read_menu(data: Any, services: Mapping[str, ServiceConfig], problems: list[str],
+               path: str = "home_menu") -> HomeMenuConfig:
+    """A home menu at `path`, whose rows must be keys of `services`."""
+    s = _Section(data, path, problems)
     raw_items = s.data.pop("items", [])
     menu = HomeMenuConfig(
         header=s.take("header", HomeMenuConfig.header),
@@ -259,14 +263,14 @@ def _read_menu(data: Any, services: Mapping[str, ServiceConfig], problems: list[
     )
     s.finish()
     if not isinstance(raw_items, list):
-        problems.append("home_menu.items: must be an array of [[home_menu.items]] tables")
+        problems.append(f"{path}.items: must be an array of [[{path}.items]] tables")
         raw_items = []
     if len(raw_items) > MAX_MENU_ROWS:
-        problems.append(f"home_menu.items: WhatsApp lists hold at most {MAX_MENU_ROWS} rows, got {len(raw_items)}")
+        problems.append(f"{path}.items: WhatsApp lists hold at most {MAX_MENU_ROWS} rows, got {len(raw_items)}")
     known = {key for svc in services.values() for key in svc.keys}
     items: list[MenuItem] = []
     for i, raw in enumerate(raw_items):
-        it = _Section(raw, f"home_menu.items[{i}]", problems)
+        it = _Section(raw, f"{path}.items[{i}]", problems)
         key = it.take("key", "")
         title = it.take("title", "")
         description = it.take("description", "")
@@ -281,13 +285,13 @@ def _read_menu(data: Any, services: Mapping[str, ServiceConfig], problems: list[
     return HomeMenuConfig(header=menu.header, body=menu.body, button=menu.button, items=tuple(items))
 
 
-def _menu_warnings(menu: HomeMenuConfig) -> list[str]:
+def _menu_warnings(menu: HomeMenuConfig, path: str = "home_menu") -> list[str]:
     limits = [(name, getattr(menu, name), MENU_LIMITS[name]) for name in ("header", "body", "button")]
     for i, item in enumerate(menu.items):
         limits.append((f"items[{i}].title", item.title, MENU_LIMITS["row_title"]))
         limits.append((f"items[{i}].description", item.description, MENU_LIMITS["row_description"]))
     return [
-        f"home_menu.{name}: {len(text)} characters, WhatsApp allows {limit}; it will be cut with '…'"
+        f"{path}.{name}: {len(text)} characters, WhatsApp allows {limit}; it will be cut with '…'"
         for name, text, limit in limits
         if len(text) > limit
     ]
@@ -443,7 +447,10 @@ def read(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any
     sections["services"] = services
     sections["routing"] = _read_routing(top.data.pop("routing", None), services, problems)
     sections["home_menu"] = _read_menu(top.data.pop("home_menu", None), services, problems)
+    # Imported here: `_numbers` builds on this module's section readers.
+    from ._numbers import number_warnings, read_numbers
+    sections["numbers"] = read_numbers(top.data.pop("numbers", None), sections, env, problems)
     top.finish()
     warnings = (_menu_warnings(sections["home_menu"]) + _credential_warnings(sections["whatsapp"])
-                + _signing_warnings(services))
+                + _signing_warnings(services) + number_warnings(sections["numbers"]))
     return sections, problems, warnings

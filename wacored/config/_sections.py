@@ -73,11 +73,19 @@ class WhatsAppConfig:
     no POST needs it any more)."""
     access_token: str = field(default="", repr=False)
     phone_number_id: str = ""
+    """The default number: replies to a message whose change names no number go from it."""
     graph_api_url: str = "https://graph.facebook.com/v21.0"
+    numbers: str = "any"
+    """``any``: a message to any number is routed (by its section, else the top-level config);
+    ``listed``: one to a number the config does not know is stored as ``unknown_number``, not routed."""
 
     @property
     def messages_url(self) -> str:
-        return f"{self.graph_api_url.rstrip('/')}/{self.phone_number_id}/messages"
+        return self.messages_url_of(self.phone_number_id)
+
+    def messages_url_of(self, number: str) -> str:
+        """Where a reply from business number `number` is POSTed."""
+        return f"{self.graph_api_url.rstrip('/')}/{number}/messages"
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,10 @@ class SupervisorConfig:
     backoff_max_s: float = 30.0
 
 
+NUMBER_MODES = ("any", "listed")
+ACCESS_TOKEN_ENV = "WACORED_ACCESS_TOKEN_"
+"""``WACORED_ACCESS_TOKEN_<PHONE_NUMBER_ID>`` overrides ``[numbers.<id>] access_token``."""
+
 SIGNING_SECRETS_ENV = "WACORED_SIGNING_SECRETS_"
 """``WACORED_SIGNING_SECRETS_<NAME>`` (upper-case service name, comma-separated) overrides a service's
 ``signing_secrets``."""
@@ -207,3 +219,18 @@ class HomeMenuConfig:
     items: tuple[MenuItem, ...] = ()
 
 
+
+
+@dataclass(frozen=True)
+class NumberConfig:
+    """``[numbers.<phone_number_id>]``: what one business number overrides; None (or "") inherits the
+    top-level value."""
+
+    id: str
+    access_token: str = field(default="", repr=False)
+    """The Graph API token of this number's WABA; "" = ``[whatsapp] access_token``."""
+    services: tuple[str, ...] | None = None
+    """The configured services (with their keys) that route from this number; None = every one."""
+    fallback: str | None = None
+    statuses: str | None = None
+    home_menu: HomeMenuConfig | None = None
