@@ -257,3 +257,21 @@ class FullDiskConnection(WriteConnection):
             error.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[misc]
             raise error
         super().commit()
+
+
+def numbers_webhook(*changes: tuple[str | None, str, str, str]) -> bytes:
+    """One webhook POST holding one change per (phone_number_id, sender, text, wamid), in order, as
+    Meta batches the messages of several business numbers of one app (None: a change without one)."""
+    entries = []
+    for number, sender, text, wamid in changes:
+        metadata = {"display_phone_number": "15550000000"}
+        if number is not None:
+            metadata["phone_number_id"] = number
+        value = {
+            "messaging_product": "whatsapp", "metadata": metadata,
+            "contacts": [{"profile": {"name": "User"}, "wa_id": sender}],
+            "messages": [{"from": sender, "id": wamid, "timestamp": "1700000000", "type": "text",
+                          "text": {"body": text}}],
+        }
+        entries.append({"id": "WABA_ID", "changes": [{"value": value, "field": "messages"}]})
+    return json.dumps({"object": "whatsapp_business_account", "entry": entries}).encode()

@@ -54,7 +54,8 @@ def _read_number(
     s = _Section(raw, path, problems)
     all_services: Mapping[str, ServiceConfig] = sections["services"]
     routing: RoutingConfig = sections["routing"]
-    token = env.get(ACCESS_TOKEN_ENV + number_id) or s.take("access_token", "")
+    token = s.take("access_token", "")
+    token = env.get(ACCESS_TOKEN_ENV + number_id) or token  # the environment's, when set, wins
     names = _services_of(s, all_services)
     own = {name: all_services[name] for name in (names if names is not None else all_services) if name in all_services}
     # Present or not matters: "" is a value of `statuses` ("count and drop"), absence inherits.
