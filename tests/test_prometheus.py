@@ -28,7 +28,8 @@ from .test_deploy import RULES, daemon_process
 
 DASHBOARD = Path(__file__).parent.parent / "dashboards" / "wacored.json"
 # What Grafana would put in for the dashboard's variables and its interval macros.
-VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m", "$instance": ".*", "$job": "wacored"}
+VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m", "$instance": ".*", "$job": "wacored",
+             "$number": ".*"}
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (`make tools` installs it)")
