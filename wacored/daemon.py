@@ -12,7 +12,7 @@ Start-up: migrate the schema, load live sessions, and mark every target with que
 from its oldest one, so its forwarder reads them back from disk before anything new (recovery).
 
 Reload (`ReloadRequest`, sent on SIGHUP): the new config is loaded and validated off the event loop,
-then swapped in whole between two requests: routing, rate limits, menu, sessions, DLQ and
+then swapped in whole between two requests: routing, business numbers, rate limits, menu, sessions, DLQ and
 forwarding settings, targets (a service added gets a forwarder, a removed one's forwarder stops and
 its undelivered messages wait on disk), log level, admin token, SLO targets. What needs a new process
 (listen address, TLS files, the body read deadline, store path, trace exporter, a service's lane
