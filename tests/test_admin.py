@@ -194,7 +194,8 @@ async def test_status(daemon: Daemon, seeded: dict[str, int]) -> None:
     assert set(report) == {"timestamp", "database", "dead_letters", "sessions", "queued", "runs"}
     assert report["timestamp"] == ops.iso(NOW)
     assert report["database"] == {"path": str(daemon.config.store.path)}
-    assert {k: report["dead_letters"][k] for k in ops.STATES} == {"pending": 1, "abandoned": 2, "delivered": 1}
+    assert {k: report["dead_letters"][k] for k in ops.STATES} == {
+        "pending": 1, "abandoned": 2, "delivered": 1, "replayed": 0}
     assert report["dead_letters"]["oldest_pending"]["id"] == seeded["p"]
     assert set(report["runs"]) >= {"dlq_retrier", "reaper"}
 
