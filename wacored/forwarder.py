@@ -11,7 +11,8 @@ Delivery policy (pure functions below): 2xx delivered; 408/425/429/5xx, timeouts
 errors transient, retried `retries` times with exponential backoff and full jitter; any other 4xx
 permanent, dead-lettered at once. A delivery that still fails is dead-lettered through the writer.
 Every attempt first asks the target's circuit breaker (`breaker.py`): while it is open the delivery
-is not attempted but dead-lettered with the reason ``breaker_open``, for the DLQ retrier.
+is not attempted but dead-lettered with the reason ``breaker_open``, for the DLQ retrier. Every
+attempt made goes to the writer with the delivery's outcome (`Outcome.tries`: the attempts log).
 
 Each delivery reads the target afresh from `Runtime.targets`, so a config reload changes URLs,
 secrets, timeouts and retries between two deliveries without disturbing one in flight. The number of
