@@ -3,7 +3,11 @@
 - ``GET /admin/dlq?state=&service=``: dead letters, oldest first (the objects of ``dlq list --json``);
 - ``POST /admin/dlq/replay`` ``{"ids": [...]}`` or ``{"all": true, "service": S, "state": "abandoned"}``;
 - ``POST /admin/dlq/purge`` ``{"state": "delivered"|"abandoned", "older_than": "7d"}``;
-- ``GET /admin/status``: what ``wacored status --json`` prints.
+- ``GET /admin/status``: what ``wacored status --json`` prints;
+- ``GET /admin/messages?since=&until=&service=&state=&kind=&limit=``: messages, newest first (``messages
+  list --json``); ``GET /admin/messages/<key>``: one message and its attempts (``messages show --json``);
+- ``POST /admin/messages/replay`` ``{"ids": [...]}`` or ``{"service": S, "since": T, ...}``: queue them
+  again, and wake the writer's sweep so the forwarders have them at once.
 
 Every request needs ``Authorization: Bearer <[admin] token>``. With no token configured the API is off
 and every ``/admin/`` path answers 404, so its existence is not advertised. The token and the store
@@ -40,6 +44,7 @@ from quart import Blueprint, Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from . import messages as msgs
 from . import operations as ops
 from .runtime import Runtime
 from .store import SchemaError
@@ -49,6 +54,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _REPLAY_KEYS = {"ids", "all", "service", "state"}
 _PURGE_KEYS = {"state", "older_than"}
+_SELECTION_KEYS = {"since", "until", "service", "state", "kind"}
+_MESSAGE_REPLAY_KEYS = {"ids"} | _SELECTION_KEYS
 MAX_BODY = 1024 * 1024
 """Bytes of an admin request body at most (a replay of a hundred thousand ids fits)."""
 MAX_DEPTH = 32
@@ -119,6 +126,26 @@ def _blueprint(rt: Runtime) -> Blueprint:
         config = rt.config
         work = partial(ops.status, session_ttl_s=config.sessions.ttl_s, now=rt.wall_clock(), path=config.store.path)
         return jsonify(await _on_store(rt, work))
+
+    @bp.get("/messages")
+    async def messages_list() -> Response:
+        sel = _message_selection(request.args.to_dict(), rt.wall_clock(), with_limit=True)
+        return jsonify(await _on_store(rt, partial(msgs.list_messages, sel=sel)))
+
+    @bp.get("/messages/<path:key>")
+    async def message_show(key: str) -> Response:
+        report = await _on_store(rt, partial(msgs.show, key=key))
+        if report is None:
+            raise AdminError(404, "not_found")
+        return jsonify(report)
+
+    @bp.post("/messages/replay")
+    async def messages_replay() -> Response:
+        body = _object(await _json_body(), _MESSAGE_REPLAY_KEYS)
+        result = await _on_store(rt, _message_replay_request(body, rt.wall_clock()))
+        if result["replayed"]:
+            rt.wake_sweep()  # queued again: the writer hands them to the forwarders now, not at its next sweep
+        return jsonify(result)
 
     @bp.route("/", defaults={"rest": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     @bp.route("/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
@@ -261,6 +288,40 @@ def _in_range(ident: int | str) -> bool:
             return False  # digits such as "²" that `int` refuses
         ident = int(text) if len(text) <= 20 else SQLITE_INT[1] + 1
     return SQLITE_INT[0] <= ident <= SQLITE_INT[1]
+
+
+def _message_selection(values: dict[str, Any], now: float, *, with_limit: bool,
+                       states: tuple[str, ...] = msgs.STATE_FILTERS) -> msgs.Selection:
+    """The `messages.Selection` that query arguments or a body ask for, checked (400 otherwise)."""
+    allowed = _SELECTION_KEYS | ({"limit"} if with_limit else set())
+    if extra := sorted(set(values) - allowed):
+        raise _bad_request(f"unknown parameter(s): {', '.join(extra)}")
+    if not all(isinstance(v, str) for v in values.values()):
+        raise _bad_request(f"{', '.join(sorted(values))}: must be strings")
+    try:
+        return msgs.selection(now, since=values.get("since") or None, until=values.get("until") or None,
+                              service=values.get("service") or None, state=values.get("state") or None,
+                              kind=values.get("kind") or None, limit=values.get("limit") or None, states=states)
+    except ValueError as exc:
+        raise _bad_request(str(exc)) from None
+
+
+def _message_replay_request(body: dict[str, Any], now: float) -> Callable[[sqlite3.Connection], dict[str, Any]]:
+    """The replay that ``{"ids": [...]}`` or ``{"service": S, "since": T, ...}`` asks for, validated
+    before any connection is opened."""
+    ids = body.get("ids")
+    filters = {k: v for k, v in body.items() if k != "ids"}
+    if ids is not None:
+        if filters:
+            raise _bad_request('give "ids", or "service" and "since" (not both)')
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i.strip() for i in ids):
+            raise _bad_request('"ids" must be a non-empty list of message keys (wamids)')
+        keys = [i.strip() for i in ids]
+        return lambda conn: msgs.replay(conn, msgs.plan_replay(conn, keys), now).to_json()
+    if not (isinstance(filters.get("service"), str) and filters["service"] and filters.get("since")):
+        raise _bad_request('give "ids", or "service" and "since" (with "until", "state", "kind" optional)')
+    sel = _message_selection(filters, now, with_limit=False, states=msgs.REPLAY_STATES)
+    return lambda conn: {"replayed": msgs.replay(conn, msgs.plan_matching(conn, sel), now).replayed}
 
 
 def _purge_request(body: dict[str, Any]) -> tuple[str, float]:

@@ -1,5 +1,6 @@
 """The ``wacored`` command: run, check-config, simulate, dev-env, and the operator's commands on the
-store (dlq list|replay|purge, sessions reap, status), which work while the daemon runs.
+store (dlq list|replay|purge, messages show|list|replay (`cli_messages`), sessions reap, status), which
+work while the daemon runs.
 
 Every subcommand takes ``-c FILE`` (default ``wacored.toml``, or ``$WACORED_CONFIG``) and reads
 secrets from the environment; only run, simulate and check-config need the app secret.
@@ -255,7 +256,9 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
             print(f"unknown dead letter: {ident}", file=sys.stderr)
         for ident in result.delivered:
             print(f"already delivered, not replayed: {ident}", file=sys.stderr)
-        return 1 if result.unknown or result.delivered else 0
+        for ident in result.queued:
+            print(f"its message is queued again (messages replay), not replayed: {ident}", file=sys.stderr)
+        return 1 if result.unknown or result.delivered or result.queued else 0
 
     return _on_store(args, work)
 
@@ -326,6 +329,9 @@ def parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     _operator_commands(sub, common)
+    from .cli_messages import add_commands
+
+    add_commands(sub, common, _on_store)
 
     secrets_cmd = sub.add_parser("secrets", help="signing secrets for downstream services")
     secrets_sub = secrets_cmd.add_subparsers(dest="secrets_command", required=True)

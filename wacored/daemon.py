@@ -25,7 +25,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -267,6 +269,7 @@ async def run_daemon(
     notifier: Notifier | None = None,
     tracer: Tracer | None = None,
     process_start: float | None = None,
+    node: str | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run wacored until `stop` is set; `task_status.started` gets the bound URLs once serving.
@@ -276,7 +279,8 @@ async def run_daemon(
     transport (tests pass `httpx.MockTransport`s). `notifier` tells systemd READY=1 once serving and
     STOPPING=1 once `stop` is set, and runs the watchdog when systemd asked for one (`systemd.py`).
     `tracer` replaces the one `[telemetry]` asks for (tests); `process_start` (`time.monotonic()`)
-    is where the cold start is measured from, by default this call.
+    is where the cold start is measured from, by default this call. `node` names this process in the
+    attempts log (default `node_name()`).
     """
     process_start = time.monotonic() if process_start is None else process_start
     stop = stop if stop is not None else trio.Event()
@@ -290,7 +294,8 @@ async def run_daemon(
     try:
         sessions, queues = await recover(config, reader, targets, wall_clock, queue_buffer)
         writes, writes_receive = trio.open_memory_channel[WriteOp](WRITE_BUFFER)
-        rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock)
+        rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock,
+                           node=node_name() if node is None else node)
         rt.tracer = tracer or tracing.tracer
         daemon = Daemon(rt, writes, queue_buffer, transport)
 
@@ -329,6 +334,11 @@ async def run_daemon(
         reader.close()
         await tracing.aclose()
     log.info("stopped", extra={"event": "stopped"})
+
+
+def node_name() -> str:
+    """This process, as the attempts log names it: ``host-pid``."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 async def _until(stop: trio.Event, fn: Callable[[], Any]) -> None:
