@@ -13,6 +13,12 @@ permanent, dead-lettered at once. A delivery that still fails is dead-lettered t
 Every attempt first asks the target's circuit breaker (`breaker.py`): while it is open the delivery
 is not attempted but dead-lettered with the reason ``breaker_open``, for the DLQ retrier.
 
+A paused service (`pauses.py`) is not attempted at all: before each attempt (a first one or a
+retry) a lane asks `Runtime.pauses`, and while the service is paused it holds that delivery, in
+order, taking nothing else; the rest wait in the lane's channel, then the forwarder's, then on disk.
+So an attempt in hand when the pause lands finishes, nothing more starts, and nothing is
+dead-lettered for the pause; the breaker is never asked. On resume the lane goes on where it stopped.
+
 Each delivery reads the target afresh from `Runtime.targets`, so a config reload changes URLs,
 secrets, timeouts and retries between two deliveries without disturbing one in flight. The number of
 lanes is fixed when the forwarder starts.
@@ -205,10 +211,15 @@ async def deliver(
 ) -> Outcome | None:
     """Attempt `d` until delivered, refused, blocked by the breaker, or out of retries.
 
-    None: the daemon is stopping, and `d` stays queued for the next start.
+    None: the daemon is stopping, and `d` stays queued for the next start. While the service is
+    paused, the next attempt waits (uncounted, the breaker not asked) until it is resumed.
     """
     tries = 0
     while True:
+        if not rt.pauses.may_attempt(name):
+            await rt.pauses.hold(name, rt.stopping)
+            if rt.stopping.is_set():
+                return None
         # Read afresh each time: a reload may have changed the target since the last attempt. (A
         # removed service's forwarder is cancelled in the same step that removes its target.)
         target = rt.targets[name]

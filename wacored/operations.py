@@ -162,7 +162,7 @@ def replay(conn: sqlite3.Connection, ids: Sequence[str | int], now: float) -> Re
     """Make the dead letters named by `ids` (row ids or wamids) pending and due at `now`, in one
     transaction. Delivered entries are left alone and reported, like ids that match nothing."""
     replayed, unknown, delivered = 0, [], []
-    with _immediate(conn):
+    with immediate(conn):
         for ident in ids:
             column, value = _identify(ident)
             row = conn.execute(f"SELECT id, state FROM dead_letters WHERE {column} = ?", (value,)).fetchone()
@@ -181,7 +181,7 @@ def replay_all(conn: sqlite3.Connection, now: float, *, state: str = "abandoned"
     `service`, pending and due at `now`; return how many."""
     if state not in REPLAYABLE:
         raise ValueError(f"state must be one of {', '.join(REPLAYABLE)}, got {state!r}")
-    with _immediate(conn):
+    with immediate(conn):
         cur = conn.execute(f"{_REPLAY} WHERE state = ? AND (? IS NULL OR service = ?)",
                            (now, now, state, service, service))
     return cur.rowcount
@@ -194,7 +194,7 @@ def purge(conn: sqlite3.Connection, *, state: str, older_than_s: float, now: flo
         raise ValueError(f"state must be one of {', '.join(PURGEABLE)}, got {state!r}")
     if older_than_s < 0:
         raise ValueError("older_than must not be negative")
-    with _immediate(conn):
+    with immediate(conn):
         cur = conn.execute(
             "DELETE FROM dead_letters WHERE state = ? AND COALESCE(updated_at, created_at) < ?",
             (state, now - older_than_s),
@@ -319,7 +319,7 @@ def _identify(ident: str | int) -> tuple[str, str | int]:
 
 
 @contextmanager
-def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+def immediate(conn: sqlite3.Connection) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error): take the write lock up front, so
     the transaction waits for the daemon's writer once, at the start, rather than failing midway."""
     conn.execute("BEGIN IMMEDIATE")
