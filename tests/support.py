@@ -9,6 +9,8 @@ import os
 import re
 import socket
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -286,3 +288,11 @@ def operator(config: Path, *args: str) -> int:
     from wacored.cli import main
 
     return main([*args, "-c", str(config), "--env-file", str(config.parent / "none.env")])
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """`python -m wacored ARGS` in a process of its own (as an operator runs it beside the daemon),
+    awaited without blocking the test's event loop; its output captured, never checked here."""
+    with trio.fail_after(60):
+        return await trio.run_process([sys.executable, "-m", "wacored", *args], capture_stdout=True,
+                                      capture_stderr=True, check=False, env=clean_env() if env is None else env)

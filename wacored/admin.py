@@ -8,6 +8,10 @@
   list --json``); ``GET /admin/messages/<key>``: one message and its attempts (``messages show --json``);
 - ``POST /admin/messages/replay`` ``{"ids": [...]}`` or ``{"service": S, "since": T, ...}``: queue them
   again, and wake the writer's sweep so the forwarders have them at once.
+- ``GET /admin/services``: each service, paused or not, since when, why (``services list --json``);
+- ``POST /admin/services/<name>/pause`` ``{"reason": "..."}`` (optional) and ``.../resume``: answered
+  once the daemon's pause watcher has read the change (`PauseBoard.refreshed`), so no attempt to a
+  paused service starts after the 200.
 
 Every request needs ``Authorization: Bearer <[admin] token>``. With no token configured the API is off
 and every ``/admin/`` path answers 404, so its existence is not advertised. The token and the store
@@ -17,7 +21,9 @@ Error handling:
     No token configured → 404 ``{"error":"not_found"}``; a missing or wrong token → 401
     ``{"error":"unauthorized"}`` (logged, without what was presented); a body over `MAX_BODY` bytes →
     413 ``{"error":"too_large"}``; bad input → 400 ``{"error":"bad_request","detail":...}``: a body that
-    is not JSON, nested deeper than `MAX_DEPTH`, or an id outside SQLite's 64-bit integers; the store
+    is not JSON, nested deeper than `MAX_DEPTH`, an id outside SQLite's 64-bit integers, a pause
+    of the Graph API sender or with a reason that is not printable text of at most 200 characters;
+    an unknown service → 404 ``{"error":"not_found","detail":...}``; the store
     refusing or unreadable (locked past its busy timeout, missing, a directory, not a database,
     corrupt, a table missing, a newer schema, a value of the wrong type, an OS error) → 503
     ``{"error":"store_unavailable","detail":...}``.
@@ -46,6 +52,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import messages as msgs
 from . import operations as ops
+from . import pauses
 from .runtime import Runtime
 from .store import SchemaError
 
@@ -56,6 +63,10 @@ _REPLAY_KEYS = {"ids", "all", "service", "state"}
 _PURGE_KEYS = {"state", "older_than"}
 _SELECTION_KEYS = {"since", "until", "service", "state", "kind"}
 _MESSAGE_REPLAY_KEYS = {"ids"} | _SELECTION_KEYS
+_PAUSE_KEYS = {"reason"}
+PAUSE_APPLY_S = 2.0
+"""How long a pause or resume waits for the daemon's pause watcher to read it before answering
+anyway (the change is stored: the watcher applies it at its next read)."""
 MAX_BODY = 1024 * 1024
 """Bytes of an admin request body at most (a replay of a hundred thousand ids fits)."""
 MAX_DEPTH = 32
@@ -147,6 +158,28 @@ def _blueprint(rt: Runtime) -> Blueprint:
             rt.wake_sweep()  # queued again: the writer hands them to the forwarders now, not at its next sweep
         return jsonify(result)
 
+    @bp.get("/services")
+    async def services() -> Response:
+        names = list(rt.config.services)
+        return jsonify(await _on_store(rt, partial(pauses.list_services, services=names)))
+
+    @bp.post("/services/<name>/pause")
+    async def pause(name: str) -> Response:
+        raw = await _json_body(empty={})
+        reason = _object(raw, _PAUSE_KEYS).get("reason", "")
+        names = list(rt.config.services)
+        _check(partial(pauses.check_pause, name, names, reason))
+        changed = await _on_store(rt, partial(pauses.pause, name=name, services=names, reason=reason,
+                                              now=rt.wall_clock()))
+        return jsonify(await _applied(rt, name, changed))
+
+    @bp.post("/services/<name>/resume")
+    async def resume(name: str) -> Response:
+        _object(await _json_body(empty={}), set())
+        names = list(rt.config.services)
+        changed = await _on_store(rt, partial(pauses.resume, name=name, services=names))
+        return jsonify(await _applied(rt, name, changed))
+
     @bp.route("/", defaults={"rest": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     @bp.route("/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def unknown(rest: str) -> Response:
@@ -169,11 +202,40 @@ def _authorize(token: str, header: str) -> None:
         raise AdminError(401, "unauthorized")
 
 
+def _check(check: Callable[[], None]) -> None:
+    """Run a pure check of the request; what `pauses` refuses becomes a 404 or a 400."""
+    try:
+        check()
+    except pauses.PauseRefused as exc:
+        raise _refused(exc) from None
+
+
+def _refused(exc: pauses.PauseRefused) -> AdminError:
+    if isinstance(exc, pauses.UnknownService):
+        return AdminError(404, "not_found", str(exc))
+    return _bad_request(str(exc))
+
+
+async def _applied(rt: Runtime, name: str, changed: bool) -> dict[str, Any]:
+    """The service's pause state once the daemon's pause watcher has read the store (or after
+    `PAUSE_APPLY_S`: the change is stored either way), and whether this request changed it."""
+    with trio.move_on_after(PAUSE_APPLY_S) as waited:
+        await rt.pauses.refreshed()
+    if waited.cancelled_caught:
+        log.warning("the pause watcher has not read the change yet: it applies at its next read",
+                    extra={"event": "admin_pause_pending", "service": name})
+    log.info("service pause changed by the admin API", extra={
+        "event": "admin_pause", "service": name, "paused": name in rt.pauses.paused, "changed": changed})
+    return {**pauses.service_state(name, rt.pauses.paused.get(name)), "changed": changed}
+
+
 async def _on_store(rt: Runtime, work: Callable[[sqlite3.Connection], T]) -> T:
     """`work` in a worker thread, on a connection of its own to the store of the current config."""
     store = rt.config.store
     try:
         return await trio.to_thread.run_sync(_with_connection, store.path, store.busy_timeout_ms, work)
+    except pauses.PauseRefused as exc:
+        raise _refused(exc) from None
     except (ops.OperationsError, SchemaError, sqlite3.Error, OSError) as exc:
         log.warning("admin: store unavailable", extra={"event": "admin_store_error", "error": str(exc)})
         raise AdminError(503, "store_unavailable", str(exc) or type(exc).__name__) from exc
@@ -201,8 +263,9 @@ def _listed(conn: sqlite3.Connection, *, state: str | None, service: str | None)
     return [e.to_json() for e in ops.list_dead_letters(conn, state=state, service=service)]
 
 
-async def _json_body() -> Any:
-    """The request body as JSON: bounded in size (413) and in depth, and valid (400)."""
+async def _json_body(*, empty: Any = None) -> Any:
+    """The request body as JSON: bounded in size (413) and in depth, and valid (400); `empty`, when
+    given, stands for a body that is empty or only whitespace."""
     if (request.content_length or 0) > MAX_BODY:
         raise AdminError(413, "too_large", f"a body of at most {MAX_BODY} bytes")
     try:
@@ -210,6 +273,8 @@ async def _json_body() -> Any:
     except RequestEntityTooLarge:  # sent without a Content-Length, and longer than MAX_BODY
         raise AdminError(413, "too_large", f"a body of at most {MAX_BODY} bytes") from None
     assert isinstance(raw, bytes)  # as_text=False
+    if empty is not None and not raw.strip():
+        return empty
     if json_depth(raw) > MAX_DEPTH:
         raise _bad_request(f"JSON nested deeper than {MAX_DEPTH} levels")
     try:

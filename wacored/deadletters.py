@@ -9,7 +9,9 @@ due entries, oldest due first, and tries each once, straight to its service (no 
 followed by retry n+1 ``backoff_s[n]`` after it (measured from the failure); after ``max_attempts``
 failed retries the entry is ``abandoned``: kept, never retried automatically. A retry the service's
 breaker blocks is not an attempt: it is rescheduled for when the breaker lets a probe through. A retry
-made is logged in the attempts log (kind ``dlq_retry``) with its write.
+made is logged in the attempts log (kind ``dlq_retry``) with its write. The dead letters of a paused
+service (`pauses.py`) are not tried either: each is rescheduled ``interval_s`` later, uncounted, and
+stays ``pending``.
 
 Error handling:
     A retry never raises for a network or HTTP failure (`forwarder.attempt` classifies them). Anything
@@ -98,6 +100,11 @@ async def retry_one(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.Asy
         log.warning("dead letter for a service no longer configured",
                     extra={"event": "dlq_orphaned", "service": d.target, "message_id": d.key})
         return outcome(None, wait_s=dlq.interval_s, error=f"service {d.target!r} is not configured")
+    if not rt.pauses.may_attempt(target.name):
+        # An operator's decision, not a failure: no attempt, no breaker, the error left as it was.
+        log.debug("dead letter of a paused service rescheduled",
+                  extra={"event": "dlq_paused", "service": target.name, "message_id": d.key})
+        return outcome(None, wait_s=dlq.interval_s)
     result = await guarded_attempt(rt, target, transports[target.name], d, dlq_retry=True)
     if result is None:
         rt.counters.bump(rt.counters.dlq_retries, f"{target.name}:breaker_open")

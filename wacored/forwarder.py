@@ -16,6 +16,12 @@ Every attempt first asks the target's circuit breaker (`breaker.py`): while it i
 is not attempted but dead-lettered with the reason ``breaker_open``, for the DLQ retrier. Every
 attempt made goes to the writer with the delivery's outcome (`Outcome.tries`: the attempts log).
 
+A paused service (`pauses.py`) is not attempted at all: before each attempt (a first one or a
+retry) a lane asks `Runtime.pauses`, and while the service is paused it holds that delivery, in
+order, taking nothing else; the rest wait in the lane's channel, then the forwarder's, then on disk.
+So an attempt in hand when the pause lands finishes, nothing more starts, and nothing is
+dead-lettered for the pause; the breaker is never asked. On resume the lane goes on where it stopped.
+
 Each delivery reads the target afresh from `Runtime.targets`, so a config reload changes URLs,
 secrets, timeouts and retries between two deliveries without disturbing one in flight. The number of
 lanes is fixed when the forwarder starts.
@@ -237,10 +243,16 @@ async def deliver(
     Each attempt made is appended to `log_to` as it ends (so a caller still has them if this raises)
     and goes with the outcome (`Outcome.tries`). None: the daemon is stopping, and `d` stays queued
     for the next start (its attempts are not logged: it is delivered again then).
+    While the service is paused, the next attempt waits (uncounted, the breaker not asked) until it is
+    resumed.
     """
     made = log_to if log_to is not None else []
     tries = 0
     while True:
+        if not rt.pauses.may_attempt(name):
+            await rt.pauses.hold(name, rt.stopping)
+            if rt.stopping.is_set():
+                return None
         # Read afresh each time: a reload may have changed the target since the last attempt. (A
         # removed service's forwarder is cancelled in the same step that removes its target.)
         target = rt.targets[name]

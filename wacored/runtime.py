@@ -17,6 +17,7 @@ from .admission import Admission
 from .breaker import Breaker
 from .config import Config
 from .metrics import Metrics
+from .pausewatch import PauseBoard
 from .ratelimit import SlidingWindowLimiter
 from .routing import RoutingTable
 from .sessions import SessionTable
@@ -127,6 +128,10 @@ class Runtime:
     """Set to make the DLQ retrier look for due entries now (an operator replayed some)."""
     node: str = ""
     """This process in the attempts log: ``host-pid``, computed once at start (`daemon.node_name`)."""
+    pauses: PauseBoard = field(default_factory=PauseBoard)
+    """The services an operator has paused, as the store says. Owner: the pause watcher actor
+    (`pausewatch.run_pause_watch`; filled once at start-up before any forwarder runs); lanes, the DLQ
+    retrier, /health, /metrics and the admin API only read it (the admin API asks for a refresh)."""
     store_writes: StoreWrites = field(default_factory=StoreWrites)
     """How the writer's commits are going and the outcomes it holds. Owner: the writer actor (kept
     here so a restarted writer carries on); /health and /metrics only read it."""

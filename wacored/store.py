@@ -17,6 +17,8 @@ Tables (schema version in ``PRAGMA user_version``, forward-only migrations in `M
   ``dlq_retry``), when it started (wall clock), how long it took, the HTTP status or the error (already
   masked, `untrusted.excerpt`) and the node (``host-pid``) that made it. Written with the outcome it
   belongs to, in the writer's group commit; reaped just before its message.
+- ``service_pauses``: one row per service an operator has paused (``paused_at``, ``reason``); no row,
+  not paused (schema v5).
 
 `Store` methods are synchronous and run in a worker thread (`trio.to_thread`): the writer actor owns
 the write connection, readers open their own (WAL lets them read while the writer commits).
@@ -39,7 +41,7 @@ import sqlite_utils
 from .routing import SessionAction
 from .sessions import SessionChange
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 DEAD_LETTER_STATES = ("pending", "abandoned", "delivered", "replayed")
@@ -224,7 +226,17 @@ def _v4(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX attempts_message ON attempts(message_id, id)")
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2, _v3, _v4)
+def _v5(db: sqlite_utils.Database) -> None:
+    """Operators pause and resume a service (`pauses.py`): a paused service's row says since when and
+    why. In the store, not the config, so a pause survives restarts and config reloads, and the CLI
+    can set one while the daemon runs."""
+    db.execute(
+        "CREATE TABLE service_pauses (service TEXT PRIMARY KEY, paused_at REAL NOT NULL,"
+        " reason TEXT NOT NULL DEFAULT '')"
+    )
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2, _v3, _v4, _v5)
 """Migration i takes the schema from version i to i+1. Append only; never edit a released one."""
 
 
@@ -543,6 +555,11 @@ class Reader:
             "SELECT MIN(next_attempt_at) FROM dead_letters WHERE state = 'pending'"
         ).fetchone()[0]
         return as_time(value)
+
+    def pauses(self) -> list[tuple[str, float, str]]:
+        """Every paused service: (service, paused_at, reason)."""
+        return [(str(s), float(at), str(reason)) for s, at, reason in self.conn.execute(
+            "SELECT service, paused_at, reason FROM service_pauses ORDER BY service")]
 
     def last_run(self, actor: str) -> float | None:
         row = self.conn.execute("SELECT last_run FROM runs WHERE actor = ?", (actor,)).fetchone()
