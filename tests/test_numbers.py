@@ -129,7 +129,7 @@ def test_sessions_and_messages_from_before_belong_to_the_default_number(tmp_path
                  " VALUES ('wamid.old', 'message', ?, 'jobs', 'keyword', 'jobs', x'7b7d', 5, 'queued')", (ALICE,))
     conn.commit()
     conn.close()
-    assert migrate(path) == 4
+    assert migrate(path) == 6
     reader = Reader(path)
     try:
         assert reader.all_sessions(0) == [("", ALICE, "jobs", 5.0)]

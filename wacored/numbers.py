@@ -7,7 +7,7 @@ stored with each row (``messages.number``), each session and each rate-limit win
 - ``""`` is the default number, ``[whatsapp] phone_number_id``: a change naming no number, or naming
   the default one, or (under ``numbers = "any"``) naming something that is not a Graph id (digits),
   such as the ``PHONE_NUMBER_ID`` placeholder of Meta's sample payloads. Keeping the default number
-  as ``""`` means rows and sessions written before numbers were told apart (schema v4 gave them ``""``)
+  as ``""`` means rows and sessions written before numbers were told apart (schema v6 gave them ``""``)
   are the default number's without rewriting them;
 - the id itself for any other number: one with a ``[numbers.ID]`` section, or (``any``) one the
   config does not know, which then follows the top-level rules and replies from its own id;
