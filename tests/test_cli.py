@@ -454,3 +454,50 @@ def test_dlq_list_shows_the_whole_error(ops_config: Path, capsys: pytest.Capture
     db.close()
     assert ops_main(ops_config, "dlq", "list") == 0
     assert all(line.endswith("and the cause is at the end") for line in capsys.readouterr().out.splitlines()[1:])
+
+
+# --- options and paths ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("order", ["before", "after", "split"])
+def test_config_and_env_file_go_before_or_after_the_subcommand(tmp_path: Path, order: str) -> None:
+    data = config_mapping(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    del data["whatsapp"]["app_secret"]
+    config = tmp_path / "my.toml"
+    config.write_text(toml_text(data))
+    env = tmp_path / "my.env"
+    env.write_text("WACORED_APP_SECRET=from-the-env-file\n")
+    c, e = ["-c", str(config)], ["--env-file", str(env)]
+    argv = {"before": [*c, *e, "check-config"], "after": ["check-config", *c, *e],
+            "split": [*c, "check-config", *e]}[order]
+    result = wacored(*argv, env=clean_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"{config}: ok" in result.stdout
+    assert "app_secret" not in result.stdout  # the env file was read: no warning that it is missing
+
+
+def test_version(tmp_path: Path) -> None:
+    from wacored.version import VERSION
+
+    result = wacored("--version", env=clean_env(), cwd=tmp_path)
+    assert (result.returncode, result.stdout.strip()) == (0, f"wacored {VERSION}")
+
+
+def test_without_c_the_config_is_looked_for_and_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wacored import cli
+
+    system = tmp_path / "etc" / "wacored.toml"
+    monkeypatch.setattr(cli, "SYSTEM_CONFIG", system)
+    here = tmp_path / "here"
+    here.mkdir()
+    assert cli.find_config({}, here) == (here / "wacored.toml", "default")
+    system.parent.mkdir()
+    system.write_text("")
+    assert cli.find_config({}, here) == (system, "found")
+    (here / "wacored.toml").write_text("")
+    assert cli.find_config({}, here) == (here / "wacored.toml", "found")
+    assert cli.find_config({"WACORED_CONFIG": "/x.toml"}, here) == (Path("/x.toml"), "$WACORED_CONFIG")
+    data = config_mapping(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    (here / "wacored.toml").write_text(toml_text(data))
+    result = wacored("check-config", env=clean_env(), cwd=here)
+    assert result.returncode == 0, result.stderr
+    assert f"wacored: using {here / 'wacored.toml'} (no -c given)" in result.stderr

@@ -25,10 +25,12 @@ from pathlib import Path
 from . import logs
 from .config import ENV_ALIASES, Config, ConfigError
 from .slo import process_started_at
+from .version import VERSION
 
 log = logging.getLogger(__name__)
 
 DEV_ENV = Path("var/dev.env")
+SYSTEM_CONFIG = Path("/etc/wacored/wacored.toml")
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -297,15 +299,42 @@ def cmd_sessions_reap(args: argparse.Namespace) -> int:
     return _on_store(args, work)
 
 
+def _add_common(sp: argparse.ArgumentParser) -> None:
+    """``-c`` and ``--env-file``, taken before or after the subcommand: their defaults are filled in
+    after parsing (`_config_defaults`), so a value given in either place is never overwritten."""
+    sp.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                    help="config file (default: $WACORED_CONFIG, else ./wacored.toml, else "
+                         "/etc/wacored/wacored.toml)")
+    sp.add_argument("--env-file", type=Path, default=argparse.SUPPRESS,
+                    help="KEY=VALUE file filling in unset environment variables (default: var/dev.env)")
+
+
+def find_config(environ: Mapping[str, str], cwd: Path) -> tuple[Path, str]:
+    """The config file to use when no ``-c`` was given, and how it was chosen."""
+    if named := environ.get("WACORED_CONFIG"):
+        return Path(named), "$WACORED_CONFIG"
+    for candidate in (cwd / "wacored.toml", SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate, "found"
+    return cwd / "wacored.toml", "default"
+
+
+def _config_defaults(args: argparse.Namespace) -> None:
+    if not hasattr(args, "env_file"):
+        args.env_file = DEV_ENV
+    if not hasattr(args, "config"):
+        path, how = find_config(os.environ, Path.cwd())
+        args.config = str(path)
+        if how == "found" and args.command != "secrets":
+            print(f"wacored: using {path} (no -c given)", file=sys.stderr)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wacored", description="WhatsApp webhook core router daemon")
+    p.add_argument("--version", action="version", version=f"wacored {VERSION}")
+    _add_common(p)
     sub = p.add_subparsers(dest="command", required=True)
-
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("-c", "--config", default=os.environ.get("WACORED_CONFIG", "wacored.toml"),
-                        help="config file (default: wacored.toml or $WACORED_CONFIG)")
-        sp.add_argument("--env-file", type=Path, default=DEV_ENV,
-                        help="KEY=VALUE file filling in unset environment variables (default: var/dev.env)")
+    common = _add_common
 
     run = sub.add_parser("run", help="run the daemon")
     common(run)
@@ -398,6 +427,7 @@ def _check_replay(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    _config_defaults(args)
     if check := getattr(args, "check", None):
         check(args)  # what argparse cannot say: which options go together
     try:
