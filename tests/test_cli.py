@@ -214,7 +214,12 @@ def test_a_port_in_use_is_one_clear_line_and_exit_1(tmp_path: Path) -> None:
         (tmp_path / "wacored.toml").write_text(toml_text(data))
         result = wacored("run", "-c", str(tmp_path / "wacored.toml"), env=clean_env(), cwd=tmp_path)
     assert result.returncode == 1
-    assert "wacored: cannot run: [Errno 98] Address already in use" in result.stderr
+    address = data["server"]["listen"]
+    assert f"wacored: cannot run: [Errno 98] cannot listen on {address}: Address already in use" in result.stderr
+    # Bound before any actor starts: no actor crashed (no traceback), and the store was not even opened.
+    assert "Traceback" not in result.stderr
+    assert "actor_crashed" not in result.stderr
+    assert not (tmp_path / "wacored.db").exists()
 
 
 # The operator's commands on the store: dlq list|replay|purge and status, run in-process.

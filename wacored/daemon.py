@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import math
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from .breaker import Breaker
 from .config import Config, ConfigError
 from .deadletters import run_dlq_retrier
 from .forwarder import new_transport, run_forwarder
+from .listener import lend, open_listener
 from .ratelimit import SlidingWindowLimiter
 from .reaper import run_reaper
 from .routing import RoutingTable
@@ -283,6 +285,20 @@ async def run_daemon(
     notifier = notifier if notifier is not None else Notifier(None)
     hc = hypercorn_config(config)  # first: an unreadable certificate stops us before anything starts
     ensure_fd_limit(config.server.max_connections)
+    listener = open_listener(config.server)  # then the port: in use, nothing else has started
+    try:
+        await _run(config, hc, listener, stop, reloads, wall_clock, queue_buffer, transport, notifier, tracer,
+                   process_start, task_status)
+    finally:
+        listener.close()
+
+
+async def _run(
+    config: Config, hc: hypercorn.config.Config, listener: socket.socket, stop: trio.Event,
+    reloads: trio.MemoryReceiveChannel[ReloadRequest] | None, wall_clock: Callable[[], float], queue_buffer: int,
+    transport: Callable[[], Any] | None, notifier: Notifier, tracer: Tracer | None, process_start: float,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
     await trio.to_thread.run_sync(migrate, config.store.path)
     targets = targets_of(config)
     reader = Reader(config.store.path)
@@ -310,8 +326,13 @@ async def run_daemon(
                     if reloads is not None:
                         front.start_soon(_until, stop, partial(daemon.serve_reloads, reloads))
                     front.start_soon(_mark_draining, rt, stop, notifier)
-                    serve = partial(hypercorn.trio.serve, create_app(rt), hc,
-                                    shutdown_trigger=partial(_answered_in_flight, rt, stop))
+                    app = create_app(rt)
+
+                    async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+                        hc.bind = [lend(listener)]  # each start gets its own duplicate to close
+                        await hypercorn.trio.serve(app, hc, shutdown_trigger=partial(_answered_in_flight, rt, stop),
+                                                   task_status=task_status)
+
                     # Ingress has no loop of its own to beat from: beat while hypercorn serves.
                     urls = await front.start(supervise, rt, "ingress",
                                              lambda ts: run_beating(rt, "ingress", serve, task_status=ts))
