@@ -233,9 +233,21 @@ async def deliver(
         tries += 1
         if result.verdict is not Verdict.TRANSIENT or tries > target.forwarding.retries:
             return _outcome(rt, d, name, tries, result, _dead_letter_reason(result.verdict))
-        if rt.stopping.is_set():
+        if await _stopped_while_waiting(rt, next_try_s(backoff_s(tries, target.forwarding.retry_base_ms / 1000,
+                                                                 rng), result)):
             return None
-        await trio.sleep(next_try_s(backoff_s(tries, target.forwarding.retry_base_ms / 1000, rng), result))
+
+
+async def _stopped_while_waiting(rt: Runtime, seconds: float) -> bool:
+    """Wait `seconds` before a retry; True (and at once) when the daemon starts stopping meanwhile: a
+    retry not yet made is not "the delivery in hand", so the drain does not wait for it (the message
+    stays queued)."""
+    if rt.stopping.is_set():
+        return True
+    with trio.move_on_after(seconds):
+        await rt.stopping.wait()
+        return True
+    return False
 
 
 def internal_error(exc: Exception) -> str:
