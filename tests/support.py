@@ -9,6 +9,8 @@ import os
 import re
 import socket
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -257,3 +259,40 @@ class FullDiskConnection(WriteConnection):
             error.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[misc]
             raise error
         super().commit()
+
+
+def add_message(conn: sqlite3.Connection, key: str, *, target: str = "rides", state: str = "queued",
+                received_at: float = 1_800_000_000.0 - 60, kind: str = "message") -> int:
+    """A ``messages`` row written as the daemon writes one; its row id."""
+    cur = conn.execute(
+        "INSERT INTO messages (key, kind, sender, service, reason, target, body, request_id, correlation_id,"
+        " traceparent, received_at, state) VALUES (?, ?, '250788000001', ?, 'keyword', ?, x'7b7d',"
+        " 'req-1', 'corr-1', '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', ?, ?)",
+        (key, kind, target, target, received_at, state),
+    )
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def operator_config(tmp_path: Path, mapping: dict[str, Any]) -> Path:
+    """`mapping` (a test config) as a TOML file the operator's commands read, without the app secret."""
+    data = json.loads(json.dumps(mapping))
+    data["whatsapp"].pop("app_secret", None)
+    path = tmp_path / "operator.toml"
+    path.write_text(toml_text(data))
+    return path
+
+
+def operator(config: Path, *args: str) -> int:
+    """``wacored ARGS -c CONFIG`` in this process (its output goes to the test's capture)."""
+    from wacored.cli import main
+
+    return main([*args, "-c", str(config), "--env-file", str(config.parent / "none.env")])
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """`python -m wacored ARGS` in a process of its own (as an operator runs it beside the daemon),
+    awaited without blocking the test's event loop; its output captured, never checked here."""
+    with trio.fail_after(60):
+        return await trio.run_process([sys.executable, "-m", "wacored", *args], capture_stdout=True,
+                                      capture_stderr=True, check=False, env=clean_env() if env is None else env)

@@ -127,7 +127,8 @@ async def test_replay_by_ids(daemon: Daemon, seeded: dict[str, int]) -> None:
     response = await call(daemon, "POST", "/admin/dlq/replay",
                           {"ids": [seeded["ab"], "wamid.JOBS", "wamid.OLD", 4242, "wamid.NOPE"]})
     assert response.status_code == 200
-    assert response.json() == {"replayed": 2, "unknown": ["4242", "wamid.NOPE"], "delivered": ["wamid.OLD"]}
+    assert response.json() == {"replayed": 2, "unknown": ["4242", "wamid.NOPE"], "delivered": ["wamid.OLD"],
+                               "queued": []}
     after = rows(daemon)
     assert after["wamid.AB"] == after["wamid.JOBS"] == ("pending", 0, NOW)
     assert after["wamid.OLD"][:2] == ("delivered", 3)
@@ -193,7 +194,8 @@ async def test_status(daemon: Daemon, seeded: dict[str, int]) -> None:
     assert set(report) == {"timestamp", "database", "dead_letters", "sessions", "queued", "runs"}
     assert report["timestamp"] == ops.iso(NOW)
     assert report["database"] == {"path": str(daemon.config.store.path)}
-    assert {k: report["dead_letters"][k] for k in ops.STATES} == {"pending": 1, "abandoned": 2, "delivered": 1}
+    assert {k: report["dead_letters"][k] for k in ops.STATES} == {
+        "pending": 1, "abandoned": 2, "delivered": 1, "replayed": 0}
     assert report["dead_letters"]["oldest_pending"]["id"] == seeded["p"]
     assert set(report["runs"]) >= {"dlq_retrier", "reaper"}
 

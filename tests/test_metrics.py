@@ -31,6 +31,8 @@ CATALOGUE = {
     "wacored_queue_memory_depth": "gauge",
     "wacored_breaker_state": "gauge",
     "wacored_breaker_trips": "counter",
+    "wacored_service_paused": "gauge",
+    "wacored_service_paused_seconds": "gauge",
     "wacored_dead_letters": "gauge",
     "wacored_dead_letter_oldest_pending_age_seconds": "gauge",
     "wacored_dlq_retries": "counter",
@@ -89,7 +91,8 @@ async def test_the_whole_catalogue_is_exported_from_the_start(world: World) -> N
         for outcome in ("delivered", "failed", "abandoned", "breaker_open"):
             assert value(samples, "wacored_dlq_retries_total", service=service, outcome=outcome) == 0
         for gauge in ("wacored_queue_depth", "wacored_queue_oldest_age_seconds", "wacored_queue_memory_depth",
-                      "wacored_breaker_state", "wacored_breaker_trips_total"):
+                      "wacored_breaker_state", "wacored_breaker_trips_total", "wacored_service_paused",
+                      "wacored_service_paused_seconds"):
             assert value(samples, gauge, service=service) == 0
         assert value(samples, "wacored_forward_latency_seconds_count", service=service) == 0
     for state in ("pending", "abandoned", "delivered"):

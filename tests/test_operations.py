@@ -171,7 +171,7 @@ def test_status_counts(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO runs VALUES ('reaper', ?, ?, 'sessions=1')", (NOW - DAY, NOW + 3600))
     report = ops.status(conn, session_ttl_s=3600, now=NOW)
     assert report["dead_letters"] == {
-        "pending": 2, "abandoned": 1, "delivered": 0,
+        "pending": 2, "abandoned": 1, "delivered": 0, "replayed": 0,
         "oldest_pending": {"id": oldest, "message_id": "wamid.P0", "service": "rides",
                            "created_at": ops.iso(NOW - 900), "age_s": 900.0},
     }

@@ -35,12 +35,12 @@ def test_a_reap_was_missed_when_its_time_passed_since_the_last_run() -> None:
 def test_cutoffs_follow_the_retention_settings() -> None:
     assert cutoffs(SESSIONS, 100 * DAY_S) == {
         "sessions": 99 * DAY_S, "dead_letters_delivered": 93 * DAY_S,
-        "dead_letters_abandoned": 70 * DAY_S, "messages": 92 * DAY_S,
+        "dead_letters_abandoned": 70 * DAY_S, "attempts": 92 * DAY_S, "messages": 92 * DAY_S,
     }
 
 
 def populate(path: Path, now: float) -> None:
-    """Rows on both sides of every cutoff."""
+    """Rows on both sides of every cutoff; two attempts logged for every message."""
     migrate(path)
     day = DAY_S
     with sqlite3.connect(path) as db:
@@ -51,6 +51,11 @@ def populate(path: Path, now: float) -> None:
                 (key, now - age_days * day, state),
             )
             assert cur.lastrowid is not None
+            db.executemany(
+                "INSERT INTO attempts (message_id, service, number, kind, started_at, duration_ms, status_code,"
+                " node) VALUES (?, 'rides', ?, 'delivery', ?, 1.5, 503, 'host-1')",
+                [(cur.lastrowid, n, now - age_days * day) for n in (1, 2)],
+            )
             return cur.lastrowid
 
         def dead(key: str, age_days: float, state: str, dl_age_days: float) -> None:
@@ -85,8 +90,14 @@ def test_a_reap_deletes_what_is_old_and_keeps_what_is_owed(tmp_path: Path) -> No
     now = MIDNIGHT + 7200
     populate(path, now)
     counts = reap(path, SESSIONS, now)
-    assert counts == {"sessions": 1, "dead_letters_delivered": 1, "dead_letters_abandoned": 1, "messages": 3}
+    assert counts == {"sessions": 1, "dead_letters_delivered": 1, "dead_letters_abandoned": 1, "attempts": 6,
+                      "messages": 3}
     messages, dead_letters, sessions = keys(path)
+    # The attempts log goes with its message, and only with it.
+    with sqlite3.connect(path) as db:
+        logged = db.execute("SELECT m.key, COUNT(*) FROM attempts AS a LEFT JOIN messages AS m"
+                            " ON m.id = a.message_id GROUP BY a.message_id").fetchall()
+    assert dict(logged) == dict.fromkeys(messages, 2)
     # Queued and still-dead-lettered messages are never forgotten, however old.
     assert messages == {"new-delivered", "old-queued", "old-pending", "delivered-dl-new", "abandoned-new"}
     assert dead_letters == {"old-pending", "delivered-dl-new", "abandoned-new"}

@@ -66,10 +66,12 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     )
     conn.commit()
     conn.close()
-    assert migrate(path) == SCHEMA_VERSION == 3
+    assert migrate(path) == SCHEMA_VERSION == 5
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT key, state FROM messages").fetchall() == [("wamid.1", "queued")]
         assert db.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM attempts").fetchone() == (0,)  # v4: the attempts log
+        assert db.execute("SELECT count(*) FROM service_pauses").fetchone() == (0,)
         # v3: the old row still dedupes its own key, now within its kind.
         db.execute(
             "INSERT OR IGNORE INTO messages (key, kind, sender, service, reason, target, body, received_at)"

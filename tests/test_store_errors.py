@@ -70,11 +70,15 @@ async def test_outcomes_of_a_disk_full_period_are_recorded_once_the_disk_is_back
         body = await health_when(daemon, lambda _, b: b["checks"]["store_writes"]["outcomes_held"] == 2)
         assert body["status"] == "degraded"
         assert read(db, "SELECT target, state FROM messages ORDER BY id") == [("rides", "queued"), ("jobs", "queued")]
+        assert read(db, "SELECT COUNT(*) FROM attempts") == [(0,)]  # held with their outcomes
 
         disk.full = False  # no restart: the held outcomes are committed by the running daemon
         await wait_until(lambda: read(db, "SELECT target, state FROM messages ORDER BY id")
                          == [("rides", "delivered"), ("jobs", "dead_lettered")])
         assert read(db, "SELECT service, state, reason FROM dead_letters") == [("jobs", "abandoned", "permanent")]
+        # Each attempt logged once, committed with the outcome it belongs to.
+        assert read(db, "SELECT service, number, kind, status_code FROM attempts ORDER BY message_id") == [
+            ("rides", 1, "delivery", 200), ("jobs", 1, "delivery", 404)]
         body = await health_when(daemon, lambda status, _: status == 200)
         assert body["status"] == "healthy"
         assert body["checks"]["store_writes"]["outcomes_held"] == 0

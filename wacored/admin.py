@@ -3,7 +3,15 @@
 - ``GET /admin/dlq?state=&service=``: dead letters, oldest first (the objects of ``dlq list --json``);
 - ``POST /admin/dlq/replay`` ``{"ids": [...]}`` or ``{"all": true, "service": S, "state": "abandoned"}``;
 - ``POST /admin/dlq/purge`` ``{"state": "delivered"|"abandoned", "older_than": "7d"}``;
-- ``GET /admin/status``: what ``wacored status --json`` prints.
+- ``GET /admin/status``: what ``wacored status --json`` prints;
+- ``GET /admin/messages?since=&until=&service=&state=&kind=&limit=``: messages, newest first (``messages
+  list --json``); ``GET /admin/messages/<key>``: one message and its attempts (``messages show --json``);
+- ``POST /admin/messages/replay`` ``{"ids": [...]}`` or ``{"service": S, "since": T, ...}``: queue them
+  again, and wake the writer's sweep so the forwarders have them at once.
+- ``GET /admin/services``: each service, paused or not, since when, why (``services list --json``);
+- ``POST /admin/services/<name>/pause`` ``{"reason": "..."}`` (optional) and ``.../resume``: answered
+  once the daemon's pause watcher has read the change (`PauseBoard.refreshed`), so no attempt to a
+  paused service starts after the 200.
 
 Every request needs ``Authorization: Bearer <[admin] token>``. With no token configured the API is off
 and every ``/admin/`` path answers 404, so its existence is not advertised. The token and the store
@@ -13,7 +21,9 @@ Error handling:
     No token configured → 404 ``{"error":"not_found"}``; a missing or wrong token → 401
     ``{"error":"unauthorized"}`` (logged, without what was presented); a body over `MAX_BODY` bytes →
     413 ``{"error":"too_large"}``; bad input → 400 ``{"error":"bad_request","detail":...}``: a body that
-    is not JSON, nested deeper than `MAX_DEPTH`, or an id outside SQLite's 64-bit integers; the store
+    is not JSON, nested deeper than `MAX_DEPTH`, an id outside SQLite's 64-bit integers, a pause
+    of the Graph API sender or with a reason that is not printable text of at most 200 characters;
+    an unknown service → 404 ``{"error":"not_found","detail":...}``; the store
     refusing or unreadable (locked past its busy timeout, missing, a directory, not a database,
     corrupt, a table missing, a newer schema, a value of the wrong type, an OS error) → 503
     ``{"error":"store_unavailable","detail":...}``.
@@ -40,7 +50,9 @@ from quart import Blueprint, Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from . import messages as msgs
 from . import operations as ops
+from . import pauses
 from .runtime import Runtime
 from .store import SchemaError
 
@@ -49,6 +61,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _REPLAY_KEYS = {"ids", "all", "service", "state"}
 _PURGE_KEYS = {"state", "older_than"}
+_SELECTION_KEYS = {"since", "until", "service", "state", "kind"}
+_MESSAGE_REPLAY_KEYS = {"ids"} | _SELECTION_KEYS
+_PAUSE_KEYS = {"reason"}
+PAUSE_APPLY_S = 2.0
+"""How long a pause or resume waits for the daemon's pause watcher to read it before answering
+anyway (the change is stored: the watcher applies it at its next read)."""
 MAX_BODY = 1024 * 1024
 """Bytes of an admin request body at most (a replay of a hundred thousand ids fits)."""
 MAX_DEPTH = 32
@@ -120,6 +138,48 @@ def _blueprint(rt: Runtime) -> Blueprint:
         work = partial(ops.status, session_ttl_s=config.sessions.ttl_s, now=rt.wall_clock(), path=config.store.path)
         return jsonify(await _on_store(rt, work))
 
+    @bp.get("/messages")
+    async def messages_list() -> Response:
+        sel = _message_selection(request.args.to_dict(), rt.wall_clock(), with_limit=True)
+        return jsonify(await _on_store(rt, partial(msgs.list_messages, sel=sel)))
+
+    @bp.get("/messages/<path:key>")
+    async def message_show(key: str) -> Response:
+        report = await _on_store(rt, partial(msgs.show, key=key))
+        if report is None:
+            raise AdminError(404, "not_found")
+        return jsonify(report)
+
+    @bp.post("/messages/replay")
+    async def messages_replay() -> Response:
+        body = _object(await _json_body(), _MESSAGE_REPLAY_KEYS)
+        result = await _on_store(rt, _message_replay_request(body, rt.wall_clock()))
+        if result["replayed"]:
+            rt.wake_sweep()  # queued again: the writer hands them to the forwarders now, not at its next sweep
+        return jsonify(result)
+
+    @bp.get("/services")
+    async def services() -> Response:
+        names = list(rt.config.services)
+        return jsonify(await _on_store(rt, partial(pauses.list_services, services=names)))
+
+    @bp.post("/services/<name>/pause")
+    async def pause(name: str) -> Response:
+        raw = await _json_body(empty={})
+        reason = _object(raw, _PAUSE_KEYS).get("reason", "")
+        names = list(rt.config.services)
+        _check(partial(pauses.check_pause, name, names, reason))
+        changed = await _on_store(rt, partial(pauses.pause, name=name, services=names, reason=reason,
+                                              now=rt.wall_clock()))
+        return jsonify(await _applied(rt, name, changed))
+
+    @bp.post("/services/<name>/resume")
+    async def resume(name: str) -> Response:
+        _object(await _json_body(empty={}), set())
+        names = list(rt.config.services)
+        changed = await _on_store(rt, partial(pauses.resume, name=name, services=names))
+        return jsonify(await _applied(rt, name, changed))
+
     @bp.route("/", defaults={"rest": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     @bp.route("/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def unknown(rest: str) -> Response:
@@ -142,11 +202,40 @@ def _authorize(token: str, header: str) -> None:
         raise AdminError(401, "unauthorized")
 
 
+def _check(check: Callable[[], None]) -> None:
+    """Run a pure check of the request; what `pauses` refuses becomes a 404 or a 400."""
+    try:
+        check()
+    except pauses.PauseRefused as exc:
+        raise _refused(exc) from None
+
+
+def _refused(exc: pauses.PauseRefused) -> AdminError:
+    if isinstance(exc, pauses.UnknownService):
+        return AdminError(404, "not_found", str(exc))
+    return _bad_request(str(exc))
+
+
+async def _applied(rt: Runtime, name: str, changed: bool) -> dict[str, Any]:
+    """The service's pause state once the daemon's pause watcher has read the store (or after
+    `PAUSE_APPLY_S`: the change is stored either way), and whether this request changed it."""
+    with trio.move_on_after(PAUSE_APPLY_S) as waited:
+        await rt.pauses.refreshed()
+    if waited.cancelled_caught:
+        log.warning("the pause watcher has not read the change yet: it applies at its next read",
+                    extra={"event": "admin_pause_pending", "service": name})
+    log.info("service pause changed by the admin API", extra={
+        "event": "admin_pause", "service": name, "paused": name in rt.pauses.paused, "changed": changed})
+    return {**pauses.service_state(name, rt.pauses.paused.get(name)), "changed": changed}
+
+
 async def _on_store(rt: Runtime, work: Callable[[sqlite3.Connection], T]) -> T:
     """`work` in a worker thread, on a connection of its own to the store of the current config."""
     store = rt.config.store
     try:
         return await trio.to_thread.run_sync(_with_connection, store.path, store.busy_timeout_ms, work)
+    except pauses.PauseRefused as exc:
+        raise _refused(exc) from None
     except (ops.OperationsError, SchemaError, sqlite3.Error, OSError) as exc:
         log.warning("admin: store unavailable", extra={"event": "admin_store_error", "error": str(exc)})
         raise AdminError(503, "store_unavailable", str(exc) or type(exc).__name__) from exc
@@ -174,8 +263,9 @@ def _listed(conn: sqlite3.Connection, *, state: str | None, service: str | None)
     return [e.to_json() for e in ops.list_dead_letters(conn, state=state, service=service)]
 
 
-async def _json_body() -> Any:
-    """The request body as JSON: bounded in size (413) and in depth, and valid (400)."""
+async def _json_body(*, empty: Any = None) -> Any:
+    """The request body as JSON: bounded in size (413) and in depth, and valid (400); `empty`, when
+    given, stands for a body that is empty or only whitespace."""
     if (request.content_length or 0) > MAX_BODY:
         raise AdminError(413, "too_large", f"a body of at most {MAX_BODY} bytes")
     try:
@@ -183,6 +273,8 @@ async def _json_body() -> Any:
     except RequestEntityTooLarge:  # sent without a Content-Length, and longer than MAX_BODY
         raise AdminError(413, "too_large", f"a body of at most {MAX_BODY} bytes") from None
     assert isinstance(raw, bytes)  # as_text=False
+    if empty is not None and not raw.strip():
+        return empty
     if json_depth(raw) > MAX_DEPTH:
         raise _bad_request(f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
@@ -261,6 +353,40 @@ def _in_range(ident: int | str) -> bool:
             return False  # digits such as "²" that `int` refuses
         ident = int(text) if len(text) <= 20 else SQLITE_INT[1] + 1
     return SQLITE_INT[0] <= ident <= SQLITE_INT[1]
+
+
+def _message_selection(values: dict[str, Any], now: float, *, with_limit: bool,
+                       states: tuple[str, ...] = msgs.STATE_FILTERS) -> msgs.Selection:
+    """The `messages.Selection` that query arguments or a body ask for, checked (400 otherwise)."""
+    allowed = _SELECTION_KEYS | ({"limit"} if with_limit else set())
+    if extra := sorted(set(values) - allowed):
+        raise _bad_request(f"unknown parameter(s): {', '.join(extra)}")
+    if not all(isinstance(v, str) for v in values.values()):
+        raise _bad_request(f"{', '.join(sorted(values))}: must be strings")
+    try:
+        return msgs.selection(now, since=values.get("since") or None, until=values.get("until") or None,
+                              service=values.get("service") or None, state=values.get("state") or None,
+                              kind=values.get("kind") or None, limit=values.get("limit") or None, states=states)
+    except ValueError as exc:
+        raise _bad_request(str(exc)) from None
+
+
+def _message_replay_request(body: dict[str, Any], now: float) -> Callable[[sqlite3.Connection], dict[str, Any]]:
+    """The replay that ``{"ids": [...]}`` or ``{"service": S, "since": T, ...}`` asks for, validated
+    before any connection is opened."""
+    ids = body.get("ids")
+    filters = {k: v for k, v in body.items() if k != "ids"}
+    if ids is not None:
+        if filters:
+            raise _bad_request('give "ids", or "service" and "since" (not both)')
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i.strip() for i in ids):
+            raise _bad_request('"ids" must be a non-empty list of message keys (wamids)')
+        keys = [i.strip() for i in ids]
+        return lambda conn: msgs.replay(conn, msgs.plan_replay(conn, keys), now).to_json()
+    if not (isinstance(filters.get("service"), str) and filters["service"] and filters.get("since")):
+        raise _bad_request('give "ids", or "service" and "since" (with "until", "state", "kind" optional)')
+    sel = _message_selection(filters, now, with_limit=False, states=msgs.REPLAY_STATES)
+    return lambda conn: {"replayed": msgs.replay(conn, msgs.plan_matching(conn, sel), now).replayed}
 
 
 def _purge_request(body: dict[str, Any]) -> tuple[str, float]:

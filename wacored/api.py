@@ -34,7 +34,9 @@ CORE_ACTORS = ("writer", "ingress")
 async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
     """The /health body: ``unhealthy`` (503) when the store cannot be read, its commits have failed for
     ``[store] unhealthy_after_s``, or a core actor is down; ``degraded`` while commits fail, when
-    another actor is down or a breaker is not closed; else ``healthy``. Store figures (queued
+    another actor is down or a breaker is not closed; else ``healthy``. A paused service does not
+    make it degraded: that is an operator's decision, shown per service (``paused``, since when,
+    why) and alerted on when it lasts (WacoredServicePausedTooLong). Store figures (queued
     messages, dead letters) are the stats actor's cached ones, never a query at request time."""
     checks: dict[str, Any] = {}
     try:
@@ -63,8 +65,12 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
     }
     checks["reloads"] = dict(rt.counters.reloads)
     mono = trio.current_time()
+    paused = rt.pauses.paused
     services = {
         name: {
+            "paused": name in paused,
+            "paused_since": iso(paused[name].since) if name in paused else None,
+            "pause_reason": paused[name].reason if name in paused else None,
             "breaker": rt.breakers[name].state(mono).value,
             "queued": stats.queued.get(name, 0),
             "oldest_queued_age_s": round(now - stats.oldest_queued_at[name], 1) if name in stats.oldest_queued_at

@@ -1,5 +1,6 @@
 """The ``wacored`` command: run, check-config, simulate, dev-env, and the operator's commands on the
-store (dlq list|replay|purge, sessions reap, status), which work while the daemon runs.
+store (dlq list|replay|purge, messages show|list|replay (`cli_messages`), sessions reap, status,
+services pause|resume|list), which work while the daemon runs.
 
 Every subcommand takes ``-c FILE`` (default ``wacored.toml``, or ``$WACORED_CONFIG``) and reads
 secrets from the environment; only run, simulate and check-config need the app secret.
@@ -257,7 +258,9 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
             print(f"unknown dead letter: {ident}", file=sys.stderr)
         for ident in result.delivered:
             print(f"already delivered, not replayed: {ident}", file=sys.stderr)
-        return 1 if result.unknown or result.delivered else 0
+        for ident in result.queued:
+            print(f"its message is queued again (messages replay), not replayed: {ident}", file=sys.stderr)
+        return 1 if result.unknown or result.delivered or result.queued else 0
 
     return _on_store(args, work)
 
@@ -329,6 +332,45 @@ def _config_defaults(args: argparse.Namespace) -> None:
             print(f"wacored: using {path} (no -c given)", file=sys.stderr)
 
 
+def cmd_services_list(args: argparse.Namespace) -> int:
+    from . import pauses
+
+    def work(conn: sqlite3.Connection, config: Config) -> int:
+        entries = pauses.list_services(conn, list(config.services))
+        print(json.dumps(entries, indent=2) if args.json else pauses.services_table(entries))
+        return 0
+
+    return _on_store(args, work)
+
+
+def cmd_services_pause(args: argparse.Namespace) -> int:
+    from . import pauses
+    from .operations import iso
+
+    def work(conn: sqlite3.Connection, config: Config) -> int:
+        changed = pauses.pause(conn, args.name, services=list(config.services), reason=args.reason, now=time.time())
+        state = pauses.read_pauses(conn)[args.name]
+        said = "paused" if changed else "was already paused"
+        print(f"{args.name} {said} since {iso(state.since)}"
+              f"{f' ({state.reason})' if state.reason else ''}; the running daemon holds its deliveries"
+              f" within {pauses.POLL_S:g} s")
+        return 0
+
+    return _on_store(args, work)
+
+
+def cmd_services_resume(args: argparse.Namespace) -> int:
+    from . import pauses
+
+    def work(conn: sqlite3.Connection, config: Config) -> int:
+        changed = pauses.resume(conn, args.name, services=list(config.services))
+        print(f"{args.name} resumed: the running daemon delivers what is queued within {pauses.POLL_S:g} s"
+              if changed else f"{args.name} was not paused")
+        return 0
+
+    return _on_store(args, work)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wacored", description="WhatsApp webhook core router daemon")
     p.add_argument("--version", action="version", version=f"wacored {VERSION}")
@@ -355,6 +397,9 @@ def parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     _operator_commands(sub, common)
+    from .cli_messages import add_commands
+
+    add_commands(sub, common, _on_store)
 
     secrets_cmd = sub.add_parser("secrets", help="signing secrets for downstream services")
     secrets_sub = secrets_cmd.add_subparsers(dest="secrets_command", required=True)
@@ -411,6 +456,22 @@ def _operator_commands(
     common(reap)
     reap.add_argument("--json", action="store_true")
     reap.set_defaults(func=cmd_sessions_reap)
+
+    services = sub.add_parser("services", help="pause, resume or list services").add_subparsers(
+        dest="services", required=True)
+    pause = services.add_parser("pause", help="hold a service's deliveries (kept in the store, across restarts)")
+    common(pause)
+    pause.add_argument("name", help="a configured service")
+    pause.add_argument("--reason", default="", help="why, for the next operator (at most 200 characters)")
+    pause.set_defaults(func=cmd_services_pause)
+    resume = services.add_parser("resume", help="deliver a paused service's queued messages again, in order")
+    common(resume)
+    resume.add_argument("name")
+    resume.set_defaults(func=cmd_services_resume)
+    ls_services = services.add_parser("list", help="each service: paused or not, since when, why, queued")
+    common(ls_services)
+    ls_services.add_argument("--json", action="store_true")
+    ls_services.set_defaults(func=cmd_services_list)
 
     status = sub.add_parser("status", help="dead letters, sessions, queued messages and periodic runs")
     common(status)

@@ -9,12 +9,14 @@ disk); then the writer commits what is left and closes the store. Every actor ru
 `supervisor.supervise`.
 
 Start-up: migrate the schema, load live sessions, and mark every target with queued rows as spilled
-from its oldest one, so its forwarder reads them back from disk before anything new (recovery).
+from its oldest one, so its forwarder reads them back from disk before anything new (recovery);
+read the paused services before any forwarder starts (`pausewatch`).
 
 Reload (`ReloadRequest`, sent on SIGHUP): the new config is loaded and validated off the event loop,
 then swapped in whole between two requests: routing, rate limits, menu, sessions, DLQ and
 forwarding settings, targets (a service added gets a forwarder, a removed one's forwarder stops and
-its undelivered messages wait on disk), log level, admin token, SLO targets. What needs a new process
+its undelivered messages wait on disk), log level, admin token, SLO targets. Pauses live in the
+store, not the config: a reload keeps them. What needs a new process
 (listen address, TLS files, the body read deadline, store path, trace exporter, a service's lane
 count) keeps its old
 value and is logged. On any problem the old config stays, every problem logged.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
 import socket
 import time
@@ -45,6 +48,8 @@ from .config import Config, ConfigError
 from .deadletters import run_dlq_retrier
 from .forwarder import new_transport, run_forwarder
 from .listener import lend, open_listener
+from .pauses import Pause
+from .pausewatch import run_pause_watch
 from .ratelimit import SlidingWindowLimiter
 from .reaper import run_reaper
 from .routing import RoutingTable
@@ -161,17 +166,19 @@ class Daemon:
         self.rt.actors.pop(f"forwarder.{name}", None)
 
     async def run_periodic(self, task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED) -> None:
-        """The DLQ retrier, reaper and stats actors, each with a reader of its own."""
+        """The DLQ retrier, reaper, stats and pause watcher actors, each with a reader of its own."""
         rt = self.rt
-        readers = [Reader(rt.config.store.path) for _ in range(3)]
+        readers = [Reader(rt.config.store.path) for _ in range(4)]
         try:
             async with trio.open_nursery() as nursery:
-                retrier, reaper, stats = readers
+                retrier, reaper, stats, pauses = readers
                 await nursery.start(supervise, rt, "dlq_retrier", lambda ts: run_dlq_retrier(
                     rt, retrier, self.writes.clone(), transport=self.transport or new_transport, task_status=ts))
                 await nursery.start(supervise, rt, "reaper",
                                     lambda ts: run_reaper(rt, reaper, self.writes.clone(), task_status=ts))
                 await nursery.start(supervise, rt, "stats", lambda ts: run_stats(rt, stats, task_status=ts))
+                await nursery.start(supervise, rt, "pause_watch", lambda ts: run_pause_watch(
+                    rt.pauses, pauses, beat=partial(rt.beat, "pause_watch"), task_status=ts))
                 task_status.started(nursery.cancel_scope)
         finally:
             for reader in readers:
@@ -269,6 +276,7 @@ async def run_daemon(
     notifier: Notifier | None = None,
     tracer: Tracer | None = None,
     process_start: float | None = None,
+    node: str | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run wacored until `stop` is set; `task_status.started` gets the bound URLs once serving.
@@ -278,7 +286,8 @@ async def run_daemon(
     transport (tests pass `httpx.MockTransport`s). `notifier` tells systemd READY=1 once serving and
     STOPPING=1 once `stop` is set, and runs the watchdog when systemd asked for one (`systemd.py`).
     `tracer` replaces the one `[telemetry]` asks for (tests); `process_start` (`time.monotonic()`)
-    is where the cold start is measured from, by default this call.
+    is where the cold start is measured from, by default this call. `node` names this process in the
+    attempts log (default `node_name()`).
     """
     process_start = time.monotonic() if process_start is None else process_start
     stop = stop if stop is not None else trio.Event()
@@ -288,7 +297,7 @@ async def run_daemon(
     listener = open_listener(config.server)  # then the port: in use, nothing else has started
     try:
         await _run(config, hc, listener, stop, reloads, wall_clock, queue_buffer, transport, notifier, tracer,
-                   process_start, task_status)
+                   process_start, node_name() if node is None else node, task_status)
     finally:
         listener.close()
 
@@ -297,7 +306,7 @@ async def _run(
     config: Config, hc: hypercorn.config.Config, listener: socket.socket, stop: trio.Event,
     reloads: trio.MemoryReceiveChannel[ReloadRequest] | None, wall_clock: Callable[[], float], queue_buffer: int,
     transport: Callable[[], Any] | None, notifier: Notifier, tracer: Tracer | None, process_start: float,
-    task_status: trio.TaskStatus[list[str]],
+    node: str, task_status: trio.TaskStatus[list[str]],
 ) -> None:
     await trio.to_thread.run_sync(migrate, config.store.path)
     targets = targets_of(config)
@@ -306,8 +315,12 @@ async def _run(
     try:
         sessions, queues = await recover(config, reader, targets, wall_clock, queue_buffer)
         writes, writes_receive = trio.open_memory_channel[WriteOp](WRITE_BUFFER)
-        rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock)
+        rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock,
+                           node=node)
         rt.tracer = tracer or tracing.tracer
+        # Before any forwarder starts: messages recovered for a paused service must wait too.
+        paused = await trio.to_thread.run_sync(reader.pauses)
+        rt.pauses.apply({service: Pause(at, reason) for service, at, reason in paused}, served=0)
         daemon = Daemon(rt, writes, queue_buffer, transport)
 
         def writer(task_status: trio.TaskStatus[Any]) -> Any:
@@ -350,6 +363,11 @@ async def _run(
         reader.close()
         await tracing.aclose()
     log.info("stopped", extra={"event": "stopped"})
+
+
+def node_name() -> str:
+    """This process, as the attempts log names it: ``host-pid``."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 async def _until(stop: trio.Event, fn: Callable[[], Any]) -> None:

@@ -8,7 +8,10 @@ due entries, oldest due first, and tries each once, straight to its service (no 
 ``X-DLQ-Retry: true`` and the original ``Idempotency-Key`` and correlation id. Retry n that fails is
 followed by retry n+1 ``backoff_s[n]`` after it (measured from the failure); after ``max_attempts``
 failed retries the entry is ``abandoned``: kept, never retried automatically. A retry the service's
-breaker blocks is not an attempt: it is rescheduled for when the breaker lets a probe through.
+breaker blocks is not an attempt: it is rescheduled for when the breaker lets a probe through. A retry
+made is logged in the attempts log (kind ``dlq_retry``) with its write. The dead letters of a paused
+service (`pauses.py`) are not tried either: each is rescheduled ``interval_s`` later, uncounted, and
+stays ``pending``.
 
 Error handling:
     A retry never raises for a network or HTTP failure (`forwarder.attempt` classifies them). Anything
@@ -29,6 +32,7 @@ import dataclasses
 import logging
 import sqlite3
 from collections.abc import Callable
+from functools import partial
 from operator import methodcaller
 
 import httpx
@@ -96,12 +100,19 @@ async def retry_one(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.Asy
         log.warning("dead letter for a service no longer configured",
                     extra={"event": "dlq_orphaned", "service": d.target, "message_id": d.key})
         return outcome(None, wait_s=dlq.interval_s, error=f"service {d.target!r} is not configured")
+    if not rt.pauses.may_attempt(target.name):
+        # An operator's decision, not a failure: no attempt, no breaker, the error left as it was.
+        log.debug("dead letter of a paused service rescheduled",
+                  extra={"event": "dlq_paused", "service": target.name, "message_id": d.key})
+        return outcome(None, wait_s=dlq.interval_s)
     result = await guarded_attempt(rt, target, transports[target.name], d, dlq_retry=True)
     if result is None:
         rt.counters.bump(rt.counters.dlq_retries, f"{target.name}:breaker_open")
         return outcome(None, wait_s=rt.breakers[target.name].retry_in(trio.current_time()))
     retried = outcome(result.verdict, error=result.error, status_code=result.status_code,
                       retry_after_s=result.retry_after_s)
+    # Logged with the retry's write (the writer's group commit), numbered as the entry's retries are.
+    retried = dataclasses.replace(retried, attempt=result.row(d, target.name, dl.attempts + 1, "dlq_retry", rt.node))
     label = {"delivered": "delivered", "abandoned": "abandoned"}.get(retried.state, "failed")
     rt.counters.bump(rt.counters.dlq_retries, f"{target.name}:{label}")
     log.log(logging.INFO if label == "delivered" else logging.WARNING, "dead letter retried",
@@ -195,7 +206,7 @@ async def _one_pass(
         if rt.stopping.is_set():
             return n
         retried = await _retry_contained(rt, dl, transports)
-        await write_committed(rt, ACTOR, writes, methodcaller("retried", retried))
+        await write_committed(rt, ACTOR, writes, partial(WriteConnection.retried, r=retried))
         rt.beat(ACTOR)
     return len(due)
 

@@ -13,7 +13,14 @@ errors transient, retried `retries` times with exponential backoff and full jitt
 breaker); any other 4xx permanent, dead-lettered at once. A delivery that still fails is
 dead-lettered through the writer.
 Every attempt first asks the target's circuit breaker (`breaker.py`): while it is open the delivery
-is not attempted but dead-lettered with the reason ``breaker_open``, for the DLQ retrier.
+is not attempted but dead-lettered with the reason ``breaker_open``, for the DLQ retrier. Every
+attempt made goes to the writer with the delivery's outcome (`Outcome.tries`: the attempts log).
+
+A paused service (`pauses.py`) is not attempted at all: before each attempt (a first one or a
+retry) a lane asks `Runtime.pauses`, and while the service is paused it holds that delivery, in
+order, taking nothing else; the rest wait in the lane's channel, then the forwarder's, then on disk.
+So an attempt in hand when the pause lands finishes, nothing more starts, and nothing is
+dead-lettered for the pause; the breaker is never asked. On resume the lane goes on where it stopped.
 
 Each delivery reads the target afresh from `Runtime.targets`, so a config reload changes URLs,
 secrets, timeouts and retries between two deliveries without disturbing one in flight. The number of
@@ -37,6 +44,7 @@ Cancellation and stopping:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
@@ -55,7 +63,7 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 
 from .retry_after import retry_after_s
 from .runtime import HEARTBEAT_S, Runtime
-from .store import Delivery, Outcome, StoreUnavailable
+from .store import AttemptRow, Delivery, Outcome, StoreUnavailable
 from .targets import Target, targets_of
 from .telemetry import NO_TRACER, forward_span, recording, traceparent_of
 from .transport import LaneTransport
@@ -106,6 +114,14 @@ class Attempt:
     status_code: int | None = None
     retry_after_s: float | None = None
     """What the service's ``Retry-After`` asked for (a 429 or 503 only; capped), or None."""
+    started_at: float = 0.0
+    """Wall-clock time it began (set by `guarded_attempt`)."""
+    duration_s: float = 0.0
+
+    def row(self, d: Delivery, service: str, number: int, kind: str, node: str) -> AttemptRow:
+        """This attempt as the attempts log keeps it (`error` is already safe: `untrusted.excerpt`)."""
+        return AttemptRow(d.id, service, number, kind, self.started_at, self.duration_s, self.status_code,
+                          self.error, node)
 
 
 async def attempt(
@@ -190,11 +206,12 @@ def _dead_letter_reason(verdict: Verdict) -> str:
 async def guarded_attempt(
     rt: Runtime, target: Target, transport: httpx.AsyncBaseTransport, d: Delivery, *, dlq_retry: bool = False
 ) -> Attempt | None:
-    """One attempt of `d` through `target`'s circuit breaker, counted and timed; None when the breaker
-    did not let it through."""
+    """One attempt of `d` through `target`'s circuit breaker, counted and timed (`Attempt.started_at`,
+    `Attempt.duration_s`); None when the breaker did not let it through."""
     name = target.name
     breaker = rt.breakers[name]
     started = trio.current_time()
+    started_at = rt.wall_clock()
     if not breaker.allow(started):
         rt.counters.bump(rt.counters.forwards, f"{name}:breaker_open")
         return None
@@ -203,7 +220,9 @@ async def guarded_attempt(
     except BaseException:
         breaker.release()  # cut short (cancelled): it proved nothing either way
         raise
-    rt.metrics.forward_latency.labels(name).observe(trio.current_time() - started)
+    took = trio.current_time() - started
+    rt.metrics.forward_latency.labels(name).observe(took)
+    result = dataclasses.replace(result, started_at=started_at, duration_s=took)
     if result.retry_after_s is not None:
         # The service said when to come back: waiting for it is not a failure of the service.
         breaker.release()
@@ -217,22 +236,34 @@ async def guarded_attempt(
 
 async def deliver(
     rt: Runtime, name: str, transport: httpx.AsyncBaseTransport, d: Delivery, rng: random.Random,
+    log_to: list[AttemptRow] | None = None,
 ) -> Outcome | None:
     """Attempt `d` until delivered, refused, blocked by the breaker, or out of retries.
 
-    None: the daemon is stopping, and `d` stays queued for the next start.
+    Each attempt made is appended to `log_to` as it ends (so a caller still has them if this raises)
+    and goes with the outcome (`Outcome.tries`). None: the daemon is stopping, and `d` stays queued
+    for the next start (its attempts are not logged: it is delivered again then).
+    While the service is paused, the next attempt waits (uncounted, the breaker not asked) until it is
+    resumed.
     """
+    made = log_to if log_to is not None else []
     tries = 0
     while True:
+        if not rt.pauses.may_attempt(name):
+            await rt.pauses.hold(name, rt.stopping)
+            if rt.stopping.is_set():
+                return None
         # Read afresh each time: a reload may have changed the target since the last attempt. (A
         # removed service's forwarder is cancelled in the same step that removes its target.)
         target = rt.targets[name]
         result = await guarded_attempt(rt, target, transport, d)
         if result is None:
-            return _outcome(rt, d, name, tries, Attempt(Verdict.TRANSIENT, "circuit breaker open"), "breaker_open")
+            blocked = Attempt(Verdict.TRANSIENT, "circuit breaker open")
+            return _outcome(rt, d, name, tries, blocked, "breaker_open", made)
         tries += 1
+        made.append(result.row(d, name, tries, "delivery", rt.node))
         if result.verdict is not Verdict.TRANSIENT or tries > target.forwarding.retries:
-            return _outcome(rt, d, name, tries, result, _dead_letter_reason(result.verdict))
+            return _outcome(rt, d, name, tries, result, _dead_letter_reason(result.verdict), made)
         if await _stopped_while_waiting(rt, next_try_s(backoff_s(tries, target.forwarding.retry_base_ms / 1000,
                                                                  rng), result)):
             return None
@@ -258,17 +289,21 @@ def internal_error(exc: Exception) -> str:
 async def deliver_contained(
     rt: Runtime, name: str, transport: httpx.AsyncBaseTransport, d: Delivery, rng: random.Random,
 ) -> Outcome | None:
-    """`deliver`, with anything unexpected it raises turned into a permanent dead letter for `d` alone."""
+    """`deliver`, with anything unexpected it raises turned into a permanent dead letter for `d` alone
+    (the attempts it made before are logged with it)."""
+    made: list[AttemptRow] = []
     try:
-        return await deliver(rt, name, transport, d, rng)
+        return await deliver(rt, name, transport, d, rng, made)
     except Exception as exc:
         log.exception("delivery raised: the message is dead-lettered, the lane goes on", extra={
             "event": "delivery_internal_error", "service": name, "message_id": d.key, "error": internal_error(exc)})
         rt.counters.bump(rt.counters.internal_errors, f"{name}:delivery")
-        return _outcome(rt, d, name, 1, Attempt(Verdict.PERMANENT, internal_error(exc)), INTERNAL_ERROR)
+        return _outcome(rt, d, name, 1, Attempt(Verdict.PERMANENT, internal_error(exc)), INTERNAL_ERROR, made)
 
 
-def _outcome(rt: Runtime, d: Delivery, name: str, tries: int, result: Attempt, reason: str) -> Outcome:
+def _outcome(
+    rt: Runtime, d: Delivery, name: str, tries: int, result: Attempt, reason: str, made: list[AttemptRow],
+) -> Outcome:
     at = rt.wall_clock()
     delivered = result.verdict is Verdict.DELIVERED
     permanent = result.verdict is Verdict.PERMANENT
@@ -284,6 +319,7 @@ def _outcome(rt: Runtime, d: Delivery, name: str, tries: int, result: Attempt, r
         key=d.key,
         reason=reason,
         retry_at=None if delivered or permanent else at + next_try_s(rt.config.dlq.delay_s(1), result),
+        tries=tuple(made),
     )
 
 

@@ -25,6 +25,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from .config import GRAPH_SENDER, HOME_SERVICE
+from .pauses import paused_seconds
 from .store import DEAD_LETTER_STATES, REAP_SQL
 
 if TYPE_CHECKING:
@@ -158,6 +159,11 @@ class StateCollector(Collector):
                      {(s,): b.state(mono).gauge if b else 0 for s, b in breakers.items()})
         yield _counter("wacored_breaker_trips", "Times the circuit breaker opened.", ["service"],
                        {(s,): b.trips if b else 0 for s, b in breakers.items()})
+        paused = rt.pauses.paused
+        yield _gauge("wacored_service_paused", "1 while an operator has paused forwarding to the service.",
+                     ["service"], {(s,): int(s in paused) for s in services})
+        yield _gauge("wacored_service_paused_seconds", "How long the service has been paused (0 when not).",
+                     ["service"], {(s,): paused_seconds(paused.get(s), now) for s in services})
 
     def _dead_letters(self, services: list[str], now: float) -> Iterator[Metric]:
         rt = self.rt

@@ -69,11 +69,12 @@ def parse_duration(text: str) -> float:
     return float(match[1]) * _UNIT_S[match[2]]
 
 
-def iso(ts: float | None) -> str | None:
-    """An epoch time as ISO-8601 UTC (``2026-01-02T03:04:05Z``), None for None."""
+def iso(ts: float | None, timespec: str = "seconds") -> str | None:
+    """An epoch time as ISO-8601 UTC (``2026-01-02T03:04:05Z``; `timespec` as `datetime.isoformat`
+    takes it), None for None."""
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 def open_store(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
@@ -146,17 +147,26 @@ def list_dead_letters(
     return [DeadLetter(*row) for row in rows]
 
 
+def list_dead_letters_of(conn: sqlite3.Connection, message_row_id: int) -> DeadLetter | None:
+    """The dead letter of the ``messages`` row `message_row_id` (None: it has none)."""
+    row = conn.execute(f"SELECT {_COLUMNS} FROM dead_letters WHERE message_id = ?", (message_row_id,)).fetchone()
+    return None if row is None else DeadLetter(*row)
+
+
 @dataclass(frozen=True)
 class ReplayResult:
     """What `replay` did: how many entries are due now, and which of the ids asked for were not
-    replayed (unknown, or already delivered)."""
+    replayed (unknown, already delivered, or ``replayed``: their message is queued again by
+    ``wacored messages replay``, and the forwarder has it)."""
 
     replayed: int
     unknown: list[str] = field(default_factory=list)
     delivered: list[str] = field(default_factory=list)
+    queued: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"replayed": self.replayed, "unknown": self.unknown, "delivered": self.delivered}
+        return {"replayed": self.replayed, "unknown": self.unknown, "delivered": self.delivered,
+                "queued": self.queued}
 
 
 # An operator's replay is a new decision: due now, with a fresh retry budget.
@@ -166,8 +176,8 @@ _REPLAY = "UPDATE dead_letters SET state = 'pending', attempts = 0, next_attempt
 def replay(conn: sqlite3.Connection, ids: Sequence[str | int], now: float) -> ReplayResult:
     """Make the dead letters named by `ids` (row ids or wamids) pending and due at `now`, in one
     transaction. Delivered entries are left alone and reported, like ids that match nothing."""
-    replayed, unknown, delivered = 0, [], []
-    with _immediate(conn):
+    replayed, unknown, delivered, queued = 0, [], [], []
+    with immediate(conn):
         for ident in ids:
             column, value = _identify(ident)
             row = conn.execute(f"SELECT id, state FROM dead_letters WHERE {column} = ?", (value,)).fetchone()
@@ -175,10 +185,12 @@ def replay(conn: sqlite3.Connection, ids: Sequence[str | int], now: float) -> Re
                 unknown.append(str(ident))
             elif row[1] == "delivered":
                 delivered.append(str(ident))
+            elif row[1] == "replayed":
+                queued.append(str(ident))  # the forwarder has its message: the retrier must not too
             else:
                 conn.execute(f"{_REPLAY} WHERE id = ?", (now, now, row[0]))
                 replayed += 1
-    return ReplayResult(replayed, unknown, delivered)
+    return ReplayResult(replayed, unknown, delivered, queued)
 
 
 def replay_all(conn: sqlite3.Connection, now: float, *, state: str = "abandoned", service: str | None = None) -> int:
@@ -186,7 +198,7 @@ def replay_all(conn: sqlite3.Connection, now: float, *, state: str = "abandoned"
     `service`, pending and due at `now`; return how many."""
     if state not in REPLAYABLE:
         raise ValueError(f"state must be one of {', '.join(REPLAYABLE)}, got {state!r}")
-    with _immediate(conn):
+    with immediate(conn):
         cur = conn.execute(f"{_REPLAY} WHERE state = ? AND (? IS NULL OR service = ?)",
                            (now, now, state, service, service))
     return cur.rowcount
@@ -199,7 +211,7 @@ def purge(conn: sqlite3.Connection, *, state: str, older_than_s: float, now: flo
         raise ValueError(f"state must be one of {', '.join(PURGEABLE)}, got {state!r}")
     if older_than_s < 0:
         raise ValueError("older_than must not be negative")
-    with _immediate(conn):
+    with immediate(conn):
         cur = conn.execute(
             "DELETE FROM dead_letters WHERE state = ? AND COALESCE(updated_at, created_at) < ?",
             (state, now - older_than_s),
@@ -301,7 +313,8 @@ def status_text(report: dict[str, Any]) -> str:
     dl, sessions = report["dead_letters"], report["sessions"]
     lines = [
         f"store         {report['database']['path']} at {report['timestamp']}",
-        f"dead letters  pending {dl['pending']}, abandoned {dl['abandoned']}, delivered {dl['delivered']}",
+        f"dead letters  pending {dl['pending']}, abandoned {dl['abandoned']}, delivered {dl['delivered']}"
+        + (f", replayed {dl['replayed']}" if dl["replayed"] else ""),
     ]
     if (oldest := dl["oldest_pending"]) is not None:
         lines.append(f"  oldest pending: id {oldest['id']} ({oldest['message_id']}, {oldest['service']}),"
@@ -325,7 +338,7 @@ def _identify(ident: str | int) -> tuple[str, str | int]:
 
 
 @contextmanager
-def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+def immediate(conn: sqlite3.Connection) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error): take the write lock up front, so
     the transaction waits for the daemon's writer once, at the start, rather than failing midway."""
     conn.execute("BEGIN IMMEDIATE")

@@ -5,7 +5,8 @@
   ``abandoned_retention_days``;
 - message rows (and with them their dedupe keys) older than ``seen_retention_days``, which must
   exceed Meta's 7-day redelivery horizon: only finished ones, never a queued message or one still
-  held by a dead letter.
+  held by a dead letter;
+- the attempts log of those messages, just before them (`store.REAP_SQL`, ``attempts``).
 
 Deletes run in batches of `BATCH` rows, each its own short transaction, so a large reap never holds
 the write lock long enough to delay an ingest commit. A daemon that was down at ``reap_at`` runs the
@@ -51,6 +52,8 @@ def cutoffs(sessions: SessionsConfig, now: float) -> dict[str, float]:
         "sessions": now - sessions.ttl_s,
         "dead_letters_delivered": now - sessions.dlq_retention_days * DAY_S,
         "dead_letters_abandoned": now - sessions.abandoned_retention_days * DAY_S,
+        # The same cutoff as their messages: the attempts of the messages about to be deleted.
+        "attempts": now - sessions.seen_retention_days * DAY_S,
         "messages": now - sessions.seen_retention_days * DAY_S,
     }
 

@@ -17,6 +17,7 @@ from .admission import Admission
 from .breaker import Breaker
 from .config import Config
 from .metrics import Metrics
+from .pausewatch import PauseBoard
 from .ratelimit import SlidingWindowLimiter
 from .routing import RoutingTable
 from .sessions import SessionTable
@@ -25,7 +26,7 @@ from .store import Reader
 from .targets import Target, targets_of
 from .telemetry import NO_TRACER
 from .version import VERSION
-from .writer import HEARTBEAT_S, DeliveryQueue, StoreWrites, WriteOp
+from .writer import HEARTBEAT_S, DeliveryQueue, StoreWrites, Sweep, WriteOp
 
 
 @dataclass
@@ -125,6 +126,12 @@ class Runtime:
     slo: SloState = field(default_factory=SloState)
     dlq_due: trio.Event = field(default_factory=trio.Event)
     """Set to make the DLQ retrier look for due entries now (an operator replayed some)."""
+    node: str = ""
+    """This process in the attempts log: ``host-pid``, computed once at start (`daemon.node_name`)."""
+    pauses: PauseBoard = field(default_factory=PauseBoard)
+    """The services an operator has paused, as the store says. Owner: the pause watcher actor
+    (`pausewatch.run_pause_watch`; filled once at start-up before any forwarder runs); lanes, the DLQ
+    retrier, /health, /metrics and the admin API only read it (the admin API asks for a refresh)."""
     store_writes: StoreWrites = field(default_factory=StoreWrites)
     """How the writer's commits are going and the outcomes it holds. Owner: the writer actor (kept
     here so a restarted writer carries on); /health and /metrics only read it."""
@@ -134,6 +141,14 @@ class Runtime:
 
     def wake_retrier(self) -> None:
         self.dlq_due.set()
+
+    def wake_sweep(self) -> None:
+        """Ask the writer to look for queued rows nobody delivers now (an operator queued some again),
+        rather than at its next periodic sweep. Best effort: a full or closed channel skips it."""
+        try:
+            self.writes.send_nowait(Sweep())
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
 
     def actor(self, name: str) -> ActorState:
         return self.actors.setdefault(name, ActorState())
@@ -152,6 +167,7 @@ class Runtime:
         reader: Reader,
         sessions: SessionTable,
         wall_clock: Callable[[], float] = time.time,
+        node: str = "",
     ) -> Runtime:
         targets = targets_of(config)
         return cls(
@@ -164,6 +180,7 @@ class Runtime:
             reader=reader,
             wall_clock=wall_clock,
             started_at=wall_clock(),
+            node=node,
             targets=targets,
             breakers={
                 name: Breaker(t.forwarding.breaker_failures, t.forwarding.breaker_open_s) for name, t in targets.items()

@@ -12,6 +12,13 @@ Tables (schema version in ``PRAGMA user_version``, forward-only migrations in `M
   by the DLQ retrier -> ``delivered`` | ``abandoned``), ``reason`` (``transient``, ``permanent``,
   ``breaker_open``, ``internal_error``), the last error, retries made (``attempts``) and when the next one is due.
 - ``runs``: each periodic actor's last and next run (schema v2).
+- ``attempts``: one row per delivery attempt (schema v4): the message's row id, the service, the
+  attempt's number within its delivery (or the dead letter's retry number), its kind (``delivery`` or
+  ``dlq_retry``), when it started (wall clock), how long it took, the HTTP status or the error (already
+  masked, `untrusted.excerpt`) and the node (``host-pid``) that made it. Written with the outcome it
+  belongs to, in the writer's group commit; reaped just before its message.
+- ``service_pauses``: one row per service an operator has paused (``paused_at``, ``reason``); no row,
+  not paused (schema v5).
 
 `Store` methods are synchronous and run in a worker thread (`trio.to_thread`): the writer actor owns
 the write connection, readers open their own (WAL lets them read while the writer commits).
@@ -34,11 +41,17 @@ import sqlite_utils
 from .routing import SessionAction
 from .sessions import SessionChange
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 
 
-DEAD_LETTER_STATES = ("pending", "abandoned", "delivered")
-"""A dead letter's states: owed a retry, given up on (kept for an operator), delivered by a retry."""
+DEAD_LETTER_STATES = ("pending", "abandoned", "delivered", "replayed")
+"""A dead letter's states: owed a retry, given up on (kept for an operator), delivered (by a retry, or
+by the forwarder after a replay), or ``replayed``: its message was queued again (``wacored messages
+replay``) and is the forwarder's until that delivery ends, when the entry becomes ``delivered``, or
+``pending``/``abandoned`` again with a fresh retry budget. The retrier only ever takes ``pending``."""
+
+ATTEMPT_KINDS = ("delivery", "dlq_retry")
+"""An attempt made by the forwarder (a first delivery, or a replayed one) or by the DLQ retrier."""
 
 
 class StoreUnavailable(Exception):
@@ -79,6 +92,27 @@ class Delivery(NewRow):
 
 
 @dataclass(frozen=True)
+class AttemptRow:
+    """One delivery attempt, as the ``attempts`` table keeps it."""
+
+    message_id: int
+    """The ``messages`` row id."""
+    service: str
+    number: int
+    """1-based: the try within its delivery, or for a DLQ retry the retry's number."""
+    kind: str
+    """``delivery`` or ``dlq_retry`` (`ATTEMPT_KINDS`)."""
+    started_at: float
+    """Wall-clock time the attempt began."""
+    duration_s: float
+    status_code: int | None
+    error: str
+    """Empty when delivered; else the masked error (``HTTP 503: ...``, ``timeout (...)``)."""
+    node: str
+    """The process that made it: ``host-pid``."""
+
+
+@dataclass(frozen=True)
 class Outcome:
     """How a delivery ended: delivered, or dead-lettered with why and when to retry it."""
 
@@ -95,6 +129,8 @@ class Outcome:
     """Why it was dead-lettered: ``transient``, ``permanent``, ``breaker_open`` or ``internal_error``."""
     retry_at: float | None = None
     """When the DLQ retrier first tries it again (None: abandoned at once)."""
+    tries: tuple[AttemptRow, ...] = ()
+    """The attempts this delivery made, committed with it (and held with it while the store fails)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +158,8 @@ class Retried:
     status_code: int | None = None
     reason: str | None = None
     """A new ``reason`` for the dead letter (``internal_error``), or None to keep it."""
+    attempt: AttemptRow | None = None
+    """The retry's attempt, None when none was made (breaker open, service gone, it raised)."""
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -176,7 +214,29 @@ def _v3(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX messages_key ON messages(key)")
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2, _v3)
+def _v4(db: sqlite_utils.Database) -> None:
+    """The attempts log: one row per delivery attempt. No foreign key to ``messages``: an attempt is a
+    record of what happened, and an outcome whose message an operator deleted by hand must still
+    commit (a refused insert would hold the whole group). The reaper deletes them with their message."""
+    db.execute(
+        "CREATE TABLE attempts (id INTEGER PRIMARY KEY, message_id INTEGER NOT NULL, service TEXT NOT NULL,"
+        " number INTEGER NOT NULL, kind TEXT NOT NULL, started_at REAL NOT NULL, duration_ms REAL NOT NULL,"
+        " status_code INTEGER, error TEXT NOT NULL DEFAULT '', node TEXT NOT NULL DEFAULT '')"
+    )
+    db.execute("CREATE INDEX attempts_message ON attempts(message_id, id)")
+
+
+def _v5(db: sqlite_utils.Database) -> None:
+    """Operators pause and resume a service (`pauses.py`): a paused service's row says since when and
+    why. In the store, not the config, so a pause survives restarts and config reloads, and the CLI
+    can set one while the daemon runs."""
+    db.execute(
+        "CREATE TABLE service_pauses (service TEXT PRIMARY KEY, paused_at REAL NOT NULL,"
+        " reason TEXT NOT NULL DEFAULT '')"
+    )
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2, _v3, _v4, _v5)
 """Migration i takes the schema from version i to i+1. Append only; never edit a released one."""
 
 
@@ -215,6 +275,17 @@ _INSERT = (
     "INSERT OR IGNORE INTO messages (key, kind, sender, service, reason, target, body, request_id,"
     " correlation_id, traceparent, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 )
+_INSERT_ATTEMPT = (
+    "INSERT INTO attempts (message_id, service, number, kind, started_at, duration_ms, status_code, error, node)"
+    " VALUES (?,?,?,?,?,?,?,?,?)"
+)
+
+
+def _attempt_values(a: AttemptRow) -> tuple[object, ...]:
+    return (a.message_id, a.service, a.number, a.kind, a.started_at, round(a.duration_s * 1000, 3),
+            a.status_code, a.error, a.node)
+
+
 def _delivery_columns(table: str = "") -> str:
     """The columns of a `Delivery`, in its field order; ids the schema lets be NULL (a row written by
     hand) read as empty strings, so a header is never None."""
@@ -297,13 +368,23 @@ class WriteConnection:
         return ids
 
     def record(self, outcome: Outcome) -> None:
-        """Mark a message delivered, or dead-letter it (one dead letter per message, updated in place)."""
+        """Mark a message delivered, or dead-letter it (one dead letter per message, updated in place),
+        and log its attempts."""
+        if outcome.tries:
+            self.conn.executemany(_INSERT_ATTEMPT, [_attempt_values(a) for a in outcome.tries])
         state = "delivered" if outcome.delivered else "dead_lettered"
         self.conn.execute(
             "UPDATE messages SET state = ?, attempts = attempts + ?, done_at = ? WHERE id = ?",
             (state, outcome.attempts, outcome.at, outcome.message_id),
         )
         if outcome.delivered:
+            # A replayed message's dead letter ends with the delivery (an index probe; nothing to
+            # change for almost every message).
+            self.conn.execute(
+                "UPDATE dead_letters SET state = 'delivered', updated_at = ?"
+                " WHERE message_id = ? AND state = 'replayed'",
+                (outcome.at, outcome.message_id),
+            )
             return
         dl_state = "abandoned" if outcome.permanent else "pending"
         reason = outcome.reason
@@ -313,8 +394,16 @@ class WriteConnection:
             " attempts, next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
             # Dead-lettered again (delivered twice after a crash): the entry keeps its retries made,
             # and one that is already final stays final, so nothing is ever retried without end.
+            # A replayed entry is different: its message was queued again by an operator, and this
+            # is that delivery's end, so the entry starts over (a fresh retry budget).
             " ON CONFLICT(message_id) DO UPDATE SET error = excluded.error, status_code = excluded.status_code,"
-            " updated_at = excluded.updated_at WHERE dead_letters.state = 'pending'",
+            " updated_at = excluded.updated_at,"
+            " state = CASE WHEN dead_letters.state = 'replayed' THEN excluded.state ELSE dead_letters.state END,"
+            " reason = CASE WHEN dead_letters.state = 'replayed' THEN excluded.reason ELSE dead_letters.reason END,"
+            " attempts = CASE WHEN dead_letters.state = 'replayed' THEN 0 ELSE dead_letters.attempts END,"
+            " next_attempt_at = CASE WHEN dead_letters.state = 'replayed' THEN excluded.next_attempt_at"
+            " ELSE dead_letters.next_attempt_at END"
+            " WHERE dead_letters.state IN ('pending', 'replayed')",
             (
                 outcome.message_id, outcome.key, outcome.target, dl_state, reason, outcome.error,
                 outcome.status_code, 0, next_at, outcome.at, outcome.at,
@@ -325,8 +414,11 @@ class WriteConnection:
         """Apply one retry's result to its dead letter, and to its message: one attempt more when it
         counted, and delivered once it is.
 
-        Only a ``pending`` entry changes: an operator may have purged or replayed it meanwhile.
+        Only a ``pending`` entry changes: an operator may have purged or replayed it meanwhile. The
+        attempt made is logged whatever became of the entry.
         """
+        if r.attempt is not None:
+            self.conn.execute(_INSERT_ATTEMPT, _attempt_values(r.attempt))
         counted = 1 if r.counted else 0
         cur = self.conn.execute(
             "UPDATE dead_letters SET state = ?, attempts = attempts + ?, next_attempt_at = ?,"
@@ -409,12 +501,16 @@ REAP_SQL = {
     " (SELECT id FROM dead_letters WHERE state = 'delivered' AND updated_at < ? LIMIT ?)",
     "dead_letters_abandoned": "DELETE FROM dead_letters WHERE id IN"
     " (SELECT id FROM dead_letters WHERE state = 'abandoned' AND updated_at < ? LIMIT ?)",
+    # The attempts of exactly the messages the next kind deletes (same cutoff), just before them.
+    "attempts": "DELETE FROM attempts WHERE id IN (SELECT a.id FROM messages AS m JOIN attempts AS a"
+    " ON a.message_id = m.id WHERE m.received_at < ? AND m.state != 'queued'"
+    " AND NOT EXISTS (SELECT 1 FROM dead_letters AS d WHERE d.message_id = m.id) LIMIT ?)",
     # A message still queued, or still behind a dead letter, is never forgotten: only finished ones,
     # old enough that Meta can no longer redeliver them, lose their dedupe row.
     "messages": "DELETE FROM messages WHERE id IN (SELECT id FROM messages AS m WHERE received_at < ?"
     " AND state != 'queued' AND NOT EXISTS (SELECT 1 FROM dead_letters AS d WHERE d.message_id = m.id) LIMIT ?)",
 }
-"""What the reaper deletes, in this order (dead letters before the messages they hold)."""
+"""What the reaper deletes, in this order (dead letters and attempts before the messages they hold)."""
 
 
 class Reader:
@@ -459,6 +555,11 @@ class Reader:
             "SELECT MIN(next_attempt_at) FROM dead_letters WHERE state = 'pending'"
         ).fetchone()[0]
         return as_time(value)
+
+    def pauses(self) -> list[tuple[str, float, str]]:
+        """Every paused service: (service, paused_at, reason)."""
+        return [(str(s), float(at), str(reason)) for s, at, reason in self.conn.execute(
+            "SELECT service, paused_at, reason FROM service_pauses ORDER BY service")]
 
     def last_run(self, actor: str) -> float | None:
         row = self.conn.execute("SELECT last_run FROM runs WHERE actor = ?", (actor,)).fetchone()

@@ -2,7 +2,8 @@
 
 Requests arrive on one memory channel: `Ingest` (a routed webhook batch; the caller waits for the
 commit), `Record` (a delivery outcome; fire and forget), `CatchUp` (a forwarder asking for queued
-rows its channel could not hold) and `Write` (any other write; the caller waits). The writer takes
+rows its channel could not hold), `Write` (any other write; the caller waits) and `Sweep` (look for
+queued rows nobody delivers now: an operator queued some again). The writer takes
 everything waiting, runs it as one transaction (group commit; the fsync in a worker thread), then
 hands the newly inserted rows to their delivery queues and answers the callers.
 
@@ -10,7 +11,9 @@ Invariant: every committed ``queued`` row of a target is in exactly one of these
 queue's channel or a lane (its id in `DeliveryQueue.in_flight` until its outcome commits, the
 outcome possibly held in `StoreWrites.held`), or on disk at or after the queue's `spill_from`, read
 back by the next `CatchUp`. Rows that fall out of it (a crashed writer or forwarder lost them, a row
-written by another process) are found by the sweep (`stuck_from`, every `SWEEP_S`) and spilled again.
+written by another process: ``wacored messages replay`` sets old rows back to ``queued``) are found by
+the sweep (`stuck_from`, every `SWEEP_S`, or at once on a `Sweep`), which reads them back and hands
+them to the forwarder itself.
 
 Error handling:
     A failed transaction is rolled back. Its `Ingest`s are answered `StoreUnavailable` (ingress says
@@ -112,7 +115,12 @@ class Write:
     reply: Reply[object] = field(default_factory=Reply)
 
 
-WriteOp = Ingest | Record | CatchUp | Write
+@dataclass(eq=False)
+class Sweep:
+    """Sweep the queues after this group rather than at the next `SWEEP_S` (fire and forget)."""
+
+
+WriteOp = Ingest | Record | CatchUp | Write | Sweep
 
 
 class DeliveryQueue:
@@ -227,6 +235,8 @@ def _stage(conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, i
             results.append(None)
         elif isinstance(op, Write):
             results.append(op.apply(conn))
+        elif isinstance(op, Sweep):
+            results.append(None)
         else:
             from_id = spills.get(op.target)
             results.append([] if from_id is None else conn.queued(op.target, from_id, CATCH_UP_PAGE))
@@ -294,6 +304,9 @@ async def run_writer(
                         ops.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                if any(isinstance(op, Sweep) for op in ops):
+                    next_sweep = trio.current_time()
+                    ops = [op for op in ops if not isinstance(op, Sweep)]
                 with trio.CancelScope(shield=True):
                     # The group is out of the channel: it must be committed (or answered) whatever
                     # happens to this task, or its callers would wait forever.
@@ -329,6 +342,8 @@ async def _commit_group(
     conn: WriteConnection, ops: list[WriteOp], queues: Mapping[str, DeliveryQueue], sessions: SessionTable,
     state: StoreWrites, wall_clock: Callable[[], float],
 ) -> None:
+    if not ops:
+        return
     if state.held:
         # Outcomes keep their order: while older ones wait to be retried, newer ones wait behind them.
         state.held.extend(op for op in ops if isinstance(op, Record))
@@ -346,7 +361,7 @@ async def _commit_group(
         state.held.extend(op for op in ops if isinstance(op, Record))
         _failed(state, exc, wall_clock)
         for op in ops:
-            if not isinstance(op, Record):
+            if not isinstance(op, Record | Sweep):
                 op.reply.fail(StoreUnavailable(str(exc)))
         if isinstance(exc, sqlite3.Error):
             return
@@ -379,6 +394,7 @@ async def _commit_group(
             op.reply.set(fresh)
         elif isinstance(op, Write):
             op.reply.set(result)
+        # A Sweep has no reply: it was acted on before the group.
 
 
 async def _commit_held(
@@ -425,18 +441,30 @@ async def _commit_one_by_one(
 
 
 def _sweep(conn: WriteConnection, queues: Mapping[str, DeliveryQueue]) -> None:
-    """Spill again every queue whose oldest queued row nobody is delivering (`stuck_from`). Between
-    two groups, on the connection that commits every row: what it reads is exactly the state."""
+    """Resume every queue whose oldest queued row nobody is delivering (`stuck_from`). Between two
+    groups, on the connection that commits every row: what it reads is exactly the state."""
     for queue in queues.values():
         if queue.spill_from is not None:
             continue
         try:
             oldest = conn.oldest_queued(queue.target)
+            from_id = stuck_from(oldest, queue.in_flight, queue.spill_from)
+            if from_id is not None:
+                _resume(conn, queue, from_id)
         except sqlite3.Error as exc:
             log.warning("cannot look for stuck deliveries", extra={"event": "sweep_failed", "error": str(exc)})
             return
-        from_id = stuck_from(oldest, queue.in_flight, queue.spill_from)
         if from_id is not None:
-            queue.spill_from = from_id
-            log.warning("queued messages nobody was delivering: read back from disk",
-                        extra={"event": "queue_resumed", "service": queue.target})
+            log.warning("queued messages nobody was delivering (lost, or queued again by an operator):"
+                        " read back from disk", extra={"event": "queue_resumed", "service": queue.target})
+
+
+def _resume(conn: WriteConnection, queue: DeliveryQueue, from_id: int) -> None:
+    """Hand `queue`'s queued rows from `from_id` on to its forwarder now, as a `CatchUp` would: an
+    idle forwarder waits on its channel (up to a heartbeat) and would not see a spill sooner."""
+    page = conn.queued(queue.target, from_id, CATCH_UP_PAGE)
+    for d in page:
+        if d.id not in queue.in_flight:
+            queue.offer(d)  # a full channel spills from here on: the rest are read back by CatchUp
+    if len(page) == CATCH_UP_PAGE and queue.spill_from is None:
+        queue.spill_from = page[-1].id + 1
