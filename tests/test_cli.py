@@ -506,3 +506,24 @@ def test_without_c_the_config_is_looked_for_and_named(tmp_path: Path, monkeypatc
     result = wacored("check-config", env=clean_env(), cwd=here)
     assert result.returncode == 0, result.stderr
     assert f"wacored: using {here / 'wacored.toml'} (no -c given)" in result.stderr
+
+
+def test_run_logs_config_warnings_as_json_and_journald_priorities(tmp_path: Path) -> None:
+    """Under systemd (JOURNAL_STREAM set) every line carries its <N> priority, so `journalctl -p warning`
+    works; config warnings are log lines like any other, not plain text."""
+    data = config_mapping(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    data["home_menu"]["header"] = "H" * 80  # will be cut: a warning
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        data["server"]["listen"] = f"127.0.0.1:{taken.getsockname()[1]}"
+        (tmp_path / "wacored.toml").write_text(toml_text(data))
+        result = wacored("run", "-c", str(tmp_path / "wacored.toml"), env=clean_env(JOURNAL_STREAM="8:12345"),
+                         cwd=tmp_path)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("<")]
+    warning = next(json.loads(line[3:]) for line in lines if '"config_warning"' in line)
+    assert lines[0].startswith("<4>{")
+    assert "home_menu.header" in warning["warning"]
+    assert any(line.startswith("<3>{") and '"run_failed"' in line for line in lines)
+    assert not any(line.startswith("warning:") for line in result.stderr.splitlines())

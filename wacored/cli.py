@@ -118,9 +118,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = process_started_at()
     if (config := load_config(args)) is None:
         return 1
-    logs.setup(args.log_level or config.telemetry.log_level)
+    # systemd connects stderr to the journal and says so in JOURNAL_STREAM (read here, once).
+    logs.setup(args.log_level or config.telemetry.log_level, journald=bool(os.environ.get("JOURNAL_STREAM")))
     for warning in config.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        log.warning("config warning", extra={"event": "config_warning", "warning": warning})
     failures: list[BaseException] = []
     code = 1
 
