@@ -40,6 +40,10 @@ CATALOGUE = {
     "wacored_actor_up": "gauge",
     "wacored_actor_restarts": "counter",
     "wacored_config_reloads": "counter",
+    "wacored_config_last_reload_successful": "gauge",
+    "wacored_config_last_reload_success_timestamp_seconds": "gauge",
+    "wacored_internal_errors": "counter",
+    "wacored_webhook_previous_secret": "counter",
     "wacored_reaped": "counter",
     "wacored_store_commit_failures": "counter",
     "wacored_store_commit_failing_seconds": "gauge",
@@ -212,3 +216,30 @@ async def test_openmetrics_is_served_when_asked_for(world: World) -> None:
                                       headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert r.headers["content-type"].startswith("application/openmetrics-text")
     assert r.text.rstrip().endswith("# EOF")
+
+
+async def test_the_last_reload_gauge_stays_down_until_a_reload_works(tmp_path: Path, world: World) -> None:
+    from wacored.config import ConfigError
+    from wacored.daemon import ReloadRequest, run_daemon  # noqa: F401
+
+    from .conftest import open_daemon
+
+    send, receive = trio.open_memory_channel[ReloadRequest](1)
+    data = config_mapping(tmp_path, world.services.url, world.graph.url)
+    data["store"]["path"] = str(tmp_path / "gauge.db")
+
+    def refuse() -> Config:
+        raise ConfigError(["services.rides.url: must be an http:// or https:// URL"])
+
+    async with open_daemon(Config.from_mapping(data, {}), reloads=receive) as daemon:
+        async def gauge() -> float:
+            text = (await daemon.client.get(f"{daemon.url}/metrics")).text
+            assert "_created" not in text  # no *_created series
+            return value(parse(text), "wacored_config_last_reload_successful")
+
+        assert await gauge() == 1
+        for load, expected in ((refuse, 0), (refuse, 0), (lambda: Config.from_mapping(data, {}), 1)):
+            request = ReloadRequest(load)
+            await send.send(request)
+            await request.done.wait()
+            assert await gauge() == expected

@@ -222,6 +222,7 @@ class Daemon:
             await self.start_forwarder(name)
         logging.getLogger().setLevel(new.telemetry.log_level.upper())
         rt.counters.bump(rt.counters.reloads, "ok")
+        rt.counters.last_reload_ok, rt.counters.last_reload_success_at = True, rt.wall_clock()
         log.info("config reloaded", extra={
             "event": "reloaded",
             "added": sorted(new_targets.keys() - old_targets.keys()),
@@ -233,6 +234,7 @@ class Daemon:
 
 def _refused(rt: Runtime, problems: list[str]) -> bool:
     rt.counters.bump(rt.counters.reloads, "failed")
+    rt.counters.last_reload_ok = False
     for problem in problems:
         log.error("config reload refused", extra={"event": "reload_failed", "problem": problem})
     return False
