@@ -41,6 +41,7 @@ CATALOGUE = {
     "wacored_actor_restarts": "counter",
     "wacored_config_reloads": "counter",
     "wacored_config_last_reload_successful": "gauge",
+    "wacored_store_size_bytes": "gauge",
     "wacored_config_last_reload_success_timestamp_seconds": "gauge",
     "wacored_internal_errors": "counter",
     "wacored_webhook_previous_secret": "counter",
@@ -99,8 +100,11 @@ async def test_the_whole_catalogue_is_exported_from_the_start(world: World) -> N
                       "wacored_service_paused_seconds"):
             assert value(samples, gauge, service=service) == 0
         assert value(samples, "wacored_forward_latency_seconds_count", service=service) == 0
-    for state in ("pending", "abandoned", "delivered"):
-        assert value(samples, "wacored_dead_letters", state=state) == 0
+    for state in ("pending", "abandoned", "delivered", "replayed"):
+        for service in SERVICES:
+            assert value(samples, "wacored_dead_letters", service=service, state=state) == 0
+    assert value(samples, "wacored_store_size_bytes") > 0
+    assert value(samples, "wacored_config_last_reload_successful") == 1
     for result in ("ok", "failed"):
         assert value(samples, "wacored_config_reloads_total", result=result) == 0
     for kind in ("sessions", "dead_letters_delivered", "dead_letters_abandoned", "messages"):
@@ -173,6 +177,7 @@ async def test_the_collector_reads_the_cached_state(tmp_path: Path) -> None:
     rt.stats.queued = {"rides": 12}
     rt.stats.oldest_queued_at = {"rides": 9_940.0}
     rt.stats.dead_letters = {"pending": 4, "abandoned": 1}
+    rt.stats.dead_letters_by_service = {("rides", "pending"): 3, ("jobs", "pending"): 1, ("rides", "abandoned"): 1}
     rt.stats.oldest_pending_at = 9_000.0
     breaker = rt.breakers["rides"] = Breaker(failures=1, open_s=30.0)
     breaker.failure(trio.current_time())
@@ -187,8 +192,9 @@ async def test_the_collector_reads_the_cached_state(tmp_path: Path) -> None:
     assert value(samples, "wacored_queue_depth", service="rides") == 12
     assert value(samples, "wacored_queue_oldest_age_seconds", service="rides") == 60
     assert value(samples, "wacored_queue_oldest_age_seconds", service="jobs") == 0
-    assert value(samples, "wacored_dead_letters", state="pending") == 4
-    assert value(samples, "wacored_dead_letters", state="delivered") == 0
+    assert value(samples, "wacored_dead_letters", service="rides", state="pending") == 3
+    assert value(samples, "wacored_dead_letters", service="jobs", state="pending") == 1
+    assert value(samples, "wacored_dead_letters", service="rides", state="delivered") == 0
     assert value(samples, "wacored_dead_letter_oldest_pending_age_seconds") == 1000
     assert value(samples, "wacored_breaker_state", service="rides") == 2
     assert value(samples, "wacored_breaker_trips_total", service="rides") == 1

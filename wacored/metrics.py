@@ -69,7 +69,7 @@ class Metrics:
 
     def __init__(self) -> None:
         # No ``*_created`` series: they double the exposition and no rule or dashboard reads them.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus-client 0.26
         self.registry = CollectorRegistry(auto_describe=True)
         self.ack_latency = Histogram(
             "wacored_ack_latency_seconds", "Time from a webhook POST's arrival to its answer.",
@@ -176,8 +176,9 @@ class StateCollector(Collector):
 
     def _dead_letters(self, services: list[str], now: float) -> Iterator[Metric]:
         rt = self.rt
-        yield _gauge("wacored_dead_letters", "Dead letters by state.", ["state"],
-                     _known(rt.stats.dead_letters, DEAD_LETTER_STATES))
+        dead: Series = {(s, state): 0 for s in services if s != GRAPH_SENDER for state in DEAD_LETTER_STATES}
+        dead.update({key: n for key, n in rt.stats.dead_letters_by_service.items()})
+        yield _gauge("wacored_dead_letters", "Dead letters by service and state.", ["service", "state"], dead)
         yield _gauge("wacored_dead_letter_oldest_pending_age_seconds",
                      "Age of the oldest pending dead letter (0 when none).", [],
                      {(): _age(now, rt.stats.oldest_pending_at)})
@@ -205,6 +206,8 @@ class StateCollector(Collector):
         yield _gauge("wacored_config_last_reload_success_timestamp_seconds",
                      "When the config in force was loaded (start-up, or the last reload that worked).", [],
                      {(): rt.counters.last_reload_success_at or rt.started_at})
+        yield _gauge("wacored_store_size_bytes", "The store's bytes on disk, write-ahead log included.", [],
+                     {(): rt.stats.size_bytes or 0})
         yield _counter("wacored_reaped", "Rows the reaper deleted, by kind.", ["kind"],
                        _known(rt.counters.reaped, REAPED_KINDS))
 

@@ -93,7 +93,11 @@ class StoreStats:
     oldest_queued_at: dict[str, float] = field(default_factory=dict)
     """Wall-clock time the oldest queued message of each target was received."""
     dead_letters: dict[str, int] = field(default_factory=dict)
-    """Dead letters by state (pending, abandoned, delivered)."""
+    """Dead letters by state (pending, abandoned, delivered, replayed)."""
+    dead_letters_by_service: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Dead letters by (service, state)."""
+    size_bytes: int | None = None
+    """The store's bytes on disk, write-ahead log included."""
     oldest_pending_at: float | None = None
     """Wall-clock time the oldest pending dead letter was created."""
     refreshed_at: float | None = None
