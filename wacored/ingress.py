@@ -248,7 +248,6 @@ class Webhook:
                                 decision.service, m.body))
         statuses_to = rt.config.routing.statuses
         for s in batch.statuses:
-            rt.counters.bump(rt.counters.statuses, s.status)
             if statuses_to:
                 rows.append(row(f"status:{s.key}", "status", s.recipient, statuses_to, "status",
                                 statuses_to, s.body))
@@ -273,6 +272,10 @@ class Webhook:
             if row_id is not None
         ]
         duplicates = n_messages - len(routes)
+        # Counted once the batch is committed: a POST answered 503 counts nothing, so Meta's redelivery
+        # of it is not counted twice.
+        for s in batch.statuses:
+            counters.bump(counters.statuses, s.status)
         for route in routes:
             counters.bump(counters.routed, f"{route['service']}:{route['reason']}")
         outcome = "duplicate" if duplicates and not routes else "accepted"
