@@ -94,8 +94,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"warning: {problem} (`run` will refuse to start)")
     for warning in config.warnings:
         print(f"warning: {warning}")
+    from .tls import TLSError, check_ca_file, check_server_tls
+
+    for name, svc in config.services.items():
+        try:
+            check_ca_file(name, svc.ca_file)
+        except TLSError as exc:
+            print(f"warning: {exc} (`run` will refuse to start)")
     if config.server.tls:
-        from .tls import TLSError, check_server_tls
 
         # A warning, not an error: the config may be checked on a machine that has no certificate.
         try:

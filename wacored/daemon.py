@@ -46,7 +46,7 @@ from .api import create_app
 from .breaker import Breaker
 from .config import Config, ConfigError
 from .deadletters import run_dlq_retrier
-from .forwarder import new_transport, run_forwarder
+from .forwarder import run_forwarder
 from .listener import lend, open_listener
 from .pauses import Pause
 from .pausewatch import run_pause_watch
@@ -61,7 +61,7 @@ from .supervisor import supervise
 from .systemd import Notifier, open_watchdog, run_beating
 from .targets import targets_of
 from .telemetry import Tracing
-from .tls import check_server_tls
+from .tls import check_ca_file, check_server_tls
 from .writer import DeliveryQueue, Reply, WriteOp, run_writer
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 retrier, reaper, stats, pauses = readers
                 await nursery.start(supervise, rt, "dlq_retrier", lambda ts: run_dlq_retrier(
-                    rt, retrier, self.writes.clone(), transport=self.transport or new_transport, task_status=ts))
+                    rt, retrier, self.writes.clone(), transport=self.transport, task_status=ts))
                 await nursery.start(supervise, rt, "reaper",
                                     lambda ts: run_reaper(rt, reaper, self.writes.clone(), task_status=ts))
                 await nursery.start(supervise, rt, "stats", lambda ts: run_stats(rt, stats, task_status=ts))
@@ -264,6 +264,9 @@ def _keep_restart_only(old: Config, new: Config) -> Config:
         if name in old.services and svc.forwarding.concurrency != old.services[name].forwarding.concurrency:
             log.warning("a new lane count applies after a restart",
                         extra={"event": "reload_needs_restart", "key": f"services.{name}.concurrency"})
+        if name in old.services and svc.ca_file != old.services[name].ca_file:
+            log.warning("a new CA file applies after a restart (the lanes' connections keep their TLS context)",
+                        extra={"event": "reload_needs_restart", "key": f"services.{name}.ca_file"})
     return dataclasses.replace(new, server=server, store=old.store)
 
 
@@ -295,6 +298,8 @@ async def run_daemon(
     stop = stop if stop is not None else trio.Event()
     notifier = notifier if notifier is not None else Notifier(None)
     hc = hypercorn_config(config)  # first: an unreadable certificate stops us before anything starts
+    for name, svc in config.services.items():
+        check_ca_file(name, svc.ca_file)
     ensure_fd_limit(config.server.max_connections)
     listener = open_listener(config.server)  # then the port: in use, nothing else has started
     try:

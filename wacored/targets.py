@@ -33,6 +33,9 @@ class Target:
     signing_secrets: tuple[str, ...] = ()
     legacy_signature: bool = False
     access_token: str = ""
+    ca_file: str = ""
+    """A private CA the service's certificate is signed by, trusted besides the system's (``[services.NAME]
+    ca_file``)."""
 
     @property
     def is_graph(self) -> bool:
@@ -88,7 +91,7 @@ def targets_of(config: Config) -> dict[str, Target]:
     """Every forwarding target of a config: each service, and the Graph API sender."""
     targets = {
         name: Target(name=name, url=svc.url, forwarding=svc.forwarding, signing_secrets=svc.signing_secrets,
-                     legacy_signature=svc.legacy_signature)
+                     legacy_signature=svc.legacy_signature, ca_file=svc.ca_file)
         for name, svc in config.services.items()
     }
     targets[GRAPH_SENDER] = Target(
