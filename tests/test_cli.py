@@ -214,7 +214,12 @@ def test_a_port_in_use_is_one_clear_line_and_exit_1(tmp_path: Path) -> None:
         (tmp_path / "wacored.toml").write_text(toml_text(data))
         result = wacored("run", "-c", str(tmp_path / "wacored.toml"), env=clean_env(), cwd=tmp_path)
     assert result.returncode == 1
-    assert "wacored: cannot run: [Errno 98] Address already in use" in result.stderr
+    address = data["server"]["listen"]
+    assert f"wacored: cannot run: [Errno 98] cannot listen on {address}: Address already in use" in result.stderr
+    # Bound before any actor starts: no actor crashed (no traceback), and the store was not even opened.
+    assert "Traceback" not in result.stderr
+    assert "actor_crashed" not in result.stderr
+    assert not (tmp_path / "wacored.db").exists()
 
 
 # The operator's commands on the store: dlq list|replay|purge and status, run in-process.
@@ -454,3 +459,71 @@ def test_dlq_list_shows_the_whole_error(ops_config: Path, capsys: pytest.Capture
     db.close()
     assert ops_main(ops_config, "dlq", "list") == 0
     assert all(line.endswith("and the cause is at the end") for line in capsys.readouterr().out.splitlines()[1:])
+
+
+# --- options and paths ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("order", ["before", "after", "split"])
+def test_config_and_env_file_go_before_or_after_the_subcommand(tmp_path: Path, order: str) -> None:
+    data = config_mapping(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    del data["whatsapp"]["app_secret"]
+    config = tmp_path / "my.toml"
+    config.write_text(toml_text(data))
+    env = tmp_path / "my.env"
+    env.write_text("WACORED_APP_SECRET=from-the-env-file\n")
+    c, e = ["-c", str(config)], ["--env-file", str(env)]
+    argv = {"before": [*c, *e, "check-config"], "after": ["check-config", *c, *e],
+            "split": [*c, "check-config", *e]}[order]
+    result = wacored(*argv, env=clean_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"{config}: ok" in result.stdout
+    assert "app_secret" not in result.stdout  # the env file was read: no warning that it is missing
+
+
+def test_version(tmp_path: Path) -> None:
+    from wacored.version import VERSION
+
+    result = wacored("--version", env=clean_env(), cwd=tmp_path)
+    assert (result.returncode, result.stdout.strip()) == (0, f"wacored {VERSION}")
+
+
+def test_without_c_the_config_is_looked_for_and_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wacored import cli
+
+    system = tmp_path / "etc" / "wacored.toml"
+    monkeypatch.setattr(cli, "SYSTEM_CONFIG", system)
+    here = tmp_path / "here"
+    here.mkdir()
+    assert cli.find_config({}, here) == (here / "wacored.toml", "default")
+    system.parent.mkdir()
+    system.write_text("")
+    assert cli.find_config({}, here) == (system, "found")
+    (here / "wacored.toml").write_text("")
+    assert cli.find_config({}, here) == (here / "wacored.toml", "found")
+    assert cli.find_config({"WACORED_CONFIG": "/x.toml"}, here) == (Path("/x.toml"), "$WACORED_CONFIG")
+    data = config_mapping(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    (here / "wacored.toml").write_text(toml_text(data))
+    result = wacored("check-config", env=clean_env(), cwd=here)
+    assert result.returncode == 0, result.stderr
+    assert f"wacored: using {here / 'wacored.toml'} (no -c given)" in result.stderr
+
+
+def test_run_logs_config_warnings_as_json_and_journald_priorities(tmp_path: Path) -> None:
+    """Under systemd (JOURNAL_STREAM set) every line carries its <N> priority, so `journalctl -p warning`
+    works; config warnings are log lines like any other, not plain text."""
+    data = config_mapping(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    data["home_menu"]["header"] = "H" * 80  # will be cut: a warning
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        data["server"]["listen"] = f"127.0.0.1:{taken.getsockname()[1]}"
+        (tmp_path / "wacored.toml").write_text(toml_text(data))
+        result = wacored("run", "-c", str(tmp_path / "wacored.toml"), env=clean_env(JOURNAL_STREAM="8:12345"),
+                         cwd=tmp_path)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("<")]
+    warning = next(json.loads(line[3:]) for line in lines if '"config_warning"' in line)
+    assert lines[0].startswith("<4>{")
+    assert "home_menu.header" in warning["warning"]
+    assert any(line.startswith("<3>{") and '"run_failed"' in line for line in lines)
+    assert not any(line.startswith("warning:") for line in result.stderr.splitlines())

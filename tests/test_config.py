@@ -517,3 +517,14 @@ def test_the_previous_app_secret_comes_from_the_environment() -> None:
     config = Config.from_mapping(minimal(), {"WACORED_APP_SECRET_PREVIOUS": "old"})
     assert config.whatsapp.app_secret_previous == "old"
     assert "old" not in repr(config.whatsapp)
+
+
+def test_a_relative_store_path_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "wacored.toml").write_text(SHIPPED.read_text())
+    config = Config.load(folder / "wacored.toml", SECRET_ENV)
+    assert config.store.path == folder / "var" / "wacored.db"
+    absolute = SHIPPED.read_text().replace('path = "var/wacored.db"', f'path = "{tmp_path / "x.db"}"')
+    (folder / "wacored.toml").write_text(absolute)
+    assert Config.load(folder / "wacored.toml", SECRET_ENV).store.path == tmp_path / "x.db"

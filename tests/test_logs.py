@@ -140,3 +140,16 @@ async def test_forwarder_lines_carry_the_message_ids(world: World, json_lines: J
     assert {k: line[k] for k in ("service", "message_id", "request_id", "correlation_id")} == {
         "service": "rides", "message_id": r.json()["routes"][0]["message_id"], "request_id": "req-7",
         "correlation_id": "corr-7"}
+
+
+def test_journald_lines_carry_their_priority() -> None:
+    import logging
+
+    from wacored.logs import JournaldFormatter
+
+    for level, prefix in ((logging.DEBUG, "<7>"), (logging.INFO, "<6>"), (logging.WARNING, "<4>"),
+                          (logging.ERROR, "<3>"), (logging.CRITICAL, "<2>")):
+        record = logging.LogRecord("wacored.x", level, __file__, 1, "said", None, None)
+        line = JournaldFormatter().format(record)
+        assert line.startswith(prefix + "{")
+        assert json.loads(line[len(prefix):])["msg"] == "said"

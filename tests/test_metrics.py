@@ -40,6 +40,11 @@ CATALOGUE = {
     "wacored_actor_up": "gauge",
     "wacored_actor_restarts": "counter",
     "wacored_config_reloads": "counter",
+    "wacored_config_last_reload_successful": "gauge",
+    "wacored_store_size_bytes": "gauge",
+    "wacored_config_last_reload_success_timestamp_seconds": "gauge",
+    "wacored_internal_errors": "counter",
+    "wacored_webhook_previous_secret": "counter",
     "wacored_reaped": "counter",
     "wacored_store_commit_failures": "counter",
     "wacored_store_commit_failing_seconds": "gauge",
@@ -95,8 +100,11 @@ async def test_the_whole_catalogue_is_exported_from_the_start(world: World) -> N
                       "wacored_service_paused_seconds"):
             assert value(samples, gauge, service=service) == 0
         assert value(samples, "wacored_forward_latency_seconds_count", service=service) == 0
-    for state in ("pending", "abandoned", "delivered"):
-        assert value(samples, "wacored_dead_letters", state=state) == 0
+    for state in ("pending", "abandoned", "delivered", "replayed"):
+        for service in SERVICES:
+            assert value(samples, "wacored_dead_letters", service=service, state=state) == 0
+    assert value(samples, "wacored_store_size_bytes") > 0
+    assert value(samples, "wacored_config_last_reload_successful") == 1
     for result in ("ok", "failed"):
         assert value(samples, "wacored_config_reloads_total", result=result) == 0
     for kind in ("sessions", "dead_letters_delivered", "dead_letters_abandoned", "messages"):
@@ -169,6 +177,7 @@ async def test_the_collector_reads_the_cached_state(tmp_path: Path) -> None:
     rt.stats.queued = {"rides": 12}
     rt.stats.oldest_queued_at = {"rides": 9_940.0}
     rt.stats.dead_letters = {"pending": 4, "abandoned": 1}
+    rt.stats.dead_letters_by_service = {("rides", "pending"): 3, ("jobs", "pending"): 1, ("rides", "abandoned"): 1}
     rt.stats.oldest_pending_at = 9_000.0
     breaker = rt.breakers["rides"] = Breaker(failures=1, open_s=30.0)
     breaker.failure(trio.current_time())
@@ -183,8 +192,9 @@ async def test_the_collector_reads_the_cached_state(tmp_path: Path) -> None:
     assert value(samples, "wacored_queue_depth", service="rides") == 12
     assert value(samples, "wacored_queue_oldest_age_seconds", service="rides") == 60
     assert value(samples, "wacored_queue_oldest_age_seconds", service="jobs") == 0
-    assert value(samples, "wacored_dead_letters", state="pending") == 4
-    assert value(samples, "wacored_dead_letters", state="delivered") == 0
+    assert value(samples, "wacored_dead_letters", service="rides", state="pending") == 3
+    assert value(samples, "wacored_dead_letters", service="jobs", state="pending") == 1
+    assert value(samples, "wacored_dead_letters", service="rides", state="delivered") == 0
     assert value(samples, "wacored_dead_letter_oldest_pending_age_seconds") == 1000
     assert value(samples, "wacored_breaker_state", service="rides") == 2
     assert value(samples, "wacored_breaker_trips_total", service="rides") == 1
@@ -212,3 +222,30 @@ async def test_openmetrics_is_served_when_asked_for(world: World) -> None:
                                       headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert r.headers["content-type"].startswith("application/openmetrics-text")
     assert r.text.rstrip().endswith("# EOF")
+
+
+async def test_the_last_reload_gauge_stays_down_until_a_reload_works(tmp_path: Path, world: World) -> None:
+    from wacored.config import ConfigError
+    from wacored.daemon import ReloadRequest, run_daemon  # noqa: F401
+
+    from .conftest import open_daemon
+
+    send, receive = trio.open_memory_channel[ReloadRequest](1)
+    data = config_mapping(tmp_path, world.services.url, world.graph.url)
+    data["store"]["path"] = str(tmp_path / "gauge.db")
+
+    def refuse() -> Config:
+        raise ConfigError(["services.rides.url: must be an http:// or https:// URL"])
+
+    async with open_daemon(Config.from_mapping(data, {}), reloads=receive) as daemon:
+        async def gauge() -> float:
+            text = (await daemon.client.get(f"{daemon.url}/metrics")).text
+            assert "_created" not in text  # no *_created series
+            return value(parse(text), "wacored_config_last_reload_successful")
+
+        assert await gauge() == 1
+        for load, expected in ((refuse, 0), (refuse, 0), (lambda: Config.from_mapping(data, {}), 1)):
+            request = ReloadRequest(load)
+            await send.send(request)
+            await request.done.wait()
+            assert await gauge() == expected

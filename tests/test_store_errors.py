@@ -10,6 +10,7 @@ the database, not an outcome's in-place UPDATE. The injected error is the one SQ
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -146,3 +147,21 @@ def _insert_queued(db: Path, key: str) -> None:
             " VALUES (?, 'message', '250788000329', 'rides', 'keyword', 'rides', ?, ?)",
             (key, b'{"lost": true}', time.time()),
         )
+
+
+async def test_statuses_are_counted_once_committed(
+    tmp_path: Path, services: Downstream, graph: Downstream, disk: DiskFull
+) -> None:
+    """A POST answered 503 counts nothing: Meta's redelivery of it is counted once, not twice."""
+    status = {"id": "wamid.ST1", "status": "delivered", "timestamp": "1", "recipient_id": "250788000001"}
+    value = {"messaging_product": "whatsapp", "statuses": [status]}
+    body = json.dumps({"object": "whatsapp_business_account",
+                       "entry": [{"id": "W", "changes": [{"field": "messages", "value": value}]}]}).encode()
+    config = make_config(tmp_path, services, graph, routing={"statuses": "wallet"})
+    async with open_daemon(config) as daemon:
+        disk.full = True
+        assert (await daemon.post(body)).status_code == 503
+        disk.full = False
+        assert (await daemon.post(body)).status_code == 200
+        health = (await daemon.client.get(f"{daemon.url}/health")).json()
+    assert health["checks"]["statuses"] == {"delivered": 1}

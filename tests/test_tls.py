@@ -1,23 +1,30 @@
-"""Serving HTTPS directly from ``[server] certfile``/``keyfile``: a real daemon, a trustme CA."""
+"""TLS both ways: serving HTTPS directly from ``[server] certfile``/``keyfile``, and forwarding to
+services over HTTPS trusting the system store, certifi's bundle and a service's ``ca_file``. A real
+daemon, real HTTPS servers, trustme CAs."""
 
 from __future__ import annotations
 
 import ssl
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
+import hypercorn.config
+import hypercorn.trio
 import pytest
 import trio
 import trustme
 
-from wacored.config import Config
+from wacored.config import Config, ForwardingConfig
 from wacored.daemon import run_daemon
+from wacored.forwarder import Target, Verdict, attempt, new_transport, tls_context
+from wacored.store import Delivery
 from wacored.tls import TLSError, check_server_tls
 from wacored.whatsapp import sign, text_webhook
 
-from .conftest import SECRET, Downstream, config_mapping, open_daemon
+from .conftest import SECRET, Downstream, config_mapping, open_daemon, rows
 from .support import clean_env, toml_text
 
 
@@ -151,3 +158,80 @@ async def test_check_config_warns_about_a_missing_certificate(tmp_path: Path, mi
     assert result.returncode == 0
     assert (f"warning: server.certfile {tmp_path / 'missing.pem'}: No such file or directory "
             "(`run` will refuse to start)") in result.stdout.decode()
+
+
+# --- TLS to downstream services -------------------------------------------------------------------
+
+async def https_downstream(nursery: trio.Nursery, ca: trustme.CA, tmp_path: Path) -> Downstream:
+    """A downstream serving HTTPS with a certificate of the private CA `ca`."""
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "down.pem", tmp_path / "down.key"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    downstream = Downstream()
+    hc = hypercorn.config.Config()
+    hc.bind = ["127.0.0.1:0"]
+    hc.certfile, hc.keyfile = str(certfile), str(keyfile)
+    hc.accesslog = None
+    hc.graceful_timeout = 0.5
+    urls = await nursery.start(partial(hypercorn.trio.serve, downstream.app, hc))
+    downstream.url = urls[0]
+    return downstream
+
+
+async def test_a_service_behind_a_private_ca_is_trusted_with_its_ca_file(
+    tmp_path: Path, graph: Downstream, ca: trustme.CA, nursery: trio.Nursery
+) -> None:
+    secure = await https_downstream(nursery, ca, tmp_path)
+    assert secure.url.startswith("https://")
+    ca_file = tmp_path / "private-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    data = config_mapping(tmp_path, secure.url, graph.url, forwarding={"retries": 0, "timeout_ms": 2000})
+    data["services"]["rides"]["ca_file"] = str(ca_file)  # jobs: no ca_file, so its certificate is unknown
+    db = tmp_path / "wacored.db"
+    async with open_daemon(Config.from_mapping(data, {})) as daemon:
+        assert (await daemon.send_text("rides")).status_code == 200
+        assert (await daemon.send_text("jobs", sender="250788000002")).status_code == 200
+        [got] = await secure.wait_for(1, "/rides")
+        assert got.message["text"]["body"] == "rides"
+        with trio.fail_after(10):
+            while not rows(db, "SELECT error FROM dead_letters"):  # noqa: ASYNC110 -- the state is in the file
+                await trio.sleep(0.02)
+    [(error,)] = rows(db, "SELECT error FROM dead_letters")
+    assert "TLS handshake" in error  # the service without the CA is refused by verification
+
+
+async def test_the_system_trust_store_is_used_for_services(
+    tmp_path: Path, ca: trustme.CA, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSSL's default paths (on Debian /etc/ssl/certs; here pointed at a file with SSL_CERT_FILE, as
+    an operator's `update-ca-certificates` would add a company CA) are trusted, not only certifi's."""
+    secure = await https_downstream(nursery, ca, tmp_path)
+    system = tmp_path / "system-ca.pem"
+    ca.cert_pem.write_to_path(str(system))
+    monkeypatch.setenv("SSL_CERT_FILE", str(system))
+    tls_context.cache_clear()
+    try:
+        target = Target(name="rides", url=f"{secure.url}/rides", forwarding=ForwardingConfig(timeout_ms=2000))
+        async with new_transport() as transport:
+            result = await attempt(transport, target, delivery())
+    finally:
+        tls_context.cache_clear()
+    assert result.verdict is Verdict.DELIVERED, result.error
+
+
+def test_check_config_warns_about_an_unreadable_ca_file(tmp_path: Path) -> None:
+    data = config_mapping(tmp_path, "https://127.0.0.1:9", "http://127.0.0.1:9")
+    data["services"]["rides"]["ca_file"] = str(tmp_path / "missing.pem")
+    (tmp_path / "wacored.toml").write_text(toml_text(data))
+    result = subprocess.run([sys.executable, "-m", "wacored", "check-config", "-c", str(tmp_path / "wacored.toml")],
+                            capture_output=True, text=True, env=clean_env(), cwd=tmp_path, timeout=60, check=False)
+    assert result.returncode == 0
+    assert f"warning: services.rides.ca_file {tmp_path / 'missing.pem'}: not a readable PEM CA certificate" \
+        in result.stdout
+
+
+def delivery() -> Delivery:
+    return Delivery(key="wamid.T", kind="message", sender="250788000001", service="rides", reason="keyword",
+                    target="rides", body=b"{}", request_id="r", correlation_id="c",
+                    traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", received_at=0.0, id=1)

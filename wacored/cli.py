@@ -26,10 +26,12 @@ from pathlib import Path
 from . import logs
 from .config import ENV_ALIASES, Config, ConfigError
 from .slo import process_started_at
+from .version import VERSION
 
 log = logging.getLogger(__name__)
 
 DEV_ENV = Path("var/dev.env")
+SYSTEM_CONFIG = Path("/etc/wacored/wacored.toml")
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -92,8 +94,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"warning: {problem} (`run` will refuse to start)")
     for warning in config.warnings:
         print(f"warning: {warning}")
+    from .tls import TLSError, check_ca_file, check_server_tls
+
+    for name, svc in config.services.items():
+        try:
+            check_ca_file(name, svc.ca_file)
+        except TLSError as exc:
+            print(f"warning: {exc} (`run` will refuse to start)")
     if config.server.tls:
-        from .tls import TLSError, check_server_tls
 
         # A warning, not an error: the config may be checked on a machine that has no certificate.
         try:
@@ -116,9 +124,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = process_started_at()
     if (config := load_config(args)) is None:
         return 1
-    logs.setup(args.log_level or config.telemetry.log_level)
+    # systemd connects stderr to the journal and says so in JOURNAL_STREAM (read here, once).
+    logs.setup(args.log_level or config.telemetry.log_level, journald=bool(os.environ.get("JOURNAL_STREAM")))
     for warning in config.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        log.warning("config warning", extra={"event": "config_warning", "warning": warning})
     failures: list[BaseException] = []
     code = 1
 
@@ -300,6 +309,36 @@ def cmd_sessions_reap(args: argparse.Namespace) -> int:
     return _on_store(args, work)
 
 
+def _add_common(sp: argparse.ArgumentParser) -> None:
+    """``-c`` and ``--env-file``, taken before or after the subcommand: their defaults are filled in
+    after parsing (`_config_defaults`), so a value given in either place is never overwritten."""
+    sp.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                    help="config file (default: $WACORED_CONFIG, else ./wacored.toml, else "
+                         "/etc/wacored/wacored.toml)")
+    sp.add_argument("--env-file", type=Path, default=argparse.SUPPRESS,
+                    help="KEY=VALUE file filling in unset environment variables (default: var/dev.env)")
+
+
+def find_config(environ: Mapping[str, str], cwd: Path) -> tuple[Path, str]:
+    """The config file to use when no ``-c`` was given, and how it was chosen."""
+    if named := environ.get("WACORED_CONFIG"):
+        return Path(named), "$WACORED_CONFIG"
+    for candidate in (cwd / "wacored.toml", SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate, "found"
+    return cwd / "wacored.toml", "default"
+
+
+def _config_defaults(args: argparse.Namespace) -> None:
+    if not hasattr(args, "env_file"):
+        args.env_file = DEV_ENV
+    if not hasattr(args, "config"):
+        path, how = find_config(os.environ, Path.cwd())
+        args.config = str(path)
+        if how == "found" and args.command != "secrets":
+            print(f"wacored: using {path} (no -c given)", file=sys.stderr)
+
+
 def cmd_services_list(args: argparse.Namespace) -> int:
     from . import pauses
 
@@ -341,13 +380,10 @@ def cmd_services_resume(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wacored", description="WhatsApp webhook core router daemon")
+    p.add_argument("--version", action="version", version=f"wacored {VERSION}")
+    _add_common(p)
     sub = p.add_subparsers(dest="command", required=True)
-
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("-c", "--config", default=os.environ.get("WACORED_CONFIG", "wacored.toml"),
-                        help="config file (default: wacored.toml or $WACORED_CONFIG)")
-        sp.add_argument("--env-file", type=Path, default=DEV_ENV,
-                        help="KEY=VALUE file filling in unset environment variables (default: var/dev.env)")
+    common = _add_common
 
     run = sub.add_parser("run", help="run the daemon")
     common(run)
@@ -461,6 +497,7 @@ def _check_replay(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    _config_defaults(args)
     if check := getattr(args, "check", None):
         check(args)  # what argparse cannot say: which options go together
     try:

@@ -46,7 +46,8 @@ from .api import create_app
 from .breaker import Breaker
 from .config import Config, ConfigError
 from .deadletters import run_dlq_retrier
-from .forwarder import new_transport, run_forwarder
+from .forwarder import run_forwarder
+from .listener import lend, open_listener
 from .numbers import Numbers
 from .pauses import Pause
 from .pausewatch import run_pause_watch
@@ -61,7 +62,7 @@ from .supervisor import supervise
 from .systemd import Notifier, open_watchdog, run_beating
 from .targets import targets_of
 from .telemetry import Tracing
-from .tls import check_server_tls
+from .tls import check_ca_file, check_server_tls
 from .writer import DeliveryQueue, Reply, WriteOp, run_writer
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 retrier, reaper, stats, pauses = readers
                 await nursery.start(supervise, rt, "dlq_retrier", lambda ts: run_dlq_retrier(
-                    rt, retrier, self.writes.clone(), transport=self.transport or new_transport, task_status=ts))
+                    rt, retrier, self.writes.clone(), transport=self.transport, task_status=ts))
                 await nursery.start(supervise, rt, "reaper",
                                     lambda ts: run_reaper(rt, reaper, self.writes.clone(), task_status=ts))
                 await nursery.start(supervise, rt, "stats", lambda ts: run_stats(rt, stats, task_status=ts))
@@ -223,6 +224,7 @@ class Daemon:
             await self.start_forwarder(name)
         logging.getLogger().setLevel(new.telemetry.log_level.upper())
         rt.counters.bump(rt.counters.reloads, "ok")
+        rt.counters.last_reload_ok, rt.counters.last_reload_success_at = True, rt.wall_clock()
         log.info("config reloaded", extra={
             "event": "reloaded",
             "added": sorted(new_targets.keys() - old_targets.keys()),
@@ -234,6 +236,7 @@ class Daemon:
 
 def _refused(rt: Runtime, problems: list[str]) -> bool:
     rt.counters.bump(rt.counters.reloads, "failed")
+    rt.counters.last_reload_ok = False
     for problem in problems:
         log.error("config reload refused", extra={"event": "reload_failed", "problem": problem})
     return False
@@ -263,6 +266,9 @@ def _keep_restart_only(old: Config, new: Config) -> Config:
         if name in old.services and svc.forwarding.concurrency != old.services[name].forwarding.concurrency:
             log.warning("a new lane count applies after a restart",
                         extra={"event": "reload_needs_restart", "key": f"services.{name}.concurrency"})
+        if name in old.services and svc.ca_file != old.services[name].ca_file:
+            log.warning("a new CA file applies after a restart (the lanes' connections keep their TLS context)",
+                        extra={"event": "reload_needs_restart", "key": f"services.{name}.ca_file"})
     return dataclasses.replace(new, server=server, store=old.store)
 
 
@@ -294,7 +300,23 @@ async def run_daemon(
     stop = stop if stop is not None else trio.Event()
     notifier = notifier if notifier is not None else Notifier(None)
     hc = hypercorn_config(config)  # first: an unreadable certificate stops us before anything starts
+    for name, svc in config.services.items():
+        check_ca_file(name, svc.ca_file)
     ensure_fd_limit(config.server.max_connections)
+    listener = open_listener(config.server)  # then the port: in use, nothing else has started
+    try:
+        await _run(config, hc, listener, stop, reloads, wall_clock, queue_buffer, transport, notifier, tracer,
+                   process_start, node_name() if node is None else node, task_status)
+    finally:
+        listener.close()
+
+
+async def _run(
+    config: Config, hc: hypercorn.config.Config, listener: socket.socket, stop: trio.Event,
+    reloads: trio.MemoryReceiveChannel[ReloadRequest] | None, wall_clock: Callable[[], float], queue_buffer: int,
+    transport: Callable[[], Any] | None, notifier: Notifier, tracer: Tracer | None, process_start: float,
+    node: str, task_status: trio.TaskStatus[list[str]],
+) -> None:
     await trio.to_thread.run_sync(migrate, config.store.path)
     targets = targets_of(config)
     reader = Reader(config.store.path)
@@ -303,7 +325,7 @@ async def run_daemon(
         sessions, queues = await recover(config, reader, targets, wall_clock, queue_buffer)
         writes, writes_receive = trio.open_memory_channel[WriteOp](WRITE_BUFFER)
         rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock,
-                           node=node_name() if node is None else node)
+                           node=node)
         rt.tracer = tracer or tracing.tracer
         # Before any forwarder starts: messages recovered for a paused service must wait too.
         paused = await trio.to_thread.run_sync(reader.pauses)
@@ -326,8 +348,13 @@ async def run_daemon(
                     if reloads is not None:
                         front.start_soon(_until, stop, partial(daemon.serve_reloads, reloads))
                     front.start_soon(_mark_draining, rt, stop, notifier)
-                    serve = partial(hypercorn.trio.serve, create_app(rt), hc,
-                                    shutdown_trigger=partial(_answered_in_flight, rt, stop))
+                    app = create_app(rt)
+
+                    async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+                        hc.bind = [lend(listener)]  # each start gets its own duplicate to close
+                        await hypercorn.trio.serve(app, hc, shutdown_trigger=partial(_answered_in_flight, rt, stop),
+                                                   task_status=task_status)
+
                     # Ingress has no loop of its own to beat from: beat while hypercorn serves.
                     urls = await front.start(supervise, rt, "ingress",
                                              lambda ts: run_beating(rt, "ingress", serve, task_status=ts))

@@ -75,14 +75,14 @@ def after_retry(
 
 
 class _Transports(dict[str, httpx.AsyncBaseTransport]):
-    """One transport per service, made on first use."""
+    """One transport per service, made on first use by `make(service name)`."""
 
-    def __init__(self, make: Callable[[], httpx.AsyncBaseTransport]) -> None:
+    def __init__(self, make: Callable[[str], httpx.AsyncBaseTransport]) -> None:
         super().__init__()
         self.make = make
 
     def __missing__(self, name: str) -> httpx.AsyncBaseTransport:
-        self[name] = transport = self.make()
+        self[name] = transport = self.make(name)
         return transport
 
 
@@ -162,7 +162,7 @@ async def run_dlq_retrier(
     reader: Reader,
     writes: trio.MemorySendChannel[WriteOp],
     *,
-    transport: Callable[[], httpx.AsyncBaseTransport] = new_transport,
+    transport: Callable[[], httpx.AsyncBaseTransport] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Retry due dead letters until cancelled, or until the daemon stops.
@@ -170,7 +170,10 @@ async def run_dlq_retrier(
     Owns: `reader` (reads due entries), `writes` (closed on exit), one HTTP transport per service
     (made by `transport`).
     """
-    transports = _Transports(transport)
+    def make(name: str) -> httpx.AsyncBaseTransport:
+        return transport() if transport is not None else new_transport(rt.targets[name].ca_file)
+
+    transports = _Transports(make)
     task_status.started()
     try:
         async with writes:

@@ -265,8 +265,6 @@ class Webhook:
                                 decision.service, m.body, number))
         for s in batch.statuses:
             number = numbers.key_of(s.number)
-            rt.counters.bump(rt.counters.statuses, s.status)
-            rt.counters.count(("statuses", s.status, numbers.label(number)))
             statuses_to = numbers.plan(number).statuses if number is not None else ""
             if statuses_to:
                 rows.append(row(f"status:{s.key}", "status", s.recipient, statuses_to, "status",
@@ -292,6 +290,11 @@ class Webhook:
             counters.bump(counters.routed, f"{r.service}:{r.reason}")
             # An unrouted row's number is the payload's id: `label` makes it ``other``, never the id.
             counters.count(("routed", r.service, r.reason, numbers.label(r.number)))
+        # Counted once the batch is committed: a POST answered 503 counts nothing, so Meta's redelivery
+        # of it is not counted twice.
+        for st in batch.statuses:
+            counters.bump(counters.statuses, st.status)
+            counters.count(("statuses", st.status, numbers.label(numbers.key_of(st.number))))
         outcome = "duplicate" if duplicates and not routes else "accepted"
         counters.request(outcome, label)
         trace.get_current_span().set_attributes({"wacored.outcome": outcome, "wacored.accepted": len(routes)})

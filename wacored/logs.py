@@ -87,9 +87,23 @@ def bound(**ids: str) -> Iterator[None]:
         _IDS.reset(token)
 
 
-def setup(level: str = "info") -> None:
+JOURNALD_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+"""syslog priorities: journald reads a leading ``<N>`` as the line's priority, so ``journalctl -p
+warning`` shows warnings and worse."""
+
+
+class JournaldFormatter(JsonFormatter):
+    """A JSON line behind journald's ``<N>`` priority prefix (used when stderr is the journal)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{JOURNALD_PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+
+
+def setup(level: str = "info", *, journald: bool = False) -> None:
+    """JSON lines on stderr at `level`; with `journald` (systemd set ``JOURNAL_STREAM``: the caller
+    reads the environment, not this module), each line carries its priority prefix."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JournaldFormatter() if journald else JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

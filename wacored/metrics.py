@@ -21,7 +21,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import trio
-from prometheus_client import CollectorRegistry, GCCollector, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -64,6 +71,8 @@ class Metrics:
     """The registry of one daemon (never the global one: tests run many daemons in one process)."""
 
     def __init__(self) -> None:
+        # No ``*_created`` series: they double the exposition and no rule or dashboard reads them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus-client 0.26
         self.registry = CollectorRegistry(auto_describe=True)
         self.ack_latency = Histogram(
             "wacored_ack_latency_seconds", "Time from a webhook POST's arrival to its answer.",
@@ -213,8 +222,9 @@ class StateCollector(Collector):
 
     def _dead_letters(self, services: list[str], now: float) -> Iterator[Metric]:
         rt = self.rt
-        yield _gauge("wacored_dead_letters", "Dead letters by state.", ["state"],
-                     _known(rt.stats.dead_letters, DEAD_LETTER_STATES))
+        dead: Series = {(s, state): 0 for s in services if s != GRAPH_SENDER for state in DEAD_LETTER_STATES}
+        dead.update({key: n for key, n in rt.stats.dead_letters_by_service.items()})
+        yield _gauge("wacored_dead_letters", "Dead letters by service and state.", ["service", "state"], dead)
         yield _gauge("wacored_dead_letter_oldest_pending_age_seconds",
                      "Age of the oldest pending dead letter (0 when none).", [],
                      {(): _age(now, rt.stats.oldest_pending_at)})
@@ -236,6 +246,14 @@ class StateCollector(Collector):
                        {(name,): a.restarts for name, a in actors})
         yield _counter("wacored_config_reloads", "Config reloads (SIGHUP) by result.", ["result"],
                        _known(rt.counters.reloads, RELOAD_RESULTS))
+        yield _gauge("wacored_config_last_reload_successful",
+                     "1 while the config in force is the file's; 0 from a refused reload until one works.", [],
+                     {(): int(rt.counters.last_reload_ok)})
+        yield _gauge("wacored_config_last_reload_success_timestamp_seconds",
+                     "When the config in force was loaded (start-up, or the last reload that worked).", [],
+                     {(): rt.counters.last_reload_success_at or rt.started_at})
+        yield _gauge("wacored_store_size_bytes", "The store's bytes on disk, write-ahead log included.", [],
+                     {(): rt.stats.size_bytes or 0})
         yield _counter("wacored_reaped", "Rows the reaper deleted, by kind.", ["kind"],
                        _known(rt.counters.reaped, REAPED_KINDS))
 

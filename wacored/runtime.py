@@ -53,6 +53,11 @@ class Counters:
     """Dead-letter retries by ``service:outcome`` (delivered, failed, abandoned, breaker_open)."""
     reloads: dict[str, int] = field(default_factory=dict)
     """Config reloads by result (ok, failed)."""
+    last_reload_ok: bool = True
+    """Whether the config in force is the one the file holds: False from a refused reload until one
+    succeeds (Prometheus's own ``*_config_last_reload_successful``). Owner: `Daemon.reload`."""
+    last_reload_success_at: float | None = None
+    """Wall-clock time the config in force was loaded (start-up, or the last reload that worked)."""
     internal_errors: dict[str, int] = field(default_factory=dict)
     """Deliveries that raised something unexpected, by ``service:stage`` (delivery, dlq_retry): each
     dead-lettered its one message as ``internal_error``."""
@@ -102,7 +107,11 @@ class StoreStats:
     oldest_queued_at: dict[str, float] = field(default_factory=dict)
     """Wall-clock time the oldest queued message of each target was received."""
     dead_letters: dict[str, int] = field(default_factory=dict)
-    """Dead letters by state (pending, abandoned, delivered)."""
+    """Dead letters by state (pending, abandoned, delivered, replayed)."""
+    dead_letters_by_service: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Dead letters by (service, state)."""
+    size_bytes: int | None = None
+    """The store's bytes on disk, write-ahead log included."""
     oldest_pending_at: float | None = None
     """Wall-clock time the oldest pending dead letter was created."""
     refreshed_at: float | None = None

@@ -35,6 +35,7 @@ Error handling:
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -522,6 +523,28 @@ def queued_by_target(conn: sqlite3.Connection) -> dict[str, tuple[int, float]]:
     )
 
 
+@dataclass(frozen=True)
+class StoreFigures:
+    queued: dict[str, tuple[int, float]]
+    """Per target: messages queued, and the oldest one's ``received_at``."""
+    dead_letters: dict[tuple[str, str], int]
+    """Dead letters by (service, state)."""
+    oldest_pending_at: float | None
+    size_bytes: int
+
+
+def size_on_disk(path: Path) -> int:
+    """The store's bytes on disk: the database file and its write-ahead log (and shared-memory index),
+    which between checkpoints can hold as much again."""
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            total += os.stat(f"{path}{suffix}").st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
 def dead_letters_by_state(conn: sqlite3.Connection) -> dict[str, int]:
     """How many dead letters are in each state (every state named, 0 when none)."""
     counts = dict.fromkeys(DEAD_LETTER_STATES, 0)
@@ -553,6 +576,7 @@ class Reader:
     the writer."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self.conn = connect(path)
 
     def close(self) -> None:
@@ -608,11 +632,11 @@ class Reader:
         row = self.conn.execute("SELECT last_run FROM runs WHERE actor = ?", (actor,)).fetchone()
         return None if row is None else as_time(row[0])
 
-    def figures(self) -> tuple[dict[str, tuple[int, float]], dict[str, int], float | None]:
-        """Queued messages per target (count, oldest received_at), dead letters by state, and when
-        the oldest pending dead letter was created."""
-        queued, dead = queued_by_target(self.conn), dead_letters_by_state(self.conn)
+    def figures(self) -> StoreFigures:
+        """What the stats actor caches: queued messages, dead letters, the store's size."""
+        dead = {(service, state): n for service, state, n in self.conn.execute(
+            "SELECT service, state, COUNT(*) FROM dead_letters GROUP BY service, state")}
         oldest = self.conn.execute(
             "SELECT MIN(created_at) FROM dead_letters WHERE state = 'pending'"
         ).fetchone()[0]
-        return queued, dead, as_time(oldest)
+        return StoreFigures(queued_by_target(self.conn), dead, as_time(oldest), size_on_disk(self.path))

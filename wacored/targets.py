@@ -44,6 +44,9 @@ class Target:
     graph_api_url: str = ""
     number_tokens: tuple[tuple[str, str], ...] = ()
     """(number key, token) for the numbers whose token is not `access_token` (another WABA's)."""
+    ca_file: str = ""
+    """A private CA the service's certificate is signed by, trusted besides the system's (``[services.NAME]
+    ca_file``)."""
 
     @property
     def is_graph(self) -> bool:
@@ -117,7 +120,7 @@ def targets_of(config: Config) -> dict[str, Target]:
     default = config.whatsapp.phone_number_id
     targets = {
         name: Target(name=name, url=svc.url, forwarding=svc.forwarding, signing_secrets=svc.signing_secrets,
-                     legacy_signature=svc.legacy_signature, default_number=default)
+                     legacy_signature=svc.legacy_signature, default_number=default, ca_file=svc.ca_file)
         for name, svc in config.services.items()
     }
     targets[GRAPH_SENDER] = Target(

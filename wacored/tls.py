@@ -39,5 +39,16 @@ def check_server_tls(certfile: str, keyfile: str) -> None:
         ) from exc
 
 
+def check_ca_file(service: str, ca_file: str) -> None:
+    """Load a service's ``ca_file`` the way its lanes will, or raise `TLSError` naming it."""
+    if not ca_file:
+        return
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=ca_file)
+    except OSError as exc:  # ssl.SSLError is an OSError too
+        reason = getattr(exc, "reason", None) or exc.strerror or exc
+        raise TLSError(f"services.{service}.ca_file {ca_file}: not a readable PEM CA certificate ({reason})") from exc
+
+
 def _no_password() -> str:
     return ""

@@ -11,6 +11,7 @@ config after it is built: a reload builds a new one and swaps it in whole.
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -102,7 +103,9 @@ class Config:
 
     @classmethod
     def load(cls, path: Path, env: Mapping[str, str]) -> Config:
-        """Read, override from `env` and validate `path`; raise `ConfigError` listing every problem."""
+        """Read, override from `env` and validate `path`; raise `ConfigError` listing every problem.
+
+        A relative ``[store] path`` is taken relative to the folder of `path`."""
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
@@ -111,7 +114,12 @@ class Config:
             raise ConfigError([f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}"]) from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
-        return cls.from_mapping(data, env, source=path)
+        config = cls.from_mapping(data, env, source=path)
+        if not config.store.path.is_absolute():
+            # Relative to the file that names it, not to wherever the command happens to run.
+            store = dataclasses.replace(config.store, path=path.parent / config.store.path)
+            config = dataclasses.replace(config, store=store)
+        return config
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], env: Mapping[str, str], source: Path | None = None) -> Config:

@@ -221,9 +221,10 @@ def _read_services(
             owner[key] = name
         fwd = _read_forwarding(s, forwarding)
         secrets, legacy = _read_signing(s, name, env)
+        ca_file = s.take("ca_file", "")
         s.finish()
         services[name] = ServiceConfig(name=name, url=url, keys=keys, forwarding=fwd, signing_secrets=secrets,
-                                       legacy_signature=legacy)
+                                       legacy_signature=legacy, ca_file=ca_file)
     return services
 
 

@@ -202,6 +202,9 @@ class ServiceConfig:
     """``whsec_`` secrets the service verifies wacored with (Standard Webhooks); the first is the newest."""
     legacy_signature: bool = False
     """Also send ``X-Hub-Signature-256``, computed with the first signing secret (never the app secret)."""
+    ca_file: str = ""
+    """A PEM file of the CA that signed the service's certificate (a private CA), trusted besides the
+    system's trust store and certifi's bundle."""
 
 
 @dataclass(frozen=True)
