@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from functools import partial
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from wacored.reaper import BATCH, DAY_S, cutoffs, missed, next_reap, reap, run_r
 from wacored.store import Reader, WriteConnection, migrate
 from wacored.writer import WriteOp, run_writer
 
-from .conftest import bare_runtime
+from .conftest import World, bare_runtime, rows
 
 TWO_AM = 120
 MIDNIGHT = 1_700_006_400.0  # 2023-11-15T00:00:00Z
@@ -152,3 +153,22 @@ async def test_the_actor_reaps_daily_at_reap_at(tmp_path: Path, store_clock: tri
         await trio.sleep(10)
         assert rt.actors["reaper"].last_run == MIDNIGHT + 7200
         nursery.cancel_scope.cancel()
+
+
+async def test_status_and_health_agree_on_the_reapers_next_run(world: World) -> None:
+    """Before the first reap too: the planned run is in the store, where `wacored status` reads it."""
+    from wacored import operations as ops
+
+    db = world.tmp_path / "wacored.db"
+    with trio.fail_after(10):
+        while not rows(db, "SELECT next_run FROM runs WHERE actor = 'reaper'"):  # noqa: ASYNC110 -- the file
+            await trio.sleep(0.02)
+    health = (await world.daemon.client.get(f"{world.daemon.url}/health")).json()
+    conn = ops.open_store(db)
+    try:
+        report = ops.status(conn, session_ttl_s=3600, now=time.time(), path=db)
+    finally:
+        conn.close()
+    assert report["runs"]["reaper"]["next_run"] == health["checks"]["actors"]["reaper"]["next_run"]
+    assert report["runs"]["reaper"]["next_run"] is not None
+    assert report["runs"]["reaper"]["last_run"] is None  # it has not run yet: "never"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable
+from functools import partial
 from operator import methodcaller
 from pathlib import Path
 
@@ -130,6 +131,7 @@ async def run_reaper(
             if due is None:
                 due = next_reap(rt.wall_clock(), rt.config.sessions.reap_minute)
             rt.actor(ACTOR).next_run = due
+            await write_committed(rt, ACTOR, writes, partial(WriteConnection.plan_run, actor=ACTOR, next_run=due))
             await sleep_until(rt, ACTOR, due)
             await _reap_now(rt, writes)
             due = None

@@ -472,6 +472,15 @@ class WriteConnection:
             self.conn.execute("UPDATE messages SET state = 'delivered', done_at = ? WHERE id = ?",
                               (r.at, r.message_id))
 
+    def plan_run(self, actor: str, next_run: float) -> None:
+        """Record when `actor` runs next (keeping its last run), so `wacored status` says what /health
+        says before the first run too."""
+        self.conn.execute(
+            "INSERT INTO runs (actor, last_run, next_run, result) VALUES (?, NULL, ?, '')"
+            " ON CONFLICT(actor) DO UPDATE SET next_run = excluded.next_run",
+            (actor, next_run),
+        )
+
     def record_run(self, actor: str, last_run: float, next_run: float | None, result: str) -> None:
         self.conn.execute(
             "INSERT OR REPLACE INTO runs (actor, last_run, next_run, result) VALUES (?,?,?,?)",
