@@ -2,18 +2,31 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+STAMP := $(VENV)/.installed-test
 CONFIG ?= wacored.toml
 
 .PHONY: run test lint tools bench check-config clean
 
-$(STAMP): pyproject.toml
+# `make run` installs what running needs and nothing else; `make test` adds the test tools. One line
+# per step, so a first run on a slow link says what it is waiting for.
+$(BIN)/python:
+	@echo "==> make: creating the virtualenv $(VENV)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "==> make: upgrading pip"
 	$(BIN)/pip install --quiet --upgrade pip
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	@echo "==> make: installing wacored and what it needs to run (pip)"
+	$(BIN)/pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): pyproject.toml $(RUN_STAMP)
+	@echo "==> make: installing the test tools: pytest, ruff, mypy, hypothesis, trustme (pip)"
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/wacored dev-env var/dev.env
 	$(BIN)/wacored run -c $(CONFIG) --env-file var/dev.env
 
@@ -38,7 +51,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check wacored tests bench
 	$(BIN)/mypy
 
-check-config: $(STAMP)
+check-config: $(RUN_STAMP)
 	$(BIN)/wacored check-config -c $(CONFIG)
 
 bench: $(STAMP)

@@ -431,3 +431,19 @@ async def test_nginx_proxies_the_webhook_over_tls(tmp_path: Path, services: Down
     assert (handshake.status_code, handshake.text) == (200, "c-1")
     assert health.status_code == 404  # only /webhook is public
     assert big.status_code == 413
+
+
+def test_make_run_installs_only_what_running_needs(tmp_path: Path) -> None:
+    """On a fresh clone `make run` installs wacored alone; the test tools come with `make test`."""
+    import shutil
+
+    copy = tmp_path / "clone"
+    copy.mkdir()
+    shutil.copy(ROOT / "Makefile", copy / "Makefile")
+    shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
+    planned = subprocess.run(["make", "-n", "run"], cwd=copy, capture_output=True, text=True, check=True).stdout
+    assert "pip install --quiet -e ." in planned
+    assert ".[test]" not in planned
+    assert "==> make: installing wacored" in planned
+    tested = subprocess.run(["make", "-n", "test"], cwd=copy, capture_output=True, text=True, check=True).stdout
+    assert '-e ".[test]"' in tested
