@@ -249,3 +249,16 @@ async def test_the_last_reload_gauge_stays_down_until_a_reload_works(tmp_path: P
             await send.send(request)
             await request.done.wait()
             assert await gauge() == expected
+
+
+async def test_every_series_the_rules_and_dashboard_name_is_exported(world: World) -> None:
+    """No alert expression or dashboard panel selects a series the daemon never exports: a renamed
+    metric would otherwise leave an alert that can never fire, silently."""
+    import re
+
+    root = Path(__file__).parent.parent
+    exported = set(parse((await world.daemon.client.get(f"{world.daemon.url}/metrics")).text))
+    for source in (root / "deploy" / "prometheus" / "wacored.rules.yml", root / "dashboards" / "wacored.json"):
+        named = set(re.findall(r"\bwacored_[a-z0-9_]+", source.read_text()))
+        assert named, source
+        assert named <= exported, (source.name, sorted(named - exported))
