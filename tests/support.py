@@ -205,15 +205,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+CONTRACT = Path(__file__).resolve().parent.parent / "docs" / "contract.md"
 
 
 def readme_verify() -> Callable[[str, dict[str, str], bytes], bool]:
-    """The README's verification recipe for a downstream, run exactly as it is printed there."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    """The documented verification recipe for a downstream (docs/contract.md, "Forwarding"), run
+    exactly as it is printed there."""
+    blocks = re.findall(r"```python\n(.*?)```", CONTRACT.read_text(), re.S)
     [recipe] = [b for b in blocks if "def verify(" in b]
     namespace: dict[str, object] = {}
-    exec(recipe, namespace)  # noqa: S102 -- the README's own code, which is what is under test
+    exec(recipe, namespace)  # noqa: S102 -- the documented code, which is what is under test
     verify = namespace["verify"]
     assert callable(verify)
     return verify  # type: ignore[return-value]

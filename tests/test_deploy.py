@@ -38,6 +38,7 @@ RULE_TESTS = DEPLOY / "prometheus" / "wacored.rules.test.yml"
 UNIT = DEPLOY / "systemd" / "wacored.service"
 SITE = DEPLOY / "nginx" / "wacored.conf"
 README = ROOT / "README.md"
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
 
 
 def need(tool: str) -> str:
@@ -87,14 +88,14 @@ def test_every_alert_is_tested_firing_and_not_firing() -> None:
     assert set(firing) | set(quiet) <= names, "tests of alerts that do not exist"
 
 
-def test_every_alert_has_a_severity_a_summary_a_description_and_a_runbook_in_the_readme() -> None:
-    readme = README.read_text()
+def test_every_alert_has_a_severity_a_summary_a_description_and_a_runbook() -> None:
+    runbooks = RUNBOOKS.read_text()
     for name, block in alerts().items():
         assert re.search(r"severity: (critical|warning)\n", block), name
         assert "summary: " in block, name
         assert "description: " in block, name
-        assert f'runbook_url: "README.md#{name.lower()}"' in block, name
-        assert f"\n#### {name}\n" in readme, f"README.md has no troubleshooting entry for {name}"
+        assert f'runbook_url: "docs/runbooks.md#{name.lower()}"' in block, name
+        assert f"\n## {name}\n" in runbooks, f"docs/runbooks.md has no entry for {name}"
 
 
 # --- systemd ---------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Downstreams trust wacored with their own secrets, never Meta's: Standard Webhooks signatures on every
-forward (verified with the README's recipe, during a rotation too), the legacy header keyed with the
+forward (verified with the documented recipe, during a rotation too), the legacy header keyed with the
 service's secret, and the previous app secret accepted while a rotation keeps it. Real daemon, real
 HTTP, real store."""
 

@@ -88,7 +88,7 @@ def load_config(args: argparse.Namespace, *, need_secret: bool = True) -> Config
 def cmd_check_config(args: argparse.Namespace) -> int:
     if (config := load_config(args, need_secret=False)) is None:
         return 1
-    # Only `run` and `simulate` refuse without secrets (README, "Operator commands"): the file
+    # Only `run` and `simulate` refuse without secrets (docs/operations.md, "Operator commands"): the file
     # may be checked where they are not set. Say what `run` would refuse.
     for problem in config.secret_problems():
         print(f"warning: {problem} (`run` will refuse to start)")

@@ -84,7 +84,7 @@ class Verdict(StrEnum):
 
 
 def classify(status: int) -> Verdict:
-    """What an HTTP status means for a delivery (README, "Forwarding")."""
+    """What an HTTP status means for a delivery (docs/contract.md, "Forwarding")."""
     if 200 <= status < 300:
         return Verdict.DELIVERED
     if status in (408, 425, 429) or status >= 500:

@@ -10,8 +10,8 @@ its series before the first event. Labels are bounded: services come from the co
 time: a reload swaps it whole), outcomes from fixed lists; never a phone number or a message id. The
 ``number`` label (requests, routes, status updates; present once the config has ``[numbers.ID]``
 sections) holds a configured business number id or ``other``.
-The catalogue (names and labels) is a contract with the alert rules and dashboards: see README.md,
-"Telemetry".
+The catalogue (names and labels) is a contract with the alert rules and dashboards: see
+docs/metrics.md (tests/test_docs.py keeps the two the same).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Routing policy, without I/O: which service owns a message, and what happens to the sender's session.
 
-Order (README, "Routing"): (1) a menu word ends the session and sends the home menu;
+Order (docs/contract.md, "Routing"): (1) a menu word ends the session and sends the home menu;
 (2) an exact key match of the whole text or of an interactive reply id routes to that service and
 starts a session there; (3) a live session routes to its service and refreshes it (media, location
 and every other type included); (4) otherwise the fallback. Matching is case-insensitive on trimmed

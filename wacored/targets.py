@@ -77,7 +77,7 @@ class Target:
         return httpx.URL(f"{self.graph_api_url.rstrip('/')}/{d.number}/messages")
 
     def headers(self, d: Delivery, *, now: float, dlq_retry: bool = False) -> dict[str, str]:
-        """The contract's headers for `d` sent at wall-clock `now` (README, "Forwarding");
+        """The contract's headers for `d` sent at wall-clock `now` (docs/contract.md, "Forwarding");
         never a copied incoming one."""
         headers = {
             "Content-Type": "application/json",
