@@ -293,6 +293,21 @@ def add_message(conn: sqlite3.Connection, key: str, *, target: str = "rides", st
     return cur.lastrowid
 
 
+def add_dead_letter(conn: sqlite3.Connection, key: str, *, state: str = "abandoned", service: str = "rides",
+                    created_at: float = 1_800_000_000.0 - 86400.0, updated_at: float | None = None, attempts: int = 3,
+                    next_attempt_at: float | None = None) -> int:
+    """A dead letter and its message, as the daemon writes them; the dead letter's row id."""
+    message = add_message(conn, key, target=service, state="dead_lettered", received_at=created_at)
+    cur = conn.execute(
+        "INSERT INTO dead_letters (message_id, key, service, state, reason, error, status_code, attempts,"
+        " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'transient', 'HTTP 503', 503, ?, ?, ?, ?)",
+        (message, key, service, state, attempts, next_attempt_at, created_at,
+         created_at if updated_at is None else updated_at),
+    )
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
 def operator_config(tmp_path: Path, mapping: dict[str, Any]) -> Path:
     """`mapping` (a test config) as a TOML file the operator's commands read, without the app secret."""
     data = json.loads(json.dumps(mapping))

@@ -16,7 +16,7 @@ from wacored import operations as ops
 from wacored.store import migrate
 
 from .conftest import Daemon, Downstream, Received, World, make_config, open_daemon
-from .test_operations import add_dead_letter
+from .support import add_dead_letter
 
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

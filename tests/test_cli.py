@@ -21,8 +21,7 @@ from wacored.cli import main
 from wacored.store import SCHEMA_VERSION, migrate
 
 from .conftest import Downstream, config_mapping, make_config, open_daemon
-from .support import clean_env, free_port, toml_text
-from .test_operations import add_dead_letter
+from .support import add_dead_letter, clean_env, free_port, toml_text
 
 ROOT = Path(__file__).parent.parent
 BAD_CONFIG = """

@@ -11,34 +11,10 @@ import pytest
 from wacored import operations as ops
 from wacored.store import SCHEMA_VERSION, SchemaError, migrate
 
+from .support import add_dead_letter, add_message
+
 NOW = 1_800_000_000.0
 DAY = 86400.0
-
-
-def add_message(conn: sqlite3.Connection, key: str, *, target: str = "rides", state: str = "queued",
-                received_at: float = NOW - 60) -> int:
-    cur = conn.execute(
-        "INSERT INTO messages (key, kind, sender, service, reason, target, body, request_id, correlation_id,"
-        " traceparent, received_at, state) VALUES (?, 'message', '250788000001', ?, 'keyword', ?, x'7b7d',"
-        " 'req-1', 'corr-1', '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', ?, ?)",
-        (key, target, target, received_at, state),
-    )
-    assert cur.lastrowid is not None
-    return cur.lastrowid
-
-
-def add_dead_letter(conn: sqlite3.Connection, key: str, *, state: str = "abandoned", service: str = "rides",
-                    created_at: float = NOW - DAY, updated_at: float | None = None, attempts: int = 3,
-                    next_attempt_at: float | None = None) -> int:
-    message = add_message(conn, key, target=service, state="dead_lettered", received_at=created_at)
-    cur = conn.execute(
-        "INSERT INTO dead_letters (message_id, key, service, state, reason, error, status_code, attempts,"
-        " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'transient', 'HTTP 503', 503, ?, ?, ?, ?)",
-        (message, key, service, state, attempts, next_attempt_at, created_at,
-         created_at if updated_at is None else updated_at),
-    )
-    assert cur.lastrowid is not None
-    return cur.lastrowid
 
 
 @pytest.fixture
