@@ -26,6 +26,7 @@ import pytest
 import trio
 import trustme
 
+from wacored.version import VERSION
 from wacored.whatsapp import sign, text_webhook
 
 from .conftest import SECRET, VERIFY_TOKEN, Downstream, config_mapping
@@ -198,7 +199,31 @@ def test_a_dry_install_writes_everything_under_the_prefix(install: Install) -> N
     assert config["store"]["path"] == "/var/lib/wacored/wacored.db"
     assert config["services"] == tomllib.loads((ROOT / "wacored.toml").read_text())["services"]
     assert os.access(root / "opt/wacored/venv/bin/wacored", os.X_OK)
-    assert sorted(p.name for p in root.iterdir()) == ["etc", "opt"]
+    assert sorted(p.name for p in root.iterdir()) == ["etc", "opt", "usr"]
+
+
+def test_install_puts_wacored_on_the_path(install: Install) -> None:
+    link = install.root / "usr/local/bin/wacored"
+    target = install.root / "opt/wacored/venv/bin/wacored"
+    assert link.is_symlink()
+    assert os.readlink(link) == str(target)
+    assert f"linked {link} -> {target}" in install.first.stdout
+    assert f"exists: {link} -> {target}" in install.second.stdout  # a re-run leaves it as it is
+    result = run(link, "--version", env=clean_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["wacored", VERSION]
+
+
+def test_install_never_replaces_a_wacored_command_that_is_not_its_link(tmp_path: Path) -> None:
+    """Someone else's file (a pip install, a wrapper script) at the link's place is kept, and said so."""
+    theirs = tmp_path / "usr/local/bin/wacored"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text("#!/bin/sh\necho theirs\n")
+    result = run("bash", DEPLOY / "install.sh", "--prefix", tmp_path, "--python", sys.executable, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not theirs.is_symlink()
+    assert theirs.read_text() == "#!/bin/sh\necho theirs\n"
+    assert f"{theirs} exists and is not a link: kept" in result.stderr
 
 
 def test_the_secrets_file_is_private_and_holds_empty_placeholders(install: Install) -> None:
