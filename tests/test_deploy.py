@@ -11,15 +11,17 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import ssl
 import stat
 import subprocess
 import sys
 import tomllib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,8 +31,8 @@ import trustme
 from wacored.version import VERSION
 from wacored.whatsapp import sign, text_webhook
 
-from .conftest import SECRET, VERIFY_TOKEN, Downstream, config_mapping
-from .support import clean_env, free_port, toml_text
+from .conftest import SECRET, VERIFY_TOKEN, Downstream, Received, config_mapping
+from .support import POLL_S, clean_env, free_port, toml_text
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
@@ -272,10 +274,13 @@ os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 
 @asynccontextmanager
 async def daemon_process(
-    tmp_path: Path, services: Downstream, graph: Downstream, *, wrapper: Sequence[str] = ()
+    tmp_path: Path, services: Downstream, graph: Downstream, *, wrapper: Sequence[str] = (),
+    edit: Callable[[dict[str, Any]], None] = lambda _: None,
 ) -> AsyncIterator[str]:
-    """A `wacored run` process on a free port; yields its URL once /health answers."""
+    """A `wacored run` process on a free port; yields its URL once /health answers. `edit` changes
+    the test config (`config_mapping`) first."""
     data = config_mapping(tmp_path, services.url, graph.url)
+    edit(data)
     port = free_port()
     data["server"]["listen"] = f"127.0.0.1:{port}"
     (tmp_path / "wacored.toml").write_text(toml_text(data))
@@ -316,7 +321,20 @@ async def verify(*args: str, env: dict[str, str] | None = None) -> tuple[int, li
 
 def verdicts(lines: list[str]) -> dict[str, str]:
     """`{"health": "PASS", ...}` from verify.sh's output."""
-    return {m[2]: m[1] for line in lines if (m := re.match(r"^(PASS|FAIL)  (\w+) ", line))}
+    return {m[2]: m[1] for line in lines if (m := re.match(r"^(PASS|WARN|FAIL)  (\w+) ", line))}
+
+
+def line_of(lines: list[str], check: str) -> str:
+    [line] = [line for line in lines if re.match(rf"^(PASS|WARN|FAIL)  {check} ", line)]
+    return line
+
+
+async def wait_for_health_of(url: str, ready: Callable[[httpx.Response], bool]) -> httpx.Response:
+    """Poll a daemon process's /health until `ready(answer)` (the caller bounds the wait)."""
+    async with httpx.AsyncClient(trust_env=False) as http:
+        while not ready(answer := await http.get(f"{url}/health")):  # noqa: ASYNC110 -- another process's state
+            await trio.sleep(POLL_S)
+    return answer
 
 
 async def test_verify_passes_every_check_but_metrics_against_a_running_daemon(
@@ -342,7 +360,7 @@ async def test_verify_passes_completely_against_a_running_daemon(
     """Needs /metrics serving the catalogue (the metrics work of issue 4)."""
     async with daemon_process(tmp_path, services, graph) as url:
         code, lines = await verify(url, env=clean_env(WACORED_APP_SECRET=SECRET, WACORED_VERIFY_TOKEN=VERIFY_TOKEN))
-    assert (code, lines[-1]) == (0, "6 passed, 0 failed"), lines
+    assert (code, lines[-1]) == (0, "6 passed, 0 warned, 0 failed"), lines
 
 
 async def test_verify_fails_on_a_wrong_url() -> None:
@@ -350,7 +368,7 @@ async def test_verify_fails_on_a_wrong_url() -> None:
                                env=clean_env(WACORED_APP_SECRET=SECRET, WACORED_VERIFY_TOKEN=VERIFY_TOKEN))
     assert code == 1
     assert set(verdicts(lines).values()) == {"FAIL"}
-    assert lines[-1] == "0 passed, 6 failed"
+    assert lines[-1] == "0 passed, 0 warned, 6 failed"
     assert "no answer from http://127.0.0.1:" in lines[0]
 
 
@@ -366,6 +384,67 @@ async def test_verify_fails_on_wrong_secrets(tmp_path: Path, services: Downstrea
     assert "WACORED_APP_SECRET is not set" in "\n".join(bare)
     assert services.received == []
     assert graph.received == []
+
+
+async def test_verify_warns_and_passes_when_a_services_breaker_is_open(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    """A downstream down is not wacored broken: /health says degraded, verify.sh names the breaker."""
+
+    async def down(_: Received) -> int:
+        return 503
+
+    services.respond = down
+
+    def one_failure_opens_rides_breaker(data: dict[str, Any]) -> None:
+        data["services"]["rides"].update(breaker_failures=1, retries=0, breaker_open_s=600)
+
+    async with daemon_process(tmp_path, services, graph, edit=one_failure_opens_rides_breaker) as url:
+        body = text_webhook(text="rides", sender="250788000780", wamid="wamid.BREAKER1", timestamp=1700000000)
+        async with httpx.AsyncClient(trust_env=False) as http:
+            r = await http.post(f"{url}/webhook", content=body, headers={"X-Hub-Signature-256": sign(SECRET, body)})
+        assert r.status_code == 200, r.text
+        with trio.fail_after(15):
+            health = await wait_for_health_of(url, lambda a: a.json()["services"]["rides"]["breaker"] == "open")
+        assert (health.status_code, health.json()["status"]) == (200, "degraded")
+        code, lines = await verify(url, env=clean_env(WACORED_APP_SECRET=SECRET, WACORED_VERIFY_TOKEN=VERIFY_TOKEN))
+    assert code == 0, lines
+    assert verdicts(lines) == {**dict.fromkeys(["database", "actors", "metrics", "handshake", "message"], "PASS"),
+                               "health": "WARN"}, lines
+    assert "status degraded" in line_of(lines, "health")
+    assert "breaker of rides open" in line_of(lines, "health")
+    assert lines[-1] == "5 passed, 1 warned, 0 failed"
+
+
+async def test_verify_fails_when_the_daemon_is_unhealthy(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    """Commits refused past `unhealthy_after_s` (here another process holds the store's write lock):
+    wacored itself cannot take webhooks, a FAIL naming why."""
+
+    def fails_fast(data: dict[str, Any]) -> None:
+        data["store"].update(busy_timeout_ms=100, unhealthy_after_s=0.5)
+
+    async with daemon_process(tmp_path, services, graph, edit=fails_fast) as url:
+        lock = sqlite3.connect(tmp_path / "wacored.db", isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")
+            body = text_webhook(text="rides", sender="250788000781", wamid="wamid.LOCKED1", timestamp=1700000000)
+            async with httpx.AsyncClient(trust_env=False) as http:
+                r = await http.post(f"{url}/webhook", content=body,
+                                    headers={"X-Hub-Signature-256": sign(SECRET, body)})
+            assert r.status_code == 503, r.text
+            with trio.fail_after(15):
+                await wait_for_health_of(url, lambda a: a.status_code == 503)
+            code, lines = await verify(url, env=clean_env(WACORED_APP_SECRET=SECRET,
+                                                          WACORED_VERIFY_TOKEN=VERIFY_TOKEN))
+        finally:
+            lock.close()
+    assert code == 1, lines
+    got = verdicts(lines)
+    assert (got["health"], got["message"]) == ("FAIL", "FAIL"), lines
+    assert "status unhealthy" in line_of(lines, "health")
+    assert "store commits failing since" in line_of(lines, "health")
 
 
 async def test_the_daemon_runs_with_memory_deny_write_execute(
