@@ -9,16 +9,16 @@
 #   URL             wacored's listener (default http://127.0.0.1:8080)
 #   --env-file FILE KEY=VALUE file that fills in unset variables, e.g. /etc/wacored/wacored.env
 #   --from NUMBER   sender of the signed test message (default $WACORED_VERIFY_SENDER, else 15550000000)
-#   --text TEXT     its text (default "menu": wacored answers it by sending the home menu to NUMBER,
-#                   so use your own WhatsApp number to see it arrive; a made-up number ends as one
-#                   abandoned dead letter)
+#   --text TEXT     its text (default "menu"): the route it takes is printed
+# The test message is a probe (its wamid starts wamid.WACORED_PROBE.): wacored routes and stores it
+# like any message but never forwards it, so no service, no phone and no dead letter ever sees it.
 # Secrets: WACORED_VERIFY_TOKEN (the handshake) and WACORED_APP_SECRET (signing the test message),
 # from the environment or --env-file.
 #
 # Checks: health (status healthy; degraded is a WARN), database (reachable, schema version), actors
 # (every one running; a forwarder, the DLQ retrier or the reaper stopped is a WARN), metrics (/metrics
-# exposes wacored_*), handshake (the challenge is echoed), message (a signed message is accepted and
-# routed).
+# exposes wacored_*), handshake (the challenge is echoed), message (a signed probe is accepted and
+# routed; a wacored too old to know probes is a WARN: it forwards the message).
 set -euo pipefail
 
 url="http://127.0.0.1:8080"
@@ -196,15 +196,16 @@ else
     fi
 fi
 
-# message: a signed WhatsApp webhook with one new message, the way Meta sends it. The secret reaches
-# Python through the environment, never a command line.
+# message: a signed WhatsApp webhook with one new message, the way Meta sends it, marked as a probe by
+# its wamid (inside the signed body: see README, HTTP contract). The secret reaches Python through the
+# environment, never a command line.
 if [[ -z "$app_secret" ]]; then
     fail message "WACORED_APP_SECRET is not set (environment or --env-file)"
 else
     signature="$(VERIFY_SECRET="$app_secret" VERIFY_FROM="$sender" VERIFY_TEXT="$text" python3 - "$tmp/message.json" <<'PY'
 import hashlib, hmac, json, os, sys, time, uuid
 sender, now = os.environ["VERIFY_FROM"], int(time.time())
-message = {"from": sender, "id": f"wamid.VERIFY{uuid.uuid4().hex}", "timestamp": str(now), "type": "text",
+message = {"from": sender, "id": f"wamid.WACORED_PROBE.verify-{uuid.uuid4().hex}", "timestamp": str(now), "type": "text",
            "text": {"body": os.environ["VERIFY_TEXT"]}}
 value = {"messaging_product": "whatsapp",
          "metadata": {"display_phone_number": "15550000000", "phone_number_id": "VERIFY"},
@@ -229,9 +230,13 @@ except (ValueError, KeyError, IndexError, TypeError):
 if body.get("accepted") != 1:
     sys.exit(1)
 print(f"routed to {route['service']} ({route['reason']}), message {route['message_id']}")
+# A wacored from before probes routes the message and forwards it like any other.
+sys.exit(0 if route.get("probe") is True else 3)
 PY
 )" && [[ "$status" == "200" ]]; then
-        pass message "$route"
+        pass message "$route (a probe: not forwarded)"
+    elif [[ $? -eq 3 && "$status" == "200" ]]; then
+        warn message "$route, but not as a probe: this wacored forwards it (upgrade it)"
     else
         fail message "HTTP $status: $(head -c 200 "$tmp/message")"
     fi
