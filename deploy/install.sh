@@ -4,10 +4,11 @@
 #   - a virtualenv at /opt/wacored/venv with wacored installed from this source tree;
 #   - /etc/wacored/wacored.toml (the documented default, store at /var/lib/wacored/wacored.db), kept if present;
 #   - /etc/wacored/wacored.env (mode 0600) with empty secrets to fill in, kept if present;
-#   - /etc/systemd/system/wacored.service, enabled (started once the secrets are filled in).
+#   - /etc/systemd/system/wacored.service, enabled (started once the secrets are filled in);
+#   - /usr/local/bin/wacored, a link to the virtualenv's wacored, so `wacored status` works in any shell.
 #
 # Usage: deploy/install.sh [--prefix DIR] [--source DIR] [--python PYTHON]
-#   --prefix DIR   dry install: write everything under DIR (DIR/opt/..., DIR/etc/...), create no user,
+#   --prefix DIR   dry install: write everything under DIR (DIR/opt/..., DIR/etc/..., DIR/usr/local/bin/...), create no user,
 #                  call no systemctl, and print what a real install would also do.
 #   --source DIR   the wacored source tree to install (default: this script's repository)
 #   --python PY    the interpreter for the virtualenv (default: python3, >= 3.11)
@@ -42,6 +43,7 @@ fi
 opt_dir="$prefix/opt/wacored"
 etc_dir="$prefix/etc/wacored"
 unit_dir="$prefix/etc/systemd/system"
+bin_dir="$prefix/usr/local/bin"
 config="$etc_dir/wacored.toml"
 env_file="$etc_dir/wacored.env"
 store_path="/var/lib/wacored/wacored.db"
@@ -83,6 +85,21 @@ cp -r "$source_dir/pyproject.toml" "$source_dir/README.md" "$source_dir/wacored"
 "$opt_dir/venv/bin/pip" install --quiet --disable-pip-version-check "$build_dir"
 install -m 0644 "$source_dir/README.md" "$opt_dir/README.md"
 echo "    $("$opt_dir/venv/bin/python" -c 'import wacored.runtime as r; print("wacored", r.VERSION)')"
+
+step "command $bin_dir/wacored"
+# A link, not a copy: an upgrade (a new virtualenv in the same place) needs nothing more here. A file
+# that is not a link is someone else's (a pip install --user, a hand-made wrapper): never replaced.
+link="$bin_dir/wacored"
+wacored_bin="$opt_dir/venv/bin/wacored"
+install -d -m 0755 "$bin_dir"
+if [[ -L "$link" && "$(readlink "$link")" == "$wacored_bin" ]]; then
+    echo "    exists: $link -> $wacored_bin"
+elif [[ -e "$link" && ! -L "$link" ]]; then
+    echo "    $link exists and is not a link: kept; run $wacored_bin instead" >&2
+else
+    ln -sfn "$wacored_bin" "$link"
+    echo "    linked $link -> $wacored_bin"
+fi
 
 step "config $config"
 install -d -m 0755 "$etc_dir"
@@ -138,6 +155,7 @@ system systemctl try-restart wacored.service
 
 step "done"
 cat <<EOF
+    wacored is on the PATH: $bin_dir/wacored
     next: fill in $env_file (see README.md, "Operations"), then
         systemctl start wacored
         $source_dir/deploy/verify.sh --env-file /etc/wacored/wacored.env http://127.0.0.1:8080

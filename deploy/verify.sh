@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # Post-deploy check of a running wacored, against its own listener (not the TLS proxy, which only
-# exposes /webhook). Prints PASS or FAIL for each check and a summary; exits 1 if any check failed.
+# exposes /webhook). Prints PASS, WARN or FAIL for each check and a summary; exits 1 if any check
+# failed. FAIL is wacored itself broken (no answer, /health unhealthy, a secret refused, a message not
+# accepted); WARN is wacored working while something it depends on is not (/health degraded: a
+# service's breaker open, a forwarder stopped, commits failing for now), named on the line.
 #
 # Usage: deploy/verify.sh [--env-file FILE] [--from NUMBER] [--text TEXT] [URL]
 #   URL             wacored's listener (default http://127.0.0.1:8080)
 #   --env-file FILE KEY=VALUE file that fills in unset variables, e.g. /etc/wacored/wacored.env
 #   --from NUMBER   sender of the signed test message (default $WACORED_VERIFY_SENDER, else 15550000000)
-#   --text TEXT     its text (default "menu": wacored answers it by sending the home menu to NUMBER,
-#                   so use your own WhatsApp number to see it arrive; a made-up number ends as one
-#                   abandoned dead letter)
+#   --text TEXT     its text (default "menu"): the route it takes is printed
+# The test message is a probe (its wamid starts wamid.WACORED_PROBE.): wacored routes and stores it
+# like any message but never forwards it, so no service, no phone and no dead letter ever sees it.
 # Secrets: WACORED_VERIFY_TOKEN (the handshake) and WACORED_APP_SECRET (signing the test message),
 # from the environment or --env-file.
 #
-# Checks: health (status healthy), database (reachable, schema version), actors (every one running),
-# metrics (/metrics exposes wacored_*), handshake (the challenge is echoed), message (a signed message
-# is accepted and routed).
+# Checks: health (status healthy; degraded is a WARN), database (reachable, schema version), actors
+# (every one running; a forwarder, the DLQ retrier or the reaper stopped is a WARN), metrics (/metrics
+# exposes wacored_*), handshake (the challenge is echoed), message (a signed probe is accepted and
+# routed; a wacored too old to know probes is a WARN: it forwards the message).
 set -euo pipefail
 
 url="http://127.0.0.1:8080"
@@ -23,7 +27,7 @@ sender="${WACORED_VERIFY_SENDER:-15550000000}"
 text="menu"
 
 usage() {
-    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 while [[ $# -gt 0 ]]; do
@@ -58,8 +62,10 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
 passed=0
+warned=0
 failed=0
 pass() { printf 'PASS  %-10s %s\n' "$1" "$2"; passed=$((passed + 1)); }
+warn() { printf 'WARN  %-10s %s\n' "$1" "$2"; warned=$((warned + 1)); }
 fail() { printf 'FAIL  %-10s %s\n' "$1" "$2"; failed=$((failed + 1)); }
 
 # fetch NAME CURL-ARGS...: the body goes to $tmp/NAME, the HTTP status to $status (000: no answer,
@@ -74,33 +80,72 @@ fetch() {
 }
 no_answer() { printf 'no answer from %s: %s' "$url" "$(head -c 200 "$tmp/$1.err")"; }
 
-# health, database, actors: one GET /health. The Python reads the JSON; it prints the detail and
-# exits 1 when the check fails.
+# health, database, actors: one GET /health. The Python reads the JSON and prints the detail; it
+# exits 0 (PASS), 1 (FAIL: wacored itself is broken) or 3 (WARN: wacored works, something it depends
+# on does not). `degraded` is a WARN: wacored still takes and stores every webhook, and what is wrong
+# (a service down, a breaker open, a forwarder stopped, commits failing for now) is named.
 fetch health "$url/health"
 health_check() {
     python3 - "$1" "$tmp/health" <<'PY'
 import json, sys
+PASS, FAIL, WARN = 0, 1, 3
+CORE = ("writer", "ingress")  # down: /health is unhealthy (README, the /health contract)
 check, path = sys.argv[1], sys.argv[2]
 try:
     body = json.load(open(path, encoding="utf-8"))
-except ValueError:
-    print("/health did not answer JSON"); sys.exit(1)
-checks = body.get("checks", {})
+    checks, services = body.get("checks", {}), body.get("services", {})
+    actors, writes = checks.get("actors", {}), checks.get("store_writes", {})
+except (ValueError, AttributeError):
+    print("/health did not answer a JSON object"); sys.exit(FAIL)
+
+def stopped(name, actor):
+    return f"{name} ({actor.get('error') or actor.get('status')})"
+
+def degraded():
+    """What makes /health degraded, each named."""
+    why = [f"breaker of {name} {svc.get('breaker')}" for name, svc in sorted(services.items())
+           if svc.get("breaker") != "closed"]
+    why += ["actor " + stopped(name, a) for name, a in sorted(actors.items()) if a.get("status") != "running"]
+    if writes.get("status") not in (None, "ok"):
+        why.append(f"store commits {writes.get('status')} since {writes.get('failing_since')}"
+                   f" ({writes.get('last_error')})")
+    return why
+
+def unhealthy():
+    """What makes /health unhealthy, each named."""
+    why = []
+    db = checks.get("database", {})
+    if db.get("status") != "ok":
+        why.append(f"store not readable ({db.get('error')})")
+    if writes.get("status") == "down":
+        why.append(f"store commits failing since {writes.get('failing_since')} ({writes.get('last_error')})")
+    why += ["actor " + stopped(name, actors[name]) for name in CORE
+            if name in actors and actors[name].get("status") != "running"]
+    return why
+
 if check == "health":
-    print(f"status {body.get('status')}, version {body.get('version')}, up {body.get('uptime_s')} s")
-    sys.exit(body.get("status") != "healthy")
+    status = body.get("status")
+    summary = f"status {status}, version {body.get('version')}, up {body.get('uptime_s')} s"
+    if status == "healthy":
+        print(summary); sys.exit(PASS)
+    if status == "degraded":
+        print(f"{summary}: " + "; ".join(degraded() or ["no reason given"])); sys.exit(WARN)
+    print(f"{summary}: " + "; ".join(unhealthy() or ["no reason given"])); sys.exit(FAIL)
 if check == "database":
     db = checks.get("database", {})
     if db.get("status") != "ok":
-        print(f"store not readable: {db.get('error', db)}"); sys.exit(1)
+        print(f"store not readable: {db.get('error', db)}"); sys.exit(FAIL)
     print(f"schema version {db.get('schema_version')} at {db.get('path')}")
-    sys.exit(not isinstance(db.get("schema_version"), int) or db["schema_version"] < 1)
+    sys.exit(FAIL if not isinstance(db.get("schema_version"), int) or db["schema_version"] < 1 else PASS)
 if check == "actors":
-    actors = checks.get("actors", {})
-    down = [f"{name} ({a.get('error') or a.get('status')})" for name, a in actors.items() if a.get("status") != "running"]
-    down += [f"{name} (missing)" for name in ("writer", "ingress") if name not in actors]
+    core = [f"{name} (missing)" for name in CORE if name not in actors]
+    core += [stopped(name, actors[name]) for name in CORE if name in actors and actors[name].get("status") != "running"]
+    if core:
+        print("not running: " + ", ".join(core)); sys.exit(FAIL)
+    down = [stopped(name, a) for name, a in sorted(actors.items()) if a.get("status") != "running"]
     if down:
-        print("not running: " + ", ".join(down)); sys.exit(1)
+        # A forwarder, the DLQ retrier or the reaper: messages wait on disk, nothing is lost.
+        print("not running: " + ", ".join(down)); sys.exit(WARN)
     print(f"{len(actors)} running: " + ", ".join(sorted(actors)))
 PY
 }
@@ -109,6 +154,8 @@ for check in health database actors; do
         fail "$check" "$(no_answer health)"
     elif detail="$(health_check "$check")"; then
         pass "$check" "$detail"
+    elif [[ $? -eq 3 ]]; then
+        warn "$check" "$detail"
     else
         fail "$check" "HTTP $status: $detail"
     fi
@@ -149,15 +196,16 @@ else
     fi
 fi
 
-# message: a signed WhatsApp webhook with one new message, the way Meta sends it. The secret reaches
-# Python through the environment, never a command line.
+# message: a signed WhatsApp webhook with one new message, the way Meta sends it, marked as a probe by
+# its wamid (inside the signed body: see README, HTTP contract). The secret reaches Python through the
+# environment, never a command line.
 if [[ -z "$app_secret" ]]; then
     fail message "WACORED_APP_SECRET is not set (environment or --env-file)"
 else
     signature="$(VERIFY_SECRET="$app_secret" VERIFY_FROM="$sender" VERIFY_TEXT="$text" python3 - "$tmp/message.json" <<'PY'
 import hashlib, hmac, json, os, sys, time, uuid
 sender, now = os.environ["VERIFY_FROM"], int(time.time())
-message = {"from": sender, "id": f"wamid.VERIFY{uuid.uuid4().hex}", "timestamp": str(now), "type": "text",
+message = {"from": sender, "id": f"wamid.WACORED_PROBE.verify-{uuid.uuid4().hex}", "timestamp": str(now), "type": "text",
            "text": {"body": os.environ["VERIFY_TEXT"]}}
 value = {"messaging_product": "whatsapp",
          "metadata": {"display_phone_number": "15550000000", "phone_number_id": "VERIFY"},
@@ -182,13 +230,17 @@ except (ValueError, KeyError, IndexError, TypeError):
 if body.get("accepted") != 1:
     sys.exit(1)
 print(f"routed to {route['service']} ({route['reason']}), message {route['message_id']}")
+# A wacored from before probes routes the message and forwards it like any other.
+sys.exit(0 if route.get("probe") is True else 3)
 PY
 )" && [[ "$status" == "200" ]]; then
-        pass message "$route"
+        pass message "$route (a probe: not forwarded)"
+    elif [[ $? -eq 3 && "$status" == "200" ]]; then
+        warn message "$route, but not as a probe: this wacored forwards it (upgrade it)"
     else
         fail message "HTTP $status: $(head -c 200 "$tmp/message")"
     fi
 fi
 
-printf '%d passed, %d failed\n' "$passed" "$failed"
+printf '%d passed, %d warned, %d failed\n' "$passed" "$warned" "$failed"
 [[ "$failed" -eq 0 ]]

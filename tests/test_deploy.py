@@ -11,25 +11,28 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import ssl
 import stat
 import subprocess
 import sys
 import tomllib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import trio
 import trustme
 
+from wacored.version import VERSION
 from wacored.whatsapp import sign, text_webhook
 
-from .conftest import SECRET, VERIFY_TOKEN, Downstream, config_mapping
-from .support import clean_env, free_port, toml_text
+from .conftest import SECRET, VERIFY_TOKEN, Downstream, Received, config_mapping
+from .support import POLL_S, clean_env, free_port, read, toml_text
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
@@ -199,7 +202,31 @@ def test_a_dry_install_writes_everything_under_the_prefix(install: Install) -> N
     assert config["store"]["path"] == "/var/lib/wacored/wacored.db"
     assert config["services"] == tomllib.loads((ROOT / "wacored.toml").read_text())["services"]
     assert os.access(root / "opt/wacored/venv/bin/wacored", os.X_OK)
-    assert sorted(p.name for p in root.iterdir()) == ["etc", "opt"]
+    assert sorted(p.name for p in root.iterdir()) == ["etc", "opt", "usr"]
+
+
+def test_install_puts_wacored_on_the_path(install: Install) -> None:
+    link = install.root / "usr/local/bin/wacored"
+    target = install.root / "opt/wacored/venv/bin/wacored"
+    assert link.is_symlink()
+    assert os.readlink(link) == str(target)
+    assert f"linked {link} -> {target}" in install.first.stdout
+    assert f"exists: {link} -> {target}" in install.second.stdout  # a re-run leaves it as it is
+    result = run(link, "--version", env=clean_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["wacored", VERSION]
+
+
+def test_install_never_replaces_a_wacored_command_that_is_not_its_link(tmp_path: Path) -> None:
+    """Someone else's file (a pip install, a wrapper script) at the link's place is kept, and said so."""
+    theirs = tmp_path / "usr/local/bin/wacored"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text("#!/bin/sh\necho theirs\n")
+    result = run("bash", DEPLOY / "install.sh", "--prefix", tmp_path, "--python", sys.executable, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not theirs.is_symlink()
+    assert theirs.read_text() == "#!/bin/sh\necho theirs\n"
+    assert f"{theirs} exists and is not a link: kept" in result.stderr
 
 
 def test_the_secrets_file_is_private_and_holds_empty_placeholders(install: Install) -> None:
@@ -248,10 +275,13 @@ os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 
 @asynccontextmanager
 async def daemon_process(
-    tmp_path: Path, services: Downstream, graph: Downstream, *, wrapper: Sequence[str] = ()
+    tmp_path: Path, services: Downstream, graph: Downstream, *, wrapper: Sequence[str] = (),
+    edit: Callable[[dict[str, Any]], None] = lambda _: None,
 ) -> AsyncIterator[str]:
-    """A `wacored run` process on a free port; yields its URL once /health answers."""
+    """A `wacored run` process on a free port; yields its URL once /health answers. `edit` changes
+    the test config (`config_mapping`) first."""
     data = config_mapping(tmp_path, services.url, graph.url)
+    edit(data)
     port = free_port()
     data["server"]["listen"] = f"127.0.0.1:{port}"
     (tmp_path / "wacored.toml").write_text(toml_text(data))
@@ -292,7 +322,20 @@ async def verify(*args: str, env: dict[str, str] | None = None) -> tuple[int, li
 
 def verdicts(lines: list[str]) -> dict[str, str]:
     """`{"health": "PASS", ...}` from verify.sh's output."""
-    return {m[2]: m[1] for line in lines if (m := re.match(r"^(PASS|FAIL)  (\w+) ", line))}
+    return {m[2]: m[1] for line in lines if (m := re.match(r"^(PASS|WARN|FAIL)  (\w+) ", line))}
+
+
+def line_of(lines: list[str], check: str) -> str:
+    [line] = [line for line in lines if re.match(rf"^(PASS|WARN|FAIL)  {check} ", line)]
+    return line
+
+
+async def wait_for_health_of(url: str, ready: Callable[[httpx.Response], bool]) -> httpx.Response:
+    """Poll a daemon process's /health until `ready(answer)` (the caller bounds the wait)."""
+    async with httpx.AsyncClient(trust_env=False) as http:
+        while not ready(answer := await http.get(f"{url}/health")):  # noqa: ASYNC110 -- another process's state
+            await trio.sleep(POLL_S)
+    return answer
 
 
 async def test_verify_passes_every_check_but_metrics_against_a_running_daemon(
@@ -302,14 +345,19 @@ async def test_verify_passes_every_check_but_metrics_against_a_running_daemon(
     env_file.write_text(f"WACORED_APP_SECRET={SECRET}\nexport WACORED_VERIFY_TOKEN='{VERIFY_TOKEN}'\n")
     async with daemon_process(tmp_path, services, graph) as url:
         code, lines = await verify("--env-file", str(env_file), "--from", "250788000777", url)
-        [menu] = await graph.wait_for(1)
     got = verdicts(lines)
     assert set(got) == {"health", "database", "actors", "metrics", "handshake", "message"}, lines
     assert {name: v for name, v in got.items() if name != "metrics"} == dict.fromkeys(
         ["health", "database", "actors", "handshake", "message"], "PASS"), lines
-    assert any(re.match(r"PASS  message +routed to wacored \(home_menu\)", line) for line in lines)
-    assert menu.json()["to"] == "250788000777"  # the test message went all the way through
+    assert re.match(r"PASS  message +routed to wacored \(home_menu\), message wamid\.WACORED_PROBE\.verify-\w+"
+                    r" \(a probe: not forwarded\)$", line_of(lines, "message")), lines
     assert code == (0 if got["metrics"] == "PASS" else 1)
+    # The test message is a probe: stored with its route in its final state, sent nowhere (the daemon
+    # has stopped, so nothing can still be on its way), no dead letter to alert on.
+    db = tmp_path / "wacored.db"
+    assert read(db, "SELECT service, reason, state, attempts FROM messages") == [("wacored", "home_menu", "probe", 0)]
+    assert read(db, "SELECT COUNT(*) FROM dead_letters") == [(0,)]
+    assert (services.received, graph.received) == ([], [])
 
 
 async def test_verify_passes_completely_against_a_running_daemon(
@@ -318,7 +366,7 @@ async def test_verify_passes_completely_against_a_running_daemon(
     """Needs /metrics serving the catalogue (the metrics work of issue 4)."""
     async with daemon_process(tmp_path, services, graph) as url:
         code, lines = await verify(url, env=clean_env(WACORED_APP_SECRET=SECRET, WACORED_VERIFY_TOKEN=VERIFY_TOKEN))
-    assert (code, lines[-1]) == (0, "6 passed, 0 failed"), lines
+    assert (code, lines[-1]) == (0, "6 passed, 0 warned, 0 failed"), lines
 
 
 async def test_verify_fails_on_a_wrong_url() -> None:
@@ -326,7 +374,7 @@ async def test_verify_fails_on_a_wrong_url() -> None:
                                env=clean_env(WACORED_APP_SECRET=SECRET, WACORED_VERIFY_TOKEN=VERIFY_TOKEN))
     assert code == 1
     assert set(verdicts(lines).values()) == {"FAIL"}
-    assert lines[-1] == "0 passed, 6 failed"
+    assert lines[-1] == "0 passed, 0 warned, 6 failed"
     assert "no answer from http://127.0.0.1:" in lines[0]
 
 
@@ -342,6 +390,67 @@ async def test_verify_fails_on_wrong_secrets(tmp_path: Path, services: Downstrea
     assert "WACORED_APP_SECRET is not set" in "\n".join(bare)
     assert services.received == []
     assert graph.received == []
+
+
+async def test_verify_warns_and_passes_when_a_services_breaker_is_open(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    """A downstream down is not wacored broken: /health says degraded, verify.sh names the breaker."""
+
+    async def down(_: Received) -> int:
+        return 503
+
+    services.respond = down
+
+    def one_failure_opens_rides_breaker(data: dict[str, Any]) -> None:
+        data["services"]["rides"].update(breaker_failures=1, retries=0, breaker_open_s=600)
+
+    async with daemon_process(tmp_path, services, graph, edit=one_failure_opens_rides_breaker) as url:
+        body = text_webhook(text="rides", sender="250788000780", wamid="wamid.BREAKER1", timestamp=1700000000)
+        async with httpx.AsyncClient(trust_env=False) as http:
+            r = await http.post(f"{url}/webhook", content=body, headers={"X-Hub-Signature-256": sign(SECRET, body)})
+        assert r.status_code == 200, r.text
+        with trio.fail_after(15):
+            health = await wait_for_health_of(url, lambda a: a.json()["services"]["rides"]["breaker"] == "open")
+        assert (health.status_code, health.json()["status"]) == (200, "degraded")
+        code, lines = await verify(url, env=clean_env(WACORED_APP_SECRET=SECRET, WACORED_VERIFY_TOKEN=VERIFY_TOKEN))
+    assert code == 0, lines
+    assert verdicts(lines) == {**dict.fromkeys(["database", "actors", "metrics", "handshake", "message"], "PASS"),
+                               "health": "WARN"}, lines
+    assert "status degraded" in line_of(lines, "health")
+    assert "breaker of rides open" in line_of(lines, "health")
+    assert lines[-1] == "5 passed, 1 warned, 0 failed"
+
+
+async def test_verify_fails_when_the_daemon_is_unhealthy(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    """Commits refused past `unhealthy_after_s` (here another process holds the store's write lock):
+    wacored itself cannot take webhooks, a FAIL naming why."""
+
+    def fails_fast(data: dict[str, Any]) -> None:
+        data["store"].update(busy_timeout_ms=100, unhealthy_after_s=0.5)
+
+    async with daemon_process(tmp_path, services, graph, edit=fails_fast) as url:
+        lock = sqlite3.connect(tmp_path / "wacored.db", isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")
+            body = text_webhook(text="rides", sender="250788000781", wamid="wamid.LOCKED1", timestamp=1700000000)
+            async with httpx.AsyncClient(trust_env=False) as http:
+                r = await http.post(f"{url}/webhook", content=body,
+                                    headers={"X-Hub-Signature-256": sign(SECRET, body)})
+            assert r.status_code == 503, r.text
+            with trio.fail_after(15):
+                await wait_for_health_of(url, lambda a: a.status_code == 503)
+            code, lines = await verify(url, env=clean_env(WACORED_APP_SECRET=SECRET,
+                                                          WACORED_VERIFY_TOKEN=VERIFY_TOKEN))
+        finally:
+            lock.close()
+    assert code == 1, lines
+    got = verdicts(lines)
+    assert (got["health"], got["message"]) == ("FAIL", "FAIL"), lines
+    assert "status unhealthy" in line_of(lines, "health")
+    assert "store commits failing since" in line_of(lines, "health")
 
 
 async def test_the_daemon_runs_with_memory_deny_write_execute(

@@ -22,6 +22,7 @@ CATALOGUE = {
     "wacored_webhook_requests": "counter",
     "wacored_handshakes": "counter",
     "wacored_messages_routed": "counter",
+    "wacored_probes": "counter",
     "wacored_status_updates": "counter",
     "wacored_ack_latency_seconds": "histogram",
     "wacored_forward_attempts": "counter",

@@ -57,6 +57,7 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
     checks["ingress"] = {"in_flight": admission.in_flight, "unverified_reads": len(admission.reads),
                          "unverified_bytes": admission.unverified_bytes}
     checks["routed"] = dict(rt.counters.routed)
+    checks["probes"] = rt.counters.probes
     checks["statuses"] = dict(rt.counters.statuses)
     stats = rt.stats
     checks["dead_letters"] = {

@@ -44,6 +44,7 @@ from . import logs
 from .admission import Outcome
 from .config import GRAPH_SENDER, HOME_SERVICE, WhatsAppConfig
 from .numbers import OTHER, UNKNOWN_NUMBER, Numbers
+from .probe import is_probe
 from .routing import SessionAction, decide
 from .runtime import Runtime
 from .sessions import SessionChange
@@ -235,34 +236,39 @@ class Webhook:
         changes: list[tuple[int, SessionChange]] = []
 
         def row(key: str, kind: str, sender: str, service: str, reason: str, target: str, body: bytes,
-                number: str) -> NewRow:
+                number: str, probe: bool = False) -> NewRow:
             return NewRow(key, kind, sender, service, reason, target, body, request_id, correlation_id,
-                          message_traceparent(rt.tracer, traceparent, service, reason, kind), now, number=number)
+                          message_traceparent(rt.tracer, traceparent, service, reason, kind), now, number=number,
+                          probe=probe)
 
         for m in batch.messages:
             number = numbers.key_of(m.number)
+            # The mark is in the signed body, checked above: an unsigned caller cannot make one.
+            probe = is_probe(m.wamid)
             if number is None:
                 # A number `numbers = "listed"` does not know: kept (so a redelivery is a duplicate)
                 # and counted, never routed, forwarded nor answered.
                 rows.append(row(m.wamid, "message", m.sender, HOME_SERVICE, UNKNOWN_NUMBER, "", m.body,
-                                m.number or ""))
+                                m.number or "", probe))
                 continue
             plan = numbers.plan(number)
             session = view.service_of(m.sender, now, number)
             if session is not None and session not in plan.services:
                 session = None  # its service was removed by a reload, or no longer routes here: route afresh
             decision = decide(plan.routing, m, session)
-            if decision.session is not SessionAction.KEEP:
+            # A probe reads the sender's session but leaves it as it was: it may come from an
+            # operator's own number, whose conversation must not move because of a check.
+            if decision.session is not SessionAction.KEEP and not probe:
                 change = SessionChange(m.sender, decision.session, decision.service, now, number)
                 view.apply(change)
                 changes.append((len(rows), change))
             if decision.sends_home_menu:
                 body = encode(home_menu_message(plan.menu, m.phone, m.bsuid))
                 rows.append(row(m.wamid, "message", m.sender, decision.service, decision.reason.value,
-                                GRAPH_SENDER, body, number))
+                                GRAPH_SENDER, body, number, probe))
             else:
                 rows.append(row(m.wamid, "message", m.sender, decision.service, decision.reason.value,
-                                decision.service, m.body, number))
+                                decision.service, m.body, number, probe))
         for s in batch.statuses:
             number = numbers.key_of(s.number)
             statuses_to = numbers.plan(number).statuses if number is not None else ""
@@ -284,9 +290,15 @@ class Webhook:
         counters, numbers = self.rt.counters, self.rt.numbers
         n_messages = len(batch.messages)
         inserted = [r for r, row_id in zip(rows[:n_messages], ids[:n_messages], strict=True) if row_id is not None]
-        routes = [{"message_id": r.key, "service": r.service, "reason": r.reason} for r in inserted]
+        routes: list[dict[str, Any]] = [{"message_id": r.key, "service": r.service, "reason": r.reason,
+                                         **({"probe": True} if r.probe else {})} for r in inserted]
         duplicates = n_messages - len(routes)
         for r in inserted:
+            if r.probe:
+                # Counted apart: a probe is not traffic, and must not move the routed figures or
+                # the alerts and dashboards built on them.
+                counters.probes += 1
+                continue
             counters.bump(counters.routed, f"{r.service}:{r.reason}")
             # An unrouted row's number is the payload's id: `label` makes it ``other``, never the id.
             counters.count(("routed", r.service, r.reason, numbers.label(r.number)))

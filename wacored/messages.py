@@ -17,6 +17,8 @@ letter, if it has one, is kept but becomes ``replayed`` (the DLQ retrier only ta
 entries, so the message is not sent twice at once); when that delivery ends the entry becomes
 ``delivered``, or ``pending``/``abandoned`` again with a fresh retry budget (`store.WriteConnection.record`).
 A replayed message may reach its service after newer messages of the same sender.
+Only a message that was forwarded (``delivered``, ``dead_lettered``) is replayed: a probe (`probe.py`)
+or an ``unrouted`` message has nowhere it must go, and named by its key it is reported unknown.
 
 Error handling:
     `ValueError` for a selection that is not valid (a bad time, state, kind or limit): the CLI says so
@@ -37,7 +39,10 @@ from typing import Any
 
 from .operations import immediate, iso, list_dead_letters_of, parse_duration
 
-MESSAGE_STATES = ("queued", "delivered", "dead_lettered")
+MESSAGE_STATES = ("queued", "delivered", "dead_lettered", "probe")
+FORWARDED = ("delivered", "dead_lettered")
+"""The states a replay takes a message from: it was forwarded once (a probe or an ``unrouted`` message
+never is, and a bulk replay after an outage must not send verify.sh's probes to a service)."""
 DEAD_LETTER_FILTERS = ("pending", "abandoned", "replayed")
 """States of a message's dead letter a selection may name: dead-lettered messages whose entry is so."""
 STATE_FILTERS = MESSAGE_STATES + DEAD_LETTER_FILTERS
@@ -182,7 +187,8 @@ def plan_replay(conn: sqlite3.Connection, keys: Sequence[str]) -> ReplayPlan:
     unknown: list[str] = []
     queued: list[str] = []
     for key in dict.fromkeys(keys):
-        found = conn.execute("SELECT id, state FROM messages WHERE key = ? ORDER BY id", (key,)).fetchall()
+        found = conn.execute("SELECT id, state FROM messages WHERE key = ? AND state IN (?, ?, ?) ORDER BY id",
+                             (key, "queued", *FORWARDED)).fetchall()
         if not found:
             unknown.append(key)
         elif all(state == "queued" for _, state in found):
@@ -194,8 +200,8 @@ def plan_replay(conn: sqlite3.Connection, keys: Sequence[str]) -> ReplayPlan:
 def plan_matching(conn: sqlite3.Connection, sel: Selection) -> ReplayPlan:
     """Every message `sel` selects that is not queued already (no limit), oldest first."""
     where, params = _where(sel)
-    rows = conn.execute(f"SELECT m.id FROM messages AS m WHERE {where} AND m.state != 'queued' ORDER BY m.id",
-                        params).fetchall()
+    rows = conn.execute(f"SELECT m.id FROM messages AS m WHERE {where} AND m.state IN (?, ?) ORDER BY m.id",
+                        [*params, *FORWARDED]).fetchall()
     return ReplayPlan([r[0] for r in rows])
 
 
@@ -207,7 +213,8 @@ def requeue(conn: sqlite3.Connection, ids: Sequence[int], now: float) -> int:
         with immediate(conn):
             for mid in ids[start:start + BATCH]:
                 cur = conn.execute(
-                    "UPDATE messages SET state = 'queued', done_at = NULL WHERE id = ? AND state != 'queued'", (mid,))
+                    "UPDATE messages SET state = 'queued', done_at = NULL WHERE id = ? AND state IN (?, ?)",
+                    (mid, *FORWARDED))
                 if cur.rowcount:
                     count += 1
                     conn.execute("UPDATE dead_letters SET state = 'replayed', updated_at = ? WHERE message_id = ?",

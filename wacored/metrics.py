@@ -126,6 +126,8 @@ class StateCollector(Collector):
         services = targets(rt)
         yield _gauge("wacored_build_info", "The running version (always 1).", ["version"], {(self.version,): 1})
         yield from self._ingress(services)
+        yield _counter("wacored_probes", "Probes accepted: signed test messages routed and stored, never forwarded"
+                       " (not in wacored_messages_routed_total).", [], {(): rt.counters.probes})
         yield from self._forwarding(services, now)
         yield from self._dead_letters(services, now)
         yield from self._operations(now)

@@ -45,6 +45,8 @@ class Counters:
     """Webhook verification handshakes by result (ok, refused)."""
     routed: dict[str, int] = field(default_factory=dict)
     """Messages by ``service:reason``."""
+    probes: int = 0
+    """Probes accepted (`probe.py`): routed and stored, never forwarded, never counted in `routed`."""
     statuses: dict[str, int] = field(default_factory=dict)
     """Status updates by status, counted whether forwarded or dropped."""
     forwards: dict[str, int] = field(default_factory=dict)

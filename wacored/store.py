@@ -8,8 +8,8 @@ Tables (schema version in ``PRAGMA user_version``, forward-only migrations in `M
   with its route, the business number it was written to (``number``, schema v6: a number key of
   `numbers.py`, ``""`` for the default number), the exact bytes to deliver and its delivery ``state``
   (``queued`` -> ``delivered`` | ``dead_lettered``; ``unrouted`` for a message kept only to dedupe it,
-  one to a number ``numbers = "listed"`` does not know). The row id is commit order, which is delivery
-  order.
+  one to a number ``numbers = "listed"`` does not know; ``probe`` for a probe, `probe.py`, routed and
+  never forwarded). The row id is commit order, which is delivery order.
 - ``sessions``: the service each sender is in with each business number, and when it last interacted
   (schema v6 keyed it by (number, sender); sessions from before are the default number's, ``""``).
 - ``dead_letters``: one row per message that could not be delivered: ``state`` (``pending`` -> retried
@@ -84,11 +84,23 @@ class NewRow:
     received_at: float
     number: str = field(default="", kw_only=True)
     """The business number written to, as a number key (`numbers.py`): ``""`` is the default number."""
+    probe: bool = field(default=False, kw_only=True)
+    """A probe (`probe.py`): routed to `target`, stored as ``probe``, never delivered."""
 
     @property
     def routed(self) -> bool:
         """False for a message kept only to dedupe it (no target: stored ``unrouted``)."""
         return bool(self.target)
+
+    @property
+    def delivers(self) -> bool:
+        """Whether the row goes to its target's forwarder once committed (stored ``queued``)."""
+        return self.routed and not self.probe
+
+    @property
+    def initial_state(self) -> str:
+        """The ``messages.state`` it is inserted with."""
+        return "queued" if self.delivers else "probe" if self.probe else "unrouted"
 
 
 @dataclass(frozen=True)
@@ -381,7 +393,7 @@ class WriteConnection:
         for r in rows:
             cur.execute(_INSERT, (
                 r.key, r.kind, r.sender, r.service, r.reason, r.target, r.body, r.request_id,
-                r.correlation_id, r.traceparent, r.received_at, r.number, "queued" if r.routed else "unrouted",
+                r.correlation_id, r.traceparent, r.received_at, r.number, r.initial_state,
             ))
             ids.append(cur.lastrowid if cur.rowcount == 1 else None)
         for index, change in changes:

@@ -372,7 +372,8 @@ async def _commit_group(
         if isinstance(op, Ingest):
             ids: list[int | None] = result  # type: ignore[assignment]
             for row, row_id in zip(op.rows, ids, strict=True):
-                if row_id is not None and row.target in queues:
+                # A probe is routed but never delivered: it is stored ``probe``, no forwarder's.
+                if row_id is not None and row.delivers and row.target in queues:
                     queues[row.target].offer(Delivery.from_row(row_id, row))
             for index, change in op.changes:
                 if ids[index] is not None:
