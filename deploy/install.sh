@@ -5,21 +5,26 @@
 #   - /etc/wacored/wacored.toml (the documented default, store at /var/lib/wacored/wacored.db), kept if present;
 #   - /etc/wacored/wacored.env (mode 0600) with empty secrets to fill in, kept if present;
 #   - /etc/systemd/system/wacored.service, enabled (started once the secrets are filled in);
-#   - /usr/local/bin/wacored, a link to the virtualenv's wacored, so `wacored status` works in any shell.
+#   - /usr/local/bin/wacored, a link to the virtualenv's wacored, so `wacored status` works in any shell;
+#   - /opt/wacored/docs (the runbooks among them) and /etc/wacored/prometheus/wacored.rules.yml, the alert
+#     rules with their runbook_url made absolute.
 #
-# Usage: deploy/install.sh [--prefix DIR] [--source DIR] [--python PYTHON]
+# Usage: deploy/install.sh [--prefix DIR] [--source DIR] [--python PYTHON] [--runbooks-url URL]
 #   --prefix DIR   dry install: write everything under DIR (DIR/opt/..., DIR/etc/..., DIR/usr/local/bin/...), create no user,
 #                  call no systemctl, and print what a real install would also do.
 #   --source DIR   the wacored source tree to install (default: this script's repository)
 #   --python PY    the interpreter for the virtualenv (default: python3, >= 3.11)
+#   --runbooks-url URL  where operators read docs/runbooks.md, for the alerts' runbook_url
+#                  (default: file:///opt/wacored/docs/runbooks.md, the installed copy)
 set -euo pipefail
 
 prefix=""
 source_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="python3"
+runbooks_url="file:///opt/wacored/docs/runbooks.md"
 
 usage() {
-    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 while [[ $# -gt 0 ]]; do
@@ -27,6 +32,7 @@ while [[ $# -gt 0 ]]; do
         --prefix) prefix="${2:?--prefix needs a directory}"; shift 2 ;;
         --source) source_dir="${2:?--source needs a directory}"; shift 2 ;;
         --python) python="${2:?--python needs an interpreter}"; shift 2 ;;
+        --runbooks-url) runbooks_url="${2:?--runbooks-url needs a URL}"; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) echo "install.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -101,6 +107,17 @@ else
     echo "    linked $link -> $wacored_bin"
 fi
 
+step "docs $opt_dir/docs and alert rules $etc_dir/prometheus/wacored.rules.yml"
+install -d -m 0755 "$opt_dir/docs" "$etc_dir/prometheus"
+install -m 0644 "$source_dir"/docs/*.md "$opt_dir/docs/"
+case "$runbooks_url" in
+    *'#'* | *'"'* | *' '*) echo "install.sh: --runbooks-url must not hold '#', '\"' or spaces" >&2; exit 2 ;;
+esac
+# Rewritten on every run: the rules follow the installed version, with runbook_url absolute.
+sed "s#RUNBOOKS_URL#$runbooks_url#" "$source_dir/deploy/prometheus/wacored.rules.yml" \
+    >"$etc_dir/prometheus/wacored.rules.yml"
+echo "    runbook_url: $runbooks_url#<alert>"
+
 step "config $config"
 install -d -m 0755 "$etc_dir"
 if [[ -e "$config" ]]; then
@@ -156,7 +173,7 @@ system systemctl try-restart wacored.service
 step "done"
 cat <<EOF
     wacored is on the PATH: $bin_dir/wacored
-    next: fill in $env_file (see README.md, "Operations"), then
+    next: fill in $env_file (see $opt_dir/docs/deploying.md), then
         systemctl start wacored
         $source_dir/deploy/verify.sh --env-file /etc/wacored/wacored.env http://127.0.0.1:8080
 EOF

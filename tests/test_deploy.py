@@ -97,7 +97,7 @@ def test_every_alert_has_a_severity_a_summary_a_description_and_a_runbook() -> N
         assert re.search(r"severity: (critical|warning)\n", block), name
         assert "summary: " in block, name
         assert "description: " in block, name
-        assert f'runbook_url: "docs/runbooks.md#{name.lower()}"' in block, name
+        assert f'runbook_url: "RUNBOOKS_URL#{name.lower()}"' in block, name
         assert f"\n## {name}\n" in runbooks, f"docs/runbooks.md has no entry for {name}"
 
 
@@ -190,9 +190,29 @@ def install(tmp_path_factory: pytest.TempPathFactory) -> Install:
         f.write("# edited by the operator\n")
     env = root / "etc/wacored/wacored.env"
     env.write_text(env.read_text().replace("WACORED_APP_SECRET=\n", "WACORED_APP_SECRET=s3cret\n"))
-    second = run("bash", DEPLOY / "install.sh", "--prefix", root, "--python", sys.executable, timeout=300)
+    second = run("bash", DEPLOY / "install.sh", "--prefix", root, "--python", sys.executable,
+                 "--runbooks-url", RUNBOOKS_URL, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr
     return Install(root, first, second)
+
+
+RUNBOOKS_URL = "https://git.example.com/wacored/blob/main/docs/runbooks.md"
+
+
+def test_the_installed_rules_link_absolute_runbooks(install: Install, tmp_path: Path) -> None:
+    """Each alert's runbook_url is absolute: the installed docs by default, or where --runbooks-url says."""
+    assert "runbook_url: file:///opt/wacored/docs/runbooks.md#<alert>" in install.first.stdout
+    assert (install.root / "opt/wacored/docs/runbooks.md").read_text() == RUNBOOKS.read_text()
+    rules = install.root / "etc/wacored/prometheus/wacored.rules.yml"
+    urls = re.findall(r'runbook_url: "([^"]+)"', rules.read_text())
+    assert len(urls) == len(alerts())
+    anchors = {m.lower() for m in re.findall(r"^## (\w+)$", RUNBOOKS.read_text(), re.M)}
+    for url in urls:
+        base, _, anchor = url.partition("#")
+        assert base == RUNBOOKS_URL, url
+        assert anchor in anchors, url
+    result = run(need("promtool"), "check", "rules", rules)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_a_dry_install_writes_everything_under_the_prefix(install: Install) -> None:
