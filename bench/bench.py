@@ -52,6 +52,7 @@ OUT = BENCH / "out"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 WACORED = ROOT / ".venv" / "bin" / "wacored"
 LUA = BENCH / "bodies.lua"
+BENCH_SIGNING_SECRET = "whsec_" + "YmVuY2gtc2lnbmluZy1rZXktb2YtdGhpcnR5LXR3bzE="
 
 TARGET_INGEST = 0.9
 TARGET_E2E = 0.5
@@ -262,6 +263,10 @@ def start_wacored(procs: Procs, run_dir: Path, config: Path, secret: str,
                   command: str) -> tuple[subprocess.Popen[bytes], str, float]:
     log = run_dir / "wacored.log"
     env = {**os.environ, "WACORED_APP_SECRET": secret, "WACORED_ACCESS_TOKEN": "bench-token"}
+    # Every service signs its forwards with a secret of its own, as in production (one HMAC per
+    # forward); an older wacored ignores these variables.
+    services = tomllib.loads((ROOT / "wacored.toml").read_text())["services"]
+    env.update({f"WACORED_SIGNING_SECRETS_{name.upper()}": BENCH_SIGNING_SECRET for name in services})
     argv = [*shlex.split(command), "run", "-c", str(config), "--env-file", str(run_dir / "none.env")]
     started = time.monotonic()
     p = procs.start(argv, log, env=env)
