@@ -138,6 +138,13 @@ def test_every_link_between_the_docs_leads_somewhere() -> None:
                 assert anchor in anchors(resolved), f"{page.name}: no heading #{anchor} in {resolved.name}"
 
 
+def test_the_architecture_names_every_module() -> None:
+    """The design map says where each thing lives: a new module must find its place in it."""
+    text = (DOCS / "architecture.md").read_text()
+    missing = sorted(p.name for p in (ROOT / "wacored").glob("*.py") if f"`{p.name}`" not in text)
+    assert missing == []
+
+
 def test_nothing_refers_to_documents_outside_the_repo() -> None:
     outside = re.compile(r"\.\./shared|ARCHITECTURE\.md|STACK_NOTES|STYLE\.md|the original system|design's prototype")
     for path in [*ROOT.glob("*.md"), *DOCS.glob("*.md"), *(ROOT / "wacored").rglob("*.py"),
