@@ -7,22 +7,25 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import trio
 
 from wacored.store import WriteConnection
 
-from .conftest import Daemon
+from .conftest import Daemon, Downstream, config_mapping
 
 POLL_S = 0.01
 
@@ -330,3 +333,44 @@ async def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.C
     with trio.fail_after(60):
         return await trio.run_process([sys.executable, "-m", "wacored", *args], capture_stdout=True,
                                       capture_stderr=True, check=False, env=clean_env() if env is None else env)
+
+
+@asynccontextmanager
+async def daemon_process(
+    tmp_path: Path, services: Downstream, graph: Downstream, *, wrapper: Sequence[str] = (),
+    edit: Callable[[dict[str, Any]], None] = lambda _: None,
+) -> AsyncIterator[str]:
+    """A `wacored run` process on a free port; yields its URL once /health answers. `edit` changes
+    the test config (`config_mapping`) first."""
+    data = config_mapping(tmp_path, services.url, graph.url)
+    edit(data)
+    port = free_port()
+    data["server"]["listen"] = f"127.0.0.1:{port}"
+    (tmp_path / "wacored.toml").write_text(toml_text(data))
+    command = [sys.executable, *wrapper, "-m", "wacored", "run", "-c", str(tmp_path / "wacored.toml")]
+    url = f"http://127.0.0.1:{port}"
+    with (tmp_path / "daemon.log").open("wb") as log:
+        process = await trio.lowlevel.open_process(command, env=clean_env(), cwd=tmp_path, stdout=log, stderr=log)
+    try:
+        await wait_until_answering(f"{url}/health", process)
+        yield url
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(15):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def wait_until_answering(url: str, process: trio.Process, **client: object) -> None:
+    async with httpx.AsyncClient(trust_env=False, **client) as http:  # type: ignore[arg-type]
+        with trio.fail_after(20):
+            while True:
+                assert process.returncode is None, f"{process.args!r} exited with {process.returncode}"
+                try:
+                    await http.get(url)
+                    return
+                except httpx.TransportError:
+                    await trio.sleep(0.05)

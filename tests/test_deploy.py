@@ -17,8 +17,7 @@ import stat
 import subprocess
 import sys
 import tomllib
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,8 @@ import trustme
 from wacored.version import VERSION
 from wacored.whatsapp import sign, text_webhook
 
-from .conftest import SECRET, VERIFY_TOKEN, Downstream, Received, config_mapping
-from .support import POLL_S, clean_env, free_port, read, toml_text
+from .conftest import SECRET, VERIFY_TOKEN, Downstream, Received
+from .support import POLL_S, clean_env, daemon_process, free_port, read, wait_until_answering
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
@@ -291,47 +290,6 @@ if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:
     raise OSError(ctypes.get_errno(), "prctl(PR_SET_MDWE)")
 os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 """
-
-
-@asynccontextmanager
-async def daemon_process(
-    tmp_path: Path, services: Downstream, graph: Downstream, *, wrapper: Sequence[str] = (),
-    edit: Callable[[dict[str, Any]], None] = lambda _: None,
-) -> AsyncIterator[str]:
-    """A `wacored run` process on a free port; yields its URL once /health answers. `edit` changes
-    the test config (`config_mapping`) first."""
-    data = config_mapping(tmp_path, services.url, graph.url)
-    edit(data)
-    port = free_port()
-    data["server"]["listen"] = f"127.0.0.1:{port}"
-    (tmp_path / "wacored.toml").write_text(toml_text(data))
-    command = [sys.executable, *wrapper, "-m", "wacored", "run", "-c", str(tmp_path / "wacored.toml")]
-    url = f"http://127.0.0.1:{port}"
-    with (tmp_path / "daemon.log").open("wb") as log:
-        process = await trio.lowlevel.open_process(command, env=clean_env(), cwd=tmp_path, stdout=log, stderr=log)
-    try:
-        await wait_until_answering(f"{url}/health", process)
-        yield url
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(15):
-                await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
-async def wait_until_answering(url: str, process: trio.Process, **client: object) -> None:
-    async with httpx.AsyncClient(trust_env=False, **client) as http:  # type: ignore[arg-type]
-        with trio.fail_after(20):
-            while True:
-                assert process.returncode is None, f"{process.args!r} exited with {process.returncode}"
-                try:
-                    await http.get(url)
-                    return
-                except httpx.TransportError:
-                    await trio.sleep(0.05)
 
 
 async def verify(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[str]]:

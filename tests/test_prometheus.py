@@ -23,8 +23,9 @@ import trio
 from wacored.whatsapp import sign, text_webhook
 
 from .conftest import FIXTURES, SECRET, VERIFY_TOKEN, Downstream, Received
-from .support import free_port
-from .test_deploy import RULES, daemon_process
+from .support import daemon_process, free_port
+
+RULES_FILE = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "wacored.rules.yml"
 
 DASHBOARD = Path(__file__).parent.parent / "dashboards" / "wacored.json"
 # What Grafana would put in for the dashboard's variables and its interval macros.
@@ -115,7 +116,7 @@ async def run_prometheus(tmp_path: Path, target: str) -> tuple[trio.Process, str
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"rule_files:\n  - {RULES}\n"
+        f"rule_files:\n  - {RULES_FILE}\n"
         "scrape_configs:\n  - job_name: wacored\n    metrics_path: /metrics\n"
         f"    static_configs:\n      - targets: ['{target}']\n"
     )
@@ -161,4 +162,4 @@ async def test_every_dashboard_query_returns_data_and_every_alert_evaluates(
             if prometheus.returncode is None:
                 prometheus.kill()
     assert failures == [], "\n".join(failures)
-    assert {rule["name"] for rule in loaded} == set(re.findall(r"^      - alert: (\w+)$", RULES.read_text(), re.M))
+    assert {rule["name"] for rule in loaded} == set(re.findall(r"^      - alert: (\w+)$", RULES_FILE.read_text(), re.M))
