@@ -1,5 +1,15 @@
 """The stats actor: reads the store's figures now and then into `Runtime.stats`, so /health, /metrics
-and alerts see queue depths and dead letters without ever querying the database at request time."""
+and alerts see queue depths, dead letters and the store's size without ever querying the database at
+request time.
+
+Error handling:
+    A store that cannot be read (`sqlite3.Error`, or `OSError` sizing its files) is logged and the
+    last figures are kept until a read works; nothing here raises out of the loop for that.
+
+Cancellation:
+    The read runs in a worker thread that finishes its short query when the actor is cancelled
+    (`to_thread.run_sync` waits for it); the figures are replaced whole, never half-written.
+"""
 
 from __future__ import annotations
 
