@@ -104,8 +104,10 @@ async def start_retrier(nursery: trio.Nursery, tmp_path: Path, service: Service,
 
 async def run_for(nursery: trio.Nursery, rt: Runtime, tmp_path: Path, service: Service, seconds: float) -> None:
     async with trio.open_nursery() as inner:
+        # The entries are in the store before the retrier starts: no need to look for new ones every
+        # second of these minutes-long schedules (each look is a real thread hop under the mock clock).
         await inner.start(partial(run_dlq_retrier, rt, Reader(tmp_path / "bare.db"), rt.writes.clone(),
-                                  transport=service.transport))
+                                  transport=service.transport, due_poll_s=60.0))
         await trio.sleep(seconds)
         inner.cancel_scope.cancel()
 

@@ -163,12 +163,14 @@ async def run_dlq_retrier(
     writes: trio.MemorySendChannel[WriteOp],
     *,
     transport: Callable[[], httpx.AsyncBaseTransport] | None = None,
+    due_poll_s: float = DUE_POLL_S,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Retry due dead letters until cancelled, or until the daemon stops.
 
     Owns: `reader` (reads due entries), `writes` (closed on exit), one HTTP transport per service
-    (made by `transport`).
+    (made by `transport`, else trusting the service's `ca_file`). While asleep it looks for entries
+    due sooner every `due_poll_s`.
     """
     def make(name: str) -> httpx.AsyncBaseTransport:
         return transport() if transport is not None else new_transport(rt.targets[name].ca_file)
@@ -188,7 +190,7 @@ async def run_dlq_retrier(
                 state.last_run, state.next_run = started, wake
                 await write_committed(rt, ACTOR, writes,
                                       methodcaller("record_run", ACTOR, started, wake, f"{retried} retried"))
-                await _wait_for_due(rt, reader, wake)
+                await _wait_for_due(rt, reader, wake, due_poll_s)
     finally:
         with trio.CancelScope(shield=True):
             for made in transports.values():
@@ -243,13 +245,13 @@ async def _next_due(reader: Reader) -> float | None:
         return None
 
 
-async def _wait_for_due(rt: Runtime, reader: Reader, wake: float) -> None:
+async def _wait_for_due(rt: Runtime, reader: Reader, wake: float, poll_s: float) -> None:
     """Sleep until `wake`, or sooner: when an operator's replay in this process sets `rt.dlq_due`, or
     when a pending entry falls due before `wake`. An entry written since the pass (a new dead letter,
     a replay from the CLI or from another process) is found within `DUE_POLL_S`, by one indexed
     ``MIN`` read, so its first retry comes on time instead of at the next ``interval_s`` tick."""
     while rt.wall_clock() < wake and not rt.dlq_due.is_set():
-        await sleep_until(rt, ACTOR, min(wake, rt.wall_clock() + DUE_POLL_S), rt.dlq_due)
+        await sleep_until(rt, ACTOR, min(wake, rt.wall_clock() + poll_s), rt.dlq_due)
         due = await _next_due(reader)
         if due is not None and due < wake:
             wake = rt.actor(ACTOR).next_run = due
