@@ -374,3 +374,37 @@ async def wait_until_answering(url: str, process: trio.Process, **client: object
                     return
                 except httpx.TransportError:
                     await trio.sleep(0.05)
+
+
+async def until_settled(db: Path, timeout_s: float = 10.0) -> None:
+    """Wait until no message in the store at `db` is queued: from then on nothing is forwarded, so a
+    test can count what arrived without sleeping to prove that nothing more will."""
+    with trio.fail_after(timeout_s):
+        while True:
+            conn = sqlite3.connect(db)
+            try:
+                queued = conn.execute("SELECT COUNT(*) FROM messages WHERE state = 'queued'").fetchone()[0]
+            finally:
+                conn.close()
+            if queued == 0:
+                return
+            await trio.sleep(POLL_S)
+
+
+async def until_retrier_passes(db: Path, passes: int, timeout_s: float = 10.0) -> None:
+    """Wait until the DLQ retrier has recorded `passes` more runs than it had at the call."""
+    def last_runs() -> float | None:
+        conn = sqlite3.connect(db)
+        try:
+            row = conn.execute("SELECT last_run FROM runs WHERE actor = 'dlq_retrier'").fetchone()
+        finally:
+            conn.close()
+        return None if row is None else row[0]
+
+    seen = last_runs()
+    with trio.fail_after(timeout_s):
+        while passes:
+            now = last_runs()
+            if now != seen:
+                seen, passes = now, passes - 1
+            await trio.sleep(POLL_S)

@@ -16,7 +16,7 @@ import trio
 from wacored.whatsapp import text_webhook
 
 from .conftest import SECRET, SIGNING_SECRET, VERIFY_TOKEN, World
-from .support import readme_verify
+from .support import readme_verify, until_settled
 
 # --- the 11 integration tests of the system wacored replaced ---------------------------------------------------
 
@@ -218,7 +218,7 @@ async def test_a_redelivered_message_is_a_duplicate_and_forwarded_once(world: Wo
     assert again.json() == {"accepted": 0, "duplicates": 1, "statuses": 0, "routes": []}
     assert "X-Routed-Service" not in again.headers
     await world.services.wait_for(1, "/rides")
-    await trio.sleep(0.2)
+    await until_settled(world.tmp_path / "wacored.db")
     assert len(world.services.on("/rides")) == 1
 
 

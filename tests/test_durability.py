@@ -13,6 +13,7 @@ import trio
 from wacored.whatsapp import parse_webhook
 
 from .conftest import FIXTURES, Downstream, Received, make_config, open_daemon, rows, serve_downstream
+from .support import until_settled
 
 
 async def test_restart_delivers_what_was_accepted_and_not_delivered(
@@ -32,7 +33,7 @@ async def test_restart_delivers_what_was_accepted_and_not_delivered(
 
     async with open_daemon(make_config(tmp_path, services, graph)):
         got = await services.wait_for(10, "/rides")
-        await trio.sleep(0.2)
+        await until_settled(tmp_path / "wacored.db")
     assert sorted(g.message["from"] for g in services.received) == senders
     assert len(services.received) == 10
     assert rows(db, "SELECT COUNT(*) FROM messages WHERE state = 'delivered'") == [(10,)]
@@ -118,7 +119,7 @@ async def test_status_updates_go_to_the_configured_service_once(
         assert (await daemon.post(raw)).json()["statuses"] == 1
         await daemon.post(raw)
         [got] = await services.wait_for(1, "/wallet")
-        await trio.sleep(0.2)
+        await until_settled(tmp_path / "wacored.db")
     value = got.json()["entry"][0]["changes"][0]["value"]
     assert value["statuses"][0]["status"] == "failed"
     assert "messages" not in value
@@ -152,7 +153,7 @@ async def test_duplicates_are_recognised_after_a_restart(
         await services.wait_for(1, "/rides")
     async with open_daemon(config) as daemon:
         again = await daemon.post(body)
-        await trio.sleep(0.2)
+        await until_settled(tmp_path / "wacored.db")
     assert again.json()["duplicates"] == 1
     assert len(services.on("/rides")) == 1
 
@@ -200,7 +201,7 @@ async def test_a_backlog_larger_than_memory_is_delivered_once_each_in_order(
             for sender in senders:
                 senders_nursery.start_soon(talk, sender)
         got = await services.wait_for(12 * 15, "/rides")
-        await trio.sleep(0.2)
+        await until_settled(tmp_path / "wacored.db")
     assert len(services.on("/rides")) == 12 * 15
     assert len({g.headers["idempotency-key"] for g in got}) == 12 * 15
     for sender in senders:

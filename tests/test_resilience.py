@@ -15,6 +15,7 @@ from wacored.config import Config, ConfigError
 from wacored.daemon import ReloadRequest
 
 from .conftest import SECRET, Downstream, Received, config_mapping, make_config, open_daemon, rows, serve_downstream
+from .support import until_retrier_passes
 
 FAST = {
     "forwarding": {"retry_base_ms": 5, "timeout_ms": 1000, "concurrency": 4, "retries": 1,
@@ -81,7 +82,7 @@ async def test_permanent_refusals_are_abandoned_and_never_retried(
         assert (await daemon.send_text("rides")).status_code == 200
         await until(lambda: rows(db, "SELECT state, reason, status_code FROM dead_letters")
                     == [("abandoned", "permanent", 404)])
-        await trio.sleep(0.5)  # two retrier intervals
+        await until_retrier_passes(db, 2)  # two passes of the retrier after the refusal
     assert calls == 1
 
 
