@@ -132,7 +132,7 @@ def test_sessions_and_messages_from_before_belong_to_the_default_number(tmp_path
     assert migrate(path) == 6
     reader = Reader(path)
     try:
-        assert reader.all_sessions(0) == [("", ALICE, "jobs", 5.0)]
+        assert list(reader.all_sessions(0)) == [("", ALICE, "jobs", 5.0)]
         assert reader.sessions(0) == [(ALICE, "jobs", 5.0)]
     finally:
         reader.close()

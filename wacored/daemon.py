@@ -118,7 +118,9 @@ async def recover(
 ) -> tuple[SessionTable, dict[str, DeliveryQueue]]:
     """Load live sessions, and queue every accepted-but-undelivered message again."""
     since = wall_clock() - config.sessions.ttl_s
-    sessions = SessionTable(config.sessions.ttl_s, numbered=await trio.to_thread.run_sync(reader.all_sessions, since))
+    # Built in the thread that reads the rows, one row at a time: no list of every session first.
+    sessions = await trio.to_thread.run_sync(
+        lambda: SessionTable(config.sessions.ttl_s, numbered=reader.all_sessions(since)))
     queues = {name: DeliveryQueue(name, queue_buffer) for name in targets}
     for target, oldest in (await trio.to_thread.run_sync(reader.queued_targets)).items():
         if target in queues:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -621,11 +621,13 @@ class Reader:
             (number, since),
         ).fetchall()
 
-    def all_sessions(self, since: float) -> list[tuple[str, str, str, float]]:
-        """Every number's sessions live at `since`: (number key, sender, service, last interaction)."""
-        return self.conn.execute(
+    def all_sessions(self, since: float) -> Iterator[tuple[str, str, str, float]]:
+        """Every number's sessions live at `since`: (number key, sender, service, last interaction),
+        row by row (a list of a million rows would double start-up's peak memory; consume it in the
+        thread that called this)."""
+        return iter(self.conn.execute(
             "SELECT number, sender, service, last_interaction FROM sessions WHERE last_interaction > ?", (since,)
-        ).fetchall()
+        ))
 
     def due_dead_letters(self, now: float, limit: int) -> list[DeadLetter]:
         """Pending dead letters due at `now`, oldest due first, with the messages to deliver."""
