@@ -66,7 +66,7 @@ HELD_TIMEOUT_MS = 120_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 sys.path.insert(0, str(ROOT))
-from wacored.whatsapp import sign, text_webhook  # noqa: E402
+from wacored.core.whatsapp import sign, text_webhook  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # Bodies

@@ -18,7 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from wacored.whatsapp import PayloadError, parse_webhook  # noqa: E402
+from wacored.core.whatsapp import PayloadError, parse_webhook  # noqa: E402
 
 LIMIT = 3 * 1024 * 1024
 """The default ``[server] max_body_bytes``."""

@@ -61,7 +61,7 @@ ROOT = BENCH.parent
 WACORED = ROOT / ".venv" / "bin" / "wacored"
 
 sys.path.insert(0, str(ROOT))
-from wacored.whatsapp import sign, text_webhook  # noqa: E402
+from wacored.core.whatsapp import sign, text_webhook  # noqa: E402
 
 SERVICES = ("rides", "jobs", "wallet")
 SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "hup": signal.SIGHUP}

@@ -19,14 +19,14 @@ import pytest
 import trio
 import trio.testing
 
-from wacored.breaker import Breaker
 from wacored.config import Config
+from wacored.core.breaker import Breaker
+from wacored.core.sessions import SessionTable
+from wacored.core.whatsapp import sign, text_webhook
 from wacored.daemon import run_daemon
 from wacored.runtime import Runtime
-from wacored.sessions import SessionTable
 from wacored.store import Reader, migrate
 from wacored.targets import Target
-from wacored.whatsapp import sign, text_webhook
 from wacored.writer import WriteOp
 
 FIXTURES = Path(__file__).parent / "fixtures" / "whatsapp"

@@ -1,8 +1,8 @@
-"""wacored.breaker: the state machine, with explicit time."""
+"""wacored.core.breaker: the state machine, with explicit time."""
 
 from __future__ import annotations
 
-from wacored.breaker import Breaker, BreakerState
+from wacored.core.breaker import Breaker, BreakerState
 
 
 def tripped(at: float = 100.0) -> Breaker:

@@ -440,7 +440,7 @@ def test_sessions_reap_runs_the_reaper_once_and_status_shows_it(
 
 
 def test_secrets_new_prints_a_fresh_standard_webhooks_secret() -> None:
-    from wacored.signing import secret_problem
+    from wacored.core.signing import secret_problem
 
     first, second = (wacored("secrets", "new", env=clean_env()) for _ in range(2))
     assert first.returncode == second.returncode == 0

@@ -13,7 +13,7 @@ import uuid
 
 import trio
 
-from wacored.whatsapp import text_webhook
+from wacored.core.whatsapp import text_webhook
 
 from .conftest import SECRET, SIGNING_SECRET, VERIFY_TOKEN, World
 from .support import readme_verify, until_settled
@@ -159,7 +159,7 @@ async def test_missing_and_wrong_signatures_are_refused(world: World) -> None:
 
 
 def signature_of(body: bytes) -> str:
-    from wacored.whatsapp import sign
+    from wacored.core.whatsapp import sign
 
     return sign(SECRET, body)
 

@@ -12,8 +12,8 @@ import pytest
 import trio
 
 from wacored.config import DlqConfig
+from wacored.core.delivery import Verdict
 from wacored.deadletters import after_retry, run_dlq_retrier, write
-from wacored.forwarder import Verdict
 from wacored.runtime import Runtime
 from wacored.store import NewRow, Outcome, Reader, WriteConnection
 from wacored.writer import Ingest, Record, WriteOp, run_writer

@@ -27,8 +27,8 @@ import pytest
 import trio
 import trustme
 
+from wacored.core.whatsapp import sign, text_webhook
 from wacored.version import VERSION
-from wacored.whatsapp import sign, text_webhook
 
 from .conftest import SECRET, VERIFY_TOKEN, Downstream, Received
 from .support import POLL_S, clean_env, daemon_process, free_port, read, wait_until_answering

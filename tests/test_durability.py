@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from wacored.whatsapp import parse_webhook
+from wacored.core.whatsapp import parse_webhook
 
 from .conftest import FIXTURES, Downstream, Received, make_config, open_daemon, rows, serve_downstream
 from .support import until_settled
@@ -51,7 +51,7 @@ async def test_a_locked_store_answers_503_and_loses_nothing(
         # loop would stop the daemon's writer from finishing a transaction it holds.
         await trio.to_thread.run_sync(lock.execute, "BEGIN EXCLUSIVE")
         try:
-            from wacored.whatsapp import text_webhook
+            from wacored.core.whatsapp import text_webhook
 
             body = text_webhook(text="rides", sender="250788000070", wamid="wamid.LOCKED", timestamp=1)
             r = await daemon.post(body)
@@ -144,7 +144,7 @@ async def test_home_menu_goes_to_the_bsuid_when_there_is_no_phone(
 async def test_duplicates_are_recognised_after_a_restart(
     tmp_path: Path, services: Downstream, graph: Downstream
 ) -> None:
-    from wacored.whatsapp import text_webhook
+    from wacored.core.whatsapp import text_webhook
 
     body = text_webhook(text="rides", sender="250788000085", wamid="wamid.ONCE", timestamp=1)
     config = make_config(tmp_path, services, graph)

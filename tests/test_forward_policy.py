@@ -15,10 +15,11 @@ import pytest
 import trio
 
 from wacored.config import Config, ForwardingConfig
-from wacored.forwarder import Target, Verdict, backoff_s, classify, deliver, lane_of, targets_of
-from wacored.signing import key_of
+from wacored.core.delivery import Verdict, backoff_s, classify, lane_of
+from wacored.core.signing import key_of
+from wacored.core.whatsapp import signature_valid
+from wacored.forwarder import Target, deliver, targets_of
 from wacored.store import Delivery, Outcome
-from wacored.whatsapp import signature_valid
 
 from .conftest import SIGNING_SECRET, bare_runtime
 

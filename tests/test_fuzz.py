@@ -45,9 +45,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wacored.config import ForwardingConfig
-from wacored.forwarder import Target, Verdict, attempt, new_transport
+from wacored.core.delivery import Verdict
+from wacored.core.whatsapp import PayloadError, parse_webhook, sign
+from wacored.forwarder import Target, attempt, new_transport
 from wacored.store import Delivery
-from wacored.whatsapp import PayloadError, parse_webhook, sign
 
 from .conftest import FIXTURES, SECRET, SIGNING_SECRET, Downstream, Received, World, make_config, open_daemon
 from .support import RawDownstream, readme_verify

@@ -9,10 +9,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from tests.conftest import SERVICES, World, config_mapping
-from wacored.breaker import Breaker
 from wacored.config import Config
+from wacored.core.breaker import Breaker
+from wacored.core.sessions import SessionTable
 from wacored.runtime import ActorState, Runtime
-from wacored.sessions import SessionTable
 from wacored.store import Reader, migrate
 from wacored.writer import DeliveryQueue, WriteOp
 

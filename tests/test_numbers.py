@@ -14,9 +14,9 @@ import trio
 
 from wacored.cli import main
 from wacored.config import Config, ConfigError
-from wacored.numbers import DEFAULT, OTHER, Numbers
+from wacored.core.numbers import DEFAULT, OTHER, Numbers
+from wacored.core.whatsapp import PayloadError, parse_webhook, text_webhook
 from wacored.store import MIGRATIONS, Reader, migrate
-from wacored.whatsapp import PayloadError, parse_webhook, text_webhook
 
 from .conftest import Downstream, config_mapping, make_config, open_daemon
 from .support import numbers_webhook, read, toml_text, wait_until

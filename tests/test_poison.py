@@ -17,9 +17,9 @@ import httpx
 import pytest
 import trio
 
+from wacored.core.untrusted import EXCERPT
+from wacored.core.whatsapp import sign
 from wacored.store import migrate
-from wacored.untrusted import EXCERPT
-from wacored.whatsapp import sign
 
 from .conftest import SECRET, Daemon, Downstream, config_mapping, make_config, open_daemon, rows
 from .support import RawDownstream, clean_env, free_port, http_answer, toml_text

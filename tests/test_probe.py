@@ -1,4 +1,4 @@
-"""wacored.probe: the mark (pure), and a probe through a real daemon: answered with its route, stored,
+"""wacored.core.probe: the mark (pure), and a probe through a real daemon: answered with its route, stored,
 never forwarded nor dead-lettered, counted apart, reaped like any finished row, never replayed."""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from wacored.config import SessionsConfig
+from wacored.core.probe import PREFIX, is_probe
+from wacored.core.schedule import DAY_S
+from wacored.core.whatsapp import sign, text_webhook
 from wacored.messages import plan_matching, plan_replay, selection
-from wacored.probe import PREFIX, is_probe
-from wacored.reaper import DAY_S, reap
-from wacored.whatsapp import sign, text_webhook
+from wacored.reaper import reap
 
 from .conftest import SECRET, World
 from .support import health, read

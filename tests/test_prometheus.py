@@ -20,7 +20,7 @@ import httpx
 import pytest
 import trio
 
-from wacored.whatsapp import sign, text_webhook
+from wacored.core.whatsapp import sign, text_webhook
 
 from .conftest import FIXTURES, SECRET, VERIFY_TOKEN, Downstream, Received
 from .support import daemon_process, free_port

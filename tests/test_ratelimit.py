@@ -1,10 +1,10 @@
-"""wacored.ratelimit: a sliding window per sender; a POST is admitted or refused whole."""
+"""wacored.core.ratelimit: a sliding window per sender; a POST is admitted or refused whole."""
 
 from __future__ import annotations
 
 import pytest
 
-from wacored.ratelimit import SlidingWindowLimiter
+from wacored.core.ratelimit import SlidingWindowLimiter
 
 A, B = "250788000001", "250788000002"
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import trio
 
 from wacored.config import SessionsConfig
-from wacored.reaper import BATCH, DAY_S, cutoffs, missed, next_reap, reap, run_reaper
+from wacored.core.schedule import DAY_S, cutoffs, missed, next_reap
+from wacored.reaper import BATCH, reap, run_reaper
 from wacored.store import Reader, WriteConnection, migrate
 from wacored.writer import WriteOp, run_writer
 

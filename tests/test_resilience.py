@@ -219,7 +219,7 @@ async def test_a_bad_reload_keeps_the_old_config(tmp_path: Path, services: Downs
 async def test_a_stop_under_keep_alive_load_is_quick(tmp_path: Path, services: Downstream, graph: Downstream) -> None:
     """Busy kept-alive clients at the moment of the stop do not hold it for hypercorn's 10 s graceful
     timeout (before the fix, about one stop in two did)."""
-    from wacored.whatsapp import sign, text_webhook
+    from wacored.core.whatsapp import sign, text_webhook
 
     async def hammer(url: str, sender: str) -> None:
         async with httpx.AsyncClient(trust_env=False, timeout=20) as client:

@@ -12,7 +12,7 @@ import trio
 
 from wacored import operations as ops
 from wacored.config import Config
-from wacored.retry_after import retry_after_s
+from wacored.core.retry_after import retry_after_s
 
 from .conftest import Downstream, config_mapping, open_daemon, rows
 from .support import RawDownstream, http_answer, wait_until

@@ -1,4 +1,4 @@
-"""wacored.routing: menu words, keywords, interactive replies, live sessions, fallback, in that order."""
+"""wacored.core.routing: menu words, keywords, interactive replies, live sessions, fallback, in that order."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from wacored.config import Config
-from wacored.routing import Decision, Reason, RoutingTable, SessionAction, decide
-from wacored.whatsapp import InboundMessage
+from wacored.core.routing import Decision, Reason, RoutingTable, SessionAction, decide
+from wacored.core.whatsapp import InboundMessage
 
 SHIPPED = Path(__file__).resolve().parent.parent / "wacored.toml"
 

@@ -1,4 +1,4 @@
-"""wacored.sessions: TTL applied on read, START/TOUCH/END, and the per-batch overlay."""
+"""wacored.core.sessions: TTL applied on read, START/TOUCH/END, and the per-batch overlay."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from wacored.config import Config
-from wacored.routing import Reason, RoutingTable, SessionAction, decide
-from wacored.sessions import SessionChange, SessionOverlay, SessionTable
-from wacored.whatsapp import parse_webhook, text_webhook
+from wacored.core.routing import Reason, RoutingTable, SessionAction, decide
+from wacored.core.sessions import SessionChange, SessionOverlay, SessionTable
+from wacored.core.whatsapp import parse_webhook, text_webhook
 
 SHIPPED = Path(__file__).resolve().parent.parent / "wacored.toml"
 TTL = 3600.0

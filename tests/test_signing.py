@@ -12,9 +12,9 @@ from pathlib import Path
 import trio
 
 from wacored.config import Config
+from wacored.core.signing import new_secret, secret_problem
+from wacored.core.whatsapp import sign, signature_valid, text_webhook
 from wacored.daemon import ReloadRequest
-from wacored.signing import new_secret, secret_problem
-from wacored.whatsapp import sign, signature_valid, text_webhook
 
 from .conftest import SECRET, Downstream, config_mapping, open_daemon
 from .support import readme_verify

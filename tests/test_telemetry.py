@@ -20,7 +20,8 @@ from opentelemetry.trace import SpanKind, StatusCode, Tracer, format_span_id, fo
 
 from tests.conftest import Downstream, make_config, open_daemon, serve_downstream
 from wacored.config import ForwardingConfig, TelemetryConfig
-from wacored.forwarder import Target, Verdict, attempt
+from wacored.core.delivery import Verdict
+from wacored.forwarder import Target, attempt
 from wacored.store import Delivery
 from wacored.telemetry import (
     NO_TRACER,

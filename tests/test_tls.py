@@ -18,11 +18,12 @@ import trio
 import trustme
 
 from wacored.config import Config, ForwardingConfig
+from wacored.core.delivery import Verdict
+from wacored.core.whatsapp import sign, text_webhook
 from wacored.daemon import run_daemon
-from wacored.forwarder import Target, Verdict, attempt, new_transport, tls_context
+from wacored.forwarder import Target, attempt, new_transport, tls_context
 from wacored.store import Delivery
 from wacored.tls import TLSError, check_server_tls
-from wacored.whatsapp import sign, text_webhook
 
 from .conftest import SECRET, Downstream, config_mapping, open_daemon, rows
 from .support import clean_env, toml_text

@@ -1,4 +1,4 @@
-"""wacored.whatsapp: signatures, webhook parsing over real Meta payloads, and outbound messages."""
+"""wacored.core.whatsapp: signatures, webhook parsing over real Meta payloads, and outbound messages."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from wacored.config import HomeMenuConfig, MenuItem
-from wacored.whatsapp import (
+from wacored.core.whatsapp import (
     InboundMessage,
     PayloadError,
     encode,

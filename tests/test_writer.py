@@ -11,9 +11,9 @@ import trio
 import trio.lowlevel
 
 from wacored.config import ForwardingConfig
+from wacored.core.routing import SessionAction
+from wacored.core.sessions import SessionChange, SessionTable
 from wacored.forwarder import Target, run_forwarder
-from wacored.routing import SessionAction
-from wacored.sessions import SessionChange, SessionTable
 from wacored.store import NewRow, Outcome, Reader, StoreUnavailable, WriteConnection, migrate
 from wacored.writer import (
     RETRY_MAX_S,

@@ -19,8 +19,8 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from . import admin
+from .core.numbers import OTHER
 from .ingress import Receive, Scope, Send, Webhook, refuse_overloaded, request_ids
-from .numbers import OTHER
 from .operations import iso
 from .runtime import ActorState, Runtime
 from .version import VERSION

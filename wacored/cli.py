@@ -162,7 +162,7 @@ def _leaves(error: BaseException) -> list[BaseException]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import httpx
 
-    from .whatsapp import sign, text_webhook
+    from .core.whatsapp import sign, text_webhook
 
     if (config := load_config(args)) is None:
         return 1
@@ -190,7 +190,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_secrets_new(args: argparse.Namespace) -> int:
-    from .signing import new_secret
+    from .core.signing import new_secret
 
     print(new_secret())
     return 0

@@ -43,19 +43,19 @@ from opentelemetry.trace import Tracer
 
 from .admission import ensure_fd_limit
 from .api import create_app
-from .breaker import Breaker
 from .config import Config, ConfigError
+from .core.breaker import Breaker
+from .core.numbers import Numbers
+from .core.ratelimit import SlidingWindowLimiter
+from .core.routing import RoutingTable
+from .core.sessions import SessionTable
 from .deadletters import run_dlq_retrier
 from .forwarder import run_forwarder
 from .listener import lend, open_listener
-from .numbers import Numbers
 from .pauses import Pause
 from .pausewatch import run_pause_watch
-from .ratelimit import SlidingWindowLimiter
 from .reaper import run_reaper
-from .routing import RoutingTable
 from .runtime import Runtime
-from .sessions import SessionTable
 from .stats import run_stats
 from .store import Reader, WriteConnection, migrate
 from .supervisor import supervise

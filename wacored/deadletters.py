@@ -39,7 +39,8 @@ import httpx
 import trio
 
 from .config import DlqConfig
-from .forwarder import INTERNAL_ERROR, Verdict, guarded_attempt, internal_error, new_transport
+from .core.delivery import Verdict
+from .forwarder import INTERNAL_ERROR, guarded_attempt, internal_error, new_transport
 from .runtime import HEARTBEAT_S, Runtime
 from .store import DeadLetter, Reader, Retried, StoreUnavailable, WriteConnection
 from .writer import Write, WriteOp, retry_delay_s

@@ -50,10 +50,8 @@ import logging
 import random
 import ssl
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from functools import partial
 
 import certifi
@@ -61,13 +59,14 @@ import httpx
 import trio
 from opentelemetry.trace import Status, StatusCode, Tracer
 
-from .retry_after import retry_after_s
+from .core.delivery import Verdict, backoff_s, classify, dead_letter_reason, lane_of, next_try_s
+from .core.retry_after import retry_after_s
+from .core.untrusted import EXCERPT, clean, excerpt, token
 from .runtime import HEARTBEAT_S, Runtime
 from .store import AttemptRow, Delivery, Outcome, StoreUnavailable
 from .targets import Target, targets_of
 from .telemetry import NO_TRACER, forward_span, recording, traceparent_of
 from .transport import LaneTransport
-from .untrusted import EXCERPT, clean, excerpt, token
 from .writer import CatchUp, DeliveryQueue, Record, WriteOp
 
 log = logging.getLogger(__name__)
@@ -75,36 +74,6 @@ log = logging.getLogger(__name__)
 LANE_BUFFER = 64
 CATCH_UP_RETRY_S = 1.0
 INTERNAL_ERROR = "internal_error"
-
-
-class Verdict(StrEnum):
-    DELIVERED = "delivered"
-    TRANSIENT = "transient"
-    PERMANENT = "permanent"
-
-
-def classify(status: int) -> Verdict:
-    """What an HTTP status means for a delivery (docs/contract.md, "Forwarding")."""
-    if 200 <= status < 300:
-        return Verdict.DELIVERED
-    if status in (408, 425, 429) or status >= 500:
-        return Verdict.TRANSIENT
-    return Verdict.PERMANENT
-
-
-def backoff_s(retry: int, base_s: float, rng: random.Random) -> float:
-    """Full-jitter exponential backoff before retry number `retry` (1-based)."""
-    return rng.uniform(0.0, base_s * 2 ** (retry - 1))
-
-
-def next_try_s(backoff: float, result: Attempt) -> float:
-    """The wait before the next try: the backoff, or longer when the service asked for it."""
-    return backoff if result.retry_after_s is None else max(backoff, result.retry_after_s)
-
-
-def lane_of(sender: str, lanes: int) -> int:
-    """A stable lane per sender (crc32: the same across restarts, unlike `hash`)."""
-    return zlib.crc32(sender.encode()) % lanes
 
 
 @dataclass(frozen=True)
@@ -199,10 +168,6 @@ async def _drain(response: httpx.Response) -> bytes:
     return head
 
 
-def _dead_letter_reason(verdict: Verdict) -> str:
-    return {Verdict.PERMANENT: "permanent", Verdict.TRANSIENT: "transient"}.get(verdict, "")
-
-
 async def guarded_attempt(
     rt: Runtime, target: Target, transport: httpx.AsyncBaseTransport, d: Delivery, *, dlq_retry: bool = False
 ) -> Attempt | None:
@@ -263,9 +228,9 @@ async def deliver(
         tries += 1
         made.append(result.row(d, name, tries, "delivery", rt.node))
         if result.verdict is not Verdict.TRANSIENT or tries > target.forwarding.retries:
-            return _outcome(rt, d, name, tries, result, _dead_letter_reason(result.verdict), made)
+            return _outcome(rt, d, name, tries, result, dead_letter_reason(result.verdict), made)
         if await _stopped_while_waiting(rt, next_try_s(backoff_s(tries, target.forwarding.retry_base_ms / 1000,
-                                                                 rng), result)):
+                                                                 rng), result.retry_after_s)):
             return None
 
 
@@ -318,7 +283,7 @@ def _outcome(
         target=name,
         key=d.key,
         reason=reason,
-        retry_at=None if delivered or permanent else at + next_try_s(rt.config.dlq.delay_s(1), result),
+        retry_at=None if delivered or permanent else at + next_try_s(rt.config.dlq.delay_s(1), result.retry_after_s),
         tries=tuple(made),
     )
 
@@ -457,6 +422,6 @@ async def _next(queue: DeliveryQueue, writes: trio.MemorySendChannel[WriteOp]) -
     return []
 
 
-__all__ = ["EXCERPT", "INTERNAL_ERROR", "Attempt", "Target", "Verdict", "attempt", "backoff_s", "classify", "deliver",
-           "deliver_contained", "guarded_attempt", "internal_error", "lane_of", "new_transport", "next_try_s",
-           "run_forwarder", "run_lane", "targets_of", "tls_context"]
+__all__ = ["EXCERPT", "INTERNAL_ERROR", "Attempt", "Target", "attempt", "deliver", "deliver_contained",
+           "guarded_attempt", "internal_error", "new_transport", "run_forwarder", "run_lane", "targets_of",
+           "tls_context"]

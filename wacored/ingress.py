@@ -43,14 +43,22 @@ from opentelemetry import trace
 from . import logs
 from .admission import Outcome
 from .config import GRAPH_SENDER, HOME_SERVICE, WhatsAppConfig
-from .numbers import OTHER, UNKNOWN_NUMBER, Numbers
-from .probe import is_probe
-from .routing import SessionAction, decide
+from .core.numbers import OTHER, UNKNOWN_NUMBER, Numbers
+from .core.probe import is_probe
+from .core.routing import SessionAction, decide
+from .core.sessions import SessionChange
+from .core.whatsapp import (
+    Batch,
+    InboundMessage,
+    PayloadError,
+    encode,
+    home_menu_message,
+    parse_webhook,
+    signature_valid,
+)
 from .runtime import Runtime
-from .sessions import SessionChange
 from .store import NewRow, StoreUnavailable
 from .telemetry import message_traceparent, webhook_span
-from .whatsapp import Batch, InboundMessage, PayloadError, encode, home_menu_message, parse_webhook, signature_valid
 from .writer import Ingest
 
 log = logging.getLogger(__name__)

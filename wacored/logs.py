@@ -18,12 +18,13 @@ import contextvars
 import datetime as dt
 import json
 import logging
-import re
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Any
+
+from .core.untrusted import mask_digits, mask_phone
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _NO_IDS: Mapping[str, str] = MappingProxyType({})
@@ -34,18 +35,7 @@ PHONE_FIELDS = frozenset({"sender", "phone", "to", "recipient", "recipient_id", 
 SECRET_FIELDS = frozenset({"text", "body", "caption", "token", "access_token", "app_secret", "secret",
                            "verify_token", "authorization", "password", "signature", "payload"})
 FREE_TEXT_FIELDS = frozenset({"error", "detail", "reason_text"})
-_DIGITS = re.compile(r"\d{8,}")
 REDACTED = "[redacted]"
-
-
-def mask_phone(value: str) -> str:
-    """``250788000001`` -> ``2507****001``; too short to keep 7 characters of -> ``****``."""
-    return f"{value[:4]}****{value[-3:]}" if len(value) > 7 else "****"
-
-
-def mask_digits(text: str) -> str:
-    """Every run of 8 or more digits in `text` masked like a phone number."""
-    return _DIGITS.sub(lambda m: mask_phone(m.group()), text)
 
 
 def scrub(key: str, value: Any) -> Any:

@@ -34,7 +34,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from .config import GRAPH_SENDER, HOME_SERVICE
-from .numbers import OTHER, UNKNOWN_NUMBER
+from .core.numbers import OTHER, UNKNOWN_NUMBER
 from .pauses import paused_seconds
 from .store import DEAD_LETTER_STATES, REAP_SQL
 

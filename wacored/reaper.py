@@ -34,6 +34,7 @@ from pathlib import Path
 import trio
 
 from .config import SessionsConfig
+from .core.schedule import cutoffs, missed, next_reap
 from .deadletters import sleep_until, write_committed
 from .runtime import Runtime
 from .store import Reader, WriteConnection
@@ -43,32 +44,7 @@ log = logging.getLogger(__name__)
 
 ACTOR = "reaper"
 BATCH = 500
-DAY_S = 86400.0
 MISSED_REAP_DELAY_S = 60.0
-
-
-def cutoffs(sessions: SessionsConfig, now: float) -> dict[str, float]:
-    """For each kind of row, the time before which it is deleted (in `REAP_SQL`'s order)."""
-    return {
-        "sessions": now - sessions.ttl_s,
-        "dead_letters_delivered": now - sessions.dlq_retention_days * DAY_S,
-        "dead_letters_abandoned": now - sessions.abandoned_retention_days * DAY_S,
-        # The same cutoff as their messages: the attempts of the messages about to be deleted.
-        "attempts": now - sessions.seen_retention_days * DAY_S,
-        "messages": now - sessions.seen_retention_days * DAY_S,
-    }
-
-
-def next_reap(now: float, minute: int) -> float:
-    """The first time strictly after `now` that is `minute` minutes past midnight UTC."""
-    day = now - now % DAY_S
-    at = day + minute * 60.0
-    return at if at > now else at + DAY_S
-
-
-def missed(last_run: float | None, now: float, minute: int) -> bool:
-    """Whether a scheduled reap fell between `last_run` and `now` (a store never reaped has missed none)."""
-    return last_run is not None and next_reap(last_run, minute) <= now
 
 
 async def reap_with(run: Callable[[str, float, int], object], sessions: SessionsConfig, now: float) -> dict[str, int]:

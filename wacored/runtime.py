@@ -14,14 +14,14 @@ import trio
 from opentelemetry.trace import Tracer
 
 from .admission import Admission
-from .breaker import Breaker
 from .config import Config
+from .core.breaker import Breaker
+from .core.numbers import Numbers
+from .core.ratelimit import SlidingWindowLimiter
+from .core.routing import RoutingTable
+from .core.sessions import SessionTable
 from .metrics import Metrics
-from .numbers import Numbers
 from .pausewatch import PauseBoard
-from .ratelimit import SlidingWindowLimiter
-from .routing import RoutingTable
-from .sessions import SessionTable
 from .slo import SloState
 from .store import Reader
 from .targets import Target, targets_of

@@ -43,8 +43,8 @@ from pathlib import Path
 
 import sqlite_utils
 
-from .routing import SessionAction
-from .sessions import SessionChange
+from .core.routing import SessionAction
+from .core.sessions import SessionChange
 
 SCHEMA_VERSION = 6
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import httpx
 
 from .config import GRAPH_SENDER, Config, ForwardingConfig
-from .numbers import number_tokens
-from .signing import key_of, signature
+from .core.numbers import number_tokens
+from .core.signing import key_of, signature
+from .core.whatsapp import sign
 from .store import Delivery
 from .version import VERSION
-from .whatsapp import sign
 
 USER_AGENT = f"wacored/{VERSION}"
 

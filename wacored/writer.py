@@ -45,7 +45,7 @@ from typing import Generic, TypeVar
 
 import trio
 
-from .sessions import SessionChange, SessionTable
+from .core.sessions import SessionChange, SessionTable
 from .store import Delivery, NewRow, Outcome, StoreUnavailable, WriteConnection
 
 log = logging.getLogger(__name__)

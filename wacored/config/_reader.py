@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..signing import secret_problem
+from ..core.signing import secret_problem
 from ._sections import (
     ENV_ALIASES,
     LOG_LEVELS,

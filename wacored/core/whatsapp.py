@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .config import MENU_LIMITS, HomeMenuConfig
+from ..config import MENU_LIMITS, HomeMenuConfig
 from .untrusted import id_problem
 
 SIGNATURE_HEADER = "x-hub-signature-256"

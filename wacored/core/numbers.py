@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import Config, HomeMenuConfig, NumberConfig
+from ..config import Config, HomeMenuConfig, NumberConfig
 from .routing import RoutingTable
 
 DEFAULT = ""

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import re
 
-from .logs import mask_digits
-
 MAX_ID_LENGTH = 256
 """Real wamids are about 60 characters, status ids the same; 256 leaves room without letting an id
 become a body."""
@@ -28,6 +26,17 @@ EXCERPT = 200
 TOKEN = 40
 
 _VISIBLE_ASCII = re.compile(r"[!-~]+")
+_DIGITS = re.compile(r"\d{8,}")
+
+
+def mask_phone(value: str) -> str:
+    """``250788000001`` -> ``2507****001``; too short to keep 7 characters of -> ``****``."""
+    return f"{value[:4]}****{value[-3:]}" if len(value) > 7 else "****"
+
+
+def mask_digits(text: str) -> str:
+    """Every run of 8 or more digits in `text` masked like a phone number (logs use it too)."""
+    return _DIGITS.sub(lambda m: mask_phone(m.group()), text)
 
 
 def id_problem(value: str) -> str | None:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .config import HOME_SERVICE, Config
+from ..config import HOME_SERVICE, Config
 from .whatsapp import InboundMessage
 
 
