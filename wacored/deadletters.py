@@ -33,7 +33,7 @@ import logging
 import sqlite3
 from collections.abc import Callable
 from functools import partial
-from operator import methodcaller
+from typing import TypeVar
 
 import httpx
 import trio
@@ -46,6 +46,8 @@ from .store import DeadLetter, Reader, Retried, StoreUnavailable, WriteConnectio
 from .writer import Write, WriteOp, retry_delay_s
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 ACTOR = "dlq_retrier"
 MIN_RESCHEDULE_S = 1.0
@@ -123,17 +125,16 @@ async def retry_one(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.Asy
     return retried
 
 
-async def write(writes: trio.MemorySendChannel[WriteOp], apply: Callable[[WriteConnection], object]) -> object:
-    """Run `apply(connection)` in the writer's next transaction and wait for it to commit
-    (`operator.methodcaller` names a `WriteConnection` method and its arguments)."""
-    op = Write(apply)
+async def write(writes: trio.MemorySendChannel[WriteOp], apply: Callable[[WriteConnection], T]) -> T:
+    """Run `apply(connection)` in the writer's next transaction and wait for it to commit."""
+    op: Write[T] = Write(apply)
     await writes.send(op)
     return await op.reply.wait()
 
 
 async def write_committed(
-    rt: Runtime, actor: str, writes: trio.MemorySendChannel[WriteOp], apply: Callable[[WriteConnection], object]
-) -> object:
+    rt: Runtime, actor: str, writes: trio.MemorySendChannel[WriteOp], apply: Callable[[WriteConnection], T]
+) -> T:
     """`write`, tried again while the store refuses it, `retry_delay_s` apart (beating for `actor`),
     until it commits. `apply` must be safe to run again: a refused transaction changed nothing."""
     failures = 0
@@ -189,8 +190,9 @@ async def run_dlq_retrier(
                 wake = await _next_wake(rt, reader)
                 state = rt.actor(ACTOR)
                 state.last_run, state.next_run = started, wake
-                await write_committed(rt, ACTOR, writes,
-                                      methodcaller("record_run", ACTOR, started, wake, f"{retried} retried"))
+                await write_committed(rt, ACTOR, writes, partial(
+                    WriteConnection.record_run, actor=ACTOR, last_run=started, next_run=wake,
+                    result=f"{retried} retried"))
                 await _wait_for_due(rt, reader, wake, due_poll_s)
     finally:
         with trio.CancelScope(shield=True):

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
-from operator import methodcaller
 from pathlib import Path
 
 import trio
@@ -47,13 +46,15 @@ BATCH = 500
 MISSED_REAP_DELAY_S = 60.0
 
 
-async def reap_with(run: Callable[[str, float, int], object], sessions: SessionsConfig, now: float) -> dict[str, int]:
+async def reap_with(
+    run: Callable[[str, float, int], Awaitable[int]], sessions: SessionsConfig, now: float
+) -> dict[str, int]:
     """Every kind, batch by batch, through `run(kind, cutoff, limit) -> deleted` (awaitable)."""
     counts: dict[str, int] = {}
     for kind, cutoff in cutoffs(sessions, now).items():
         counts[kind] = 0
         while True:
-            deleted = await run(kind, cutoff, BATCH)  # type: ignore[misc]
+            deleted = await run(kind, cutoff, BATCH)
             counts[kind] += deleted
             if deleted < BATCH:
                 break
@@ -118,9 +119,10 @@ async def _reap_now(rt: Runtime, writes: trio.MemorySendChannel[WriteOp]) -> Non
     sessions = rt.config.sessions
 
     async def run(kind: str, cutoff: float, limit: int) -> int:
-        deleted = await write_committed(rt, ACTOR, writes, methodcaller("reap", kind, cutoff, limit))
+        deleted = await write_committed(rt, ACTOR, writes,
+                                        partial(WriteConnection.reap, kind=kind, cutoff=cutoff, limit=limit))
         rt.beat(ACTOR)
-        return deleted  # type: ignore[return-value]
+        return deleted
 
     counts = await reap_with(run, sessions, now)
     rt.sessions.prune(now)
@@ -129,5 +131,6 @@ async def _reap_now(rt: Runtime, writes: trio.MemorySendChannel[WriteOp]) -> Non
     state = rt.actor(ACTOR)
     state.last_run = now
     state.next_run = next_reap(now, sessions.reap_minute)
-    await write_committed(rt, ACTOR, writes, methodcaller("record_run", ACTOR, now, state.next_run, _summary(counts)))
+    await write_committed(rt, ACTOR, writes, partial(WriteConnection.record_run, actor=ACTOR, last_run=now,
+                                                     next_run=state.next_run, result=_summary(counts)))
     log.info("reaped", extra={"event": "reaped", **counts})

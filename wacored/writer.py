@@ -41,7 +41,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -107,12 +107,14 @@ class CatchUp:
 
 
 @dataclass(eq=False)
-class Write:
+class Write(Generic[T]):
     """Any other write (a dead letter's retry, a reaper batch, a run record): `apply` runs on the write
-    connection inside the group's transaction; its result is the reply once committed."""
+    connection inside the group's transaction; its result is the reply once committed. `apply` is a
+    typed call of a `WriteConnection` method (``partial(WriteConnection.reap, kind=..., ...)``), never
+    a method named by a string."""
 
-    apply: Callable[[WriteConnection], object]
-    reply: Reply[object] = field(default_factory=Reply)
+    apply: Callable[[WriteConnection], T]
+    reply: Reply[T] = field(default_factory=Reply)
 
 
 @dataclass(eq=False)
@@ -120,7 +122,7 @@ class Sweep:
     """Sweep the queues after this group rather than at the next `SWEEP_S` (fire and forget)."""
 
 
-WriteOp = Ingest | Record | CatchUp | Write | Sweep
+WriteOp = Ingest | Record | CatchUp | Write[Any] | Sweep
 
 
 class DeliveryQueue:
