@@ -169,9 +169,9 @@ def runtime(tmp_path: Path, send: trio.MemorySendChannel[WriteOp], **sections: d
 async def test_the_collector_reads_the_cached_state(tmp_path: Path) -> None:
     send, _receive = trio.open_memory_channel[WriteOp](1)
     rt = runtime(tmp_path, send)
-    rt.counters.bump(rt.counters.forwards, "rides:delivered", 3)
-    rt.counters.bump(rt.counters.forwards, "rides:breaker_open")
-    rt.counters.bump(rt.counters.dlq_retries, "jobs:abandoned", 2)
+    rt.counters.bump(rt.counters.forwards, ("rides", "delivered"), 3)
+    rt.counters.bump(rt.counters.forwards, ("rides", "breaker_open"))
+    rt.counters.bump(rt.counters.dlq_retries, ("jobs", "abandoned"), 2)
     rt.counters.bump(rt.counters.reloads, "failed")
     rt.counters.bump(rt.counters.reaped, "sessions", 5)
     rt.counters.bump(rt.counters.statuses, "deleted")

@@ -56,7 +56,7 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
     admission = rt.admission
     checks["ingress"] = {"in_flight": admission.in_flight, "unverified_reads": len(admission.reads),
                          "unverified_bytes": admission.unverified_bytes}
-    checks["routed"] = dict(rt.counters.routed)
+    checks["routed"] = {f"{service}:{reason}": n for (service, reason), n in rt.counters.routed.items()}
     checks["probes"] = rt.counters.probes
     checks["statuses"] = dict(rt.counters.statuses)
     stats = rt.stats

@@ -110,14 +110,14 @@ async def retry_one(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.Asy
         return outcome(None, wait_s=dlq.interval_s)
     result = await guarded_attempt(rt, target, transports[target.name], d, dlq_retry=True)
     if result is None:
-        rt.counters.bump(rt.counters.dlq_retries, f"{target.name}:breaker_open")
+        rt.counters.bump(rt.counters.dlq_retries, (target.name, "breaker_open"))
         return outcome(None, wait_s=rt.breakers[target.name].retry_in(trio.current_time()))
     retried = outcome(result.verdict, error=result.error, status_code=result.status_code,
                       retry_after_s=result.retry_after_s)
     # Logged with the retry's write (the writer's group commit), numbered as the entry's retries are.
     retried = dataclasses.replace(retried, attempt=result.row(d, target.name, dl.attempts + 1, "dlq_retry", rt.node))
     label = {"delivered": "delivered", "abandoned": "abandoned"}.get(retried.state, "failed")
-    rt.counters.bump(rt.counters.dlq_retries, f"{target.name}:{label}")
+    rt.counters.bump(rt.counters.dlq_retries, (target.name, label))
     log.log(logging.INFO if label == "delivered" else logging.WARNING, "dead letter retried",
             extra={"event": f"dlq_retry_{label}", "service": target.name, "message_id": d.key,
                    "correlation_id": d.correlation_id, "attempts": dl.attempts + int(retried.counted),
@@ -228,7 +228,7 @@ async def _retry_contained(rt: Runtime, dl: DeadLetter, transports: dict[str, ht
         log.exception("dead letter retry raised: the entry is abandoned", extra={
             "event": "dlq_retry_internal_error", "service": d.target, "message_id": d.key,
             "error": internal_error(exc)})
-        rt.counters.bump(rt.counters.internal_errors, f"{d.target}:dlq_retry")
+        rt.counters.bump(rt.counters.internal_errors, (d.target, "dlq_retry"))
         retried = after_retry(dl.attempts, Verdict.PERMANENT, rt.wall_clock(), rt.config.dlq, dead_letter_id=dl.id,
                               message_id=d.id, error=internal_error(exc))
         return dataclasses.replace(retried, reason=INTERNAL_ERROR)

@@ -178,7 +178,7 @@ async def guarded_attempt(
     started = trio.current_time()
     started_at = rt.wall_clock()
     if not breaker.allow(started):
-        rt.counters.bump(rt.counters.forwards, f"{name}:breaker_open")
+        rt.counters.bump(rt.counters.forwards, (name, "breaker_open"))
         return None
     try:
         result = await attempt(transport, target, d, tracer=rt.tracer, dlq_retry=dlq_retry)
@@ -195,7 +195,7 @@ async def guarded_attempt(
         breaker.failure(trio.current_time())
     else:
         breaker.success()
-    rt.counters.bump(rt.counters.forwards, f"{name}:{result.verdict.value}")
+    rt.counters.bump(rt.counters.forwards, (name, result.verdict.value))
     return result
 
 
@@ -262,7 +262,7 @@ async def deliver_contained(
     except Exception as exc:
         log.exception("delivery raised: the message is dead-lettered, the lane goes on", extra={
             "event": "delivery_internal_error", "service": name, "message_id": d.key, "error": internal_error(exc)})
-        rt.counters.bump(rt.counters.internal_errors, f"{name}:delivery")
+        rt.counters.bump(rt.counters.internal_errors, (name, "delivery"))
         return _outcome(rt, d, name, 1, Attempt(Verdict.PERMANENT, internal_error(exc)), INTERNAL_ERROR, made)
 
 

@@ -307,7 +307,7 @@ class Webhook:
                 # the alerts and dashboards built on them.
                 counters.probes += 1
                 continue
-            counters.bump(counters.routed, f"{r.service}:{r.reason}")
+            counters.bump(counters.routed, (r.service, r.reason))
             # An unrouted row's number is the payload's id: `label` makes it ``other``, never the id.
             counters.count(("routed", r.service, r.reason, numbers.label(r.number)))
         # Counted once the batch is committed: a POST answered 503 counts nothing, so Meta's redelivery

@@ -148,7 +148,8 @@ class StateCollector(Collector):
             routed[(fallback, "fallback")] = 0
         if self.rt.numbers.listed:
             routed[(HOME_SERVICE, UNKNOWN_NUMBER)] = 0
-        routed.update(_split(c.routed, 2))
+        for route, n in c.routed.items():
+            routed[route] = n
         yield _counter("wacored_messages_routed", "Routed messages by service and reason.",
                        ["service", "reason"], routed)
         statuses: Series = {(s,): 0 for s in STATUSES}
@@ -305,15 +306,10 @@ def _known(counts: Mapping[str, int], known: Iterable[str]) -> Series:
     return values
 
 
-def _split(counts: Mapping[str, int], n_labels: int) -> Series:
-    """``"a:b"`` keyed counts as label tuples (a label value never contains ``:``; a key that does not
-    split into `n_labels` values is left out rather than break the whole scrape)."""
-    return {parts: n for key, n in counts.items() if len(parts := tuple(key.split(":"))) == n_labels}
-
-
-def _by_service(counts: Mapping[str, int], services: list[str], outcomes: Iterable[str]) -> Series:
+def _by_service(counts: Mapping[tuple[str, str], int], services: list[str], outcomes: Iterable[str]) -> Series:
     values: Series = {(s, o): 0 for s in services for o in outcomes}
-    values.update(_split(counts, 2))
+    for key, n in counts.items():
+        values[key] = n
     return values
 
 

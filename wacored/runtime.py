@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 from opentelemetry.trace import Tracer
@@ -29,12 +30,15 @@ from .telemetry import NO_TRACER
 from .version import VERSION
 from .writer import HEARTBEAT_S, DeliveryQueue, StoreWrites, Sweep, WriteOp
 
+K = TypeVar("K", str, tuple[str, str])
+
 
 @dataclass
 class Counters:
     """Plain counts of what the daemon did, shown by /health and exported as Prometheus counters.
 
-    Keys are bounded label values joined with ``:`` (never a phone number or message id).
+    Keys are bounded label values, a tuple where there are several (never a phone number or message
+    id): nothing is joined into a string only to be split apart again.
     """
 
     requests: dict[str, int] = field(default_factory=dict)
@@ -43,16 +47,16 @@ class Counters:
     """Webhook POSTs verified with ``[whatsapp] app_secret_previous`` (a rotation in progress)."""
     handshakes: dict[str, int] = field(default_factory=dict)
     """Webhook verification handshakes by result (ok, refused)."""
-    routed: dict[str, int] = field(default_factory=dict)
-    """Messages by ``service:reason``."""
+    routed: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Messages by (service, reason)."""
     probes: int = 0
     """Probes accepted (`probe.py`): routed and stored, never forwarded, never counted in `routed`."""
     statuses: dict[str, int] = field(default_factory=dict)
     """Status updates by status, counted whether forwarded or dropped."""
-    forwards: dict[str, int] = field(default_factory=dict)
-    """Forward attempts by ``service:outcome`` (delivered, transient, permanent, breaker_open)."""
-    dlq_retries: dict[str, int] = field(default_factory=dict)
-    """Dead-letter retries by ``service:outcome`` (delivered, failed, abandoned, breaker_open)."""
+    forwards: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Forward attempts by (service, outcome): delivered, transient, permanent, breaker_open."""
+    dlq_retries: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Dead-letter retries by (service, outcome): delivered, failed, abandoned, breaker_open."""
     reloads: dict[str, int] = field(default_factory=dict)
     """Config reloads by result (ok, failed)."""
     last_reload_ok: bool = True
@@ -60,8 +64,8 @@ class Counters:
     succeeds (Prometheus's own ``*_config_last_reload_successful``). Owner: `Daemon.reload`."""
     last_reload_success_at: float | None = None
     """Wall-clock time the config in force was loaded (start-up, or the last reload that worked)."""
-    internal_errors: dict[str, int] = field(default_factory=dict)
-    """Deliveries that raised something unexpected, by ``service:stage`` (delivery, dlq_retry): each
+    internal_errors: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Deliveries that raised something unexpected, by (service, stage): delivery, dlq_retry; each
     dead-lettered its one message as ``internal_error``."""
     reaped: dict[str, int] = field(default_factory=dict)
     """Rows the reaper deleted by kind (sessions, dead_letters_delivered, dead_letters_abandoned, messages)."""
@@ -72,7 +76,7 @@ class Counters:
     `numbers.Numbers.label` (a configured id or ``other``)."""
 
     @staticmethod
-    def bump(table: dict[str, int], key: str, n: int = 1) -> None:
+    def bump(table: dict[K, int], key: K, n: int = 1) -> None:
         table[key] = table.get(key, 0) + n
 
     def request(self, outcome: str, number: str) -> None:
