@@ -42,17 +42,14 @@ from opentelemetry import trace
 
 from . import logs
 from .admission import Outcome
-from .config import GRAPH_SENDER, HOME_SERVICE, WhatsAppConfig
-from .core.numbers import OTHER, UNKNOWN_NUMBER, Numbers
-from .core.probe import is_probe
-from .core.routing import SessionAction, decide
+from .config import WhatsAppConfig
+from .core.ingest import plan_ingest
+from .core.numbers import OTHER, Numbers
 from .core.sessions import SessionChange
 from .core.whatsapp import (
     Batch,
     InboundMessage,
     PayloadError,
-    encode,
-    home_menu_message,
     parse_webhook,
     signature_valid,
 )
@@ -235,55 +232,16 @@ class Webhook:
     def _route(
         self, batch: Batch, request_id: str, correlation_id: str, traceparent: str | None
     ) -> tuple[list[NewRow], list[tuple[int, SessionChange]]]:
-        """Each message by the rules of the number it was written to (`numbers.Numbers`), in order."""
+        """The batch's rows and session changes (`core.ingest.plan_ingest`, the policy), with what is
+        not policy added: the request's ids and each message's trace context."""
         rt = self.rt
         now = rt.wall_clock()
-        numbers = rt.numbers
-        view = rt.sessions.overlay()
-        rows: list[NewRow] = []
-        changes: list[tuple[int, SessionChange]] = []
-
-        def row(key: str, kind: str, sender: str, service: str, reason: str, target: str, body: bytes,
-                number: str, probe: bool = False) -> NewRow:
-            return NewRow(key, kind, sender, service, reason, target, body, request_id, correlation_id,
-                          message_traceparent(rt.tracer, traceparent, service, reason, kind), now, number=number,
-                          probe=probe)
-
-        for m in batch.messages:
-            number = numbers.key_of(m.number)
-            # The mark is in the signed body, checked above: an unsigned caller cannot make one.
-            probe = is_probe(m.wamid)
-            if number is None:
-                # A number `numbers = "listed"` does not know: kept (so a redelivery is a duplicate)
-                # and counted, never routed, forwarded nor answered.
-                rows.append(row(m.wamid, "message", m.sender, HOME_SERVICE, UNKNOWN_NUMBER, "", m.body,
-                                m.number or "", probe))
-                continue
-            plan = numbers.plan(number)
-            session = view.service_of(m.sender, now, number)
-            if session is not None and session not in plan.services:
-                session = None  # its service was removed by a reload, or no longer routes here: route afresh
-            decision = decide(plan.routing, m, session)
-            # A probe reads the sender's session but leaves it as it was: it may come from an
-            # operator's own number, whose conversation must not move because of a check.
-            if decision.session is not SessionAction.KEEP and not probe:
-                change = SessionChange(m.sender, decision.session, decision.service, now, number)
-                view.apply(change)
-                changes.append((len(rows), change))
-            if decision.sends_home_menu:
-                body = encode(home_menu_message(plan.menu, m.phone, m.bsuid))
-                rows.append(row(m.wamid, "message", m.sender, decision.service, decision.reason.value,
-                                GRAPH_SENDER, body, number, probe))
-            else:
-                rows.append(row(m.wamid, "message", m.sender, decision.service, decision.reason.value,
-                                decision.service, m.body, number, probe))
-        for s in batch.statuses:
-            number = numbers.key_of(s.number)
-            statuses_to = numbers.plan(number).statuses if number is not None else ""
-            if statuses_to:
-                rows.append(row(f"status:{s.key}", "status", s.recipient, statuses_to, "status",
-                                statuses_to, s.body, number or ""))
-        return rows, changes
+        plan = plan_ingest(batch, rt.numbers, rt.sessions, now)
+        rows = [NewRow(p.key, p.kind, p.sender, p.service, p.reason, p.target, p.body, request_id, correlation_id,
+                       message_traceparent(rt.tracer, traceparent, p.service, p.reason, p.kind), now,
+                       number=p.number, probe=p.probe)
+                for p in plan.rows]
+        return rows, list(plan.changes)
 
     async def _commit(self, rows: list[NewRow], changes: list[tuple[int, SessionChange]]) -> list[int | None]:
         if not rows:
