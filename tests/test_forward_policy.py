@@ -351,3 +351,15 @@ async def test_a_failed_probe_reopens_the_breaker_for_another_period(
     assert await reason() == "breaker_open"
     assert len(seen) == 3
     assert rt.counters.forwards == {("rides", "transient"): 3, ("rides", "breaker_open"): 3}
+
+
+@pytest.mark.parametrize(("verdict", "tries", "retries", "settled_now"), [
+    (Verdict.DELIVERED, 1, 2, True), (Verdict.PERMANENT, 1, 2, True), (Verdict.TRANSIENT, 1, 2, False),
+    (Verdict.TRANSIENT, 3, 2, True), (Verdict.TRANSIENT, 1, 0, True),
+])
+def test_a_first_delivery_settles_when_answered_or_out_of_retries(
+    verdict: Verdict, tries: int, retries: int, settled_now: bool
+) -> None:
+    from wacored.core.delivery import settled
+
+    assert settled(verdict, tries, retries) is settled_now

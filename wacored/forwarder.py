@@ -59,7 +59,7 @@ import httpx
 import trio
 from opentelemetry.trace import Status, StatusCode, Tracer
 
-from .core.delivery import Verdict, backoff_s, classify, dead_letter_reason, lane_of, next_try_s
+from .core.delivery import Verdict, backoff_s, classify, dead_letter_reason, lane_of, next_try_s, settled
 from .core.retry_after import retry_after_s
 from .core.untrusted import EXCERPT, clean, excerpt, token
 from .runtime import HEARTBEAT_S, Runtime
@@ -227,7 +227,7 @@ async def deliver(
             return _outcome(rt, d, name, tries, blocked, "breaker_open", made)
         tries += 1
         made.append(result.row(d, name, tries, "delivery", rt.node))
-        if result.verdict is not Verdict.TRANSIENT or tries > target.forwarding.retries:
+        if settled(result.verdict, tries, target.forwarding.retries):
             return _outcome(rt, d, name, tries, result, dead_letter_reason(result.verdict), made)
         if await _stopped_while_waiting(rt, next_try_s(backoff_s(tries, target.forwarding.retry_base_ms / 1000,
                                                                  rng), result.retry_after_s)):

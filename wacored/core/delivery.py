@@ -44,6 +44,12 @@ def lane_of(sender: str, lanes: int) -> int:
     return zlib.crc32(sender.encode()) % lanes
 
 
+def settled(verdict: Verdict, tries: int, retries: int) -> bool:
+    """Whether a first delivery ends after its `tries`-th attempt answered `verdict`: delivered,
+    refused for good, or transient with its `retries` used up (then it is dead-lettered)."""
+    return verdict is not Verdict.TRANSIENT or tries > retries
+
+
 def dead_letter_reason(verdict: Verdict) -> str:
     """The reason a failed delivery is dead-lettered with."""
     return {Verdict.PERMANENT: "permanent", Verdict.TRANSIENT: "transient"}.get(verdict, "")
