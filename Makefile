@@ -49,6 +49,7 @@ tools:
 
 lint: $(STAMP)
 	$(BIN)/ruff check wacored tests bench
+	$(BIN)/ruff format --check wacored tests bench
 	$(BIN)/mypy
 
 check-config: $(RUN_STAMP)

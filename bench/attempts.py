@@ -22,8 +22,22 @@ def _store(path: Path, count: int) -> list[int]:
     migrate(path)
     conn = WriteConnection(path)
     conn.begin_waiting()
-    rows = [NewRow(f"wamid.B{i}", "message", f"2507{i % 5000}", "rides", "keyword", "rides", b"{}" * 200,
-                   "rid", "cid", "tp", 1.0) for i in range(count)]
+    rows = [
+        NewRow(
+            f"wamid.B{i}",
+            "message",
+            f"2507{i % 5000}",
+            "rides",
+            "keyword",
+            "rides",
+            b"{}" * 200,
+            "rid",
+            "cid",
+            "tp",
+            1.0,
+        )
+        for i in range(count)
+    ]
     ids = conn.insert(rows, [])
     conn.commit()
     conn.close()
@@ -31,8 +45,20 @@ def _store(path: Path, count: int) -> list[int]:
 
 
 def _outcome(mid: int, tries: int) -> Outcome:
-    rows = tuple(AttemptRow(mid, "rides", n, "delivery", 1.0 + n, 0.004, 503 if n < tries else 200,
-                            "HTTP 503: busy" if n < tries else "", "bench-host-1") for n in range(1, tries + 1))
+    rows = tuple(
+        AttemptRow(
+            mid,
+            "rides",
+            n,
+            "delivery",
+            1.0 + n,
+            0.004,
+            503 if n < tries else 200,
+            "HTTP 503: busy" if n < tries else "",
+            "bench-host-1",
+        )
+        for n in range(1, tries + 1)
+    )
     return Outcome(mid, True, max(tries, 1), 2.0, target="rides", key=f"wamid.B{mid}", tries=rows)
 
 
@@ -45,7 +71,7 @@ def measure(tries: int, outcomes: int, group: int) -> float:
         started = time.perf_counter()
         for start in range(0, len(ids), group):
             conn.begin_waiting()
-            for mid in ids[start:start + group]:
+            for mid in ids[start : start + group]:
                 conn.record(_outcome(mid, tries))
             conn.commit()
         took = time.perf_counter() - started
@@ -60,11 +86,14 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3, help="best of this many runs per case")
     args = p.parse_args()
     cases = {"no attempt rows (before)": 0, "1 attempt row": 1, "3 attempt rows": 3}
-    best = {name: min(measure(tries, args.outcomes, args.group) for _ in range(args.runs))
-            for name, tries in cases.items()}
+    best = {
+        name: min(measure(tries, args.outcomes, args.group) for _ in range(args.runs)) for name, tries in cases.items()
+    }
     base = best["no attempt rows (before)"]
-    print(f"writer commit cost per delivered outcome ({args.outcomes} outcomes, groups of {args.group},"
-          f" best of {args.runs}, synchronous=FULL)")
+    print(
+        f"writer commit cost per delivered outcome ({args.outcomes} outcomes, groups of {args.group},"
+        f" best of {args.runs}, synchronous=FULL)"
+    )
     for name, us in best.items():
         print(f"  {name:<26} {us:8.1f} us/outcome   {us / base:5.2f}x")
 

@@ -87,7 +87,7 @@ def schedule(senders: list[int], count: int) -> Iterator[tuple[int, int, int]]:
     while True:
         for b in range(0, len(senders), BLOCK):
             for pos in range(CYCLE):
-                for s in senders[b:b + BLOCK]:
+                for s in senders[b : b + BLOCK]:
                     if n == count:
                         return
                     yield s, block, pos
@@ -108,8 +108,14 @@ def generate(prefix: Path, secret: str, threads: int, per_thread: int, senders: 
                     kind, text = ("text" if block % 2 == 0 else "interactive"), keys[s % len(keys)]
                 elif pos == CYCLE - 1:
                     text = "menu"
-                body = text_webhook(text=text, sender=f"25078{s:07d}", wamid=f"wamid.BENCH.{t}.{i:09d}",
-                                    timestamp=now, phone_number_id="BENCH_PHONE", kind=kind)
+                body = text_webhook(
+                    text=text,
+                    sender=f"25078{s:07d}",
+                    wamid=f"wamid.BENCH.{t}.{i:09d}",
+                    timestamp=now,
+                    phone_number_id="BENCH_PHONE",
+                    kind=kind,
+                )
                 f.write(f"{sign(secret, body)}\t{body.decode()}\n")
 
 
@@ -119,9 +125,16 @@ def write_config(path: Path, store: Path, downstream: str, timeout_ms: int | Non
     base = tomllib.loads((ROOT / "wacored.toml").read_text())
     q = json.dumps
     lines = [
-        "[server]", 'listen = "127.0.0.1:0"', "",
-        "[whatsapp]", 'phone_number_id = "BENCH_PHONE"', f"graph_api_url = {q(downstream + '/graph')}", "",
-        "[store]", f"path = {q(str(store))}", "",
+        "[server]",
+        'listen = "127.0.0.1:0"',
+        "",
+        "[whatsapp]",
+        'phone_number_id = "BENCH_PHONE"',
+        f"graph_api_url = {q(downstream + '/graph')}",
+        "",
+        "[store]",
+        f"path = {q(str(store))}",
+        "",
     ]
     for section in ("ratelimit", "routing", "sessions", "forwarding"):
         values = dict(base.get(section, {}))
@@ -150,11 +163,18 @@ class Procs:
 
     running: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, argv: list[str], log: Path, env: dict[str, str] | None = None,
-              stdout: Any = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, argv: list[str], log: Path, env: dict[str, str] | None = None, stdout: Any = None
+    ) -> subprocess.Popen[bytes]:
         with open(log, "ab") as err:
-            p = subprocess.Popen(argv, stdout=stdout if stdout is not None else err, stderr=err,
-                                 env=env, cwd=ROOT, start_new_session=True)
+            p = subprocess.Popen(
+                argv,
+                stdout=stdout if stdout is not None else err,
+                stderr=err,
+                env=env,
+                cwd=ROOT,
+                start_new_session=True,
+            )
         self.running.append(p)
         return p
 
@@ -238,8 +258,7 @@ def wait_quiet(max_wait_s: float, busy_limit: float = 0.15) -> float:
             return busy
 
 
-def wait_for(what: str, check: Callable[[], str], p: subprocess.Popen[bytes], log: Path,
-             timeout: float = 20.0) -> str:
+def wait_for(what: str, check: Callable[[], str], p: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -259,8 +278,9 @@ def start_noop(procs: Procs, tmp: Path, name: str) -> tuple[subprocess.Popen[byt
     return p, url
 
 
-def start_wacored(procs: Procs, run_dir: Path, config: Path, secret: str,
-                  command: str) -> tuple[subprocess.Popen[bytes], str, float]:
+def start_wacored(
+    procs: Procs, run_dir: Path, config: Path, secret: str, command: str
+) -> tuple[subprocess.Popen[bytes], str, float]:
     log = run_dir / "wacored.log"
     env = {**os.environ, "WACORED_APP_SECRET": secret, "WACORED_ACCESS_TOKEN": "bench-token"}
     # Every service signs its forwards with a secret of its own, as in production (one HMAC per
@@ -330,13 +350,25 @@ class Load:
 
 
 def run_wrk(url: str, prefix: Path, args: argparse.Namespace, log: Path, mine: set[int]) -> Load:
-    argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--timeout", "5s",
-            "--latency", "-s", str(LUA), f"{url}/webhook"]
+    argv = [
+        "wrk",
+        f"-t{args.threads}",
+        f"-c{args.connections}",
+        f"-d{args.duration}s",
+        "--timeout",
+        "5s",
+        "--latency",
+        "-s",
+        str(LUA),
+        f"{url}/webhook",
+    ]
     env = {**os.environ, "BENCH_BODIES": str(prefix)}
     idle_busy = wait_quiet(args.quiet_wait)
     if idle_busy >= 0.15:
-        print(f"  note: the machine is {idle_busy:.0%} busy before this load (other processes): figures are"
-              " disturbed", flush=True)
+        print(
+            f"  note: the machine is {idle_busy:.0%} busy before this load (other processes): figures are disturbed",
+            flush=True,
+        )
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     procs0 = cpu_by_process()
     busy0 = machine_busy_s()
@@ -353,8 +385,22 @@ def run_wrk(url: str, prefix: Path, args: argparse.Namespace, log: Path, mine: s
     r = json.loads(line.removeprefix("BENCH_JSON "))
     lat = r["latency_us"]
     wrk_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return Load(r["requests"], r["duration_us"] / 1e6, r["errors"], lat["p50"] / 1000, lat["p99"] / 1000,
-                lat["max"] / 1000, r["sent"], r["exhausted_threads"], started, ended, wrk_cpu, busy, other, idle_busy)
+    return Load(
+        r["requests"],
+        r["duration_us"] / 1e6,
+        r["errors"],
+        lat["p50"] / 1000,
+        lat["p99"] / 1000,
+        lat["max"] / 1000,
+        r["sent"],
+        r["exhausted_threads"],
+        started,
+        ended,
+        wrk_cpu,
+        busy,
+        other,
+        idle_busy,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,8 +416,9 @@ def read_store(store: Path, query: Callable[[sqlite3.Connection], Any]) -> Any:
 
 
 def store_counts(store: Path) -> dict[str, int]:
-    counts: dict[str, int] = read_store(store, lambda c: dict(
-        c.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall()))
+    counts: dict[str, int] = read_store(
+        store, lambda c: dict(c.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall())
+    )
     counts["total"] = sum(counts.values())
     return counts
 
@@ -393,11 +440,15 @@ def wait_delivered(store: Path, timeout_s: float) -> tuple[dict[str, int], bool]
 def store_facts(store: Path) -> dict[str, Any]:
     def query(c: sqlite3.Connection) -> dict[str, Any]:
         first, last = c.execute(
-            "SELECT MIN(received_at), MAX(done_at) FROM messages WHERE state = 'delivered'").fetchone()
-        lags = [row[0] for row in c.execute(
-            "SELECT done_at - received_at FROM messages WHERE state = 'delivered' ORDER BY 1")]
+            "SELECT MIN(received_at), MAX(done_at) FROM messages WHERE state = 'delivered'"
+        ).fetchone()
+        lags = [
+            row[0]
+            for row in c.execute("SELECT done_at - received_at FROM messages WHERE state = 'delivered' ORDER BY 1")
+        ]
         return {
-            "first_received": first, "last_done": last,
+            "first_received": first,
+            "last_done": last,
             "lag_p50_ms": lags[len(lags) // 2] * 1000 if lags else 0.0,
             "lag_p99_ms": lags[min(len(lags) - 1, len(lags) * 99 // 100)] * 1000 if lags else 0.0,
             "reasons": dict(c.execute("SELECT reason, COUNT(*) FROM messages GROUP BY reason").fetchall()),
@@ -427,8 +478,9 @@ def scenario_s1(procs: Procs, tmp: Path, prefix: Path, args: argparse.Namespace)
     return {"load": load, "rss_mb": hwm, "cpu_s": cpu}
 
 
-def scenario_wacored(procs: Procs, tmp: Path, prefix: Path, secret: str, args: argparse.Namespace,
-                     held: bool = False) -> dict[str, Any]:
+def scenario_wacored(
+    procs: Procs, tmp: Path, prefix: Path, secret: str, args: argparse.Namespace, held: bool = False
+) -> dict[str, Any]:
     name = "held" if held else "wacored"
     run_dir = tmp / name
     run_dir.mkdir()
@@ -444,9 +496,23 @@ def scenario_wacored(procs: Procs, tmp: Path, prefix: Path, secret: str, args: a
         cpu0, down0 = cpu_s(p.pid), cpu_s(down.pid)
         spy = None
         if args.py_spy:  # sampling costs CPU: the figures of such a run are lower
-            spy = procs.start([args.py_spy, "record", "--pid", str(p.pid), "--duration", str(args.duration),
-                               "--rate", "200", "--format", "raw",
-                               "-o", str(OUT / f"profile-{name}.txt")], run_dir / "py-spy.log")
+            spy = procs.start(
+                [
+                    args.py_spy,
+                    "record",
+                    "--pid",
+                    str(p.pid),
+                    "--duration",
+                    str(args.duration),
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "-o",
+                    str(OUT / f"profile-{name}.txt"),
+                ],
+                run_dir / "py-spy.log",
+            )
         load = run_wrk(url, prefix, args, run_dir / "wrk.txt", {p.pid, down.pid} | ({spy.pid} if spy else set()))
         cpu_load, down_load = cpu_s(p.pid) - cpu0, cpu_s(down.pid) - down0
         load_hwm, _ = memory_mb(p.pid)
@@ -465,10 +531,25 @@ def scenario_wacored(procs: Procs, tmp: Path, prefix: Path, secret: str, args: a
         procs.stop(down)
     lines = (run_dir / "wacored.log").read_text().splitlines()
     problems = [ln for ln in lines if '"level": "warning"' in ln or '"level": "error"' in ln]
-    return {"load": load, "counts": counts, "drained": drained, "facts": facts, "opened_at": opened_at,
-            "rss_mb": hwm, "rss_load_mb": load_hwm, "rss_idle_mb": idle_hwm, "rss_now_mb": rss,
-            "cpu_load_s": cpu_load, "down_load_s": down_load, "cpu_all_s": cpu_all, "down_all_s": down_all,
-            "downstream": downstream, "exit_code": code, "startup_s": startup_s, "log_problems": problems}
+    return {
+        "load": load,
+        "counts": counts,
+        "drained": drained,
+        "facts": facts,
+        "opened_at": opened_at,
+        "rss_mb": hwm,
+        "rss_load_mb": load_hwm,
+        "rss_idle_mb": idle_hwm,
+        "rss_now_mb": rss,
+        "cpu_load_s": cpu_load,
+        "down_load_s": down_load,
+        "cpu_all_s": cpu_all,
+        "down_all_s": down_all,
+        "downstream": downstream,
+        "exit_code": code,
+        "startup_s": startup_s,
+        "log_problems": problems,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -479,10 +560,17 @@ def code_version() -> str:
     """The commit under test, and whether wacored/ differs from it (read-only git)."""
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # git status must not take the index lock
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10, env=env).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "wacored"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=10, env=env).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, env=env
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "wacored"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env=env,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown commit"
     return f"commit {head or '?'}{' + uncommitted changes in wacored/' if dirty else ''}"
@@ -496,8 +584,9 @@ def table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]], right: set[int
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
 
     def fmt(r: tuple[str, ...]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
 
     return [fmt(head), *(fmt(r) for r in rows)]
 
@@ -506,8 +595,14 @@ def us_per(seconds: float, n: int) -> str:
     return f"{seconds / n * 1e6:.0f}" if n else "-"
 
 
-def report(s1: dict[str, Any], w: dict[str, Any], held: dict[str, Any] | None, args: argparse.Namespace,
-           gen_s: float, version: str) -> str:
+def report(
+    s1: dict[str, Any],
+    w: dict[str, Any],
+    held: dict[str, Any] | None,
+    args: argparse.Namespace,
+    gen_s: float,
+    version: str,
+) -> str:
     base: Load = s1["load"]
     load: Load = w["load"]
     f, counts = w["facts"], w["counts"]
@@ -517,33 +612,73 @@ def report(s1: dict[str, Any], w: dict[str, Any], held: dict[str, Any] | None, a
     ratio_in, ratio_e2e = load.rate / base.rate, e2e_rate / base.rate
     rss = f"{w['rss_mb']:.0f}"
     rss_mark = f"<= {TARGET_RSS_MB:.0f} {mark(w['rss_mb'] <= TARGET_RSS_MB)}"
-    ran_out = [name for name, ld in [("S1", base), ("ingest", load)] + ([("held", held["load"])] if held else [])
-               if ld.exhausted_threads]
+    ran_out = [
+        name
+        for name, ld in [("S1", base), ("ingest", load)] + ([("held", held["load"])] if held else [])
+        if ld.exhausted_threads
+    ]
 
     def goal(target: float, ratio: float) -> str:
         return f">= {target} {'n/a' if ran_out else mark(ratio >= target)}"
 
     rows = [
-        ("S1 no-op", f"{base.rate:.0f}", "1.00", "", f"{base.p50_ms:.1f}", f"{base.p99_ms:.1f}",
-         f"({s1['rss_mb']:.0f})", ""),
-        ("ingest", f"{load.rate:.0f}", f"{ratio_in:.2f}", goal(TARGET_INGEST, ratio_in),
-         f"{load.p50_ms:.1f}", f"{load.p99_ms:.1f}", rss, rss_mark),
-        ("end-to-end", f"{e2e_rate:.0f}", f"{ratio_e2e:.2f}", goal(TARGET_E2E, ratio_e2e),
-         f"[{f['lag_p50_ms']:.0f}]", f"[{f['lag_p99_ms']:.0f}]", rss, rss_mark),
+        (
+            "S1 no-op",
+            f"{base.rate:.0f}",
+            "1.00",
+            "",
+            f"{base.p50_ms:.1f}",
+            f"{base.p99_ms:.1f}",
+            f"({s1['rss_mb']:.0f})",
+            "",
+        ),
+        (
+            "ingest",
+            f"{load.rate:.0f}",
+            f"{ratio_in:.2f}",
+            goal(TARGET_INGEST, ratio_in),
+            f"{load.p50_ms:.1f}",
+            f"{load.p99_ms:.1f}",
+            rss,
+            rss_mark,
+        ),
+        (
+            "end-to-end",
+            f"{e2e_rate:.0f}",
+            f"{ratio_e2e:.2f}",
+            goal(TARGET_E2E, ratio_e2e),
+            f"[{f['lag_p50_ms']:.0f}]",
+            f"[{f['lag_p99_ms']:.0f}]",
+            rss,
+            rss_mark,
+        ),
     ]
     ncpu = os.cpu_count() or 1
 
     def load_cpu(name: str, ld: Load, server_s: float, down_s: float) -> tuple[str, ...]:
         mine = server_s + down_s + ld.wrk_cpu_s
-        return (name, f"{ld.ok}", us_per(server_s, ld.ok), us_per(down_s, ld.ok) if down_s else "-",
-                us_per(ld.wrk_cpu_s, ld.ok), f"{ld.machine_s / ld.duration_s / ncpu * 100:.0f}%",
-                f"{max(0.0, ld.machine_s - mine) / ld.duration_s / ncpu * 100:.0f}%")
+        return (
+            name,
+            f"{ld.ok}",
+            us_per(server_s, ld.ok),
+            us_per(down_s, ld.ok) if down_s else "-",
+            us_per(ld.wrk_cpu_s, ld.ok),
+            f"{ld.machine_s / ld.duration_s / ncpu * 100:.0f}%",
+            f"{max(0.0, ld.machine_s - mine) / ld.duration_s / ncpu * 100:.0f}%",
+        )
 
     cpu_rows = [
         load_cpu("S1 no-op (load)", base, s1["cpu_s"], 0.0),
         load_cpu("ingest (load)", load, w["cpu_load_s"], w["down_load_s"]),
-        ("end-to-end (load + drain)", f"{delivered}", us_per(w["cpu_all_s"], delivered),
-         us_per(w["down_all_s"], delivered), "", "", ""),
+        (
+            "end-to-end (load + drain)",
+            f"{delivered}",
+            us_per(w["cpu_all_s"], delivered),
+            us_per(w["down_all_s"], delivered),
+            "",
+            "",
+            "",
+        ),
     ]
     if held is not None:
         hl: Load = held["load"]
@@ -552,16 +687,38 @@ def report(s1: dict[str, Any], w: dict[str, Any], held: dict[str, Any] | None, a
         drain_s = (hf["last_done"] - held["opened_at"]) if hf["last_done"] else 0.0
         drain_rate = h_delivered / drain_s if drain_s > 0 else 0.0
         rows += [
-            ("ingest, forwarding held*", f"{hl.rate:.0f}", f"{hl.rate / base.rate:.2f}", "", f"{hl.p50_ms:.1f}",
-             f"{hl.p99_ms:.1f}", f"{held['rss_load_mb']:.0f}", ""),
-            ("forwarding alone*", f"{drain_rate:.0f}", f"{drain_rate / base.rate:.2f}", "", "", "",
-             f"{held['rss_mb']:.0f}", ""),
+            (
+                "ingest, forwarding held*",
+                f"{hl.rate:.0f}",
+                f"{hl.rate / base.rate:.2f}",
+                "",
+                f"{hl.p50_ms:.1f}",
+                f"{hl.p99_ms:.1f}",
+                f"{held['rss_load_mb']:.0f}",
+                "",
+            ),
+            (
+                "forwarding alone*",
+                f"{drain_rate:.0f}",
+                f"{drain_rate / base.rate:.2f}",
+                "",
+                "",
+                "",
+                f"{held['rss_mb']:.0f}",
+                "",
+            ),
         ]
         cpu_rows += [
             load_cpu("ingest, forwarding held* (load)", hl, held["cpu_load_s"], held["down_load_s"]),
-            ("forwarding alone* (drain)", f"{h_delivered}",
-             us_per(held["cpu_all_s"] - held["cpu_load_s"], h_delivered),
-             us_per(held["down_all_s"] - held["down_load_s"], h_delivered), "", "", ""),
+            (
+                "forwarding alone* (drain)",
+                f"{h_delivered}",
+                us_per(held["cpu_all_s"] - held["cpu_load_s"], h_delivered),
+                us_per(held["down_all_s"] - held["down_load_s"], h_delivered),
+                "",
+                "",
+                "",
+            ),
         ]
     head = ("scenario", "msgs/s", "x S1", "target", "p50 ms", "p99 ms", "RSS MB", "RSS target")
     cpu_head = ("CPU us per message", "msgs", "server", "downstream", "wrk", "machine busy", "others")
@@ -571,26 +728,39 @@ def report(s1: dict[str, Any], w: dict[str, Any], held: dict[str, Any] | None, a
         held_others = f"; during held ingest: {held['load'].others}"
         held_busy = f", held {held['load'].busy_before:.0%}"
         hc = held["counts"]
-        held_note = (f"; held run: {len(held['log_problems'])} warning/error lines, dead-lettered "
-                     f"{hc.get('dead_lettered', 0)}, still queued {hc.get('queued', 0)}, "
-                     f"{held['downstream']['connections']} TCP connections for {held['downstream']['posts']} POSTs"
-                     f"{'' if held['drained'] else ', DRAIN TIMED OUT'}")
+        held_note = (
+            f"; held run: {len(held['log_problems'])} warning/error lines, dead-lettered "
+            f"{hc.get('dead_lettered', 0)}, still queued {hc.get('queued', 0)}, "
+            f"{held['downstream']['connections']} TCP connections for {held['downstream']['posts']} POSTs"
+            f"{'' if held['drained'] else ', DRAIN TIMED OUT'}"
+        )
     out = [
         f"wacored bench {dt.datetime.now().isoformat(timespec='seconds')}, {version}: {os.cpu_count()} CPUs"
         f" shared by wrk -t{args.threads} -c{args.connections} -d{args.duration}s, the server and its downstream",
-        *([f"WARNING: wrk ran out of bodies in {', '.join(ran_out)}: those msgs/s are understated and the"
-           " ratios meaningless; raise --bodies"] if ran_out else []),
+        *(
+            [
+                f"WARNING: wrk ran out of bodies in {', '.join(ran_out)}: those msgs/s are understated and the"
+                " ratios meaningless; raise --bodies"
+            ]
+            if ran_out
+            else []
+        ),
         "",
         *table(head, rows, {1, 2, 4, 5, 6}),
         "",
         "p50/p99: ack latency seen by wrk; [end-to-end]: delivery lag, received -> delivered (ms).",
         "RSS: wacored's VmHWM; (S1) is the no-op server's, for reference.",
-        *(["* --held diagnostic: the downstream holds every request until the load ends (ingest without"
-           " forwarding), then the backlog drains (forwarding alone; msgs/s from the release)."] if held else []),
+        *(
+            [
+                "* --held diagnostic: the downstream holds every request until the load ends (ingest without"
+                " forwarding), then the backlog drains (forwarding alone; msgs/s from the release)."
+            ]
+            if held
+            else []
+        ),
         "",
         *table(cpu_head, cpu_rows, {1, 2, 3, 4, 5, 6}),
-        "server/downstream/wrk: CPU time (user+sys, all threads) per message. machine busy: all CPUs, from"
-        " /proc/stat;",
+        "server/downstream/wrk: CPU time (user+sys, all threads) per message. machine busy: all CPUs, from /proc/stat;",
         "others: CPU taken by processes outside the bench during the load (figures are only comparable"
         " when it is ~0%).",
         "",
@@ -626,18 +796,37 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--senders", type=int, default=5000, help="distinct senders in the bodies (default 5000)")
-    p.add_argument("--bodies", type=int, default=200_000,
-                   help="signed unique bodies to generate, all threads together (default 200000)")
-    p.add_argument("--drain-timeout", type=float, default=45.0,
-                   help="seconds to wait for every message to be delivered after the load (default 45)")
-    p.add_argument("--held", action="store_true",
-                   help="add the diagnostic run: ingest with forwarding held, then forwarding alone")
-    p.add_argument("--py-spy", metavar="BIN",
-                   help="py-spy executable: sample wacored during each load into bench/out/profile-*.txt")
-    p.add_argument("--quiet-wait", type=float, default=15.0,
-                   help="before each load, wait up to this many seconds for the machine to be idle (default 15)")
-    p.add_argument("--wacored", default=str(WACORED),
-                   help="command that runs wacored (default .venv/bin/wacored); `run -c FILE ...` is appended")
+    p.add_argument(
+        "--bodies",
+        type=int,
+        default=200_000,
+        help="signed unique bodies to generate, all threads together (default 200000)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=45.0,
+        help="seconds to wait for every message to be delivered after the load (default 45)",
+    )
+    p.add_argument(
+        "--held", action="store_true", help="add the diagnostic run: ingest with forwarding held, then forwarding alone"
+    )
+    p.add_argument(
+        "--py-spy",
+        metavar="BIN",
+        help="py-spy executable: sample wacored during each load into bench/out/profile-*.txt",
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=15.0,
+        help="before each load, wait up to this many seconds for the machine to be idle (default 15)",
+    )
+    p.add_argument(
+        "--wacored",
+        default=str(WACORED),
+        help="command that runs wacored (default .venv/bin/wacored); `run -c FILE ...` is appended",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (bodies, stores, logs)")
     args = p.parse_args()
     args.duration = max(1, min(args.duration, 15))

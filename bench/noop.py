@@ -44,8 +44,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             GATE.set()
             GATE = None
         body = json.dumps({"posts": POSTS, "connections": len(PEERS)}).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
         return
     while True:  # read the whole body, as a real handler would

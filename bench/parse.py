@@ -33,13 +33,28 @@ BASELINE = {
 
 
 def body(messages: int, contacts: int, **value: Any) -> bytes:
-    msgs = [{"from": "250788000001", "id": f"wamid.{i:020d}", "timestamp": "1700000000", "type": "text",
-             "text": {"body": "hello"}} for i in range(messages)]
+    msgs = [
+        {
+            "from": "250788000001",
+            "id": f"wamid.{i:020d}",
+            "timestamp": "1700000000",
+            "type": "text",
+            "text": {"body": "hello"},
+        }
+        for i in range(messages)
+    ]
     people = [{"profile": {"name": "X" * 10}, "wa_id": "250788000001"} for _ in range(contacts)]
-    inner = {"messaging_product": "whatsapp", "metadata": {"display_phone_number": "1555", "phone_number_id": "1"},
-             "contacts": people, "messages": msgs, **value}
-    doc = {"object": "whatsapp_business_account", "entry": [{"id": "W", "changes": [{"value": inner,
-                                                                                     "field": "messages"}]}]}
+    inner = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "1555", "phone_number_id": "1"},
+        "contacts": people,
+        "messages": msgs,
+        **value,
+    }
+    doc = {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "W", "changes": [{"value": inner, "field": "messages"}]}],
+    }
     return json.dumps(doc).encode()
 
 
@@ -74,14 +89,18 @@ def main() -> None:
         "2000 messages x 2000 contacts": body(2000, 2000),
         "20000 messages x 100 KB metadata": body(20000, 0, metadata={"pad": "x" * 100_000}),
     }
-    print(f"{'shape':36} {'body MB':>8} | {'baseline ms':>11} {'stored MB':>9} {'answer':>6} |"
-          f" {'now ms':>7} {'stored MB':>9} {'answer':>6}")
+    print(
+        f"{'shape':36} {'body MB':>8} | {'baseline ms':>11} {'stored MB':>9} {'answer':>6} |"
+        f" {'now ms':>7} {'stored MB':>9} {'answer':>6}"
+    )
     for name, raw in bodies.items():
         ms, stored, answer = measure(raw)
         b_ms, b_stored, b_answer = BASELINE[name]
-        print(f"{name:36} {len(raw) / 1e6:8.2f} | {b_ms if b_ms is not None else '-':>11} "
-              f"{b_stored if b_stored is not None else '-':>9} {b_answer:>6} | {ms:7.0f} "
-              f"{stored if stored is not None else 0:9.1f} {answer:>6}")
+        print(
+            f"{name:36} {len(raw) / 1e6:8.2f} | {b_ms if b_ms is not None else '-':>11} "
+            f"{b_stored if b_stored is not None else '-':>9} {b_answer:>6} | {ms:7.0f} "
+            f"{stored if stored is not None else 0:9.1f} {answer:>6}"
+        )
 
 
 if __name__ == "__main__":

@@ -57,19 +57,39 @@ def prefill(path: Path, messages: int, sessions: int, now: float) -> None:
     body = b'{"object":"whatsapp_business_account"}'
     try:
         for start in range(0, messages, BATCH):
-            rows = [(f"wamid.PREFILL{i:012d}", "message", f"2507{i % max(sessions, 1):08d}", "rides", "state",
-                     "rides", body, "r", "c", "", now - 3600 + i * 1e-6, "delivered", 1, now)
-                    for i in range(start, min(start + BATCH, messages))]
+            rows = [
+                (
+                    f"wamid.PREFILL{i:012d}",
+                    "message",
+                    f"2507{i % max(sessions, 1):08d}",
+                    "rides",
+                    "state",
+                    "rides",
+                    body,
+                    "r",
+                    "c",
+                    "",
+                    now - 3600 + i * 1e-6,
+                    "delivered",
+                    1,
+                    now,
+                )
+                for i in range(start, min(start + BATCH, messages))
+            ]
             conn.executemany(
                 "INSERT INTO messages (key, kind, sender, service, reason, target, body, request_id,"
                 " correlation_id, traceparent, received_at, state, attempts, done_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
             conn.commit()
         for start in range(0, sessions, BATCH):
-            rows2 = [("", f"2507{i:08d}", "rides", now - 1800, now - 60) for i in range(start, min(start + BATCH,
-                                                                                                   sessions))]
-            conn.executemany("INSERT INTO sessions (number, sender, service, started_at, last_interaction)"
-                             " VALUES (?,?,?,?,?)", rows2)
+            rows2 = [
+                ("", f"2507{i:08d}", "rides", now - 1800, now - 60) for i in range(start, min(start + BATCH, sessions))
+            ]
+            conn.executemany(
+                "INSERT INTO sessions (number, sender, service, started_at, last_interaction) VALUES (?,?,?,?,?)", rows2
+            )
             conn.commit()
     finally:
         conn.close()
@@ -83,8 +103,12 @@ def start_and_measure(path: Path, work: Path) -> tuple[float, int]:
     log = work / f"{path.stem}.log"
     started = time.monotonic()
     with log.open("wb") as out:
-        process = subprocess.Popen([str(ROOT / ".venv" / "bin" / "wacored"), "run", "-c", str(config),
-                                    "--env-file", "/dev/null"], stdout=out, stderr=out, env=env)
+        process = subprocess.Popen(
+            [str(ROOT / ".venv" / "bin" / "wacored"), "run", "-c", str(config), "--env-file", "/dev/null"],
+            stdout=out,
+            stderr=out,
+            env=env,
+        )
     try:
         deadline = started + 120
         while b'"event": "listening"' not in log.read_bytes():

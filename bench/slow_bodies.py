@@ -34,8 +34,10 @@ HELD_BACK = 1024
 
 
 def config_text(tmp: Path, port: int) -> str:
-    return (f'[server]\nlisten = "127.0.0.1:{port}"\n\n[store]\npath = "{tmp / "wacored.db"}"\n\n'
-            '[services.rides]\nurl = "http://127.0.0.1:9/rides"\nkeys = ["rides"]\n')
+    return (
+        f'[server]\nlisten = "127.0.0.1:{port}"\n\n[store]\npath = "{tmp / "wacored.db"}"\n\n'
+        '[services.rides]\nurl = "http://127.0.0.1:9/rides"\nkeys = ["rides"]\n'
+    )
 
 
 def launcher(src: str) -> list[str]:
@@ -43,9 +45,11 @@ def launcher(src: str) -> list[str]:
     hook would win over ``PYTHONPATH``, so it is removed before `src` is put first on the path."""
     if not src:
         return [sys.executable, "-m", "wacored"]
-    code = ("import sys, runpy; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
-            f"getattr(f, '__module__', '')]; sys.path.insert(0, {str(Path(src).resolve())!r}); "
-            "sys.argv[0] = 'wacored'; runpy.run_module('wacored', run_name='__main__')")
+    code = (
+        "import sys, runpy; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+        f"getattr(f, '__module__', '')]; sys.path.insert(0, {str(Path(src).resolve())!r}); "
+        "sys.argv[0] = 'wacored'; runpy.run_module('wacored', run_name='__main__')"
+    )
     return [sys.executable, "-c", code]
 
 
@@ -79,8 +83,10 @@ async def wait_healthy(url: str, p: trio.Process) -> None:
 async def stalled_body(port: int, answers: Counter[str], sent: list[int], hold: trio.Event) -> None:
     """One connection: the head and all but `HELD_BACK` bytes of the body, then nothing until `hold`."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    head = (f"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {BODY_BYTES}\r\n\r\n").encode()
+    head = (
+        f"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {BODY_BYTES}\r\n\r\n"
+    ).encode()
     async with stream:
         try:
             await stream.send_all(head + b" " * (BODY_BYTES - HELD_BACK))
@@ -110,8 +116,13 @@ async def measure(args: argparse.Namespace) -> int:
         config.write_text(config_text(tmp, port))
         env = {**os.environ, "WACORED_APP_SECRET": "bench-secret", "WACORED_VERIFY_TOKEN": "bench-token"}
         log = (tmp / "wacored.log").open("wb")
-        p = await trio.lowlevel.open_process([*launcher(args.src), "run", "-c", str(config), "--log-level",
-                                              "warning"], env=env, stdout=log, stderr=log, cwd=tmp)
+        p = await trio.lowlevel.open_process(
+            [*launcher(args.src), "run", "-c", str(config), "--log-level", "warning"],
+            env=env,
+            stdout=log,
+            stderr=log,
+            cwd=tmp,
+        )
         try:
             with trio.fail_after(args.limit_s):
                 await wait_healthy(f"http://127.0.0.1:{port}", p)

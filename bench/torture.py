@@ -115,8 +115,13 @@ class Recorder:
                 self.refused += 1
             else:
                 self.keys[dict(scope["headers"]).get(b"idempotency-key", b"").decode()] += 1
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"2")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"2")],
+            }
+        )
         await send({"type": "http.response.body", "body": b"{}"})
 
 
@@ -144,11 +149,26 @@ def free_port() -> int:
 def write_config(path: Path, store: Path, port: int, downstream: str) -> None:
     q = json.dumps
     lines = [
-        "[server]", f'listen = "127.0.0.1:{port}"', "",
-        "[whatsapp]", 'phone_number_id = "TORTURE"', f"graph_api_url = {q(downstream + '/graph')}", "",
-        "[store]", f"path = {q(str(store))}", "",
-        "[ratelimit]", "per_sender = 1000000", "window_s = 60", "",  # the torture is not about 429
-        "[forwarding]", "timeout_ms = 2000", "retries = 3", "retry_base_ms = 50", "concurrency = 4", "",
+        "[server]",
+        f'listen = "127.0.0.1:{port}"',
+        "",
+        "[whatsapp]",
+        'phone_number_id = "TORTURE"',
+        f"graph_api_url = {q(downstream + '/graph')}",
+        "",
+        "[store]",
+        f"path = {q(str(store))}",
+        "",
+        "[ratelimit]",
+        "per_sender = 1000000",
+        "window_s = 60",
+        "",  # the torture is not about 429
+        "[forwarding]",
+        "timeout_ms = 2000",
+        "retries = 3",
+        "retry_base_ms = 50",
+        "concurrency = 4",
+        "",
     ]
     for name in SERVICES:
         lines += ["[[home_menu.items]]", f"key = {q(name)}", f"title = {q(name.title())}", ""]
@@ -174,8 +194,9 @@ class Daemon:
 
     async def start(self, client: httpx.AsyncClient) -> None:
         started = time.monotonic()
-        self.process = await trio.lowlevel.open_process(self.command, env=self.env, stdout=self.log,
-                                                        stderr=self.log, start_new_session=True)
+        self.process = await trio.lowlevel.open_process(
+            self.command, env=self.env, stdout=self.log, stderr=self.log, start_new_session=True
+        )
         self.starts += 1
         with trio.move_on_after(READY_TIMEOUT_S):
             while self.process.returncode is None:
@@ -247,8 +268,9 @@ def body_of(i: int, phones: int) -> tuple[str, bytes]:
     wamid = f"wamid.TORTURE.{i:07d}"
     step = (i // phones) % 10
     text = SERVICES[i % len(SERVICES)] if step == 0 else "menu" if step == 9 else f"free text {i}"
-    return wamid, text_webhook(text=text, sender=f"25078{i % phones:07d}", wamid=wamid, timestamp=1_700_000_000,
-                               phone_number_id="TORTURE")
+    return wamid, text_webhook(
+        text=text, sender=f"25078{i % phones:07d}", wamid=wamid, timestamp=1_700_000_000, phone_number_id="TORTURE"
+    )
 
 
 @dataclass
@@ -262,8 +284,16 @@ class SendClock:
             self.sent_at = time.monotonic()
 
 
-async def post_until_acked(client: httpx.AsyncClient, url: str, secret: str, wamid: str, body: bytes,
-                           tally: Tally, mode: str, rng: random.Random) -> None:
+async def post_until_acked(
+    client: httpx.AsyncClient,
+    url: str,
+    secret: str,
+    wamid: str,
+    body: bytes,
+    tally: Tally,
+    mode: str,
+    rng: random.Random,
+) -> None:
     headers = {"Content-Type": "application/json", "X-Hub-Signature-256": sign(secret, body)}
     while True:
         clock = SendClock()
@@ -283,8 +313,9 @@ async def post_until_acked(client: httpx.AsyncClient, url: str, secret: str, wam
         await trio.sleep(rng.uniform(*RETRY_PAUSE_S))
 
 
-def classify_unanswered(tally: Tally, mode: str, sent_at: float | None, now: float, wamid: str,
-                        exc: httpx.TransportError) -> None:
+def classify_unanswered(
+    tally: Tally, mode: str, sent_at: float | None, now: float, wamid: str, exc: httpx.TransportError
+) -> None:
     """Not taken (sent while the daemon was down or stopping), interrupted (by a SIGKILL), or failed."""
     if sent_at is None or (tally.down_since is not None and sent_at >= tally.down_since):
         tally.not_taken["reset after a signal" if sent_at is not None else "not sent"] += 1
@@ -294,16 +325,24 @@ def classify_unanswered(tally: Tally, mode: str, sent_at: float | None, now: flo
         tally.failed.append(f"{wamid}: {type(exc).__name__} {exc}".rstrip())
 
 
-async def send_all(client: httpx.AsyncClient, url: str, secret: str, args: argparse.Namespace,
-                   tally: Tally, receive: trio.MemoryReceiveChannel[int], rng: random.Random) -> None:
+async def send_all(
+    client: httpx.AsyncClient,
+    url: str,
+    secret: str,
+    args: argparse.Namespace,
+    tally: Tally,
+    receive: trio.MemoryReceiveChannel[int],
+    rng: random.Random,
+) -> None:
     async with receive:
         async for i in receive:
             wamid, body = body_of(i, args.phones)
             await post_until_acked(client, url, secret, wamid, body, tally, args.mode, rng)
 
 
-async def chaos(daemon: Daemon, client: httpx.AsyncClient, args: argparse.Namespace, tally: Tally,
-                rng: random.Random) -> None:
+async def chaos(
+    daemon: Daemon, client: httpx.AsyncClient, args: argparse.Namespace, tally: Tally, rng: random.Random
+) -> None:
     """At `--signals` random points of the load, signal the daemon; restart it unless it must survive."""
     points = sorted(rng.uniform(0.1, 0.9) * args.messages for _ in range(args.signals))
     for n, point in enumerate(points, 1):
@@ -390,9 +429,12 @@ async def torture(args: argparse.Namespace, tmp: Path, log: TextIO) -> Result:
     store = tmp / "wacored.db"
     recorder = Recorder(args.downstream_delay_ms / 1000, args.fail_rate, random.Random(rng.random()))
     tally = Tally()
-    async with trio.open_nursery() as nursery, httpx.AsyncClient(
-        trust_env=False, timeout=10.0, limits=httpx.Limits(max_connections=args.senders + 4)
-    ) as client:
+    async with (
+        trio.open_nursery() as nursery,
+        httpx.AsyncClient(
+            trust_env=False, timeout=10.0, limits=httpx.Limits(max_connections=args.senders + 4)
+        ) as client,
+    ):
         downstream = await serve_recorder(nursery, recorder)
         port = free_port()
         write_config(tmp / "wacored.toml", store, port, downstream)
@@ -421,19 +463,30 @@ async def torture(args: argparse.Namespace, tmp: Path, log: TextIO) -> Result:
     wamids = {body_of(i, args.phones)[0] for i in range(sent)}
     delivered = {k for k in recorder.keys if k in wamids}
     log.flush()
-    problems = [ln[:240] for ln in (tmp / "wacored.log").read_text().splitlines()
-                if '"actor_crashed"' in ln or '"level": "error"' in ln]
+    problems = [
+        ln[:240]
+        for ln in (tmp / "wacored.log").read_text().splitlines()
+        if '"actor_crashed"' in ln or '"level": "error"' in ln
+    ]
     return Result(
-        sent=sent, acked=len(tally.acked), delivered=len(delivered), dead_lettered=len(dead & wamids),
+        sent=sent,
+        acked=len(tally.acked),
+        delivered=len(delivered),
+        dead_lettered=len(dead & wamids),
         duplicates=sum(1 for k in delivered if recorder.keys[k] > 1),
-        lost=sorted(tally.acked - delivered - dead), drained=drained, wall_s=time.monotonic() - started,
+        lost=sorted(tally.acked - delivered - dead),
+        drained=drained,
+        wall_s=time.monotonic() - started,
         refused=recorder.refused,
-        tally=tally, daemon=daemon, problems=problems,
+        tally=tally,
+        daemon=daemon,
+        problems=problems,
     )
 
 
-async def load(daemon: Daemon, client: httpx.AsyncClient, secret: str, args: argparse.Namespace, tally: Tally,
-               rng: random.Random) -> int:
+async def load(
+    daemon: Daemon, client: httpx.AsyncClient, secret: str, args: argparse.Namespace, tally: Tally, rng: random.Random
+) -> int:
     """Send every message (within `--max-load-s`), with the chaos alongside; how many were sent."""
     send, receive = trio.open_memory_channel[int](0)
     sent = 0
@@ -448,8 +501,9 @@ async def load(daemon: Daemon, client: httpx.AsyncClient, secret: str, args: arg
             nursery.start_soon(run_chaos)
             async with receive:
                 for _ in range(args.senders):
-                    nursery.start_soon(send_all, client, daemon.url, secret, args, tally, receive.clone(),
-                                       random.Random(rng.random()))
+                    nursery.start_soon(
+                        send_all, client, daemon.url, secret, args, tally, receive.clone(), random.Random(rng.random())
+                    )
             async with send:
                 for i in range(args.messages):
                     await send.send(i)
@@ -459,8 +513,10 @@ async def load(daemon: Daemon, client: httpx.AsyncClient, secret: str, args: arg
             await chaos_done.wait()
             nursery.cancel_scope.cancel(reason="every message acknowledged")
     if deadline.cancelled_caught:
-        tally.events.append(f"load stopped by --max-load-s {args.max_load_s}s: {sent - len(tally.acked)} messages"
-                            " sent but never acknowledged (not lost: Meta would still be retrying them)")
+        tally.events.append(
+            f"load stopped by --max-load-s {args.max_load_s}s: {sent - len(tally.acked)} messages"
+            " sent but never acknowledged (not lost: Meta would still be retrying them)"
+        )
         if daemon.process is not None and daemon.process.returncode is not None:
             await daemon.start(client)
     return sent
@@ -494,8 +550,14 @@ def report(args: argparse.Namespace, r: Result) -> str:
         f"drain           {'every message delivered or dead-lettered' if r.drained else 'TIMED OUT'}"
         f" after the final restart",
         f"wall time       {r.wall_s:.1f}s",
-        *([f"SIGHUP killed the daemon {died} of {args.signals} times (exit code -1: the signal's default action,"
-           " no handler caught it); the requests it was serving failed"] if died else []),
+        *(
+            [
+                f"SIGHUP killed the daemon {died} of {args.signals} times (exit code -1: the signal's default action,"
+                " no handler caught it); the requests it was serving failed"
+            ]
+            if died
+            else []
+        ),
         f"verdict         {verdict}",
         "",
         *t.events,
@@ -513,16 +575,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--senders", type=int, default=8, help="concurrent senders (default 8)")
     p.add_argument("--phones", type=int, default=200, help="distinct WhatsApp senders in the messages (default 200)")
     p.add_argument("--signals", type=int, default=4, help="signals sent during the load (default 4)")
-    p.add_argument("--downstream-delay-ms", type=float, default=0.0,
-                   help="the downstream takes this long over each forward (default 0)")
-    p.add_argument("--fail-rate", type=float, default=0.0,
-                   help="share of forwards the downstream answers 503 (default 0; some end dead-lettered)")
+    p.add_argument(
+        "--downstream-delay-ms",
+        type=float,
+        default=0.0,
+        help="the downstream takes this long over each forward (default 0)",
+    )
+    p.add_argument(
+        "--fail-rate",
+        type=float,
+        default=0.0,
+        help="share of forwards the downstream answers 503 (default 0; some end dead-lettered)",
+    )
     p.add_argument("--seed", type=int, default=1, help="seed of the signal points and retry pauses (default 1)")
     p.add_argument("--max-load-s", type=float, default=80.0, help="bound on the load phase (default 80)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="bound on waiting for deliveries after the final restart (default 30)")
-    p.add_argument("--wacored", default=str(WACORED),
-                   help="command that runs wacored (default .venv/bin/wacored); `run -c FILE ...` is appended")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="bound on waiting for deliveries after the final restart (default 30)",
+    )
+    p.add_argument(
+        "--wacored",
+        default=str(WACORED),
+        help="command that runs wacored (default .venv/bin/wacored); `run -c FILE ...` is appended",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (store, config, daemon log)")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="wacored-torture-"))

@@ -102,8 +102,9 @@ class Downstream:
             self.received.append(request)
         self._changed.set()
         self._changed = trio.Event()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
+        )
         await send({"type": "http.response.body", "body": b'{"ok": true}' if status < 300 else b'{"error": "no"}'})
 
 
@@ -122,13 +123,20 @@ def config_mapping(tmp_path: Path, downstream: str, graph: str, **sections: dict
     keys["rides"] += ["mobility", "rides_agent"]
     data: dict[str, Any] = {
         "server": {"listen": "127.0.0.1:0"},
-        "whatsapp": {"verify_token": VERIFY_TOKEN, "app_secret": SECRET, "access_token": "test-token",
-                     "phone_number_id": "1234567890", "graph_api_url": f"{graph}/v21.0"},
+        "whatsapp": {
+            "verify_token": VERIFY_TOKEN,
+            "app_secret": SECRET,
+            "access_token": "test-token",
+            "phone_number_id": "1234567890",
+            "graph_api_url": f"{graph}/v21.0",
+        },
         "store": {"path": str(tmp_path / "wacored.db")},
         "forwarding": {"retry_base_ms": 10, "timeout_ms": 2000, "concurrency": 4},
         "home_menu": {"items": [{"key": name, "title": name.title()} for name in SERVICES]},
-        "services": {name: {"url": f"{downstream}/{name}", "keys": keys[name], "signing_secrets": [SIGNING_SECRET]}
-                     for name in SERVICES},
+        "services": {
+            name: {"url": f"{downstream}/{name}", "keys": keys[name], "signing_secrets": [SIGNING_SECRET]}
+            for name in SERVICES
+        },
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
@@ -141,6 +149,7 @@ class Daemon:
     config: Config
     stop: trio.Event
     client: httpx.AsyncClient
+
     def wamid(self) -> str:
         return f"wamid.TEST{uuid.uuid4().hex}"
 
@@ -151,8 +160,9 @@ class Daemon:
         all_headers.update(headers or {})
         return await self.client.post(f"{self.url}/webhook", content=body, headers=all_headers)
 
-    async def send_text(self, text: str, sender: str = "250788000001", *, kind: str = "text",
-                        headers: dict[str, str] | None = None) -> httpx.Response:
+    async def send_text(
+        self, text: str, sender: str = "250788000001", *, kind: str = "text", headers: dict[str, str] | None = None
+    ) -> httpx.Response:
         body = text_webhook(text=text, sender=sender, wamid=self.wamid(), timestamp=1700000000, kind=kind)
         return await self.post(body, headers)
 
@@ -211,8 +221,13 @@ async def world(tmp_path: Path, services: Downstream, graph: Downstream) -> Asyn
         yield World(daemon, services, graph, tmp_path)
 
 
-def bare_runtime(tmp_path: Path, *targets: Target, wall_clock: Callable[[], float] = trio.current_time,
-                 writes: trio.MemorySendChannel[WriteOp] | None = None, **sections: dict[str, Any]) -> Runtime:
+def bare_runtime(
+    tmp_path: Path,
+    *targets: Target,
+    wall_clock: Callable[[], float] = trio.current_time,
+    writes: trio.MemorySendChannel[WriteOp] | None = None,
+    **sections: dict[str, Any],
+) -> Runtime:
     """A daemon's shared state without the daemon, for testing one actor: `targets` replace the
     config's of the same name (each with a fresh breaker)."""
     path = tmp_path / "bare.db"

@@ -91,8 +91,12 @@ async def connect(daemon: Daemon) -> RawConnection:
 
 
 def post_head(content_length: int, headers: dict[str, str] | None = None, path: str = "/webhook") -> bytes:
-    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
-             f"Content-Length: {content_length}"]
+    lines = [
+        f"POST {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Content-Type: application/json",
+        f"Content-Length: {content_length}",
+    ]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
@@ -274,17 +278,26 @@ def numbers_webhook(*changes: tuple[str | None, str, str, str]) -> bytes:
         if number is not None:
             metadata["phone_number_id"] = number
         value = {
-            "messaging_product": "whatsapp", "metadata": metadata,
+            "messaging_product": "whatsapp",
+            "metadata": metadata,
             "contacts": [{"profile": {"name": "User"}, "wa_id": sender}],
-            "messages": [{"from": sender, "id": wamid, "timestamp": "1700000000", "type": "text",
-                          "text": {"body": text}}],
+            "messages": [
+                {"from": sender, "id": wamid, "timestamp": "1700000000", "type": "text", "text": {"body": text}}
+            ],
         }
         entries.append({"id": "WABA_ID", "changes": [{"value": value, "field": "messages"}]})
     return json.dumps({"object": "whatsapp_business_account", "entry": entries}).encode()
 
 
-def add_message(conn: sqlite3.Connection, key: str, *, target: str = "rides", state: str = "queued",
-                received_at: float = 1_800_000_000.0 - 60, kind: str = "message") -> int:
+def add_message(
+    conn: sqlite3.Connection,
+    key: str,
+    *,
+    target: str = "rides",
+    state: str = "queued",
+    received_at: float = 1_800_000_000.0 - 60,
+    kind: str = "message",
+) -> int:
     """A ``messages`` row written as the daemon writes one; its row id."""
     cur = conn.execute(
         "INSERT INTO messages (key, kind, sender, service, reason, target, body, request_id, correlation_id,"
@@ -296,16 +309,32 @@ def add_message(conn: sqlite3.Connection, key: str, *, target: str = "rides", st
     return cur.lastrowid
 
 
-def add_dead_letter(conn: sqlite3.Connection, key: str, *, state: str = "abandoned", service: str = "rides",
-                    created_at: float = 1_800_000_000.0 - 86400.0, updated_at: float | None = None, attempts: int = 3,
-                    next_attempt_at: float | None = None) -> int:
+def add_dead_letter(
+    conn: sqlite3.Connection,
+    key: str,
+    *,
+    state: str = "abandoned",
+    service: str = "rides",
+    created_at: float = 1_800_000_000.0 - 86400.0,
+    updated_at: float | None = None,
+    attempts: int = 3,
+    next_attempt_at: float | None = None,
+) -> int:
     """A dead letter and its message, as the daemon writes them; the dead letter's row id."""
     message = add_message(conn, key, target=service, state="dead_lettered", received_at=created_at)
     cur = conn.execute(
         "INSERT INTO dead_letters (message_id, key, service, state, reason, error, status_code, attempts,"
         " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'transient', 'HTTP 503', 503, ?, ?, ?, ?)",
-        (message, key, service, state, attempts, next_attempt_at, created_at,
-         created_at if updated_at is None else updated_at),
+        (
+            message,
+            key,
+            service,
+            state,
+            attempts,
+            next_attempt_at,
+            created_at,
+            created_at if updated_at is None else updated_at,
+        ),
     )
     assert cur.lastrowid is not None
     return cur.lastrowid
@@ -331,13 +360,22 @@ async def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.C
     """`python -m wacored ARGS` in a process of its own (as an operator runs it beside the daemon),
     awaited without blocking the test's event loop; its output captured, never checked here."""
     with trio.fail_after(60):
-        return await trio.run_process([sys.executable, "-m", "wacored", *args], capture_stdout=True,
-                                      capture_stderr=True, check=False, env=clean_env() if env is None else env)
+        return await trio.run_process(
+            [sys.executable, "-m", "wacored", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=clean_env() if env is None else env,
+        )
 
 
 @asynccontextmanager
 async def daemon_process(
-    tmp_path: Path, services: Downstream, graph: Downstream, *, wrapper: Sequence[str] = (),
+    tmp_path: Path,
+    services: Downstream,
+    graph: Downstream,
+    *,
+    wrapper: Sequence[str] = (),
     edit: Callable[[dict[str, Any]], None] = lambda _: None,
 ) -> AsyncIterator[str]:
     """A `wacored run` process on a free port; yields its URL once /health answers. `edit` changes
@@ -393,6 +431,7 @@ async def until_settled(db: Path, timeout_s: float = 10.0) -> None:
 
 async def until_retrier_passes(db: Path, passes: int, timeout_s: float = 10.0) -> None:
     """Wait until the DLQ retrier has recorded `passes` more runs than it had at the call."""
+
     def last_runs() -> float | None:
         conn = sqlite3.connect(db)
         try:

@@ -49,36 +49,57 @@ def seeded(tmp_path: Path) -> dict[str, int]:
             "old": add_dead_letter(conn, "wamid.OLD", state="delivered", created_at=LONG_AGO - 30 * 86400),
             "ab": add_dead_letter(conn, "wamid.AB", created_at=LONG_AGO - 100),
             "jobs": add_dead_letter(conn, "wamid.JOBS", service="jobs", created_at=LONG_AGO - 50),
-            "p": add_dead_letter(conn, "wamid.P", state="pending", created_at=LONG_AGO,
-                                 next_attempt_at=LONG_AGO + 10 * 365 * 86400),
+            "p": add_dead_letter(
+                conn, "wamid.P", state="pending", created_at=LONG_AGO, next_attempt_at=LONG_AGO + 10 * 365 * 86400
+            ),
         }
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path, services: Downstream, graph: Downstream, seeded: dict[str, int],
-                 gate: trio.Event) -> AsyncIterator[Daemon]:
+async def daemon(
+    tmp_path: Path, services: Downstream, graph: Downstream, seeded: dict[str, int], gate: trio.Event
+) -> AsyncIterator[Daemon]:
     # The gate holds deliveries until the test is over: a short drain lets the daemon stop without
     # waiting for them (they stay queued), instead of the default 10 s.
-    config = make_config(tmp_path, services, graph, admin={"token": TOKEN}, store={"busy_timeout_ms": 20},
-                         forwarding={"timeout_ms": 60000}, server={"drain_timeout_s": 0.1})
+    config = make_config(
+        tmp_path,
+        services,
+        graph,
+        admin={"token": TOKEN},
+        store={"busy_timeout_ms": 20},
+        forwarding={"timeout_ms": 60000},
+        server={"drain_timeout_s": 0.1},
+    )
     async with open_daemon(config, wall_clock=lambda: NOW) as d:
         yield d
 
 
 def rows(daemon: Daemon) -> dict[str, tuple[str, int, float | None]]:
     with sqlite3.connect(daemon.config.store.path) as conn:
-        return {key: (state, attempts, next_at) for key, state, attempts, next_at in conn.execute(
-            "SELECT key, state, attempts, next_attempt_at FROM dead_letters")}
+        return {
+            key: (state, attempts, next_at)
+            for key, state, attempts, next_at in conn.execute(
+                "SELECT key, state, attempts, next_attempt_at FROM dead_letters"
+            )
+        }
 
 
-async def call(daemon: Daemon, method: str, path: str, body: Any = None,
-               headers: dict[str, str] | None = None) -> httpx.Response:
-    return await daemon.client.request(method, f"{daemon.url}{path}", json=body,
-                                       headers=AUTH if headers is None else headers)
+async def call(
+    daemon: Daemon, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    return await daemon.client.request(
+        method, f"{daemon.url}{path}", json=body, headers=AUTH if headers is None else headers
+    )
 
 
-ADMIN_CALLS = [("GET", "/admin/dlq"), ("GET", "/admin/status"), ("POST", "/admin/dlq/replay"),
-               ("POST", "/admin/dlq/purge"), ("GET", "/admin/"), ("DELETE", "/admin/nothing/here")]
+ADMIN_CALLS = [
+    ("GET", "/admin/dlq"),
+    ("GET", "/admin/status"),
+    ("POST", "/admin/dlq/replay"),
+    ("POST", "/admin/dlq/purge"),
+    ("GET", "/admin/"),
+    ("DELETE", "/admin/nothing/here"),
+]
 
 
 @pytest.mark.parametrize(("method", "path"), ADMIN_CALLS)
@@ -94,8 +115,13 @@ async def test_a_missing_or_wrong_token_is_401_and_logged_without_it(
     daemon: Daemon, caplog: pytest.LogCaptureFixture, method: str, path: str
 ) -> None:
     before = rows(daemon)
-    for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": TOKEN},
-                    {"Authorization": f"Basic {TOKEN}"}, {"Authorization": f"Bearer {TOKEN}x"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": TOKEN},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+    ):
         with caplog.at_level(logging.WARNING, logger="wacored.admin"):
             response = await call(daemon, method, path, {"all": True}, headers)
         assert response.status_code == 401
@@ -126,11 +152,16 @@ async def test_list(daemon: Daemon, seeded: dict[str, int]) -> None:
 
 
 async def test_replay_by_ids(daemon: Daemon, seeded: dict[str, int]) -> None:
-    response = await call(daemon, "POST", "/admin/dlq/replay",
-                          {"ids": [seeded["ab"], "wamid.JOBS", "wamid.OLD", 4242, "wamid.NOPE"]})
+    response = await call(
+        daemon, "POST", "/admin/dlq/replay", {"ids": [seeded["ab"], "wamid.JOBS", "wamid.OLD", 4242, "wamid.NOPE"]}
+    )
     assert response.status_code == 200
-    assert response.json() == {"replayed": 2, "unknown": ["4242", "wamid.NOPE"], "delivered": ["wamid.OLD"],
-                               "queued": []}
+    assert response.json() == {
+        "replayed": 2,
+        "unknown": ["4242", "wamid.NOPE"],
+        "delivered": ["wamid.OLD"],
+        "queued": [],
+    }
     after = rows(daemon)
     assert after["wamid.AB"] == after["wamid.JOBS"] == ("pending", 0, NOW)
     assert after["wamid.OLD"][:2] == ("delivered", 3)
@@ -150,11 +181,27 @@ async def test_replay_all(daemon: Daemon) -> None:
     assert rows(daemon)["wamid.OLD"][0] == "delivered"
 
 
-@pytest.mark.parametrize("body", [
-    None, [], "ids", {}, {"ids": []}, {"ids": "wamid.AB"}, {"ids": [True]}, {"ids": [""]}, {"ids": [1.5]},
-    {"ids": [1], "all": True}, {"all": False}, {"all": "yes"}, {"all": True, "state": "delivered"},
-    {"all": True, "service": 3}, {"ids": [1], "service": "rides"}, {"all": True, "force": True},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        None,
+        [],
+        "ids",
+        {},
+        {"ids": []},
+        {"ids": "wamid.AB"},
+        {"ids": [True]},
+        {"ids": [""]},
+        {"ids": [1.5]},
+        {"ids": [1], "all": True},
+        {"all": False},
+        {"all": "yes"},
+        {"all": True, "state": "delivered"},
+        {"all": True, "service": 3},
+        {"ids": [1], "service": "rides"},
+        {"all": True, "force": True},
+    ],
+)
 async def test_replay_rejects_bad_input(daemon: Daemon, body: Any) -> None:
     before = rows(daemon)
     response = await call(daemon, "POST", "/admin/dlq/replay", body)
@@ -178,10 +225,17 @@ async def test_purge(daemon: Daemon) -> None:
     assert set(rows(daemon)) == {"wamid.P"}
 
 
-@pytest.mark.parametrize("body", [
-    {"state": "pending", "older_than": "7d"}, {"state": "delivered"}, {"state": "delivered", "older_than": "7w"},
-    {"state": "delivered", "older_than": 7}, {"older_than": "7d"}, {"state": "delivered", "older_than": "1d", "x": 1},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"state": "pending", "older_than": "7d"},
+        {"state": "delivered"},
+        {"state": "delivered", "older_than": "7w"},
+        {"state": "delivered", "older_than": 7},
+        {"older_than": "7d"},
+        {"state": "delivered", "older_than": "1d", "x": 1},
+    ],
+)
 async def test_purge_rejects_bad_input(daemon: Daemon, body: Any) -> None:
     before = rows(daemon)
     response = await call(daemon, "POST", "/admin/dlq/purge", body)
@@ -197,7 +251,11 @@ async def test_status(daemon: Daemon, seeded: dict[str, int]) -> None:
     assert report["timestamp"] == ops.iso(NOW)
     assert report["database"] == {"path": str(daemon.config.store.path)}
     assert {k: report["dead_letters"][k] for k in ops.STATES} == {
-        "pending": 1, "abandoned": 2, "delivered": 1, "replayed": 0}
+        "pending": 1,
+        "abandoned": 2,
+        "delivered": 1,
+        "replayed": 0,
+    }
     assert report["dead_letters"]["oldest_pending"]["id"] == seeded["p"]
     assert set(report["runs"]) >= {"dlq_retrier", "reaper"}
 
@@ -219,8 +277,9 @@ async def test_a_locked_store_is_503_for_writes_and_reads_go_on(daemon: Daemon) 
     assert rows(daemon) == before
 
 
-async def test_a_replay_wakes_the_retrier_at_once(tmp_path: Path, services: Downstream, graph: Downstream,
-                                                  seeded: dict[str, int]) -> None:
+async def test_a_replay_wakes_the_retrier_at_once(
+    tmp_path: Path, services: Downstream, graph: Downstream, seeded: dict[str, int]
+) -> None:
     # The daemon's clock stands still and the retrier's interval is an hour: only the wake-up a
     # replay gives can make it deliver now.
     config = make_config(tmp_path, services, graph, admin={"token": TOKEN}, dlq={"interval_s": 3600})
@@ -236,10 +295,17 @@ async def _still_accepting(daemon: Daemon) -> None:
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.parametrize("body", [
-    {"ids": [2**70]}, {"ids": [-(2**70)]}, {"ids": [2**63]}, {"ids": ["99999999999999999999999"]},
-    {"ids": [1, "1" + "0" * 30]}, {"ids": ["²"]},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"ids": [2**70]},
+        {"ids": [-(2**70)]},
+        {"ids": [2**63]},
+        {"ids": ["99999999999999999999999"]},
+        {"ids": [1, "1" + "0" * 30]},
+        {"ids": ["²"]},
+    ],
+)
 async def test_replay_ids_outside_sqlite_integers_are_400(daemon: Daemon, body: Any) -> None:
     before = rows(daemon)
     response = await call(daemon, "POST", "/admin/dlq/replay", body)
@@ -255,14 +321,18 @@ async def test_the_largest_sqlite_integer_is_a_valid_id(daemon: Daemon) -> None:
     assert response.json()["unknown"] == [str(2**63 - 1)] * 2
 
 
-@pytest.mark.parametrize(("path", "raw"), [
-    ("/admin/dlq/replay", b"[" * 100_000 + b"]" * 100_000),
-    ("/admin/dlq/purge", b'{"state": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
-    ("/admin/dlq/replay", b'{"ids": ' + b"[" * 40 + b"1" + b"]" * 40 + b"}"),
-])
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        ("/admin/dlq/replay", b"[" * 100_000 + b"]" * 100_000),
+        ("/admin/dlq/purge", b'{"state": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        ("/admin/dlq/replay", b'{"ids": ' + b"[" * 40 + b"1" + b"]" * 40 + b"}"),
+    ],
+)
 async def test_deeply_nested_json_is_400(daemon: Daemon, path: str, raw: bytes) -> None:
-    response = await daemon.client.post(f"{daemon.url}{path}", content=raw,
-                                        headers={**AUTH, "Content-Type": "application/json"})
+    response = await daemon.client.post(
+        f"{daemon.url}{path}", content=raw, headers={**AUTH, "Content-Type": "application/json"}
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "bad_request"
     await _still_accepting(daemon)
@@ -291,10 +361,13 @@ async def test_a_body_over_the_limit_is_413(daemon: Daemon) -> None:
     await _still_accepting(daemon)
 
 
-@pytest.mark.parametrize(("path", "edit"), [
-    ("/admin/dlq", "UPDATE dead_letters SET created_at = 'yesterday' WHERE key = 'wamid.AB'"),
-    ("/admin/status", "INSERT OR REPLACE INTO runs VALUES ('reaper', 'last night', NULL, 'hand-edited')"),
-])
+@pytest.mark.parametrize(
+    ("path", "edit"),
+    [
+        ("/admin/dlq", "UPDATE dead_letters SET created_at = 'yesterday' WHERE key = 'wamid.AB'"),
+        ("/admin/status", "INSERT OR REPLACE INTO runs VALUES ('reaper', 'last night', NULL, 'hand-edited')"),
+    ],
+)
 async def test_a_value_of_the_wrong_type_in_the_store_is_503(daemon: Daemon, path: str, edit: str) -> None:
     def hand_edit() -> None:
         with sqlite3.connect(daemon.config.store.path) as conn:
@@ -322,9 +395,12 @@ async def test_a_store_that_cannot_be_read_is_503(daemon: Daemon, damage: str) -
             with sqlite3.connect(path) as conn:
                 conn.execute("PRAGMA user_version = 2")
                 conn.execute("CREATE TABLE unrelated (x)")
-        for method, url, body in (("GET", "/admin/dlq", None), ("GET", "/admin/status", None),
-                                  ("POST", "/admin/dlq/replay", {"all": True}),
-                                  ("POST", "/admin/dlq/purge", {"state": "delivered", "older_than": "1d"})):
+        for method, url, body in (
+            ("GET", "/admin/dlq", None),
+            ("GET", "/admin/status", None),
+            ("POST", "/admin/dlq/replay", {"all": True}),
+            ("POST", "/admin/dlq/purge", {"state": "delivered", "older_than": "1d"}),
+        ):
             response = await call(daemon, method, url, body)
             assert response.status_code == 503, (method, url, response.text)
             assert response.json()["error"] == "store_unavailable"

@@ -109,8 +109,9 @@ async def test_with_the_unverified_bytes_budget_full_a_signed_post_is_served(
     tmp_path: Path, services: Downstream, graph: Downstream
 ) -> None:
     body_limit = 100_000
-    config = bounded(tmp_path, services, graph, max_body_bytes=body_limit, max_unverified_bytes=2 * body_limit,
-                     read_timeout_s=60)
+    config = bounded(
+        tmp_path, services, graph, max_body_bytes=body_limit, max_unverified_bytes=2 * body_limit, read_timeout_s=60
+    )
     partial = body_limit - 10
     async with open_daemon(config) as daemon:
         with trio.fail_after(10):
@@ -132,12 +133,15 @@ async def test_with_the_unverified_bytes_budget_full_a_signed_post_is_served(
         await assert_serves_signed_post(daemon)
 
 
-@pytest.mark.parametrize(("server", "problem"), [
-    ({"read_timeout_s": 0}, "server.read_timeout_s"),
-    ({"read_timeout_s": float("inf")}, "server.read_timeout_s"),
-    ({"max_connections": 0}, "server.max_connections"),
-    ({"max_body_bytes": 1000, "max_unverified_bytes": 999}, "server.max_unverified_bytes: must be at least"),
-])
+@pytest.mark.parametrize(
+    ("server", "problem"),
+    [
+        ({"read_timeout_s": 0}, "server.read_timeout_s"),
+        ({"read_timeout_s": float("inf")}, "server.read_timeout_s"),
+        ({"max_connections": 0}, "server.max_connections"),
+        ({"max_body_bytes": 1000, "max_unverified_bytes": 999}, "server.max_unverified_bytes: must be at least"),
+    ],
+)
 def test_bad_bounds_are_refused(tmp_path: Path, server: dict[str, Any], problem: str) -> None:
     data = config_mapping(tmp_path, "http://services.test", "http://graph.test", server=server)
     with pytest.raises(ConfigError) as caught:

@@ -42,13 +42,21 @@ BAD_PROBLEMS = [
 
 
 def wacored(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "wacored", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "wacored", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_the_shipped_config_is_valid() -> None:
-    result = wacored("check-config", "-c", "wacored.toml", "--env-file", "/nonexistent",
-                     env=clean_env(WACORED_APP_SECRET="s"))
+    result = wacored(
+        "check-config", "-c", "wacored.toml", "--env-file", "/nonexistent", env=clean_env(WACORED_APP_SECRET="s")
+    )
     assert result.returncode == 0, result.stderr
     assert "7 services" in result.stdout
 
@@ -93,22 +101,40 @@ def test_dev_env_generates_private_secrets_once(tmp_path: Path) -> None:
     assert not (tmp_path / "other.env").exists()
 
 
-@pytest.mark.parametrize(("kind", "text", "service"), [
-    ("text", "rides", "rides"),
-    ("interactive", "insurance", "insurance"),
-    ("location", "here", "wacored"),
-    ("image", "a photo", "wacored"),
-])
+@pytest.mark.parametrize(
+    ("kind", "text", "service"),
+    [
+        ("text", "rides", "rides"),
+        ("interactive", "insurance", "insurance"),
+        ("location", "here", "wacored"),
+        ("image", "a photo", "wacored"),
+    ],
+)
 async def test_simulate_posts_a_signed_webhook(
-    tmp_path: Path, services: Downstream, graph: Downstream, capsys: pytest.CaptureFixture[str],
-    kind: str, text: str, service: str,
+    tmp_path: Path,
+    services: Downstream,
+    graph: Downstream,
+    capsys: pytest.CaptureFixture[str],
+    kind: str,
+    text: str,
+    service: str,
 ) -> None:
     config = make_config(tmp_path, services, graph)
     path = tmp_path / "wacored.toml"
     path.write_text(toml_text(config_mapping(tmp_path, services.url, graph.url)))
     async with open_daemon(config) as daemon:
-        args = ["simulate", text, "--type", kind, "-c", str(path), "--url", f"{daemon.url}/webhook",
-                "--env-file", str(tmp_path / "none.env")]
+        args = [
+            "simulate",
+            text,
+            "--type",
+            kind,
+            "-c",
+            str(path),
+            "--url",
+            f"{daemon.url}/webhook",
+            "--env-file",
+            str(tmp_path / "none.env"),
+        ]
         code = await trio.to_thread.run_sync(main, args)
     out = capsys.readouterr().out
     assert code == 0
@@ -124,8 +150,11 @@ async def start_process(tmp_path: Path, services: Downstream, graph: Downstream)
     path.write_text(toml_text(data))
     with (tmp_path / "daemon.log").open("wb") as log:
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "wacored", "run", "-c", str(path)], env=clean_env(), cwd=tmp_path,
-            stdout=log, stderr=log,
+            [sys.executable, "-m", "wacored", "run", "-c", str(path)],
+            env=clean_env(),
+            cwd=tmp_path,
+            stdout=log,
+            stderr=log,
         )
     async with httpx.AsyncClient(trust_env=False) as client:
         with trio.fail_after(20):
@@ -170,7 +199,8 @@ async def test_a_real_daemon_process_serves_and_stops_on_sigterm(
             health = await client.get(f"http://127.0.0.1:{port}/health")
         assert health.json()["status"] == "healthy"
         result = await trio.to_thread.run_sync(
-            lambda: wacored("simulate", "rides", "-c", str(tmp_path / "wacored.toml"), env=clean_env(), cwd=tmp_path))
+            lambda: wacored("simulate", "rides", "-c", str(tmp_path / "wacored.toml"), env=clean_env(), cwd=tmp_path)
+        )
         assert "HTTP 200" in result.stdout, result.stderr
         await services.wait_for(1, "/rides")
         process.send_signal(signal.SIGTERM)
@@ -258,8 +288,10 @@ def seed(config: Path) -> dict[str, int]:
 
 def dead_letters(config: Path) -> dict[str, tuple[str, int]]:
     with sqlite3.connect(config.parent / "wacored.db") as conn:
-        return {key: (state, attempts) for key, state, attempts in conn.execute(
-            "SELECT key, state, attempts FROM dead_letters")}
+        return {
+            key: (state, attempts)
+            for key, state, attempts in conn.execute("SELECT key, state, attempts FROM dead_letters")
+        }
 
 
 def test_dlq_list_as_json_and_as_a_table(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -270,14 +302,35 @@ def test_dlq_list_as_json_and_as_a_table(ops_config: Path, capsys: pytest.Captur
     assert entries[1]["id"] == ids["ab"]
     assert entries[1]["created_at"] == "2023-11-14T22:11:40Z"
     assert entries[1]["next_attempt_at"] is None
-    assert {"id", "message_id", "service", "state", "reason", "error", "attempts", "next_attempt_at",
-            "created_at", "status_code", "updated_at"} <= set(entries[0])
+    assert {
+        "id",
+        "message_id",
+        "service",
+        "state",
+        "reason",
+        "error",
+        "attempts",
+        "next_attempt_at",
+        "created_at",
+        "status_code",
+        "updated_at",
+    } <= set(entries[0])
     assert ops_main(ops_config, "dlq", "list", "--json", "--state", "abandoned", "--service", "jobs") == 0
     assert [e["message_id"] for e in json.loads(capsys.readouterr().out)] == ["wamid.JOBS"]
     assert ops_main(ops_config, "dlq", "list") == 0
     header, *rows = capsys.readouterr().out.splitlines()
-    assert header.split() == ["ID", "MESSAGE_ID", "SERVICE", "STATE", "REASON", "ATTEMPTS", "RETRIES",
-                              "NEXT_ATTEMPT_AT", "CREATED_AT", "ERROR"]
+    assert header.split() == [
+        "ID",
+        "MESSAGE_ID",
+        "SERVICE",
+        "STATE",
+        "REASON",
+        "ATTEMPTS",
+        "RETRIES",
+        "NEXT_ATTEMPT_AT",
+        "CREATED_AT",
+        "ERROR",
+    ]
     assert rows[3].split()[:4] == [str(ids["p"]), "wamid.P", "rides", "pending"]
     assert ops_main(ops_config, "dlq", "list", "--state", "pending", "--service", "wallet") == 0
     assert capsys.readouterr().out == "no dead letters\n"
@@ -315,17 +368,21 @@ def test_dlq_purge(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert set(dead_letters(ops_config)) == {"wamid.P", "wamid.RECENT"}
 
 
-@pytest.mark.parametrize("args", [
-    ["dlq", "purge", "--state", "pending", "--older-than", "7d"],
-    ["dlq", "purge", "--state", "delivered", "--older-than", "7w"],
-    ["dlq", "purge", "--state", "delivered"],
-    ["dlq", "replay"],
-    ["dlq", "replay", "1", "--all"],
-    ["dlq", "replay", "1", "--service", "rides"],
-    ["dlq", "list", "--state", "queued"],
-])
-def test_operator_commands_reject_bad_arguments(ops_config: Path, args: list[str],
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dlq", "purge", "--state", "pending", "--older-than", "7d"],
+        ["dlq", "purge", "--state", "delivered", "--older-than", "7w"],
+        ["dlq", "purge", "--state", "delivered"],
+        ["dlq", "replay"],
+        ["dlq", "replay", "1", "--all"],
+        ["dlq", "replay", "1", "--service", "rides"],
+        ["dlq", "list", "--state", "queued"],
+    ],
+)
+def test_operator_commands_reject_bad_arguments(
+    ops_config: Path, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         ops_main(ops_config, *args)
     assert exit_info.value.code == 2
@@ -353,8 +410,16 @@ def test_status(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "reaper: last never, next never" in out
 
 
-@pytest.mark.parametrize("args", [["status"], ["dlq", "list"], ["dlq", "replay", "--all"], ["sessions", "reap"],
-                                  ["dlq", "purge", "--state", "delivered", "--older-than", "1d"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status"],
+        ["dlq", "list"],
+        ["dlq", "replay", "--all"],
+        ["sessions", "reap"],
+        ["dlq", "purge", "--state", "delivered", "--older-than", "1d"],
+    ],
+)
 def test_operator_commands_never_create_a_missing_database(
     ops_config: Path, args: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -414,8 +479,10 @@ def test_sessions_reap_runs_the_reaper_once_and_status_shows_it(
     seed(ops_config)  # long ago: the delivered entry and the two abandoned ones are past retention
     now = time.time()
     with sqlite3.connect(ops_config.parent / "wacored.db") as conn:
-        conn.executemany("INSERT INTO sessions (sender, service, last_interaction) VALUES (?, 'rides', ?)",
-                         [("idle", now - 25 * 3600), ("live", now - 60)])
+        conn.executemany(
+            "INSERT INTO sessions (sender, service, last_interaction) VALUES (?, 'rides', ?)",
+            [("idle", now - 25 * 3600), ("live", now - 60)],
+        )
     reader = sqlite3.connect(ops_config.parent / "wacored.db", isolation_level=None)
     try:
         reader.execute("BEGIN")
@@ -431,7 +498,8 @@ def test_sessions_reap_runs_the_reaper_once_and_status_shows_it(
     assert set(dead_letters(ops_config)) == {"wamid.P"}
     assert ops_main(ops_config, "sessions", "reap") == 0
     assert capsys.readouterr().out == (
-        "reaped: sessions 0, dead_letters_delivered 0, dead_letters_abandoned 0, attempts 0, messages 0\n")
+        "reaped: sessions 0, dead_letters_delivered 0, dead_letters_abandoned 0, attempts 0, messages 0\n"
+    )
     assert ops_main(ops_config, "status", "--json") == 0
     reaper = json.loads(capsys.readouterr().out)["runs"]["reaper"]
     assert reaper["last_run"] is not None
@@ -462,6 +530,7 @@ def test_dlq_list_shows_the_whole_error(ops_config: Path, capsys: pytest.Capture
 
 # --- options and paths ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("order", ["before", "after", "split"])
 def test_config_and_env_file_go_before_or_after_the_subcommand(tmp_path: Path, order: str) -> None:
     data = config_mapping(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
@@ -471,8 +540,9 @@ def test_config_and_env_file_go_before_or_after_the_subcommand(tmp_path: Path, o
     env = tmp_path / "my.env"
     env.write_text("WACORED_APP_SECRET=from-the-env-file\n")
     c, e = ["-c", str(config)], ["--env-file", str(env)]
-    argv = {"before": [*c, *e, "check-config"], "after": ["check-config", *c, *e],
-            "split": [*c, "check-config", *e]}[order]
+    argv = {"before": [*c, *e, "check-config"], "after": ["check-config", *c, *e], "split": [*c, "check-config", *e]}[
+        order
+    ]
     result = wacored(*argv, env=clean_env(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"{config}: ok" in result.stdout
@@ -517,8 +587,9 @@ def test_run_logs_config_warnings_as_json_and_journald_priorities(tmp_path: Path
         taken.listen()
         data["server"]["listen"] = f"127.0.0.1:{taken.getsockname()[1]}"
         (tmp_path / "wacored.toml").write_text(toml_text(data))
-        result = wacored("run", "-c", str(tmp_path / "wacored.toml"), env=clean_env(JOURNAL_STREAM="8:12345"),
-                         cwd=tmp_path)
+        result = wacored(
+            "run", "-c", str(tmp_path / "wacored.toml"), env=clean_env(JOURNAL_STREAM="8:12345"), cwd=tmp_path
+        )
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("<")]
     warning = next(json.loads(line[3:]) for line in lines if '"config_warning"' in line)

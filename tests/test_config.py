@@ -13,9 +13,13 @@ from wacored.config import Config, ConfigError, DlqConfig, ForwardingConfig, Tel
 
 SHIPPED = Path(__file__).resolve().parent.parent / "wacored.toml"
 SIGNING = "whsec_" + "c2hpcHBlZC1jb25maWctdGVzdC1zaWduaW5nLWtleQ=="
-SECRET_ENV = {"WACORED_APP_SECRET": "s3cret", **{
-    f"WACORED_SIGNING_SECRETS_{name.upper()}": SIGNING
-    for name in ("rides", "insurance", "jobs", "property", "wallet", "marketplace", "ai_agents")}}
+SECRET_ENV = {
+    "WACORED_APP_SECRET": "s3cret",
+    **{
+        f"WACORED_SIGNING_SECRETS_{name.upper()}": SIGNING
+        for name in ("rides", "insurance", "jobs", "property", "wallet", "marketplace", "ai_agents")
+    },
+}
 
 
 def minimal(**sections: Any) -> dict[str, Any]:
@@ -75,7 +79,13 @@ def test_without_graph_credentials_replies_are_warned_about() -> None:
 def test_shipped_config_has_seven_services_and_a_seven_item_menu() -> None:
     config = Config.load(SHIPPED, SECRET_ENV)
     assert list(config.services) == [
-        "rides", "insurance", "jobs", "property", "wallet", "marketplace", "ai_agents",
+        "rides",
+        "insurance",
+        "jobs",
+        "property",
+        "wallet",
+        "marketplace",
+        "ai_agents",
     ]
     assert len(config.home_menu.items) == 7
     all_keys = {key for svc in config.services.values() for key in svc.keys}
@@ -103,8 +113,11 @@ def test_shipped_defaults() -> None:
     assert config.server.drain_timeout_s == 10.0
     assert config.dlq == DlqConfig(interval_s=300.0, batch=50, backoff_s=(120.0, 240.0, 480.0), max_attempts=3)
     assert (config.sessions.reap_at, config.sessions.reap_minute) == ("02:00", 120)
-    assert (config.sessions.dlq_retention_days, config.sessions.abandoned_retention_days,
-            config.sessions.seen_retention_days) == (7, 30, 8)
+    assert (
+        config.sessions.dlq_retention_days,
+        config.sessions.abandoned_retention_days,
+        config.sessions.seen_retention_days,
+    ) == (7, 30, 8)
     assert config.admin.token == ""
     assert config.telemetry == TelemetryConfig()
     assert (config.slo.p95_ms, config.slo.cold_start_ms) == (1200, 1750)
@@ -125,7 +138,10 @@ def test_dlq_delay_repeats_its_last_step() -> None:
 
 FILE_VALUES = {
     "whatsapp": {
-        "verify_token": "file", "app_secret": "file", "access_token": "file", "phone_number_id": "file",
+        "verify_token": "file",
+        "app_secret": "file",
+        "access_token": "file",
+        "phone_number_id": "file",
     },
     "sessions": {"ttl_hours": 24},
     "forwarding": {"timeout_ms": 4000},
@@ -284,9 +300,12 @@ def test_service_that_is_a_scalar_is_a_problem_not_a_crash(value: object) -> Non
         ("dlq.max_attempts", -1, "dlq.max_attempts: must not be negative"),
         ("sessions.reap_at", "2am", 'sessions.reap_at: must be a time of day "HH:MM" (UTC)'),
         ("sessions.reap_at", "24:00", 'sessions.reap_at: must be a time of day "HH:MM" (UTC)'),
-        ("sessions.seen_retention_days", 7,
-         "sessions.seen_retention_days: must exceed Meta's 7-day redelivery horizon, "
-         "or a late redelivery is taken as new (got 7)"),
+        (
+            "sessions.seen_retention_days",
+            7,
+            "sessions.seen_retention_days: must exceed Meta's 7-day redelivery horizon, "
+            "or a late redelivery is taken as new (got 7)",
+        ),
         ("telemetry.traces", "jaeger", "telemetry.traces: must be one of none, console, otlp, got 'jaeger'"),
         ("telemetry.log_level", "loud", "telemetry.log_level: must be one of debug, info, warning, error, got 'loud'"),
         ("telemetry.otlp_endpoint", "collector:4318", "telemetry.otlp_endpoint: must be an http:// or https:// URL"),
@@ -370,16 +389,18 @@ def test_every_problem_is_reported_at_once() -> None:
     put(data, "services.jobs.keys", ["jobs", "rides"])
     put(data, "home_menu.items.1.key", "taxi")
     del data["services"]["rides"]["url"]
-    assert sorted(problems_of(data, {"WA_ROUTER_TIMEOUT_MS": "soon"})) == sorted([
-        "env WA_ROUTER_TIMEOUT_MS: must be an integer, got 'soon'",
-        "server.bogus: unknown key",
-        "ratelimit.per_sender: must be greater than 0",
-        "services.rides.url: required",
-        "services.rides.bogus: unknown key",
-        "services.jobs.keys: key 'rides' is also a key of services.rides",
-        "routing.fallback: must be \"menu\" or a service name, got 'taxi'",
-        "home_menu.items[1].key: 'taxi' is not a key of any service",
-    ])
+    assert sorted(problems_of(data, {"WA_ROUTER_TIMEOUT_MS": "soon"})) == sorted(
+        [
+            "env WA_ROUTER_TIMEOUT_MS: must be an integer, got 'soon'",
+            "server.bogus: unknown key",
+            "ratelimit.per_sender: must be greater than 0",
+            "services.rides.url: required",
+            "services.rides.bogus: unknown key",
+            "services.jobs.keys: key 'rides' is also a key of services.rides",
+            "routing.fallback: must be \"menu\" or a service name, got 'taxi'",
+            "home_menu.items[1].key: 'taxi' is not a key of any service",
+        ]
+    )
 
 
 # -- per-service forwarding ------------------------------------------------------------------------
@@ -390,9 +411,7 @@ def test_service_forwarding_overrides_inherit_the_defaults() -> None:
     put(data, "services.rides.timeout_ms", 250)
     put(data, "services.rides.concurrency", 2)
     config = Config.from_mapping(data, {})
-    assert config.forwarding == ForwardingConfig(
-        timeout_ms=1000, retries=5, retry_base_ms=200, concurrency=16
-    )
+    assert config.forwarding == ForwardingConfig(timeout_ms=1000, retries=5, retry_base_ms=200, concurrency=16)
     assert config.services["rides"].forwarding == ForwardingConfig(
         timeout_ms=250, retries=5, retry_base_ms=200, concurrency=2
     )
@@ -465,11 +484,14 @@ def test_load_reports_problems_with_key_paths(tmp_path: Path) -> None:
     assert info.value.problems == ["server.bogus: unknown key"]
 
 
-@pytest.mark.parametrize(("content", "expected"), [
-    pytest.param(b"[server\n", "not valid TOML", id="invalid-toml"),
-    pytest.param(None, "cannot read", id="missing-file"),
-    pytest.param(b'[server]\nlisten = "\xff"\n', "", id="not-utf8"),
-])
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        pytest.param(b"[server\n", "not valid TOML", id="invalid-toml"),
+        pytest.param(None, "cannot read", id="missing-file"),
+        pytest.param(b'[server]\nlisten = "\xff"\n', "", id="not-utf8"),
+    ],
+)
 def test_an_unreadable_file_is_one_problem_naming_it(tmp_path: Path, content: bytes | None, expected: str) -> None:
     path = tmp_path / "wacored.toml"
     if content is not None:
@@ -482,6 +504,7 @@ def test_an_unreadable_file_is_one_problem_naming_it(tmp_path: Path, content: by
 
 # --- signing secrets ------------------------------------------------------------------------------
 
+
 def test_signing_secrets_come_from_the_file_or_replace_it_from_the_environment() -> None:
     other = "whsec_" + base64.b64encode(b"n" * 32).decode()
     config = Config.from_mapping(minimal(), {"WACORED_SIGNING_SECRETS_RIDES": f" {other} ,{SIGNING}"})
@@ -489,11 +512,14 @@ def test_signing_secrets_come_from_the_file_or_replace_it_from_the_environment()
     assert config.services["jobs"].signing_secrets == (SIGNING,)
 
 
-@pytest.mark.parametrize(("secret", "problem"), [
-    ("s3cret", "must start with 'whsec_'"),
-    ("whsec_not base64!", "must be base64"),
-    ("whsec_" + base64.b64encode(b"short").decode(), "must hold 24 to 64 key bytes, holds 5"),
-])
+@pytest.mark.parametrize(
+    ("secret", "problem"),
+    [
+        ("s3cret", "must start with 'whsec_'"),
+        ("whsec_not base64!", "must be base64"),
+        ("whsec_" + base64.b64encode(b"short").decode(), "must hold 24 to 64 key bytes, holds 5"),
+    ],
+)
 def test_a_malformed_signing_secret_is_refused_without_quoting_it(secret: str, problem: str) -> None:
     problems = problems_of(put(minimal(), "services.rides.signing_secrets", [secret]))
     [only] = problems
@@ -508,9 +534,11 @@ def test_a_service_without_a_secret_is_warned_about_and_legacy_needs_one() -> No
     config = Config.from_mapping(data, {})
     assert [w for w in config.warnings if "signing_secrets" in w] == [
         "services.jobs.signing_secrets: none; the service cannot verify that a forward came from wacored"
-        " (set WACORED_SIGNING_SECRETS_JOBS or signing_secrets; `wacored secrets new` makes one)"]
+        " (set WACORED_SIGNING_SECRETS_JOBS or signing_secrets; `wacored secrets new` makes one)"
+    ]
     assert problems_of(put(data, "services.jobs.legacy_signature", True)) == [
-        "services.jobs.legacy_signature: needs a signing secret to sign with (never the app secret)"]
+        "services.jobs.legacy_signature: needs a signing secret to sign with (never the app secret)"
+    ]
 
 
 def test_the_previous_app_secret_comes_from_the_environment() -> None:

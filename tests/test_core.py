@@ -8,8 +8,25 @@ import ast
 from pathlib import Path
 
 CORE = Path(__file__).resolve().parent.parent / "wacored" / "core"
-FORBIDDEN = {"trio", "httpx", "h11", "sqlite3", "sqlite_utils", "psycopg", "psycopg_pool", "hypercorn", "quart",
-             "quart_trio", "prometheus_client", "opentelemetry", "socket", "ssl", "subprocess", "asyncio", "anyio"}
+FORBIDDEN = {
+    "trio",
+    "httpx",
+    "h11",
+    "sqlite3",
+    "sqlite_utils",
+    "psycopg",
+    "psycopg_pool",
+    "hypercorn",
+    "quart",
+    "quart_trio",
+    "prometheus_client",
+    "opentelemetry",
+    "socket",
+    "ssl",
+    "subprocess",
+    "asyncio",
+    "anyio",
+}
 ALLOWED_WACORED = {"core", "config"}
 
 

@@ -75,7 +75,9 @@ async def test_home_from_a_sender_in_a_session_clears_it(world: World) -> None:
     assert r.headers["X-Routed-Service"] == "wacored"
     after = await world.daemon.send_text("I want to apply", sender=sender)
     assert after.json()["routes"][0] == {
-        "message_id": after.json()["routes"][0]["message_id"], "service": "wacored", "reason": "fallback",
+        "message_id": after.json()["routes"][0]["message_id"],
+        "service": "wacored",
+        "reason": "fallback",
     }
 
 
@@ -195,8 +197,9 @@ async def raw_request(url: str, head: bytes, chunks: list[bytes] = ()) -> bytes:
 
 async def test_oversize_body_is_refused_before_reading(world: World) -> None:
     limit = world.daemon.config.server.max_body_bytes
-    head = (f"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: {limit + 1}\r\n"
-            "X-Hub-Signature-256: sha256=00\r\n\r\n").encode()
+    head = (
+        f"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: {limit + 1}\r\nX-Hub-Signature-256: sha256=00\r\n\r\n"
+    ).encode()
     answer = await raw_request(world.daemon.url, head)  # not one byte of the body is sent
     assert answer.startswith(b"HTTP/1.1 413")
 
@@ -271,8 +274,10 @@ def batch(*messages: dict[str, object], sender: str = "250788000090") -> bytes:
         "contacts": [{"profile": {"name": "A"}, "wa_id": sender}],
         "messages": [{"from": sender, "timestamp": "1700000000", **m} for m in messages],
     }
-    doc = {"object": "whatsapp_business_account",
-           "entry": [{"id": "WABA", "changes": [{"value": value, "field": "messages"}]}]}
+    doc = {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "WABA", "changes": [{"value": value, "field": "messages"}]}],
+    }
     return json.dumps(doc).encode()
 
 
@@ -286,7 +291,10 @@ async def test_the_messages_of_one_batch_are_routed_in_order(world: World) -> No
     )
     r = await world.daemon.post(body)
     assert [(x["service"], x["reason"]) for x in r.json()["routes"]] == [
-        ("rides", "keyword"), ("rides", "state"), ("rides", "state"), ("wacored", "home_menu"),
+        ("rides", "keyword"),
+        ("rides", "state"),
+        ("rides", "state"),
+        ("wacored", "home_menu"),
         ("wacored", "fallback"),
     ]
     got = await world.services.wait_for(3, "/rides")
@@ -296,7 +304,8 @@ async def test_the_messages_of_one_batch_are_routed_in_order(world: World) -> No
 async def test_non_ascii_bodies_are_verified_on_their_raw_bytes(world: World) -> None:
     # Meta escapes non-ASCII as \uXXXX; the signature covers those exact bytes, not a re-encoding.
     body = batch({"id": "wamid.NA", "type": "text", "text": {"body": "rides"}}).replace(
-        b'"name": "A"', b'"name": "Ren\\u00e9e \\ud83d\\ude95"')
+        b'"name": "A"', b'"name": "Ren\\u00e9e \\ud83d\\ude95"'
+    )
     assert b"\\u00e9" in body
     r = await world.daemon.post(body)
     assert r.status_code == 200

@@ -74,8 +74,9 @@ async def dead_letter(writes: trio.MemorySendChannel[WriteOp], key: str, at: flo
     await writes.send(op)
     (message_id,) = await op.reply.wait()
     assert message_id is not None
-    await writes.send(Record(Outcome(message_id, False, 3, at, "HTTP 503: down", target="rides", key=key,
-                                     retry_at=retry_at)))
+    await writes.send(
+        Record(Outcome(message_id, False, 3, at, "HTTP 503: down", target="rides", key=key, retry_at=retry_at))
+    )
     await write(writes, lambda conn: None)  # the record is committed once this is
     return message_id
 
@@ -93,8 +94,9 @@ def dead_letters(tmp_path: Path) -> list[tuple[object, ...]]:
         ).fetchall()
 
 
-async def start_retrier(nursery: trio.Nursery, tmp_path: Path, service: Service,
-                        breaker: dict[str, object] | None = None) -> tuple[Runtime, trio.MemorySendChannel[WriteOp]]:
+async def start_retrier(
+    nursery: trio.Nursery, tmp_path: Path, service: Service, breaker: dict[str, object] | None = None
+) -> tuple[Runtime, trio.MemorySendChannel[WriteOp]]:
     send, receive = trio.open_memory_channel[WriteOp](100)
     rt = bare_runtime(tmp_path, writes=send, forwarding=breaker or {})
     path = tmp_path / "bare.db"
@@ -106,8 +108,16 @@ async def run_for(nursery: trio.Nursery, rt: Runtime, tmp_path: Path, service: S
     async with trio.open_nursery() as inner:
         # The entries are in the store before the retrier starts: no need to look for new ones every
         # second of these minutes-long schedules (each look is a real thread hop under the mock clock).
-        await inner.start(partial(run_dlq_retrier, rt, Reader(tmp_path / "bare.db"), rt.writes.clone(),
-                                  transport=service.transport, due_poll_s=60.0))
+        await inner.start(
+            partial(
+                run_dlq_retrier,
+                rt,
+                Reader(tmp_path / "bare.db"),
+                rt.writes.clone(),
+                transport=service.transport,
+                due_poll_s=60.0,
+            )
+        )
         await trio.sleep(seconds)
         inner.cancel_scope.cancel()
 
@@ -142,8 +152,10 @@ async def test_a_service_that_is_back_gets_its_dead_letters(tmp_path: Path, stor
         await run_for(nursery, rt, tmp_path, service, 200)
         nursery.cancel_scope.cancel()
     assert [r.headers["Idempotency-Key"] for _, r in service.requests] == ["wamid.A", "wamid.B"]
-    assert dead_letters(tmp_path) == [("wamid.A", "delivered", 1, None, "delivered"),
-                                      ("wamid.B", "delivered", 1, None, "delivered")]
+    assert dead_letters(tmp_path) == [
+        ("wamid.A", "delivered", 1, None, "delivered"),
+        ("wamid.B", "delivered", 1, None, "delivered"),
+    ]
 
 
 async def test_an_open_breaker_reschedules_without_counting(tmp_path: Path, store_clock: trio.abc.Clock) -> None:
@@ -173,8 +185,9 @@ async def test_a_replayed_entry_is_retried_when_the_retrier_is_woken(
         rt, writes = await start_retrier(nursery, tmp_path, service)
         await dead_letter(writes, "wamid.A", at=0.0, retry_at=10_000.0)
         async with trio.open_nursery() as inner:
-            await inner.start(partial(run_dlq_retrier, rt, Reader(tmp_path / "bare.db"), writes.clone(),
-                                      transport=service.transport))
+            await inner.start(
+                partial(run_dlq_retrier, rt, Reader(tmp_path / "bare.db"), writes.clone(), transport=service.transport)
+            )
             await trio.sleep(50)
             # An operator's replay from another process (in a thread: the daemon's loop must go on).
             await trio.to_thread.run_sync(replay_now, tmp_path / "bare.db", trio.current_time())

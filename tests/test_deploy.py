@@ -51,8 +51,7 @@ def need(tool: str) -> str:
 
 
 def run(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, timeout=timeout,
-                          check=False)
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, timeout=timeout, check=False)
 
 
 # --- Prometheus rules ------------------------------------------------------------------------------
@@ -124,8 +123,15 @@ def test_the_unit_has_the_promised_settings() -> None:
     assert s["User"] == ["wacored"]
     assert s["CapabilityBoundingSet"] == [""]
     assert s["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
-    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "ProtectKernelTunables", "ProtectControlGroups",
-                "LockPersonality", "MemoryDenyWriteExecute"):
+    for key in (
+        "NoNewPrivileges",
+        "ProtectHome",
+        "PrivateTmp",
+        "ProtectKernelTunables",
+        "ProtectControlGroups",
+        "LockPersonality",
+        "MemoryDenyWriteExecute",
+    ):
         assert s[key] == ["yes"], key
     assert s["ProtectSystem"] == ["strict"]
     assert "@system-service" in s["SystemCallFilter"]
@@ -146,8 +152,9 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
         # The shipped file as it is: the missing binary is the one and only complaint.
         result = run(tool, "verify", UNIT)
         complaints = {line for line in result.stderr.splitlines() if line}
-        assert complaints == {"wacored.service: Command /opt/wacored/venv/bin/wacored is not executable: "
-                              "No such file or directory"}
+        assert complaints == {
+            "wacored.service: Command /opt/wacored/venv/bin/wacored is not executable: No such file or directory"
+        }
 
 
 def test_the_unit_is_well_hardened(tmp_path: Path) -> None:
@@ -155,8 +162,14 @@ def test_the_unit_is_well_hardened(tmp_path: Path) -> None:
     unit = tmp_path / "wacored.service"
     shutil.copy(UNIT, unit)
     # --threshold is on systemd's internal 0-100 scale: 20 is the "2.0" it prints.
-    result = subprocess.run([tool, "security", "--offline=true", "--threshold=20", unit.name], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [tool, "security", "--offline=true", "--threshold=20", unit.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"Overall exposure level for wacored.service: [01]\.\d OK", result.stdout)
 
@@ -189,8 +202,17 @@ def install(tmp_path_factory: pytest.TempPathFactory) -> Install:
         f.write("# edited by the operator\n")
     env = root / "etc/wacored/wacored.env"
     env.write_text(env.read_text().replace("WACORED_APP_SECRET=\n", "WACORED_APP_SECRET=s3cret\n"))
-    second = run("bash", DEPLOY / "install.sh", "--prefix", root, "--python", sys.executable,
-                 "--runbooks-url", RUNBOOKS_URL, timeout=300)
+    second = run(
+        "bash",
+        DEPLOY / "install.sh",
+        "--prefix",
+        root,
+        "--python",
+        sys.executable,
+        "--runbooks-url",
+        RUNBOOKS_URL,
+        timeout=300,
+    )
     assert second.returncode == 0, second.stdout + second.stderr
     return Install(root, first, second)
 
@@ -253,15 +275,22 @@ def test_the_secrets_file_is_private_and_holds_empty_placeholders(install: Insta
     assert stat.S_IMODE(env.stat().st_mode) == 0o600
     assignments = [line for line in env.read_text().splitlines() if line and not line.startswith("#")]
     # systemd takes everything after "=" as the value: a comment on the line would become the secret.
-    assert assignments == ["WACORED_APP_SECRET=s3cret", "WACORED_VERIFY_TOKEN=", "WACORED_ACCESS_TOKEN=",
-                           "WACORED_PHONE_NUMBER_ID="]
+    assert assignments == [
+        "WACORED_APP_SECRET=s3cret",
+        "WACORED_VERIFY_TOKEN=",
+        "WACORED_ACCESS_TOKEN=",
+        "WACORED_PHONE_NUMBER_ID=",
+    ]
 
 
 def test_a_dry_install_only_says_what_it_would_do_to_the_system(install: Install) -> None:
     out = install.first.stdout
     assert "would run: useradd --system --user-group --home-dir /var/lib/wacored" in out
-    for command in ("systemctl daemon-reload", "systemctl enable wacored.service",
-                    "systemctl try-restart wacored.service"):
+    for command in (
+        "systemctl daemon-reload",
+        "systemctl enable wacored.service",
+        "systemctl try-restart wacored.service",
+    ):
         assert f"would run: {command}" in out
     assert "ok (7 services" in out  # the installed wacored checked the installed config
 
@@ -293,8 +322,13 @@ os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 
 
 async def verify(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[str]]:
-    result = await trio.run_process(["bash", str(DEPLOY / "verify.sh"), *args], capture_stdout=True,
-                                    capture_stderr=True, check=False, env=env or clean_env())
+    result = await trio.run_process(
+        ["bash", str(DEPLOY / "verify.sh"), *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=env or clean_env(),
+    )
     return result.returncode, result.stdout.decode().splitlines()
 
 
@@ -326,9 +360,13 @@ async def test_verify_passes_every_check_but_metrics_against_a_running_daemon(
     got = verdicts(lines)
     assert set(got) == {"health", "database", "actors", "metrics", "handshake", "message"}, lines
     assert {name: v for name, v in got.items() if name != "metrics"} == dict.fromkeys(
-        ["health", "database", "actors", "handshake", "message"], "PASS"), lines
-    assert re.match(r"PASS  message +routed to wacored \(home_menu\), message wamid\.WACORED_PROBE\.verify-\w+"
-                    r" \(a probe: not forwarded\)$", line_of(lines, "message")), lines
+        ["health", "database", "actors", "handshake", "message"], "PASS"
+    ), lines
+    assert re.match(
+        r"PASS  message +routed to wacored \(home_menu\), message wamid\.WACORED_PROBE\.verify-\w+"
+        r" \(a probe: not forwarded\)$",
+        line_of(lines, "message"),
+    ), lines
     assert code == (0 if got["metrics"] == "PASS" else 1)
     # The test message is a probe: stored with its route in its final state, sent nowhere (the daemon
     # has stopped, so nothing can still be on its way), no dead letter to alert on.
@@ -348,8 +386,9 @@ async def test_verify_passes_completely_against_a_running_daemon(
 
 
 async def test_verify_fails_on_a_wrong_url() -> None:
-    code, lines = await verify(f"http://127.0.0.1:{free_port()}",
-                               env=clean_env(WACORED_APP_SECRET=SECRET, WACORED_VERIFY_TOKEN=VERIFY_TOKEN))
+    code, lines = await verify(
+        f"http://127.0.0.1:{free_port()}", env=clean_env(WACORED_APP_SECRET=SECRET, WACORED_VERIFY_TOKEN=VERIFY_TOKEN)
+    )
     assert code == 1
     assert set(verdicts(lines).values()) == {"FAIL"}
     assert lines[-1] == "0 passed, 0 warned, 6 failed"
@@ -393,8 +432,10 @@ async def test_verify_warns_and_passes_when_a_services_breaker_is_open(
         assert (health.status_code, health.json()["status"]) == (200, "degraded")
         code, lines = await verify(url, env=clean_env(WACORED_APP_SECRET=SECRET, WACORED_VERIFY_TOKEN=VERIFY_TOKEN))
     assert code == 0, lines
-    assert verdicts(lines) == {**dict.fromkeys(["database", "actors", "metrics", "handshake", "message"], "PASS"),
-                               "health": "WARN"}, lines
+    assert verdicts(lines) == {
+        **dict.fromkeys(["database", "actors", "metrics", "handshake", "message"], "PASS"),
+        "health": "WARN",
+    }, lines
     assert "status degraded" in line_of(lines, "health")
     assert "breaker of rides open" in line_of(lines, "health")
     assert lines[-1] == "5 passed, 1 warned, 0 failed"
@@ -415,13 +456,11 @@ async def test_verify_fails_when_the_daemon_is_unhealthy(
             lock.execute("BEGIN IMMEDIATE")
             body = text_webhook(text="rides", sender="250788000781", wamid="wamid.LOCKED1", timestamp=1700000000)
             async with httpx.AsyncClient(trust_env=False) as http:
-                r = await http.post(f"{url}/webhook", content=body,
-                                    headers={"X-Hub-Signature-256": sign(SECRET, body)})
+                r = await http.post(f"{url}/webhook", content=body, headers={"X-Hub-Signature-256": sign(SECRET, body)})
             assert r.status_code == 503, r.text
             with trio.fail_after(15):
                 await wait_for_health_of(url, lambda a: a.status_code == 503)
-            code, lines = await verify(url, env=clean_env(WACORED_APP_SECRET=SECRET,
-                                                          WACORED_VERIFY_TOKEN=VERIFY_TOKEN))
+            code, lines = await verify(url, env=clean_env(WACORED_APP_SECRET=SECRET, WACORED_VERIFY_TOKEN=VERIFY_TOKEN))
         finally:
             lock.close()
     assert code == 1, lines
@@ -439,8 +478,7 @@ async def test_the_daemon_runs_with_memory_deny_write_execute(
     async with daemon_process(tmp_path, services, graph, wrapper=["-c", MDWE]) as url:
         body = text_webhook(text="rides", sender="250788000778", wamid="wamid.MDWE1", timestamp=1700000000)
         async with httpx.AsyncClient(trust_env=False) as http:
-            r = await http.post(f"{url}/webhook", content=body,
-                                headers={"X-Hub-Signature-256": sign(SECRET, body)})
+            r = await http.post(f"{url}/webhook", content=body, headers={"X-Hub-Signature-256": sign(SECRET, body)})
         assert r.status_code == 200, r.text
         [got] = await services.wait_for(1, "/rides")
     assert got.message["id"] == "wamid.MDWE1"
@@ -459,8 +497,10 @@ def nginx_site(tmp_path: Path, *, https_port: int, http_port: int, upstream_port
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     site = SITE.read_text()
     for old, new in [
-        ("listen 80;", f"listen 127.0.0.1:{http_port};"), ("listen [::]:80;", ""),
-        ("listen 443 ssl http2;", f"listen 127.0.0.1:{https_port} ssl http2;"), ("listen [::]:443 ssl http2;", ""),
+        ("listen 80;", f"listen 127.0.0.1:{http_port};"),
+        ("listen [::]:80;", ""),
+        ("listen 443 ssl http2;", f"listen 127.0.0.1:{https_port} ssl http2;"),
+        ("listen [::]:443 ssl http2;", ""),
         ("server 127.0.0.1:8080;", f"server 127.0.0.1:{upstream_port};"),
         ("/etc/letsencrypt/live/webhook.example.com/fullchain.pem", str(tmp_path / "cert.pem")),
         ("/etc/letsencrypt/live/webhook.example.com/privkey.pem", str(tmp_path / "key.pem")),
@@ -471,8 +511,10 @@ def nginx_site(tmp_path: Path, *, https_port: int, http_port: int, upstream_port
     (tmp_path / "site.conf").write_text(site)
     user = "user root;\n" if os.geteuid() == 0 else ""
     conf = tmp_path / "nginx.conf"
-    conf.write_text(f"{user}pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
-                    f"http {{\n  access_log off;\n  include {tmp_path}/site.conf;\n}}\n")
+    conf.write_text(
+        f"{user}pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{\n  access_log off;\n  include {tmp_path}/site.conf;\n}}\n"
+    )
     return conf
 
 
@@ -488,10 +530,12 @@ async def test_nginx_proxies_the_webhook_over_tls(tmp_path: Path, services: Down
     (tmp_path / "nginx").mkdir()
     https_port = free_port()
     async with daemon_process(tmp_path, services, graph) as url:
-        conf = nginx_site(tmp_path / "nginx", https_port=https_port, http_port=free_port(),
-                          upstream_port=int(url.rsplit(":", 1)[1]))
+        conf = nginx_site(
+            tmp_path / "nginx", https_port=https_port, http_port=free_port(), upstream_port=int(url.rsplit(":", 1)[1])
+        )
         process = await trio.lowlevel.open_process(
-            [nginx, "-p", str(tmp_path / "nginx"), "-c", str(conf), "-g", "daemon off;"])
+            [nginx, "-p", str(tmp_path / "nginx"), "-c", str(conf), "-g", "daemon off;"]
+        )
         try:
             public = f"https://localhost:{https_port}"
             tls = ssl.create_default_context(cafile=tmp_path / "nginx" / "ca.pem")
@@ -501,8 +545,10 @@ async def test_nginx_proxies_the_webhook_over_tls(tmp_path: Path, services: Down
                 signed = {"X-Hub-Signature-256": sign(SECRET, body), "Content-Type": "application/json"}
                 ours = await http.post(f"{public}/webhook", content=body, headers={**signed, "X-Request-ID": "rid-1"})
                 theirs = await http.post(f"{public}/webhook", content=body, headers=signed)
-                handshake = await http.get(f"{public}/webhook", params={
-                    "hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": "c-1"})
+                handshake = await http.get(
+                    f"{public}/webhook",
+                    params={"hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": "c-1"},
+                )
                 health = await http.get(f"{public}/health")
                 big = await http.post(f"{public}/webhook", content=b"x" * (3 * 1024 * 1024 + 1), headers=signed)
             [got] = await services.wait_for(1, "/jobs")

@@ -38,6 +38,7 @@ def first_cells(path: Path, header: str) -> list[str]:
 
 # --- /health ----------------------------------------------------------------------------------------
 
+
 async def test_the_documented_health_keys_are_the_ones_the_daemon_answers(world: World) -> None:
     body = (await world.daemon.client.get(f"{world.daemon.url}/health")).json()
     keys = {re.sub(r"`", "", cell) for cell in first_cells(DOCS / "contract.md", "key")}
@@ -52,6 +53,7 @@ async def test_the_documented_health_keys_are_the_ones_the_daemon_answers(world:
 
 # --- the config reference ---------------------------------------------------------------------------
 
+
 def documented_config_keys() -> set[tuple[str, str]]:
     """(section, key) for every key the reference names, e.g. ``server.certfile / server.keyfile``,
     ``sessions.dlq_retention_days / abandoned_retention_days``, ``[services.NAME] timeout_ms, ...``."""
@@ -59,9 +61,9 @@ def documented_config_keys() -> set[tuple[str, str]]:
     for cell in first_cells(DOCS / "configuration.md", "key"):
         section = ""
         for token in re.findall(r"`([^`]+)`", cell):
-            if m := re.fullmatch(r"\[\[([a-z_.]+)\]\]", token):            # [[home_menu.items]]
+            if m := re.fullmatch(r"\[\[([a-z_.]+)\]\]", token):  # [[home_menu.items]]
                 section = m.group(1)
-            elif m := re.fullmatch(r"\[([a-z_]+)\.(?:NAME|ID)\]", token):    # [services.NAME]
+            elif m := re.fullmatch(r"\[([a-z_]+)\.(?:NAME|ID)\]", token):  # [services.NAME]
                 section = m.group(1)
             elif m := re.fullmatch(r"\[([a-z_]+)\.ID\.([a-z_]+)\]", token):  # [numbers.ID.home_menu]
                 found.add((m.group(1), m.group(2)))
@@ -75,6 +77,7 @@ def documented_config_keys() -> set[tuple[str, str]]:
 
 def schema_config_keys() -> set[tuple[str, str]]:
     """(section, key) for every key the config accepts, from the config's dataclasses."""
+
     def names(cls: Any, skip: tuple[str, ...] = ()) -> set[str]:
         return {f.name for f in dataclasses.fields(cls) if f.name not in skip}
 
@@ -100,6 +103,7 @@ def test_the_config_reference_names_every_key_and_only_real_ones() -> None:
 
 # --- the metrics reference --------------------------------------------------------------------------
 
+
 async def test_the_metrics_reference_names_every_metric_and_only_exported_ones(world: World) -> None:
     text = (await world.daemon.client.get(f"{world.daemon.url}/metrics")).text
     exported = set()
@@ -114,6 +118,7 @@ async def test_the_metrics_reference_names_every_metric_and_only_exported_ones(w
 
 
 # --- links ------------------------------------------------------------------------------------------
+
 
 def anchors(path: Path) -> set[str]:
     found, in_code = set(), False
@@ -149,10 +154,22 @@ def test_the_architecture_names_every_module() -> None:
 
 def test_nothing_refers_to_documents_outside_the_repo() -> None:
     # The names are spelled in pieces so that this file is not itself a reference to them.
-    names = ["\\.\\./" + "shared", "ARCHITECTURE" + "\\.md", "STACK" + "_NOTES", "STYLE" + "\\.md",
-             "the original " + "system", "design's " + "prototype"]
+    names = [
+        "\\.\\./" + "shared",
+        "ARCHITECTURE" + "\\.md",
+        "STACK" + "_NOTES",
+        "STYLE" + "\\.md",
+        "the original " + "system",
+        "design's " + "prototype",
+    ]
     outside = re.compile("|".join(names))
-    for path in [*ROOT.glob("*.md"), *DOCS.glob("*.md"), *(ROOT / "wacored").rglob("*.py"),
-                 *(ROOT / "tests").glob("*.py"), *(ROOT / "bench").glob("*"), *(ROOT / "deploy").rglob("*")]:
+    for path in [
+        *ROOT.glob("*.md"),
+        *DOCS.glob("*.md"),
+        *(ROOT / "wacored").rglob("*.py"),
+        *(ROOT / "tests").glob("*.py"),
+        *(ROOT / "bench").glob("*"),
+        *(ROOT / "deploy").rglob("*"),
+    ]:
         if path.is_file() and path.name != "test_docs.py":
             assert not outside.search(path.read_text(errors="replace")), path

@@ -66,10 +66,13 @@ async def test_a_locked_store_answers_503_and_loses_nothing(
         await services.wait_for(1, "/rides")
 
 
-@pytest.mark.parametrize(("status", "state", "reason", "attempts"), [
-    (503, "pending", "transient", 3),
-    (404, "abandoned", "permanent", 1),
-])
+@pytest.mark.parametrize(
+    ("status", "state", "reason", "attempts"),
+    [
+        (503, "pending", "transient", 3),
+        (404, "abandoned", "permanent", 1),
+    ],
+)
 async def test_undeliverable_messages_are_dead_lettered(
     tmp_path: Path, services: Downstream, graph: Downstream, status: int, state: str, reason: str, attempts: int
 ) -> None:
@@ -86,8 +89,9 @@ async def test_undeliverable_messages_are_dead_lettered(
             # The file is the only place the outcome shows: poll it from another connection.
             while not rows(tmp_path / "wacored.db", "SELECT 1 FROM dead_letters"):  # noqa: ASYNC110
                 await trio.sleep(0.02)
-    [dead] = rows(tmp_path / "wacored.db", "SELECT service, state, reason, error, next_attempt_at IS NULL"
-                                           " FROM dead_letters")
+    [dead] = rows(
+        tmp_path / "wacored.db", "SELECT service, state, reason, error, next_attempt_at IS NULL FROM dead_letters"
+    )
     assert dead[:3] == ("rides", state, reason)
     assert f"HTTP {status}" in str(dead[3])
     assert dead[4] == (state == "abandoned")
@@ -184,6 +188,7 @@ async def test_a_backlog_larger_than_memory_is_delivered_once_each_in_order(
     tmp_path: Path, services: Downstream, graph: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="wacored.writer")
+
     async def slow(_: Received) -> int:
         await trio.sleep(0.005)
         return 200

@@ -30,9 +30,17 @@ BODY = b'{"object":"whatsapp_business_account","entry":[]}'
 
 def delivery(**overrides: object) -> Delivery:
     fields: dict[str, object] = {
-        "id": 7, "key": "wamid.ABC", "kind": "message", "sender": "250788000001", "service": "rides",
-        "reason": "keyword", "target": "rides", "body": BODY, "request_id": "req-1",
-        "correlation_id": "corr-1", "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "id": 7,
+        "key": "wamid.ABC",
+        "kind": "message",
+        "sender": "250788000001",
+        "service": "rides",
+        "reason": "keyword",
+        "target": "rides",
+        "body": BODY,
+        "request_id": "req-1",
+        "correlation_id": "corr-1",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         "received_at": 1700000000.0,
     }
     fields.update(overrides)
@@ -50,10 +58,16 @@ def service_target(retries: int = 2) -> Target:
 @pytest.mark.parametrize(
     ("status", "verdict"),
     [
-        (200, Verdict.DELIVERED), (204, Verdict.DELIVERED),
-        (400, Verdict.PERMANENT), (401, Verdict.PERMANENT), (404, Verdict.PERMANENT),
-        (408, Verdict.TRANSIENT), (425, Verdict.TRANSIENT), (429, Verdict.TRANSIENT),
-        (500, Verdict.TRANSIENT), (503, Verdict.TRANSIENT),
+        (200, Verdict.DELIVERED),
+        (204, Verdict.DELIVERED),
+        (400, Verdict.PERMANENT),
+        (401, Verdict.PERMANENT),
+        (404, Verdict.PERMANENT),
+        (408, Verdict.TRANSIENT),
+        (425, Verdict.TRANSIENT),
+        (429, Verdict.TRANSIENT),
+        (500, Verdict.TRANSIENT),
+        (503, Verdict.TRANSIENT),
     ],
 )
 def test_classify(status: int, verdict: Verdict) -> None:
@@ -114,8 +128,13 @@ def test_service_target_headers() -> None:
 
 def test_every_configured_secret_signs_newest_first_and_legacy_uses_the_first() -> None:
     old = "whsec_" + base64.b64encode(b"o" * 24).decode()
-    target = Target(name="rides", url="http://rides.test/", forwarding=ForwardingConfig(),
-                    signing_secrets=(SIGNING_SECRET, old), legacy_signature=True)
+    target = Target(
+        name="rides",
+        url="http://rides.test/",
+        forwarding=ForwardingConfig(),
+        signing_secrets=(SIGNING_SECRET, old),
+        legacy_signature=True,
+    )
     headers = target.headers(delivery(), now=1_700_000_000)
     new_sig, old_sig = headers["webhook-signature"].split(" ")
     signed = b"wamid.ABC.1700000000." + BODY
@@ -132,8 +151,12 @@ def test_a_service_without_a_secret_gets_no_signature_at_all() -> None:
 
 
 def test_graph_target_headers_use_the_access_token_not_a_signature() -> None:
-    graph = Target(name="whatsapp", url="https://graph.test/v21.0/1/messages",
-                   forwarding=ForwardingConfig(), access_token="EAAG-token")
+    graph = Target(
+        name="whatsapp",
+        url="https://graph.test/v21.0/1/messages",
+        forwarding=ForwardingConfig(),
+        access_token="EAAG-token",
+    )
     headers = graph.headers(delivery(service="wacored", target="whatsapp"), now=0)
     assert headers["Authorization"] == "Bearer EAAG-token"
     assert headers["Content-Type"] == "application/json"
@@ -142,14 +165,20 @@ def test_graph_target_headers_use_the_access_token_not_a_signature() -> None:
 
 
 def test_targets_of_config() -> None:
-    env = {"WACORED_APP_SECRET": SECRET, "WA_TOKEN": "EAAG-token", "WA_PHONE_ID": "106540352242922",
-           "WACORED_SIGNING_SECRETS_RIDES": SIGNING_SECRET}
+    env = {
+        "WACORED_APP_SECRET": SECRET,
+        "WA_TOKEN": "EAAG-token",
+        "WA_PHONE_ID": "106540352242922",
+        "WACORED_SIGNING_SECRETS_RIDES": SIGNING_SECRET,
+    }
     config = Config.load(SHIPPED, env)
     targets = targets_of(config)
     assert set(targets) == set(config.services) | {"whatsapp"}
     for name, svc in config.services.items():
         assert (targets[name].url, targets[name].forwarding, targets[name].signing_secrets) == (
-            svc.url, svc.forwarding, (SIGNING_SECRET,) if name == "rides" else (),
+            svc.url,
+            svc.forwarding,
+            (SIGNING_SECRET,) if name == "rides" else (),
         )
         assert not targets[name].is_graph
     graph = targets["whatsapp"]
@@ -307,15 +336,20 @@ async def test_a_forwarder_behind_a_slow_service_keeps_beating(tmp_path: Path, a
         return httpx.Response(200)
 
     writes, outcomes = trio.open_memory_channel[WriteOp](1000)
-    target = Target(name="rides", url="http://rides.test/", signing_secrets=(SIGNING_SECRET,),
-                    forwarding=ForwardingConfig(timeout_ms=60_000, concurrency=1))
+    target = Target(
+        name="rides",
+        url="http://rides.test/",
+        signing_secrets=(SIGNING_SECRET,),
+        forwarding=ForwardingConfig(timeout_ms=60_000, concurrency=1),
+    )
     rt = bare_runtime(tmp_path, target, writes=writes)
     queue = DeliveryQueue("rides", buffer=1000)
     for i in range(LANE_BUFFER + 10):
         queue.send.send_nowait(delivery(id=i, key=f"wamid.{i}"))
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(run_forwarder, rt, "rides", queue, writes.clone(),
-                                    transport=lambda: httpx.MockTransport(slow)))
+        await nursery.start(
+            partial(run_forwarder, rt, "rides", queue, writes.clone(), transport=lambda: httpx.MockTransport(slow))
+        )
         await trio.sleep(120)
         assert queue.depth() > 0  # the lane is full: the forwarder waits to hand over
         assert trio.current_time() - rt.actors["forwarder.rides"].heartbeat <= HEARTBEAT_S
@@ -353,10 +387,16 @@ async def test_a_failed_probe_reopens_the_breaker_for_another_period(
     assert rt.counters.forwards == {("rides", "transient"): 3, ("rides", "breaker_open"): 3}
 
 
-@pytest.mark.parametrize(("verdict", "tries", "retries", "settled_now"), [
-    (Verdict.DELIVERED, 1, 2, True), (Verdict.PERMANENT, 1, 2, True), (Verdict.TRANSIENT, 1, 2, False),
-    (Verdict.TRANSIENT, 3, 2, True), (Verdict.TRANSIENT, 1, 0, True),
-])
+@pytest.mark.parametrize(
+    ("verdict", "tries", "retries", "settled_now"),
+    [
+        (Verdict.DELIVERED, 1, 2, True),
+        (Verdict.PERMANENT, 1, 2, True),
+        (Verdict.TRANSIENT, 1, 2, False),
+        (Verdict.TRANSIENT, 3, 2, True),
+        (Verdict.TRANSIENT, 1, 0, True),
+    ],
+)
 def test_a_first_delivery_settles_when_answered_or_out_of_retries(
     verdict: Verdict, tries: int, retries: int, settled_now: bool
 ) -> None:

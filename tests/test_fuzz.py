@@ -77,20 +77,40 @@ class Raw:
 
 DEPTHS = st.sampled_from([2, 64, 500, 900, 1000, 5000, 50_000])
 """Nesting depths around Python's recursion limit (1000), which its json parser and writer obey."""
-RAW_TOKENS = st.sampled_from([
-    b'"\\ud800"', b'"x\\udfffy"', b'"\\ud83d"',                 # lone surrogate escapes
-    b'"\xed\xa0\x80"',                                          # a surrogate in UTF-8 bytes (CESU-8)
-    b'"\xff\xfe bad utf-8"', b'"\xc3"',                         # not UTF-8
-    b"NaN", b"-Infinity", b"1e999", b"-0", b"9" * 5000,         # numbers JSON parsers disagree on
-    b'"\\u0000"', b"{}", b"[]", b"null", b'""',
-]) | DEPTHS.map(lambda n: b"[" * n + b"]" * n)                          # deep nesting
+RAW_TOKENS = st.sampled_from(
+    [
+        b'"\\ud800"',
+        b'"x\\udfffy"',
+        b'"\\ud83d"',  # lone surrogate escapes
+        b'"\xed\xa0\x80"',  # a surrogate in UTF-8 bytes (CESU-8)
+        b'"\xff\xfe bad utf-8"',
+        b'"\xc3"',  # not UTF-8
+        b"NaN",
+        b"-Infinity",
+        b"1e999",
+        b"-0",
+        b"9" * 5000,  # numbers JSON parsers disagree on
+        b'"\\u0000"',
+        b"{}",
+        b"[]",
+        b"null",
+        b'""',
+    ]
+) | DEPTHS.map(lambda n: b"[" * n + b"]" * n)  # deep nesting
 
 SCALARS = (
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=40) | st.integers(0, 3 * LIMIT).map(lambda n: "x" * n)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=40)
+    | st.integers(0, 3 * LIMIT).map(lambda n: "x" * n)
 )
-JUNK = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                         max_size=4), max_leaves=12)
+JUNK = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 def _nested(depth: int, leaf: Any) -> Raw:
@@ -184,8 +204,9 @@ def serialize(doc: Any, payload: Payload) -> bytes:
             return [hide(v) for v in node]
         return node
 
-    body = json.dumps(hide(doc), ensure_ascii=payload.ensure_ascii, indent=payload.indent).encode("utf-8",
-                                                                                                "surrogatepass")
+    body = json.dumps(hide(doc), ensure_ascii=payload.ensure_ascii, indent=payload.indent).encode(
+        "utf-8", "surrogatepass"
+    )
     for i, token in enumerate(tokens):
         body = body.replace(f'"\\u0000RAW{i}\\u0000"'.encode(), token)
     data = bytearray(body)
@@ -197,10 +218,20 @@ def serialize(doc: Any, payload: Payload) -> bytes:
 
 FORMAT = {"ensure_ascii": st.booleans(), "indent": st.none() | st.just(2)}
 FLIPS = st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=3).map(tuple)
-ODD_IDS = st.text(max_size=40) | st.sampled_from([
-    "wamid.café", "wamid.\x00", "wamid.\r\nX-Injected: 1", "wamid with space", "w" * 300, "status:wamid.X:read",
-    "wamid.\u2028", "wamid.\x7f", "\ufeffwamid", "wamid.%0d%0a",
-])
+ODD_IDS = st.text(max_size=40) | st.sampled_from(
+    [
+        "wamid.café",
+        "wamid.\x00",
+        "wamid.\r\nX-Injected: 1",
+        "wamid with space",
+        "w" * 300,
+        "status:wamid.X:read",
+        "wamid.\u2028",
+        "wamid.\x7f",
+        "\ufeffwamid",
+        "wamid.%0d%0a",
+    ]
+)
 """Ids that must either be refused at parse time or go out as a header unchanged."""
 
 
@@ -218,12 +249,14 @@ def odd_ids(draw: st.DrawFn) -> Any:
     return doc
 
 
-PAYLOADS = st.sampled_from(["valid", "valid", "mutated", "tainted", "odd_ids"]).flatmap(lambda kind: {
-    "valid": st.builds(Payload, doc=templates(), valid=st.just(True), **FORMAT),
-    "mutated": st.builds(Payload, doc=mutated(), valid=st.just(False), flips=FLIPS, **FORMAT),
-    "tainted": st.builds(Payload, doc=tainted(), valid=st.just(False), **FORMAT),
-    "odd_ids": st.builds(Payload, doc=odd_ids(), valid=st.just(False), **FORMAT),
-}[kind])
+PAYLOADS = st.sampled_from(["valid", "valid", "mutated", "tainted", "odd_ids"]).flatmap(
+    lambda kind: {
+        "valid": st.builds(Payload, doc=templates(), valid=st.just(True), **FORMAT),
+        "mutated": st.builds(Payload, doc=mutated(), valid=st.just(False), flips=FLIPS, **FORMAT),
+        "tainted": st.builds(Payload, doc=tainted(), valid=st.just(False), **FORMAT),
+        "odd_ids": st.builds(Payload, doc=odd_ids(), valid=st.just(False), **FORMAT),
+    }[kind]
+)
 
 
 def fresh_ids(doc: Any, tag: str) -> Any:
@@ -245,14 +278,33 @@ def fresh_ids(doc: Any, tag: str) -> Any:
 
 HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=160)
 IDS = st.none() | HEADER_TEXT | st.from_regex(_ID, fullmatch=True) | st.just("x" * 129) | st.uuids().map(str)
-TRACEPARENTS = st.none() | HEADER_TEXT | st.sampled_from([
-    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
-    "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", "ff-x-y-z",
-])
-SIGNATURES = st.just("correct") | st.sampled_from([  # half of them right, to reach the parser
-    "missing", "empty", "garbled", "prefix", "uppercase", "other_bytes", "other_secret",
-    "truncated", "extended", "padded", "non_ascii",
-])
+TRACEPARENTS = (
+    st.none()
+    | HEADER_TEXT
+    | st.sampled_from(
+        [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-x-y-z",
+        ]
+    )
+)
+SIGNATURES = st.just("correct") | st.sampled_from(
+    [  # half of them right, to reach the parser
+        "missing",
+        "empty",
+        "garbled",
+        "prefix",
+        "uppercase",
+        "other_bytes",
+        "other_secret",
+        "truncated",
+        "extended",
+        "padded",
+        "non_ascii",
+    ]
+)
 FRAMINGS = st.sampled_from(["length", "zero_padded", "chunked", "declared_over", "short", "truncated"])
 
 
@@ -288,10 +340,17 @@ PROBES = st.builds(
 def signature_header(probe: Probe, body: bytes) -> str | None:
     right = sign(SECRET, body)
     return {
-        "correct": right, "missing": None, "empty": "", "garbled": probe.garbled,
-        "prefix": probe.prefix + right.removeprefix("sha256="), "uppercase": "sha256=" + right[7:].upper(),
-        "other_bytes": sign(SECRET, body + b" "), "other_secret": sign(SECRET + "x", body),
-        "truncated": right[:-1], "extended": right + "0", "padded": f" \t{right} ",
+        "correct": right,
+        "missing": None,
+        "empty": "",
+        "garbled": probe.garbled,
+        "prefix": probe.prefix + right.removeprefix("sha256="),
+        "uppercase": "sha256=" + right[7:].upper(),
+        "other_bytes": sign(SECRET, body + b" "),
+        "other_secret": sign(SECRET + "x", body),
+        "truncated": right[:-1],
+        "extended": right + "0",
+        "padded": f" \t{right} ",
         "non_ascii": right[:-2] + "\u00e9" + probe.garbled,
     }[probe.signature]
 
@@ -307,7 +366,7 @@ class Request:
 
 def body_read(probe: Probe, body: bytes) -> bytes:
     """The bytes the daemon takes as the body: a short ``Content-Length`` leaves the rest unread."""
-    return body[:len(body) - probe.cut] if probe.framing == "short" and len(body) > probe.cut else body
+    return body[: len(body) - probe.cut] if probe.framing == "short" and len(body) > probe.cut else body
 
 
 def frame(probe: Probe, body: bytes, headers: list[tuple[str, str]]) -> Request:
@@ -372,7 +431,7 @@ def exchange(address: tuple[str, int], request: Request) -> Answer | None:
     head, _, body = data.partition(b"\r\n\r\n")
     status_line, *lines = head.decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    return Answer(int(status_line.split()[1]), headers, body[:int(headers.get("content-length", len(body)))])
+    return Answer(int(status_line.split()[1]), headers, body[: int(headers.get("content-length", len(body)))])
 
 
 # --- the oracle -----------------------------------------------------------------------------------
@@ -422,8 +481,9 @@ def expect(answer: Answer, read: bytes | None, signature: str | None, valid: boo
     assert set(doc) == {"accepted", "duplicates", "statuses", "routes"}, doc
     assert doc["accepted"] + doc["duplicates"] == len(batch.messages)
     assert doc["statuses"] == len(batch.statuses)
-    assert [r["message_id"] for r in doc["routes"]] == list(dict.fromkeys(
-        m.wamid for m in batch.messages if ("message", m.wamid) not in ledger.stored))
+    assert [r["message_id"] for r in doc["routes"]] == list(
+        dict.fromkeys(m.wamid for m in batch.messages if ("message", m.wamid) not in ledger.stored)
+    )
     ledger.stored.update(("message", r["message_id"]) for r in doc["routes"])
     ledger.stored.update(("status", f"status:{s.key}") for s in batch.statuses)
 
@@ -437,8 +497,12 @@ def run_probe(address: tuple[str, int], probe: Probe, ledger: Ledger) -> None:
     read = body_read(probe, body)
     signature = signature_header(probe, read)
     headers = [("Content-Type", "application/json")]
-    for name, value in (("X-Hub-Signature-256", signature), ("X-Request-ID", probe.request_id),
-                        ("X-Correlation-ID", probe.correlation_id), ("traceparent", probe.traceparent)):
+    for name, value in (
+        ("X-Hub-Signature-256", signature),
+        ("X-Request-ID", probe.request_id),
+        ("X-Correlation-ID", probe.correlation_id),
+        ("traceparent", probe.traceparent),
+    ):
         if value is not None:
             headers.append((name, value))
     request = frame(probe, body, headers)
@@ -481,17 +545,26 @@ def store_keys(path: Path) -> set[tuple[str, str]]:
         db.close()
 
 
-async def test_fuzzed_webhooks_never_break_the_daemon(
-    tmp_path: Path, services: Downstream, graph: Downstream
-) -> None:
-    config = make_config(tmp_path, services, graph, server={"max_body_bytes": LIMIT},
-                         ratelimit={"per_sender": 1_000_000}, routing={"statuses": "wallet"})
+async def test_fuzzed_webhooks_never_break_the_daemon(tmp_path: Path, services: Downstream, graph: Downstream) -> None:
+    config = make_config(
+        tmp_path,
+        services,
+        graph,
+        server={"max_body_bytes": LIMIT},
+        ratelimit={"per_sender": 1_000_000},
+        routing={"statuses": "wallet"},
+    )
     ledger = Ledger()
     async with open_daemon(config) as daemon:
         host, port = daemon.url.removeprefix("http://").rsplit(":", 1)
 
-        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
         @given(probe=PROBES)
         def fuzz(probe: Probe) -> None:
             run_probe((host, int(port)), probe, ledger)
@@ -518,13 +591,16 @@ def _replace(old: bytes, new: bytes) -> bytes:
     return TEXT.replace(old, new)
 
 
-@pytest.mark.parametrize("body", [
-    pytest.param(_replace(b'"Body Text"', b'"\\ud800"'), id="text-lone-surrogate-escape"),
-    pytest.param(_replace(b'"Body Text"', b'"\xed\xa0\x80"'), id="text-surrogate-utf8-bytes"),
-    pytest.param(_replace(b'"wamid.xyzxyz"', b'"wamid.\\udfff"'), id="wamid-lone-surrogate"),
-    pytest.param(_replace(b'"from": "972987654321"', b'"from": "97298\\ud83d"'), id="sender-lone-surrogate"),
-    pytest.param(_replace(b'"1234567890987654321"', b'"\\ud800"'), id="entry-id-lone-surrogate"),
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(_replace(b'"Body Text"', b'"\\ud800"'), id="text-lone-surrogate-escape"),
+        pytest.param(_replace(b'"Body Text"', b'"\xed\xa0\x80"'), id="text-surrogate-utf8-bytes"),
+        pytest.param(_replace(b'"wamid.xyzxyz"', b'"wamid.\\udfff"'), id="wamid-lone-surrogate"),
+        pytest.param(_replace(b'"from": "972987654321"', b'"from": "97298\\ud83d"'), id="sender-lone-surrogate"),
+        pytest.param(_replace(b'"1234567890987654321"', b'"\\ud800"'), id="entry-id-lone-surrogate"),
+    ],
+)
 async def test_a_signed_payload_with_a_lone_surrogate_is_not_a_server_error(world: World, body: bytes) -> None:
     # Python's json accepts an unpaired surrogate escape (and, from bytes, its UTF-8-style encoding),
     # but the str it gives cannot be encoded back to UTF-8.
@@ -547,17 +623,54 @@ async def test_a_signed_deeply_nested_body_is_a_bad_request(world: World) -> Non
 
 _DIGIT_RUN = re.compile(r"\d{8,}")
 ANSWER_STATUSES = st.integers(100, 999) | st.sampled_from([200, 204, 304, 400, 404, 408, 429, 500, 503])
-HEADER_VALUES = st.binary(max_size=64).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")) | st.sampled_from([
-    b"text/plain; charset=base64", b"text/plain; charset=utf-16", b"text/html; charset=no-such", b"; charset=",
-    b"application/json; charset=\"rot13\"", b"gzip", b"br, gzip", b"deflate", b"chunked", b"close", b"\xff\xfe",
-    b"12", b"-1", b"99999999999999999999", b"Wed, 21 Oct 2015 07:28:00 GMT", b"x" * 20_000,
-])
-ANSWER_HEADERS = st.lists(st.tuples(st.sampled_from([
-    b"Content-Type", b"Content-Encoding", b"Retry-After", b"Connection", b"X-Odd", b"Content-Language",
-]), HEADER_VALUES), max_size=4)
-ANSWER_BODIES = st.binary(max_size=2048) | st.sampled_from([
-    b"", b"\x1f\x8b\x08\x00corrupt gzip", "refused 250788123456 \u2028\u202e".encode(), b"\x00" * 300,
-]) | st.integers(0, 200_000).map(lambda n: b"9" * n)
+HEADER_VALUES = st.binary(max_size=64).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")) | st.sampled_from(
+    [
+        b"text/plain; charset=base64",
+        b"text/plain; charset=utf-16",
+        b"text/html; charset=no-such",
+        b"; charset=",
+        b'application/json; charset="rot13"',
+        b"gzip",
+        b"br, gzip",
+        b"deflate",
+        b"chunked",
+        b"close",
+        b"\xff\xfe",
+        b"12",
+        b"-1",
+        b"99999999999999999999",
+        b"Wed, 21 Oct 2015 07:28:00 GMT",
+        b"x" * 20_000,
+    ]
+)
+ANSWER_HEADERS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                b"Content-Type",
+                b"Content-Encoding",
+                b"Retry-After",
+                b"Connection",
+                b"X-Odd",
+                b"Content-Language",
+            ]
+        ),
+        HEADER_VALUES,
+    ),
+    max_size=4,
+)
+ANSWER_BODIES = (
+    st.binary(max_size=2048)
+    | st.sampled_from(
+        [
+            b"",
+            b"\x1f\x8b\x08\x00corrupt gzip",
+            "refused 250788123456 \u2028\u202e".encode(),
+            b"\x00" * 300,
+        ]
+    )
+    | st.integers(0, 200_000).map(lambda n: b"9" * n)
+)
 ANSWER_FRAMINGS = st.sampled_from(["length", "close", "short", "chunked", "bad_chunked"])
 
 
@@ -584,14 +697,30 @@ async def test_a_downstream_answering_anything_never_breaks_a_lane(nursery: trio
     current = [b""]
     server = await RawDownstream(lambda _: current[0]).start(nursery)
     target = Target(name="rides", url=f"{server.url}/rides", forwarding=ForwardingConfig(timeout_ms=2000))
-    d = Delivery(key="wamid.FUZZ", kind="message", sender="250788000001", service="rides", reason="keyword",
-                 target="rides", body=b"{}", request_id="r", correlation_id="c",
-                 traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", received_at=0.0, id=1)
+    d = Delivery(
+        key="wamid.FUZZ",
+        kind="message",
+        sender="250788000001",
+        service="rides",
+        reason="keyword",
+        target="rides",
+        body=b"{}",
+        request_id="r",
+        correlation_id="c",
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        received_at=0.0,
+        id=1,
+    )
     seen: dict[str, int] = {}
     async with new_transport() as transport:
 
-        @settings(max_examples=200, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @settings(
+            max_examples=200,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
         @given(answer=answers())
         def fuzz(answer: bytes) -> None:
             current[0] = answer

@@ -33,12 +33,17 @@ def batch(*texts: tuple[str, str, str]) -> bytes:
 
 def test_a_key_starts_a_session_that_routes_the_next_message_of_the_same_batch(tmp_path: Path) -> None:
     numbers, sessions = setup(tmp_path)
-    plan = plan_ingest(parse_webhook(batch(("w1", "2507", "rides"), ("w2", "2507", "where is my car"))),
-                       numbers, sessions, NOW)
+    plan = plan_ingest(
+        parse_webhook(batch(("w1", "2507", "rides"), ("w2", "2507", "where is my car"))), numbers, sessions, NOW
+    )
     assert [(r.key, r.service, r.reason, r.target) for r in plan.rows] == [
-        ("w1", "rides", "keyword", "rides"), ("w2", "rides", "state", "rides")]
+        ("w1", "rides", "keyword", "rides"),
+        ("w2", "rides", "state", "rides"),
+    ]
     assert [(i, c.action, c.service) for i, c in plan.changes] == [
-        (0, SessionAction.START, "rides"), (1, SessionAction.TOUCH, "rides")]
+        (0, SessionAction.START, "rides"),
+        (1, SessionAction.TOUCH, "rides"),
+    ]
     assert len(sessions) == 0  # the table itself changes only once the batch is committed
 
 

@@ -16,8 +16,9 @@ from wacored.cli import parser
 
 
 def line(msg: str = "hello", *args: object, **extra: Any) -> dict[str, Any]:
-    record = logging.makeLogRecord({"name": "wacored.test", "levelno": logging.WARNING, "levelname": "WARNING",
-                                    "msg": msg, "args": args, **extra})
+    record = logging.makeLogRecord(
+        {"name": "wacored.test", "levelno": logging.WARNING, "levelname": "WARNING", "msg": msg, "args": args, **extra}
+    )
     text = logs.JsonFormatter().format(record)
     assert "\n" not in text
     return json.loads(text)  # type: ignore[no-any-return]
@@ -29,7 +30,11 @@ def test_a_line_has_timestamp_level_event_and_the_ids_passed() -> None:
     assert doc["level"] == "warning"
     assert doc["event"] == "delivered"
     assert {k: doc[k] for k in ("service", "message_id", "request_id", "correlation_id")} == {
-        "service": "rides", "message_id": "wamid.X", "request_id": "r-1", "correlation_id": "c-1"}
+        "service": "rides",
+        "message_id": "wamid.X",
+        "request_id": "r-1",
+        "correlation_id": "c-1",
+    }
 
 
 @pytest.mark.parametrize("field", ["sender", "phone", "to", "recipient", "recipient_id", "wa_id"])
@@ -114,14 +119,13 @@ async def test_ingress_lines_carry_the_request_and_correlation_ids(world: World,
     assert refused["status"] == 401
 
 
-async def test_no_log_line_of_a_routed_message_holds_its_text_or_number(
-    world: World, json_lines: JsonLines
-) -> None:
+async def test_no_log_line_of_a_routed_message_holds_its_text_or_number(world: World, json_lines: JsonLines) -> None:
     await world.daemon.send_text("rides secret words", sender="250788123456")
     await world.daemon.send_text("rides", sender="250788123456")
     await world.services.wait_for(1, "/rides")
-    await world.daemon.client.get(f"{world.daemon.url}/webhook", params={"hub.mode": "subscribe",
-                                                                         "hub.verify_token": "wrong"})
+    await world.daemon.client.get(
+        f"{world.daemon.url}/webhook", params={"hub.mode": "subscribe", "hub.verify_token": "wrong"}
+    )
     text = json_lines.text()
     assert json_lines.events("handshake_refused")
     assert "secret words" not in text
@@ -138,8 +142,11 @@ async def test_forwarder_lines_carry_the_message_ids(world: World, json_lines: J
     r = await world.daemon.send_text("rides", headers={"X-Request-ID": "req-7", "X-Correlation-ID": "corr-7"})
     [line] = await json_lines.wait_for("dead_lettered")
     assert {k: line[k] for k in ("service", "message_id", "request_id", "correlation_id")} == {
-        "service": "rides", "message_id": r.json()["routes"][0]["message_id"], "request_id": "req-7",
-        "correlation_id": "corr-7"}
+        "service": "rides",
+        "message_id": r.json()["routes"][0]["message_id"],
+        "request_id": "req-7",
+        "correlation_id": "corr-7",
+    }
 
 
 def test_journald_lines_carry_their_priority() -> None:
@@ -147,9 +154,14 @@ def test_journald_lines_carry_their_priority() -> None:
 
     from wacored.logs import JournaldFormatter
 
-    for level, prefix in ((logging.DEBUG, "<7>"), (logging.INFO, "<6>"), (logging.WARNING, "<4>"),
-                          (logging.ERROR, "<3>"), (logging.CRITICAL, "<2>")):
+    for level, prefix in (
+        (logging.DEBUG, "<7>"),
+        (logging.INFO, "<6>"),
+        (logging.WARNING, "<4>"),
+        (logging.ERROR, "<3>"),
+        (logging.CRITICAL, "<2>"),
+    ):
         record = logging.LogRecord("wacored.x", level, __file__, 1, "said", None, None)
         line = JournaldFormatter().format(record)
         assert line.startswith(prefix + "{")
-        assert json.loads(line[len(prefix):])["msg"] == "said"
+        assert json.loads(line[len(prefix) :])["msg"] == "said"

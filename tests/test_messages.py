@@ -78,10 +78,18 @@ async def test_show_lists_every_attempt_of_a_delivery(
     assert await run(cli, "messages", "show", key, "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["message_id"], report["service"], report["reason"], report["kind"], report["state"]) == (
-        key, "rides", "keyword", "message", "delivered")
+        key,
+        "rides",
+        "keyword",
+        "message",
+        "delivered",
+    )
     attempts = report["attempts"]
     assert [(a["number"], a["kind"], a["status_code"], a["node"]) for a in attempts] == [
-        (1, "delivery", 503, "test-node"), (2, "delivery", 503, "test-node"), (3, "delivery", 200, "test-node")]
+        (1, "delivery", 503, "test-node"),
+        (2, "delivery", 503, "test-node"),
+        (3, "delivery", 200, "test-node"),
+    ]
     assert [a["error"][:8] for a in attempts] == ["HTTP 503", "HTTP 503", ""]
     assert all(a["duration_ms"] >= 0 and a["started_at"].endswith("Z") for a in attempts)
     assert attempts[0]["started_at"] <= attempts[1]["started_at"] <= attempts[2]["started_at"]
@@ -112,7 +120,11 @@ async def test_a_dead_letter_retry_is_logged_as_one(
     assert await run(cli, "messages", "show", key, "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert [(a["number"], a["kind"], a["status_code"]) for a in report["attempts"]] == [
-        (1, "delivery", 503), (2, "delivery", 503), (3, "delivery", 503), (1, "dlq_retry", 200)]
+        (1, "delivery", 503),
+        (2, "delivery", 503),
+        (3, "delivery", 503),
+        (1, "dlq_retry", 200),
+    ]
     assert report["dead_letter"]["state"] == "delivered"
 
 
@@ -159,16 +171,20 @@ async def test_replaying_a_dead_letter_takes_it_from_the_retrier_until_the_deliv
     answer = 404
     body = {"service": "rides", "since": "1h", "state": "pending"}
     assert (await admin(daemon, "POST", "/admin/messages/replay", body)).json() == {"replayed": 1}
-    await wait_until(lambda: read(db, "SELECT state, attempts, reason FROM dead_letters")
-                     == [("abandoned", 0, "permanent")])
+    await wait_until(
+        lambda: read(db, "SELECT state, attempts, reason FROM dead_letters") == [("abandoned", 0, "permanent")]
+    )
     # Delivered: so is the entry.
     answer = 200
     assert (await admin(daemon, "POST", "/admin/messages/replay", {"ids": [key]})).json()["replayed"] == 1
     await services.wait_for(1, "/rides")
     await wait_until(lambda: read(db, "SELECT state FROM dead_letters") == [("delivered",)])
     assert state_of(daemon, key) == "delivered"
-    statuses = read(db, "SELECT status_code FROM attempts WHERE message_id = (SELECT id FROM messages WHERE key = ?)"
-                    " ORDER BY id", key)
+    statuses = read(
+        db,
+        "SELECT status_code FROM attempts WHERE message_id = (SELECT id FROM messages WHERE key = ?) ORDER BY id",
+        key,
+    )
     assert [s for (s,) in statuses] == [503, 503, 503, 404, 200]
 
 
@@ -178,14 +194,15 @@ async def test_replay_by_service_and_time(
     rides = await send(daemon, "rides", sender="250788000201")
     jobs = await send(daemon, "jobs", sender="250788000202")
     await wait_until(lambda: state_of(daemon, rides) == state_of(daemon, jobs) == "delivered")
-    assert await run(cli, "messages", "replay", "--service", "rides", "--since", "1h", "--state", "delivered",
-                     "--yes") == 0
+    assert (
+        await run(cli, "messages", "replay", "--service", "rides", "--since", "1h", "--state", "delivered", "--yes")
+        == 0
+    )
     assert "replayed 1 message(s)" in capsys.readouterr().out
     await services.wait_for(2, "/rides")
     await wait_until(lambda: state_of(daemon, rides) == "delivered")
     assert len(services.on("/jobs")) == 1
-    assert await run(cli, "messages", "replay", "--service", "rides", "--since", "1h", "--until", "30m",
-                     "--yes") == 0
+    assert await run(cli, "messages", "replay", "--service", "rides", "--since", "1h", "--until", "30m", "--yes") == 0
     assert capsys.readouterr().out == "no messages to replay\n"
 
 
@@ -202,8 +219,9 @@ def seeded(tmp_path: Path) -> dict[str, int]:
         return {
             "old": add_message(conn, "wamid.OLD", state="delivered", received_at=NOW - 3 * 86400),
             "jobs": add_message(conn, "wamid.JOBS", target="jobs", state="dead_lettered", received_at=NOW - 3600),
-            "status": add_message(conn, "status:wamid.OLD:read", kind="status", state="delivered",
-                                  received_at=NOW - 60),
+            "status": add_message(
+                conn, "status:wamid.OLD:read", kind="status", state="delivered", received_at=NOW - 60
+            ),
             "queued": add_message(conn, "wamid.Q", received_at=NOW - 30),
         }
 
@@ -222,7 +240,8 @@ def test_list_is_newest_first_and_filters(
     assert listed(store_cli, capsys, "--since", "2h") == ["wamid.Q", "status:wamid.OLD:read", "wamid.JOBS"]
     assert listed(store_cli, capsys, "--until", "2m") == ["wamid.JOBS", "wamid.OLD"]
     assert listed(store_cli, capsys, "--since", "2027-01-01T00:00:00Z", "--until", "2027-01-13T00:00:00+00:00") == [
-        "wamid.OLD"]
+        "wamid.OLD"
+    ]
     assert listed(store_cli, capsys, "--service", "jobs") == ["wamid.JOBS"]
     assert listed(store_cli, capsys, "--state", "delivered") == ["status:wamid.OLD:read", "wamid.OLD"]
     assert listed(store_cli, capsys, "--kind", "status") == ["status:wamid.OLD:read"]
@@ -286,16 +305,34 @@ async def test_admin_messages_list_and_its_bad_requests(daemon: Daemon) -> None:
     [entry] = response.json()
     assert (entry["message_id"], entry["state"], entry["attempts"]) == (key, "delivered", 1)
     assert (await admin(daemon, "GET", "/admin/messages?service=jobs")).json() == []
-    for query in ("since=yesterday", "until=soon", "limit=0", "limit=1001", "limit=x", "state=lost", "kind=video",
-                  "colour=red", "since=1h&until=2h"):
+    for query in (
+        "since=yesterday",
+        "until=soon",
+        "limit=0",
+        "limit=1001",
+        "limit=x",
+        "state=lost",
+        "kind=video",
+        "colour=red",
+        "since=1h&until=2h",
+    ):
         response = await admin(daemon, "GET", f"/admin/messages?{query}")
         assert response.status_code == 400, query
         assert response.json()["error"] == "bad_request"
     response = await admin(daemon, "GET", "/admin/messages/wamid.NOPE")
     assert (response.status_code, response.json()) == (404, {"error": "not_found"})
-    for body in ({}, {"ids": []}, {"ids": [1]}, {"ids": ["x"], "service": "rides"}, {"service": "rides"},
-                 {"service": "rides", "since": "1h", "state": "queued"}, {"service": "rides", "since": "never"},
-                 {"service": 1, "since": "1h"}, {"colour": "red"}, ["wamid.x"]):
+    for body in (
+        {},
+        {"ids": []},
+        {"ids": [1]},
+        {"ids": ["x"], "service": "rides"},
+        {"service": "rides"},
+        {"service": "rides", "since": "1h", "state": "queued"},
+        {"service": "rides", "since": "never"},
+        {"service": 1, "since": "1h"},
+        {"colour": "red"},
+        ["wamid.x"],
+    ):
         response = await admin(daemon, "POST", "/admin/messages/replay", body)
         assert response.status_code == 400, body
     assert state_of(daemon, key) == "delivered"

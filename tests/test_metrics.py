@@ -86,8 +86,16 @@ async def test_the_whole_catalogue_is_exported_from_the_start(world: World) -> N
     assert {name: types.get(name) for name in CATALOGUE} == CATALOGUE
     samples = parse(r.text)
     assert value(samples, "wacored_build_info", version="0.1.0") == 1
-    for outcome in ("accepted", "duplicate", "bad_signature", "bad_request", "too_large", "rate_limited",
-                    "unavailable", "client_gone"):
+    for outcome in (
+        "accepted",
+        "duplicate",
+        "bad_signature",
+        "bad_request",
+        "too_large",
+        "rate_limited",
+        "unavailable",
+        "client_gone",
+    ):
         assert value(samples, "wacored_webhook_requests_total", outcome=outcome) == 0
     for status in ("sent", "delivered", "read", "failed"):
         assert value(samples, "wacored_status_updates_total", status=status) == 0
@@ -96,9 +104,15 @@ async def test_the_whole_catalogue_is_exported_from_the_start(world: World) -> N
             assert value(samples, "wacored_forward_attempts_total", service=service, outcome=outcome) == 0
         for outcome in ("delivered", "failed", "abandoned", "breaker_open"):
             assert value(samples, "wacored_dlq_retries_total", service=service, outcome=outcome) == 0
-        for gauge in ("wacored_queue_depth", "wacored_queue_oldest_age_seconds", "wacored_queue_memory_depth",
-                      "wacored_breaker_state", "wacored_breaker_trips_total", "wacored_service_paused",
-                      "wacored_service_paused_seconds"):
+        for gauge in (
+            "wacored_queue_depth",
+            "wacored_queue_oldest_age_seconds",
+            "wacored_queue_memory_depth",
+            "wacored_breaker_state",
+            "wacored_breaker_trips_total",
+            "wacored_service_paused",
+            "wacored_service_paused_seconds",
+        ):
             assert value(samples, gauge, service=service) == 0
         assert value(samples, "wacored_forward_latency_seconds_count", service=service) == 0
     for state in ("pending", "abandoned", "delivered", "replayed"):
@@ -162,8 +176,9 @@ def runtime(tmp_path: Path, send: trio.MemorySendChannel[WriteOp], **sections: d
     config = Config.from_mapping(config_mapping(tmp_path, "http://svc.test", "http://graph.test", **sections), {})
     migrate(config.store.path)
     queues = {name: DeliveryQueue(name, 8) for name in TARGETS}
-    return Runtime.build(config, send, queues, Reader(config.store.path), SessionTable(3600.0),
-                         wall_clock=lambda: 10_000.0)
+    return Runtime.build(
+        config, send, queues, Reader(config.store.path), SessionTable(3600.0), wall_clock=lambda: 10_000.0
+    )
 
 
 async def test_the_collector_reads_the_cached_state(tmp_path: Path) -> None:
@@ -219,8 +234,9 @@ async def test_services_follow_a_reloaded_config(tmp_path: Path) -> None:
 
 
 async def test_openmetrics_is_served_when_asked_for(world: World) -> None:
-    r = await world.daemon.client.get(f"{world.daemon.url}/metrics",
-                                      headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    r = await world.daemon.client.get(
+        f"{world.daemon.url}/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
     assert r.headers["content-type"].startswith("application/openmetrics-text")
     assert r.text.rstrip().endswith("# EOF")
 
@@ -239,6 +255,7 @@ async def test_the_last_reload_gauge_stays_down_until_a_reload_works(tmp_path: P
         raise ConfigError(["services.rides.url: must be an http:// or https:// URL"])
 
     async with open_daemon(Config.from_mapping(data, {}), reloads=receive) as daemon:
+
         async def gauge() -> float:
             text = (await daemon.client.get(f"{daemon.url}/metrics")).text
             assert "_created" not in text  # no *_created series

@@ -37,8 +37,9 @@ def row(conn: sqlite3.Connection, dl_id: int) -> tuple[str, int, float | None, f
     ).fetchone()
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("30m", 1800), ("12h", 43200), ("7d", 604800),
-                                                ("1.5h", 5400), (" 2D ", 172800)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("30m", 1800), ("12h", 43200), ("7d", 604800), ("1.5h", 5400), (" 2D ", 172800)]
+)
 def test_durations(text: str, seconds: float) -> None:
     assert ops.parse_duration(text) == seconds
 
@@ -87,9 +88,18 @@ def test_the_json_shape(conn: sqlite3.Connection) -> None:
     dl = add_dead_letter(conn, "wamid.A", created_at=0.0, state="pending", next_attempt_at=90.0)
     [entry] = ops.list_dead_letters(conn)
     assert entry.to_json() == {
-        "id": dl, "message_id": "wamid.A", "message_row_id": entry.message_row_id, "service": "rides",
-        "state": "pending", "reason": "transient", "error": "HTTP 503", "status_code": 503, "attempts": 3,
-        "retries": 3, "next_attempt_at": "1970-01-01T00:01:30Z", "created_at": "1970-01-01T00:00:00Z",
+        "id": dl,
+        "message_id": "wamid.A",
+        "message_row_id": entry.message_row_id,
+        "service": "rides",
+        "state": "pending",
+        "reason": "transient",
+        "error": "HTTP 503",
+        "status_code": 503,
+        "attempts": 3,
+        "retries": 3,
+        "next_attempt_at": "1970-01-01T00:01:30Z",
+        "created_at": "1970-01-01T00:00:00Z",
         "updated_at": "1970-01-01T00:00:00Z",
     }
 
@@ -142,14 +152,24 @@ def test_status_counts(conn: sqlite3.Connection) -> None:
     add_message(conn, "wamid.Q2", target="rides", received_at=NOW - 20)
     add_message(conn, "wamid.Q3", target="whatsapp", received_at=NOW - 5)
     add_message(conn, "wamid.D", target="jobs", state="delivered")
-    conn.executemany("INSERT INTO sessions (sender, service, last_interaction) VALUES (?, 'rides', ?)",
-                     [("a", NOW - 10), ("b", NOW - 3599), ("c", NOW - 3601)])
+    conn.executemany(
+        "INSERT INTO sessions (sender, service, last_interaction) VALUES (?, 'rides', ?)",
+        [("a", NOW - 10), ("b", NOW - 3599), ("c", NOW - 3601)],
+    )
     conn.execute("INSERT INTO runs VALUES ('reaper', ?, ?, 'sessions=1')", (NOW - DAY, NOW + 3600))
     report = ops.status(conn, session_ttl_s=3600, now=NOW)
     assert report["dead_letters"] == {
-        "pending": 2, "abandoned": 1, "delivered": 0, "replayed": 0,
-        "oldest_pending": {"id": oldest, "message_id": "wamid.P0", "service": "rides",
-                           "created_at": ops.iso(NOW - 900), "age_s": 900.0},
+        "pending": 2,
+        "abandoned": 1,
+        "delivered": 0,
+        "replayed": 0,
+        "oldest_pending": {
+            "id": oldest,
+            "message_id": "wamid.P0",
+            "service": "rides",
+            "created_at": ops.iso(NOW - 900),
+            "age_s": 900.0,
+        },
     }
     assert report["sessions"] == {"active": 2, "stale": 1}
     assert report["queued"] == {

@@ -42,11 +42,21 @@ def mapping(tmp_path: Path, services: Downstream, graph: Downstream) -> dict[str
     return config_mapping(tmp_path, services.url, graph.url, **FAST)
 
 
-async def admin(daemon: Daemon, method: str, path: str, body: Any = None, *,
-                headers: dict[str, str] | None = None, content: bytes | None = None) -> httpx.Response:
+async def admin(
+    daemon: Daemon,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    headers: dict[str, str] | None = None,
+    content: bytes | None = None,
+) -> httpx.Response:
     return await daemon.client.request(
-        method, f"{daemon.url}/admin{path}", headers=AUTH if headers is None else headers,
-        content=json.dumps(body).encode() if body is not None else content)
+        method,
+        f"{daemon.url}/admin{path}",
+        headers=AUTH if headers is None else headers,
+        content=json.dumps(body).encode() if body is not None else content,
+    )
 
 
 async def conversation(daemon: Daemon, sender: str, texts: list[str]) -> None:
@@ -76,8 +86,12 @@ def test_only_a_configured_service_with_a_short_printable_reason_may_be_paused()
         pauses.check_pause("whatsapp", SERVICES, "")
     with pytest.raises(pauses.UnknownService):
         pauses.check_pause("taxis", SERVICES, "")
-    for reason, problem in ((3, "a string"), ("x" * 201, "at most 200"), ("a\nb", "printable"),
-                            ("\x1b[31m", "printable")):
+    for reason, problem in (
+        (3, "a string"),
+        ("x" * 201, "at most 200"),
+        ("a\nb", "printable"),
+        ("\x1b[31m", "printable"),
+    ):
         with pytest.raises(pauses.BadPause, match=problem):
             pauses.check_pause("rides", SERVICES, reason)
 
@@ -150,8 +164,12 @@ def test_the_cli_pauses_lists_and_resumes(tmp_path: Path, capsys: pytest.Capture
     [line] = [line for line in table.splitlines() if line.startswith("rides ")]
     assert line.split()[:2] == ["rides", "paused"]
     assert line.endswith("deploy 42")
-    for refused in (["pause", "whatsapp"], ["pause", "taxis"], ["pause", "jobs", "--reason", "x" * 201],
-                    ["resume", "taxis"]):
+    for refused in (
+        ["pause", "whatsapp"],
+        ["pause", "taxis"],
+        ["pause", "jobs", "--reason", "x" * 201],
+        ["resume", "taxis"],
+    ):
         assert main(["services", *refused, *common]) == 1, refused
         assert capsys.readouterr().err.startswith("wacored: ")
     assert main(["services", "resume", "rides", *common]) == 0
@@ -167,13 +185,20 @@ async def test_a_paused_service_gets_nothing_then_everything_in_order_on_resume(
     tmp_path: Path, services: Downstream, graph: Downstream
 ) -> None:
     db = tmp_path / "wacored.db"
-    conversations = {"250788000101": ["rides", "a1", "a2", "a3", "a4"],
-                     "250788000102": ["rides", "b1", "b2", "b3", "b4"]}
+    conversations = {
+        "250788000101": ["rides", "a1", "a2", "a3", "a4"],
+        "250788000102": ["rides", "b1", "b2", "b3", "b4"],
+    }
     async with open_daemon(Config.from_mapping(mapping(tmp_path, services, graph), {})) as daemon:
         r = await admin(daemon, "POST", "/services/rides/pause", {"reason": "rides deploy"})
         assert r.status_code == 200, r.text
-        assert r.json() | {"paused_since": None} == {"service": "rides", "paused": True, "paused_since": None,
-                                                     "pause_reason": "rides deploy", "changed": True}
+        assert r.json() | {"paused_since": None} == {
+            "service": "rides",
+            "paused": True,
+            "paused_since": None,
+            "pause_reason": "rides deploy",
+            "changed": True,
+        }
         for sender, texts in conversations.items():
             await conversation(daemon, sender, texts)
         # The signal: a later message to another service was delivered.
@@ -227,7 +252,9 @@ async def test_a_cli_pause_holds_the_running_daemon_and_survives_a_restart(
         # Paused from the first moment: the rows recovered from disk are not sent either.
         body = await health(daemon)
         assert (body["services"]["rides"]["paused"], body["services"]["rides"]["pause_reason"]) == (
-            True, "from the cli")
+            True,
+            "from the cli",
+        )
         await conversation(daemon, "250788000203", ["insurance"])
         await services.wait_for(2, "/insurance")
         assert services.on("/rides") == []
@@ -269,7 +296,8 @@ async def test_a_paused_services_dead_letters_are_rescheduled_uncounted_then_ret
         [(first,)] = read(db, "SELECT updated_at FROM dead_letters")
         await wait_until(lambda: read(db, "SELECT updated_at FROM dead_letters")[0][0] > first)
         [(state, attempts, next_at, updated, error)] = read(
-            db, "SELECT state, attempts, next_attempt_at, updated_at, error FROM dead_letters")
+            db, "SELECT state, attempts, next_attempt_at, updated_at, error FROM dead_letters"
+        )
         assert (state, attempts, calls) == ("pending", 0, before)
         assert next_at > updated  # rescheduled, not given up
         assert error.startswith("HTTP 503")  # the last real failure, not the pause
@@ -287,16 +315,25 @@ async def test_the_admin_api_pauses_resumes_and_lists_services(
     data = mapping(tmp_path, services, graph)
     async with open_daemon(Config.from_mapping(data, {}), reloads=receive) as daemon:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
-            for method, path in (("GET", "/services"), ("POST", "/services/rides/pause"),
-                                 ("POST", "/services/rides/resume")):
+            for method, path in (
+                ("GET", "/services"),
+                ("POST", "/services/rides/pause"),
+                ("POST", "/services/rides/resume"),
+            ):
                 r = await admin(daemon, method, path, headers=headers)
                 assert (r.status_code, r.json()) == (401, {"error": "unauthorized"}), (headers, path)
         r = await admin(daemon, "GET", "/services")
         assert r.status_code == 200
         assert [(e["service"], e["paused"], e["queued"]) for e in r.json()] == [(s, False, 0) for s in sorted(SERVICES)]
 
-        for body, content in (({"reason": 3}, None), ({"reason": "x" * 201}, None), ({"reason": "a\nb"}, None),
-                              ({"why": "x"}, None), (["x"], None), (None, b"not json")):
+        for body, content in (
+            ({"reason": 3}, None),
+            ({"reason": "x" * 201}, None),
+            ({"reason": "a\nb"}, None),
+            ({"why": "x"}, None),
+            (["x"], None),
+            (None, b"not json"),
+        ):
             r = await admin(daemon, "POST", "/services/rides/pause", body, content=content)
             assert (r.status_code, r.json()["error"]) == (400, "bad_request"), (body, content, r.text)
         r = await admin(daemon, "POST", "/services/whatsapp/pause")
@@ -344,14 +381,18 @@ async def test_the_pause_is_exported_as_metrics(tmp_path: Path, services: Downst
     from prometheus_client.parser import text_string_to_metric_families
 
     now = [1_750_000_000.0]
-    async with open_daemon(Config.from_mapping(mapping(tmp_path, services, graph), {}),
-                           wall_clock=lambda: now[0]) as daemon:
+    async with open_daemon(
+        Config.from_mapping(mapping(tmp_path, services, graph), {}), wall_clock=lambda: now[0]
+    ) as daemon:
         assert (await admin(daemon, "POST", "/services/rides/pause")).status_code == 200
         now[0] += 4000
         r = await daemon.client.get(f"{daemon.url}/metrics")
-    samples = {(s.name, s.labels.get("service")): s.value
-               for family in text_string_to_metric_families(r.text) for s in family.samples
-               if s.name.startswith("wacored_service_paused")}
+    samples = {
+        (s.name, s.labels.get("service")): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+        if s.name.startswith("wacored_service_paused")
+    }
     assert samples[("wacored_service_paused", "rides")] == 1
     assert samples[("wacored_service_paused_seconds", "rides")] == 4000
     for service in (*SERVICES, "whatsapp"):

@@ -44,17 +44,22 @@ async def still_serving(daemon: Daemon) -> None:
     assert all(a["status"] == "running" for a in health["checks"]["actors"].values()), health["checks"]["actors"]
 
 
-def batch(messages: list[dict[str, Any]] | None = None, statuses: list[dict[str, Any]] | None = None,
-          **value: Any) -> bytes:
-    inner: dict[str, Any] = {"messaging_product": "whatsapp",
-                             "metadata": {"display_phone_number": "15550000000", "phone_number_id": "1234567890"},
-                             **value}
+def batch(
+    messages: list[dict[str, Any]] | None = None, statuses: list[dict[str, Any]] | None = None, **value: Any
+) -> bytes:
+    inner: dict[str, Any] = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550000000", "phone_number_id": "1234567890"},
+        **value,
+    }
     if messages is not None:
         inner["messages"] = messages
     if statuses is not None:
         inner["statuses"] = statuses
-    doc = {"object": "whatsapp_business_account",
-           "entry": [{"id": "WABA", "changes": [{"value": inner, "field": "messages"}]}]}
+    doc = {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "WABA", "changes": [{"value": inner, "field": "messages"}]}],
+    }
     return json.dumps(doc, ensure_ascii=False).encode()
 
 
@@ -68,15 +73,20 @@ def status(status_id: str, value: str = "delivered") -> dict[str, Any]:
 
 # --- ids that cannot leave wacored ----------------------------------------------------------------
 
-@pytest.mark.parametrize(("body", "field"), [
-    (batch([text("wamid.café")]), "messages[0].id"),
-    (batch([text("wamid.\x00nul")]), "messages[0].id"),
-    (batch([text("wamid.\r\nX-Injected: 1")]), "messages[0].id"),
-    (batch([text("wamid with space")]), "messages[0].id"),
-    (batch([text("w" * 257)]), "messages[0].id"),
-    (batch(statuses=[status("wamid.ü")]), "statuses[0].id"),
-    (batch(statuses=[status("wamid.OK", "read\x07")]), "statuses[0].status"),
-], ids=["non_ascii", "nul", "crlf", "space", "too_long", "status_id", "status_value"])
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (batch([text("wamid.café")]), "messages[0].id"),
+        (batch([text("wamid.\x00nul")]), "messages[0].id"),
+        (batch([text("wamid.\r\nX-Injected: 1")]), "messages[0].id"),
+        (batch([text("wamid with space")]), "messages[0].id"),
+        (batch([text("w" * 257)]), "messages[0].id"),
+        (batch(statuses=[status("wamid.ü")]), "statuses[0].id"),
+        (batch(statuses=[status("wamid.OK", "read\x07")]), "statuses[0].status"),
+    ],
+    ids=["non_ascii", "nul", "crlf", "space", "too_long", "status_id", "status_value"],
+)
 async def test_an_id_that_cannot_leave_wacored_is_a_400_and_stores_nothing(
     tmp_path: Path, services: Downstream, graph: Downstream, body: bytes, field: str
 ) -> None:
@@ -91,17 +101,30 @@ async def test_an_id_that_cannot_leave_wacored_is_a_400_and_stores_nothing(
 
 # --- rows an older version stored -----------------------------------------------------------------
 
+
 def store_row(path: Path, key: str, sender: str = "250788000009", **columns: Any) -> int:
     """A queued row as an earlier wacored, which did not check ids, could have stored it."""
-    values = {"key": key, "kind": "message", "sender": sender, "service": "rides", "reason": "keyword",
-              "target": "rides", "body": b"{}", "request_id": "r", "correlation_id": "c",
-              "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "received_at": 1.0,
-              **columns}
+    values = {
+        "key": key,
+        "kind": "message",
+        "sender": sender,
+        "service": "rides",
+        "reason": "keyword",
+        "target": "rides",
+        "body": b"{}",
+        "request_id": "r",
+        "correlation_id": "c",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "received_at": 1.0,
+        **columns,
+    }
     db = sqlite3.connect(path)
     try:
         with db:
-            cur = db.execute(f"INSERT INTO messages ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
-                             tuple(values.values()))
+            cur = db.execute(
+                f"INSERT INTO messages ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                tuple(values.values()),
+            )
         assert cur.lastrowid is not None
         return cur.lastrowid
     finally:
@@ -147,9 +170,12 @@ async def test_a_poison_dead_letter_is_abandoned_by_the_retrier_alone(
     poison = store_row(db, "wamid.ça", state="dead_lettered")
     conn = sqlite3.connect(db)
     with conn:
-        conn.execute("INSERT INTO dead_letters (message_id, key, service, state, reason, error, attempts,"
-                     " next_attempt_at, created_at) VALUES (?, 'wamid.ça', 'rides', 'pending', 'transient', 'x',"
-                     " 0, 0.0, 1.0)", (poison,))
+        conn.execute(
+            "INSERT INTO dead_letters (message_id, key, service, state, reason, error, attempts,"
+            " next_attempt_at, created_at) VALUES (?, 'wamid.ça', 'rides', 'pending', 'transient', 'x',"
+            " 0, 0.0, 1.0)",
+            (poison,),
+        )
     conn.close()
     async with open_daemon(make_config(tmp_path, services, graph, **FAST)) as daemon:
         await until(lambda: rows(db, "SELECT state FROM dead_letters") == [("abandoned",)])
@@ -163,9 +189,23 @@ async def test_a_poison_dead_letter_is_abandoned_by_the_retrier_alone(
 
 # --- hostile downstream answers -------------------------------------------------------------------
 
-CHARSETS = ["base64", "hex", "rot13", "zlib", "bz2", "uu", "quopri",  # bytes-to-bytes codecs: LookupError
-            "utf-16", "utf-32", "idna", "punycode", "utf-7",            # text codecs that raise UnicodeError
-            "no-such-charset", "\"utf-8\"", "utf-8; x"]
+CHARSETS = [
+    "base64",
+    "hex",
+    "rot13",
+    "zlib",
+    "bz2",
+    "uu",
+    "quopri",  # bytes-to-bytes codecs: LookupError
+    "utf-16",
+    "utf-32",
+    "idna",
+    "punycode",
+    "utf-7",  # text codecs that raise UnicodeError
+    "no-such-charset",
+    '"utf-8"',
+    "utf-8; x",
+]
 
 
 @pytest.mark.parametrize("charset", CHARSETS)
@@ -173,8 +213,9 @@ async def test_a_hostile_charset_costs_nothing_but_a_readable_error(
     tmp_path: Path, services: Downstream, graph: Downstream, nursery: trio.Nursery, charset: str
 ) -> None:
     said = "refused for 250788123456: \xff\xfe\x00 odd bytes ".encode("latin-1") * 20
-    hostile = await RawDownstream(lambda _: http_answer(
-        400, [(b"Content-Type", b"text/plain; charset=" + charset.encode())], said)).start(nursery)
+    hostile = await RawDownstream(
+        lambda _: http_answer(400, [(b"Content-Type", b"text/plain; charset=" + charset.encode())], said)
+    ).start(nursery)
     data = config_mapping(tmp_path, services.url, graph.url, **FAST)
     data["services"]["rides"]["url"] = f"{hostile.url}/rides"
     from wacored.config import Config
@@ -195,6 +236,7 @@ async def test_a_hostile_charset_costs_nothing_but_a_readable_error(
 
 
 # --- amplification --------------------------------------------------------------------------------
+
 
 async def test_a_batch_that_repeats_shared_parts_is_refused_before_it_is_stored(
     tmp_path: Path, services: Downstream, graph: Downstream
@@ -217,6 +259,7 @@ async def test_a_batch_that_repeats_shared_parts_is_refused_before_it_is_stored(
 
 
 # --- small edges ----------------------------------------------------------------------------------
+
 
 async def test_a_non_ascii_signature_header_is_a_counted_401(
     tmp_path: Path, services: Downstream, graph: Downstream
@@ -263,7 +306,11 @@ async def test_sighup_with_a_broken_env_file_keeps_the_old_config(
     with log_path.open("wb") as log:
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "wacored", "run", "-c", str(config), "--env-file", str(env_file)],
-            env=clean_env(), cwd=tmp_path, stdout=log, stderr=log)
+            env=clean_env(),
+            cwd=tmp_path,
+            stdout=log,
+            stderr=log,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
@@ -279,8 +326,11 @@ async def test_sighup_with_a_broken_env_file_keeps_the_old_config(
                 await until(lambda n=reloads: log_path.read_text().count('"reload_failed"') > n)  # type: ignore[misc]
                 assert process.returncode is None
                 body = batch([text(f"wamid.H{len(SERVICES)}{reloads}")])
-                answer = await client.post(f"{url}/webhook", content=body, headers={
-                    "Content-Type": "application/json", "X-Hub-Signature-256": sign(SECRET, body)})
+                answer = await client.post(
+                    f"{url}/webhook",
+                    content=body,
+                    headers={"Content-Type": "application/json", "X-Hub-Signature-256": sign(SECRET, body)},
+                )
                 assert answer.status_code == 200  # the old config, with its secret, still serves
     finally:
         process.send_signal(signal.SIGTERM)
@@ -311,9 +361,12 @@ async def test_rows_of_the_wrong_type_are_read_without_crashing_anything(
     store_row(db, "wamid.QUEUED", received_at="last week", target="nowhere")
     conn = sqlite3.connect(db)
     with conn:
-        conn.execute("INSERT INTO dead_letters (message_id, key, service, state, reason, error, attempts,"
-                     " next_attempt_at, created_at) VALUES (?, 'wamid.TEXT', 'rides', 'pending', 'transient', 'x',"
-                     " 0, 'tomorrow', 'yesterday')", (message,))
+        conn.execute(
+            "INSERT INTO dead_letters (message_id, key, service, state, reason, error, attempts,"
+            " next_attempt_at, created_at) VALUES (?, 'wamid.TEXT', 'rides', 'pending', 'transient', 'x',"
+            " 0, 'tomorrow', 'yesterday')",
+            (message,),
+        )
         conn.execute("INSERT INTO runs (actor, last_run, next_run, result) VALUES ('reaper', 'never', 'x', '')")
         conn.execute("INSERT INTO runs (actor, last_run, next_run, result) VALUES ('dlq_retrier', 'x', 'y', '')")
     conn.close()

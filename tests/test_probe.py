@@ -27,22 +27,28 @@ def probe_id() -> str:
     return f"{PREFIX}{uuid.uuid4().hex}"
 
 
-@pytest.mark.parametrize(("wamid", "probe"), [
-    ("wamid.WACORED_PROBE.0123abcd", True),
-    ("wamid.WACORED_PROBE.", False),  # the mark alone: not a unique id
-    ("wamid.HBgLMjUwNzg4MDAwMDAxFQIAEhggQTU=", False),  # Meta's: base64, never a "."
-    ("wamid.wacored_probe.0123", False),
-    ("WACORED_PROBE.0123", False),
-    ("wamid.XWACORED_PROBE.0123", False),
-])
+@pytest.mark.parametrize(
+    ("wamid", "probe"),
+    [
+        ("wamid.WACORED_PROBE.0123abcd", True),
+        ("wamid.WACORED_PROBE.", False),  # the mark alone: not a unique id
+        ("wamid.HBgLMjUwNzg4MDAwMDAxFQIAEhggQTU=", False),  # Meta's: base64, never a "."
+        ("wamid.wacored_probe.0123", False),
+        ("WACORED_PROBE.0123", False),
+        ("wamid.XWACORED_PROBE.0123", False),
+    ],
+)
 def test_a_probe_is_marked_by_its_wamid(wamid: str, probe: bool) -> None:
     assert is_probe(wamid) is probe
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of a /metrics answer by (name, sorted labels)."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 async def post_text(
@@ -61,12 +67,22 @@ async def post_text(
 async def test_a_probe_is_routed_stored_and_never_forwarded(world: World) -> None:
     db = world.tmp_path / "wacored.db"
     rides_probe, menu_probe = probe_id(), probe_id()
-    assert await post_text(world, "rides", "250788000901", rides_probe) == (200, {
-        "accepted": 1, "duplicates": 0, "statuses": 0,
-        "routes": [{"message_id": rides_probe, "service": "rides", "reason": "keyword", "probe": True}]}, "rides")
+    assert await post_text(world, "rides", "250788000901", rides_probe) == (
+        200,
+        {
+            "accepted": 1,
+            "duplicates": 0,
+            "statuses": 0,
+            "routes": [{"message_id": rides_probe, "service": "rides", "reason": "keyword", "probe": True}],
+        },
+        "rides",
+    )
     status, body, routed = await post_text(world, "menu", "250788000902", menu_probe)
     assert (status, body["routes"], routed) == (
-        200, [{"message_id": menu_probe, "service": "wacored", "reason": "home_menu", "probe": True}], "wacored")
+        200,
+        [{"message_id": menu_probe, "service": "wacored", "reason": "home_menu", "probe": True}],
+        "wacored",
+    )
     # The same senders' real messages, after the probes. One sender's messages reach a target in the
     # order they were committed, so had a probe been handed to a forwarder it would have come first.
     assert (await post_text(world, "rides", "250788000901", "wamid.REAL1"))[0] == 200
@@ -78,11 +94,17 @@ async def test_a_probe_is_routed_stored_and_never_forwarded(world: World) -> Non
     assert [r.path for r in world.services.received] == ["/rides"]
     assert len(world.graph.received) == 1
     # Stored in its final state, with its route; no attempt, no dead letter, no session started.
-    assert read(db, "SELECT key, service, reason, target, state, attempts FROM messages WHERE key LIKE ?"
-                " ORDER BY id", f"{PREFIX}%") == [(rides_probe, "rides", "keyword", "rides", "probe", 0),
-                                                  (menu_probe, "wacored", "home_menu", "whatsapp", "probe", 0)]
-    assert read(db, "SELECT COUNT(*) FROM attempts AS a JOIN messages AS m ON m.id = a.message_id"
-                " WHERE m.state = 'probe'") == [(0,)]
+    assert read(
+        db,
+        "SELECT key, service, reason, target, state, attempts FROM messages WHERE key LIKE ? ORDER BY id",
+        f"{PREFIX}%",
+    ) == [
+        (rides_probe, "rides", "keyword", "rides", "probe", 0),
+        (menu_probe, "wacored", "home_menu", "whatsapp", "probe", 0),
+    ]
+    assert read(
+        db, "SELECT COUNT(*) FROM attempts AS a JOIN messages AS m ON m.id = a.message_id WHERE m.state = 'probe'"
+    ) == [(0,)]
     assert read(db, "SELECT COUNT(*) FROM dead_letters") == [(0,)]
     assert read(db, "SELECT sender, service FROM sessions") == [("250788000901", "rides")]  # the real message's
 

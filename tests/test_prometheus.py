@@ -29,8 +29,14 @@ RULES_FILE = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / 
 
 DASHBOARD = Path(__file__).parent.parent / "dashboards" / "wacored.json"
 # What Grafana would put in for the dashboard's variables and its interval macros.
-VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m", "$instance": ".*", "$job": "wacored",
-             "$number": ".*"}
+VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$__range": "5m",
+    "$instance": ".*",
+    "$job": "wacored",
+    "$number": ".*",
+}
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (`make tools` installs it)")
@@ -123,8 +129,15 @@ async def run_prometheus(tmp_path: Path, target: str) -> tuple[trio.Process, str
     port = free_port()
     with (tmp_path / "prometheus.log").open("wb") as log:
         process = await trio.lowlevel.open_process(
-            [str(PROMETHEUS), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log)
+            [
+                str(PROMETHEUS),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=log,
+        )
     return process, f"http://127.0.0.1:{port}"
 
 
@@ -140,8 +153,11 @@ async def test_every_dashboard_query_returns_data_and_every_alert_evaluates(
                 await feed(url)
                 await services.wait_for(1, "/rides")
                 # rate() over the dashboard's 1m needs a few scrapes after the traffic.
-                await poll(http, 'sum(increase(wacored_webhook_requests_total{outcome="accepted"}[1m])) > 0',
-                           "no accepted request in the scraped counters")
+                await poll(
+                    http,
+                    'sum(increase(wacored_webhook_requests_total{outcome="accepted"}[1m])) > 0',
+                    "no accepted request in the scraped counters",
+                )
                 failures = []
                 for title, promql in dashboard_queries():
                     answer = await query(http, promql)

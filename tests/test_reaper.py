@@ -36,8 +36,11 @@ def test_a_reap_was_missed_when_its_time_passed_since_the_last_run() -> None:
 
 def test_cutoffs_follow_the_retention_settings() -> None:
     assert cutoffs(SESSIONS, 100 * DAY_S) == {
-        "sessions": 99 * DAY_S, "dead_letters_delivered": 93 * DAY_S,
-        "dead_letters_abandoned": 70 * DAY_S, "attempts": 92 * DAY_S, "messages": 92 * DAY_S,
+        "sessions": 99 * DAY_S,
+        "dead_letters_delivered": 93 * DAY_S,
+        "dead_letters_abandoned": 70 * DAY_S,
+        "attempts": 92 * DAY_S,
+        "messages": 92 * DAY_S,
     }
 
 
@@ -46,6 +49,7 @@ def populate(path: Path, now: float) -> None:
     migrate(path)
     day = DAY_S
     with sqlite3.connect(path) as db:
+
         def message(key: str, age_days: float, state: str) -> int:
             cur = db.execute(
                 "INSERT INTO messages (key, kind, sender, service, reason, target, body, received_at, state)"
@@ -76,15 +80,19 @@ def populate(path: Path, now: float) -> None:
         dead("delivered-dl-new", 9, "delivered", 6)
         dead("abandoned-old", 40, "abandoned", 31)
         dead("abandoned-new", 40, "abandoned", 29)
-        db.executemany("INSERT INTO sessions (sender, service, started_at, last_interaction) VALUES (?,?,?,?)",
-                       [("idle", "rides", 0, now - 25 * 3600), ("live", "jobs", 0, now - 23 * 3600)])
+        db.executemany(
+            "INSERT INTO sessions (sender, service, started_at, last_interaction) VALUES (?,?,?,?)",
+            [("idle", "rides", 0, now - 25 * 3600), ("live", "jobs", 0, now - 23 * 3600)],
+        )
 
 
 def keys(path: Path) -> tuple[set[str], set[str], set[str]]:
     with sqlite3.connect(path) as db:
-        return ({r[0] for r in db.execute("SELECT key FROM messages")},
-                {r[0] for r in db.execute("SELECT key FROM dead_letters")},
-                {r[0] for r in db.execute("SELECT sender FROM sessions")})
+        return (
+            {r[0] for r in db.execute("SELECT key FROM messages")},
+            {r[0] for r in db.execute("SELECT key FROM dead_letters")},
+            {r[0] for r in db.execute("SELECT sender FROM sessions")},
+        )
 
 
 def test_a_reap_deletes_what_is_old_and_keeps_what_is_owed(tmp_path: Path) -> None:
@@ -92,13 +100,20 @@ def test_a_reap_deletes_what_is_old_and_keeps_what_is_owed(tmp_path: Path) -> No
     now = MIDNIGHT + 7200
     populate(path, now)
     counts = reap(path, SESSIONS, now)
-    assert counts == {"sessions": 1, "dead_letters_delivered": 1, "dead_letters_abandoned": 1, "attempts": 6,
-                      "messages": 3}
+    assert counts == {
+        "sessions": 1,
+        "dead_letters_delivered": 1,
+        "dead_letters_abandoned": 1,
+        "attempts": 6,
+        "messages": 3,
+    }
     messages, dead_letters, sessions = keys(path)
     # The attempts log goes with its message, and only with it.
     with sqlite3.connect(path) as db:
-        logged = db.execute("SELECT m.key, COUNT(*) FROM attempts AS a LEFT JOIN messages AS m"
-                            " ON m.id = a.message_id GROUP BY a.message_id").fetchall()
+        logged = db.execute(
+            "SELECT m.key, COUNT(*) FROM attempts AS a LEFT JOIN messages AS m"
+            " ON m.id = a.message_id GROUP BY a.message_id"
+        ).fetchall()
     assert dict(logged) == dict.fromkeys(messages, 2)
     # Queued and still-dead-lettered messages are never forgotten, however old.
     assert messages == {"new-delivered", "old-queued", "old-pending", "delivered-dl-new", "abandoned-new"}

@@ -18,8 +18,14 @@ from .conftest import SECRET, Downstream, Received, config_mapping, make_config,
 from .support import until_retrier_passes
 
 FAST = {
-    "forwarding": {"retry_base_ms": 5, "timeout_ms": 1000, "concurrency": 4, "retries": 1,
-                   "breaker_failures": 3, "breaker_open_s": 0.3},
+    "forwarding": {
+        "retry_base_ms": 5,
+        "timeout_ms": 1000,
+        "concurrency": 4,
+        "retries": 1,
+        "breaker_failures": 3,
+        "breaker_open_s": 0.3,
+    },
     "dlq": {"interval_s": 0.2, "backoff_s": [0.2, 0.2, 0.2], "max_attempts": 3},
     "supervisor": {"backoff_base_s": 0.05},
 }
@@ -55,8 +61,9 @@ async def test_a_service_down_then_back_gets_every_message_once(
         assert health["status"] == "degraded"
         up = True
         # The retrier delivers every one: the breaker's probe succeeds and closes it.
-        await until(lambda: rows(db, "SELECT COUNT(*) FROM dead_letters WHERE state = 'delivered'")[0][0]
-                    == len(senders))
+        await until(
+            lambda: rows(db, "SELECT COUNT(*) FROM dead_letters WHERE state = 'delivered'")[0][0] == len(senders)
+        )
         health = (await daemon.client.get(f"{daemon.url}/health")).json()
         assert health["services"]["rides"]["breaker"] == "closed"
     keys = [r.headers["idempotency-key"] for r in services.on("/rides")]
@@ -80,8 +87,9 @@ async def test_permanent_refusals_are_abandoned_and_never_retried(
     db = tmp_path / "wacored.db"
     async with open_daemon(make_config(tmp_path, services, graph, **FAST)) as daemon:
         assert (await daemon.send_text("rides")).status_code == 200
-        await until(lambda: rows(db, "SELECT state, reason, status_code FROM dead_letters")
-                    == [("abandoned", "permanent", 404)])
+        await until(
+            lambda: rows(db, "SELECT state, reason, status_code FROM dead_letters") == [("abandoned", "permanent", 404)]
+        )
         await until_retrier_passes(db, 2)  # two passes of the retrier after the refusal
     assert calls == 1
 

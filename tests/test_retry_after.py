@@ -20,23 +20,26 @@ from .support import RawDownstream, http_answer, wait_until
 NOW = 1_800_000_000.0
 
 
-@pytest.mark.parametrize(("status", "value", "expected"), [
-    (429, "7", 7.0),
-    (503, " 12 ", 12.0),
-    (503, "0", 0.0),
-    (429, "100000", 300.0),                                              # capped
-    (503, email.utils.formatdate(NOW + 42, usegmt=True), 42.0),          # an HTTP date
-    (503, email.utils.formatdate(NOW - 42, usegmt=True), 0.0),           # a date in the past: now
-    (500, "7", None),                                                    # only 429 and 503
-    (429, None, None),
-    (429, "", None),
-    (429, "-1", None),
-    (429, "1.5", None),
-    (429, "soon", None),
-    (429, "Wed, 21 Oct 2026 07:28:00", None),                            # no zone: not an HTTP date
-    (429, "٣", None),                                                    # a digit, but not ASCII
-    (429, "9" * 100, None),
-])
+@pytest.mark.parametrize(
+    ("status", "value", "expected"),
+    [
+        (429, "7", 7.0),
+        (503, " 12 ", 12.0),
+        (503, "0", 0.0),
+        (429, "100000", 300.0),  # capped
+        (503, email.utils.formatdate(NOW + 42, usegmt=True), 42.0),  # an HTTP date
+        (503, email.utils.formatdate(NOW - 42, usegmt=True), 0.0),  # a date in the past: now
+        (500, "7", None),  # only 429 and 503
+        (429, None, None),
+        (429, "", None),
+        (429, "-1", None),
+        (429, "1.5", None),
+        (429, "soon", None),
+        (429, "Wed, 21 Oct 2026 07:28:00", None),  # no zone: not an HTTP date
+        (429, "٣", None),  # a digit, but not ASCII
+        (429, "9" * 100, None),
+    ],
+)
 def test_retry_after_values(status: int, value: str | None, expected: float | None) -> None:
     got = retry_after_s(status, value, NOW, 300.0)
     if expected is None:

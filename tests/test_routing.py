@@ -33,8 +33,14 @@ def table() -> RoutingTable:
 
 def inbound(text: str | None = None, *, reply_id: str | None = None, kind: str = "text") -> InboundMessage:
     return InboundMessage(
-        wamid="wamid.T", sender="250788000001", phone="250788000001", bsuid=None,
-        type=kind, text=text, reply_id=reply_id, body=b"{}",
+        wamid="wamid.T",
+        sender="250788000001",
+        phone="250788000001",
+        bsuid=None,
+        type=kind,
+        text=text,
+        reply_id=reply_id,
+        body=b"{}",
     )
 
 

@@ -84,8 +84,10 @@ def test_messages_and_statuses_dedupe_in_separate_namespaces(tmp_path: Path) -> 
     """A wamid shaped like a status key cannot dedupe a status away (nor the other way round)."""
     path = tmp_path / "db"
     migrate(path)
-    insert = ("INSERT OR IGNORE INTO messages (key, kind, sender, service, reason, target, body, received_at)"
-              " VALUES ('status:wamid.9:read', ?, '2507', 'rides', 'status', 'rides', x'7b7d', 1.0)")
+    insert = (
+        "INSERT OR IGNORE INTO messages (key, kind, sender, service, reason, target, body, received_at)"
+        " VALUES ('status:wamid.9:read', ?, '2507', 'rides', 'status', 'rides', x'7b7d', 1.0)"
+    )
     with closing(sqlite3.connect(path)) as db, db:
         assert db.execute(insert, ("message",)).rowcount == 1
         assert db.execute(insert, ("status",)).rowcount == 1

@@ -74,12 +74,18 @@ async def test_outcomes_of_a_disk_full_period_are_recorded_once_the_disk_is_back
         assert read(db, "SELECT COUNT(*) FROM attempts") == [(0,)]  # held with their outcomes
 
         disk.full = False  # no restart: the held outcomes are committed by the running daemon
-        await wait_until(lambda: read(db, "SELECT target, state FROM messages ORDER BY id")
-                         == [("rides", "delivered"), ("jobs", "dead_lettered")])
+        await wait_until(
+            lambda: (
+                read(db, "SELECT target, state FROM messages ORDER BY id")
+                == [("rides", "delivered"), ("jobs", "dead_lettered")]
+            )
+        )
         assert read(db, "SELECT service, state, reason FROM dead_letters") == [("jobs", "abandoned", "permanent")]
         # Each attempt logged once, committed with the outcome it belongs to.
         assert read(db, "SELECT service, number, kind, status_code FROM attempts ORDER BY message_id") == [
-            ("rides", 1, "delivery", 200), ("jobs", 1, "delivery", 404)]
+            ("rides", 1, "delivery", 200),
+            ("jobs", 1, "delivery", 404),
+        ]
         body = await health_when(daemon, lambda status, _: status == 200)
         assert body["status"] == "healthy"
         assert body["checks"]["store_writes"]["outcomes_held"] == 0
@@ -130,8 +136,9 @@ async def test_a_row_left_queued_is_delivered_again_without_a_restart(
         # forwarder's lane leave one (written here by another connection, as only it can).
         with trio.fail_after(5):
             await trio.to_thread.run_sync(_insert_queued, db, "wamid.LOST")
-        await wait_until(lambda: read(db, "SELECT state FROM messages WHERE key = 'wamid.LOST'") == [("delivered",)],
-                         timeout_s=20)
+        await wait_until(
+            lambda: read(db, "SELECT state FROM messages WHERE key = 'wamid.LOST'") == [("delivered",)], timeout_s=20
+        )
         assert [r.headers["idempotency-key"] for r in services.on("/rides")].count("wamid.LOST") == 1
         await still_serving(daemon, services, "250788000322")
     keys = [r.headers["idempotency-key"] for r in services.on("/rides")]
@@ -155,8 +162,12 @@ async def test_statuses_are_counted_once_committed(
     """A POST answered 503 counts nothing: Meta's redelivery of it is counted once, not twice."""
     status = {"id": "wamid.ST1", "status": "delivered", "timestamp": "1", "recipient_id": "250788000001"}
     value = {"messaging_product": "whatsapp", "statuses": [status]}
-    body = json.dumps({"object": "whatsapp_business_account",
-                       "entry": [{"id": "W", "changes": [{"field": "messages", "value": value}]}]}).encode()
+    body = json.dumps(
+        {
+            "object": "whatsapp_business_account",
+            "entry": [{"id": "W", "changes": [{"field": "messages", "value": value}]}],
+        }
+    ).encode()
     config = make_config(tmp_path, services, graph, routing={"statuses": "wallet"})
     async with open_daemon(config) as daemon:
         disk.full = True

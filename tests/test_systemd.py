@@ -66,8 +66,15 @@ def test_watchdog_interval_comes_from_watchdog_usec_for_our_pid(env: dict[str, s
     assert watchdog_interval(env, pid=42) == interval
 
 
-@pytest.mark.parametrize("env", [{"WATCHDOG_USEC": "soon"}, {"WATCHDOG_USEC": "0"}, {"WATCHDOG_USEC": "-1"},
-                                 {"WATCHDOG_USEC": "1000", "WATCHDOG_PID": "me"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"WATCHDOG_USEC": "soon"},
+        {"WATCHDOG_USEC": "0"},
+        {"WATCHDOG_USEC": "-1"},
+        {"WATCHDOG_USEC": "1000", "WATCHDOG_PID": "me"},
+    ],
+)
 def test_a_malformed_watchdog_variable_is_an_error(env: dict[str, str]) -> None:
     with pytest.raises(ValueError, match=r"\$WATCHDOG_"):
         watchdog_interval(env, pid=42)
@@ -157,8 +164,10 @@ class Receiver:
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     # A short directory of its own: a socket path is limited to 108 bytes, pytest's tmp_path can be longer.
-    with tempfile.TemporaryDirectory(prefix="wacored-sd-") as directory, \
-            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+    with (
+        tempfile.TemporaryDirectory(prefix="wacored-sd-") as directory,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
+    ):
         path = os.path.join(directory, "notify")
         sock.bind(path)
         sock.setblocking(False)
@@ -371,7 +380,10 @@ async def test_wacored_run_tells_systemd_ready_reloading_and_stopping(
     with (tmp_path / "daemon.log").open("wb") as log:
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "wacored", "run", "-c", str(process_config)],
-            env=clean_env(NOTIFY_SOCKET=receiver.env_value), cwd=tmp_path, stdout=log, stderr=log,
+            env=clean_env(NOTIFY_SOCKET=receiver.env_value),
+            cwd=tmp_path,
+            stdout=log,
+            stderr=log,
         )
     try:
         ready = await receiver.wait_for("READY")
@@ -394,4 +406,3 @@ async def test_wacored_run_tells_systemd_ready_reloading_and_stopping(
     logged = (tmp_path / "daemon.log").read_text()
     assert '"event": "reloaded"' in logged
     assert "sd_notify_dropped" not in logged
-

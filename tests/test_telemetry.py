@@ -75,14 +75,28 @@ def traceparent(span: ReadableSpan) -> str:
 
 
 def delivery(traceparent: str = STORED) -> Delivery:
-    return Delivery(key="wamid.T", kind="message", sender="250788000001", service="rides", reason="keyword",
-                    target="rides", body=b"{}", request_id="r", correlation_id="c", traceparent=traceparent,
-                    received_at=0.0, id=1)
+    return Delivery(
+        key="wamid.T",
+        kind="message",
+        sender="250788000001",
+        service="rides",
+        reason="keyword",
+        target="rides",
+        body=b"{}",
+        request_id="r",
+        correlation_id="c",
+        traceparent=traceparent,
+        received_at=0.0,
+        id=1,
+    )
 
 
 def target() -> Target:
-    return Target(name="rides", url="http://rides.test/webhook", forwarding=ForwardingConfig(timeout_ms=1000),
-                  )
+    return Target(
+        name="rides",
+        url="http://rides.test/webhook",
+        forwarding=ForwardingConfig(timeout_ms=1000),
+    )
 
 
 def recording_transport(status: int, seen: list[httpx.Request]) -> httpx.MockTransport:
@@ -118,8 +132,11 @@ async def test_a_message_is_one_trace_from_the_callers_span_to_the_downstream(
     assert server.attributes["wacored.outcome"] == "accepted"
     assert route.parent is not None
     assert route.parent.span_id == server.context.span_id
-    assert route.attributes == {"wacored.service": "rides", "wacored.route_reason": "keyword",
-                                "wacored.kind": "message"}
+    assert route.attributes == {
+        "wacored.service": "rides",
+        "wacored.route_reason": "keyword",
+        "wacored.kind": "message",
+    }
     assert client.parent is not None
     assert client.parent.span_id == route.context.span_id
     assert client.context.trace_id == server.context.trace_id
@@ -140,13 +157,13 @@ async def test_refused_posts_are_traced_with_their_outcome(
     [server] = spans.get_finished_spans()
     assert server.attributes is not None
     assert (server.attributes["http.response.status_code"], server.attributes["wacored.outcome"]) == (
-        401, "bad_signature")
+        401,
+        "bad_signature",
+    )
     assert server.parent is None
 
 
-async def test_a_forward_attempt_is_a_child_of_the_stored_context(
-    spans: Spans, tracer: Tracer
-) -> None:
+async def test_a_forward_attempt_is_a_child_of_the_stored_context(spans: Spans, tracer: Tracer) -> None:
     seen: list[httpx.Request] = []
     result = await attempt(recording_transport(503, seen), target(), delivery(), tracer=tracer)
     assert result.verdict is Verdict.TRANSIENT
@@ -161,9 +178,7 @@ async def test_a_forward_attempt_is_a_child_of_the_stored_context(
     assert seen[0].headers["traceparent"] == traceparent(span)
 
 
-async def test_a_retry_is_a_new_trace_linked_to_the_stored_context(
-    spans: Spans, tracer: Tracer
-) -> None:
+async def test_a_retry_is_a_new_trace_linked_to_the_stored_context(spans: Spans, tracer: Tracer) -> None:
     seen: list[httpx.Request] = []
     result = await attempt(recording_transport(200, seen), target(), delivery(), tracer=tracer, dlq_retry=True)
     assert result.verdict is Verdict.DELIVERED
@@ -181,9 +196,7 @@ def traceparent_of_link(ctx: object) -> str:
     return f"00-{format_trace_id(ctx.trace_id)}-{format_span_id(ctx.span_id)}-01"  # type: ignore[attr-defined]
 
 
-async def test_forward_span_ends_with_an_error_when_the_attempt_raises(
-    spans: Spans, tracer: Tracer
-) -> None:
+async def test_forward_span_ends_with_an_error_when_the_attempt_raises(spans: Spans, tracer: Tracer) -> None:
     with pytest.raises(trio.TooSlowError), forward_span(tracer, delivery(), retry=False):
         raise trio.TooSlowError
     [span] = spans.get_finished_spans()
@@ -205,11 +218,14 @@ def test_without_tracing_a_message_still_gets_a_child_of_the_callers_trace() -> 
     assert not child_traceparent(f"00-{'0' * 32}-{CALLER_SPAN}-01").startswith(f"00-{'0' * 32}")
 
 
-@pytest.mark.parametrize(("endpoint", "url"), [
-    ("http://collector:4318", "http://collector:4318/v1/traces"),
-    ("http://collector:4318/", "http://collector:4318/v1/traces"),
-    ("http://collector:4318/v1/traces", "http://collector:4318/v1/traces"),
-])
+@pytest.mark.parametrize(
+    ("endpoint", "url"),
+    [
+        ("http://collector:4318", "http://collector:4318/v1/traces"),
+        ("http://collector:4318/", "http://collector:4318/v1/traces"),
+        ("http://collector:4318/v1/traces", "http://collector:4318/v1/traces"),
+    ],
+)
 def test_otlp_endpoint_is_the_collector_base_or_its_traces_url(endpoint: str, url: str) -> None:
     assert otlp_traces_url(endpoint) == url
 
@@ -237,8 +253,12 @@ async def test_spans_are_exported_over_otlp_http_to_the_configured_collector(
     tmp_path: Path, services: Downstream, graph: Downstream, nursery: trio.Nursery
 ) -> None:
     collector = await serve_downstream(nursery, Downstream())
-    config = make_config(tmp_path, services, graph, telemetry={
-        "traces": "otlp", "otlp_endpoint": collector.url, "service_name": "wacored-test"})
+    config = make_config(
+        tmp_path,
+        services,
+        graph,
+        telemetry={"traces": "otlp", "otlp_endpoint": collector.url, "service_name": "wacored-test"},
+    )
     async with open_daemon(config) as daemon:
         assert (await daemon.send_text("rides", headers={"traceparent": INCOMING})).status_code == 200
         await services.wait_for(1, "/rides")
@@ -261,9 +281,13 @@ async def test_spans_are_exported_over_otlp_http_to_the_configured_collector(
 
 async def test_a_failed_attempt_span_carries_a_masked_bounded_excerpt(spans: Spans, tracer: Tracer) -> None:
     """The span status holds the downstream's answer as safe text: digits masked, bounded, decodable."""
+
     async def handler(_: httpx.Request) -> httpx.Response:
-        return httpx.Response(500, content=b"no such user 250788123456 " + b"\xff" * 500,
-                              headers={"Content-Type": "text/plain; charset=base64"})
+        return httpx.Response(
+            500,
+            content=b"no such user 250788123456 " + b"\xff" * 500,
+            headers={"Content-Type": "text/plain; charset=base64"},
+        )
 
     result = await attempt(httpx.MockTransport(handler), target(), delivery(), tracer=tracer)
     [span] = spans.get_finished_spans()

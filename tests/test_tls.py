@@ -59,8 +59,11 @@ async def test_the_daemon_serves_https_and_accepts_a_signed_webhook(
     async with open_daemon(config) as daemon, httpx.AsyncClient(verify=trusted, trust_env=False) as client:
         assert daemon.url.startswith("https://127.0.0.1:")
         body = text_webhook(text="rides", sender="250788000001", wamid="wamid.TLS1", timestamp=1700000000)
-        r = await client.post(f"{daemon.url}/webhook", content=body,
-                              headers={"Content-Type": "application/json", "X-Hub-Signature-256": sign(SECRET, body)})
+        r = await client.post(
+            f"{daemon.url}/webhook",
+            content=body,
+            headers={"Content-Type": "application/json", "X-Hub-Signature-256": sign(SECRET, body)},
+        )
         assert r.status_code == 200
         assert r.headers["X-Routed-Service"] == "rides"
         [got] = await services.wait_for(1, "/rides")
@@ -87,8 +90,9 @@ def encrypted_key(pem: bytes) -> str:
     from cryptography.hazmat.primitives import serialization
 
     key = serialization.load_pem_private_key(pem, password=None)
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.BestAvailableEncryption(b"secret")).decode()
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"secret")
+    ).decode()
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:
@@ -106,13 +110,18 @@ def test_check_server_tls_names_the_missing_or_unusable_file(tmp_path: Path, cer
         (str(tmp_path / "nope.pem"), keyfile): f"server.certfile {tmp_path / 'nope.pem'}: No such file or directory",
         (certfile, str(tmp_path)): f"server.keyfile {tmp_path}: Is a directory",
         (write(tmp_path, "junk.pem", "not a certificate\n"), keyfile): "not a PEM certificate and its unencrypted",
-        (certfile, write(tmp_path, "other.pem", trustme.CA().issue_cert("x").private_key_pem.bytes().decode())):
-            "not a PEM certificate and its unencrypted private key (KEY_VALUES_MISMATCH)",
+        (
+            certfile,
+            write(tmp_path, "other.pem", trustme.CA().issue_cert("x").private_key_pem.bytes().decode()),
+        ): "not a PEM certificate and its unencrypted private key (KEY_VALUES_MISMATCH)",
     }
     encrypted = trustme.CA().issue_cert("127.0.0.1")
-    cases[(write(tmp_path, "enc-cert.pem", encrypted.cert_chain_pems[0].bytes().decode()),
-           write(tmp_path, "enc-key.pem", encrypted_key(encrypted.private_key_pem.bytes())))] = \
-        "unencrypted private key"  # and no password prompt on a terminal
+    cases[
+        (
+            write(tmp_path, "enc-cert.pem", encrypted.cert_chain_pems[0].bytes().decode()),
+            write(tmp_path, "enc-key.pem", encrypted_key(encrypted.private_key_pem.bytes())),
+        )
+    ] = "unencrypted private key"  # and no password prompt on a terminal
     for (cert, key), message in cases.items():
         with pytest.raises(TLSError) as caught:
             check_server_tls(cert, key)
@@ -132,16 +141,23 @@ async def test_a_missing_certificate_stops_run_daemon_before_it_starts(
 @pytest.fixture
 def missing_cert_config(tmp_path: Path, services: Downstream, graph: Downstream, cert_files: tuple[str, str]) -> Path:
     """A config file whose certificate does not exist (its key does)."""
-    data = config_mapping(tmp_path, services.url, graph.url,
-                          server={"certfile": str(tmp_path / "missing.pem"), "keyfile": cert_files[1]})
+    data = config_mapping(
+        tmp_path, services.url, graph.url, server={"certfile": str(tmp_path / "missing.pem"), "keyfile": cert_files[1]}
+    )
     path = tmp_path / "wacored.toml"
     path.write_text(toml_text(data))
     return path
 
 
 async def wacored_process(*args: str, cwd: Path) -> subprocess.CompletedProcess[bytes]:
-    return await trio.run_process([sys.executable, "-m", "wacored", *args], env=clean_env(), cwd=cwd,
-                                  capture_stdout=True, capture_stderr=True, check=False)
+    return await trio.run_process(
+        [sys.executable, "-m", "wacored", *args],
+        env=clean_env(),
+        cwd=cwd,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
 
 
 async def test_wacored_run_with_a_missing_certificate_is_one_clear_line_and_exit_1(
@@ -157,11 +173,13 @@ async def test_wacored_run_with_a_missing_certificate_is_one_clear_line_and_exit
 async def test_check_config_warns_about_a_missing_certificate(tmp_path: Path, missing_cert_config: Path) -> None:
     result = await wacored_process("check-config", "-c", str(missing_cert_config), cwd=tmp_path)
     assert result.returncode == 0
-    assert (f"warning: server.certfile {tmp_path / 'missing.pem'}: No such file or directory "
-            "(`run` will refuse to start)") in result.stdout.decode()
+    assert (
+        f"warning: server.certfile {tmp_path / 'missing.pem'}: No such file or directory (`run` will refuse to start)"
+    ) in result.stdout.decode()
 
 
 # --- TLS to downstream services -------------------------------------------------------------------
+
 
 async def https_downstream(nursery: trio.Nursery, ca: trustme.CA, tmp_path: Path) -> Downstream:
     """A downstream serving HTTPS with a certificate of the private CA `ca`."""
@@ -225,14 +243,34 @@ def test_check_config_warns_about_an_unreadable_ca_file(tmp_path: Path) -> None:
     data = config_mapping(tmp_path, "https://127.0.0.1:9", "http://127.0.0.1:9")
     data["services"]["rides"]["ca_file"] = str(tmp_path / "missing.pem")
     (tmp_path / "wacored.toml").write_text(toml_text(data))
-    result = subprocess.run([sys.executable, "-m", "wacored", "check-config", "-c", str(tmp_path / "wacored.toml")],
-                            capture_output=True, text=True, env=clean_env(), cwd=tmp_path, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "wacored", "check-config", "-c", str(tmp_path / "wacored.toml")],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0
-    assert f"warning: services.rides.ca_file {tmp_path / 'missing.pem'}: not a readable PEM CA certificate" \
+    assert (
+        f"warning: services.rides.ca_file {tmp_path / 'missing.pem'}: not a readable PEM CA certificate"
         in result.stdout
+    )
 
 
 def delivery() -> Delivery:
-    return Delivery(key="wamid.T", kind="message", sender="250788000001", service="rides", reason="keyword",
-                    target="rides", body=b"{}", request_id="r", correlation_id="c",
-                    traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", received_at=0.0, id=1)
+    return Delivery(
+        key="wamid.T",
+        kind="message",
+        sender="250788000001",
+        service="rides",
+        reason="keyword",
+        target="rides",
+        body=b"{}",
+        request_id="r",
+        correlation_id="c",
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        received_at=0.0,
+        id=1,
+    )

@@ -17,8 +17,22 @@ TORTURE = Path(__file__).resolve().parent.parent / "bench" / "torture.py"
 
 
 async def test_sigkill_under_load_loses_no_acknowledged_message() -> None:
-    argv = [sys.executable, str(TORTURE), "--mode", "kill", "--messages", "300", "--signals", "2",
-            "--wacored", f"{sys.executable} -m wacored", "--max-load-s", "20", "--drain-timeout", "15"]
+    argv = [
+        sys.executable,
+        str(TORTURE),
+        "--mode",
+        "kill",
+        "--messages",
+        "300",
+        "--signals",
+        "2",
+        "--wacored",
+        f"{sys.executable} -m wacored",
+        "--max-load-s",
+        "20",
+        "--drain-timeout",
+        "15",
+    ]
     with trio.fail_after(45):  # ~7 s on a 2-CPU machine; the bound is for a hung daemon
         done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
     out = done.stdout.decode()

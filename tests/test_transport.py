@@ -145,8 +145,7 @@ async def test_https_with_a_trusted_certificate(nursery: trio.Nursery, ca: trust
     cert = ca.issue_cert("localhost", "127.0.0.1")
     cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    url = await serve(nursery, scheme="https", certfile=str(tmp_path / "cert.pem"),
-                      keyfile=str(tmp_path / "key.pem"))
+    url = await serve(nursery, scheme="https", certfile=str(tmp_path / "cert.pem"), keyfile=str(tmp_path / "key.pem"))
     trusted = ssl.create_default_context()
     ca.configure_trust(trusted)
     async with LaneTransport(trusted) as transport:

@@ -67,9 +67,7 @@ def status(status_id: str, state: str, recipient: str = "250788000001") -> dict[
     return {"id": status_id, "status": state, "timestamp": "1700000000", "recipient_id": recipient}
 
 
-def change(
-    messages: Sequence[Any] = (), statuses: Sequence[Any] = (), contacts: Sequence[Any] = ()
-) -> dict[str, Any]:
+def change(messages: Sequence[Any] = (), statuses: Sequence[Any] = (), contacts: Sequence[Any] = ()) -> dict[str, Any]:
     value: dict[str, Any] = {
         "messaging_product": "whatsapp",
         "metadata": {"display_phone_number": "15550000000", "phone_number_id": "PNID"},
@@ -182,9 +180,7 @@ def test_known_fixture_counts(name: str, counts: tuple[int, int, int]) -> None:
     assert (len(batch.messages), len(batch.statuses), batch.errors) == counts
 
 
-def assert_single_update(
-    body: bytes, entry: dict[str, Any], chg: dict[str, Any], kind: str, update: Any
-) -> None:
+def assert_single_update(body: bytes, entry: dict[str, Any], chg: dict[str, Any], kind: str, update: Any) -> None:
     """`body` is a WhatsApp webhook holding only `update`, under its entry id, field and metadata."""
     forwarded = json.loads(body)
     assert forwarded["object"] == "whatsapp_business_account"
@@ -203,7 +199,8 @@ def assert_single_update(
 
 def sender_contacts(value: dict[str, Any], message: dict[str, Any]) -> list[Any]:
     return [
-        c for c in value.get("contacts", [])
+        c
+        for c in value.get("contacts", [])
         if ("from" in message and c.get("wa_id") == message["from"])
         or ("from_user_id" in message and c.get("user_id") == message["from_user_id"])
     ]
@@ -236,8 +233,12 @@ def test_each_fixture_status_is_forwarded_alone(path: Path) -> None:
         ("status_sent.json", "wamid.xyzxyz", "sent", "972987654321"),
         ("status_delivered.json", "wamid.xyzxyz", "delivered", "972987654321"),
         ("status_read_group.json", "<WHATSAPP_MESSAGE_ID>", "read", "fowefinoewcnw"),
-        ("status_failed_131049_meta_docs.json",
-         "wamid.HBgLMTY1MDM4Nzk0MzkVAgARGBI0QUQ2MjA4NEYyRkExNjMyREUA", "failed", "16505551234"),
+        (
+            "status_failed_131049_meta_docs.json",
+            "wamid.HBgLMTY1MDM4Nzk0MzkVAgARGBI0QUQ2MjA4NEYyRkExNjMyREUA",
+            "failed",
+            "16505551234",
+        ),
     ],
 )
 def test_status_fields(name: str, status_id: str, state: str, recipient: str) -> None:
@@ -274,10 +275,23 @@ def test_text_and_reply_id(name: str, kind: str, text: str | None, reply_id: str
 @pytest.mark.parametrize(
     "message",
     [
-        pytest.param({"type": "interactive", "interactive": {"type": "button_reply",
-                      "button_reply": {"id": "rides", "title": "Rides"}}}, id="button_reply"),
-        pytest.param({"type": "interactive", "interactive": {"type": "list_reply",
-                      "list_reply": {"id": "rides", "title": "Rides", "description": "d"}}}, id="list_reply"),
+        pytest.param(
+            {
+                "type": "interactive",
+                "interactive": {"type": "button_reply", "button_reply": {"id": "rides", "title": "Rides"}},
+            },
+            id="button_reply",
+        ),
+        pytest.param(
+            {
+                "type": "interactive",
+                "interactive": {
+                    "type": "list_reply",
+                    "list_reply": {"id": "rides", "title": "Rides", "description": "d"},
+                },
+            },
+            id="list_reply",
+        ),
         pytest.param({"type": "button", "button": {"payload": "rides", "text": "Rides"}}, id="quick_reply"),
     ],
 )
@@ -310,7 +324,8 @@ def test_bsuid_only_sender() -> None:
 def test_batch_with_two_changes_keeps_both_even_with_the_same_wamid() -> None:
     messages = parse_webhook(fixture("batch_two_changes_text.json")).messages
     assert [(m.wamid, m.text) for m in messages] == [
-        ("wamid.ID", "MESSAGE_BODY"), ("wamid.ID", "MESSAGE_BODY2"),
+        ("wamid.ID", "MESSAGE_BODY"),
+        ("wamid.ID", "MESSAGE_BODY2"),
     ]
     assert messages[0].body != messages[1].body
 
@@ -348,8 +363,7 @@ def test_messages_mixed_with_statuses() -> None:
 
 
 def test_unknown_message_type_parses() -> None:
-    hologram = {"from": "250788000001", "id": "wamid.H", "timestamp": "1", "type": "hologram",
-                "hologram": {"depth": 3}}
+    hologram = {"from": "250788000001", "id": "wamid.H", "timestamp": "1", "type": "hologram", "hologram": {"depth": 3}}
     message = only_message(one_message_webhook(hologram))
     assert (message.type, message.text, message.reply_id) == ("hologram", None, None)
     assert json.loads(message.body)["entry"][0]["changes"][0]["value"]["messages"] == [hologram]
@@ -368,10 +382,13 @@ def test_unknown_message_type_parses() -> None:
         pytest.param(b'{"object":"whatsapp_business_account","entry":{}}', id="entry-not-a-list"),
         pytest.param(b'{"object":"whatsapp_business_account","entry":[5]}', id="entry-item-not-an-object"),
         pytest.param(b'{"object":"whatsapp_business_account","entry":[],"x":"\xff\xfe"}', id="invalid-utf8"),
-        pytest.param(one_message_webhook({"from": "1", "type": "text", "text": {"body": "SECRET"}}),
-                     id="message-without-id"),
-        pytest.param(one_message_webhook({"id": "wamid.X", "type": "text", "text": {"body": "SECRET"}}),
-                     id="message-without-sender"),
+        pytest.param(
+            one_message_webhook({"from": "1", "type": "text", "text": {"body": "SECRET"}}), id="message-without-id"
+        ),
+        pytest.param(
+            one_message_webhook({"id": "wamid.X", "type": "text", "text": {"body": "SECRET"}}),
+            id="message-without-sender",
+        ),
         pytest.param(webhook(("E", [change(statuses=[{"status": "sent"}])])), id="status-without-id"),
     ],
 )
@@ -407,13 +424,15 @@ def test_home_menu_is_an_interactive_list_to_the_phone() -> None:
             "body": {"text": "What would you like to do?"},
             "action": {
                 "button": "View Services",
-                "sections": [{
-                    "title": "Services",
-                    "rows": [
-                        {"id": "rides", "title": "Rides & Transport", "description": "Request a ride"},
-                        {"id": "jobs", "title": "Jobs"},
-                    ],
-                }],
+                "sections": [
+                    {
+                        "title": "Services",
+                        "rows": [
+                            {"id": "rides", "title": "Rides & Transport", "description": "Request a ride"},
+                            {"id": "jobs", "title": "Jobs"},
+                        ],
+                    }
+                ],
             },
         },
     }
@@ -438,15 +457,21 @@ LONG = "abcdefghij" * 120
         pytest.param(HomeMenuConfig(header=LONG), ("header", "text"), 60, id="header"),
         pytest.param(HomeMenuConfig(body=LONG), ("body", "text"), 1024, id="body"),
         pytest.param(HomeMenuConfig(button=LONG), ("action", "button"), 20, id="button"),
-        pytest.param(HomeMenuConfig(items=(MenuItem("rides", LONG),)),
-                     ("action", "sections", 0, "rows", 0, "title"), 24, id="row-title"),
-        pytest.param(HomeMenuConfig(items=(MenuItem("rides", "Rides", LONG),)),
-                     ("action", "sections", 0, "rows", 0, "description"), 72, id="row-description"),
+        pytest.param(
+            HomeMenuConfig(items=(MenuItem("rides", LONG),)),
+            ("action", "sections", 0, "rows", 0, "title"),
+            24,
+            id="row-title",
+        ),
+        pytest.param(
+            HomeMenuConfig(items=(MenuItem("rides", "Rides", LONG),)),
+            ("action", "sections", 0, "rows", 0, "description"),
+            72,
+            id="row-description",
+        ),
     ],
 )
-def test_home_menu_truncates_to_whatsapp_limits(
-    menu: HomeMenuConfig, where: tuple[Any, ...], limit: int
-) -> None:
+def test_home_menu_truncates_to_whatsapp_limits(menu: HomeMenuConfig, where: tuple[Any, ...], limit: int) -> None:
     node: Any = interactive(menu)
     for step in where:
         node = node[step]
@@ -459,9 +484,7 @@ def test_home_menu_section_title_fits_whatsapp_limit() -> None:
     assert len(section["title"]) <= 24
 
 
-@pytest.mark.parametrize(
-    ("text", "limit", "expected"), [("abc", 3, "abc"), ("abcd", 3, "ab…"), ("", 5, "")]
-)
+@pytest.mark.parametrize(("text", "limit", "expected"), [("abc", 3, "abc"), ("abcd", 3, "ab…"), ("", 5, "")])
 def test_truncate(text: str, limit: int, expected: str) -> None:
     assert truncate(text, limit) == expected
 

@@ -38,18 +38,28 @@ def row(key: str, sender: str = "s1", target: str = "rides") -> NewRow:
     return NewRow(key, "message", sender, target, "keyword", target, b"{}", "rid", "cid", "tp", 1000.0)
 
 
-async def start_writer(nursery: trio.Nursery, path: Path, buffer: int = 1024, sessions: SessionTable | None = None,
-                       ) -> tuple[trio.MemorySendChannel[WriteOp], DeliveryQueue]:
+async def start_writer(
+    nursery: trio.Nursery,
+    path: Path,
+    buffer: int = 1024,
+    sessions: SessionTable | None = None,
+) -> tuple[trio.MemorySendChannel[WriteOp], DeliveryQueue]:
     migrate(path)
     queue = DeliveryQueue("rides", buffer=buffer)
     send, receive = trio.open_memory_channel[WriteOp](100)
-    await nursery.start(run_writer, WriteConnection(path), receive, {"rides": queue},
-                        sessions if sessions is not None else SessionTable(3600))
+    await nursery.start(
+        run_writer,
+        WriteConnection(path),
+        receive,
+        {"rides": queue},
+        sessions if sessions is not None else SessionTable(3600),
+    )
     return send, queue
 
 
-async def ingest(writes: trio.MemorySendChannel[WriteOp], rows: list[NewRow],
-                 changes: list[tuple[int, SessionChange]] = ()) -> list[int | None]:
+async def ingest(
+    writes: trio.MemorySendChannel[WriteOp], rows: list[NewRow], changes: list[tuple[int, SessionChange]] = ()
+) -> list[int | None]:
     op = Ingest(rows, list(changes))
     await writes.send(op)
     return await op.reply.wait()
@@ -105,18 +115,36 @@ async def test_outcomes_mark_delivered_or_dead_letter_once(tmp_path: Path) -> No
         writes, _ = await start_writer(nursery, path)
         ids = await ingest(writes, [row("ok"), row("down"), row("gone")])
         await writes.send(Record(Outcome(ids[0], True, 1, 2000.0)))
-        await writes.send(Record(Outcome(ids[1], False, 3, 2000.0, "HTTP 503: busy", target="rides", key="down",
-                                         retry_at=2120.0)))
-        await writes.send(Record(Outcome(ids[2], False, 1, 2000.0, "HTTP 404: no", permanent=True, reason="permanent",
-                                         status_code=404, target="rides", key="gone")))
+        await writes.send(
+            Record(Outcome(ids[1], False, 3, 2000.0, "HTTP 503: busy", target="rides", key="down", retry_at=2120.0))
+        )
+        await writes.send(
+            Record(
+                Outcome(
+                    ids[2],
+                    False,
+                    1,
+                    2000.0,
+                    "HTTP 404: no",
+                    permanent=True,
+                    reason="permanent",
+                    status_code=404,
+                    target="rides",
+                    key="gone",
+                )
+            )
+        )
         await writes.aclose()
     db = sqlite3.connect(path)
     states = dict(db.execute("SELECT key, state FROM messages").fetchall())
     assert states == {"ok": "delivered", "down": "dead_lettered", "gone": "dead_lettered"}
-    dead = db.execute("SELECT key, state, reason, error, status_code, next_attempt_at FROM dead_letters"
-                      " ORDER BY key").fetchall()
-    assert dead == [("down", "pending", "transient", "HTTP 503: busy", None, 2120.0),
-                    ("gone", "abandoned", "permanent", "HTTP 404: no", 404, None)]
+    dead = db.execute(
+        "SELECT key, state, reason, error, status_code, next_attempt_at FROM dead_letters ORDER BY key"
+    ).fetchall()
+    assert dead == [
+        ("down", "pending", "transient", "HTTP 503: busy", None, 2120.0),
+        ("gone", "abandoned", "permanent", "HTTP 404: no", 404, None),
+    ]
     assert Reader(path).queued_targets() == {}
 
 
@@ -137,10 +165,11 @@ async def test_forwarder_delivers_a_spilled_backlog_once_each_in_order(tmp_path:
     async with trio.open_nursery() as nursery:
         writes, queue = await start_writer(nursery, path, buffer=3)
         for start in range(0, 600, 50):
-            await ingest(writes, [row(k) for k in keys[start:start + 50]])
+            await ingest(writes, [row(k) for k in keys[start : start + 50]])
         rt = bare_runtime(tmp_path, target)
-        await nursery.start(partial(run_forwarder, rt, "rides", queue, writes.clone(),
-                                    transport=lambda: httpx.MockTransport(handler)))
+        await nursery.start(
+            partial(run_forwarder, rt, "rides", queue, writes.clone(), transport=lambda: httpx.MockTransport(handler))
+        )
         with trio.fail_after(10):
             await all_received.wait()
         nursery.cancel_scope.cancel()
@@ -158,8 +187,9 @@ async def test_dead_lettering_a_message_again_never_resets_its_retries(tmp_path:
         await ingest(writes, [])  # a barrier: the record above is committed
         with sqlite3.connect(path) as db:
             db.execute("UPDATE dead_letters SET attempts = 2, next_attempt_at = 9000")
-        await writes.send(Record(Outcome(mid, False, 1, 3000.0, "HTTP 502: again", target="rides", key="again",
-                                         retry_at=3120.0)))
+        await writes.send(
+            Record(Outcome(mid, False, 1, 3000.0, "HTTP 502: again", target="rides", key="again", retry_at=3120.0))
+        )
         await ingest(writes, [])
         await writes.aclose()
     db = sqlite3.connect(path)
@@ -204,13 +234,13 @@ async def test_outcomes_of_failed_commits_are_kept_in_order_and_committed_later(
     queue = DeliveryQueue("rides")
     send, receive = trio.open_memory_channel[WriteOp](100)
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(run_writer, disk.connection(path), receive, {"rides": queue},
-                                    SessionTable(3600), state=state))
+        await nursery.start(
+            partial(run_writer, disk.connection(path), receive, {"rides": queue}, SessionTable(3600), state=state)
+        )
         ids = await ingest(send, [row("a"), row("b")])
         assert queue.in_flight == set(ids)
         disk.full = True
-        await send.send(Record(Outcome(ids[0], False, 1, 2000.0, "HTTP 503", target="rides", key="a",
-                                       retry_at=2100.0)))
+        await send.send(Record(Outcome(ids[0], False, 1, 2000.0, "HTTP 503", target="rides", key="a", retry_at=2100.0)))
         await send.send(Record(Outcome(ids[0], True, 1, 2001.0, target="rides", key="a")))  # redelivered
         await send.send(Record(Outcome(ids[1], True, 1, 2002.0, target="rides", key="b")))
         with trio.fail_after(5):

@@ -169,8 +169,9 @@ def _blueprint(rt: Runtime) -> Blueprint:
         reason = _object(raw, _PAUSE_KEYS).get("reason", "")
         names = list(rt.config.services)
         _check(partial(pauses.check_pause, name, names, reason))
-        changed = await _on_store(rt, partial(pauses.pause, name=name, services=names, reason=reason,
-                                              now=rt.wall_clock()))
+        changed = await _on_store(
+            rt, partial(pauses.pause, name=name, services=names, reason=reason, now=rt.wall_clock())
+        )
         return jsonify(await _applied(rt, name, changed))
 
     @bp.post("/services/<name>/resume")
@@ -196,9 +197,15 @@ def _authorize(token: str, header: str) -> None:
     scheme, _, presented = header.partition(" ")
     # compare_digest: the time taken must not tell how much of a guess was right.
     if scheme.lower() != "bearer" or not secrets.compare_digest(presented.strip().encode(), token.encode()):
-        log.warning("admin request refused: missing or wrong bearer token", extra={
-            "event": "admin_unauthorized", "method": request.method, "path": request.path,
-            "remote": request.remote_addr})
+        log.warning(
+            "admin request refused: missing or wrong bearer token",
+            extra={
+                "event": "admin_unauthorized",
+                "method": request.method,
+                "path": request.path,
+                "remote": request.remote_addr,
+            },
+        )
         raise AdminError(401, "unauthorized")
 
 
@@ -222,10 +229,14 @@ async def _applied(rt: Runtime, name: str, changed: bool) -> dict[str, Any]:
     with trio.move_on_after(PAUSE_APPLY_S) as waited:
         await rt.pauses.refreshed()
     if waited.cancelled_caught:
-        log.warning("the pause watcher has not read the change yet: it applies at its next read",
-                    extra={"event": "admin_pause_pending", "service": name})
-    log.info("service pause changed by the admin API", extra={
-        "event": "admin_pause", "service": name, "paused": name in rt.pauses.paused, "changed": changed})
+        log.warning(
+            "the pause watcher has not read the change yet: it applies at its next read",
+            extra={"event": "admin_pause_pending", "service": name},
+        )
+    log.info(
+        "service pause changed by the admin API",
+        extra={"event": "admin_pause", "service": name, "paused": name in rt.pauses.paused, "changed": changed},
+    )
     return {**pauses.service_state(name, rt.pauses.paused.get(name)), "changed": changed}
 
 
@@ -334,7 +345,7 @@ def _replay_request(body: dict[str, Any], now: float) -> Callable[[sqlite3.Conne
     if not isinstance(ids, list) or not ids or not all(_is_id(i) for i in ids):
         raise _bad_request('"ids" must be a non-empty list of dead letter ids (integers) or wamids (strings)')
     if not all(_in_range(i) for i in ids):
-        raise _bad_request(f'a dead letter id is an integer from {SQLITE_INT[0]} to {SQLITE_INT[1]}')
+        raise _bad_request(f"a dead letter id is an integer from {SQLITE_INT[0]} to {SQLITE_INT[1]}")
     return lambda conn: ops.replay(conn, ids, now).to_json()
 
 
@@ -355,8 +366,9 @@ def _in_range(ident: int | str) -> bool:
     return SQLITE_INT[0] <= ident <= SQLITE_INT[1]
 
 
-def _message_selection(values: dict[str, Any], now: float, *, with_limit: bool,
-                       states: tuple[str, ...] = msgs.STATE_FILTERS) -> msgs.Selection:
+def _message_selection(
+    values: dict[str, Any], now: float, *, with_limit: bool, states: tuple[str, ...] = msgs.STATE_FILTERS
+) -> msgs.Selection:
     """The `messages.Selection` that query arguments or a body ask for, checked (400 otherwise)."""
     allowed = _SELECTION_KEYS | ({"limit"} if with_limit else set())
     if extra := sorted(set(values) - allowed):
@@ -364,9 +376,16 @@ def _message_selection(values: dict[str, Any], now: float, *, with_limit: bool,
     if not all(isinstance(v, str) for v in values.values()):
         raise _bad_request(f"{', '.join(sorted(values))}: must be strings")
     try:
-        return msgs.selection(now, since=values.get("since") or None, until=values.get("until") or None,
-                              service=values.get("service") or None, state=values.get("state") or None,
-                              kind=values.get("kind") or None, limit=values.get("limit") or None, states=states)
+        return msgs.selection(
+            now,
+            since=values.get("since") or None,
+            until=values.get("until") or None,
+            service=values.get("service") or None,
+            state=values.get("state") or None,
+            kind=values.get("kind") or None,
+            limit=values.get("limit") or None,
+            states=states,
+        )
     except ValueError as exc:
         raise _bad_request(str(exc)) from None
 

@@ -151,9 +151,14 @@ def ensure_fd_limit(max_connections: int) -> None:
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError) as exc:
-        log.warning("could not raise the open-files limit", extra={
-            "event": "fd_limit_unchanged", "soft": soft, "hard": hard, "wanted": want, "error": str(exc)})
+        log.warning(
+            "could not raise the open-files limit",
+            extra={"event": "fd_limit_unchanged", "soft": soft, "hard": hard, "wanted": want, "error": str(exc)},
+        )
         return
     reached = hard == resource.RLIM_INFINITY or hard >= want
-    log.log(logging.INFO if reached else logging.WARNING, "raised the open-files limit", extra={
-        "event": "fd_limit_raised", "soft": soft, "now": hard, "wanted": want})
+    log.log(
+        logging.INFO if reached else logging.WARNING,
+        "raised the open-files limit",
+        extra={"event": "fd_limit_raised", "soft": soft, "now": hard, "wanted": want},
+    )

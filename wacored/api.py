@@ -54,8 +54,11 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
     checks["sessions"] = {"active": active, "stale_in_memory": len(rt.sessions) - active}
     checks["requests"] = dict(rt.counters.requests)
     admission = rt.admission
-    checks["ingress"] = {"in_flight": admission.in_flight, "unverified_reads": len(admission.reads),
-                         "unverified_bytes": admission.unverified_bytes}
+    checks["ingress"] = {
+        "in_flight": admission.in_flight,
+        "unverified_reads": len(admission.reads),
+        "unverified_bytes": admission.unverified_bytes,
+    }
     checks["routed"] = {f"{service}:{reason}": n for (service, reason), n in rt.counters.routed.items()}
     checks["probes"] = rt.counters.probes
     checks["statuses"] = dict(rt.counters.statuses)
@@ -75,7 +78,8 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
             "pause_reason": paused[name].reason if name in paused else None,
             "breaker": rt.breakers[name].state(mono).value,
             "queued": stats.queued.get(name, 0),
-            "oldest_queued_age_s": round(now - stats.oldest_queued_at[name], 1) if name in stats.oldest_queued_at
+            "oldest_queued_age_s": round(now - stats.oldest_queued_at[name], 1)
+            if name in stats.oldest_queued_at
             else None,
             "queued_in_memory": rt.queues[name].depth() if name in rt.queues else 0,
             "spilled_to_disk": name in rt.queues and rt.queues[name].spill_from is not None,
@@ -83,8 +87,10 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
         for name in sorted(rt.targets)
     }
     writes = checks["store_writes"]["status"]
-    core_down = checks["database"]["status"] != "ok" or writes == "down" or any(
-        not rt.actors.get(name, ActorState()).running for name in CORE_ACTORS
+    core_down = (
+        checks["database"]["status"] != "ok"
+        or writes == "down"
+        or any(not rt.actors.get(name, ActorState()).running for name in CORE_ACTORS)
     )
     any_down = any(not a.running for a in rt.actors.values())
     any_open = any(svc["breaker"] != "closed" for svc in services.values())
@@ -173,8 +179,10 @@ def create_app(rt: Runtime) -> Any:
             rid, cid = request_ids(headers)
             if scope["path"] == "/webhook" and scope["method"] == "POST":
                 rt.counters.request("over_capacity", OTHER)
-            log.warning("request refused at the connection cap", extra={
-                "event": "over_capacity", "path": scope["path"], "request_id": rid})
+            log.warning(
+                "request refused at the connection cap",
+                extra={"event": "over_capacity", "path": scope["path"], "request_id": rid},
+            )
             await refuse_overloaded(send, {"X-Request-ID": rid, "X-Correlation-ID": cid})
             return
         # Counted only when begun before the stop: those may answer without `Connection: close`.

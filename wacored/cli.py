@@ -102,7 +102,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         except TLSError as exc:
             print(f"warning: {exc} (`run` will refuse to start)")
     if config.server.tls:
-
         # A warning, not an error: the config may be checked on a machine that has no certificate.
         try:
             check_server_tls(config.server.certfile, config.server.keyfile)
@@ -141,8 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         # systemd's variables are read here, once, and handed down (none is read deep in the daemon).
         with Notifier.from_environ(os.environ) as notifier:
-            code = trio.run(partial(serve_until_signalled, config, reload, notifier=notifier,
-                                    process_start=started))
+            code = trio.run(partial(serve_until_signalled, config, reload, notifier=notifier, process_start=started))
     except* (OSError, sqlite3.Error, SchemaError, ActorGaveUp) as group:
         # What the environment refused (a port in use, an unwritable store): one clear line each.
         # An actor that crashed has already logged its traceback.
@@ -169,8 +167,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     host = config.server.host if config.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     url = args.url or f"http://{host}:{config.server.port}/webhook"
     body = text_webhook(
-        text=args.text, sender=args.sender, wamid=f"wamid.SIM{uuid.uuid4().hex}", timestamp=int(time.time()),
-        phone_number_id=args.to or config.whatsapp.phone_number_id or "PHONE_NUMBER_ID", kind=args.type,
+        text=args.text,
+        sender=args.sender,
+        wamid=f"wamid.SIM{uuid.uuid4().hex}",
+        timestamp=int(time.time()),
+        phone_number_id=args.to or config.whatsapp.phone_number_id or "PHONE_NUMBER_ID",
+        kind=args.type,
     )
     headers = {"Content-Type": "application/json", "X-Hub-Signature-256": sign(config.whatsapp.app_secret, body)}
     try:
@@ -312,11 +314,18 @@ def cmd_sessions_reap(args: argparse.Namespace) -> int:
 def _add_common(sp: argparse.ArgumentParser) -> None:
     """``-c`` and ``--env-file``, taken before or after the subcommand: their defaults are filled in
     after parsing (`_config_defaults`), so a value given in either place is never overwritten."""
-    sp.add_argument("-c", "--config", default=argparse.SUPPRESS,
-                    help="config file (default: $WACORED_CONFIG, else ./wacored.toml, else "
-                         "/etc/wacored/wacored.toml)")
-    sp.add_argument("--env-file", type=Path, default=argparse.SUPPRESS,
-                    help="KEY=VALUE file filling in unset environment variables (default: var/dev.env)")
+    sp.add_argument(
+        "-c",
+        "--config",
+        default=argparse.SUPPRESS,
+        help="config file (default: $WACORED_CONFIG, else ./wacored.toml, else /etc/wacored/wacored.toml)",
+    )
+    sp.add_argument(
+        "--env-file",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="KEY=VALUE file filling in unset environment variables (default: var/dev.env)",
+    )
 
 
 def find_config(environ: Mapping[str, str], cwd: Path) -> tuple[Path, str]:
@@ -358,9 +367,11 @@ def cmd_services_pause(args: argparse.Namespace) -> int:
         changed = pauses.pause(conn, args.name, services=list(config.services), reason=args.reason, now=time.time())
         state = pauses.read_pauses(conn)[args.name]
         said = "paused" if changed else "was already paused"
-        print(f"{args.name} {said} since {iso(state.since)}"
-              f"{f' ({state.reason})' if state.reason else ''}; the running daemon holds its deliveries"
-              f" within {pauses.POLL_S:g} s")
+        print(
+            f"{args.name} {said} since {iso(state.since)}"
+            f"{f' ({state.reason})' if state.reason else ''}; the running daemon holds its deliveries"
+            f" within {pauses.POLL_S:g} s"
+        )
         return 0
 
     return _on_store(args, work)
@@ -371,8 +382,11 @@ def cmd_services_resume(args: argparse.Namespace) -> int:
 
     def work(conn: sqlite3.Connection, config: Config) -> int:
         changed = pauses.resume(conn, args.name, services=list(config.services))
-        print(f"{args.name} resumed: the running daemon delivers what is queued within {pauses.POLL_S:g} s"
-              if changed else f"{args.name} was not paused")
+        print(
+            f"{args.name} resumed: the running daemon delivers what is queued within {pauses.POLL_S:g} s"
+            if changed
+            else f"{args.name} was not paused"
+        )
         return 0
 
     return _on_store(args, work)
@@ -387,8 +401,9 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon")
     common(run)
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                     help="default: [telemetry] log_level")
+    run.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="default: [telemetry] log_level"
+    )
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file and print every problem")
@@ -400,8 +415,9 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("text", help="message text (for --type interactive: the reply id)")
     sim.add_argument("--from", dest="sender", default="250788000001", help="sender phone number")
     sim.add_argument("--type", default="text", choices=["text", "interactive", "location", "image"])
-    sim.add_argument("--to", metavar="PHONE_NUMBER_ID",
-                     help="the business number written to (default: [whatsapp] phone_number_id)")
+    sim.add_argument(
+        "--to", metavar="PHONE_NUMBER_ID", help="the business number written to (default: [whatsapp] phone_number_id)"
+    )
     sim.add_argument("--url", help="webhook URL (default: from [server] listen)")
     sim.set_defaults(func=cmd_simulate)
 
@@ -456,8 +472,13 @@ def _operator_commands(
     purge = dlq.add_parser("purge", help="delete delivered or abandoned dead letters older than a duration")
     common(purge)
     purge.add_argument("--state", required=True, choices=["delivered", "abandoned"])
-    purge.add_argument("--older-than", required=True, type=_duration, metavar="DURATION",
-                       help="e.g. 90s, 30m, 12h, 7d (since the entry last changed)")
+    purge.add_argument(
+        "--older-than",
+        required=True,
+        type=_duration,
+        metavar="DURATION",
+        help="e.g. 90s, 30m, 12h, 7d (since the entry last changed)",
+    )
     purge.set_defaults(func=cmd_dlq_purge)
 
     sessions = sub.add_parser("sessions", help="sessions and old rows").add_subparsers(dest="sessions", required=True)
@@ -467,7 +488,8 @@ def _operator_commands(
     reap.set_defaults(func=cmd_sessions_reap)
 
     services = sub.add_parser("services", help="pause, resume or list services").add_subparsers(
-        dest="services", required=True)
+        dest="services", required=True
+    )
     pause = services.add_parser("pause", help="hold a service's deliveries (kept in the store, across restarts)")
     common(pause)
     pause.add_argument("name", help="a configured service")

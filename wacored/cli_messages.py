@@ -30,11 +30,13 @@ OnStore = Callable[[argparse.Namespace, Callable[[sqlite3.Connection, Config], i
 
 
 def add_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: Callable[[argparse.ArgumentParser], None],
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: Callable[[argparse.ArgumentParser], None],
     on_store: OnStore,
 ) -> None:
     messages = sub.add_parser("messages", help="where messages went; replay them").add_subparsers(
-        dest="messages", required=True)
+        dest="messages", required=True
+    )
 
     show = messages.add_parser("show", help="one message: its route, state, every attempt, its dead letter")
     common(show)
@@ -45,8 +47,11 @@ def add_commands(
     ls = messages.add_parser("list", help="messages, newest first")
     common(ls)
     _selection_options(ls, msgs.STATE_FILTERS)
-    ls.add_argument("--limit", default=str(msgs.DEFAULT_LIMIT),
-                    help=f"at most this many, up to {msgs.MAX_LIMIT} (default {msgs.DEFAULT_LIMIT})")
+    ls.add_argument(
+        "--limit",
+        default=str(msgs.DEFAULT_LIMIT),
+        help=f"at most this many, up to {msgs.MAX_LIMIT} (default {msgs.DEFAULT_LIMIT})",
+    )
     ls.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     ls.set_defaults(func=lambda args: on_store(args, _list(args)))
 
@@ -55,8 +60,7 @@ def add_commands(
     replay.add_argument("keys", nargs="*", metavar="WAMID", help="message keys (or select with --service and --since)")
     _selection_options(replay, msgs.REPLAY_STATES)
     replay.add_argument("--yes", action="store_true", help="replay without asking")
-    replay.set_defaults(func=lambda args: on_store(args, _replay(args)),
-                        check=lambda args: _check_replay(replay, args))
+    replay.set_defaults(func=lambda args: on_store(args, _replay(args)), check=lambda args: _check_replay(replay, args))
 
 
 def _selection_options(p: argparse.ArgumentParser, states: tuple[str, ...]) -> None:
@@ -77,8 +81,16 @@ def _check_replay(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _selection(args: argparse.Namespace, states: tuple[str, ...], limit: str | None = None) -> msgs.Selection | None:
     try:
-        return msgs.selection(time.time(), since=args.since, until=args.until, service=args.service,
-                              state=args.state, kind=args.kind, limit=limit, states=states)
+        return msgs.selection(
+            time.time(),
+            since=args.since,
+            until=args.until,
+            service=args.service,
+            state=args.state,
+            kind=args.kind,
+            limit=limit,
+            states=states,
+        )
     except ValueError as exc:
         print(f"wacored: {exc}", file=sys.stderr)
         return None
@@ -135,8 +147,10 @@ def _replay(args: argparse.Namespace) -> Callable[[sqlite3.Connection, Config], 
 def _confirmed(count: int) -> bool:
     """Whether the person at the terminal said yes; never without a terminal."""
     if not sys.stdin.isatty():
-        print(f"wacored: would replay {count} message(s); stdin is not a terminal: pass --yes to replay them",
-              file=sys.stderr)
+        print(
+            f"wacored: would replay {count} message(s); stdin is not a terminal: pass --yes to replay them",
+            file=sys.stderr,
+        )
         return False
     try:
         answer = input(f"replay {count} message(s) to their services again? [y/N] ")

@@ -120,7 +120,8 @@ async def recover(
     since = wall_clock() - config.sessions.ttl_s
     # Built in the thread that reads the rows, one row at a time: no list of every session first.
     sessions = await trio.to_thread.run_sync(
-        lambda: SessionTable(config.sessions.ttl_s, numbered=reader.all_sessions(since)))
+        lambda: SessionTable(config.sessions.ttl_s, numbered=reader.all_sessions(since))
+    )
     queues = {name: DeliveryQueue(name, queue_buffer) for name in targets}
     for target, oldest in (await trio.to_thread.run_sync(reader.queued_targets)).items():
         if target in queues:
@@ -138,7 +139,10 @@ class Daemon:
     """One running daemon's actors: how each is started, restarted, added and removed."""
 
     def __init__(
-        self, rt: Runtime, writes: trio.MemorySendChannel[WriteOp], queue_buffer: int,
+        self,
+        rt: Runtime,
+        writes: trio.MemorySendChannel[WriteOp],
+        queue_buffer: int,
         transport: Callable[[], Any] | None,
     ) -> None:
         self.rt = rt
@@ -154,8 +158,9 @@ class Daemon:
         self.forwarders[name] = scope
 
         def start(task_status: trio.TaskStatus[Any]) -> Any:
-            return run_forwarder(rt, name, queue, self.writes.clone(), transport=self.transport,
-                                 task_status=task_status)
+            return run_forwarder(
+                rt, name, queue, self.writes.clone(), transport=self.transport, task_status=task_status
+            )
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             with scope:
@@ -175,13 +180,24 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 retrier, reaper, stats, pauses = readers
-                await nursery.start(supervise, rt, "dlq_retrier", lambda ts: run_dlq_retrier(
-                    rt, retrier, self.writes.clone(), transport=self.transport, task_status=ts))
-                await nursery.start(supervise, rt, "reaper",
-                                    lambda ts: run_reaper(rt, reaper, self.writes.clone(), task_status=ts))
+                await nursery.start(
+                    supervise,
+                    rt,
+                    "dlq_retrier",
+                    lambda ts: run_dlq_retrier(
+                        rt, retrier, self.writes.clone(), transport=self.transport, task_status=ts
+                    ),
+                )
+                await nursery.start(
+                    supervise, rt, "reaper", lambda ts: run_reaper(rt, reaper, self.writes.clone(), task_status=ts)
+                )
                 await nursery.start(supervise, rt, "stats", lambda ts: run_stats(rt, stats, task_status=ts))
-                await nursery.start(supervise, rt, "pause_watch", lambda ts: run_pause_watch(
-                    rt.pauses, pauses, beat=partial(rt.beat, "pause_watch"), task_status=ts))
+                await nursery.start(
+                    supervise,
+                    rt,
+                    "pause_watch",
+                    lambda ts: run_pause_watch(rt.pauses, pauses, beat=partial(rt.beat, "pause_watch"), task_status=ts),
+                )
                 task_status.started(nursery.cancel_scope)
         finally:
             for reader in readers:
@@ -227,12 +243,17 @@ class Daemon:
         logging.getLogger().setLevel(new.telemetry.log_level.upper())
         rt.counters.bump(rt.counters.reloads, "ok")
         rt.counters.last_reload_ok, rt.counters.last_reload_success_at = True, rt.wall_clock()
-        log.info("config reloaded", extra={
-            "event": "reloaded",
-            "added": sorted(new_targets.keys() - old_targets.keys()),
-            "removed": sorted(old_targets.keys() - new_targets.keys()),
-            "changed": sorted(n for n in new_targets.keys() & old_targets.keys() if new_targets[n] != old_targets[n]),
-        })
+        log.info(
+            "config reloaded",
+            extra={
+                "event": "reloaded",
+                "added": sorted(new_targets.keys() - old_targets.keys()),
+                "removed": sorted(old_targets.keys() - new_targets.keys()),
+                "changed": sorted(
+                    n for n in new_targets.keys() & old_targets.keys() if new_targets[n] != old_targets[n]
+                ),
+            },
+        )
         return True
 
 
@@ -246,31 +267,49 @@ def _refused(rt: Runtime, problems: list[str]) -> bool:
 
 def _keep_restart_only(old: Config, new: Config) -> Config:
     """`new`, except what only a restart can change, which keeps its `old` value (logged)."""
-    server = dataclasses.replace(new.server, host=old.server.host, port=old.server.port,
-                                 certfile=old.server.certfile, keyfile=old.server.keyfile,
-                                 read_timeout_s=old.server.read_timeout_s)
+    server = dataclasses.replace(
+        new.server,
+        host=old.server.host,
+        port=old.server.port,
+        certfile=old.server.certfile,
+        keyfile=old.server.keyfile,
+        read_timeout_s=old.server.read_timeout_s,
+    )
     if new.server.max_connections != old.server.max_connections:
         ensure_fd_limit(new.server.max_connections)
     # read_timeout_s also sets hypercorn's read_timeout (`hypercorn_config`), fixed at start: the two
     # must stay consistent, so the body deadline waits for the restart too.
-    for what, before, after in (("server.listen", old.server.listen, new.server.listen),
-                                ("server.read_timeout_s", old.server.read_timeout_s, new.server.read_timeout_s),
-                                ("server.certfile/keyfile", (old.server.certfile, old.server.keyfile),
-                                 (new.server.certfile, new.server.keyfile)),
-                                ("store.path", old.store.path, new.store.path),
-                                ("telemetry.traces/otlp_endpoint/service_name",
-                                 (old.telemetry.traces, old.telemetry.otlp_endpoint, old.telemetry.service_name),
-                                 (new.telemetry.traces, new.telemetry.otlp_endpoint, new.telemetry.service_name))):
+    for what, before, after in (
+        ("server.listen", old.server.listen, new.server.listen),
+        ("server.read_timeout_s", old.server.read_timeout_s, new.server.read_timeout_s),
+        (
+            "server.certfile/keyfile",
+            (old.server.certfile, old.server.keyfile),
+            (new.server.certfile, new.server.keyfile),
+        ),
+        ("store.path", old.store.path, new.store.path),
+        (
+            "telemetry.traces/otlp_endpoint/service_name",
+            (old.telemetry.traces, old.telemetry.otlp_endpoint, old.telemetry.service_name),
+            (new.telemetry.traces, new.telemetry.otlp_endpoint, new.telemetry.service_name),
+        ),
+    ):
         if before != after:
-            log.warning("this change needs a restart; the old value stays until then",
-                        extra={"event": "reload_needs_restart", "key": what})
+            log.warning(
+                "this change needs a restart; the old value stays until then",
+                extra={"event": "reload_needs_restart", "key": what},
+            )
     for name, svc in new.services.items():
         if name in old.services and svc.forwarding.concurrency != old.services[name].forwarding.concurrency:
-            log.warning("a new lane count applies after a restart",
-                        extra={"event": "reload_needs_restart", "key": f"services.{name}.concurrency"})
+            log.warning(
+                "a new lane count applies after a restart",
+                extra={"event": "reload_needs_restart", "key": f"services.{name}.concurrency"},
+            )
         if name in old.services and svc.ca_file != old.services[name].ca_file:
-            log.warning("a new CA file applies after a restart (the lanes' connections keep their TLS context)",
-                        extra={"event": "reload_needs_restart", "key": f"services.{name}.ca_file"})
+            log.warning(
+                "a new CA file applies after a restart (the lanes' connections keep their TLS context)",
+                extra={"event": "reload_needs_restart", "key": f"services.{name}.ca_file"},
+            )
     return dataclasses.replace(new, server=server, store=old.store)
 
 
@@ -307,17 +346,39 @@ async def run_daemon(
     ensure_fd_limit(config.server.max_connections)
     listener = open_listener(config.server)  # then the port: in use, nothing else has started
     try:
-        await _run(config, hc, listener, stop, reloads, wall_clock, queue_buffer, transport, notifier, tracer,
-                   process_start, node_name() if node is None else node, task_status)
+        await _run(
+            config,
+            hc,
+            listener,
+            stop,
+            reloads,
+            wall_clock,
+            queue_buffer,
+            transport,
+            notifier,
+            tracer,
+            process_start,
+            node_name() if node is None else node,
+            task_status,
+        )
     finally:
         listener.close()
 
 
 async def _run(
-    config: Config, hc: hypercorn.config.Config, listener: socket.socket, stop: trio.Event,
-    reloads: trio.MemoryReceiveChannel[ReloadRequest] | None, wall_clock: Callable[[], float], queue_buffer: int,
-    transport: Callable[[], Any] | None, notifier: Notifier, tracer: Tracer | None, process_start: float,
-    node: str, task_status: trio.TaskStatus[list[str]],
+    config: Config,
+    hc: hypercorn.config.Config,
+    listener: socket.socket,
+    stop: trio.Event,
+    reloads: trio.MemoryReceiveChannel[ReloadRequest] | None,
+    wall_clock: Callable[[], float],
+    queue_buffer: int,
+    transport: Callable[[], Any] | None,
+    notifier: Notifier,
+    tracer: Tracer | None,
+    process_start: float,
+    node: str,
+    task_status: trio.TaskStatus[list[str]],
 ) -> None:
     await trio.to_thread.run_sync(migrate, config.store.path)
     targets = targets_of(config)
@@ -326,8 +387,7 @@ async def _run(
     try:
         sessions, queues = await recover(config, reader, targets, wall_clock, queue_buffer)
         writes, writes_receive = trio.open_memory_channel[WriteOp](WRITE_BUFFER)
-        rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock,
-                           node=node)
+        rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock, node=node)
         rt.tracer = tracer or tracing.tracer
         # Before any forwarder starts: messages recovered for a paused service must wait too.
         paused = await trio.to_thread.run_sync(reader.pauses)
@@ -336,8 +396,16 @@ async def _run(
 
         def writer(task_status: trio.TaskStatus[Any]) -> Any:
             conn = WriteConnection(rt.config.store.path, rt.config.store.busy_timeout_ms)
-            return run_writer(conn, writes_receive, rt.queues, rt.sessions, beat=partial(rt.beat, "writer"),
-                              state=rt.store_writes, wall_clock=rt.wall_clock, task_status=task_status)
+            return run_writer(
+                conn,
+                writes_receive,
+                rt.queues,
+                rt.sessions,
+                beat=partial(rt.beat, "writer"),
+                state=rt.store_writes,
+                wall_clock=rt.wall_clock,
+                task_status=task_status,
+            )
 
         async with writes_receive, open_watchdog(rt, notifier), trio.open_nursery() as root:
             await root.start(supervise, rt, "writer", writer)
@@ -354,12 +422,14 @@ async def _run(
 
                     async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
                         hc.bind = [lend(listener)]  # each start gets its own duplicate to close
-                        await hypercorn.trio.serve(app, hc, shutdown_trigger=partial(_answered_in_flight, rt, stop),
-                                                   task_status=task_status)
+                        await hypercorn.trio.serve(
+                            app, hc, shutdown_trigger=partial(_answered_in_flight, rt, stop), task_status=task_status
+                        )
 
                     # Ingress has no loop of its own to beat from: beat while hypercorn serves.
-                    urls = await front.start(supervise, rt, "ingress",
-                                             lambda ts: run_beating(rt, "ingress", serve, task_status=ts))
+                    urls = await front.start(
+                        supervise, rt, "ingress", lambda ts: run_beating(rt, "ingress", serve, task_status=ts)
+                    )
                     log.info("listening", extra={"event": "listening", "urls": urls})
                     task_status.started(urls)
                     notifier.ready(f"listening on {' '.join(urls)}")
@@ -368,8 +438,10 @@ async def _run(
                 periodic.cancel(reason="daemon stopping")
                 workers.cancel_scope.deadline = trio.current_time() + rt.config.server.drain_timeout_s
             if workers.cancel_scope.cancelled_caught:
-                log.warning("drain timeout: deliveries in flight were cut short; they stay queued",
-                            extra={"event": "drain_timeout"})
+                log.warning(
+                    "drain timeout: deliveries in flight were cut short; they stay queued",
+                    extra={"event": "drain_timeout"},
+                )
     finally:
         reader.close()
         await tracing.aclose()
@@ -411,7 +483,10 @@ async def _mark_draining(rt: Runtime, stop: trio.Event, notifier: Notifier) -> N
 
 
 async def serve_until_signalled(
-    config: Config, load: Callable[[], Config] | None = None, *, notifier: Notifier | None = None,
+    config: Config,
+    load: Callable[[], Config] | None = None,
+    *,
+    notifier: Notifier | None = None,
     process_start: float | None = None,
 ) -> int:
     """`run_daemon` under signals. SIGHUP reloads the config through `load`, between RELOADING=1 and
@@ -441,14 +516,15 @@ async def serve_until_signalled(
                         stop.set()
 
             nursery.start_soon(watch)
-            await run_daemon(config, stop=stop, reloads=reload_receive, notifier=notifier,
-                             process_start=process_start)
+            await run_daemon(config, stop=stop, reloads=reload_receive, notifier=notifier, process_start=process_start)
             nursery.cancel_scope.cancel(reason="daemon stopped")
     return 1 if forced else 0
 
 
 async def _reload(
-    send: trio.MemorySendChannel[ReloadRequest], load: Callable[[], Config] | None, notifier: Notifier,
+    send: trio.MemorySendChannel[ReloadRequest],
+    load: Callable[[], Config] | None,
+    notifier: Notifier,
     stop: trio.Event,
 ) -> None:
     """One SIGHUP: ask the daemon to reload and wait until it has (or is stopping)."""

@@ -57,14 +57,24 @@ retry comes at most this late (the read is one ``MIN`` over an index, in a worke
 
 
 def after_retry(
-    attempts: int, verdict: Verdict | None, at: float, dlq: DlqConfig, *, dead_letter_id: int, message_id: int,
-    wait_s: float = 0.0, error: str = "", status_code: int | None = None, retry_after_s: float | None = None,
+    attempts: int,
+    verdict: Verdict | None,
+    at: float,
+    dlq: DlqConfig,
+    *,
+    dead_letter_id: int,
+    message_id: int,
+    wait_s: float = 0.0,
+    error: str = "",
+    status_code: int | None = None,
+    retry_after_s: float | None = None,
 ) -> Retried:
     """What one retry of a dead letter that had `attempts` retries before means for it.
 
     `verdict` None: the retry was not attempted (breaker open, service gone); try again in `wait_s`.
     `retry_after_s`: the service asked for at least that long before the next try (``Retry-After``).
     """
+
     def result(state: str, counted: bool, next_at: float | None) -> Retried:
         return Retried(dead_letter_id, message_id, state, counted, next_at, at, error, status_code)
 
@@ -96,32 +106,44 @@ async def retry_one(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.Asy
     target = rt.targets.get(d.target)
 
     def outcome(verdict: Verdict | None, **kw: object) -> Retried:
-        return after_retry(dl.attempts, verdict, rt.wall_clock(), dlq, dead_letter_id=dl.id, message_id=d.id,
-                           **kw)  # type: ignore[arg-type]
+        return after_retry(dl.attempts, verdict, rt.wall_clock(), dlq, dead_letter_id=dl.id, message_id=d.id, **kw)  # type: ignore[arg-type]
 
     if target is None:
-        log.warning("dead letter for a service no longer configured",
-                    extra={"event": "dlq_orphaned", "service": d.target, "message_id": d.key})
+        log.warning(
+            "dead letter for a service no longer configured",
+            extra={"event": "dlq_orphaned", "service": d.target, "message_id": d.key},
+        )
         return outcome(None, wait_s=dlq.interval_s, error=f"service {d.target!r} is not configured")
     if not rt.pauses.may_attempt(target.name):
         # An operator's decision, not a failure: no attempt, no breaker, the error left as it was.
-        log.debug("dead letter of a paused service rescheduled",
-                  extra={"event": "dlq_paused", "service": target.name, "message_id": d.key})
+        log.debug(
+            "dead letter of a paused service rescheduled",
+            extra={"event": "dlq_paused", "service": target.name, "message_id": d.key},
+        )
         return outcome(None, wait_s=dlq.interval_s)
     result = await guarded_attempt(rt, target, transports[target.name], d, dlq_retry=True)
     if result is None:
         rt.counters.bump(rt.counters.dlq_retries, (target.name, "breaker_open"))
         return outcome(None, wait_s=rt.breakers[target.name].retry_in(trio.current_time()))
-    retried = outcome(result.verdict, error=result.error, status_code=result.status_code,
-                      retry_after_s=result.retry_after_s)
+    retried = outcome(
+        result.verdict, error=result.error, status_code=result.status_code, retry_after_s=result.retry_after_s
+    )
     # Logged with the retry's write (the writer's group commit), numbered as the entry's retries are.
     retried = dataclasses.replace(retried, attempt=result.row(d, target.name, dl.attempts + 1, "dlq_retry", rt.node))
     label = {"delivered": "delivered", "abandoned": "abandoned"}.get(retried.state, "failed")
     rt.counters.bump(rt.counters.dlq_retries, (target.name, label))
-    log.log(logging.INFO if label == "delivered" else logging.WARNING, "dead letter retried",
-            extra={"event": f"dlq_retry_{label}", "service": target.name, "message_id": d.key,
-                   "correlation_id": d.correlation_id, "attempts": dl.attempts + int(retried.counted),
-                   "error": result.error})
+    log.log(
+        logging.INFO if label == "delivered" else logging.WARNING,
+        "dead letter retried",
+        extra={
+            "event": f"dlq_retry_{label}",
+            "service": target.name,
+            "message_id": d.key,
+            "correlation_id": d.correlation_id,
+            "attempts": dl.attempts + int(retried.counted),
+            "error": result.error,
+        },
+    )
     return retried
 
 
@@ -143,8 +165,10 @@ async def write_committed(
             return await write(writes, apply)
         except StoreUnavailable as exc:
             failures += 1
-            log.warning("store write refused: trying again", extra={
-                "event": "store_write_retry", "actor": actor, "error": str(exc), "failures": failures})
+            log.warning(
+                "store write refused: trying again",
+                extra={"event": "store_write_retry", "actor": actor, "error": str(exc), "failures": failures},
+            )
         await trio.sleep(retry_delay_s(failures))  # at most RETRY_MAX_S, below the heartbeat
         rt.beat(actor)
 
@@ -174,6 +198,7 @@ async def run_dlq_retrier(
     (made by `transport`, else trusting the service's `ca_file`). While asleep it looks for entries
     due sooner every `due_poll_s`.
     """
+
     def make(name: str) -> httpx.AsyncBaseTransport:
         return transport() if transport is not None else new_transport(rt.targets[name].ca_file)
 
@@ -190,9 +215,18 @@ async def run_dlq_retrier(
                 wake = await _next_wake(rt, reader)
                 state = rt.actor(ACTOR)
                 state.last_run, state.next_run = started, wake
-                await write_committed(rt, ACTOR, writes, partial(
-                    WriteConnection.record_run, actor=ACTOR, last_run=started, next_run=wake,
-                    result=f"{retried} retried"))
+                await write_committed(
+                    rt,
+                    ACTOR,
+                    writes,
+                    partial(
+                        WriteConnection.record_run,
+                        actor=ACTOR,
+                        last_run=started,
+                        next_run=wake,
+                        result=f"{retried} retried",
+                    ),
+                )
                 await _wait_for_due(rt, reader, wake, due_poll_s)
     finally:
         with trio.CancelScope(shield=True):
@@ -201,7 +235,9 @@ async def run_dlq_retrier(
 
 
 async def _one_pass(
-    rt: Runtime, reader: Reader, writes: trio.MemorySendChannel[WriteOp],
+    rt: Runtime,
+    reader: Reader,
+    writes: trio.MemorySendChannel[WriteOp],
     transports: dict[str, httpx.AsyncBaseTransport],
 ) -> int:
     """Retry what is due now, up to a batch; how many were tried."""
@@ -225,12 +261,25 @@ async def _retry_contained(rt: Runtime, dl: DeadLetter, transports: dict[str, ht
         return await retry_one(rt, dl, transports)
     except Exception as exc:
         d = dl.delivery
-        log.exception("dead letter retry raised: the entry is abandoned", extra={
-            "event": "dlq_retry_internal_error", "service": d.target, "message_id": d.key,
-            "error": internal_error(exc)})
+        log.exception(
+            "dead letter retry raised: the entry is abandoned",
+            extra={
+                "event": "dlq_retry_internal_error",
+                "service": d.target,
+                "message_id": d.key,
+                "error": internal_error(exc),
+            },
+        )
         rt.counters.bump(rt.counters.internal_errors, (d.target, "dlq_retry"))
-        retried = after_retry(dl.attempts, Verdict.PERMANENT, rt.wall_clock(), rt.config.dlq, dead_letter_id=dl.id,
-                              message_id=d.id, error=internal_error(exc))
+        retried = after_retry(
+            dl.attempts,
+            Verdict.PERMANENT,
+            rt.wall_clock(),
+            rt.config.dlq,
+            dead_letter_id=dl.id,
+            message_id=d.id,
+            error=internal_error(exc),
+        )
         return dataclasses.replace(retried, reason=INTERNAL_ERROR)
 
 

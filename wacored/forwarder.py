@@ -89,12 +89,17 @@ class Attempt:
 
     def row(self, d: Delivery, service: str, number: int, kind: str, node: str) -> AttemptRow:
         """This attempt as the attempts log keeps it (`error` is already safe: `untrusted.excerpt`)."""
-        return AttemptRow(d.id, service, number, kind, self.started_at, self.duration_s, self.status_code,
-                          self.error, node)
+        return AttemptRow(
+            d.id, service, number, kind, self.started_at, self.duration_s, self.status_code, self.error, node
+        )
 
 
 async def attempt(
-    transport: httpx.AsyncBaseTransport, target: Target, d: Delivery, *, tracer: Tracer = NO_TRACER,
+    transport: httpx.AsyncBaseTransport,
+    target: Target,
+    d: Delivery,
+    *,
+    tracer: Tracer = NO_TRACER,
     dlq_retry: bool = False,
 ) -> Attempt:
     """One POST of `d` to `target`, classified; never raises for a network or HTTP failure.
@@ -141,8 +146,9 @@ async def _attempt(
     verdict = classify(response.status_code)
     if verdict is Verdict.DELIVERED:
         return Attempt(verdict, status_code=response.status_code)
-    wait = retry_after_s(response.status_code, response.headers.get("retry-after"), time.time(),
-                         target.forwarding.retry_after_max_s)
+    wait = retry_after_s(
+        response.status_code, response.headers.get("retry-after"), time.time(), target.forwarding.retry_after_max_s
+    )
     # Whatever charset the service names, the excerpt is UTF-8 with replacement: a name such as
     # "base64" makes Python's codec lookup raise, and others raise UnicodeError.
     encoding = response.headers.get("content-encoding", "identity")
@@ -200,7 +206,11 @@ async def guarded_attempt(
 
 
 async def deliver(
-    rt: Runtime, name: str, transport: httpx.AsyncBaseTransport, d: Delivery, rng: random.Random,
+    rt: Runtime,
+    name: str,
+    transport: httpx.AsyncBaseTransport,
+    d: Delivery,
+    rng: random.Random,
     log_to: list[AttemptRow] | None = None,
 ) -> Outcome | None:
     """Attempt `d` until delivered, refused, blocked by the breaker, or out of retries.
@@ -229,8 +239,9 @@ async def deliver(
         made.append(result.row(d, name, tries, "delivery", rt.node))
         if settled(result.verdict, tries, target.forwarding.retries):
             return _outcome(rt, d, name, tries, result, dead_letter_reason(result.verdict), made)
-        if await _stopped_while_waiting(rt, next_try_s(backoff_s(tries, target.forwarding.retry_base_ms / 1000,
-                                                                 rng), result.retry_after_s)):
+        if await _stopped_while_waiting(
+            rt, next_try_s(backoff_s(tries, target.forwarding.retry_base_ms / 1000, rng), result.retry_after_s)
+        ):
             return None
 
 
@@ -252,7 +263,11 @@ def internal_error(exc: Exception) -> str:
 
 
 async def deliver_contained(
-    rt: Runtime, name: str, transport: httpx.AsyncBaseTransport, d: Delivery, rng: random.Random,
+    rt: Runtime,
+    name: str,
+    transport: httpx.AsyncBaseTransport,
+    d: Delivery,
+    rng: random.Random,
 ) -> Outcome | None:
     """`deliver`, with anything unexpected it raises turned into a permanent dead letter for `d` alone
     (the attempts it made before are logged with it)."""
@@ -260,14 +275,27 @@ async def deliver_contained(
     try:
         return await deliver(rt, name, transport, d, rng, made)
     except Exception as exc:
-        log.exception("delivery raised: the message is dead-lettered, the lane goes on", extra={
-            "event": "delivery_internal_error", "service": name, "message_id": d.key, "error": internal_error(exc)})
+        log.exception(
+            "delivery raised: the message is dead-lettered, the lane goes on",
+            extra={
+                "event": "delivery_internal_error",
+                "service": name,
+                "message_id": d.key,
+                "error": internal_error(exc),
+            },
+        )
         rt.counters.bump(rt.counters.internal_errors, (name, "delivery"))
         return _outcome(rt, d, name, 1, Attempt(Verdict.PERMANENT, internal_error(exc)), INTERNAL_ERROR, made)
 
 
 def _outcome(
-    rt: Runtime, d: Delivery, name: str, tries: int, result: Attempt, reason: str, made: list[AttemptRow],
+    rt: Runtime,
+    d: Delivery,
+    name: str,
+    tries: int,
+    result: Attempt,
+    reason: str,
+    made: list[AttemptRow],
 ) -> Outcome:
     at = rt.wall_clock()
     delivered = result.verdict is Verdict.DELIVERED
@@ -320,22 +348,26 @@ async def run_lane(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> None:
     """Deliver one lane's messages one at a time, in order; report each outcome to the writer."""
-    async with receive, writes, (transport or new_transport()) as lane_transport:
+    async with receive, writes, transport or new_transport() as lane_transport:
         async for d in receive:
             if rt.stopping.is_set():
                 return
             outcome = await deliver_contained(rt, name, lane_transport, d, rng)
             if outcome is None:
                 return
-            ids = {"service": name, "message_id": d.key, "request_id": d.request_id,
-                   "correlation_id": d.correlation_id}
+            ids = {"service": name, "message_id": d.key, "request_id": d.request_id, "correlation_id": d.correlation_id}
             if outcome.delivered:
                 log.debug("delivered", extra={"event": "delivered", **ids})
             else:
                 log.warning(
                     "dead-lettered",
-                    extra={"event": "dead_lettered", **ids, "reason": outcome.reason, "error": outcome.error,
-                           "attempts": outcome.attempts},
+                    extra={
+                        "event": "dead_lettered",
+                        **ids,
+                        "reason": outcome.reason,
+                        "error": outcome.error,
+                        "attempts": outcome.attempts,
+                    },
                 )
             await writes.send(Record(outcome))
 
@@ -422,6 +454,19 @@ async def _next(queue: DeliveryQueue, writes: trio.MemorySendChannel[WriteOp]) -
     return []
 
 
-__all__ = ["EXCERPT", "INTERNAL_ERROR", "Attempt", "Target", "attempt", "deliver", "deliver_contained",
-           "guarded_attempt", "internal_error", "new_transport", "run_forwarder", "run_lane", "targets_of",
-           "tls_context"]
+__all__ = [
+    "EXCERPT",
+    "INTERNAL_ERROR",
+    "Attempt",
+    "Target",
+    "attempt",
+    "deliver",
+    "deliver_contained",
+    "guarded_attempt",
+    "internal_error",
+    "new_transport",
+    "run_forwarder",
+    "run_lane",
+    "targets_of",
+    "tls_context",
+]

@@ -140,8 +140,7 @@ class Webhook:
         started = time.perf_counter()
         with webhook_span(rt.tracer, headers) as span:
             try:
-                status, body, extra = await self._post(receive, headers, ids["X-Request-ID"],
-                                                       ids["X-Correlation-ID"])
+                status, body, extra = await self._post(receive, headers, ids["X-Request-ID"], ids["X-Correlation-ID"])
             except ClientGone:
                 # Nothing was stored (the body never arrived whole); Meta will deliver it again.
                 rt.counters.request("client_gone", OTHER)
@@ -180,9 +179,12 @@ class Webhook:
         admission = rt.admission
         try:
             with admission.reading(server.read_timeout_s) as read:
-                raw = await read_body(receive, int(declared) if declared and declared.isdigit() else None,
-                                      server.max_body_bytes,
-                                      lambda n: admission.grow(read, n, server.max_unverified_bytes))
+                raw = await read_body(
+                    receive,
+                    int(declared) if declared and declared.isdigit() else None,
+                    server.max_body_bytes,
+                    lambda n: admission.grow(read, n, server.max_unverified_bytes),
+                )
         except TooLarge:
             return self._reject(413, "too_large", {"error": "payload_too_large", "limit": server.max_body_bytes})
         if read.outcome is Outcome.TIMED_OUT:
@@ -200,8 +202,13 @@ class Webhook:
         label = numbers.label(numbers.key_of(batch.number))
         wait = rt.limiter.admit(Counter(_window(numbers, m) for m in batch.messages), trio.current_time())
         if wait is not None:
-            return self._reject(429, "rate_limited", {"error": "rate_limit_exceeded", "retryAfter": wait},
-                                {"Retry-After": str(wait)}, number=label)
+            return self._reject(
+                429,
+                "rate_limited",
+                {"error": "rate_limit_exceeded", "retryAfter": wait},
+                {"Retry-After": str(wait)},
+                number=label,
+            )
         rows, changes = self._route(batch, request_id, correlation_id, headers.get("traceparent"))
         try:
             ids = await self._commit(rows, changes)
@@ -220,8 +227,13 @@ class Webhook:
         return False
 
     def _reject(
-        self, status: int, outcome: str, body: dict[str, Any], extra: dict[str, str] | None = None,
-        *, number: str = OTHER,
+        self,
+        status: int,
+        outcome: str,
+        body: dict[str, Any],
+        extra: dict[str, str] | None = None,
+        *,
+        number: str = OTHER,
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         """`number` labels the POST: ``other`` until it is parsed (its first change's number after)."""
         self.rt.counters.request(outcome, number)
@@ -237,10 +249,24 @@ class Webhook:
         rt = self.rt
         now = rt.wall_clock()
         plan = plan_ingest(batch, rt.numbers, rt.sessions, now)
-        rows = [NewRow(p.key, p.kind, p.sender, p.service, p.reason, p.target, p.body, request_id, correlation_id,
-                       message_traceparent(rt.tracer, traceparent, p.service, p.reason, p.kind), now,
-                       number=p.number, probe=p.probe)
-                for p in plan.rows]
+        rows = [
+            NewRow(
+                p.key,
+                p.kind,
+                p.sender,
+                p.service,
+                p.reason,
+                p.target,
+                p.body,
+                request_id,
+                correlation_id,
+                message_traceparent(rt.tracer, traceparent, p.service, p.reason, p.kind),
+                now,
+                number=p.number,
+                probe=p.probe,
+            )
+            for p in plan.rows
+        ]
         return rows, list(plan.changes)
 
     async def _commit(self, rows: list[NewRow], changes: list[tuple[int, SessionChange]]) -> list[int | None]:
@@ -256,8 +282,10 @@ class Webhook:
         counters, numbers = self.rt.counters, self.rt.numbers
         n_messages = len(batch.messages)
         inserted = [r for r, row_id in zip(rows[:n_messages], ids[:n_messages], strict=True) if row_id is not None]
-        routes: list[dict[str, Any]] = [{"message_id": r.key, "service": r.service, "reason": r.reason,
-                                         **({"probe": True} if r.probe else {})} for r in inserted]
+        routes: list[dict[str, Any]] = [
+            {"message_id": r.key, "service": r.service, "reason": r.reason, **({"probe": True} if r.probe else {})}
+            for r in inserted
+        ]
         duplicates = n_messages - len(routes)
         for r in inserted:
             if r.probe:
@@ -278,8 +306,7 @@ class Webhook:
         trace.get_current_span().set_attributes({"wacored.outcome": outcome, "wacored.accepted": len(routes)})
         if batch.errors:
             log.warning("webhook carried errors", extra={"event": "webhook_value_errors", "count": batch.errors})
-        body = {"accepted": len(routes), "duplicates": duplicates, "statuses": len(batch.statuses),
-                "routes": routes}
+        body = {"accepted": len(routes), "duplicates": duplicates, "statuses": len(batch.statuses), "routes": routes}
         extra = {"X-Routed-Service": routes[0]["service"]} if routes else {}
         return 200, body, extra
 
@@ -304,8 +331,12 @@ def _window(numbers: Numbers, m: InboundMessage) -> tuple[str, str]:
 async def refuse_overloaded(send: Send, ids: dict[str, str]) -> None:
     """Answer a request refused at the connection cap (nothing in flight could be shed): 503, closed."""
     body = json.dumps({"error": "overloaded"}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"retry-after", b"1"), (b"connection", b"close")]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
     headers += [(k.lower().encode(), v.encode()) for k, v in ids.items()]
     await send({"type": "http.response.start", "status": 503, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -30,10 +30,25 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskN
 _NO_IDS: Mapping[str, str] = MappingProxyType({})
 _IDS: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("wacored_log_ids", default=_NO_IDS)
 
-PHONE_FIELDS = frozenset({"sender", "phone", "to", "recipient", "recipient_id", "from", "wa_id", "msisdn",
-                          "from_user_id", "bsuid"})
-SECRET_FIELDS = frozenset({"text", "body", "caption", "token", "access_token", "app_secret", "secret",
-                           "verify_token", "authorization", "password", "signature", "payload"})
+PHONE_FIELDS = frozenset(
+    {"sender", "phone", "to", "recipient", "recipient_id", "from", "wa_id", "msisdn", "from_user_id", "bsuid"}
+)
+SECRET_FIELDS = frozenset(
+    {
+        "text",
+        "body",
+        "caption",
+        "token",
+        "access_token",
+        "app_secret",
+        "secret",
+        "verify_token",
+        "authorization",
+        "password",
+        "signature",
+        "payload",
+    }
+)
 FREE_TEXT_FIELDS = frozenset({"error", "detail", "reason_text"})
 REDACTED = "[redacted]"
 

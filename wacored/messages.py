@@ -85,8 +85,14 @@ def parse_time(text: str, now: float) -> float:
 
 
 def selection(
-    now: float, *, since: str | None = None, until: str | None = None, service: str | None = None,
-    state: str | None = None, kind: str | None = None, limit: int | str | None = None,
+    now: float,
+    *,
+    since: str | None = None,
+    until: str | None = None,
+    service: str | None = None,
+    state: str | None = None,
+    kind: str | None = None,
+    limit: int | str | None = None,
     states: Sequence[str] = STATE_FILTERS,
 ) -> Selection:
     """A checked `Selection` from what an operator typed (times as `parse_time` reads them)."""
@@ -111,8 +117,12 @@ def _limit(value: int | str) -> int:
 
 def _where(sel: Selection) -> tuple[str, list[Any]]:
     clauses, params = ["1"], []
-    for clause, value in (("m.received_at >= ?", sel.since), ("m.received_at < ?", sel.until),
-                          ("m.service = ?", sel.service), ("m.kind = ?", sel.kind)):
+    for clause, value in (
+        ("m.received_at >= ?", sel.since),
+        ("m.received_at < ?", sel.until),
+        ("m.service = ?", sel.service),
+        ("m.kind = ?", sel.kind),
+    ):
         if value is not None:
             clauses.append(clause)
             params.append(value)
@@ -133,15 +143,26 @@ _SUMMARY = (
 
 def _summary(row: Sequence[Any]) -> dict[str, Any]:
     mid, key, kind, service, reason, target, state, received_at, done_at, attempts = row
-    return {"id": mid, "message_id": key, "kind": kind, "service": service, "reason": reason, "target": target,
-            "state": state, "received_at": iso(received_at), "done_at": iso(done_at), "attempts": attempts}
+    return {
+        "id": mid,
+        "message_id": key,
+        "kind": kind,
+        "service": service,
+        "reason": reason,
+        "target": target,
+        "state": state,
+        "received_at": iso(received_at),
+        "done_at": iso(done_at),
+        "attempts": attempts,
+    }
 
 
 def list_messages(conn: sqlite3.Connection, sel: Selection) -> list[dict[str, Any]]:
     """The messages `sel` selects, newest first, at most `sel.limit`."""
     where, params = _where(sel)
-    rows = conn.execute(f"{_SUMMARY} WHERE {where} ORDER BY m.received_at DESC, m.id DESC LIMIT ?",
-                        (*params, sel.limit)).fetchall()
+    rows = conn.execute(
+        f"{_SUMMARY} WHERE {where} ORDER BY m.received_at DESC, m.id DESC LIMIT ?", (*params, sel.limit)
+    ).fetchall()
     return [_summary(r) for r in rows]
 
 
@@ -155,9 +176,14 @@ def show(conn: sqlite3.Connection, key: str) -> dict[str, Any] | None:
         if row is None:
             return None
         report = _summary(row)
-        report["attempts"] = [_attempt(a) for a in conn.execute(
-            "SELECT number, kind, service, started_at, duration_ms, status_code, error, node FROM attempts"
-            " WHERE message_id = ? ORDER BY id", (report["id"],))]
+        report["attempts"] = [
+            _attempt(a)
+            for a in conn.execute(
+                "SELECT number, kind, service, started_at, duration_ms, status_code, error, node FROM attempts"
+                " WHERE message_id = ? ORDER BY id",
+                (report["id"],),
+            )
+        ]
         dead = list_dead_letters_of(conn, report["id"])
         report["dead_letter"] = dead.to_json() if dead is not None else None
         return report
@@ -167,8 +193,16 @@ def show(conn: sqlite3.Connection, key: str) -> dict[str, Any] | None:
 
 def _attempt(row: Sequence[Any]) -> dict[str, Any]:
     number, kind, service, started_at, duration_ms, status_code, error, node = row
-    return {"number": number, "kind": kind, "service": service, "started_at": iso(started_at, "milliseconds"),
-            "duration_ms": duration_ms, "status_code": status_code, "error": error, "node": node}
+    return {
+        "number": number,
+        "kind": kind,
+        "service": service,
+        "started_at": iso(started_at, "milliseconds"),
+        "duration_ms": duration_ms,
+        "status_code": status_code,
+        "error": error,
+        "node": node,
+    }
 
 
 @dataclass(frozen=True)
@@ -187,8 +221,10 @@ def plan_replay(conn: sqlite3.Connection, keys: Sequence[str]) -> ReplayPlan:
     unknown: list[str] = []
     queued: list[str] = []
     for key in dict.fromkeys(keys):
-        found = conn.execute("SELECT id, state FROM messages WHERE key = ? AND state IN (?, ?, ?) ORDER BY id",
-                             (key, "queued", *FORWARDED)).fetchall()
+        found = conn.execute(
+            "SELECT id, state FROM messages WHERE key = ? AND state IN (?, ?, ?) ORDER BY id",
+            (key, "queued", *FORWARDED),
+        ).fetchall()
         if not found:
             unknown.append(key)
         elif all(state == "queued" for _, state in found):
@@ -200,8 +236,9 @@ def plan_replay(conn: sqlite3.Connection, keys: Sequence[str]) -> ReplayPlan:
 def plan_matching(conn: sqlite3.Connection, sel: Selection) -> ReplayPlan:
     """Every message `sel` selects that is not queued already (no limit), oldest first."""
     where, params = _where(sel)
-    rows = conn.execute(f"SELECT m.id FROM messages AS m WHERE {where} AND m.state IN (?, ?) ORDER BY m.id",
-                        [*params, *FORWARDED]).fetchall()
+    rows = conn.execute(
+        f"SELECT m.id FROM messages AS m WHERE {where} AND m.state IN (?, ?) ORDER BY m.id", [*params, *FORWARDED]
+    ).fetchall()
     return ReplayPlan([r[0] for r in rows])
 
 
@@ -211,14 +248,16 @@ def requeue(conn: sqlite3.Connection, ids: Sequence[int], now: float) -> int:
     count = 0
     for start in range(0, len(ids), BATCH):
         with immediate(conn):
-            for mid in ids[start:start + BATCH]:
+            for mid in ids[start : start + BATCH]:
                 cur = conn.execute(
                     "UPDATE messages SET state = 'queued', done_at = NULL WHERE id = ? AND state IN (?, ?)",
-                    (mid, *FORWARDED))
+                    (mid, *FORWARDED),
+                )
                 if cur.rowcount:
                     count += 1
-                    conn.execute("UPDATE dead_letters SET state = 'replayed', updated_at = ? WHERE message_id = ?",
-                                 (now, mid))
+                    conn.execute(
+                        "UPDATE dead_letters SET state = 'replayed', updated_at = ? WHERE message_id = ?", (now, mid)
+                    )
     return count
 
 
@@ -260,14 +299,17 @@ def show_text(report: dict[str, Any]) -> str:
     ]
     for a in report["attempts"]:
         result = a["error"] or f"HTTP {a['status_code']}"
-        lines.append(f"  #{a['number']} {a['kind']:<9} {a['started_at']}  {a['duration_ms']:.1f} ms  {result}"
-                     f"  ({a['node']})")
+        lines.append(
+            f"  #{a['number']} {a['kind']:<9} {a['started_at']}  {a['duration_ms']:.1f} ms  {result}  ({a['node']})"
+        )
     dead = report["dead_letter"]
     if dead is None:
         lines.append("dead letter none")
     else:
-        lines.append(f"dead letter id {dead['id']}: {dead['state']} ({dead['reason']}), {dead['attempts']}"
-                     f" retries, next {dead['next_attempt_at'] or '-'}: {_cell(dead['error'])}")
+        lines.append(
+            f"dead letter id {dead['id']}: {dead['state']} ({dead['reason']}), {dead['attempts']}"
+            f" retries, next {dead['next_attempt_at'] or '-'}: {_cell(dead['error'])}"
+        )
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -48,8 +48,19 @@ ACK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.
 FORWARD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """Up to twice the default forward timeout (4 s)."""
 
-REQUEST_OUTCOMES = ("accepted", "duplicate", "bad_signature", "bad_request", "too_large", "rate_limited",
-                    "unavailable", "client_gone", "read_timeout", "shed", "over_capacity")
+REQUEST_OUTCOMES = (
+    "accepted",
+    "duplicate",
+    "bad_signature",
+    "bad_request",
+    "too_large",
+    "rate_limited",
+    "unavailable",
+    "client_gone",
+    "read_timeout",
+    "shed",
+    "over_capacity",
+)
 HANDSHAKE_RESULTS = ("ok", "refused")
 STATUSES = ("sent", "delivered", "read", "failed")
 OTHER_STATUS = "other"
@@ -75,12 +86,17 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus-client 0.26
         self.registry = CollectorRegistry(auto_describe=True)
         self.ack_latency = Histogram(
-            "wacored_ack_latency_seconds", "Time from a webhook POST's arrival to its answer.",
-            buckets=ACK_BUCKETS, registry=self.registry,
+            "wacored_ack_latency_seconds",
+            "Time from a webhook POST's arrival to its answer.",
+            buckets=ACK_BUCKETS,
+            registry=self.registry,
         )
         self.forward_latency = Histogram(
-            "wacored_forward_latency_seconds", "Duration of one forward attempt, by target service.",
-            ["service"], buckets=FORWARD_BUCKETS, registry=self.registry,
+            "wacored_forward_latency_seconds",
+            "Duration of one forward attempt, by target service.",
+            ["service"],
+            buckets=FORWARD_BUCKETS,
+            registry=self.registry,
         )
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -126,8 +142,13 @@ class StateCollector(Collector):
         services = targets(rt)
         yield _gauge("wacored_build_info", "The running version (always 1).", ["version"], {(self.version,): 1})
         yield from self._ingress(services)
-        yield _counter("wacored_probes", "Probes accepted: signed test messages routed and stored, never forwarded"
-                       " (not in wacored_messages_routed_total).", [], {(): rt.counters.probes})
+        yield _counter(
+            "wacored_probes",
+            "Probes accepted: signed test messages routed and stored, never forwarded"
+            " (not in wacored_messages_routed_total).",
+            [],
+            {(): rt.counters.probes},
+        )
         yield from self._forwarding(services, now)
         yield from self._dead_letters(services, now)
         yield from self._operations(now)
@@ -139,8 +160,9 @@ class StateCollector(Collector):
         if self.rt.config.numbers:
             yield from self._ingress_by_number()
             return
-        yield _counter("wacored_webhook_requests", "Webhook POSTs by outcome.", ["outcome"],
-                       _known(c.requests, REQUEST_OUTCOMES))
+        yield _counter(
+            "wacored_webhook_requests", "Webhook POSTs by outcome.", ["outcome"], _known(c.requests, REQUEST_OUTCOMES)
+        )
         yield from self._handshakes()
         routed: Series = {(s, r): 0 for s in services if s != GRAPH_SENDER for r in SERVICE_REASONS}
         routed.update({(HOME_SERVICE, r): 0 for r in HOME_REASONS})
@@ -150,8 +172,9 @@ class StateCollector(Collector):
             routed[(HOME_SERVICE, UNKNOWN_NUMBER)] = 0
         for route, n in c.routed.items():
             routed[route] = n
-        yield _counter("wacored_messages_routed", "Routed messages by service and reason.",
-                       ["service", "reason"], routed)
+        yield _counter(
+            "wacored_messages_routed", "Routed messages by service and reason.", ["service", "reason"], routed
+        )
         statuses: Series = {(s,): 0 for s in STATUSES}
         for status, n in c.statuses.items():
             key = (_status(status),)
@@ -160,11 +183,18 @@ class StateCollector(Collector):
 
     def _handshakes(self) -> Iterator[Metric]:
         c = self.rt.counters
-        yield _counter("wacored_webhook_previous_secret",
-                       "Webhook POSTs verified with the previous app secret (drop it once this stops growing).",
-                       [], {(): c.previous_secret})
-        yield _counter("wacored_handshakes", "Webhook verification handshakes by result.", ["result"],
-                       _known(c.handshakes, HANDSHAKE_RESULTS))
+        yield _counter(
+            "wacored_webhook_previous_secret",
+            "Webhook POSTs verified with the previous app secret (drop it once this stops growing).",
+            [],
+            {(): c.previous_secret},
+        )
+        yield _counter(
+            "wacored_handshakes",
+            "Webhook verification handshakes by result.",
+            ["result"],
+            _known(c.handshakes, HANDSHAKE_RESULTS),
+        )
 
     def _ingress_by_number(self) -> Iterator[Metric]:
         """The same families with a ``number`` label, once the config has ``[numbers.ID]`` sections
@@ -192,96 +222,197 @@ class StateCollector(Collector):
             elif kind == "statuses":
                 status = (_status(values[0]), values[1])
                 statuses[status] = statuses.get(status, 0) + n
-        yield _counter("wacored_webhook_requests", "Webhook POSTs by outcome and (first change's) number.",
-                       ["outcome", "number"], requests)
+        yield _counter(
+            "wacored_webhook_requests",
+            "Webhook POSTs by outcome and (first change's) number.",
+            ["outcome", "number"],
+            requests,
+        )
         yield from self._handshakes()
-        yield _counter("wacored_messages_routed", "Routed messages by service, reason and number.",
-                       ["service", "reason", "number"], routed)
-        yield _counter("wacored_status_updates", "Status updates received, by status and number.",
-                       ["status", "number"], statuses)
+        yield _counter(
+            "wacored_messages_routed",
+            "Routed messages by service, reason and number.",
+            ["service", "reason", "number"],
+            routed,
+        )
+        yield _counter(
+            "wacored_status_updates", "Status updates received, by status and number.", ["status", "number"], statuses
+        )
 
     def _forwarding(self, services: list[str], now: float) -> Iterator[Metric]:
         rt = self.rt
-        yield _counter("wacored_forward_attempts", "Forward attempts by service and outcome.",
-                       ["service", "outcome"], _by_service(rt.counters.forwards, services, FORWARD_OUTCOMES))
+        yield _counter(
+            "wacored_forward_attempts",
+            "Forward attempts by service and outcome.",
+            ["service", "outcome"],
+            _by_service(rt.counters.forwards, services, FORWARD_OUTCOMES),
+        )
         stats = rt.stats
-        yield _gauge("wacored_queue_depth", "Messages accepted and not yet delivered nor dead-lettered.",
-                     ["service"], {(s,): stats.queued.get(s, 0) for s in services})
-        yield _gauge("wacored_queue_oldest_age_seconds", "Age of the oldest queued message (0 when none).",
-                     ["service"], {(s,): _age(now, stats.oldest_queued_at.get(s)) for s in services})
-        yield _gauge("wacored_queue_memory_depth", "Deliveries waiting in the forwarder's memory channel.",
-                     ["service"], {(s,): q.depth() if (q := rt.queues.get(s)) else 0 for s in services})
+        yield _gauge(
+            "wacored_queue_depth",
+            "Messages accepted and not yet delivered nor dead-lettered.",
+            ["service"],
+            {(s,): stats.queued.get(s, 0) for s in services},
+        )
+        yield _gauge(
+            "wacored_queue_oldest_age_seconds",
+            "Age of the oldest queued message (0 when none).",
+            ["service"],
+            {(s,): _age(now, stats.oldest_queued_at.get(s)) for s in services},
+        )
+        yield _gauge(
+            "wacored_queue_memory_depth",
+            "Deliveries waiting in the forwarder's memory channel.",
+            ["service"],
+            {(s,): q.depth() if (q := rt.queues.get(s)) else 0 for s in services},
+        )
         mono = _monotonic_now()
         breakers = {s: rt.breakers.get(s) for s in services}
-        yield _gauge("wacored_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", ["service"],
-                     {(s,): b.state(mono).gauge if b else 0 for s, b in breakers.items()})
-        yield _counter("wacored_breaker_trips", "Times the circuit breaker opened.", ["service"],
-                       {(s,): b.trips if b else 0 for s, b in breakers.items()})
+        yield _gauge(
+            "wacored_breaker_state",
+            "Circuit breaker: 0 closed, 1 half-open, 2 open.",
+            ["service"],
+            {(s,): b.state(mono).gauge if b else 0 for s, b in breakers.items()},
+        )
+        yield _counter(
+            "wacored_breaker_trips",
+            "Times the circuit breaker opened.",
+            ["service"],
+            {(s,): b.trips if b else 0 for s, b in breakers.items()},
+        )
         paused = rt.pauses.paused
-        yield _gauge("wacored_service_paused", "1 while an operator has paused forwarding to the service.",
-                     ["service"], {(s,): int(s in paused) for s in services})
-        yield _gauge("wacored_service_paused_seconds", "How long the service has been paused (0 when not).",
-                     ["service"], {(s,): paused_seconds(paused.get(s), now) for s in services})
+        yield _gauge(
+            "wacored_service_paused",
+            "1 while an operator has paused forwarding to the service.",
+            ["service"],
+            {(s,): int(s in paused) for s in services},
+        )
+        yield _gauge(
+            "wacored_service_paused_seconds",
+            "How long the service has been paused (0 when not).",
+            ["service"],
+            {(s,): paused_seconds(paused.get(s), now) for s in services},
+        )
 
     def _dead_letters(self, services: list[str], now: float) -> Iterator[Metric]:
         rt = self.rt
         dead: Series = {(s, state): 0 for s in services if s != GRAPH_SENDER for state in DEAD_LETTER_STATES}
         dead.update({key: n for key, n in rt.stats.dead_letters_by_service.items()})
         yield _gauge("wacored_dead_letters", "Dead letters by service and state.", ["service", "state"], dead)
-        yield _gauge("wacored_dead_letter_oldest_pending_age_seconds",
-                     "Age of the oldest pending dead letter (0 when none).", [],
-                     {(): _age(now, rt.stats.oldest_pending_at)})
-        yield _counter("wacored_dlq_retries", "Dead-letter retries by service and outcome.",
-                       ["service", "outcome"], _by_service(rt.counters.dlq_retries, services, DLQ_RETRY_OUTCOMES))
-        yield _counter("wacored_internal_errors",
-                       "Deliveries that raised something unexpected (each dead-lettered its message as"
-                       " internal_error), by service and stage.",
-                       ["service", "stage"], _by_service(rt.counters.internal_errors, services, INTERNAL_ERROR_STAGES))
+        yield _gauge(
+            "wacored_dead_letter_oldest_pending_age_seconds",
+            "Age of the oldest pending dead letter (0 when none).",
+            [],
+            {(): _age(now, rt.stats.oldest_pending_at)},
+        )
+        yield _counter(
+            "wacored_dlq_retries",
+            "Dead-letter retries by service and outcome.",
+            ["service", "outcome"],
+            _by_service(rt.counters.dlq_retries, services, DLQ_RETRY_OUTCOMES),
+        )
+        yield _counter(
+            "wacored_internal_errors",
+            "Deliveries that raised something unexpected (each dead-lettered its message as"
+            " internal_error), by service and stage.",
+            ["service", "stage"],
+            _by_service(rt.counters.internal_errors, services, INTERNAL_ERROR_STAGES),
+        )
 
     def _operations(self, now: float) -> Iterator[Metric]:
         rt = self.rt
-        yield _gauge("wacored_sessions_active", "Senders with a live session.", [],
-                     {(): rt.sessions.active(now)})
+        yield _gauge("wacored_sessions_active", "Senders with a live session.", [], {(): rt.sessions.active(now)})
         actors = sorted(rt.actors.items())
-        yield _gauge("wacored_actor_up", "1 while the actor runs.", ["actor"],
-                     {(name, ): int(a.running) for name, a in actors})
-        yield _counter("wacored_actor_restarts", "Restarts of the actor by the supervisor.", ["actor"],
-                       {(name,): a.restarts for name, a in actors})
-        yield _counter("wacored_config_reloads", "Config reloads (SIGHUP) by result.", ["result"],
-                       _known(rt.counters.reloads, RELOAD_RESULTS))
-        yield _gauge("wacored_config_last_reload_successful",
-                     "1 while the config in force is the file's; 0 from a refused reload until one works.", [],
-                     {(): int(rt.counters.last_reload_ok)})
-        yield _gauge("wacored_config_last_reload_success_timestamp_seconds",
-                     "When the config in force was loaded (start-up, or the last reload that worked).", [],
-                     {(): rt.counters.last_reload_success_at or rt.started_at})
-        yield _gauge("wacored_store_size_bytes", "The store's bytes on disk, write-ahead log included.", [],
-                     {(): rt.stats.size_bytes or 0})
-        yield _counter("wacored_reaped", "Rows the reaper deleted, by kind.", ["kind"],
-                       _known(rt.counters.reaped, REAPED_KINDS))
+        yield _gauge(
+            "wacored_actor_up", "1 while the actor runs.", ["actor"], {(name,): int(a.running) for name, a in actors}
+        )
+        yield _counter(
+            "wacored_actor_restarts",
+            "Restarts of the actor by the supervisor.",
+            ["actor"],
+            {(name,): a.restarts for name, a in actors},
+        )
+        yield _counter(
+            "wacored_config_reloads",
+            "Config reloads (SIGHUP) by result.",
+            ["result"],
+            _known(rt.counters.reloads, RELOAD_RESULTS),
+        )
+        yield _gauge(
+            "wacored_config_last_reload_successful",
+            "1 while the config in force is the file's; 0 from a refused reload until one works.",
+            [],
+            {(): int(rt.counters.last_reload_ok)},
+        )
+        yield _gauge(
+            "wacored_config_last_reload_success_timestamp_seconds",
+            "When the config in force was loaded (start-up, or the last reload that worked).",
+            [],
+            {(): rt.counters.last_reload_success_at or rt.started_at},
+        )
+        yield _gauge(
+            "wacored_store_size_bytes",
+            "The store's bytes on disk, write-ahead log included.",
+            [],
+            {(): rt.stats.size_bytes or 0},
+        )
+        yield _counter(
+            "wacored_reaped", "Rows the reaper deleted, by kind.", ["kind"], _known(rt.counters.reaped, REAPED_KINDS)
+        )
 
     def _store_writes(self, now: float) -> Iterator[Metric]:
         w = self.rt.store_writes
-        yield _counter("wacored_store_commit_failures", "Store transactions that failed (disk full, locked, I/O).",
-                       [], {(): w.failures})
-        yield _gauge("wacored_store_commit_failing_seconds",
-                     "How long the store's commits have been failing (0 while they succeed).", [],
-                     {(): _age(now, w.failing_since)})
-        yield _gauge("wacored_store_outcomes_held", "Delivery outcomes waiting for the store to take them.", [],
-                     {(): len(w.held)})
+        yield _counter(
+            "wacored_store_commit_failures",
+            "Store transactions that failed (disk full, locked, I/O).",
+            [],
+            {(): w.failures},
+        )
+        yield _gauge(
+            "wacored_store_commit_failing_seconds",
+            "How long the store's commits have been failing (0 while they succeed).",
+            [],
+            {(): _age(now, w.failing_since)},
+        )
+        yield _gauge(
+            "wacored_store_outcomes_held",
+            "Delivery outcomes waiting for the store to take them.",
+            [],
+            {(): len(w.held)},
+        )
 
     def _slo(self) -> Iterator[Metric]:
         rt, slo = self.rt, self.rt.slo
-        yield _gauge("wacored_slo_ack_p95_seconds", "p95 of the ack latency over the last POSTs (window).", [],
-                     {(): slo.p95.window.p95()})
-        yield _gauge("wacored_slo_ack_p95_target_seconds", "The ack latency p95 objective.", [],
-                     {(): rt.config.slo.p95_ms / 1000})
-        yield _gauge("wacored_slo_cold_start_seconds", "Process start to ready (bound and recovered).", [],
-                     {(): slo.cold_start_s or 0.0})
-        yield _gauge("wacored_slo_cold_start_target_seconds", "The cold start objective.", [],
-                     {(): rt.config.slo.cold_start_ms / 1000})
-        yield _counter("wacored_slo_breaches", "Times an SLO was breached (p95: crossings above target).",
-                       ["slo"], {(name,): n for name, n in slo.breaches.items()})
+        yield _gauge(
+            "wacored_slo_ack_p95_seconds",
+            "p95 of the ack latency over the last POSTs (window).",
+            [],
+            {(): slo.p95.window.p95()},
+        )
+        yield _gauge(
+            "wacored_slo_ack_p95_target_seconds",
+            "The ack latency p95 objective.",
+            [],
+            {(): rt.config.slo.p95_ms / 1000},
+        )
+        yield _gauge(
+            "wacored_slo_cold_start_seconds",
+            "Process start to ready (bound and recovered).",
+            [],
+            {(): slo.cold_start_s or 0.0},
+        )
+        yield _gauge(
+            "wacored_slo_cold_start_target_seconds",
+            "The cold start objective.",
+            [],
+            {(): rt.config.slo.cold_start_ms / 1000},
+        )
+        yield _counter(
+            "wacored_slo_breaches",
+            "Times an SLO was breached (p95: crossings above target).",
+            ["slo"],
+            {(name,): n for name, n in slo.breaches.items()},
+        )
 
 
 def _status(status: str) -> str:

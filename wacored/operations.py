@@ -84,8 +84,9 @@ def open_store(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
     if not path.is_file():
         raise StoreMissing(f"no database at {path} (has the daemon run with this config?)")
     # Autocommit (isolation_level=None): transactions are opened explicitly and kept short.
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, isolation_level=None,
-                           check_same_thread=False)
+    conn = sqlite3.connect(
+        f"{path.resolve().as_uri()}?mode=rw", uri=True, isolation_level=None, check_same_thread=False
+    )
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -123,12 +124,18 @@ class DeadLetter:
         """The object ``dlq list --json`` and ``GET /admin/dlq`` show: ``attempts`` is every attempt made
         (first delivery and retries), ``retries`` the retries counted towards ``max_attempts``."""
         return {
-            "id": self.id, "message_id": self.message_id, "message_row_id": self.message_row_id,
-            "service": self.service, "state": self.state, "reason": self.reason, "error": self.error,
+            "id": self.id,
+            "message_id": self.message_id,
+            "message_row_id": self.message_row_id,
+            "service": self.service,
+            "state": self.state,
+            "reason": self.reason,
+            "error": self.error,
             "status_code": self.status_code,
             "attempts": self.attempts if self.attempts_made is None else max(self.attempts_made, self.attempts),
             "retries": self.attempts,
-            "next_attempt_at": iso(self.next_attempt_at), "created_at": iso(self.created_at),
+            "next_attempt_at": iso(self.next_attempt_at),
+            "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at),
         }
 
@@ -165,8 +172,7 @@ class ReplayResult:
     queued: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"replayed": self.replayed, "unknown": self.unknown, "delivered": self.delivered,
-                "queued": self.queued}
+        return {"replayed": self.replayed, "unknown": self.unknown, "delivered": self.delivered, "queued": self.queued}
 
 
 # An operator's replay is a new decision: due now, with a fresh retry budget.
@@ -199,8 +205,9 @@ def replay_all(conn: sqlite3.Connection, now: float, *, state: str = "abandoned"
     if state not in REPLAYABLE:
         raise ValueError(f"state must be one of {', '.join(REPLAYABLE)}, got {state!r}")
     with immediate(conn):
-        cur = conn.execute(f"{_REPLAY} WHERE state = ? AND (? IS NULL OR service = ?)",
-                           (now, now, state, service, service))
+        cur = conn.execute(
+            f"{_REPLAY} WHERE state = ? AND (? IS NULL OR service = ?)", (now, now, state, service, service)
+        )
     return cur.rowcount
 
 
@@ -242,13 +249,19 @@ def status(conn: sqlite3.Connection, *, session_ttl_s: float, now: float, path: 
 def _dead_letter_counts(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     counts: dict[str, Any] = dict(dead_letters_by_state(conn))
     oldest = conn.execute(
-        "SELECT id, key, service, created_at FROM dead_letters WHERE state = 'pending'"
-        " ORDER BY created_at, id LIMIT 1"
+        "SELECT id, key, service, created_at FROM dead_letters WHERE state = 'pending' ORDER BY created_at, id LIMIT 1"
     ).fetchone()
-    counts["oldest_pending"] = None if oldest is None else {
-        "id": oldest[0], "message_id": oldest[1], "service": oldest[2], "created_at": iso(oldest[3]),
-        "age_s": round(now - oldest[3], 1),
-    }
+    counts["oldest_pending"] = (
+        None
+        if oldest is None
+        else {
+            "id": oldest[0],
+            "message_id": oldest[1],
+            "service": oldest[2],
+            "created_at": iso(oldest[3]),
+            "age_s": round(now - oldest[3], 1),
+        }
+    )
     return counts
 
 
@@ -280,8 +293,18 @@ def _runs(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     return runs
 
 
-_DLQ_COLUMNS = ("id", "message_id", "service", "state", "reason", "attempts", "retries", "next_attempt_at",
-                "created_at", "error")
+_DLQ_COLUMNS = (
+    "id",
+    "message_id",
+    "service",
+    "state",
+    "reason",
+    "attempts",
+    "retries",
+    "next_attempt_at",
+    "created_at",
+    "error",
+)
 
 
 def dead_letter_table(entries: list[dict[str, Any]]) -> str:
@@ -290,9 +313,7 @@ def dead_letter_table(entries: list[dict[str, Any]]) -> str:
     failure is never hidden."""
     if not entries:
         return "no dead letters"
-    rows = [[c.upper() for c in _DLQ_COLUMNS]] + [
-        [_cell(e[c]) for c in _DLQ_COLUMNS] for e in entries
-    ]
+    rows = [[c.upper() for c in _DLQ_COLUMNS]] + [[_cell(e[c]) for c in _DLQ_COLUMNS] for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(len(_DLQ_COLUMNS))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
@@ -317,8 +338,10 @@ def status_text(report: dict[str, Any]) -> str:
         + (f", replayed {dl['replayed']}" if dl["replayed"] else ""),
     ]
     if (oldest := dl["oldest_pending"]) is not None:
-        lines.append(f"  oldest pending: id {oldest['id']} ({oldest['message_id']}, {oldest['service']}),"
-                     f" created {_ago(oldest['age_s'])}")
+        lines.append(
+            f"  oldest pending: id {oldest['id']} ({oldest['message_id']}, {oldest['service']}),"
+            f" created {_ago(oldest['age_s'])}"
+        )
     lines.append(f"sessions      active {sessions['active']}, stale {sessions['stale']}")
     lines.append("queued        " + ("none" if not report["queued"] else ""))
     for target, q in report["queued"].items():

@@ -93,8 +93,9 @@ def reason_problem(reason: object) -> str | None:
 def check_pause(name: str, services: Collection[str], reason: object) -> None:
     """Raise `PauseRefused` unless service `name` may be paused with `reason`."""
     if name == GRAPH_SENDER:
-        raise BadPause(f"{GRAPH_SENDER!r} is the Graph API sender (wacored's own replies), not a service:"
-                       " it cannot be paused")
+        raise BadPause(
+            f"{GRAPH_SENDER!r} is the Graph API sender (wacored's own replies), not a service: it cannot be paused"
+        )
     if name not in services:
         raise UnknownService(f"unknown service {name!r}")
     if (problem := reason_problem(reason)) is not None:
@@ -103,8 +104,12 @@ def check_pause(name: str, services: Collection[str], reason: object) -> None:
 
 def read_pauses(conn: sqlite3.Connection) -> dict[str, Pause]:
     """Every paused service, as the table has it now."""
-    return {str(service): Pause(float(at), str(reason)) for service, at, reason in conn.execute(
-        "SELECT service, paused_at, reason FROM service_pauses ORDER BY service")}
+    return {
+        str(service): Pause(float(at), str(reason))
+        for service, at, reason in conn.execute(
+            "SELECT service, paused_at, reason FROM service_pauses ORDER BY service"
+        )
+    }
 
 
 def pause(conn: sqlite3.Connection, name: str, *, services: Collection[str], reason: str, now: float) -> bool:
@@ -148,8 +153,10 @@ def list_services(conn: sqlite3.Connection, services: Collection[str]) -> list[d
         queued = {target: count for target, (count, _) in queued_by_target(conn).items()}
     finally:
         conn.execute("COMMIT")
-    return [{**service_state(name, paused.get(name)), "queued": queued.get(name, 0)}
-            for name in sorted({*services, *paused})]
+    return [
+        {**service_state(name, paused.get(name)), "queued": queued.get(name, 0)}
+        for name in sorted({*services, *paused})
+    ]
 
 
 def services_table(entries: list[dict[str, Any]]) -> str:
@@ -157,8 +164,13 @@ def services_table(entries: list[dict[str, Any]]) -> str:
     if not entries:
         return "no services"
     rows = [["SERVICE", "STATE", "QUEUED", "SINCE", "REASON"]] + [
-        [e["service"], "paused" if e["paused"] else "running", str(e["queued"]), e["paused_since"] or "-",
-         e["pause_reason"] or "-"]
+        [
+            e["service"],
+            "paused" if e["paused"] else "running",
+            str(e["queued"]),
+            e["paused_since"] or "-",
+            e["pause_reason"] or "-",
+        ]
         for e in entries
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]

@@ -60,8 +60,7 @@ class PauseBoard:
             resumed = sorted(self.paused.keys() - snapshot.keys())
             paused = sorted(snapshot.keys() - self.paused.keys())
             self.paused = dict(snapshot)
-            log.info("service pauses changed", extra={"event": "pauses_changed", "paused": paused,
-                                                       "resumed": resumed})
+            log.info("service pauses changed", extra={"event": "pauses_changed", "paused": paused, "resumed": resumed})
             self._changed.set()
             self._changed = trio.Event()
         self._served = max(self._served, served)
@@ -112,7 +111,11 @@ async def refresh(board: PauseBoard, reader: Reader, served: int) -> bool:
 
 
 async def run_pause_watch(
-    board: PauseBoard, reader: Reader, *, beat: Callable[[], None] = lambda: None, interval_s: float = POLL_S,
+    board: PauseBoard,
+    reader: Reader,
+    *,
+    beat: Callable[[], None] = lambda: None,
+    interval_s: float = POLL_S,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Keep `board` equal to the table until cancelled: every `interval_s`, and at once when asked.

@@ -65,6 +65,7 @@ def reap(path: Path, sessions: SessionsConfig, now: float, *, busy_timeout_ms: i
     """Run the reap once now, on a connection of its own (``wacored sessions reap``); the counts by kind."""
     conn = WriteConnection(path, busy_timeout_ms)
     try:
+
         async def run(kind: str, cutoff: float, limit: int) -> int:
             conn.begin_waiting()
             try:
@@ -119,8 +120,9 @@ async def _reap_now(rt: Runtime, writes: trio.MemorySendChannel[WriteOp]) -> Non
     sessions = rt.config.sessions
 
     async def run(kind: str, cutoff: float, limit: int) -> int:
-        deleted = await write_committed(rt, ACTOR, writes,
-                                        partial(WriteConnection.reap, kind=kind, cutoff=cutoff, limit=limit))
+        deleted = await write_committed(
+            rt, ACTOR, writes, partial(WriteConnection.reap, kind=kind, cutoff=cutoff, limit=limit)
+        )
         rt.beat(ACTOR)
         return deleted
 
@@ -131,6 +133,12 @@ async def _reap_now(rt: Runtime, writes: trio.MemorySendChannel[WriteOp]) -> Non
     state = rt.actor(ACTOR)
     state.last_run = now
     state.next_run = next_reap(now, sessions.reap_minute)
-    await write_committed(rt, ACTOR, writes, partial(WriteConnection.record_run, actor=ACTOR, last_run=now,
-                                                     next_run=state.next_run, result=_summary(counts)))
+    await write_committed(
+        rt,
+        ACTOR,
+        writes,
+        partial(
+            WriteConnection.record_run, actor=ACTOR, last_run=now, next_run=state.next_run, result=_summary(counts)
+        ),
+    )
     log.info("reaped", extra={"event": "reaped", **counts})

@@ -192,7 +192,6 @@ class Runtime:
         """Record a sign of life from `actor` (see `ActorState.heartbeat`)."""
         self.actor(actor).heartbeat = trio.current_time()
 
-
     @classmethod
     def build(
         cls,

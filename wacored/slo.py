@@ -102,12 +102,21 @@ class SloState:
         p95_ms = round(self.p95.window.p95() * 1000, 1)
         if crossing is Crossing.BREACHED:
             self.breaches[Slo.P95] += 1
-            log.warning("ack latency p95 above its SLO", extra={
-                "event": "slo_breach", "slo": Slo.P95.value, "p95_ms": p95_ms, "target_ms": target_ms,
-                "window": len(self.p95.window)})
+            log.warning(
+                "ack latency p95 above its SLO",
+                extra={
+                    "event": "slo_breach",
+                    "slo": Slo.P95.value,
+                    "p95_ms": p95_ms,
+                    "target_ms": target_ms,
+                    "window": len(self.p95.window),
+                },
+            )
         else:
-            log.info("ack latency p95 back within its SLO", extra={
-                "event": "slo_recovered", "slo": Slo.P95.value, "p95_ms": p95_ms, "target_ms": target_ms})
+            log.info(
+                "ack latency p95 back within its SLO",
+                extra={"event": "slo_recovered", "slo": Slo.P95.value, "p95_ms": p95_ms, "target_ms": target_ms},
+            )
 
     def record_cold_start(self, cold_start_s: float, target_ms: int) -> None:
         """Log the ``cold_start`` event once the daemon is ready, and a breach when it took too long."""
@@ -116,8 +125,10 @@ class SloState:
         log.info("ready", extra={"event": "cold_start", "ms": ms, "target_ms": target_ms})
         if cold_start_breached(cold_start_s, target_ms):
             self.breaches[Slo.COLD_START] += 1
-            log.warning("cold start above its SLO", extra={
-                "event": "slo_breach", "slo": Slo.COLD_START.value, "ms": ms, "target_ms": target_ms})
+            log.warning(
+                "cold start above its SLO",
+                extra={"event": "slo_breach", "slo": Slo.COLD_START.value, "ms": ms, "target_ms": target_ms},
+            )
 
 
 def process_started_at() -> float:

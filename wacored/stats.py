@@ -49,7 +49,10 @@ async def refresh(rt: Runtime, reader: Reader) -> None:
 
 
 async def run_stats(
-    rt: Runtime, reader: Reader, *, interval_s: float = INTERVAL_S,
+    rt: Runtime,
+    reader: Reader,
+    *,
+    interval_s: float = INTERVAL_S,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Refresh `rt.stats` every `interval_s` until cancelled. Owns `reader`'s use (one thread at a time)."""

@@ -189,9 +189,21 @@ class Retried:
 def _v1(db: sqlite_utils.Database) -> None:
     db.table("messages").create(
         {
-            "id": int, "key": str, "kind": str, "sender": str, "service": str, "reason": str,
-            "target": str, "body": bytes, "request_id": str, "correlation_id": str,
-            "traceparent": str, "received_at": float, "state": str, "attempts": int, "done_at": float,
+            "id": int,
+            "key": str,
+            "kind": str,
+            "sender": str,
+            "service": str,
+            "reason": str,
+            "target": str,
+            "body": bytes,
+            "request_id": str,
+            "correlation_id": str,
+            "traceparent": str,
+            "received_at": float,
+            "state": str,
+            "attempts": int,
+            "done_at": float,
         },
         pk="id",
         not_null={"key", "kind", "sender", "service", "reason", "target", "body", "received_at", "state"},
@@ -206,9 +218,18 @@ def _v1(db: sqlite_utils.Database) -> None:
     )
     db.table("dead_letters").create(
         {
-            "id": int, "message_id": int, "key": str, "service": str, "state": str, "reason": str,
-            "error": str, "status_code": int, "attempts": int, "next_attempt_at": float,
-            "created_at": float, "updated_at": float,
+            "id": int,
+            "message_id": int,
+            "key": str,
+            "service": str,
+            "state": str,
+            "reason": str,
+            "error": str,
+            "status_code": int,
+            "attempts": int,
+            "next_attempt_at": float,
+            "created_at": float,
+            "updated_at": float,
         },
         pk="id",
         not_null={"message_id", "key", "service", "state", "reason", "error", "attempts", "created_at"},
@@ -223,7 +244,9 @@ def _v2(db: sqlite_utils.Database) -> None:
     status` can tell, and a reap missed while the daemon was down runs soon after start), and indexes
     for the reaper's age-bounded deletes."""
     db.table("runs").create(
-        {"actor": str, "last_run": float, "next_run": float, "result": str}, pk="actor", not_null={"actor"},
+        {"actor": str, "last_run": float, "next_run": float, "result": str},
+        pk="actor",
+        not_null={"actor"},
     )
     db.execute("CREATE INDEX messages_received ON messages(received_at)")
     db.execute("CREATE INDEX dead_letters_done ON dead_letters(state, updated_at)")
@@ -271,8 +294,10 @@ def _v6(db: sqlite_utils.Database) -> None:
         "CREATE TABLE sessions (number TEXT NOT NULL DEFAULT '', sender TEXT NOT NULL, service TEXT NOT NULL,"
         " started_at FLOAT, last_interaction FLOAT NOT NULL, PRIMARY KEY (number, sender))"
     )
-    db.execute("INSERT INTO sessions (number, sender, service, started_at, last_interaction)"
-               " SELECT '', sender, service, started_at, last_interaction FROM sessions_v3")
+    db.execute(
+        "INSERT INTO sessions (number, sender, service, started_at, last_interaction)"
+        " SELECT '', sender, service, started_at, last_interaction FROM sessions_v3"
+    )
     db.execute("DROP TABLE sessions_v3")
     db.execute("CREATE INDEX sessions_idle ON sessions(last_interaction)")
 
@@ -323,25 +348,37 @@ _INSERT_ATTEMPT = (
 
 
 def _attempt_values(a: AttemptRow) -> tuple[object, ...]:
-    return (a.message_id, a.service, a.number, a.kind, a.started_at, round(a.duration_s * 1000, 3),
-            a.status_code, a.error, a.node)
+    return (
+        a.message_id,
+        a.service,
+        a.number,
+        a.kind,
+        a.started_at,
+        round(a.duration_s * 1000, 3),
+        a.status_code,
+        a.error,
+        a.node,
+    )
 
 
 def _delivery_columns(table: str = "") -> str:
     """The columns of a `Delivery`, in its field order; ids the schema lets be NULL (a row written by
     hand) read as empty strings, so a header is never None."""
     t = f"{table}." if table else ""
-    return ", ".join([
-        *(f"{t}{c}" for c in ("key", "kind", "sender", "service", "reason", "target", "body")),
-        *(f"COALESCE({t}{c}, '')" for c in ("request_id", "correlation_id", "traceparent")),
-        f"{t}received_at", f"{t}id", f"COALESCE({t}number, '')",
-    ])
+    return ", ".join(
+        [
+            *(f"{t}{c}" for c in ("key", "kind", "sender", "service", "reason", "target", "body")),
+            *(f"COALESCE({t}{c}, '')" for c in ("request_id", "correlation_id", "traceparent")),
+            f"{t}received_at",
+            f"{t}id",
+            f"COALESCE({t}number, '')",
+        ]
+    )
 
 
 def _delivery(row: Sequence[object]) -> Delivery:
     """A `Delivery` from the columns of `_delivery_columns` (the number is keyword-only)."""
     return Delivery(*row[:-1], number=row[-1])  # type: ignore[arg-type]  # the columns' types are the fields'
-
 
 
 class WriteConnection:
@@ -391,10 +428,24 @@ class WriteConnection:
         ids: list[int | None] = []
         cur = self.conn.cursor()
         for r in rows:
-            cur.execute(_INSERT, (
-                r.key, r.kind, r.sender, r.service, r.reason, r.target, r.body, r.request_id,
-                r.correlation_id, r.traceparent, r.received_at, r.number, r.initial_state,
-            ))
+            cur.execute(
+                _INSERT,
+                (
+                    r.key,
+                    r.kind,
+                    r.sender,
+                    r.service,
+                    r.reason,
+                    r.target,
+                    r.body,
+                    r.request_id,
+                    r.correlation_id,
+                    r.traceparent,
+                    r.received_at,
+                    r.number,
+                    r.initial_state,
+                ),
+            )
             ids.append(cur.lastrowid if cur.rowcount == 1 else None)
         for index, change in changes:
             if ids[index] is None:
@@ -453,8 +504,17 @@ class WriteConnection:
             " ELSE dead_letters.next_attempt_at END"
             " WHERE dead_letters.state IN ('pending', 'replayed')",
             (
-                outcome.message_id, outcome.key, outcome.target, dl_state, reason, outcome.error,
-                outcome.status_code, 0, next_at, outcome.at, outcome.at,
+                outcome.message_id,
+                outcome.key,
+                outcome.target,
+                dl_state,
+                reason,
+                outcome.error,
+                outcome.status_code,
+                0,
+                next_at,
+                outcome.at,
+                outcome.at,
             ),
         )
 
@@ -472,8 +532,7 @@ class WriteConnection:
             "UPDATE dead_letters SET state = ?, attempts = attempts + ?, next_attempt_at = ?,"
             " error = CASE WHEN ? = '' THEN error ELSE ? END, status_code = COALESCE(?, status_code),"
             " reason = COALESCE(?, reason), updated_at = ? WHERE id = ? AND state = 'pending'",
-            (r.state, counted, r.next_attempt_at, r.error, r.error, r.status_code, r.reason, r.at,
-             r.dead_letter_id),
+            (r.state, counted, r.next_attempt_at, r.error, r.error, r.status_code, r.reason, r.at, r.dead_letter_id),
         )
         if cur.rowcount != 1:
             return
@@ -481,8 +540,7 @@ class WriteConnection:
             # The message's `attempts` is every attempt made, first delivery and retries alike.
             self.conn.execute("UPDATE messages SET attempts = attempts + 1 WHERE id = ?", (r.message_id,))
         if r.state == "delivered":
-            self.conn.execute("UPDATE messages SET state = 'delivered', done_at = ? WHERE id = ?",
-                              (r.at, r.message_id))
+            self.conn.execute("UPDATE messages SET state = 'delivered', done_at = ? WHERE id = ?", (r.at, r.message_id))
 
     def plan_run(self, actor: str, next_run: float) -> None:
         """Record when `actor` runs next (keeping its last run), so `wacored status` says what /health
@@ -574,8 +632,7 @@ def dead_letters_by_state(conn: sqlite3.Connection) -> dict[str, int]:
 
 
 REAP_SQL = {
-    "sessions": "DELETE FROM sessions WHERE rowid IN"
-    " (SELECT rowid FROM sessions WHERE last_interaction < ? LIMIT ?)",
+    "sessions": "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions WHERE last_interaction < ? LIMIT ?)",
     "dead_letters_delivered": "DELETE FROM dead_letters WHERE id IN"
     " (SELECT id FROM dead_letters WHERE state = 'delivered' AND updated_at < ? LIMIT ?)",
     "dead_letters_abandoned": "DELETE FROM dead_letters WHERE id IN"
@@ -609,9 +666,9 @@ class Reader:
 
     def queued_targets(self) -> dict[str, int]:
         """Each target with queued messages, and its oldest queued row id (start-up recovery)."""
-        return dict(self.conn.execute(
-            "SELECT target, MIN(id) FROM messages WHERE state = 'queued' GROUP BY target"
-        ).fetchall())
+        return dict(
+            self.conn.execute("SELECT target, MIN(id) FROM messages WHERE state = 'queued' GROUP BY target").fetchall()
+        )
 
     def sessions(self, since: float, number: str = "") -> list[tuple[str, str, float]]:
         """The sessions with one business number (a number key; ``""``: the default number) that were
@@ -625,9 +682,11 @@ class Reader:
         """Every number's sessions live at `since`: (number key, sender, service, last interaction),
         row by row (a list of a million rows would double start-up's peak memory; consume it in the
         thread that called this)."""
-        return iter(self.conn.execute(
-            "SELECT number, sender, service, last_interaction FROM sessions WHERE last_interaction > ?", (since,)
-        ))
+        return iter(
+            self.conn.execute(
+                "SELECT number, sender, service, last_interaction FROM sessions WHERE last_interaction > ?", (since,)
+            )
+        )
 
     def due_dead_letters(self, now: float, limit: int) -> list[DeadLetter]:
         """Pending dead letters due at `now`, oldest due first, with the messages to deliver."""
@@ -641,15 +700,17 @@ class Reader:
 
     def next_due(self) -> float | None:
         """When the earliest pending dead letter is due (None: none pending)."""
-        value = self.conn.execute(
-            "SELECT MIN(next_attempt_at) FROM dead_letters WHERE state = 'pending'"
-        ).fetchone()[0]
+        value = self.conn.execute("SELECT MIN(next_attempt_at) FROM dead_letters WHERE state = 'pending'").fetchone()[0]
         return as_time(value)
 
     def pauses(self) -> list[tuple[str, float, str]]:
         """Every paused service: (service, paused_at, reason)."""
-        return [(str(s), float(at), str(reason)) for s, at, reason in self.conn.execute(
-            "SELECT service, paused_at, reason FROM service_pauses ORDER BY service")]
+        return [
+            (str(s), float(at), str(reason))
+            for s, at, reason in self.conn.execute(
+                "SELECT service, paused_at, reason FROM service_pauses ORDER BY service"
+            )
+        ]
 
     def last_run(self, actor: str) -> float | None:
         row = self.conn.execute("SELECT last_run FROM runs WHERE actor = ?", (actor,)).fetchone()
@@ -657,9 +718,11 @@ class Reader:
 
     def figures(self) -> StoreFigures:
         """What the stats actor caches: queued messages, dead letters, the store's size."""
-        dead = {(service, state): n for service, state, n in self.conn.execute(
-            "SELECT service, state, COUNT(*) FROM dead_letters GROUP BY service, state")}
-        oldest = self.conn.execute(
-            "SELECT MIN(created_at) FROM dead_letters WHERE state = 'pending'"
-        ).fetchone()[0]
+        dead = {
+            (service, state): n
+            for service, state, n in self.conn.execute(
+                "SELECT service, state, COUNT(*) FROM dead_letters GROUP BY service, state"
+            )
+        }
+        oldest = self.conn.execute("SELECT MIN(created_at) FROM dead_letters WHERE state = 'pending'").fetchone()[0]
         return StoreFigures(queued_by_target(self.conn), dead, as_time(oldest), size_on_disk(self.path))

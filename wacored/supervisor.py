@@ -94,8 +94,10 @@ async def supervise(
                 raise
             delay = policy.crashed(trio.current_time())
             if delay is None:
-                log.critical("actor crashed too often: stopping the daemon",
-                             extra={"event": "actor_gave_up", "actor": name, "crashes": len(policy.crashes)})
+                log.critical(
+                    "actor crashed too often: stopping the daemon",
+                    extra={"event": "actor_gave_up", "actor": name, "crashes": len(policy.crashes)},
+                )
                 raise ActorGaveUp(
                     f"actor {name} crashed {len(policy.crashes)} times in {policy.config.window_s:g} s"
                 ) from exc

@@ -164,8 +164,9 @@ class Notifier:
         # A full queue can last: log the first drop and then one in a hundred, not every ping.
         if self.dropped == 1 or self.dropped % 100 == 0:
             reason = "queue full" if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) else str(exc)
-            log.warning("sd_notify message dropped: %s", reason,
-                        extra={"event": "sd_notify_dropped", "dropped": self.dropped})
+            log.warning(
+                "sd_notify message dropped: %s", reason, extra={"event": "sd_notify_dropped", "dropped": self.dropped}
+            )
 
     def ready(self, status: str = "") -> bool:
         """``READY=1``: start-up (or a reload) is complete and the daemon serves."""
@@ -226,8 +227,10 @@ async def run_watchdog(
     while True:
         stale = stale_actors(rt.actors, trio.current_time(), stale_after)
         if stale:
-            log.warning("watchdog ping skipped: stale heartbeat", extra={
-                "event": "watchdog_stale", "actors": {name: round(age, 1) for name, age in stale.items()}})
+            log.warning(
+                "watchdog ping skipped: stale heartbeat",
+                extra={"event": "watchdog_stale", "actors": {name: round(age, 1) for name, age in stale.items()}},
+            )
         else:
             notifier.watchdog()
         await trio.sleep(interval / 2)

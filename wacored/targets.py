@@ -93,21 +93,25 @@ class Target:
         if self.is_graph:
             headers["Authorization"] = f"Bearer {self._tokens.get(d.number, self.access_token)}"
             return headers
-        headers.update({
-            "X-Routed-From": "wacored",
-            "X-Routed-Service": d.service,
-            "X-Route-Reason": d.reason,
-        })
+        headers.update(
+            {
+                "X-Routed-From": "wacored",
+                "X-Routed-Service": d.service,
+                "X-Route-Reason": d.reason,
+            }
+        )
         if number := self.number_id(d):
             # Digits only: a configured id, or one `numbers.Numbers.key_of` kept because it is digits.
             headers["X-WA-Phone-Number-Id"] = number
         if self.signing_keys:
             timestamp = int(now)
-            headers.update({
-                "webhook-id": d.key,
-                "webhook-timestamp": str(timestamp),
-                "webhook-signature": signature(self.signing_keys, d.key, timestamp, d.body),
-            })
+            headers.update(
+                {
+                    "webhook-id": d.key,
+                    "webhook-timestamp": str(timestamp),
+                    "webhook-signature": signature(self.signing_keys, d.key, timestamp, d.body),
+                }
+            )
         if self.legacy_signature:
             # For a handler written for Meta's header: keyed with the whole first secret string, as
             # such a handler keys with its "app secret" string.
@@ -119,8 +123,15 @@ def targets_of(config: Config) -> dict[str, Target]:
     """Every forwarding target of a config: each service, and the Graph API sender."""
     default = config.whatsapp.phone_number_id
     targets = {
-        name: Target(name=name, url=svc.url, forwarding=svc.forwarding, signing_secrets=svc.signing_secrets,
-                     legacy_signature=svc.legacy_signature, default_number=default, ca_file=svc.ca_file)
+        name: Target(
+            name=name,
+            url=svc.url,
+            forwarding=svc.forwarding,
+            signing_secrets=svc.signing_secrets,
+            legacy_signature=svc.legacy_signature,
+            default_number=default,
+            ca_file=svc.ca_file,
+        )
         for name, svc in config.services.items()
     }
     targets[GRAPH_SENDER] = Target(

@@ -74,12 +74,17 @@ class Tracing:
         exporter = exporter or build_exporter(config)
         if exporter is None:
             return cls(None)
-        provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}),
-                                  shutdown_on_exit=False)
-        provider.add_span_processor(BatchSpanProcessor(
-            exporter, max_queue_size=SPAN_QUEUE, max_export_batch_size=SPAN_BATCH,
-            export_timeout_millis=EXPORT_TIMEOUT_MS,
-        ))
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": config.service_name}), shutdown_on_exit=False
+        )
+        provider.add_span_processor(
+            BatchSpanProcessor(
+                exporter,
+                max_queue_size=SPAN_QUEUE,
+                max_export_batch_size=SPAN_BATCH,
+                export_timeout_millis=EXPORT_TIMEOUT_MS,
+            )
+        )
         return cls(provider)
 
     async def aclose(self) -> None:
@@ -93,8 +98,7 @@ class Tracing:
 def build_exporter(config: TelemetryConfig) -> SpanExporter | None:
     if config.traces == "console":
         # One line per span on stdout: stderr carries the JSON log lines, which must stay one per line.
-        return ConsoleSpanExporter(service_name=config.service_name, out=sys.stdout,
-                                   formatter=_one_line)
+        return ConsoleSpanExporter(service_name=config.service_name, out=sys.stdout, formatter=_one_line)
     if config.traces == "otlp":
         # Imported here: the OTLP exporter pulls in protobuf and requests, which "none" never needs.
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -140,7 +144,9 @@ def webhook_span(tracer: Tracer, headers: Mapping[str, str]) -> Iterator[Span]:
         yield trace.INVALID_SPAN
         return
     with tracer.start_as_current_span(
-        "POST /webhook", context=extract(headers.get("traceparent")), kind=SpanKind.SERVER,
+        "POST /webhook",
+        context=extract(headers.get("traceparent")),
+        kind=SpanKind.SERVER,
         attributes={"http.request.method": "POST", "url.path": "/webhook", "http.route": "/webhook"},
     ) as span:
         yield span
@@ -151,8 +157,9 @@ def message_traceparent(tracer: Tracer, incoming: str | None, service: str, reas
     current POST span) when recording, else a fresh child of the caller's trace."""
     if not recording(tracer):
         return child_traceparent(incoming)
-    span = tracer.start_span("route message", attributes={
-        "wacored.service": service, "wacored.route_reason": reason, "wacored.kind": kind})
+    span = tracer.start_span(
+        "route message", attributes={"wacored.service": service, "wacored.route_reason": reason, "wacored.kind": kind}
+    )
     span.end()
     return traceparent_of(span) or child_traceparent(incoming)
 
@@ -170,9 +177,17 @@ def forward_span(tracer: Tracer, d: Delivery, *, retry: bool) -> Iterator[Span]:
     links = [Link(stored)] if retry and stored.is_valid else None
     parent = Context() if retry else trace.set_span_in_context(trace.NonRecordingSpan(stored))
     span = tracer.start_span(
-        "forward", context=parent, kind=SpanKind.CLIENT, links=links,
-        attributes={"wacored.service": d.target, "wacored.route_reason": d.reason,
-                    "wacored.kind": d.kind, "wacored.retry": retry, "http.request.method": "POST"},
+        "forward",
+        context=parent,
+        kind=SpanKind.CLIENT,
+        links=links,
+        attributes={
+            "wacored.service": d.target,
+            "wacored.route_reason": d.reason,
+            "wacored.kind": d.kind,
+            "wacored.retry": retry,
+            "http.request.method": "POST",
+        },
     )
     try:
         yield span

@@ -72,7 +72,10 @@ class LaneTransport(httpx.AsyncBaseTransport):
         else:
             await self._close()
         return httpx.Response(
-            response.status_code, headers=list(response.headers), stream=_Body(body), request=request,
+            response.status_code,
+            headers=list(response.headers),
+            stream=_Body(body),
+            request=request,
             extensions={"http_version": b"HTTP/" + response.http_version},
         )
 
@@ -95,8 +98,9 @@ class LaneTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
         if scheme != "https":
             return tcp
-        tls = trio.SSLStream(tcp, self._tls or ssl.create_default_context(), server_hostname=host,
-                             https_compatible=True)
+        tls = trio.SSLStream(
+            tcp, self._tls or ssl.create_default_context(), server_hostname=host, https_compatible=True
+        )
         try:
             await tls.do_handshake()
         except (trio.BrokenResourceError, ssl.SSLError) as exc:
@@ -115,8 +119,11 @@ class LaneTransport(httpx.AsyncBaseTransport):
     async def _send(self, stream: trio.abc.Stream, request: httpx.Request) -> None:
         target = request.url.raw_path
         headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"connection"]
-        events = (h11.Request(method=request.method, target=target, headers=headers),
-                  h11.Data(data=request.content), h11.EndOfMessage())
+        events = (
+            h11.Request(method=request.method, target=target, headers=headers),
+            h11.Data(data=request.content),
+            h11.EndOfMessage(),
+        )
         try:
             data = b"".join(self._h11.send(event) or b"" for event in events)
         except h11.LocalProtocolError as exc:

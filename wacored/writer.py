@@ -150,8 +150,10 @@ class DeliveryQueue:
                 return
             except trio.WouldBlock:
                 self.spill_from = delivery.id
-                log.info("delivery queue full: deliveries wait on disk",
-                         extra={"event": "queue_spilled", "service": self.target})
+                log.info(
+                    "delivery queue full: deliveries wait on disk",
+                    extra={"event": "queue_spilled", "service": self.target},
+                )
 
     def depth(self) -> int:
         return self.receive.statistics().current_buffer_used
@@ -329,9 +331,15 @@ async def run_writer(
 
 def _failed(state: StoreWrites, exc: BaseException, wall_clock: Callable[[], float]) -> None:
     state.failed(str(exc) or type(exc).__name__, wall_clock(), trio.current_time())
-    log.error("store commit failed", extra={
-        "event": "store_commit_failed", "error": str(exc), "consecutive": state.consecutive,
-        "outcomes_held": len(state.held)})
+    log.error(
+        "store commit failed",
+        extra={
+            "event": "store_commit_failed",
+            "error": str(exc),
+            "consecutive": state.consecutive,
+            "outcomes_held": len(state.held),
+        },
+    )
 
 
 def _recorded(queues: Mapping[str, DeliveryQueue], record: Record) -> None:
@@ -341,8 +349,12 @@ def _recorded(queues: Mapping[str, DeliveryQueue], record: Record) -> None:
 
 
 async def _commit_group(
-    conn: WriteConnection, ops: list[WriteOp], queues: Mapping[str, DeliveryQueue], sessions: SessionTable,
-    state: StoreWrites, wall_clock: Callable[[], float],
+    conn: WriteConnection,
+    ops: list[WriteOp],
+    queues: Mapping[str, DeliveryQueue],
+    sessions: SessionTable,
+    state: StoreWrites,
+    wall_clock: Callable[[], float],
 ) -> None:
     if not ops:
         return
@@ -389,8 +401,10 @@ async def _commit_group(
             # Only this actor moves spill_from, and no commit ran since the read: the page is exact.
             queue.spill_from = page[-1].id + 1 if len(page) == CATCH_UP_PAGE else None
             if queue.spill_from is None:
-                log.info("delivery queue caught up with the disk",
-                         extra={"event": "queue_caught_up", "service": queue.target})
+                log.info(
+                    "delivery queue caught up with the disk",
+                    extra={"event": "queue_caught_up", "service": queue.target},
+                )
             # A row already handed out (a sweep spilled from an older one) is not handed out twice.
             fresh = [d for d in page if d.id not in queue.in_flight]
             queue.in_flight.update(d.id for d in fresh)
@@ -401,7 +415,10 @@ async def _commit_group(
 
 
 async def _commit_held(
-    conn: WriteConnection, queues: Mapping[str, DeliveryQueue], state: StoreWrites, wall_clock: Callable[[], float],
+    conn: WriteConnection,
+    queues: Mapping[str, DeliveryQueue],
+    state: StoreWrites,
+    wall_clock: Callable[[], float],
 ) -> None:
     """Commit the held outcomes, in order, in a transaction of their own (so one that can never
     commit does not take new ingests down with it)."""
@@ -424,7 +441,10 @@ async def _commit_held(
 
 
 async def _commit_one_by_one(
-    conn: WriteConnection, queues: Mapping[str, DeliveryQueue], state: StoreWrites, wall_clock: Callable[[], float],
+    conn: WriteConnection,
+    queues: Mapping[str, DeliveryQueue],
+    state: StoreWrites,
+    wall_clock: Callable[[], float],
 ) -> None:
     """A constraint refused one of the held outcomes: commit them one at a time, giving up only those
     the store refuses for what they are (their messages, if still queued, are left to the sweep)."""
@@ -436,9 +456,15 @@ async def _commit_one_by_one(
             _failed(state, exc, wall_clock)
             return
         except sqlite3.Error as exc:
-            log.error("outcome cannot be recorded", extra={
-                "event": "outcome_unrecordable", "service": record.outcome.target,
-                "message_id": record.outcome.key, "error": str(exc)})
+            log.error(
+                "outcome cannot be recorded",
+                extra={
+                    "event": "outcome_unrecordable",
+                    "service": record.outcome.target,
+                    "message_id": record.outcome.key,
+                    "error": str(exc),
+                },
+            )
         del state.held[0]
         _recorded(queues, record)
 
@@ -458,8 +484,10 @@ def _sweep(conn: WriteConnection, queues: Mapping[str, DeliveryQueue]) -> None:
             log.warning("cannot look for stuck deliveries", extra={"event": "sweep_failed", "error": str(exc)})
             return
         if from_id is not None:
-            log.warning("queued messages nobody was delivering (lost, or queued again by an operator):"
-                        " read back from disk", extra={"event": "queue_resumed", "service": queue.target})
+            log.warning(
+                "queued messages nobody was delivering (lost, or queued again by an operator): read back from disk",
+                extra={"event": "queue_resumed", "service": queue.target},
+            )
 
 
 def _resume(conn: WriteConnection, queue: DeliveryQueue, from_id: int) -> None:

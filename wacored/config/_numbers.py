@@ -36,12 +36,15 @@ def read_numbers(
     if not isinstance(data, dict):
         problems.append("numbers: must be a table of [numbers.PHONE_NUMBER_ID] tables")
         return {}
-    numbers = {str(number_id): _read_number(str(number_id), raw, sections, env, problems)
-               for number_id, raw in data.items()}
+    numbers = {
+        str(number_id): _read_number(str(number_id), raw, sections, env, problems) for number_id, raw in data.items()
+    }
     whatsapp = sections["whatsapp"]
     if whatsapp.numbers == "listed" and not numbers and not whatsapp.phone_number_id:
-        problems.append('whatsapp.numbers: "listed" knows no number: set whatsapp.phone_number_id or add'
-                        " [numbers.PHONE_NUMBER_ID] sections")
+        problems.append(
+            'whatsapp.numbers: "listed" knows no number: set whatsapp.phone_number_id or add'
+            " [numbers.PHONE_NUMBER_ID] sections"
+        )
     return numbers
 
 
@@ -66,13 +69,17 @@ def _read_number(
     if fallback is not None and fallback != "menu" and fallback not in own:
         s.problem("fallback", f'must be "menu" or one of this number\'s services, got {fallback!r}')
     elif fallback is None and routing.fallback != "menu" and routing.fallback not in own:
-        s.problem("fallback", f"the top-level fallback {routing.fallback!r} does not route from this number:"
-                  " set one of its services, or \"menu\"")
+        s.problem(
+            "fallback",
+            f"the top-level fallback {routing.fallback!r} does not route from this number:"
+            ' set one of its services, or "menu"',
+        )
     if statuses and statuses not in all_services:
         s.problem("statuses", f'must be "" or a service name, got {statuses!r}')
     menu = _menu_of(menu_data, own, sections["home_menu"], names is not None, s, problems)
-    return NumberConfig(id=number_id, access_token=token, services=names, fallback=fallback, statuses=statuses,
-                        home_menu=menu)
+    return NumberConfig(
+        id=number_id, access_token=token, services=names, fallback=fallback, statuses=statuses, home_menu=menu
+    )
 
 
 def _services_of(s: _Section, services: Mapping[str, ServiceConfig]) -> tuple[str, ...] | None:
@@ -90,7 +97,11 @@ def _services_of(s: _Section, services: Mapping[str, ServiceConfig]) -> tuple[st
 
 
 def _menu_of(
-    data: Any, own: Mapping[str, ServiceConfig], top: HomeMenuConfig, restricted: bool, s: _Section,
+    data: Any,
+    own: Mapping[str, ServiceConfig],
+    top: HomeMenuConfig,
+    restricted: bool,
+    s: _Section,
     problems: list[str],
 ) -> HomeMenuConfig | None:
     """The number's own menu, or (its services restricted) the top-level one cut to its services'
@@ -102,12 +113,19 @@ def _menu_of(
     keys = {key for svc in own.values() for key in svc.keys}
     rows = tuple(item for item in top.items if item.key.strip().lower() in keys)
     if top.items and not rows:
-        s.problem("home_menu", "no row of the top-level menu is a key of this number's services:"
-                  " give it a [numbers.ID.home_menu] of its own")
+        s.problem(
+            "home_menu",
+            "no row of the top-level menu is a key of this number's services:"
+            " give it a [numbers.ID.home_menu] of its own",
+        )
     return HomeMenuConfig(header=top.header, body=top.body, button=top.button, items=rows)
 
 
 def number_warnings(numbers: Mapping[str, NumberConfig]) -> list[str]:
     """Menu texts longer than WhatsApp allows, in each number's own menu."""
-    return [warning for number in numbers.values() if number.home_menu is not None
-            for warning in _menu_warnings(number.home_menu, path=f"numbers.{number.id}.home_menu")]
+    return [
+        warning
+        for number in numbers.values()
+        if number.home_menu is not None
+        for warning in _menu_warnings(number.home_menu, path=f"numbers.{number.id}.home_menu")
+    ]

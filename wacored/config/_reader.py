@@ -94,9 +94,7 @@ class _Section:
 
 
 def _type_name(kind: type) -> str:
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
-        kind, kind.__name__
-    )
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(kind, kind.__name__)
 
 
 def _positive(value: float) -> str | None:
@@ -162,9 +160,17 @@ def _read_server(data: Any, problems: list[str]) -> ServerConfig:
         # Below one whole body, a single legitimate POST could never be read.
         s.problem("max_unverified_bytes", f"must be at least max_body_bytes ({max_body})")
     host, _, port = listen.rpartition(":")
-    return ServerConfig(host=host.strip("[]"), port=int(port), max_body_bytes=max_body, drain_timeout_s=drain,
-                        read_timeout_s=read_timeout, max_connections=max_connections,
-                        max_unverified_bytes=max_unverified, certfile=certfile, keyfile=keyfile)
+    return ServerConfig(
+        host=host.strip("[]"),
+        port=int(port),
+        max_body_bytes=max_body,
+        drain_timeout_s=drain,
+        read_timeout_s=read_timeout,
+        max_connections=max_connections,
+        max_unverified_bytes=max_unverified,
+        certfile=certfile,
+        keyfile=keyfile,
+    )
 
 
 def _read_whatsapp(data: Any, problems: list[str]) -> WhatsAppConfig:
@@ -223,8 +229,15 @@ def _read_services(
         secrets, legacy = _read_signing(s, name, env)
         ca_file = s.take("ca_file", "")
         s.finish()
-        services[name] = ServiceConfig(name=name, url=url, keys=keys, forwarding=fwd, signing_secrets=secrets,
-                                       legacy_signature=legacy, ca_file=ca_file)
+        services[name] = ServiceConfig(
+            name=name,
+            url=url,
+            keys=keys,
+            forwarding=fwd,
+            signing_secrets=secrets,
+            legacy_signature=legacy,
+            ca_file=ca_file,
+        )
     return services
 
 
@@ -248,12 +261,14 @@ def _signing_warnings(services: Mapping[str, ServiceConfig]) -> list[str]:
     return [
         f"services.{name}.signing_secrets: none; the service cannot verify that a forward came from wacored"
         f" (set {SIGNING_SECRETS_ENV}{name.upper()} or signing_secrets; `wacored secrets new` makes one)"
-        for name, svc in services.items() if not svc.signing_secrets
+        for name, svc in services.items()
+        if not svc.signing_secrets
     ]
 
 
-def _read_menu(data: Any, services: Mapping[str, ServiceConfig], problems: list[str],
-               path: str = "home_menu") -> HomeMenuConfig:
+def _read_menu(
+    data: Any, services: Mapping[str, ServiceConfig], problems: list[str], path: str = "home_menu"
+) -> HomeMenuConfig:
     """A home menu at `path`, whose rows must be keys of `services`."""
     s = _Section(data, path, problems)
     raw_items = s.data.pop("items", [])
@@ -336,14 +351,18 @@ def _read_sessions(data: Any, problems: list[str]) -> SessionsConfig:
         seen_retention_days=s.take("seen_retention_days", base.seen_retention_days, _positive),
     )
     if "seen_retention_days" not in s.problems_so_far() and sessions.seen_retention_days <= META_REDELIVERY_DAYS:
-        s.problem("seen_retention_days", f"must exceed Meta's {META_REDELIVERY_DAYS}-day redelivery horizon, "
-                  f"or a late redelivery is taken as new (got {sessions.seen_retention_days:g})")
+        s.problem(
+            "seen_retention_days",
+            f"must exceed Meta's {META_REDELIVERY_DAYS}-day redelivery horizon, "
+            f"or a late redelivery is taken as new (got {sessions.seen_retention_days:g})",
+        )
     s.finish()
     return sessions
 
 
-def _read_fields(data: Any, path: str, problems: list[str], cls: type[T],
-                 checks: Mapping[str, Callable[[Any], str | None]]) -> tuple[T, _Section]:
+def _read_fields(
+    data: Any, path: str, problems: list[str], cls: type[T], checks: Mapping[str, Callable[[Any], str | None]]
+) -> tuple[T, _Section]:
     """A section whose keys are exactly `cls`'s fields, each defaulting to `cls()`'s value."""
     s = _Section(data, path, problems)
     base = cls()
@@ -355,7 +374,10 @@ def _read_fields(data: Any, path: str, problems: list[str], cls: type[T],
 
 def _read_dlq(data: Any, problems: list[str]) -> DlqConfig:
     checks: dict[str, Callable[[Any], str | None]] = {
-        "interval_s": _positive, "batch": _positive, "backoff_s": _backoff_steps, "max_attempts": _not_negative,
+        "interval_s": _positive,
+        "batch": _positive,
+        "backoff_s": _backoff_steps,
+        "max_attempts": _not_negative,
     }
     return _read_fields(data, "dlq", problems, DlqConfig, checks)[0]
 
@@ -386,6 +408,7 @@ def _read_telemetry(data: Any, problems: list[str]) -> TelemetryConfig:
 def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
         return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
+
     return check
 
 
@@ -408,9 +431,9 @@ def _read_routing(data: Any, services: Mapping[str, ServiceConfig], problems: li
     )
     s.finish()
     if routing.fallback != "menu" and routing.fallback not in services:
-        problems.append(f"routing.fallback: must be \"menu\" or a service name, got {routing.fallback!r}")
+        problems.append(f'routing.fallback: must be "menu" or a service name, got {routing.fallback!r}')
     if routing.statuses and routing.statuses not in services:
-        problems.append(f"routing.statuses: must be \"\" or a service name, got {routing.statuses!r}")
+        problems.append(f'routing.statuses: must be "" or a service name, got {routing.statuses!r}')
     all_keys = {key: svc.name for svc in services.values() for key in svc.keys}
     for word in routing.menu_words:
         if word in all_keys:
@@ -434,10 +457,18 @@ def read(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any
     problems: list[str] = []
     top = _Section(_apply_env(data, env, problems), "", problems)
     sections: dict[str, Any] = {}
-    for name, reader in (("server", _read_server), ("whatsapp", _read_whatsapp), ("store", _read_store),
-                         ("ratelimit", _read_ratelimit), ("sessions", _read_sessions), ("dlq", _read_dlq),
-                         ("admin", _read_admin), ("telemetry", _read_telemetry), ("slo", _read_slo),
-                         ("supervisor", _read_supervisor)):
+    for name, reader in (
+        ("server", _read_server),
+        ("whatsapp", _read_whatsapp),
+        ("store", _read_store),
+        ("ratelimit", _read_ratelimit),
+        ("sessions", _read_sessions),
+        ("dlq", _read_dlq),
+        ("admin", _read_admin),
+        ("telemetry", _read_telemetry),
+        ("slo", _read_slo),
+        ("supervisor", _read_supervisor),
+    ):
         sections[name] = reader(top.data.pop(name, None), problems)
     fw = _Section(top.data.pop("forwarding", None), "forwarding", problems)
     sections["forwarding"] = _read_forwarding(fw, ForwardingConfig())
@@ -450,8 +481,13 @@ def read(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any
     sections["home_menu"] = _read_menu(top.data.pop("home_menu", None), services, problems)
     # Imported here: `_numbers` builds on this module's section readers.
     from ._numbers import number_warnings, read_numbers
+
     sections["numbers"] = read_numbers(top.data.pop("numbers", None), sections, env, problems)
     top.finish()
-    warnings = (_menu_warnings(sections["home_menu"]) + _credential_warnings(sections["whatsapp"])
-                + _signing_warnings(services) + number_warnings(sections["numbers"]))
+    warnings = (
+        _menu_warnings(sections["home_menu"])
+        + _credential_warnings(sections["whatsapp"])
+        + _signing_warnings(services)
+        + number_warnings(sections["numbers"])
+    )
     return sections, problems, warnings

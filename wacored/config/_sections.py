@@ -222,8 +222,6 @@ class HomeMenuConfig:
     items: tuple[MenuItem, ...] = ()
 
 
-
-
 @dataclass(frozen=True)
 class NumberConfig:
     """``[numbers.<phone_number_id>]``: what one business number overrides; None (or "") inherits the

@@ -57,8 +57,11 @@ def plan_ingest(batch: Batch, numbers: Numbers, sessions: SessionTable, now: flo
         # The mark is in the signed body, checked before parsing: an unsigned caller cannot make one.
         probe = is_probe(m.wamid)
         if number is None:
-            rows.append(PlannedRow(m.wamid, "message", m.sender, HOME_SERVICE, UNKNOWN_NUMBER, "", m.body,
-                                   m.number or "", probe))
+            rows.append(
+                PlannedRow(
+                    m.wamid, "message", m.sender, HOME_SERVICE, UNKNOWN_NUMBER, "", m.body, m.number or "", probe
+                )
+            )
             continue
         plan = numbers.plan(number)
         session = view.service_of(m.sender, now, number)
@@ -74,15 +77,22 @@ def plan_ingest(batch: Batch, numbers: Numbers, sessions: SessionTable, now: flo
         reason = decision.reason.value
         if decision.sends_home_menu:
             menu = encode(home_menu_message(plan.menu, m.phone, m.bsuid))
-            rows.append(PlannedRow(m.wamid, "message", m.sender, decision.service, reason, GRAPH_SENDER, menu,
-                                   number, probe))
+            rows.append(
+                PlannedRow(m.wamid, "message", m.sender, decision.service, reason, GRAPH_SENDER, menu, number, probe)
+            )
         else:
-            rows.append(PlannedRow(m.wamid, "message", m.sender, decision.service, reason, decision.service,
-                                   m.body, number, probe))
+            rows.append(
+                PlannedRow(
+                    m.wamid, "message", m.sender, decision.service, reason, decision.service, m.body, number, probe
+                )
+            )
     for s in batch.statuses:
         number = numbers.key_of(s.number)
         statuses_to = numbers.plan(number).statuses if number is not None else ""
         if statuses_to:
-            rows.append(PlannedRow(f"status:{s.key}", "status", s.recipient, statuses_to, "status", statuses_to,
-                                   s.body, number or ""))
+            rows.append(
+                PlannedRow(
+                    f"status:{s.key}", "status", s.recipient, statuses_to, "status", statuses_to, s.body, number or ""
+                )
+            )
     return IngestPlan(tuple(rows), tuple(changes))

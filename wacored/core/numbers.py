@@ -98,15 +98,17 @@ def _plan(config: Config, section: NumberConfig | None) -> Plan:
     if section is not None and section.statuses is not None:
         statuses = section.statuses
     menu = section.home_menu if section is not None and section.home_menu is not None else config.home_menu
-    routing = RoutingTable(keys={key: svc.name for svc in services.values() for key in svc.keys},
-                           menu_words=frozenset(config.routing.menu_words), fallback=fallback)
+    routing = RoutingTable(
+        keys={key: svc.name for svc in services.values() for key in svc.keys},
+        menu_words=frozenset(config.routing.menu_words),
+        fallback=fallback,
+    )
     return Plan(routing=routing, menu=menu, statuses=statuses, services=frozenset(services))
 
 
 def number_tokens(config: Config) -> dict[str, str]:
     """Each number key with a token of its own (another WABA's): the Graph sender uses it for that key."""
-    tokens = {number_id: section.access_token for number_id, section in config.numbers.items()
-              if section.access_token}
+    tokens = {number_id: section.access_token for number_id, section in config.numbers.items() if section.access_token}
     if config.whatsapp.phone_number_id in tokens:
         tokens[DEFAULT] = tokens.pop(config.whatsapp.phone_number_id)
     return tokens

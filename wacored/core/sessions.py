@@ -50,16 +50,23 @@ class SessionTable:
     `rows` are the default number's sessions, (sender, service, at); `numbered` every number's,
     (number, sender, service, at), as `store.Reader.all_sessions` reads them."""
 
-    def __init__(self, ttl_s: float, rows: Iterable[tuple[str, str, float]] = (), *,
-                 numbered: Iterable[tuple[str, str, str, float]] = ()) -> None:
+    def __init__(
+        self,
+        ttl_s: float,
+        rows: Iterable[tuple[str, str, float]] = (),
+        *,
+        numbered: Iterable[tuple[str, str, str, float]] = (),
+    ) -> None:
         self.ttl_s = ttl_s
         # One str per service name, not one per session: the store hands each row a fresh copy
         # (~55 bytes x a million sessions).
         names: dict[str, str] = {}
         self._live: dict[SessionKey, tuple[str, float]] = {
-            sender: (names.setdefault(svc, svc), at) for sender, svc, at in rows}
-        self._live.update({session_key(number, sender): (names.setdefault(svc, svc), at)
-                           for number, sender, svc, at in numbered})
+            sender: (names.setdefault(svc, svc), at) for sender, svc, at in rows
+        }
+        self._live.update(
+            {session_key(number, sender): (names.setdefault(svc, svc), at) for number, sender, svc, at in numbered}
+        )
 
     def __len__(self) -> int:
         return len(self._live)

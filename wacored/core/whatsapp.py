@@ -270,7 +270,8 @@ class _Budget:
         self.left -= len(update.body)
         if self.left < 0:
             raise PayloadError(
-                f"the updates' envelopes would take over {MAX_EXPANSION}x the body (shared parts repeated)")
+                f"the updates' envelopes would take over {MAX_EXPANSION}x the body (shared parts repeated)"
+            )
         return update
 
 
@@ -307,8 +308,13 @@ def parse_webhook(raw: bytes) -> Batch:
             where = f"entry[{e}].changes[{c}].value"
             change_doc = _dict(raw_change, f"entry[{e}].changes[{c}]")
             value = _dict(change_doc.get("value", {}), where)
-            change = _Change(entry.get("id"), change_doc.get("field"), value,
-                             _Contacts(_list(value.get("contacts"), f"{where}.contacts")), _number(value, where))
+            change = _Change(
+                entry.get("id"),
+                change_doc.get("field"),
+                value,
+                _Contacts(_list(value.get("contacts"), f"{where}.contacts")),
+                _number(value, where),
+            )
             if not first:
                 first.append(change.number)
             for m, raw_message in enumerate(_list(value.get("messages"), f"{where}.messages")):
@@ -316,12 +322,12 @@ def parse_webhook(raw: bytes) -> Batch:
             for s, raw_status in enumerate(_list(value.get("statuses"), f"{where}.statuses")):
                 statuses.append(budget.spend(_status(change, raw_status, f"{where}.statuses[{s}]")))
             errors += len(_list(value.get("errors"), f"{where}.errors"))
-    return Batch(messages=tuple(messages), statuses=tuple(statuses), errors=errors,
-                 number=first[0] if first else None)
+    return Batch(messages=tuple(messages), statuses=tuple(statuses), errors=errors, number=first[0] if first else None)
 
 
 # --------------------------------------------------------------------------------------------------
 # Outbound messages (Graph API ``POST /{phone_number_id}/messages``)
+
 
 def truncate(text: str, limit: int) -> str:
     """Cut `text` to `limit` characters, ending in '…' when anything was cut."""
@@ -360,7 +366,12 @@ def encode(message: dict[str, Any]) -> bytes:
 
 
 def text_webhook(
-    *, text: str, sender: str, wamid: str, timestamp: int, phone_number_id: str = "PHONE_NUMBER_ID",
+    *,
+    text: str,
+    sender: str,
+    wamid: str,
+    timestamp: int,
+    phone_number_id: str = "PHONE_NUMBER_ID",
     kind: str = "text",
 ) -> bytes:
     """A realistic inbound webhook body (used by ``wacored simulate`` and the tests).
