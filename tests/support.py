@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from wacored.store import WriteConnection
+from wacored.store import Delivery, WriteConnection
 
 from .conftest import Daemon, Downstream, config_mapping
 
@@ -447,3 +447,26 @@ async def until_retrier_passes(db: Path, passes: int, timeout_s: float = 10.0) -
             if now != seen:
                 seen, passes = now, passes - 1
             await trio.sleep(POLL_S)
+
+
+STORED_TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def make_delivery(**overrides: Any) -> Delivery:
+    """A committed message on its way to service ``rides``; `overrides` replace any field."""
+    fields: dict[str, Any] = {
+        "key": "wamid.T",
+        "kind": "message",
+        "sender": "250788000001",
+        "service": "rides",
+        "reason": "keyword",
+        "target": "rides",
+        "body": b"{}",
+        "request_id": "r",
+        "correlation_id": "c",
+        "traceparent": STORED_TRACEPARENT,
+        "received_at": 0.0,
+        "id": 1,
+    }
+    fields.update(overrides)
+    return Delivery(**fields)

@@ -22,6 +22,7 @@ from wacored.forwarder import Target, deliver, targets_of
 from wacored.store import Delivery, Outcome
 
 from .conftest import SIGNING_SECRET, bare_runtime
+from .support import make_delivery
 
 SHIPPED = Path(__file__).resolve().parent.parent / "wacored.toml"
 SECRET = "app-secret"
@@ -32,19 +33,12 @@ def delivery(**overrides: object) -> Delivery:
     fields: dict[str, object] = {
         "id": 7,
         "key": "wamid.ABC",
-        "kind": "message",
-        "sender": "250788000001",
-        "service": "rides",
-        "reason": "keyword",
-        "target": "rides",
         "body": BODY,
         "request_id": "req-1",
         "correlation_id": "corr-1",
-        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         "received_at": 1700000000.0,
     }
-    fields.update(overrides)
-    return Delivery(**fields)  # type: ignore[arg-type]
+    return make_delivery(**{**fields, **overrides})
 
 
 def service_target(retries: int = 2) -> Target:

@@ -48,10 +48,9 @@ from wacored.config import ForwardingConfig
 from wacored.core.delivery import Verdict
 from wacored.core.whatsapp import PayloadError, parse_webhook, sign
 from wacored.forwarder import Target, attempt, new_transport
-from wacored.store import Delivery
 
 from .conftest import FIXTURES, SECRET, SIGNING_SECRET, Downstream, Received, World, make_config, open_daemon
-from .support import RawDownstream, readme_verify
+from .support import RawDownstream, make_delivery, readme_verify
 
 LIMIT = 16 * 1024
 """The fuzzed daemon's ``max_body_bytes``: small, so that huge strings cross it cheaply."""
@@ -697,20 +696,7 @@ async def test_a_downstream_answering_anything_never_breaks_a_lane(nursery: trio
     current = [b""]
     server = await RawDownstream(lambda _: current[0]).start(nursery)
     target = Target(name="rides", url=f"{server.url}/rides", forwarding=ForwardingConfig(timeout_ms=2000))
-    d = Delivery(
-        key="wamid.FUZZ",
-        kind="message",
-        sender="250788000001",
-        service="rides",
-        reason="keyword",
-        target="rides",
-        body=b"{}",
-        request_id="r",
-        correlation_id="c",
-        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        received_at=0.0,
-        id=1,
-    )
+    d = make_delivery(key="wamid.FUZZ")
     seen: dict[str, int] = {}
     async with new_transport() as transport:
 

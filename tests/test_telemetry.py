@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode, Tracer, format_span_id, format_trace_id
 
 from tests.conftest import Downstream, make_config, open_daemon, serve_downstream
+from tests.support import make_delivery
 from wacored.config import ForwardingConfig, TelemetryConfig
 from wacored.core.delivery import Verdict
 from wacored.forwarder import Target, attempt
@@ -75,20 +76,7 @@ def traceparent(span: ReadableSpan) -> str:
 
 
 def delivery(traceparent: str = STORED) -> Delivery:
-    return Delivery(
-        key="wamid.T",
-        kind="message",
-        sender="250788000001",
-        service="rides",
-        reason="keyword",
-        target="rides",
-        body=b"{}",
-        request_id="r",
-        correlation_id="c",
-        traceparent=traceparent,
-        received_at=0.0,
-        id=1,
-    )
+    return make_delivery(traceparent=traceparent)
 
 
 def target() -> Target:

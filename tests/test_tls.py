@@ -22,11 +22,10 @@ from wacored.core.delivery import Verdict
 from wacored.core.whatsapp import sign, text_webhook
 from wacored.daemon import run_daemon
 from wacored.forwarder import Target, attempt, new_transport, tls_context
-from wacored.store import Delivery
 from wacored.tls import TLSError, check_server_tls
 
 from .conftest import SECRET, Downstream, config_mapping, open_daemon, rows
-from .support import clean_env, toml_text
+from .support import clean_env, make_delivery, toml_text
 
 
 @pytest.fixture
@@ -233,7 +232,7 @@ async def test_the_system_trust_store_is_used_for_services(
     try:
         target = Target(name="rides", url=f"{secure.url}/rides", forwarding=ForwardingConfig(timeout_ms=2000))
         async with new_transport() as transport:
-            result = await attempt(transport, target, delivery())
+            result = await attempt(transport, target, make_delivery())
     finally:
         tls_context.cache_clear()
     assert result.verdict is Verdict.DELIVERED, result.error
@@ -256,21 +255,4 @@ def test_check_config_warns_about_an_unreadable_ca_file(tmp_path: Path) -> None:
     assert (
         f"warning: services.rides.ca_file {tmp_path / 'missing.pem'}: not a readable PEM CA certificate"
         in result.stdout
-    )
-
-
-def delivery() -> Delivery:
-    return Delivery(
-        key="wamid.T",
-        kind="message",
-        sender="250788000001",
-        service="rides",
-        reason="keyword",
-        target="rides",
-        body=b"{}",
-        request_id="r",
-        correlation_id="c",
-        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        received_at=0.0,
-        id=1,
     )
