@@ -242,10 +242,10 @@ def bare_runtime(
     return rt
 
 
-def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
-    """What `sql` reads from the SQLite file at `path`, on a connection of its own."""
+def rows(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """What `sql` (with `args`) reads from the SQLite file at `path`, on a connection of its own."""
     db = sqlite3.connect(path)
     try:
-        return db.execute(sql).fetchall()
+        return db.execute(sql, args).fetchall()
     finally:
         db.close()

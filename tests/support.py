@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from wacored.store import Delivery, WriteConnection
+from wacored.store import WriteConnection
 
-from .conftest import Daemon, Downstream, config_mapping
+from .conftest import Daemon, Downstream, config_mapping, rows
 
 POLL_S = 0.01
 
@@ -234,15 +234,6 @@ async def wait_until(check: Callable[[], bool], timeout_s: float = 15.0) -> None
             await trio.sleep(POLL_S)
 
 
-def read(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    """What `sql` reads from the SQLite file at `path`, on a connection of its own."""
-    db = sqlite3.connect(path)
-    try:
-        return db.execute(sql, args).fetchall()
-    finally:
-        db.close()
-
-
 class DiskFull:
     """A switch for `FullDiskConnection`s: while `full`, every COMMIT fails as SQLite's does on a
     full disk (SQLITE_FULL), and the transaction is rolled back; `commits_refused` counts them."""
@@ -417,56 +408,15 @@ async def wait_until_answering(url: str, process: trio.Process, **client: object
 async def until_settled(db: Path, timeout_s: float = 10.0) -> None:
     """Wait until no message in the store at `db` is queued: from then on nothing is forwarded, so a
     test can count what arrived without sleeping to prove that nothing more will."""
-    with trio.fail_after(timeout_s):
-        while True:
-            conn = sqlite3.connect(db)
-            try:
-                queued = conn.execute("SELECT COUNT(*) FROM messages WHERE state = 'queued'").fetchone()[0]
-            finally:
-                conn.close()
-            if queued == 0:
-                return
-            await trio.sleep(POLL_S)
+    await wait_until(lambda: rows(db, "SELECT COUNT(*) FROM messages WHERE state = 'queued'") == [(0,)], timeout_s)
 
 
 async def until_retrier_passes(db: Path, passes: int, timeout_s: float = 10.0) -> None:
     """Wait until the DLQ retrier has recorded `passes` more runs than it had at the call."""
 
-    def last_runs() -> float | None:
-        conn = sqlite3.connect(db)
-        try:
-            row = conn.execute("SELECT last_run FROM runs WHERE actor = 'dlq_retrier'").fetchone()
-        finally:
-            conn.close()
-        return None if row is None else row[0]
+    def last_run() -> list[tuple[Any, ...]]:
+        return rows(db, "SELECT last_run FROM runs WHERE actor = 'dlq_retrier'")
 
-    seen = last_runs()
-    with trio.fail_after(timeout_s):
-        while passes:
-            now = last_runs()
-            if now != seen:
-                seen, passes = now, passes - 1
-            await trio.sleep(POLL_S)
-
-
-STORED_TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-
-def make_delivery(**overrides: Any) -> Delivery:
-    """A committed message on its way to service ``rides``; `overrides` replace any field."""
-    fields: dict[str, Any] = {
-        "key": "wamid.T",
-        "kind": "message",
-        "sender": "250788000001",
-        "service": "rides",
-        "reason": "keyword",
-        "target": "rides",
-        "body": b"{}",
-        "request_id": "r",
-        "correlation_id": "c",
-        "traceparent": STORED_TRACEPARENT,
-        "received_at": 0.0,
-        "id": 1,
-    }
-    fields.update(overrides)
-    return Delivery(**fields)
+    for _ in range(passes):
+        seen = last_run()
+        await wait_until(lambda seen=seen: last_run() != seen, timeout_s)

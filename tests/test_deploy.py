@@ -30,8 +30,8 @@ import trustme
 from wacored.core.whatsapp import sign, text_webhook
 from wacored.version import VERSION
 
-from .conftest import SECRET, VERIFY_TOKEN, Downstream, Received
-from .support import POLL_S, clean_env, daemon_process, free_port, read, wait_until_answering
+from .conftest import SECRET, VERIFY_TOKEN, Downstream, Received, rows
+from .support import POLL_S, clean_env, daemon_process, free_port, wait_until_answering
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
@@ -371,8 +371,8 @@ async def test_verify_passes_every_check_but_metrics_against_a_running_daemon(
     # The test message is a probe: stored with its route in its final state, sent nowhere (the daemon
     # has stopped, so nothing can still be on its way), no dead letter to alert on.
     db = tmp_path / "wacored.db"
-    assert read(db, "SELECT service, reason, state, attempts FROM messages") == [("wacored", "home_menu", "probe", 0)]
-    assert read(db, "SELECT COUNT(*) FROM dead_letters") == [(0,)]
+    assert rows(db, "SELECT service, reason, state, attempts FROM messages") == [("wacored", "home_menu", "probe", 0)]
+    assert rows(db, "SELECT COUNT(*) FROM dead_letters") == [(0,)]
     assert (services.received, graph.received) == ([], [])
 
 

@@ -17,8 +17,8 @@ import trio
 
 from wacored.store import migrate
 
-from .conftest import Daemon, Downstream, Received, config_mapping, open_daemon
-from .support import add_message, operator, operator_config, read, wait_until
+from .conftest import Daemon, Downstream, Received, config_mapping, open_daemon, rows
+from .support import add_message, operator, operator_config, wait_until
 
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -54,7 +54,7 @@ async def admin(daemon: Daemon, method: str, path: str, body: Any = None) -> htt
 
 
 def state_of(daemon: Daemon, key: str) -> str:
-    [(state,)] = read(daemon.config.store.path, "SELECT state FROM messages WHERE key = ?", key)
+    [(state,)] = rows(daemon.config.store.path, "SELECT state FROM messages WHERE key = ?", key)
     return str(state)
 
 
@@ -172,15 +172,15 @@ async def test_replaying_a_dead_letter_takes_it_from_the_retrier_until_the_deliv
     body = {"service": "rides", "since": "1h", "state": "pending"}
     assert (await admin(daemon, "POST", "/admin/messages/replay", body)).json() == {"replayed": 1}
     await wait_until(
-        lambda: read(db, "SELECT state, attempts, reason FROM dead_letters") == [("abandoned", 0, "permanent")]
+        lambda: rows(db, "SELECT state, attempts, reason FROM dead_letters") == [("abandoned", 0, "permanent")]
     )
     # Delivered: so is the entry.
     answer = 200
     assert (await admin(daemon, "POST", "/admin/messages/replay", {"ids": [key]})).json()["replayed"] == 1
     await services.wait_for(1, "/rides")
-    await wait_until(lambda: read(db, "SELECT state FROM dead_letters") == [("delivered",)])
+    await wait_until(lambda: rows(db, "SELECT state FROM dead_letters") == [("delivered",)])
     assert state_of(daemon, key) == "delivered"
-    statuses = read(
+    statuses = rows(
         db,
         "SELECT status_code FROM attempts WHERE message_id = (SELECT id FROM messages WHERE key = ?) ORDER BY id",
         key,
@@ -267,7 +267,7 @@ def test_replay_asks_first_and_refuses_without_a_terminal(
     db = store_cli.parent / "wacored.db"
 
     def states() -> list[str]:
-        return [s for (s,) in read(db, "SELECT state FROM messages ORDER BY id")]
+        return [s for (s,) in rows(db, "SELECT state FROM messages ORDER BY id")]
 
     before = states()
     monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))  # piped: no terminal, so no question
@@ -289,7 +289,7 @@ def test_replay_asks_first_and_refuses_without_a_terminal(
     assert "replayed 1 message(s)" in captured.out
     assert "unknown message: wamid.NOPE" in captured.err
     assert "already queued, not replayed: wamid.Q" in captured.err
-    assert read(db, "SELECT state, done_at FROM messages WHERE key = 'wamid.OLD'") == [("queued", None)]
+    assert rows(db, "SELECT state, done_at FROM messages WHERE key = 'wamid.OLD'") == [("queued", None)]
 
     with pytest.raises(SystemExit):
         operator(store_cli, "messages", "replay", "--service", "rides")  # --since is required with --service

@@ -18,8 +18,8 @@ from wacored.core.numbers import DEFAULT, OTHER, Numbers
 from wacored.core.whatsapp import PayloadError, parse_webhook, text_webhook
 from wacored.store import MIGRATIONS, Reader, migrate
 
-from .conftest import Downstream, config_mapping, make_config, open_daemon
-from .support import numbers_webhook, read, toml_text, wait_until
+from .conftest import Downstream, config_mapping, make_config, open_daemon, rows
+from .support import numbers_webhook, toml_text, wait_until
 
 ONE, TWO = "111111111111111", "222222222222222"
 """Two business numbers with sections of their own; the default number is conftest's 1234567890."""
@@ -160,7 +160,7 @@ def test_sessions_and_messages_from_before_belong_to_the_default_number(tmp_path
         assert reader.sessions(0) == [(ALICE, "jobs", 5.0)]
     finally:
         reader.close()
-    assert read(path, "SELECT key, number FROM messages") == [("wamid.old", "")]
+    assert rows(path, "SELECT key, number FROM messages") == [("wamid.old", "")]
 
 
 # -- the daemon ------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ async def test_a_batch_of_both_numbers_routes_each_change_by_its_number(
             (f"/v21.0/{ONE}/messages", BOB),
             (f"/v21.0/{TWO}/messages", ALICE),
         ]
-        assert read(tmp_path / "wacored.db", "SELECT sender, number, service FROM messages ORDER BY id") == [
+        assert rows(tmp_path / "wacored.db", "SELECT sender, number, service FROM messages ORDER BY id") == [
             (ALICE, ONE, "jobs"),
             (ALICE, TWO, "wacored"),
             (BOB, TWO, "wallet"),
@@ -257,7 +257,7 @@ async def test_sessions_are_kept_apart_per_number(tmp_path: Path, services: Down
         assert await say(ONE, "menu") == ("wacored", "home_menu")  # ends number one's session only
         assert await say(TWO, "still here") == ("insurance", "state")
         assert await say(ONE, "still here") == ("wacored", "fallback")
-    assert sorted(read(tmp_path / "wacored.db", "SELECT number, sender, service FROM sessions")) == [
+    assert sorted(rows(tmp_path / "wacored.db", "SELECT number, sender, service FROM sessions")) == [
         (TWO, ALICE, "insurance")
     ]
 
@@ -281,10 +281,10 @@ async def test_a_number_the_config_does_not_list_is_stored_not_routed(
         assert rides.headers["x-wa-phone-number-id"] == ONE
         await wait_until(
             lambda: (
-                read(tmp_path / "wacored.db", "SELECT state FROM messages WHERE service = 'rides'") == [("delivered",)]
+                rows(tmp_path / "wacored.db", "SELECT state FROM messages WHERE service = 'rides'") == [("delivered",)]
             )
         )
-    assert read(tmp_path / "wacored.db", "SELECT number, target, state FROM messages WHERE key = ?", unknown) == [
+    assert rows(tmp_path / "wacored.db", "SELECT number, target, state FROM messages WHERE key = ?", unknown) == [
         ("999999", "", "unrouted")
     ]
     assert graph.received == []

@@ -25,8 +25,8 @@ from wacored.pauses import Pause
 from wacored.pausewatch import PauseBoard
 from wacored.store import migrate
 
-from .conftest import SERVICES, Daemon, Downstream, Received, config_mapping, open_daemon
-from .support import health, read, run_cli, toml_text, wait_for_health, wait_until
+from .conftest import SERVICES, Daemon, Downstream, Received, config_mapping, open_daemon, rows
+from .support import health, run_cli, toml_text, wait_for_health, wait_until
 
 TOKEN = "test-admin-token-pauses"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -73,7 +73,7 @@ def texts_by_sender(received: list[Received]) -> dict[str, list[str]]:
 
 
 def states(db: Path, target: str) -> list[str]:
-    return [state for (state,) in read(db, "SELECT state FROM messages WHERE target = ? ORDER BY id", target)]
+    return [state for (state,) in rows(db, "SELECT state FROM messages WHERE target = ? ORDER BY id", target)]
 
 
 # --- pure --------------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ async def test_a_paused_service_gets_nothing_then_everything_in_order_on_resume(
         await services.wait_for(1, "/insurance")
         assert services.on("/rides") == []
         assert states(db, "rides") == ["queued"] * 10
-        assert read(db, "SELECT COUNT(*) FROM dead_letters") == [(0,)]
+        assert rows(db, "SELECT COUNT(*) FROM dead_letters") == [(0,)]
         body = await health(daemon)
         assert body["status"] == "healthy"  # an operator's decision, not a fault
         rides = body["services"]["rides"]
@@ -221,7 +221,7 @@ async def test_a_paused_service_gets_nothing_then_everything_in_order_on_resume(
         got = await services.wait_for(10, "/rides")
         await wait_until(lambda: states(db, "rides") == ["delivered"] * 10)
     assert texts_by_sender(got) == conversations
-    assert read(db, "SELECT COUNT(*) FROM dead_letters") == [(0,)]
+    assert rows(db, "SELECT COUNT(*) FROM dead_letters") == [(0,)]
 
 
 async def test_a_cli_pause_holds_the_running_daemon_and_survives_a_restart(
@@ -285,17 +285,17 @@ async def test_a_paused_services_dead_letters_are_rescheduled_uncounted_then_ret
     services.respond = flaky
     async with open_daemon(Config.from_mapping(mapping(tmp_path, services, graph), {})) as daemon:
         await conversation(daemon, "250788000301", ["rides"])
-        await wait_until(lambda: read(db, "SELECT state, attempts FROM dead_letters") == [("pending", 0)])
+        await wait_until(lambda: rows(db, "SELECT state, attempts FROM dead_letters") == [("pending", 0)])
         assert (await admin(daemon, "POST", "/services/rides/pause")).status_code == 200
         before = calls
         # Due now (the retrier is woken): it finds a paused service and reschedules, twice over.
         r = await admin(daemon, "POST", "/dlq/replay", {"all": True, "state": "pending"})
         assert r.json() == {"replayed": 1}
-        [(replayed_at,)] = read(db, "SELECT updated_at FROM dead_letters")
-        await wait_until(lambda: read(db, "SELECT updated_at FROM dead_letters")[0][0] > replayed_at)
-        [(first,)] = read(db, "SELECT updated_at FROM dead_letters")
-        await wait_until(lambda: read(db, "SELECT updated_at FROM dead_letters")[0][0] > first)
-        [(state, attempts, next_at, updated, error)] = read(
+        [(replayed_at,)] = rows(db, "SELECT updated_at FROM dead_letters")
+        await wait_until(lambda: rows(db, "SELECT updated_at FROM dead_letters")[0][0] > replayed_at)
+        [(first,)] = rows(db, "SELECT updated_at FROM dead_letters")
+        await wait_until(lambda: rows(db, "SELECT updated_at FROM dead_letters")[0][0] > first)
+        [(state, attempts, next_at, updated, error)] = rows(
             db, "SELECT state, attempts, next_attempt_at, updated_at, error FROM dead_letters"
         )
         assert (state, attempts, calls) == ("pending", 0, before)
@@ -303,7 +303,7 @@ async def test_a_paused_services_dead_letters_are_rescheduled_uncounted_then_ret
         assert error.startswith("HTTP 503")  # the last real failure, not the pause
         up = True
         assert (await admin(daemon, "POST", "/services/rides/resume")).status_code == 200
-        await wait_until(lambda: read(db, "SELECT state, attempts FROM dead_letters") == [("delivered", 1)])
+        await wait_until(lambda: rows(db, "SELECT state, attempts FROM dead_letters") == [("delivered", 1)])
     [retry] = services.on("/rides")
     assert retry.headers["x-dlq-retry"] == "true"
 

@@ -9,7 +9,6 @@ import json
 import signal
 import sqlite3
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +21,13 @@ from wacored.core.whatsapp import sign
 from wacored.store import migrate
 
 from .conftest import SECRET, Daemon, Downstream, config_mapping, make_config, open_daemon, rows
-from .support import RawDownstream, clean_env, free_port, http_answer, toml_text
+from .support import RawDownstream, clean_env, free_port, http_answer, toml_text, wait_until
 
 FAST = {
     "forwarding": {"retry_base_ms": 5, "timeout_ms": 1000, "concurrency": 2, "retries": 0},
     "dlq": {"interval_s": 0.2, "backoff_s": [0.2], "max_attempts": 2},
     "supervisor": {"backoff_base_s": 0.05},
 }
-
-
-async def until(check: Callable[[], bool]) -> None:
-    """Poll `check` until it holds (at most 10 s)."""
-    with trio.fail_after(10):
-        while not check():  # noqa: ASYNC110 -- the state polled is in the SQLite file
-            await trio.sleep(0.02)
 
 
 async def still_serving(daemon: Daemon) -> None:
@@ -147,7 +139,7 @@ async def test_a_poison_row_costs_one_message_and_the_lane_goes_on(
     poison = store_row(db, key)
     after = store_row(db, "wamid.after")  # the same sender: the same lane, behind the poison row
     async with open_daemon(make_config(tmp_path, services, graph, **FAST)) as daemon:
-        await until(lambda: rows(db, f"SELECT state FROM messages WHERE id = {after}") == [("delivered",)])
+        await wait_until(lambda: rows(db, f"SELECT state FROM messages WHERE id = {after}") == [("delivered",)])
         dead = rows(db, f"SELECT state, reason, error FROM dead_letters WHERE message_id = {poison}")
         [(state, reason, error)] = dead
         assert (state, reason) == ("abandoned", "internal_error")
@@ -178,7 +170,7 @@ async def test_a_poison_dead_letter_is_abandoned_by_the_retrier_alone(
         )
     conn.close()
     async with open_daemon(make_config(tmp_path, services, graph, **FAST)) as daemon:
-        await until(lambda: rows(db, "SELECT state FROM dead_letters") == [("abandoned",)])
+        await wait_until(lambda: rows(db, "SELECT state FROM dead_letters") == [("abandoned",)])
         assert rows(db, "SELECT reason FROM dead_letters") == [("internal_error",)]
         health = (await daemon.client.get(f"{daemon.url}/health")).json()
         assert health["checks"]["actors"]["dlq_retrier"]["restarts"] == 0
@@ -224,7 +216,7 @@ async def test_a_hostile_charset_costs_nothing_but_a_readable_error(
     async with open_daemon(Config.from_mapping(data, {})) as daemon:
         for n in range(2):
             assert (await daemon.send_text("rides", sender=f"25078800000{n}")).status_code == 200
-        await until(lambda: rows(db, "SELECT COUNT(*) FROM dead_letters") == [(2,)])
+        await wait_until(lambda: rows(db, "SELECT COUNT(*) FROM dead_letters") == [(2,)])
         for (error,) in rows(db, "SELECT error FROM dead_letters"):
             assert error.startswith("HTTP 400: refused for 2507****456")
             assert error.isprintable()
@@ -323,7 +315,7 @@ async def test_sighup_with_a_broken_env_file_keeps_the_old_config(
                     env_file.write_bytes(broken)
                 reloads = log_path.read_text().count('"reload_failed"')
                 process.send_signal(signal.SIGHUP)
-                await until(lambda n=reloads: log_path.read_text().count('"reload_failed"') > n)  # type: ignore[misc]
+                await wait_until(lambda n=reloads: log_path.read_text().count('"reload_failed"') > n)  # type: ignore[misc]
                 assert process.returncode is None
                 body = batch([text(f"wamid.H{len(SERVICES)}{reloads}")])
                 answer = await client.post(

@@ -19,8 +19,8 @@ from wacored.core.whatsapp import sign, text_webhook
 from wacored.messages import plan_matching, plan_replay, selection
 from wacored.reaper import reap
 
-from .conftest import SECRET, World
-from .support import health, read
+from .conftest import SECRET, World, rows
+from .support import health
 
 
 def probe_id() -> str:
@@ -94,7 +94,7 @@ async def test_a_probe_is_routed_stored_and_never_forwarded(world: World) -> Non
     assert [r.path for r in world.services.received] == ["/rides"]
     assert len(world.graph.received) == 1
     # Stored in its final state, with its route; no attempt, no dead letter, no session started.
-    assert read(
+    assert rows(
         db,
         "SELECT key, service, reason, target, state, attempts FROM messages WHERE key LIKE ? ORDER BY id",
         f"{PREFIX}%",
@@ -102,11 +102,11 @@ async def test_a_probe_is_routed_stored_and_never_forwarded(world: World) -> Non
         (rides_probe, "rides", "keyword", "rides", "probe", 0),
         (menu_probe, "wacored", "home_menu", "whatsapp", "probe", 0),
     ]
-    assert read(
+    assert rows(
         db, "SELECT COUNT(*) FROM attempts AS a JOIN messages AS m ON m.id = a.message_id WHERE m.state = 'probe'"
     ) == [(0,)]
-    assert read(db, "SELECT COUNT(*) FROM dead_letters") == [(0,)]
-    assert read(db, "SELECT sender, service FROM sessions") == [("250788000901", "rides")]  # the real message's
+    assert rows(db, "SELECT COUNT(*) FROM dead_letters") == [(0,)]
+    assert rows(db, "SELECT sender, service FROM sessions") == [("250788000901", "rides")]  # the real message's
 
 
 async def test_a_probe_session_is_left_as_it_was(world: World) -> None:
@@ -117,7 +117,7 @@ async def test_a_probe_session_is_left_as_it_was(world: World) -> None:
     assert body["routes"][0]["reason"] == "home_menu"
     _, body, _ = await post_text(world, "wallet", "250788000903", probe_id())
     assert body["routes"][0]["service"] == "wallet"
-    assert read(db, "SELECT service FROM sessions WHERE sender = '250788000903'") == [("jobs",)]
+    assert rows(db, "SELECT service FROM sessions WHERE sender = '250788000903'") == [("jobs",)]
     _, body, _ = await post_text(world, "where is it?", "250788000903", probe_id())
     assert body["routes"][0]["reason"] == "state"  # it reads the session
 
@@ -143,7 +143,7 @@ async def test_an_unsigned_probe_is_refused_like_any_unsigned_post(world: World,
     wamid = probe_id()
     status, body, _ = await post_text(world, "rides", "250788000905", wamid, secret=secret)
     assert (status, body) == (401, {"error": "unauthorized"})
-    assert read(world.tmp_path / "wacored.db", "SELECT COUNT(*) FROM messages") == [(0,)]
+    assert rows(world.tmp_path / "wacored.db", "SELECT COUNT(*) FROM messages") == [(0,)]
     assert (await health(world.daemon))["checks"]["probes"] == 0
 
 
@@ -162,4 +162,4 @@ async def test_a_probe_is_never_replayed_and_is_reaped_like_any_finished_row(wor
     sessions = SessionsConfig(ttl_hours=24, dlq_retention_days=7, abandoned_retention_days=30, seen_retention_days=8)
     counts = await trio.to_thread.run_sync(reap, db, sessions, time.time() + 9 * DAY_S)
     assert counts["messages"] == 1
-    assert read(db, "SELECT COUNT(*) FROM messages") == [(0,)]
+    assert rows(db, "SELECT COUNT(*) FROM messages") == [(0,)]

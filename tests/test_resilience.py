@@ -15,7 +15,7 @@ from wacored.config import Config, ConfigError
 from wacored.daemon import ReloadRequest
 
 from .conftest import SECRET, Downstream, Received, config_mapping, make_config, open_daemon, rows, serve_downstream
-from .support import until_retrier_passes
+from .support import until_retrier_passes, wait_until
 
 FAST = {
     "forwarding": {
@@ -29,13 +29,6 @@ FAST = {
     "dlq": {"interval_s": 0.2, "backoff_s": [0.2, 0.2, 0.2], "max_attempts": 3},
     "supervisor": {"backoff_base_s": 0.05},
 }
-
-
-async def until(check: Callable[[], bool]) -> None:
-    """Poll `check` until it holds (at most 10 s)."""
-    with trio.fail_after(10):
-        while not check():  # noqa: ASYNC110 -- the state polled is in the SQLite file, no event to wait on
-            await trio.sleep(0.02)
 
 
 async def test_a_service_down_then_back_gets_every_message_once(
@@ -53,7 +46,7 @@ async def test_a_service_down_then_back_gets_every_message_once(
         for sender in senders:
             assert (await daemon.send_text("rides", sender=sender)).status_code == 200
         # Everything lands in the DLQ; after 3 failures the breaker stops the attempts.
-        await until(lambda: rows(db, "SELECT COUNT(*) FROM dead_letters")[0][0] == len(senders))
+        await wait_until(lambda: rows(db, "SELECT COUNT(*) FROM dead_letters")[0][0] == len(senders))
         reasons = dict(rows(db, "SELECT reason, COUNT(*) FROM dead_letters GROUP BY reason"))
         assert reasons.get("breaker_open", 0) > 0
         health = (await daemon.client.get(f"{daemon.url}/health")).json()
@@ -61,7 +54,7 @@ async def test_a_service_down_then_back_gets_every_message_once(
         assert health["status"] == "degraded"
         up = True
         # The retrier delivers every one: the breaker's probe succeeds and closes it.
-        await until(
+        await wait_until(
             lambda: rows(db, "SELECT COUNT(*) FROM dead_letters WHERE state = 'delivered'")[0][0] == len(senders)
         )
         health = (await daemon.client.get(f"{daemon.url}/health")).json()
@@ -87,7 +80,7 @@ async def test_permanent_refusals_are_abandoned_and_never_retried(
     db = tmp_path / "wacored.db"
     async with open_daemon(make_config(tmp_path, services, graph, **FAST)) as daemon:
         assert (await daemon.send_text("rides")).status_code == 200
-        await until(
+        await wait_until(
             lambda: rows(db, "SELECT state, reason, status_code FROM dead_letters") == [("abandoned", "permanent", 404)]
         )
         await until_retrier_passes(db, 2)  # two passes of the retrier after the refusal
@@ -124,7 +117,7 @@ async def test_a_bug_in_one_delivery_costs_that_message_and_the_lane_goes_on(
         assert (await daemon.send_text("rides")).status_code == 200
         assert (await daemon.send_text("rides")).status_code == 200
         got = await services.wait_for(1, "/rides")
-        await until(lambda: rows(db, "SELECT COUNT(*) FROM dead_letters") == [(1,)])
+        await wait_until(lambda: rows(db, "SELECT COUNT(*) FROM dead_letters") == [(1,)])
         health = (await daemon.client.get(f"{daemon.url}/health")).json()
     assert crashes == 1
     assert health["checks"]["actors"]["forwarder.rides"]["restarts"] == 0

@@ -21,8 +21,8 @@ import trio
 
 from wacored import daemon as daemon_module
 
-from .conftest import Daemon, Downstream, Received, make_config, open_daemon
-from .support import DiskFull, read, wait_until
+from .conftest import Daemon, Downstream, Received, make_config, open_daemon, rows
+from .support import DiskFull, wait_until
 
 
 @pytest.fixture
@@ -70,19 +70,19 @@ async def test_outcomes_of_a_disk_full_period_are_recorded_once_the_disk_is_back
         release.set()  # both deliveries end while no commit can succeed
         body = await health_when(daemon, lambda _, b: b["checks"]["store_writes"]["outcomes_held"] == 2)
         assert body["status"] == "degraded"
-        assert read(db, "SELECT target, state FROM messages ORDER BY id") == [("rides", "queued"), ("jobs", "queued")]
-        assert read(db, "SELECT COUNT(*) FROM attempts") == [(0,)]  # held with their outcomes
+        assert rows(db, "SELECT target, state FROM messages ORDER BY id") == [("rides", "queued"), ("jobs", "queued")]
+        assert rows(db, "SELECT COUNT(*) FROM attempts") == [(0,)]  # held with their outcomes
 
         disk.full = False  # no restart: the held outcomes are committed by the running daemon
         await wait_until(
             lambda: (
-                read(db, "SELECT target, state FROM messages ORDER BY id")
+                rows(db, "SELECT target, state FROM messages ORDER BY id")
                 == [("rides", "delivered"), ("jobs", "dead_lettered")]
             )
         )
-        assert read(db, "SELECT service, state, reason FROM dead_letters") == [("jobs", "abandoned", "permanent")]
+        assert rows(db, "SELECT service, state, reason FROM dead_letters") == [("jobs", "abandoned", "permanent")]
         # Each attempt logged once, committed with the outcome it belongs to.
-        assert read(db, "SELECT service, number, kind, status_code FROM attempts ORDER BY message_id") == [
+        assert rows(db, "SELECT service, number, kind, status_code FROM attempts ORDER BY message_id") == [
             ("rides", 1, "delivery", 200),
             ("jobs", 1, "delivery", 404),
         ]
@@ -137,7 +137,7 @@ async def test_a_row_left_queued_is_delivered_again_without_a_restart(
         with trio.fail_after(5):
             await trio.to_thread.run_sync(_insert_queued, db, "wamid.LOST")
         await wait_until(
-            lambda: read(db, "SELECT state FROM messages WHERE key = 'wamid.LOST'") == [("delivered",)], timeout_s=20
+            lambda: rows(db, "SELECT state FROM messages WHERE key = 'wamid.LOST'") == [("delivered",)], timeout_s=20
         )
         assert [r.headers["idempotency-key"] for r in services.on("/rides")].count("wamid.LOST") == 1
         await still_serving(daemon, services, "250788000322")

@@ -30,8 +30,8 @@ from wacored.writer import (
     stuck_from,
 )
 
-from .conftest import bare_runtime
-from .support import DiskFull, read, wait_until
+from .conftest import bare_runtime, rows
+from .support import DiskFull, wait_until
 
 
 def row(key: str, sender: str = "s1", target: str = "rides") -> NewRow:
@@ -261,9 +261,9 @@ async def test_outcomes_of_failed_commits_are_kept_in_order_and_committed_later(
         assert queue.in_flight == set(ids)  # still being delivered as far as the sweep is concerned
         disk.full = False
         await wait_until(lambda: not state.held, timeout_s=10)
-        assert read(path, "SELECT key, state FROM messages ORDER BY id") == [("a", "delivered"), ("b", "delivered")]
+        assert rows(path, "SELECT key, state FROM messages ORDER BY id") == [("a", "delivered"), ("b", "delivered")]
         # In order: the dead letter written first, then its message delivered by the redelivery.
-        assert read(path, "SELECT state FROM dead_letters") == [("pending",)]
+        assert rows(path, "SELECT state FROM dead_letters") == [("pending",)]
         assert queue.in_flight == set()
         assert state.failing_since is None
         assert state.consecutive == 0
