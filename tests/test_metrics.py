@@ -192,7 +192,6 @@ async def test_the_collector_reads_the_cached_state(tmp_path: Path) -> None:
     rt.counters.bump(rt.counters.statuses, "deleted")
     rt.stats.queued = {"rides": 12}
     rt.stats.oldest_queued_at = {"rides": 9_940.0}
-    rt.stats.dead_letters = {"pending": 4, "abandoned": 1}
     rt.stats.dead_letters_by_service = {("rides", "pending"): 3, ("jobs", "pending"): 1, ("rides", "abandoned"): 1}
     rt.stats.oldest_pending_at = 9_000.0
     breaker = rt.breakers["rides"] = Breaker(failures=1, open_s=30.0)

@@ -24,7 +24,7 @@ from .core.sessions import SessionTable
 from .metrics import Metrics
 from .pausewatch import PauseBoard
 from .slo import SloState
-from .store import Reader
+from .store import DEAD_LETTER_STATES, Reader
 from .targets import Target, targets_of
 from .telemetry import NO_TRACER
 from .version import VERSION
@@ -112,8 +112,6 @@ class StoreStats:
     """Accepted, not yet delivered nor dead-lettered, by target."""
     oldest_queued_at: dict[str, float] = field(default_factory=dict)
     """Wall-clock time the oldest queued message of each target was received."""
-    dead_letters: dict[str, int] = field(default_factory=dict)
-    """Dead letters by state (pending, abandoned, delivered, replayed)."""
     dead_letters_by_service: dict[tuple[str, str], int] = field(default_factory=dict)
     """Dead letters by (service, state)."""
     size_bytes: int | None = None
@@ -121,6 +119,14 @@ class StoreStats:
     oldest_pending_at: float | None = None
     """Wall-clock time the oldest pending dead letter was created."""
     refreshed_at: float | None = None
+
+    @property
+    def dead_letters(self) -> dict[str, int]:
+        """Dead letters by state, every state named (pending, abandoned, delivered, replayed)."""
+        by_state = dict.fromkeys(DEAD_LETTER_STATES, 0)
+        for (_, state), n in self.dead_letters_by_service.items():
+            by_state[state] = by_state.get(state, 0) + n
+        return by_state
 
 
 @dataclass

@@ -19,7 +19,7 @@ import sqlite3
 import trio
 
 from .runtime import Runtime, StoreStats
-from .store import DEAD_LETTER_STATES, Reader
+from .store import Reader
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,9 @@ async def refresh(rt: Runtime, reader: Reader) -> None:
     except (sqlite3.Error, OSError) as exc:
         log.warning("cannot read store figures", extra={"event": "stats_failed", "error": str(exc)})
         return
-    by_state = dict.fromkeys(DEAD_LETTER_STATES, 0)
-    for (_, state), n in figures.dead_letters.items():
-        by_state[state] = by_state.get(state, 0) + n
     rt.stats = StoreStats(
         queued={target: count for target, (count, _) in figures.queued.items()},
         oldest_queued_at={target: at for target, (_, at) in figures.queued.items()},
-        dead_letters=by_state,
         dead_letters_by_service=figures.dead_letters,
         oldest_pending_at=figures.oldest_pending_at,
         size_bytes=figures.size_bytes,
