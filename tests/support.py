@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import trio
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from wacored.store import WriteConnection
 
@@ -420,3 +422,18 @@ async def until_retrier_passes(db: Path, passes: int, timeout_s: float = 10.0) -
     for _ in range(passes):
         seen = last_run()
         await wait_until(lambda seen=seen: last_run() != seen, timeout_s)
+
+
+def parse(text: str) -> dict[str, list[Sample]]:
+    """A `/metrics` exposition as samples by sample name (``wacored_webhook_requests_total``, ...)."""
+    samples: dict[str, list[Sample]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def value(samples: dict[str, list[Sample]], name: str, **labels: str) -> float:
+    """The one sample of `name` whose labels are exactly `labels`."""
+    [match] = [s for s in samples[name] if s.labels == labels]
+    return match.value

@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from tests.conftest import SERVICES, World, config_mapping
+from tests.support import parse, value
 from wacored.config import Config
 from wacored.core.breaker import Breaker
 from wacored.core.sessions import SessionTable
@@ -57,20 +58,6 @@ CATALOGUE = {
     "wacored_slo_breaches": "counter",
     "process_resident_memory_bytes": "gauge",
 }
-
-
-def parse(text: str) -> dict[str, list[Sample]]:
-    """Samples by sample name (``wacored_webhook_requests_total``, ``..._bucket``, ...)."""
-    samples: dict[str, list[Sample]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append(sample)
-    return samples
-
-
-def value(samples: dict[str, list[Sample]], name: str, **labels: str) -> float:
-    [match] = [s for s in samples[name] if s.labels == labels]
-    return match.value
 
 
 async def scrape(world: World) -> dict[str, list[Sample]]:

@@ -21,7 +21,7 @@ from wacored.core.whatsapp import sign
 from wacored.store import migrate
 
 from .conftest import SECRET, Daemon, Downstream, config_mapping, make_config, open_daemon, rows
-from .support import RawDownstream, clean_env, free_port, http_answer, toml_text, wait_until
+from .support import RawDownstream, clean_env, free_port, http_answer, parse, toml_text, value, wait_until
 
 FAST = {
     "forwarding": {"retry_base_ms": 5, "timeout_ms": 1000, "concurrency": 2, "retries": 0},
@@ -123,13 +123,6 @@ def store_row(path: Path, key: str, sender: str = "250788000009", **columns: Any
         db.close()
 
 
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not exported")
-
-
 @pytest.mark.parametrize("key", ["wamid.café", "wamid.\x00", "wamid.\r\nX: y"])
 async def test_a_poison_row_costs_one_message_and_the_lane_goes_on(
     tmp_path: Path, services: Downstream, graph: Downstream, key: str
@@ -147,7 +140,7 @@ async def test_a_poison_row_costs_one_message_and_the_lane_goes_on(
         assert error.isprintable()
         assert len(error) <= EXCERPT
         exported = (await daemon.client.get(f"{daemon.url}/metrics")).text
-        assert metric(exported, 'wacored_internal_errors_total{service="rides",stage="delivery"}') == 1
+        assert value(parse(exported), "wacored_internal_errors_total", service="rides", stage="delivery") == 1
         health = (await daemon.client.get(f"{daemon.url}/health")).json()
         assert health["checks"]["actors"]["forwarder.rides"]["restarts"] == 0
         await still_serving(daemon)
@@ -175,7 +168,7 @@ async def test_a_poison_dead_letter_is_abandoned_by_the_retrier_alone(
         health = (await daemon.client.get(f"{daemon.url}/health")).json()
         assert health["checks"]["actors"]["dlq_retrier"]["restarts"] == 0
         exported = (await daemon.client.get(f"{daemon.url}/metrics")).text
-        assert metric(exported, 'wacored_internal_errors_total{service="rides",stage="dlq_retry"}') == 1
+        assert value(parse(exported), "wacored_internal_errors_total", service="rides", stage="dlq_retry") == 1
         await still_serving(daemon)
 
 
@@ -263,7 +256,7 @@ async def test_a_non_ascii_signature_header_is_a_counted_401(
         answer = await daemon.client.post(f"{daemon.url}/webhook", content=body, headers=raw)
         assert answer.status_code == 401
         exported = (await daemon.client.get(f"{daemon.url}/metrics")).text
-        assert metric(exported, 'wacored_webhook_requests_total{outcome="bad_signature"}') == 1
+        assert value(parse(exported), "wacored_webhook_requests_total", outcome="bad_signature") == 1
         await still_serving(daemon)
 
 
