@@ -157,7 +157,6 @@ def test_sessions_and_messages_from_before_belong_to_the_default_number(tmp_path
     reader = Reader(path)
     try:
         assert list(reader.all_sessions(0)) == [("", ALICE, "jobs", 5.0)]
-        assert reader.sessions(0) == [(ALICE, "jobs", 5.0)]
     finally:
         reader.close()
     assert rows(path, "SELECT key, number FROM messages") == [("wamid.old", "")]

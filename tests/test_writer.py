@@ -87,7 +87,7 @@ async def test_session_changes_apply_only_for_inserted_messages(tmp_path: Path) 
         end = SessionChange("s1", SessionAction.END, "wacored", 1001.0)
         await ingest(writes, [row("m1")], [(0, end)])
         await writes.aclose()
-    assert Reader(path).sessions(0) == [("s1", "rides", 1000.0)]
+    assert list(Reader(path).all_sessions(0)) == [("", "s1", "rides", 1000.0)]
     assert sessions.service_of("s1", 1001.0) == "rides"  # memory follows the file
 
 

@@ -670,14 +670,6 @@ class Reader:
             self.conn.execute("SELECT target, MIN(id) FROM messages WHERE state = 'queued' GROUP BY target").fetchall()
         )
 
-    def sessions(self, since: float, number: str = "") -> list[tuple[str, str, float]]:
-        """The sessions with one business number (a number key; ``""``: the default number) that were
-        live at `since`; older ones are dead whatever the reaper has done."""
-        return self.conn.execute(
-            "SELECT sender, service, last_interaction FROM sessions WHERE number = ? AND last_interaction > ?",
-            (number, since),
-        ).fetchall()
-
     def all_sessions(self, since: float) -> Iterator[tuple[str, str, str, float]]:
         """Every number's sessions live at `since`: (number key, sender, service, last interaction),
         row by row (a list of a million rows would double start-up's peak memory; consume it in the
