@@ -25,7 +25,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from wacored.store import WriteConnection
+from wacored.store import Delivery, WriteConnection
 
 from .conftest import Daemon, Downstream, config_mapping, rows
 
@@ -437,3 +437,26 @@ def value(samples: dict[str, list[Sample]], name: str, **labels: str) -> float:
     """The one sample of `name` whose labels are exactly `labels`."""
     [match] = [s for s in samples[name] if s.labels == labels]
     return match.value
+
+
+STORED_TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def make_delivery(**overrides: Any) -> Delivery:
+    """A committed message on its way to service ``rides``; `overrides` replace any field."""
+    fields: dict[str, Any] = {
+        "key": "wamid.T",
+        "kind": "message",
+        "sender": "250788000001",
+        "service": "rides",
+        "reason": "keyword",
+        "target": "rides",
+        "body": b"{}",
+        "request_id": "r",
+        "correlation_id": "c",
+        "traceparent": STORED_TRACEPARENT,
+        "received_at": 0.0,
+        "id": 1,
+    }
+    fields.update(overrides)
+    return Delivery(**fields)
