@@ -34,12 +34,14 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,10 +54,15 @@ OUT = BENCH / "out"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 WACORED = ROOT / ".venv" / "bin" / "wacored"
 LUA = BENCH / "bodies.lua"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 BENCH_SIGNING_SECRET = "whsec_" + "YmVuY2gtc2lnbmluZy1rZXktb2YtdGhpcnR5LXR3bzE="
 
 TARGET_INGEST = 0.9
 TARGET_E2E = 0.5
+TARGET_STATUSES_DROPPED = 0.9
+TARGET_STATUSES_FORWARDED = 0.6
+TARGET_PROCESSES_2 = 1.6
+"""processes = 2 end to end, as a ratio to processes = 1 (the messages row) of the same run."""
 TARGET_RSS_MB = 80.0
 CYCLE = 10
 """Messages per sender per session cycle: 1 service key, 8 free texts, 1 "menu"."""
@@ -119,14 +126,62 @@ def generate(prefix: Path, secret: str, threads: int, per_thread: int, senders: 
                 f.write(f"{sign(secret, body)}\t{body.decode()}\n")
 
 
-def write_config(path: Path, store: Path, downstream: str, timeout_ms: int | None = None) -> None:
+def status_webhook(*, status_id: str, recipient: str, timestamp: int, phone_number_id: str) -> bytes:
+    """A webhook carrying one ``delivered`` status update, shaped like Meta's (the fields of
+    tests/fixtures/whatsapp/status_delivered.json), with wacored's compact JSON encoding."""
+    status = {
+        "id": status_id,
+        "status": "delivered",
+        "timestamp": str(timestamp),
+        "recipient_id": recipient,
+        "conversation": {"id": "7270432eae37498234f4444b35ffc5", "origin": {"type": "service"}},
+        "pricing": {"billable": True, "pricing_model": "CBP", "category": "service"},
+    }
+    value = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550000000", "phone_number_id": phone_number_id},
+        "contacts": [{"profile": {"name": "Bench User"}, "wa_id": recipient}],
+        "statuses": [status],
+    }
+    doc = {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "WABA_ID", "changes": [{"value": value, "field": "messages"}]}],
+    }
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def generate_statuses(prefix: Path, secret: str, threads: int, per_thread: int, senders: int) -> None:
+    """`threads` files of `per_thread` signed bodies, one ``delivered`` status each with a unique id."""
+    now = int(time.time())
+    for t in range(threads):
+        with open(f"{prefix}.{t + 1}", "w", encoding="utf-8") as f:
+            for i in range(per_thread):
+                body = status_webhook(
+                    status_id=f"wamid.BENCHOUT.{t}.{i:09d}",
+                    recipient=f"25078{(i * threads + t) % senders:07d}",
+                    timestamp=now,
+                    phone_number_id="BENCH_PHONE",
+                )
+                f.write(f"{sign(secret, body)}\t{body.decode()}\n")
+
+
+def write_config(
+    path: Path,
+    store: Path,
+    downstream: str,
+    timeout_ms: int | None = None,
+    statuses: str | None = None,
+    processes: int | None = None,
+) -> None:
     """The repo's wacored.toml (services, keys, home menu, rate limit, forwarding), pointed at the bench's
-    downstream and a fresh store, listening on a free port."""
+    downstream and a fresh store, listening on a free port; `statuses` replaces ``[routing] statuses``
+    and `processes` sets ``[server] processes``."""
     base = tomllib.loads((ROOT / "wacored.toml").read_text())
     q = json.dumps
     lines = [
         "[server]",
         'listen = "127.0.0.1:0"',
+        *([f"processes = {processes}"] if processes is not None else []),
         "",
         "[whatsapp]",
         'phone_number_id = "BENCH_PHONE"',
@@ -140,6 +195,8 @@ def write_config(path: Path, store: Path, downstream: str, timeout_ms: int | Non
         values = dict(base.get(section, {}))
         if section == "forwarding" and timeout_ms is not None:
             values["timeout_ms"] = timeout_ms
+        if section == "routing" and statuses is not None:
+            values["statuses"] = statuses
         lines += [f"[{section}]", *(f"{k} = {q(v)}" for k, v in values.items()), ""]
     menu = base.get("home_menu", {})
     lines += ["[home_menu]", *(f"{k} = {q(v)}" for k, v in menu.items() if k != "items")]
@@ -164,8 +221,14 @@ class Procs:
     running: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def start(
-        self, argv: list[str], log: Path, env: dict[str, str] | None = None, stdout: Any = None
+        self,
+        argv: list[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        stdout: Any = None,
+        cpus: set[int] | None = None,
     ) -> subprocess.Popen[bytes]:
+        """Start `argv`; with `cpus`, pinned to those CPUs before it runs (its threads and children too)."""
         with open(log, "ab") as err:
             p = subprocess.Popen(
                 argv,
@@ -174,6 +237,7 @@ class Procs:
                 env=env,
                 cwd=ROOT,
                 start_new_session=True,
+                preexec_fn=pinned(cpus),
             )
         self.running.append(p)
         return p
@@ -193,6 +257,64 @@ class Procs:
     def stop_all(self) -> None:
         for p in list(self.running):
             self.stop(p, timeout=5.0)
+
+
+def pinned(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A preexec_fn that pins the child to `cpus` before exec, so every thread and process it starts
+    inherits the mask (setting it after the start would miss threads already running)."""
+    if cpus is None:
+        return None
+    mask = set(cpus)
+    return lambda: os.sched_setaffinity(0, mask)
+
+
+def cores_of(pid: int) -> str:
+    """The CPUs a live process may run on, read back from the kernel: "0", "1", "0-1"."""
+    try:
+        cpus = sorted(os.sched_getaffinity(pid))
+    except OSError:
+        return "?"
+    return (
+        str(cpus[0])
+        if len(cpus) == 1
+        else f"{cpus[0]}-{cpus[-1]}"
+        if cpus == list(range(cpus[0], cpus[-1] + 1))
+        else ",".join(map(str, cpus))
+    )
+
+
+def cores_text(cpus: set[int] | None) -> str:
+    return ",".join(map(str, sorted(cpus))) if cpus else "any"
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and every live descendant (wacored's worker processes, nginx's master and worker)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process tree: every live process's own time plus the time of the
+    children it has already reaped (cutime, cstime), so a worker that exits is still counted."""
+    total = 0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += sum(int(v) for v in fields[11:15])
+    return total / CLK_TCK
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
@@ -270,26 +392,127 @@ def wait_for(what: str, check: Callable[[], str], p: subprocess.Popen[bytes], lo
     raise RuntimeError(f"{what} did not start within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-def start_noop(procs: Procs, tmp: Path, name: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_noop(procs: Procs, tmp: Path, name: str, cpus: set[int] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     url_file, log = tmp / f"{name}.url", tmp / f"{name}.log"
     with open(url_file, "wb") as out:
-        p = procs.start([str(PYTHON), str(BENCH / "noop.py")], log, stdout=out)
+        p = procs.start([str(PYTHON), str(BENCH / "noop.py")], log, stdout=out, cpus=cpus)
     url = wait_for(name, lambda: url_file.read_text().strip() if url_file.exists() else "", p, log)
     return p, url
 
 
-def start_wacored(
-    procs: Procs, run_dir: Path, config: Path, secret: str, command: str
-) -> tuple[subprocess.Popen[bytes], str, float]:
-    log = run_dir / "wacored.log"
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    log_format connection '$connection';
+    access_log {dir}/access.log connection;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    client_body_buffer_size 1m;
+    client_max_body_size 4m;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    default_type application/json;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ return 200 '{{}}'; }}
+    }}
+}}
+"""
+"""The near-free downstream. One worker; `keepalive_requests` raised from nginx's 1000 so wacored's
+kept-alive lanes are never closed under it (the TCP connection count stays comparable with noop.py's);
+the access log holds one line per request, the connection's serial number, to count POSTs and TCP
+connections like noop.py's ``GET /count``."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def start_nginx(procs: Procs, run_dir: Path, cpus: set[int] | None) -> tuple[subprocess.Popen[bytes], str]:
+    """nginx in the foreground on a free 127.0.0.1 port, everything it writes under `run_dir`/nginx."""
+    prefix = run_dir / "nginx"
+    prefix.mkdir()
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=prefix, port=port))
+    log = prefix / "stderr.log"
+    argv = [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+    p = procs.start(argv, log, cpus=cpus)
+
+    def answering() -> str:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return f"http://127.0.0.1:{port}"
+        except OSError:
+            return ""
+
+    return p, wait_for("nginx", answering, p, log)
+
+
+@dataclass
+class Downstream:
+    """The process every service URL and the Graph API URL point at."""
+
+    kind: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    run_dir: Path
+
+    def count(self) -> dict[str, int]:
+        """POSTs answered, and over how many TCP connections."""
+        if self.kind == "noop":
+            counted: dict[str, int] = json.loads(get(f"{self.url}/count"))
+            return counted
+        lines = (self.run_dir / "nginx" / "access.log").read_text().split()
+        return {"posts": len(lines), "connections": len(set(lines))}
+
+
+def start_downstream(procs: Procs, run_dir: Path, kind: str, cpus: set[int] | None) -> Downstream:
+    if kind == "nginx":
+        p, url = start_nginx(procs, run_dir, cpus)
+    else:
+        p, url = start_noop(procs, run_dir, "downstream", cpus)
+    return Downstream(kind, p, url, run_dir)
+
+
+def wacored_env(secret: str) -> dict[str, str]:
     env = {**os.environ, "WACORED_APP_SECRET": secret, "WACORED_ACCESS_TOKEN": "bench-token"}
     # Every service signs its forwards with a secret of its own, as in production (one HMAC per
     # forward); an older wacored ignores these variables.
     services = tomllib.loads((ROOT / "wacored.toml").read_text())["services"]
     env.update({f"WACORED_SIGNING_SECRETS_{name.upper()}": BENCH_SIGNING_SECRET for name in services})
+    return env
+
+
+def config_refused(config: Path, secret: str, command: str) -> str:
+    """Why `wacored check-config` refuses `config` (its last output line), or "" when it accepts it."""
+    argv = [*shlex.split(command), "check-config", "-c", str(config)]
+    done = subprocess.run(argv, env=wacored_env(secret), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    if done.returncode == 0:
+        return ""
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return lines[-1][:160] if lines else f"exit status {done.returncode}"
+
+
+def start_wacored(
+    procs: Procs, run_dir: Path, config: Path, secret: str, command: str, cpus: set[int] | None = None
+) -> tuple[subprocess.Popen[bytes], str, float]:
+    log = run_dir / "wacored.log"
+    env = wacored_env(secret)
     argv = [*shlex.split(command), "run", "-c", str(config), "--env-file", str(run_dir / "none.env")]
     started = time.monotonic()
-    p = procs.start(argv, log, env=env)
+    p = procs.start(argv, log, env=env, cpus=cpus)
 
     def listening() -> str:
         for line in log.read_text().splitlines() if log.exists() else []:
@@ -303,6 +526,18 @@ def start_wacored(
 
     url = wait_for("wacored", listening, p, log)
     return p, url, time.monotonic() - started
+
+
+def health_statuses(url: str) -> int | None:
+    """The ``delivered`` status updates /health says this process counted (None if it does not say)."""
+    try:
+        body = get(f"{url}/health")
+    except urllib.error.HTTPError as exc:  # 503 unhealthy still carries the body
+        body = exc.read().decode()
+    except OSError:
+        return None
+    counted = json.loads(body).get("checks", {}).get("statuses", {}).get("delivered")
+    return int(counted) if counted is not None else None
 
 
 def get(url: str) -> str:
@@ -349,7 +584,11 @@ class Load:
         return e["connect"] + e["read"] + e["write"] + e["timeout"]
 
 
-def run_wrk(url: str, prefix: Path, args: argparse.Namespace, log: Path, mine: set[int]) -> Load:
+def run_wrk(
+    url: str, prefix: Path, args: argparse.Namespace, log: Path, roots: list[int], cpus: set[int] | None
+) -> Load:
+    """wrk against `url` with `prefix`'s bodies, pinned to `cpus`; `roots` are the bench's own processes
+    (with their descendants, read after the load: they are not "others")."""
     argv = [
         "wrk",
         f"-t{args.threads}",
@@ -373,9 +612,12 @@ def run_wrk(url: str, prefix: Path, args: argparse.Namespace, log: Path, mine: s
     procs0 = cpu_by_process()
     busy0 = machine_busy_s()
     started = time.time()
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=args.duration + 60)
+    done = subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=args.duration + 60, preexec_fn=pinned(cpus)
+    )
     ended = time.time()
     busy = machine_busy_s() - busy0
+    mine = {pid for root in roots for pid in tree(root)}
     other = others(procs0, cpu_by_process(), mine | {os.getpid()})
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     log.write_text(done.stdout + done.stderr)
@@ -467,33 +709,53 @@ def store_facts(store: Path) -> dict[str, Any]:
 
 
 def scenario_s1(procs: Procs, tmp: Path, prefix: Path, args: argparse.Namespace) -> dict[str, Any]:
-    p, url = start_noop(procs, tmp, "s1")
+    p, url = start_noop(procs, tmp, "s1", args.server_cpus)
     try:
-        cpu0 = cpu_s(p.pid)
-        load = run_wrk(url, prefix, args, tmp / "wrk-s1.txt", {p.pid})
-        cpu = cpu_s(p.pid) - cpu0
+        cores = cores_of(p.pid)
+        cpu0 = tree_cpu_s(p.pid)
+        load = run_wrk(url, prefix, args, tmp / "wrk-s1.txt", [p.pid], args.load_cpus)
+        cpu = tree_cpu_s(p.pid) - cpu0
         hwm, _ = memory_mb(p.pid)
     finally:
         procs.stop(p)
-    return {"load": load, "rss_mb": hwm, "cpu_s": cpu}
+    return {"load": load, "rss_mb": hwm, "cpu_s": cpu, "cores": cores}
 
 
-def scenario_wacored(
-    procs: Procs, tmp: Path, prefix: Path, secret: str, args: argparse.Namespace, held: bool = False
-) -> dict[str, Any]:
-    name = "held" if held else "wacored"
-    run_dir = tmp / name
+@dataclass(frozen=True)
+class Run:
+    """One wacored scenario: its name (files, profiles), what it sends and how wacored is configured."""
+
+    name: str
+    bodies: Path
+    held: bool = False
+    statuses: str | None = None
+    """``[routing] statuses`` (None: the repo's, which is "")."""
+    processes: int | None = None
+    """``[server] processes`` (None: not set)."""
+    pin: bool = True
+
+
+def scenario_wacored(procs: Procs, tmp: Path, secret: str, args: argparse.Namespace, run: Run) -> dict[str, Any] | str:
+    """Run wacored under load, wait for the drain, and return its figures; or, when `wacored check-config`
+    refuses the run's config, why (the row is then printed n/a)."""
+    run_dir = tmp / run.name
     run_dir.mkdir()
     store = run_dir / "wacored.db"  # a fresh store for every run
-    down, down_url = start_noop(procs, run_dir, "downstream")
-    if held:
-        get(f"{down_url}/_gate/close")
+    server_cpus, load_cpus = (args.server_cpus, args.load_cpus) if run.pin else (None, None)
+    kind = "noop" if run.held else args.downstream  # only noop.py can hold requests
+    down = start_downstream(procs, run_dir, kind, load_cpus)
+    if run.held:
+        get(f"{down.url}/_gate/close")
     config = run_dir / "wacored.toml"
-    write_config(config, store, down_url, HELD_TIMEOUT_MS if held else None)
-    p, url, startup_s = start_wacored(procs, run_dir, config, secret, args.wacored)
+    write_config(config, store, down.url, HELD_TIMEOUT_MS if run.held else None, run.statuses, run.processes)
+    if run.processes is not None and (why := config_refused(config, secret, args.wacored)):
+        procs.stop(down.proc)
+        return why
+    p, url, startup_s = start_wacored(procs, run_dir, config, secret, args.wacored, server_cpus)
     try:
-        idle_hwm, _ = memory_mb(p.pid)
-        cpu0, down0 = cpu_s(p.pid), cpu_s(down.pid)
+        idle_hwm = sum(memory_mb(pid)[0] for pid in tree(p.pid))
+        cores = {"wacored": cores_of(p.pid), "downstream": cores_of(down.proc.pid)}
+        cpu0, down0 = tree_cpu_s(p.pid), tree_cpu_s(down.proc.pid)
         spy = None
         if args.py_spy:  # sampling costs CPU: the figures of such a run are lower
             spy = procs.start(
@@ -502,6 +764,7 @@ def scenario_wacored(
                     "record",
                     "--pid",
                     str(p.pid),
+                    *(["--subprocesses"] if run.processes else []),
                     "--duration",
                     str(args.duration),
                     "--rate",
@@ -509,29 +772,34 @@ def scenario_wacored(
                     "--format",
                     "raw",
                     "-o",
-                    str(OUT / f"profile-{name}.txt"),
+                    str(OUT / f"profile-{run.name}.txt"),
                 ],
                 run_dir / "py-spy.log",
             )
-        load = run_wrk(url, prefix, args, run_dir / "wrk.txt", {p.pid, down.pid} | ({spy.pid} if spy else set()))
-        cpu_load, down_load = cpu_s(p.pid) - cpu0, cpu_s(down.pid) - down0
-        load_hwm, _ = memory_mb(p.pid)
+        roots = [p.pid, down.proc.pid, *([spy.pid] if spy else [])]
+        load = run_wrk(url, run.bodies, args, run_dir / "wrk.txt", roots, load_cpus)
+        pids = tree(p.pid)
+        cpu_load, down_load = tree_cpu_s(p.pid) - cpu0, tree_cpu_s(down.proc.pid) - down0
+        load_hwm = sum(memory_mb(pid)[0] for pid in tree(p.pid))
         opened_at = time.time()
-        if held:
-            get(f"{down_url}/_gate/open")
+        if run.held:
+            get(f"{down.url}/_gate/open")
         counts, drained = wait_delivered(store, args.drain_timeout)
-        cpu_all, down_all = cpu_s(p.pid) - cpu0, cpu_s(down.pid) - down0
-        hwm, rss = memory_mb(p.pid)
+        cpu_all, down_all = tree_cpu_s(p.pid) - cpu0, tree_cpu_s(down.proc.pid) - down0
+        mem = [memory_mb(pid) for pid in tree(p.pid)]
+        hwm, rss = sum(m[0] for m in mem), sum(m[1] for m in mem)
         facts = store_facts(store)
-        downstream = json.loads(get(f"{down_url}/count"))
+        downstream = down.count()
+        statuses_counted = health_statuses(url) if run.processes is None else None
         if spy is not None:
             spy.wait(30)
     finally:
         code = procs.stop(p)
-        procs.stop(down)
+        procs.stop(down.proc)
     lines = (run_dir / "wacored.log").read_text().splitlines()
     problems = [ln for ln in lines if '"level": "warning"' in ln or '"level": "error"' in ln]
     return {
+        "run": run,
         "load": load,
         "counts": counts,
         "drained": drained,
@@ -546,6 +814,10 @@ def scenario_wacored(
         "cpu_all_s": cpu_all,
         "down_all_s": down_all,
         "downstream": downstream,
+        "downstream_kind": kind,
+        "processes": len(pids),
+        "cores": cores,
+        "statuses_counted": statuses_counted,
         "exit_code": code,
         "startup_s": startup_s,
         "log_problems": problems,
@@ -597,31 +869,31 @@ def us_per(seconds: float, n: int) -> str:
 
 def report(
     s1: dict[str, Any],
-    w: dict[str, Any],
-    held: dict[str, Any] | None,
+    results: dict[str, dict[str, Any] | str],
     args: argparse.Namespace,
     gen_s: float,
     version: str,
 ) -> str:
+    """The tables and the details of one bench run; `results` holds each wacored scenario run, by row
+    name (a string: why that row did not run)."""
     base: Load = s1["load"]
-    load: Load = w["load"]
-    f, counts = w["facts"], w["counts"]
-    delivered = counts.get("delivered", 0)
-    e2e_s = (f["last_done"] - f["first_received"]) if f["first_received"] else 0.0
-    e2e_rate = delivered / e2e_s if e2e_s > 0 else 0.0
-    ratio_in, ratio_e2e = load.rate / base.rate, e2e_rate / base.rate
-    rss = f"{w['rss_mb']:.0f}"
-    rss_mark = f"<= {TARGET_RSS_MB:.0f} {mark(w['rss_mb'] <= TARGET_RSS_MB)}"
-    ran_out = [
-        name
-        for name, ld in [("S1", base), ("ingest", load)] + ([("held", held["load"])] if held else [])
-        if ld.exhausted_threads
-    ]
+    ncpu = os.cpu_count() or 1
+    ran = {name: r for name, r in results.items() if not isinstance(r, str)}
+    ran_out = [name for name, ld in [("S1", base), *((n, r["load"]) for n, r in ran.items())] if ld.exhausted_threads]
 
     def goal(target: float, ratio: float) -> str:
         return f">= {target} {'n/a' if ran_out else mark(ratio >= target)}"
 
-    rows = [
+    def e2e(w: dict[str, Any]) -> tuple[float, float, int]:
+        """(delivered msgs/s from the store, seconds from first receipt to last delivery, delivered)."""
+        f, delivered = w["facts"], w["counts"].get("delivered", 0)
+        seconds = (f["last_done"] - f["first_received"]) if f["first_received"] else 0.0
+        return (delivered / seconds if seconds > 0 else 0.0), seconds, delivered
+
+    def rss(w: dict[str, Any]) -> tuple[str, str]:
+        return f"{w['rss_mb']:.0f}", f"<= {TARGET_RSS_MB:.0f} {mark(w['rss_mb'] <= TARGET_RSS_MB)}"
+
+    rows: list[tuple[str, ...]] = [
         (
             "S1 no-op",
             f"{base.rate:.0f}",
@@ -631,29 +903,9 @@ def report(
             f"{base.p99_ms:.1f}",
             f"({s1['rss_mb']:.0f})",
             "",
-        ),
-        (
-            "ingest",
-            f"{load.rate:.0f}",
-            f"{ratio_in:.2f}",
-            goal(TARGET_INGEST, ratio_in),
-            f"{load.p50_ms:.1f}",
-            f"{load.p99_ms:.1f}",
-            rss,
-            rss_mark,
-        ),
-        (
-            "end-to-end",
-            f"{e2e_rate:.0f}",
-            f"{ratio_e2e:.2f}",
-            goal(TARGET_E2E, ratio_e2e),
-            f"[{f['lag_p50_ms']:.0f}]",
-            f"[{f['lag_p99_ms']:.0f}]",
-            rss,
-            rss_mark,
-        ),
+        )
     ]
-    ncpu = os.cpu_count() or 1
+    cpu_rows: list[tuple[str, ...]] = []
 
     def load_cpu(name: str, ld: Load, server_s: float, down_s: float) -> tuple[str, ...]:
         mine = server_s + down_s + ld.wrk_cpu_s
@@ -663,51 +915,82 @@ def report(
             us_per(server_s, ld.ok),
             us_per(down_s, ld.ok) if down_s else "-",
             us_per(ld.wrk_cpu_s, ld.ok),
+            f"{server_s / ld.duration_s * 100:.0f}%",
+            f"{down_s / ld.duration_s * 100:.0f}%" if down_s else "-",
+            f"{ld.wrk_cpu_s / ld.duration_s * 100:.0f}%",
             f"{ld.machine_s / ld.duration_s / ncpu * 100:.0f}%",
             f"{max(0.0, ld.machine_s - mine) / ld.duration_s / ncpu * 100:.0f}%",
         )
 
-    cpu_rows = [
-        load_cpu("S1 no-op (load)", base, s1["cpu_s"], 0.0),
-        load_cpu("ingest (load)", load, w["cpu_load_s"], w["down_load_s"]),
-        (
-            "end-to-end (load + drain)",
-            f"{delivered}",
-            us_per(w["cpu_all_s"], delivered),
-            us_per(w["down_all_s"], delivered),
-            "",
-            "",
-            "",
-        ),
-    ]
-    if held is not None:
+    def drain_cpu(name: str, w: dict[str, Any], delivered: int) -> tuple[str, ...]:
+        return (name, f"{delivered}", us_per(w["cpu_all_s"], delivered), us_per(w["down_all_s"], delivered), *[""] * 6)
+
+    cpu_rows.append(load_cpu("S1 no-op (load)", base, s1["cpu_s"], 0.0))
+    p1_rate = 0.0
+    if "messages" in ran:
+        w = ran["messages"]
+        load: Load = w["load"]
+        p1_rate, _, delivered = e2e(w)
+        rows += [
+            ("ingest", f"{load.rate:.0f}", f"{load.rate / base.rate:.2f}", goal(TARGET_INGEST, load.rate / base.rate),
+             f"{load.p50_ms:.1f}", f"{load.p99_ms:.1f}", *rss(w)),
+            ("messages end to end", f"{p1_rate:.0f}", f"{p1_rate / base.rate:.2f}",
+             goal(TARGET_E2E, p1_rate / base.rate), f"[{w['facts']['lag_p50_ms']:.0f}]",
+             f"[{w['facts']['lag_p99_ms']:.0f}]", *rss(w)),
+        ]  # fmt: skip
+        cpu_rows += [
+            load_cpu("messages (load)", load, w["cpu_load_s"], w["down_load_s"]),
+            drain_cpu("messages end to end (load + drain)", w, delivered),
+        ]
+    if "statuses-dropped" in ran:
+        w = ran["statuses-dropped"]
+        load = w["load"]
+        ratio = load.rate / base.rate
+        rows.append(
+            ("statuses dropped", f"{load.rate:.0f}", f"{ratio:.2f}", goal(TARGET_STATUSES_DROPPED, ratio),
+             f"{load.p50_ms:.1f}", f"{load.p99_ms:.1f}", *rss(w))
+        )  # fmt: skip
+        cpu_rows.append(load_cpu("statuses dropped (load)", load, w["cpu_load_s"], w["down_load_s"]))
+    if "statuses-forwarded" in ran:
+        w = ran["statuses-forwarded"]
+        rate, _, delivered = e2e(w)
+        rows.append(
+            ("statuses forwarded end to end", f"{rate:.0f}", f"{rate / base.rate:.2f}",
+             goal(TARGET_STATUSES_FORWARDED, rate / base.rate), f"[{w['facts']['lag_p50_ms']:.0f}]",
+             f"[{w['facts']['lag_p99_ms']:.0f}]", *rss(w))
+        )  # fmt: skip
+        cpu_rows += [
+            load_cpu("statuses forwarded (load)", w["load"], w["cpu_load_s"], w["down_load_s"]),
+            drain_cpu("statuses forwarded end to end (load + drain)", w, delivered),
+        ]
+    if isinstance(results.get("processes-2"), str):
+        rows.append(("processes = 2, end to end", "n/a (processes not supported by this build)", *[""] * 6))
+    elif "processes-2" in ran:
+        w = ran["processes-2"]
+        rate, _, delivered = e2e(w)
+        versus = rate / p1_rate if p1_rate else 0.0
+        met = "n/a" if ran_out or not p1_rate else mark(versus >= TARGET_PROCESSES_2)
+        target = f"{versus:.2f}x p=1, >= {TARGET_PROCESSES_2}x {met}"
+        rows.append(
+            ("processes = 2, end to end", f"{rate:.0f}", f"{rate / base.rate:.2f}", target,
+             f"[{w['facts']['lag_p50_ms']:.0f}]", f"[{w['facts']['lag_p99_ms']:.0f}]", f"{w['rss_mb']:.0f}", "")
+        )  # fmt: skip
+        cpu_rows += [
+            load_cpu("processes = 2 (load)", w["load"], w["cpu_load_s"], w["down_load_s"]),
+            drain_cpu("processes = 2 end to end (load + drain)", w, delivered),
+        ]
+    if "held" in ran:
+        held = ran["held"]
         hl: Load = held["load"]
-        hf, hc = held["facts"], held["counts"]
-        h_delivered = hc.get("delivered", 0)
+        hf, h_delivered = held["facts"], held["counts"].get("delivered", 0)
         drain_s = (hf["last_done"] - held["opened_at"]) if hf["last_done"] else 0.0
         drain_rate = h_delivered / drain_s if drain_s > 0 else 0.0
         rows += [
-            (
-                "ingest, forwarding held*",
-                f"{hl.rate:.0f}",
-                f"{hl.rate / base.rate:.2f}",
-                "",
-                f"{hl.p50_ms:.1f}",
-                f"{hl.p99_ms:.1f}",
-                f"{held['rss_load_mb']:.0f}",
-                "",
-            ),
-            (
-                "forwarding alone*",
-                f"{drain_rate:.0f}",
-                f"{drain_rate / base.rate:.2f}",
-                "",
-                "",
-                "",
-                f"{held['rss_mb']:.0f}",
-                "",
-            ),
-        ]
+            ("ingest, forwarding held*", f"{hl.rate:.0f}", f"{hl.rate / base.rate:.2f}", "", f"{hl.p50_ms:.1f}",
+             f"{hl.p99_ms:.1f}", f"{held['rss_load_mb']:.0f}", ""),
+            ("forwarding alone*", f"{drain_rate:.0f}", f"{drain_rate / base.rate:.2f}", "", "", "",
+             f"{held['rss_mb']:.0f}", ""),
+        ]  # fmt: skip
         cpu_rows += [
             load_cpu("ingest, forwarding held* (load)", hl, held["cpu_load_s"], held["down_load_s"]),
             (
@@ -715,28 +998,33 @@ def report(
                 f"{h_delivered}",
                 us_per(held["cpu_all_s"] - held["cpu_load_s"], h_delivered),
                 us_per(held["down_all_s"] - held["down_load_s"], h_delivered),
-                "",
-                "",
-                "",
+                *[""] * 6,
             ),
         ]
     head = ("scenario", "msgs/s", "x S1", "target", "p50 ms", "p99 ms", "RSS MB", "RSS target")
-    cpu_head = ("CPU us per message", "msgs", "server", "downstream", "wrk", "machine busy", "others")
-    duplicates = max(0, load.ok - counts["total"])
-    held_note = held_others = held_busy = ""
-    if held is not None:
-        held_others = f"; during held ingest: {held['load'].others}"
-        held_busy = f", held {held['load'].busy_before:.0%}"
-        hc = held["counts"]
-        held_note = (
-            f"; held run: {len(held['log_problems'])} warning/error lines, dead-lettered "
-            f"{hc.get('dead_lettered', 0)}, still queued {hc.get('queued', 0)}, "
-            f"{held['downstream']['connections']} TCP connections for {held['downstream']['posts']} POSTs"
-            f"{'' if held['drained'] else ', DRAIN TIMED OUT'}"
+    cpu_head = (
+        "CPU per message",
+        "msgs",
+        "server us",
+        "downstream us",
+        "wrk us",
+        "server %",
+        "downstream %",
+        "wrk %",
+        "machine busy",
+        "others",
+    )
+    if args.pin and args.server_cpus is not None:
+        pinning = (
+            f"pinned: the server under test on CPU {s1['cores']}, wrk and the"
+            f" downstream on CPU {','.join(map(str, sorted(args.load_cpus)))} (the processes = 2 row: not pinned)"
         )
+    else:
+        pinning = "not pinned: wrk, the server and the downstream share every CPU"
     out = [
-        f"wacored bench {dt.datetime.now().isoformat(timespec='seconds')}, {version}: {os.cpu_count()} CPUs"
-        f" shared by wrk -t{args.threads} -c{args.connections} -d{args.duration}s, the server and its downstream",
+        f"wacored bench {dt.datetime.now().isoformat(timespec='seconds')}, {version}: {ncpu} CPUs,"
+        f" wrk -t{args.threads} -c{args.connections} -d{args.duration}s, downstream {args.downstream}",
+        pinning,
         *(
             [
                 f"WARNING: wrk ran out of bodies in {', '.join(ran_out)}: those msgs/s are understated and the"
@@ -748,46 +1036,73 @@ def report(
         "",
         *table(head, rows, {1, 2, 4, 5, 6}),
         "",
-        "p50/p99: ack latency seen by wrk; [end-to-end]: delivery lag, received -> delivered (ms).",
-        "RSS: wacored's VmHWM; (S1) is the no-op server's, for reference.",
+        "p50/p99: ack latency seen by wrk; [end to end]: delivery lag, received -> delivered (ms).",
+        "RSS: wacored's VmHWM (summed over its processes); (S1) is the no-op server's, for reference.",
         *(
             [
                 "* --held diagnostic: the downstream holds every request until the load ends (ingest without"
                 " forwarding), then the backlog drains (forwarding alone; msgs/s from the release)."
             ]
-            if held
+            if "held" in ran
             else []
         ),
         "",
-        *table(cpu_head, cpu_rows, {1, 2, 3, 4, 5, 6}),
-        "server/downstream/wrk: CPU time (user+sys, all threads) per message. machine busy: all CPUs, from /proc/stat;",
-        "others: CPU taken by processes outside the bench during the load (figures are only comparable"
-        " when it is ~0%).",
+        *table(cpu_head, cpu_rows, set(range(1, 10))),
+        "us: CPU time (user+sys, all threads, the whole process tree) per message; %: of one CPU during the"
+        " load (100% = one core saturated);",
+        "machine busy: all CPUs, from /proc/stat; others: CPU taken by processes outside the bench during the"
+        " load (figures are only comparable when it is ~0%).",
         "",
-        f"others      busy before the loads (servers idle): S1 {base.busy_before:.0%}, ingest {load.busy_before:.0%}"
-        f"{held_busy}; processes during S1: {base.others}; during ingest: {load.others}{held_others}",
-        f"S1          {base.ok} x 200 in {base.duration_s:.1f}s; non-2xx {base.errors['status']}, "
-        f"socket errors {base.socket_errors}",
-        f"ingest      {load.ok} x 200 in {load.duration_s:.1f}s; non-2xx {load.errors['status']}, socket errors "
-        f"{load.socket_errors}; rows stored {counts['total']}; duplicates {duplicates}; "
-        f"threads out of bodies {load.exhausted_threads}",
-        f"end-to-end  delivered {delivered}/{counts['total']} (dead-lettered {counts.get('dead_lettered', 0)}, "
-        f"still queued {counts.get('queued', 0)}{'' if w['drained'] else ', DRAIN TIMED OUT'}) in {e2e_s:.1f}s "
-        f"from first receipt to last delivery ({max(0.0, (f['last_done'] or 0) - load.ended_at):.1f}s after "
-        f"wrk ended); downstream answered {w['downstream']['posts']} POSTs for {f['attempts']} attempts, "
-        f"over {w['downstream']['connections']} TCP connections from wacored",
-        f"routes      {json.dumps(f['reasons'], sort_keys=True)}",
-        f"targets     {json.dumps(f['targets'], sort_keys=True)}",
-        f"senders     {f['senders']} reached (of {args.senders} in the bodies), {f['sessions']} sessions open",
-        f"RSS         wacored idle {w['rss_idle_mb']:.0f} MB, peak after load {w['rss_load_mb']:.0f} MB, "
-        f"after drain {w['rss_mb']:.0f} MB (VmHWM), current {w['rss_now_mb']:.0f} MB; "
-        f"start-up to listening {w['startup_s']:.1f}s",
-        f"log         {len(w['log_problems'])} warning/error lines; wacored exit code {w['exit_code']}{held_note}",
-        f"bodies      {args.bodies} signed in {gen_s:.1f}s",
+        f"cores              S1 {s1['cores']}; "
+        + "; ".join(
+            f"{n}: wacored {r['cores']['wacored']}, downstream {r['cores']['downstream']}" for n, r in ran.items()
+        )
+        + f"; wrk {','.join(map(str, sorted(args.load_cpus))) if args.load_cpus else 'any'}"
+        + " (the processes = 2 row: any)",
+        f"S1                 {base.ok} x 200 in {base.duration_s:.1f}s; non-2xx {base.errors['status']}, "
+        f"socket errors {base.socket_errors}; busy before {base.busy_before:.0%}; others: {base.others}",
     ]
-    for problem in w["log_problems"][:3]:
-        out.append(f"  {problem[:200]}")
+    for name, r in results.items():
+        if isinstance(r, str):
+            out.append(f"{name:<18} not run: {r}")
+            continue
+        ld, f, counts = r["load"], r["facts"], r["counts"]
+        _, seconds, delivered = e2e(r)
+        stored = counts["total"]
+        duplicates = max(0, ld.ok - stored) if stored else 0  # dropped statuses store no row
+        out.append(
+            f"{name:<18} {ld.ok} x 200 in {ld.duration_s:.1f}s; non-2xx {ld.errors['status']}, socket errors"
+            f" {ld.socket_errors}; rows stored {stored}; delivered {delivered} (dead-lettered"
+            f" {counts.get('dead_lettered', 0)}, still queued {counts.get('queued', 0)}"
+            f"{'' if r['drained'] else ', DRAIN TIMED OUT'}) in {seconds:.1f}s from first receipt to last delivery"
+            f" ({max(0.0, (f['last_done'] or 0) - ld.ended_at):.1f}s after wrk ended)"
+            + (f"; statuses counted by /health {r['statuses_counted']}" if r["statuses_counted"] else "")
+        )
+        out.append(
+            f"{'':<18} {r['processes']} wacored process(es); {r['downstream_kind']} downstream answered"
+            f" {r['downstream']['posts']} POSTs for {f['attempts']} attempts over {r['downstream']['connections']}"
+            f" TCP connections; threads out of bodies {ld.exhausted_threads}; duplicates {duplicates};"
+            f" busy before {ld.busy_before:.0%}; others: {ld.others}"
+        )
+        out.append(
+            f"{'':<18} RSS idle {r['rss_idle_mb']:.0f} MB, after load {r['rss_load_mb']:.0f} MB, after drain"
+            f" {r['rss_mb']:.0f} MB (VmHWM), now {r['rss_now_mb']:.0f} MB; start-up {r['startup_s']:.1f}s;"
+            f" {len(r['log_problems'])} warning/error log lines; exit code {r['exit_code']}"
+        )
+        out += [f"{'':<18}   {problem[:200]}" for problem in r["log_problems"][:3]]
+    if "messages" in ran:
+        f = ran["messages"]["facts"]
+        out += [
+            f"routes             {json.dumps(f['reasons'], sort_keys=True)}",
+            f"targets            {json.dumps(f['targets'], sort_keys=True)}",
+            f"senders            {f['senders']} reached (of {args.senders} in the bodies),"
+            f" {f['sessions']} sessions open",
+        ]
+    out.append(f"bodies             {args.bodies} messages and {args.bodies} statuses signed in {gen_s:.1f}s")
     return "\n".join(out)
+
+
+ROWS = ("messages", "statuses-dropped", "statuses-forwarded", "processes-2")
 
 
 def main() -> int:
@@ -827,12 +1142,44 @@ def main() -> int:
         default=str(WACORED),
         help="command that runs wacored (default .venv/bin/wacored); `run -c FILE ...` is appended",
     )
+    p.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pin the server under test (S1, wacored) to one CPU and wrk + the downstream to the others"
+        " (default on; the processes = 2 row is never pinned)",
+    )
+    p.add_argument(
+        "--downstream",
+        choices=("nginx", "noop"),
+        default="nginx",
+        help="what the services and the Graph API point at: nginx answering 200 {} (default: near-free,"
+        " so it does not take wrk's CPU) or bench/noop.py (hypercorn, ~0.5 ms a request); --held always uses noop",
+    )
+    p.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help=f"wacored rows to run, comma-separated, in this order (default all: {','.join(ROWS)}); S1 always runs",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (bodies, stores, logs)")
     args = p.parse_args()
     args.duration = max(1, min(args.duration, 15))
+    rows = [r for r in args.rows.split(",") if r]
+    if unknown := [r for r in rows if r not in ROWS]:
+        p.error(f"unknown rows {unknown}: choose from {', '.join(ROWS)}")
     if shutil.which("wrk") is None:
         print("bench needs wrk: apt-get install wrk (make bench does it)", file=sys.stderr)
         return 2
+    if args.downstream == "nginx" and not Path(NGINX).exists():
+        print("--downstream nginx needs nginx: apt-get install nginx (make bench does it)", file=sys.stderr)
+        return 2
+    cpus = sorted(os.sched_getaffinity(0))
+    args.server_cpus = args.load_cpus = None
+    if args.pin and len(cpus) >= 2:  # the server under test on one CPU, the load and downstream on the rest
+        args.server_cpus, args.load_cpus = {cpus[0]}, set(cpus[1:])
+    elif args.pin:
+        print("note: one CPU only, nothing to pin", flush=True)
+        args.pin = False
     OUT.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="wacored-bench-"))
     procs = Procs()
@@ -846,19 +1193,37 @@ def main() -> int:
     signal.signal(signal.SIGHUP, interrupted)
     try:
         started = time.monotonic()
-        prefix = tmp / "bodies"
-        print(f"generating {args.bodies} signed bodies in {tmp} ...", flush=True)
+        prefix, statuses = tmp / "bodies", tmp / "statuses"
+        print(f"generating {args.bodies} signed message bodies and as many status bodies in {tmp} ...", flush=True)
         generate(prefix, secret, args.threads, args.bodies // args.threads, args.senders)
+        if {"statuses-dropped", "statuses-forwarded"} & set(rows):
+            generate_statuses(statuses, secret, args.threads, args.bodies // args.threads, args.senders)
         gen_s = time.monotonic() - started
         print(f"S1: no-op ASGI app on hypercorn trio, wrk {args.duration}s ...", flush=True)
         s1 = scenario_s1(procs, tmp, prefix, args)
-        print(f"ingest + end-to-end: wacored, wrk {args.duration}s, then waiting for delivery ...", flush=True)
-        w = scenario_wacored(procs, tmp, prefix, secret, args)
-        held = None
-        if args.held:
-            print(f"diagnostic: wacored with forwarding held, wrk {args.duration}s, then the drain ...", flush=True)
-            held = scenario_wacored(procs, tmp, prefix, secret, args, held=True)
-        text = report(s1, w, held, args, gen_s, version)
+        print(f"  cores: S1 {s1['cores']}, wrk {cores_text(args.load_cpus)}", flush=True)
+        service = next(iter(tomllib.loads((ROOT / "wacored.toml").read_text())["services"]))
+        runs = {
+            "messages": Run("messages", prefix),
+            "statuses-dropped": Run("statuses-dropped", statuses, statuses=""),
+            "statuses-forwarded": Run("statuses-forwarded", statuses, statuses=service),
+            "processes-2": Run("processes-2", prefix, processes=2, pin=False),
+        }
+        chosen = [runs[r] for r in rows] + ([Run("held", prefix, held=True)] if args.held else [])
+        results: dict[str, dict[str, Any] | str] = {}
+        for run in chosen:
+            print(f"{run.name}: wacored, wrk {args.duration}s, then waiting for delivery ...", flush=True)
+            result = results[run.name] = scenario_wacored(procs, tmp, secret, args, run)
+            if isinstance(result, str):
+                print(f"  n/a: wacored check-config refuses it: {result}", flush=True)
+            else:
+                where = cores_text(args.load_cpus if run.pin else None)
+                print(
+                    f"  cores: wacored {result['cores']['wacored']} ({result['processes']} process(es)),"
+                    f" downstream {result['cores']['downstream']}, wrk {where}",
+                    flush=True,
+                )
+        text = report(s1, results, args, gen_s, version)
         print()
         print(text)
         print(f"\n(took {time.monotonic() - started:.0f}s; temp dir {tmp}{'' if args.keep else ' removed'})")
