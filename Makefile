@@ -55,9 +55,14 @@ lint: $(STAMP)
 check-config: $(RUN_STAMP)
 	$(BIN)/wacored check-config -c $(CONFIG)
 
+# The bench's default downstream is nginx (bench/README.md); its packaged service is never started here.
 bench: $(STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || \
 		(echo "make bench needs wrk (apt-get install wrk)"; exit 1)
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx && \
+		 { [ ! -d /run/systemd/system ] || systemctl disable --now --quiet nginx || true; }) || \
+		(echo "make bench needs nginx (apt-get install nginx), or run bench/bench.py --downstream noop"; exit 1)
 	$(BIN)/python bench/bench.py
 
 clean:

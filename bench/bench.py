@@ -1,26 +1,36 @@
-"""wacored throughput benchmark: a no-op ceiling (S1), ingest, and end-to-end delivery, side by side.
+"""wacored throughput benchmark: a no-op ceiling (S1), then wacored's rows, side by side.
 
-Run with ``make bench`` (installs wrk if missing) or ``.venv/bin/python bench/bench.py [options]``.
+Run with ``make bench`` (installs wrk and nginx if missing) or ``.venv/bin/python bench/bench.py [options]``.
 It prints a table of figures and never asserts on timing; bench/README.md explains how to read it.
 
 What runs, all on 127.0.0.1, one scenario at a time:
 
 S1          `bench/noop.py`: a raw ASGI callable that reads the body and answers 200 ``{}``, served by
             ``hypercorn.trio.serve``. The ceiling of the stack wacored is built on.
-ingest      ``.venv/bin/wacored run -c <tmp config>`` as a real subprocess, a fresh SQLite store in a
-            temp dir, every service URL and the Graph API URL pointing at a second `noop.py` (the
-            downstream), so forwarding runs in the background while the load runs.
-end-to-end  The same wacored run: after the load, the store is polled read-only until no message is
-            ``queued``; delivered msgs/s = delivered / (last ``done_at`` - first ``received_at``).
---held      (optional diagnostic) the same again with the downstream holding every request until the
-            load is over: ingest without forwarding competing for the CPU, then the backlog's drain
-            (forwarding alone).
+messages    ``.venv/bin/wacored run -c <tmp config>`` as a real subprocess, a fresh SQLite store in a
+            temp dir, every service URL and the Graph API URL pointing at the downstream (nginx
+            answering 200 ``{}``, or `noop.py` with ``--downstream noop``), so forwarding runs while
+            the load runs: acked msgs/s (ingest), then, polling the store read-only until no message is
+            ``queued``, delivered msgs/s = delivered / (last ``done_at`` - first ``received_at``).
+statuses    the same with bodies of one ``delivered`` status update each: ``[routing] statuses = ""``
+            (counted and dropped: acked/s) and ``= <the first service>`` (forwarded: end to end/s).
+processes-2 the messages row with ``[server] processes = 2``, not pinned; n/a when
+            ``wacored check-config`` refuses the key.
+--held      (optional diagnostic) the messages row with `noop.py` holding every request until the load
+            is over: ingest without forwarding competing for the CPU, then the backlog's drain.
+
+Pinning (``--pin``, the default; ``--no-pin`` turns it off): the server under test (S1, wacored) runs
+on the first CPU, wrk and the downstream on the others, so S1 and wacored are measured on equal terms.
+CPU is read from /proc for whole process trees (wacored's workers, nginx's master and worker).
 
 Load: wrk (``bench/bodies.lua``) posts pre-generated, signed, unique webhooks (one text message each,
 a unique wamid), each wrk thread from its own file so no body is ever sent twice. Message mix per
 sender, in a cycle of 10: 1 service key (typed in even blocks of senders, an interactive list reply in
 odd ones; starts a session), 8 free texts (routed by the session), 1 "menu" (ends the session; the
-home menu goes to the Graph API sender). wrk, wacored and the downstream share the machine's CPUs.
+home menu goes to the Graph API sender).
+
+Errors: a failed start or wrk run raises and ends the bench (exit 1 with the reason); every process
+it started is stopped at the end, on error, Ctrl-C and SIGTERM too.
 """
 
 from __future__ import annotations
@@ -585,10 +595,18 @@ class Load:
 
 
 def run_wrk(
-    url: str, prefix: Path, args: argparse.Namespace, log: Path, roots: list[int], cpus: set[int] | None
+    url: str,
+    prefix: Path,
+    args: argparse.Namespace,
+    log: Path,
+    roots: list[int],
+    cpus: set[int] | None,
+    at_start: Callable[[], list[int]] | None = None,
 ) -> Load:
     """wrk against `url` with `prefix`'s bodies, pinned to `cpus`; `roots` are the bench's own processes
-    (with their descendants, read after the load: they are not "others")."""
+    (with their descendants, read after the load: they are not "others"). `at_start` runs once the
+    machine is quiet, right before wrk (a sampler must cover the load, not the wait for quiet), and
+    returns more pids of the bench's own."""
     argv = [
         "wrk",
         f"-t{args.threads}",
@@ -608,6 +626,8 @@ def run_wrk(
             f"  note: the machine is {idle_busy:.0%} busy before this load (other processes): figures are disturbed",
             flush=True,
         )
+    if at_start is not None:
+        roots = [*roots, *at_start()]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     procs0 = cpu_by_process()
     busy0 = machine_busy_s()
@@ -756,8 +776,9 @@ def scenario_wacored(procs: Procs, tmp: Path, secret: str, args: argparse.Namesp
         idle_hwm = sum(memory_mb(pid)[0] for pid in tree(p.pid))
         cores = {"wacored": cores_of(p.pid), "downstream": cores_of(down.proc.pid)}
         cpu0, down0 = tree_cpu_s(p.pid), tree_cpu_s(down.proc.pid)
-        spy = None
-        if args.py_spy:  # sampling costs CPU: the figures of such a run are lower
+        spies: list[subprocess.Popen[bytes]] = []
+
+        def sample() -> list[int]:  # sampling costs CPU: the figures of such a run are lower
             spy = procs.start(
                 [
                     args.py_spy,
@@ -776,8 +797,18 @@ def scenario_wacored(procs: Procs, tmp: Path, secret: str, args: argparse.Namesp
                 ],
                 run_dir / "py-spy.log",
             )
-        roots = [p.pid, down.proc.pid, *([spy.pid] if spy else [])]
-        load = run_wrk(url, run.bodies, args, run_dir / "wrk.txt", roots, load_cpus)
+            spies.append(spy)
+            return [spy.pid]
+
+        load = run_wrk(
+            url,
+            run.bodies,
+            args,
+            run_dir / "wrk.txt",
+            [p.pid, down.proc.pid],
+            load_cpus,
+            sample if args.py_spy else None,
+        )
         pids = tree(p.pid)
         cpu_load, down_load = tree_cpu_s(p.pid) - cpu0, tree_cpu_s(down.proc.pid) - down0
         load_hwm = sum(memory_mb(pid)[0] for pid in tree(p.pid))
@@ -791,7 +822,7 @@ def scenario_wacored(procs: Procs, tmp: Path, secret: str, args: argparse.Namesp
         facts = store_facts(store)
         downstream = down.count()
         statuses_counted = health_statuses(url) if run.processes is None else None
-        if spy is not None:
+        for spy in spies:
             spy.wait(30)
     finally:
         code = procs.stop(p)
