@@ -5,6 +5,7 @@ purpose, a downstream that breaks the rules), waiting on /health, and subprocess
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from wacored.lanes import Lane, LaneBoard
 from wacored.store import Delivery, WriteConnection
 
 from .conftest import Daemon, Downstream, config_mapping, rows
@@ -460,3 +462,12 @@ def make_delivery(**overrides: Any) -> Delivery:
     }
     fields.update(overrides)
     return Delivery(**fields)
+
+
+def held_lanes(board: LaneBoard, target: str, count: int = 1) -> list[Lane]:
+    """`target`'s lanes on `board`, held for good: as if this node's lease keeper had claimed them (to
+    test a forwarder alone)."""
+    lanes = board.ensure(target, count)
+    for lane in lanes:
+        lane.valid_until = math.inf
+    return lanes

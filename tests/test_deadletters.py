@@ -16,7 +16,7 @@ from wacored.core.delivery import Verdict
 from wacored.deadletters import after_retry, run_dlq_retrier, write
 from wacored.runtime import Runtime
 from wacored.store import NewRow, Outcome, Reader, WriteConnection
-from wacored.writer import Ingest, Record, WriteOp, run_writer
+from wacored.writer import Ingest, NoLanes, Record, WriteOp, run_writer
 
 from .conftest import bare_runtime
 
@@ -100,7 +100,7 @@ async def start_retrier(
     send, receive = trio.open_memory_channel[WriteOp](100)
     rt = bare_runtime(tmp_path, writes=send, forwarding=breaker or {})
     path = tmp_path / "bare.db"
-    await nursery.start(partial(run_writer, WriteConnection(path), receive, {}, rt.sessions))
+    await nursery.start(partial(run_writer, WriteConnection(path), receive, NoLanes(), rt.sessions))
     return rt, send
 
 

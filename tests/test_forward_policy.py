@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import random
+import sqlite3
 from collections.abc import Callable, Coroutine
 from functools import partial
 from pathlib import Path
@@ -21,8 +22,8 @@ from wacored.core.whatsapp import signature_valid
 from wacored.forwarder import Target, deliver, targets_of
 from wacored.store import Delivery, Outcome
 
-from .conftest import SIGNING_SECRET, bare_runtime
-from .support import make_delivery
+from .conftest import SIGNING_SECRET, bare_runtime, rows
+from .support import add_message, held_lanes, make_delivery
 
 SHIPPED = Path(__file__).resolve().parent.parent / "wacored.toml"
 SECRET = "app-secret"
@@ -320,10 +321,12 @@ async def test_a_service_that_never_answers_times_out_per_attempt(
 
 
 async def test_a_forwarder_behind_a_slow_service_keeps_beating(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
-    """Its lanes full, the forwarder still shows life: a slow service must not trip the watchdog."""
-    from wacored.forwarder import LANE_BUFFER, run_forwarder
+    """Its lane busy with a slow service and more rows behind, the forwarder still shows life: a slow
+    service must not trip the watchdog."""
+    from wacored.forwarder import PAGE, run_forwarder
     from wacored.runtime import HEARTBEAT_S
-    from wacored.writer import DeliveryQueue, WriteOp
+    from wacored.store_lanes import LaneReader
+    from wacored.writer import WriteOp
 
     async def slow(request: httpx.Request) -> httpx.Response:
         await trio.sleep(30)
@@ -337,15 +340,25 @@ async def test_a_forwarder_behind_a_slow_service_keeps_beating(tmp_path: Path, a
         forwarding=ForwardingConfig(timeout_ms=60_000, concurrency=1),
     )
     rt = bare_runtime(tmp_path, target, writes=writes)
-    queue = DeliveryQueue("rides", buffer=1000)
-    for i in range(LANE_BUFFER + 10):
-        queue.send.send_nowait(delivery(id=i, key=f"wamid.{i}"))
+    path = tmp_path / "bare.db"
+    with sqlite3.connect(path) as db:
+        for i in range(PAGE + 10):
+            add_message(db, f"wamid.{i}", target="rides")
+    lanes = held_lanes(rt.lanes, "rides")
     async with trio.open_nursery() as nursery:
         await nursery.start(
-            partial(run_forwarder, rt, "rides", queue, writes.clone(), transport=lambda: httpx.MockTransport(slow))
+            partial(
+                run_forwarder,
+                rt,
+                "rides",
+                lanes,
+                LaneReader(path),
+                writes.clone(),
+                transport=lambda: httpx.MockTransport(slow),
+            )
         )
         await trio.sleep(120)
-        assert queue.depth() > 0  # the lane is full: the forwarder waits to hand over
+        assert rows(path, "SELECT COUNT(*) FROM messages WHERE state = 'queued'") == [(PAGE + 10,)]
         assert trio.current_time() - rt.actors["forwarder.rides"].heartbeat <= HEARTBEAT_S
         nursery.cancel_scope.cancel()
     outcomes.close()

@@ -13,9 +13,10 @@ from tests.support import parse, value
 from wacored.config import Config
 from wacored.core.breaker import Breaker
 from wacored.core.sessions import SessionTable
+from wacored.lanes import LaneBoard
 from wacored.runtime import ActorState, Runtime
 from wacored.store import Reader, migrate
-from wacored.writer import DeliveryQueue, WriteOp
+from wacored.writer import WriteOp
 
 TARGETS = (*SERVICES, "whatsapp")
 CATALOGUE = {
@@ -30,7 +31,7 @@ CATALOGUE = {
     "wacored_forward_latency_seconds": "histogram",
     "wacored_queue_depth": "gauge",
     "wacored_queue_oldest_age_seconds": "gauge",
-    "wacored_queue_memory_depth": "gauge",
+    "wacored_lanes_held": "gauge",
     "wacored_breaker_state": "gauge",
     "wacored_breaker_trips": "counter",
     "wacored_service_paused": "gauge",
@@ -94,7 +95,6 @@ async def test_the_whole_catalogue_is_exported_from_the_start(world: World) -> N
         for gauge in (
             "wacored_queue_depth",
             "wacored_queue_oldest_age_seconds",
-            "wacored_queue_memory_depth",
             "wacored_breaker_state",
             "wacored_breaker_trips_total",
             "wacored_service_paused",
@@ -162,9 +162,8 @@ async def test_no_label_holds_a_phone_number_or_message_id(world: World) -> None
 def runtime(tmp_path: Path, send: trio.MemorySendChannel[WriteOp], **sections: dict[str, object]) -> Runtime:
     config = Config.from_mapping(config_mapping(tmp_path, "http://svc.test", "http://graph.test", **sections), {})
     migrate(config.store.path)
-    queues = {name: DeliveryQueue(name, 8) for name in TARGETS}
     return Runtime.build(
-        config, send, queues, Reader(config.store.path), SessionTable(3600.0), wall_clock=lambda: 10_000.0
+        config, send, LaneBoard(), Reader(config.store.path), SessionTable(3600.0), wall_clock=lambda: 10_000.0
     )
 
 

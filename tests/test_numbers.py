@@ -153,7 +153,7 @@ def test_sessions_and_messages_from_before_belong_to_the_default_number(tmp_path
     )
     conn.commit()
     conn.close()
-    assert migrate(path) == 6
+    assert migrate(path) == 7
     reader = Reader(path)
     try:
         assert list(reader.all_sessions(0)) == [("", ALICE, "jobs", 5.0)]

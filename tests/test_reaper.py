@@ -13,7 +13,7 @@ from wacored.config import SessionsConfig
 from wacored.core.schedule import DAY_S, cutoffs, missed, next_reap
 from wacored.reaper import BATCH, reap, run_reaper
 from wacored.store import Reader, WriteConnection, migrate
-from wacored.writer import WriteOp, run_writer
+from wacored.writer import NoLanes, WriteOp, run_writer
 
 from .conftest import World, bare_runtime, rows
 
@@ -145,7 +145,7 @@ async def test_the_actor_runs_a_missed_reap_soon_after_start(tmp_path: Path, sto
     conn.record_run("reaper", start - 2 * DAY_S, None, "")
     conn.commit()
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(run_writer, WriteConnection(path), receive, {}, rt.sessions))
+        await nursery.start(partial(run_writer, WriteConnection(path), receive, NoLanes(), rt.sessions))
         await nursery.start(partial(run_reaper, rt, Reader(path), send.clone()))
         await trio.sleep(59)
         assert rt.counters.reaped == {}
@@ -162,7 +162,7 @@ async def test_the_actor_reaps_daily_at_reap_at(tmp_path: Path, store_clock: tri
     rt = bare_runtime(tmp_path, writes=send, wall_clock=lambda: start + trio.current_time())
     path = tmp_path / "bare.db"
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(run_writer, WriteConnection(path), receive, {}, rt.sessions))
+        await nursery.start(partial(run_writer, WriteConnection(path), receive, NoLanes(), rt.sessions))
         await nursery.start(partial(run_reaper, rt, Reader(path), send.clone()))
         await trio.sleep(55)
         assert rt.actors["reaper"].last_run is None

@@ -106,14 +106,14 @@ async def test_a_writer_that_crashes_answers_its_callers_and_is_restarted(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     from wacored.store import NewRow, StoreUnavailable, WriteConnection
-    from wacored.writer import Ingest, Write, WriteOp, run_writer
+    from wacored.writer import Ingest, NoLanes, Write, WriteOp, run_writer
 
     send, receive = trio.open_memory_channel[WriteOp](10)
     rt = bare_runtime(tmp_path, writes=send, supervisor={"backoff_base_s": 0.5})
     path = tmp_path / "bare.db"
 
     def writer(task_status: trio.TaskStatus[Any]) -> Any:
-        return run_writer(WriteConnection(path), receive, {}, rt.sessions, task_status=task_status)
+        return run_writer(WriteConnection(path), receive, NoLanes(), rt.sessions, task_status=task_status)
 
     def bug(conn: WriteConnection) -> object:
         raise RuntimeError("a bug in a write")

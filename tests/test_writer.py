@@ -1,4 +1,4 @@
-"""The store writer and delivery queues on a real SQLite file: group commit, dedupe, spill to disk."""
+"""The store writer on a real SQLite file: group commit, dedupe, outcomes, and the lanes it wakes."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from wacored.config import ForwardingConfig
 from wacored.core.routing import SessionAction
 from wacored.core.sessions import SessionChange, SessionTable
 from wacored.forwarder import Target, run_forwarder
+from wacored.lanes import LaneBoard
 from wacored.store import NewRow, Outcome, Reader, StoreUnavailable, WriteConnection, migrate
+from wacored.store_lanes import LaneReader
 from wacored.writer import (
     RETRY_MAX_S,
-    CatchUp,
-    DeliveryQueue,
     Ingest,
     Record,
     StoreWrites,
@@ -27,34 +27,34 @@ from wacored.writer import (
     retry_delay_s,
     run_writer,
     store_writes_status,
-    stuck_from,
 )
 
 from .conftest import bare_runtime, rows
-from .support import DiskFull, wait_until
+from .support import DiskFull, held_lanes, wait_until
 
 
-def row(key: str, sender: str = "s1", target: str = "rides") -> NewRow:
-    return NewRow(key, "message", sender, target, "keyword", target, b"{}", "rid", "cid", "tp", 1000.0)
+def row(key: str, sender: str = "s1", target: str = "rides", lane: int = 0) -> NewRow:
+    return NewRow(key, "message", sender, target, "keyword", target, b"{}", "rid", "cid", "tp", 1000.0, lane=lane)
 
 
 async def start_writer(
     nursery: trio.Nursery,
     path: Path,
-    buffer: int = 1024,
     sessions: SessionTable | None = None,
-) -> tuple[trio.MemorySendChannel[WriteOp], DeliveryQueue]:
+    lanes: int = 1,
+) -> tuple[trio.MemorySendChannel[WriteOp], LaneBoard]:
     migrate(path)
-    queue = DeliveryQueue("rides", buffer=buffer)
+    board = LaneBoard()
+    held_lanes(board, "rides", lanes)
     send, receive = trio.open_memory_channel[WriteOp](100)
     await nursery.start(
         run_writer,
         WriteConnection(path),
         receive,
-        {"rides": queue},
+        board,
         sessions if sessions is not None else SessionTable(3600),
     )
-    return send, queue
+    return send, board
 
 
 async def ingest(
@@ -67,12 +67,26 @@ async def ingest(
 
 async def test_duplicates_are_ignored_within_and_across_batches(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
-        writes, queue = await start_writer(nursery, tmp_path / "db")
+        writes, _ = await start_writer(nursery, tmp_path / "db")
         first = await ingest(writes, [row("a"), row("b"), row("a")])
         again = await ingest(writes, [row("b"), row("c")])
         assert [i is not None for i in first] == [True, True, False]
         assert [i is not None for i in again] == [False, True]
-        assert queue.depth() == 3
+        await writes.aclose()
+    assert rows(tmp_path / "db", "SELECT key FROM messages ORDER BY id") == [("a",), ("b",), ("c",)]
+
+
+async def test_a_commit_wakes_the_lanes_of_the_rows_it_inserted_and_no_other(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        writes, board = await start_writer(nursery, tmp_path / "db", lanes=3)
+        lanes = board.lanes["rides"]
+        for lane in lanes:
+            lane.rearm()
+        await ingest(writes, [row("a", lane=2)])
+        assert [lane._wake.is_set() for lane in lanes] == [False, False, True]
+        lanes[2].rearm()
+        await ingest(writes, [row("a", lane=1)])  # a duplicate: nothing committed, nobody woken
+        assert not any(lane._wake.is_set() for lane in lanes)
         await writes.aclose()
 
 
@@ -89,24 +103,6 @@ async def test_session_changes_apply_only_for_inserted_messages(tmp_path: Path) 
         await writes.aclose()
     assert list(Reader(path).all_sessions(0)) == [("", "s1", "rides", 1000.0)]
     assert sessions.service_of("s1", 1001.0) == "rides"  # memory follows the file
-
-
-async def test_a_full_channel_spills_to_disk_and_catch_up_reads_back_in_order(tmp_path: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        writes, queue = await start_writer(nursery, tmp_path / "db", buffer=2)
-        await ingest(writes, [row(f"m{i}") for i in range(5)])
-        assert queue.depth() == 2
-        assert queue.spill_from is not None
-        in_memory = [queue.receive.receive_nowait().key for _ in range(2)]
-        ask = CatchUp("rides")
-        await writes.send(ask)
-        spilled = [d.key for d in await ask.reply.wait()]
-        assert in_memory + spilled == [f"m{i}" for i in range(5)]
-        assert queue.spill_from is None
-        # Caught up: new rows go to the channel again, and nothing is handed out twice.
-        await ingest(writes, [row("m5")])
-        assert queue.receive.receive_nowait().key == "m5"
-        await writes.aclose()
 
 
 async def test_outcomes_mark_delivered_or_dead_letter_once(tmp_path: Path) -> None:
@@ -148,7 +144,7 @@ async def test_outcomes_mark_delivered_or_dead_letter_once(tmp_path: Path) -> No
     assert Reader(path).queued_targets() == {}
 
 
-async def test_forwarder_delivers_a_spilled_backlog_once_each_in_order(tmp_path: Path) -> None:
+async def test_a_lane_delivers_a_backlog_from_the_store_once_each_in_order(tmp_path: Path) -> None:
     received: list[str] = []
     all_received = trio.Event()
 
@@ -161,19 +157,30 @@ async def test_forwarder_delivers_a_spilled_backlog_once_each_in_order(tmp_path:
 
     path = tmp_path / "db"
     target = Target("rides", "http://rides.test/", ForwardingConfig(concurrency=1))
-    keys = [f"m{i:03d}" for i in range(600)]  # more than two catch-up pages through a 3-slot channel
+    keys = [f"m{i:03d}" for i in range(600)]  # several pages of a lane's reads
     async with trio.open_nursery() as nursery:
-        writes, queue = await start_writer(nursery, path, buffer=3)
+        writes, board = await start_writer(nursery, path)
         for start in range(0, 600, 50):
             await ingest(writes, [row(k) for k in keys[start : start + 50]])
         rt = bare_runtime(tmp_path, target)
+        lanes = board.lanes["rides"]
         await nursery.start(
-            partial(run_forwarder, rt, "rides", queue, writes.clone(), transport=lambda: httpx.MockTransport(handler))
+            partial(
+                run_forwarder,
+                rt,
+                "rides",
+                lanes,
+                LaneReader(path),
+                writes.clone(),
+                transport=lambda: httpx.MockTransport(handler),
+            )
         )
         with trio.fail_after(10):
             await all_received.wait()
+        await wait_until(lambda: not lanes[0].handed)
         nursery.cancel_scope.cancel()
     assert received == keys
+    assert rows(path, "SELECT COUNT(*) FROM messages WHERE state = 'delivered'") == [(600,)]
 
 
 async def test_dead_lettering_a_message_again_never_resets_its_retries(tmp_path: Path) -> None:
@@ -218,27 +225,18 @@ def test_held_outcomes_back_off_exponentially_up_to_a_bound() -> None:
     assert (w.failing_since, w.consecutive, w.failures, w.last_error) == (None, 0, 2, "disk full")
 
 
-def test_a_queued_row_nobody_delivers_is_stuck() -> None:
-    assert stuck_from(None, set(), None) is None  # nothing queued
-    assert stuck_from(7, {7, 8}, None) is None  # being delivered
-    assert stuck_from(7, set(), 3) is None  # a catch-up will read it
-    assert stuck_from(7, {8, 9}, None) == 7  # older than everything in flight, and not in flight
-    assert stuck_from(7, set(), None) == 7
-
-
 async def test_outcomes_of_failed_commits_are_kept_in_order_and_committed_later(tmp_path: Path) -> None:
     """Injected SQLITE_FULL on the writer's COMMIT (see tests/test_store_errors.py for why not tmpfs)."""
     path = tmp_path / "db"
     migrate(path)
     disk, state = DiskFull(), StoreWrites()
-    queue = DeliveryQueue("rides")
+    board = LaneBoard()
+    (lane,) = held_lanes(board, "rides")
     send, receive = trio.open_memory_channel[WriteOp](100)
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            partial(run_writer, disk.connection(path), receive, {"rides": queue}, SessionTable(3600), state=state)
-        )
+        await nursery.start(partial(run_writer, disk.connection(path), receive, board, SessionTable(3600), state=state))
         ids = await ingest(send, [row("a"), row("b")])
-        assert queue.in_flight == set(ids)
+        lane.handed.update(i for i in ids if i is not None)  # as the lane does once it has delivered them
         disk.full = True
         await send.send(Record(Outcome(ids[0], False, 1, 2000.0, "HTTP 503", target="rides", key="a", retry_at=2100.0)))
         await send.send(Record(Outcome(ids[0], True, 1, 2001.0, target="rides", key="a")))  # redelivered
@@ -258,13 +256,13 @@ async def test_outcomes_of_failed_commits_are_kept_in_order_and_committed_later(
                 pass
         assert len(state.held) == 3
         assert state.failing_since is not None
-        assert queue.in_flight == set(ids)  # still being delivered as far as the sweep is concerned
+        assert lane.handed == set(ids)  # in hand until their outcomes commit: the lane skips them
         disk.full = False
         await wait_until(lambda: not state.held, timeout_s=10)
         assert rows(path, "SELECT key, state FROM messages ORDER BY id") == [("a", "delivered"), ("b", "delivered")]
         # In order: the dead letter written first, then its message delivered by the redelivery.
         assert rows(path, "SELECT state FROM dead_letters") == [("pending",)]
-        assert queue.in_flight == set()
+        assert lane.handed == set()
         assert state.failing_since is None
         assert state.consecutive == 0
         await send.aclose()

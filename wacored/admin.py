@@ -155,7 +155,7 @@ def _blueprint(rt: Runtime) -> Blueprint:
         body = _object(await _json_body(), _MESSAGE_REPLAY_KEYS)
         result = await _on_store(rt, _message_replay_request(body, rt.wall_clock()))
         if result["replayed"]:
-            rt.wake_sweep()  # queued again: the writer hands them to the forwarders now, not at its next sweep
+            rt.wake_lanes()  # queued again: their lanes read them now, not at their next idle heartbeat
         return jsonify(result)
 
     @bp.get("/services")

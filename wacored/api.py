@@ -70,6 +70,13 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
     }
     checks["reloads"] = dict(rt.counters.reloads)
     mono = trio.current_time()
+    held = set(rt.lanes.held_lanes())
+    checks["leases"] = {
+        "node": rt.node,
+        "lanes_held": sorted(held),
+        "singletons": sorted(n for n in rt.lanes.singletons if rt.lanes.holds(n)),
+        "ttl_s": rt.lanes.ttl_s,
+    }
     paused = rt.pauses.paused
     services = {
         name: {
@@ -81,8 +88,8 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
             "oldest_queued_age_s": round(now - stats.oldest_queued_at[name], 1)
             if name in stats.oldest_queued_at
             else None,
-            "queued_in_memory": rt.queues[name].depth() if name in rt.queues else 0,
-            "spilled_to_disk": name in rt.queues and rt.queues[name].spill_from is not None,
+            "lanes": len(rt.lanes.lanes.get(name, ())),
+            "lanes_held": sum(1 for lane in rt.lanes.lanes.get(name, ()) if lane.name in held),
         }
         for name in sorted(rt.targets)
     }

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import hypercorn.config
@@ -45,25 +46,28 @@ from .admission import ensure_fd_limit
 from .api import create_app
 from .config import Config, ConfigError
 from .core.breaker import Breaker
+from .core.leases import DLQ_RETRIER, REAPER
 from .core.numbers import Numbers
 from .core.ratelimit import SlidingWindowLimiter
 from .core.routing import RoutingTable
 from .core.sessions import SessionTable
 from .deadletters import run_dlq_retrier
 from .forwarder import run_forwarder
+from .lanes import LaneBoard, release, run_lease_keeper, run_relay
 from .listener import lend, open_listener
 from .pauses import Pause
 from .pausewatch import run_pause_watch
 from .reaper import run_reaper
 from .runtime import Runtime
 from .stats import run_stats
-from .store import Reader, WriteConnection, migrate
+from .store import Reader, StoreUnavailable, WriteConnection, migrate
+from .store_lanes import LaneReader, split_lanes
 from .supervisor import supervise
 from .systemd import Notifier, open_watchdog, run_beating
 from .targets import targets_of
 from .telemetry import Tracing
 from .tls import check_ca_file, check_server_tls
-from .writer import DeliveryQueue, Reply, WriteOp, run_writer
+from .writer import Reply, Write, WriteOp, run_writer
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,7 @@ KEEP_ALIVE_S = 5.0
 """Hypercorn's default, stated: longer than nginx's upstream ``keepalive_timeout`` (deploy/nginx/)."""
 ANSWER_SLACK_S = 5.0
 IN_FLIGHT_WAIT_S = 5.0
-QUEUE_BUFFER = 1024
+RELEASE_WAIT_S = 2.0
 
 
 @dataclass(eq=False)
@@ -114,25 +118,40 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
 
 
 async def recover(
-    config: Config, reader: Reader, targets: Iterable[str], wall_clock: Callable[[], float], queue_buffer: int
-) -> tuple[SessionTable, dict[str, DeliveryQueue]]:
-    """Load live sessions, and queue every accepted-but-undelivered message again."""
+    config: Config, reader: Reader, targets: Iterable[str], wall_clock: Callable[[], float]
+) -> SessionTable:
+    """Load live sessions, and say which queued messages wait for a service no longer configured."""
     since = wall_clock() - config.sessions.ttl_s
     # Built in the thread that reads the rows, one row at a time: no list of every session first.
     sessions = await trio.to_thread.run_sync(
         lambda: SessionTable(config.sessions.ttl_s, numbered=reader.all_sessions(since))
     )
-    queues = {name: DeliveryQueue(name, queue_buffer) for name in targets}
-    for target, oldest in (await trio.to_thread.run_sync(reader.queued_targets)).items():
-        if target in queues:
-            queues[target].spill_from = oldest
-            log.info("re-queued undelivered messages", extra={"event": "recovered", "service": target})
-        else:
-            log.warning(
-                "messages queued for a service no longer configured stay on disk",
-                extra={"event": "orphaned_queue", "service": target},
-            )
-    return sessions, queues
+    for target in (await trio.to_thread.run_sync(reader.queued_targets)).keys() - set(targets):
+        log.warning(
+            "messages queued for a service no longer configured stay on disk",
+            extra={"event": "orphaned_queue", "service": target},
+        )
+    return sessions
+
+
+def split_all(path: Path, busy_timeout_ms: int, lanes: dict[str, int]) -> None:
+    """Split each target's queued rows by its lane count now (`store_lanes.split_lanes`), before any
+    lane reads them; in a worker thread (it may wait for another process's write lock)."""
+    conn = WriteConnection(path, busy_timeout_ms)
+    try:
+        conn.begin_waiting()
+        try:
+            for target, count in lanes.items():
+                if moved := split_lanes(conn, target=target, lanes=count):
+                    log.info(
+                        "queued messages split over a new lane count",
+                        extra={"event": "lanes_split", "service": target, "lanes": count, "moved": moved},
+                    )
+            conn.commit()
+        finally:
+            conn.rollback()
+    finally:
+        conn.close()
 
 
 class Daemon:
@@ -142,39 +161,47 @@ class Daemon:
         self,
         rt: Runtime,
         writes: trio.MemorySendChannel[WriteOp],
-        queue_buffer: int,
+        lane_reader: LaneReader,
         transport: Callable[[], Any] | None,
     ) -> None:
         self.rt = rt
         self.writes = writes
-        self.queue_buffer = queue_buffer
+        self.lane_reader = lane_reader
         self.transport = transport
         self.workers: trio.Nursery | None = None
         self.forwarders: dict[str, trio.CancelScope] = {}
 
     async def start_forwarder(self, name: str) -> None:
         assert self.workers is not None
-        rt, queue, scope = self.rt, self.rt.queues[name], trio.CancelScope()
+        rt, scope = self.rt, trio.CancelScope()
+        lanes = rt.lanes.ensure(name, rt.targets[name].forwarding.concurrency)
         self.forwarders[name] = scope
 
         def start(task_status: trio.TaskStatus[Any]) -> Any:
             return run_forwarder(
-                rt, name, queue, self.writes.clone(), transport=self.transport, task_status=task_status
+                rt,
+                name,
+                lanes,
+                self.lane_reader,
+                self.writes.clone(),
+                transport=self.transport,
+                task_status=task_status,
             )
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             with scope:
-                await supervise(rt, f"forwarder.{name}", start, on_restart=queue.restart, task_status=task_status)
+                await supervise(rt, f"forwarder.{name}", start, task_status=task_status)
 
         await self.workers.start(run)
 
     def stop_forwarder(self, name: str) -> None:
         self.forwarders.pop(name).cancel(reason="service removed from the config")
-        self.rt.queues.pop(name)
+        self.rt.lanes.remove(name)
         self.rt.actors.pop(f"forwarder.{name}", None)
 
     async def run_periodic(self, task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED) -> None:
-        """The DLQ retrier, reaper, stats and pause watcher actors, each with a reader of its own."""
+        """The DLQ retrier, reaper, stats and pause watcher actors, each with a reader of its own, and
+        the relay (on the lanes' reader: it reads on this thread)."""
         rt = self.rt
         readers = [Reader(rt.config.store.path) for _ in range(4)]
         try:
@@ -185,11 +212,27 @@ class Daemon:
                     rt,
                     "dlq_retrier",
                     lambda ts: run_dlq_retrier(
-                        rt, retrier, self.writes.clone(), transport=self.transport, task_status=ts
+                        rt,
+                        retrier,
+                        self.writes.clone(),
+                        transport=self.transport,
+                        may_run=partial(rt.lanes.holds, DLQ_RETRIER),
+                        task_status=ts,
                     ),
                 )
                 await nursery.start(
-                    supervise, rt, "reaper", lambda ts: run_reaper(rt, reaper, self.writes.clone(), task_status=ts)
+                    supervise,
+                    rt,
+                    "reaper",
+                    lambda ts: run_reaper(
+                        rt, reaper, self.writes.clone(), may_run=partial(rt.lanes.holds, REAPER), task_status=ts
+                    ),
+                )
+                await nursery.start(
+                    supervise,
+                    rt,
+                    "relay",
+                    lambda ts: run_relay(rt.lanes, self.lane_reader, beat=partial(rt.beat, "relay"), task_status=ts),
                 )
                 await nursery.start(supervise, rt, "stats", lambda ts: run_stats(rt, stats, task_status=ts))
                 await nursery.start(
@@ -237,8 +280,16 @@ class Daemon:
         for name in old_targets.keys() - new_targets.keys():
             self.stop_forwarder(name)
         for name in new_targets.keys() - old_targets.keys():
-            queue = rt.queues[name] = DeliveryQueue(name, self.queue_buffer)
-            queue.spill_from = 0  # whatever an earlier run left queued for it
+            # Whatever an earlier run left queued for it waits in lane 0: split it first.
+            split = Write(partial(split_lanes, target=name, lanes=new_targets[name].forwarding.concurrency))
+            await self.writes.send(split)
+            try:
+                await split.reply.wait()
+            except StoreUnavailable as exc:
+                log.warning(
+                    "queued messages of an added service not split yet; lane 0 delivers them",
+                    extra={"event": "lanes_split_failed", "service": name, "error": str(exc)},
+                )
             await self.start_forwarder(name)
         logging.getLogger().setLevel(new.telemetry.log_level.upper())
         rt.counters.bump(rt.counters.reloads, "ok")
@@ -319,7 +370,6 @@ async def run_daemon(
     stop: trio.Event | None = None,
     reloads: trio.MemoryReceiveChannel[ReloadRequest] | None = None,
     wall_clock: Callable[[], float] = time.time,
-    queue_buffer: int = QUEUE_BUFFER,
     transport: Callable[[], Any] | None = None,
     notifier: Notifier | None = None,
     tracer: Tracer | None = None,
@@ -329,8 +379,7 @@ async def run_daemon(
 ) -> None:
     """Run wacored until `stop` is set; `task_status.started` gets the bound URLs once serving.
 
-    `reloads` carries config reloads (SIGHUP). `queue_buffer` is how many deliveries each target
-    holds in memory before the rest wait on disk. `transport` makes each forward lane's HTTP
+    `reloads` carries config reloads (SIGHUP). `transport` makes each forward lane's HTTP
     transport (tests pass `httpx.MockTransport`s). `notifier` tells systemd READY=1 once serving and
     STOPPING=1 once `stop` is set, and runs the watchdog when systemd asked for one (`systemd.py`).
     `tracer` replaces the one `[telemetry]` asks for (tests); `process_start` (`time.monotonic()`)
@@ -353,7 +402,6 @@ async def run_daemon(
             stop,
             reloads,
             wall_clock,
-            queue_buffer,
             transport,
             notifier,
             tracer,
@@ -372,7 +420,6 @@ async def _run(
     stop: trio.Event,
     reloads: trio.MemoryReceiveChannel[ReloadRequest] | None,
     wall_clock: Callable[[], float],
-    queue_buffer: int,
     transport: Callable[[], Any] | None,
     notifier: Notifier,
     tracer: Tracer | None,
@@ -382,24 +429,32 @@ async def _run(
 ) -> None:
     await trio.to_thread.run_sync(migrate, config.store.path)
     targets = targets_of(config)
+    await trio.to_thread.run_sync(
+        split_all,
+        config.store.path,
+        config.store.busy_timeout_ms,
+        {name: t.forwarding.concurrency for name, t in targets.items()},
+    )
     reader = Reader(config.store.path)
+    lane_reader = LaneReader(config.store.path)
     tracing = Tracing.from_config(config.telemetry) if tracer is None else Tracing(None)
     try:
-        sessions, queues = await recover(config, reader, targets, wall_clock, queue_buffer)
+        sessions = await recover(config, reader, targets, wall_clock)
         writes, writes_receive = trio.open_memory_channel[WriteOp](WRITE_BUFFER)
-        rt = Runtime.build(config, writes, queues, reader, sessions, wall_clock, node=node)
+        board = LaneBoard(config.cluster.lease_ttl_s)
+        rt = Runtime.build(config, writes, board, reader, sessions, wall_clock, node=node)
         rt.tracer = tracer or tracing.tracer
-        # Before any forwarder starts: messages recovered for a paused service must wait too.
+        # Before any forwarder starts: messages queued for a paused service must wait too.
         paused = await trio.to_thread.run_sync(reader.pauses)
         rt.pauses.apply({service: Pause(at, reason) for service, at, reason in paused}, served=0)
-        daemon = Daemon(rt, writes, queue_buffer, transport)
+        daemon = Daemon(rt, writes, lane_reader, transport)
 
         def writer(task_status: trio.TaskStatus[Any]) -> Any:
             conn = WriteConnection(rt.config.store.path, rt.config.store.busy_timeout_ms)
             return run_writer(
                 conn,
                 writes_receive,
-                rt.queues,
+                rt.lanes,
                 rt.sessions,
                 beat=partial(rt.beat, "writer"),
                 state=rt.store_writes,
@@ -407,43 +462,69 @@ async def _run(
                 task_status=task_status,
             )
 
+        def keeper(task_status: trio.TaskStatus[Any]) -> Any:
+            return run_lease_keeper(
+                rt.lanes,
+                writes.clone(),
+                me=node,
+                started_at=rt.started_at,
+                wall_clock=rt.wall_clock,
+                beat=partial(rt.beat, "lease_keeper"),
+                task_status=task_status,
+            )
+
         async with writes_receive, open_watchdog(rt, notifier), trio.open_nursery() as root:
             await root.start(supervise, rt, "writer", writer)
-            async with writes, trio.open_nursery() as workers:
-                daemon.workers = workers
+            async with writes, trio.open_nursery() as leasing:
+                # Lanes are added before the first lease tick, so a node that starts alone holds
+                # them all before it says it is ready.
                 for name in targets:
-                    await daemon.start_forwarder(name)
-                periodic: trio.CancelScope = await workers.start(daemon.run_periodic)
-                async with trio.open_nursery() as front:
-                    if reloads is not None:
-                        front.start_soon(_until, stop, partial(daemon.serve_reloads, reloads))
-                    front.start_soon(_mark_draining, rt, stop, notifier)
-                    app = create_app(rt)
+                    rt.lanes.ensure(name, targets[name].forwarding.concurrency)
+                await leasing.start(supervise, rt, "lease_keeper", keeper)
+                async with trio.open_nursery() as workers:
+                    daemon.workers = workers
+                    for name in targets:
+                        await daemon.start_forwarder(name)
+                    periodic: trio.CancelScope = await workers.start(daemon.run_periodic)
+                    async with trio.open_nursery() as front:
+                        if reloads is not None:
+                            front.start_soon(_until, stop, partial(daemon.serve_reloads, reloads))
+                        front.start_soon(_mark_draining, rt, stop, notifier)
+                        app = create_app(rt)
 
-                    async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-                        hc.bind = [lend(listener)]  # each start gets its own duplicate to close
-                        await hypercorn.trio.serve(
-                            app, hc, shutdown_trigger=partial(_answered_in_flight, rt, stop), task_status=task_status
+                        async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+                            hc.bind = [lend(listener)]  # each start gets its own duplicate to close
+                            await hypercorn.trio.serve(
+                                app,
+                                hc,
+                                shutdown_trigger=partial(_answered_in_flight, rt, stop),
+                                task_status=task_status,
+                            )
+
+                        # Ingress has no loop of its own to beat from: beat while hypercorn serves.
+                        urls = await front.start(
+                            supervise, rt, "ingress", lambda ts: run_beating(rt, "ingress", serve, task_status=ts)
                         )
-
-                    # Ingress has no loop of its own to beat from: beat while hypercorn serves.
-                    urls = await front.start(
-                        supervise, rt, "ingress", lambda ts: run_beating(rt, "ingress", serve, task_status=ts)
+                        log.info("listening", extra={"event": "listening", "urls": urls})
+                        task_status.started(urls)
+                        notifier.ready(f"listening on {' '.join(urls)}")
+                        rt.slo.record_cold_start(time.monotonic() - process_start, config.slo.cold_start_ms)
+                    rt.stopping.set()
+                    periodic.cancel(reason="daemon stopping")
+                    workers.cancel_scope.deadline = trio.current_time() + rt.config.server.drain_timeout_s
+                if workers.cancel_scope.cancelled_caught:
+                    log.warning(
+                        "drain timeout: deliveries in flight were cut short; they stay queued",
+                        extra={"event": "drain_timeout"},
                     )
-                    log.info("listening", extra={"event": "listening", "urls": urls})
-                    task_status.started(urls)
-                    notifier.ready(f"listening on {' '.join(urls)}")
-                    rt.slo.record_cold_start(time.monotonic() - process_start, config.slo.cold_start_ms)
-                rt.stopping.set()
-                periodic.cancel(reason="daemon stopping")
-                workers.cancel_scope.deadline = trio.current_time() + rt.config.server.drain_timeout_s
-            if workers.cancel_scope.cancelled_caught:
-                log.warning(
-                    "drain timeout: deliveries in flight were cut short; they stay queued",
-                    extra={"event": "drain_timeout"},
-                )
+                # The lanes have stopped: give their leases back, so another node (or the next
+                # start) takes over at once rather than when they expire.
+                leasing.cancel_scope.cancel(reason="daemon stopping")
+                with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_WAIT_S):
+                    await release(writes, node)
     finally:
         reader.close()
+        lane_reader.close()
         await tracing.aclose()
     log.info("stopped", extra={"event": "stopped"})
 

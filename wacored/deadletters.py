@@ -190,13 +190,16 @@ async def run_dlq_retrier(
     *,
     transport: Callable[[], httpx.AsyncBaseTransport] | None = None,
     due_poll_s: float = DUE_POLL_S,
+    may_run: Callable[[], bool] = lambda: True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Retry due dead letters until cancelled, or until the daemon stops.
 
     Owns: `reader` (reads due entries), `writes` (closed on exit), one HTTP transport per service
     (made by `transport`, else trusting the service's `ca_file`). While asleep it looks for entries
-    due sooner every `due_poll_s`.
+    due sooner every `due_poll_s`. It retries only while `may_run()`: this node holds the retrier's
+    lease (`lanes.LaneBoard.holds`), so one retrier runs among all the workers; the others look again
+    every `due_poll_s`.
     """
 
     def make(name: str) -> httpx.AsyncBaseTransport:
@@ -208,6 +211,9 @@ async def run_dlq_retrier(
         async with writes:
             while not rt.stopping.is_set():
                 rt.beat(ACTOR)
+                if not may_run():
+                    await trio.sleep(due_poll_s)
+                    continue
                 if rt.dlq_due.is_set():
                     rt.dlq_due = trio.Event()
                 started = rt.wall_clock()

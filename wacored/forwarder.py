@@ -48,31 +48,33 @@ import dataclasses
 import functools
 import logging
 import random
+import sqlite3
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import certifi
 import httpx
 import trio
 from opentelemetry.trace import Status, StatusCode, Tracer
 
-from .core.delivery import Verdict, backoff_s, classify, dead_letter_reason, lane_of, next_try_s, settled
+from .core.delivery import Verdict, backoff_s, classify, dead_letter_reason, next_try_s, settled
 from .core.retry_after import retry_after_s
 from .core.untrusted import EXCERPT, clean, excerpt, token
+from .lanes import Lane
 from .runtime import HEARTBEAT_S, Runtime
-from .store import AttemptRow, Delivery, Outcome, StoreUnavailable
+from .store import AttemptRow, Delivery, Outcome
+from .store_lanes import LaneReader
 from .targets import Target, targets_of
 from .telemetry import NO_TRACER, forward_span, recording, traceparent_of
 from .transport import LaneTransport
-from .writer import CatchUp, DeliveryQueue, Record, WriteOp
+from .writer import Record, WriteOp
 
 log = logging.getLogger(__name__)
 
-LANE_BUFFER = 64
-CATCH_UP_RETRY_S = 1.0
+PAGE = 64
+"""Rows a lane reads at a time: one indexed range read per 64 deliveries at most."""
 INTERNAL_ERROR = "internal_error"
 
 
@@ -341,117 +343,102 @@ def new_transport(ca_file: str = "") -> httpx.AsyncBaseTransport:
 
 async def run_lane(
     rt: Runtime,
-    name: str,
-    receive: trio.MemoryReceiveChannel[Delivery],
+    lane: Lane,
+    reader: LaneReader,
     writes: trio.MemorySendChannel[WriteOp],
     rng: random.Random,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> None:
-    """Deliver one lane's messages one at a time, in order; report each outcome to the writer."""
-    async with receive, writes, transport or new_transport() as lane_transport:
-        async for d in receive:
-            if rt.stopping.is_set():
-                return
-            outcome = await deliver_contained(rt, name, lane_transport, d, rng)
-            if outcome is None:
-                return
-            ids = {"service": name, "message_id": d.key, "request_id": d.request_id, "correlation_id": d.correlation_id}
-            if outcome.delivered:
-                log.debug("delivered", extra={"event": "delivered", **ids})
-            else:
-                log.warning(
-                    "dead-lettered",
-                    extra={
-                        "event": "dead_lettered",
-                        **ids,
-                        "reason": outcome.reason,
-                        "error": outcome.error,
-                        "attempts": outcome.attempts,
-                    },
-                )
-            await writes.send(Record(outcome))
+    """Deliver one lane's queued rows one at a time, in id order, while this node holds its lease;
+    report each outcome to the writer. Reads a page from the store whenever woken, and every
+    heartbeat when idle."""
+    name, actor = lane.target, f"forwarder.{lane.target}"
+    async with writes, transport or new_transport() as lane_transport:
+        while not rt.stopping.is_set():
+            rt.beat(actor)
+            lane.rearm()
+            page = _page(lane, reader) if lane.held() else []
+            if not page:
+                await lane.sleep(HEARTBEAT_S)
+                continue
+            for d in page:
+                if rt.stopping.is_set() or not lane.held():
+                    break
+                lane.busy = True
+                try:
+                    outcome = await deliver_contained(rt, name, lane_transport, d, rng)
+                finally:
+                    lane.busy = False
+                if outcome is None:
+                    return
+                _log_outcome(name, d, outcome)
+                lane.handed.add(d.id)
+                await writes.send(Record(outcome))
+
+
+def _page(lane: Lane, reader: LaneReader) -> list[Delivery]:
+    """The lane's next rows not in hand, oldest first (none when the store cannot be read: the lane
+    tries again at its next wake)."""
+    try:
+        rows = reader.page(lane.target, lane.index, PAGE + len(lane.handed))
+    except sqlite3.Error as exc:
+        log.warning(
+            "lane cannot read the store", extra={"event": "lane_read_failed", "service": lane.target, "error": str(exc)}
+        )
+        return []
+    return [d for d in rows if d.id not in lane.handed][:PAGE]
+
+
+def _log_outcome(name: str, d: Delivery, outcome: Outcome) -> None:
+    ids = {"service": name, "message_id": d.key, "request_id": d.request_id, "correlation_id": d.correlation_id}
+    if outcome.delivered:
+        log.debug("delivered", extra={"event": "delivered", **ids})
+    else:
+        log.warning(
+            "dead-lettered",
+            extra={
+                "event": "dead_lettered",
+                **ids,
+                "reason": outcome.reason,
+                "error": outcome.error,
+                "attempts": outcome.attempts,
+            },
+        )
 
 
 async def run_forwarder(
     rt: Runtime,
     name: str,
-    queue: DeliveryQueue,
+    lanes: Sequence[Lane],
+    reader: LaneReader,
     writes: trio.MemorySendChannel[WriteOp],
     *,
     rng: random.Random | None = None,
     transport: Callable[[], httpx.AsyncBaseTransport] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Feed target `name`'s lanes from its queue, reading spilled rows back from disk in order.
+    """Run target `name`'s lanes (those this node holds deliver; the others wait for a lease).
 
-    Owns: its lanes and their HTTP transports, and `writes` (closed on exit); the queue belongs to the
-    daemon, so a restarted forwarder carries on from it. Stops: when cancelled (what was not
-    delivered stays queued on disk), or once `rt.stopping` is set and its lanes have finished the
-    deliveries in hand. `transport` makes each lane's transport (tests pass `httpx.MockTransport`).
+    Owns: its lane tasks and their HTTP transports, and `writes` (closed on exit); the `Lane`s belong
+    to the daemon's board, so a restarted forwarder carries on with what they hold. Stops when
+    cancelled (what was not delivered stays queued), or once `rt.stopping` is set and its lanes have
+    finished the deliveries in hand. `transport` makes each lane's transport (tests pass
+    `httpx.MockTransport`). `reader` is shared by the lanes: they use it on this thread, one at a time.
     """
     rng = rng or random.Random()
-    actor = f"forwarder.{name}"
-    lanes = max(1, rt.targets[name].forwarding.concurrency)
     async with writes, trio.open_nursery() as nursery:
-        sends: list[trio.MemorySendChannel[Delivery]] = []
-        for _ in range(lanes):
-            send, receive = trio.open_memory_channel[Delivery](LANE_BUFFER)
-            sends.append(send)
+        for lane in lanes:
             lane_transport = transport() if transport else new_transport(rt.targets[name].ca_file)
-            nursery.start_soon(run_lane, rt, name, receive, writes.clone(), rng, lane_transport)
+            nursery.start_soon(run_lane, rt, lane, reader, writes.clone(), rng, lane_transport)
         task_status.started()
-        with trio.CancelScope() as feeding:
-            nursery.start_soon(_cancel_when_set, rt.stopping, feeding)
-            # The fast paths below do not yield; the loop does whenever the queue is empty or a lane
-            # is full, so a burst runs at most a queue's buffer without a checkpoint.
-            while True:
-                rt.beat(actor)
-                for d in await _next(queue, writes):
-                    await _hand_over(sends[lane_of(d.sender, lanes)], d, partial(rt.beat, actor))
-        for send in sends:
-            await send.aclose()
-
-
-async def _hand_over(lane: trio.MemorySendChannel[Delivery], d: Delivery, beat: Callable[[], None]) -> None:
-    """Put `d` in its lane, beating while the lane is full: a slow service is not a wedged forwarder."""
-    try:
-        lane.send_nowait(d)  # the usual case, without a cancel scope per delivery
-        return
-    except trio.WouldBlock:
-        pass
-    while True:
-        with trio.move_on_after(HEARTBEAT_S):
-            await lane.send(d)  # a send cut short has sent nothing: trying again cannot duplicate
-            return
-        beat()
-
-
-async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel(reason="daemon stopping")
-
-
-async def _next(queue: DeliveryQueue, writes: trio.MemorySendChannel[WriteOp]) -> list[Delivery]:
-    """The next deliveries: rows read back from disk while the queue has spilled, else the channel's
-    next one (or none after `HEARTBEAT_S`, so the caller can beat)."""
-    if queue.spill_from is not None and queue.depth() == 0:
-        ask = CatchUp(queue.target)
-        await writes.send(ask)
-        try:
-            # Not cancellable: the writer has moved `spill_from` past this page once it answers.
-            with trio.CancelScope(shield=True):
-                return await ask.reply.wait()
-        except StoreUnavailable:
-            # The rows stay on disk and spill_from is unchanged: ask again shortly.
-            await trio.sleep(CATCH_UP_RETRY_S)
-            return []
-    try:
-        return [queue.receive.receive_nowait()]  # the usual case under load, without a cancel scope
-    except trio.WouldBlock:
-        pass
-    with trio.move_on_after(HEARTBEAT_S):
-        return [await queue.receive.receive()]
-    return []
+        # The lanes beat between deliveries; one delivery to a slow service can take longer than the
+        # watchdog waits (timeout x attempts), and a slow service is not a wedged forwarder.
+        while not rt.stopping.is_set():
+            rt.beat(f"forwarder.{name}")
+            with trio.move_on_after(HEARTBEAT_S):
+                await rt.stopping.wait()
+        for lane in lanes:
+            lane.wake()  # an idle lane sees `stopping` now, not a heartbeat later
 
 
 __all__ = [

@@ -122,7 +122,7 @@ def targets(rt: Runtime) -> list[str]:
     """The label values of ``service`` for forwarding targets: the configured services, ``whatsapp``,
     and any target the daemon still holds a queue for (a service removed by a reload)."""
     names = [*rt.config.services, GRAPH_SENDER]
-    return names + sorted(set(rt.queues) - set(names))
+    return names + sorted(set(rt.lanes.lanes) - set(names))
 
 
 class StateCollector(Collector):
@@ -260,11 +260,12 @@ class StateCollector(Collector):
             ["service"],
             {(s,): _age(now, stats.oldest_queued_at.get(s)) for s in services},
         )
+        held = set(rt.lanes.held_lanes())
         yield _gauge(
-            "wacored_queue_memory_depth",
-            "Deliveries waiting in the forwarder's memory channel.",
+            "wacored_lanes_held",
+            "Lanes of the service whose lease this process holds (it delivers their rows).",
             ["service"],
-            {(s,): q.depth() if (q := rt.queues.get(s)) else 0 for s in services},
+            {(s,): sum(1 for lane in rt.lanes.lanes.get(s, ()) if lane.name in held) for s in services},
         )
         mono = _monotonic_now()
         breakers = {s: rt.breakers.get(s) for s in services}

@@ -94,9 +94,12 @@ async def run_reaper(
     reader: Reader,
     writes: trio.MemorySendChannel[WriteOp],
     *,
+    may_run: Callable[[], bool] = lambda: True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Reap daily at ``reap_at`` until the daemon stops. Owns `writes` (closed on exit)."""
+    """Reap daily at ``reap_at`` until the daemon stops. Owns `writes` (closed on exit). Reaps only
+    when `may_run()` at the due time: this node holds the reaper's lease, so one worker among all
+    reaps (another that holds it then reaps at the next due time)."""
     async with writes:
         try:
             last = await trio.to_thread.run_sync(reader.last_run, ACTOR)
@@ -111,7 +114,10 @@ async def run_reaper(
             rt.actor(ACTOR).next_run = due
             await write_committed(rt, ACTOR, writes, partial(WriteConnection.plan_run, actor=ACTOR, next_run=due))
             await sleep_until(rt, ACTOR, due)
-            await _reap_now(rt, writes)
+            if may_run():
+                await _reap_now(rt, writes)
+            else:
+                log.info("another node holds the reaper's lease", extra={"event": "reap_skipped"})
             due = None
 
 

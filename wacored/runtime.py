@@ -21,6 +21,7 @@ from .core.numbers import Numbers
 from .core.ratelimit import SlidingWindowLimiter
 from .core.routing import RoutingTable
 from .core.sessions import SessionTable
+from .lanes import LaneBoard
 from .metrics import Metrics
 from .pausewatch import PauseBoard
 from .slo import SloState
@@ -28,7 +29,7 @@ from .store import DEAD_LETTER_STATES, Reader
 from .targets import Target, targets_of
 from .telemetry import NO_TRACER
 from .version import VERSION
-from .writer import HEARTBEAT_S, DeliveryQueue, StoreWrites, Sweep, WriteOp
+from .writer import HEARTBEAT_S, StoreWrites, WriteOp
 
 K = TypeVar("K", str, tuple[str, str])
 
@@ -137,7 +138,8 @@ class Runtime:
     limiter: SlidingWindowLimiter[tuple[str, str]]
     """Windows per (number key, sender)."""
     writes: trio.MemorySendChannel[WriteOp]
-    queues: dict[str, DeliveryQueue]
+    lanes: LaneBoard
+    """This node's lanes and leases (`lanes.py`)."""
     reader: Reader
     wall_clock: Callable[[], float] = time.time
     started_at: float = 0.0
@@ -183,13 +185,10 @@ class Runtime:
     def wake_retrier(self) -> None:
         self.dlq_due.set()
 
-    def wake_sweep(self) -> None:
-        """Ask the writer to look for queued rows nobody delivers now (an operator queued some again),
-        rather than at its next periodic sweep. Best effort: a full or closed channel skips it."""
-        try:
-            self.writes.send_nowait(Sweep())
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+    def wake_lanes(self) -> None:
+        """Make every lane held here read the store now (an operator queued rows again), rather than
+        at its next idle heartbeat."""
+        self.lanes.wake_all()
 
     def actor(self, name: str) -> ActorState:
         return self.actors.setdefault(name, ActorState())
@@ -203,7 +202,7 @@ class Runtime:
         cls,
         config: Config,
         writes: trio.MemorySendChannel[WriteOp],
-        queues: dict[str, DeliveryQueue],
+        lanes: LaneBoard,
         reader: Reader,
         sessions: SessionTable,
         wall_clock: Callable[[], float] = time.time,
@@ -216,7 +215,7 @@ class Runtime:
             sessions=sessions,
             limiter=SlidingWindowLimiter(config.ratelimit.per_sender, config.ratelimit.window_s),
             writes=writes,
-            queues=queues,
+            lanes=lanes,
             reader=reader,
             wall_clock=wall_clock,
             started_at=wall_clock(),

@@ -46,7 +46,7 @@ import sqlite_utils
 from .core.routing import SessionAction
 from .core.sessions import SessionChange
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 DEAD_LETTER_STATES = ("pending", "abandoned", "delivered", "replayed")
@@ -86,6 +86,9 @@ class NewRow:
     """The business number written to, as a number key (`numbers.py`): ``""`` is the default number."""
     probe: bool = field(default=False, kw_only=True)
     """A probe (`probe.py`): routed to `target`, stored as ``probe``, never delivered."""
+    lane: int = field(default=0, kw_only=True)
+    """The lane of `target` that delivers it (`core.delivery.lane_of` of the sender over the target's
+    lane count), stored with the row so any worker holding the lane's lease reads it (schema v7)."""
 
     @property
     def routed(self) -> bool:
@@ -302,7 +305,21 @@ def _v6(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX sessions_idle ON sessions(last_interaction)")
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2, _v3, _v4, _v5, _v6)
+def _v7(db: sqlite_utils.Database) -> None:
+    """The store is the hand-off between ingress and delivery: each queued row names its lane, and a
+    lane is read by whichever worker holds its lease (``leases``); live workers say so in ``nodes``.
+    ``lane_counts`` keeps the lane count the queued rows of each target were split by, so a restart
+    with another ``concurrency`` splits them again (rows from before this version have none: all
+    split again at the next start)."""
+    db.execute("ALTER TABLE messages ADD COLUMN lane INTEGER NOT NULL DEFAULT 0")
+    db.execute("DROP INDEX messages_queued")
+    db.execute("CREATE INDEX messages_lane ON messages(target, lane, id) WHERE state = 'queued'")
+    db.execute("CREATE TABLE lane_counts (target TEXT PRIMARY KEY, lanes INTEGER NOT NULL)")
+    db.execute("CREATE TABLE leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL NOT NULL)")
+    db.execute("CREATE TABLE nodes (name TEXT PRIMARY KEY, started_at REAL NOT NULL, seen_at REAL NOT NULL)")
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7)
 """Migration i takes the schema from version i to i+1. Append only; never edit a released one."""
 
 
@@ -339,7 +356,7 @@ def migrate(path: Path) -> int:
 
 _INSERT = (
     "INSERT OR IGNORE INTO messages (key, kind, sender, service, reason, target, body, request_id,"
-    " correlation_id, traceparent, received_at, number, state) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " correlation_id, traceparent, received_at, number, state, lane) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (message_id, service, number, kind, started_at, duration_ms, status_code, error, node)"
@@ -444,6 +461,7 @@ class WriteConnection:
                     r.received_at,
                     r.number,
                     r.initial_state,
+                    r.lane,
                 ),
             )
             ids.append(cur.lastrowid if cur.rowcount == 1 else None)
@@ -564,21 +582,6 @@ class WriteConnection:
     def changes(self) -> int:
         """Rows changed on this connection so far (a commit that changed none wrote nothing)."""
         return self.conn.total_changes
-
-    def oldest_queued(self, target: str) -> int | None:
-        """The id of `target`'s oldest ``queued`` message (None: none), read outside a transaction."""
-        row = self.conn.execute(
-            "SELECT MIN(id) FROM messages WHERE target = ? AND state = 'queued'", (target,)
-        ).fetchone()
-        return None if row[0] is None else int(row[0])
-
-    def queued(self, target: str, from_id: int, limit: int) -> list[Delivery]:
-        rows = self.conn.execute(
-            f"SELECT {_delivery_columns()} FROM messages WHERE target = ? AND state = 'queued' AND id >= ?"
-            " ORDER BY id LIMIT ?",
-            (target, from_id, limit),
-        ).fetchall()
-        return [_delivery(row) for row in rows]
 
 
 def as_time(value: object) -> float | None:

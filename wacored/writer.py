@@ -1,30 +1,26 @@
 """The store writer actor: the only code that writes SQLite, committing whatever is queued at once.
 
 Requests arrive on one memory channel: `Ingest` (a routed webhook batch; the caller waits for the
-commit), `Record` (a delivery outcome; fire and forget), `CatchUp` (a forwarder asking for queued
-rows its channel could not hold), `Write` (any other write; the caller waits) and `Sweep` (look for
-queued rows nobody delivers now: an operator queued some again). The writer takes
-everything waiting, runs it as one transaction (group commit; the fsync in a worker thread), then
-hands the newly inserted rows to their delivery queues and answers the callers.
+commit), `Record` (a delivery outcome; fire and forget) and `Write` (any other write, such as a lease
+tick; the caller waits). The writer takes everything waiting, runs it as one transaction (group
+commit; the fsync in a worker thread), then wakes the lanes of the newly inserted rows (`Lanes`) and
+answers the callers.
 
-Invariant: every committed ``queued`` row of a target is in exactly one of these places: its
-queue's channel or a lane (its id in `DeliveryQueue.in_flight` until its outcome commits, the
-outcome possibly held in `StoreWrites.held`), or on disk at or after the queue's `spill_from`, read
-back by the next `CatchUp`. Rows that fall out of it (a crashed writer or forwarder lost them, a row
-written by another process: ``wacored messages replay`` sets old rows back to ``queued``) are found by
-the sweep (`stuck_from`, every `SWEEP_S`, or at once on a `Sweep`), which reads them back and hands
-them to the forwarder itself.
+The writer hands no row to anyone: a committed row is in the store, and its lane reads it from there
+(`lanes.py`), whichever process holds that lane. So a crashed writer, lane or process loses nothing:
+what is ``queued`` is read again.
 
 Error handling:
     A failed transaction is rolled back. Its `Ingest`s are answered `StoreUnavailable` (ingress says
-    503; Meta redelivers) and never again; its `CatchUp`s and `Write`s too (their callers retry).
+    503; Meta redelivers) and never again; its `Write`s too (their callers retry).
     Its `Record`s are kept in order in `StoreWrites.held`, with every later `Record`, and committed
     in a transaction of their own after a bounded backoff (`retry_delay_s`), again until they
     commit: an outcome is never dropped while the daemon runs (one a constraint refuses, which can
-    never commit, is logged and left to the sweep). Every failure is counted in `StoreWrites`
-    (/health, /metrics) until a commit that writes succeeds. An error other than `sqlite3.Error` is
-    a bug: the callers are answered, the outcomes kept, and the writer crashes (the supervisor
-    restarts it; `StoreWrites` belongs to the daemon, so the restarted writer carries on).
+    never commit, is logged, and its message, still ``queued``, is read again by its lane). Every
+    failure is counted in `StoreWrites` (/health, /metrics) until a commit that writes succeeds. An
+    error other than `sqlite3.Error` is a bug: the callers are answered, the outcomes kept, and the
+    writer crashes (the supervisor restarts it; `StoreWrites` belongs to the daemon, so the
+    restarted writer carries on).
 
 Cancellation:
     A worker thread waiting for a lock or running a COMMIT is never abandoned (`to_thread.run_sync`
@@ -39,24 +35,21 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
 from .core.sessions import SessionChange, SessionTable
-from .store import Delivery, NewRow, Outcome, StoreUnavailable, WriteConnection
+from .store import NewRow, Outcome, StoreUnavailable, WriteConnection
 
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 512
 """Requests per transaction at most, so one commit never holds a caller for long."""
-CATCH_UP_PAGE = 256
 HEARTBEAT_S = 5.0
 """Every actor gives a sign of life at least this often, idle or not (the watchdog reads them)."""
-SWEEP_S = HEARTBEAT_S
-"""How often the writer looks for queued rows nobody is delivering (`stuck_from`)."""
 RETRY_BASE_S = 0.1
 RETRY_MAX_S = 5.0
 """Held outcomes are tried again after 0.1 s, doubling per consecutive failure, at most 5 s apart."""
@@ -101,12 +94,6 @@ class Record:
 
 
 @dataclass(eq=False)
-class CatchUp:
-    target: str
-    reply: Reply[list[Delivery]] = field(default_factory=Reply)
-
-
-@dataclass(eq=False)
 class Write(Generic[T]):
     """Any other write (a dead letter's retry, a reaper batch, a run record): `apply` runs on the write
     connection inside the group's transaction; its result is the reply once committed. `apply` is a
@@ -117,57 +104,25 @@ class Write(Generic[T]):
     reply: Reply[T] = field(default_factory=Reply)
 
 
-@dataclass(eq=False)
-class Sweep:
-    """Sweep the queues after this group rather than at the next `SWEEP_S` (fire and forget)."""
+WriteOp = Ingest | Record | Write[Any]
 
 
-WriteOp = Ingest | Record | CatchUp | Write[Any] | Sweep
+class Lanes(Protocol):
+    """What the writer tells the lanes (`lanes.LaneBoard`): rows committed, outcomes recorded."""
+
+    def committed(self, rows: Iterable[NewRow]) -> None: ...
+
+    def recorded(self, target: str, message_id: int) -> None: ...
 
 
-class DeliveryQueue:
-    """One target's delivery channel, and where it spilled to disk when the channel was full.
+class NoLanes:
+    """For a writer nobody delivers from (tools, tests of the writer alone)."""
 
-    The writer offers each committed row; when the channel is full the row stays on disk only and
-    `spill_from` remembers the first such row, so the forwarder reads the rest back in id order
-    (`CatchUp`) once it has emptied its channel. Start-up recovery is a spill from the oldest queued row.
-    `in_flight` holds the ids handed to the forwarder (channel or catch-up page) whose outcome has not
-    committed yet: a catch-up never hands them out again, and the sweep knows they are being delivered.
-    Owner: the writer (and `restart`, run by the supervisor while the forwarder is down).
-    """
+    def committed(self, rows: Iterable[NewRow]) -> None:
+        pass
 
-    def __init__(self, target: str, buffer: int = 1024) -> None:
-        self.target = target
-        self.send, self.receive = trio.open_memory_channel[Delivery](buffer)
-        self.spill_from: int | None = None
-        self.in_flight: set[int] = set()
-
-    def offer(self, delivery: Delivery) -> None:
-        if self.spill_from is None:
-            try:
-                self.send.send_nowait(delivery)
-                self.in_flight.add(delivery.id)
-                return
-            except trio.WouldBlock:
-                self.spill_from = delivery.id
-                log.info(
-                    "delivery queue full: deliveries wait on disk",
-                    extra={"event": "queue_spilled", "service": self.target},
-                )
-
-    def depth(self) -> int:
-        return self.receive.statistics().current_buffer_used
-
-    def restart(self) -> None:
-        """Before a crashed forwarder restarts: forget what the channel holds and read every queued
-        row back from disk in order (some may be delivered twice, under the same Idempotency-Key)."""
-        while True:
-            try:
-                self.receive.receive_nowait()
-            except trio.WouldBlock:
-                break
-        self.in_flight.clear()
-        self.spill_from = 0
+    def recorded(self, target: str, message_id: int) -> None:
+        pass
 
 
 @dataclass
@@ -218,17 +173,7 @@ def store_writes_status(failing_since: float | None, now: float, unhealthy_after
     return "down" if now - failing_since >= unhealthy_after_s else "failing"
 
 
-def stuck_from(oldest_queued: int | None, in_flight: set[int], spill_from: int | None) -> int | None:
-    """Where a target's queue must be read back from disk, given its oldest ``queued`` row: that row,
-    when nobody is delivering it (not in flight, not behind a spill). In-flight ids are handed out in
-    id order and stay queued until their outcome commits, so a queued row older than every one of
-    them that is not one of them has been lost by whoever held it."""
-    if oldest_queued is None or spill_from is not None or oldest_queued in in_flight:
-        return None
-    return oldest_queued
-
-
-def _stage(conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, int]) -> list[object]:
+def _stage(conn: WriteConnection, ops: Sequence[WriteOp]) -> list[object]:
     """Every op of the group, in order, inside the open transaction."""
     results: list[object] = []
     for op in ops:
@@ -237,17 +182,12 @@ def _stage(conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, i
         elif isinstance(op, Record):
             conn.record(op.outcome)
             results.append(None)
-        elif isinstance(op, Write):
-            results.append(op.apply(conn))
-        elif isinstance(op, Sweep):
-            results.append(None)
         else:
-            from_id = spills.get(op.target)
-            results.append([] if from_id is None else conn.queued(op.target, from_id, CATCH_UP_PAGE))
+            results.append(op.apply(conn))
     return results
 
 
-async def _transaction(conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, int]) -> list[object]:
+async def _transaction(conn: WriteConnection, ops: Sequence[WriteOp]) -> list[object]:
     """Run the group as one transaction.
 
     The statements run right here on the event loop's thread: they are short, and a worker thread
@@ -259,7 +199,7 @@ async def _transaction(conn: WriteConnection, ops: Sequence[WriteOp], spills: Ma
     if not conn.try_begin():
         await trio.to_thread.run_sync(conn.begin_waiting)
     try:
-        results = _stage(conn, ops, spills)
+        results = _stage(conn, ops)
         await trio.to_thread.run_sync(conn.commit)
     except BaseException:
         conn.rollback()
@@ -270,7 +210,7 @@ async def _transaction(conn: WriteConnection, ops: Sequence[WriteOp], spills: Ma
 async def run_writer(
     conn: WriteConnection,
     receive: trio.MemoryReceiveChannel[WriteOp],
-    queues: Mapping[str, DeliveryQueue],
+    lanes: Lanes,
     sessions: SessionTable,
     *,
     beat: Callable[[], None] = lambda: None,
@@ -284,17 +224,16 @@ async def run_writer(
     receive end and `state` belong to the daemon, so a restarted writer carries on with what is still
     queued in the channel and with the outcomes held. Applies committed session changes to `sessions`
     itself, so memory follows the file even when the request that asked for them is cancelled (its
-    client went away) while the commit runs. `beat` is called at least every `HEARTBEAT_S`, idle or
-    not (the watchdog's sign of life). Held outcomes are retried when due, before the next group;
-    every `SWEEP_S` the queues are swept for rows nobody delivers.
+    client went away) while the commit runs; tells `lanes` which rows and outcomes it committed.
+    `beat` is called at least every `HEARTBEAT_S`, idle or not (the watchdog's sign of life). Held
+    outcomes are retried when due, before the next group.
     """
     state = state if state is not None else StoreWrites()
     task_status.started()
-    next_sweep = trio.current_time() + SWEEP_S
     try:
         while True:
             beat()
-            wake = min(trio.current_time() + HEARTBEAT_S, next_sweep)
+            wake = trio.current_time() + HEARTBEAT_S
             if state.held:
                 wake = min(wake, state.retry_at)
             with trio.move_on_at(wake):
@@ -308,23 +247,16 @@ async def run_writer(
                         ops.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                if any(isinstance(op, Sweep) for op in ops):
-                    next_sweep = trio.current_time()
-                    ops = [op for op in ops if not isinstance(op, Sweep)]
                 with trio.CancelScope(shield=True):
                     # The group is out of the channel: it must be committed (or answered) whatever
                     # happens to this task, or its callers would wait forever.
-                    await _commit_group(conn, ops, queues, sessions, state, wall_clock)
-            now = trio.current_time()
-            if state.held and now >= state.retry_at:
+                    await _commit_group(conn, ops, lanes, sessions, state, wall_clock)
+            if state.held and trio.current_time() >= state.retry_at:
                 with trio.CancelScope(shield=True):
-                    await _commit_held(conn, queues, state, wall_clock)
-            if now >= next_sweep:
-                _sweep(conn, queues)
-                next_sweep = now + SWEEP_S
+                    await _commit_held(conn, lanes, state, wall_clock)
         if state.held:  # stopping: one last try
             with trio.CancelScope(shield=True):
-                await _commit_held(conn, queues, state, wall_clock)
+                await _commit_held(conn, lanes, state, wall_clock)
     finally:
         conn.close()
 
@@ -342,16 +274,15 @@ def _failed(state: StoreWrites, exc: BaseException, wall_clock: Callable[[], flo
     )
 
 
-def _recorded(queues: Mapping[str, DeliveryQueue], record: Record) -> None:
-    """`record` is committed (or given up): its message is no longer in flight."""
-    if (queue := queues.get(record.outcome.target)) is not None:
-        queue.in_flight.discard(record.outcome.message_id)
+def _recorded(lanes: Lanes, record: Record) -> None:
+    """`record` is committed (or given up): its message is no longer in hand."""
+    lanes.recorded(record.outcome.target, record.outcome.message_id)
 
 
 async def _commit_group(
     conn: WriteConnection,
     ops: list[WriteOp],
-    queues: Mapping[str, DeliveryQueue],
+    lanes: Lanes,
     sessions: SessionTable,
     state: StoreWrites,
     wall_clock: Callable[[], float],
@@ -364,10 +295,9 @@ async def _commit_group(
         ops = [op for op in ops if not isinstance(op, Record)]
         if not ops:
             return
-    spills = {q.target: q.spill_from for q in queues.values() if q.spill_from is not None}
     changes = conn.changes()
     try:
-        results = await _transaction(conn, ops, spills)
+        results = await _transaction(conn, ops)
     except Exception as exc:
         # sqlite3.Error is the store refusing; anything else is a bug that crashes the writer (the
         # supervisor restarts it). Either way nothing of the group was stored: say so to every caller
@@ -375,7 +305,7 @@ async def _commit_group(
         state.held.extend(op for op in ops if isinstance(op, Record))
         _failed(state, exc, wall_clock)
         for op in ops:
-            if not isinstance(op, Record | Sweep):
+            if not isinstance(op, Record):
                 op.reply.fail(StoreUnavailable(str(exc)))
         if isinstance(exc, sqlite3.Error):
             return
@@ -385,38 +315,21 @@ async def _commit_group(
     for op, result in zip(ops, results, strict=True):
         if isinstance(op, Ingest):
             ids: list[int | None] = result  # type: ignore[assignment]
-            for row, row_id in zip(op.rows, ids, strict=True):
-                # A probe is routed but never delivered: it is stored ``probe``, no forwarder's.
-                if row_id is not None and row.delivers and row.target in queues:
-                    queues[row.target].offer(Delivery.from_row(row_id, row))
+            # A probe is routed but never delivered: it is stored ``probe``, in no lane.
+            lanes.committed(row for row, row_id in zip(op.rows, ids, strict=True) if row_id is not None)
             for index, change in op.changes:
                 if ids[index] is not None:
                     sessions.apply(change)
             op.reply.set(ids)
         elif isinstance(op, Record):
-            _recorded(queues, op)
-        elif isinstance(op, CatchUp):
-            page: list[Delivery] = result  # type: ignore[assignment]
-            queue = queues[op.target]
-            # Only this actor moves spill_from, and no commit ran since the read: the page is exact.
-            queue.spill_from = page[-1].id + 1 if len(page) == CATCH_UP_PAGE else None
-            if queue.spill_from is None:
-                log.info(
-                    "delivery queue caught up with the disk",
-                    extra={"event": "queue_caught_up", "service": queue.target},
-                )
-            # A row already handed out (a sweep spilled from an older one) is not handed out twice.
-            fresh = [d for d in page if d.id not in queue.in_flight]
-            queue.in_flight.update(d.id for d in fresh)
-            op.reply.set(fresh)
-        elif isinstance(op, Write):
+            _recorded(lanes, op)
+        else:
             op.reply.set(result)
-        # A Sweep has no reply: it was acted on before the group.
 
 
 async def _commit_held(
     conn: WriteConnection,
-    queues: Mapping[str, DeliveryQueue],
+    lanes: Lanes,
     state: StoreWrites,
     wall_clock: Callable[[], float],
 ) -> None:
@@ -425,33 +338,33 @@ async def _commit_held(
     held = list(state.held)
     changes = conn.changes()
     try:
-        await _transaction(conn, held, {})
+        await _transaction(conn, held)
     except sqlite3.OperationalError as exc:  # disk full, locked, I/O: the store, not the outcomes
         _failed(state, exc, wall_clock)
         return
     except sqlite3.Error:
-        await _commit_one_by_one(conn, queues, state, wall_clock)
+        await _commit_one_by_one(conn, lanes, state, wall_clock)
         return
     del state.held[: len(held)]
     if conn.changes() != changes:
         state.succeeded()
     for record in held:
-        _recorded(queues, record)
+        _recorded(lanes, record)
     log.info("held outcomes committed", extra={"event": "outcomes_committed", "count": len(held)})
 
 
 async def _commit_one_by_one(
     conn: WriteConnection,
-    queues: Mapping[str, DeliveryQueue],
+    lanes: Lanes,
     state: StoreWrites,
     wall_clock: Callable[[], float],
 ) -> None:
     """A constraint refused one of the held outcomes: commit them one at a time, giving up only those
-    the store refuses for what they are (their messages, if still queued, are left to the sweep)."""
+    the store refuses for what they are (their messages, if still queued, are read again by their lane)."""
     while state.held:
         record = state.held[0]
         try:
-            await _transaction(conn, [record], {})
+            await _transaction(conn, [record])
         except sqlite3.OperationalError as exc:
             _failed(state, exc, wall_clock)
             return
@@ -466,36 +379,4 @@ async def _commit_one_by_one(
                 },
             )
         del state.held[0]
-        _recorded(queues, record)
-
-
-def _sweep(conn: WriteConnection, queues: Mapping[str, DeliveryQueue]) -> None:
-    """Resume every queue whose oldest queued row nobody is delivering (`stuck_from`). Between two
-    groups, on the connection that commits every row: what it reads is exactly the state."""
-    for queue in queues.values():
-        if queue.spill_from is not None:
-            continue
-        try:
-            oldest = conn.oldest_queued(queue.target)
-            from_id = stuck_from(oldest, queue.in_flight, queue.spill_from)
-            if from_id is not None:
-                _resume(conn, queue, from_id)
-        except sqlite3.Error as exc:
-            log.warning("cannot look for stuck deliveries", extra={"event": "sweep_failed", "error": str(exc)})
-            return
-        if from_id is not None:
-            log.warning(
-                "queued messages nobody was delivering (lost, or queued again by an operator): read back from disk",
-                extra={"event": "queue_resumed", "service": queue.target},
-            )
-
-
-def _resume(conn: WriteConnection, queue: DeliveryQueue, from_id: int) -> None:
-    """Hand `queue`'s queued rows from `from_id` on to its forwarder now, as a `CatchUp` would: an
-    idle forwarder waits on its channel (up to a heartbeat) and would not see a spill sooner."""
-    page = conn.queued(queue.target, from_id, CATCH_UP_PAGE)
-    for d in page:
-        if d.id not in queue.in_flight:
-            queue.offer(d)  # a full channel spills from here on: the rest are read back by CatchUp
-    if len(page) == CATCH_UP_PAGE and queue.spill_from is None:
-        queue.spill_from = page[-1].id + 1
+        _recorded(lanes, record)

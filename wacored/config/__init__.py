@@ -27,6 +27,7 @@ from ._sections import (
     MENU_LIMITS,
     RESERVED_NAMES,
     AdminConfig,
+    ClusterConfig,
     DlqConfig,
     ForwardingConfig,
     HomeMenuConfig,
@@ -67,6 +68,7 @@ __all__ = [
     "SloConfig",
     "StoreConfig",
     "SupervisorConfig",
+    "ClusterConfig",
     "TelemetryConfig",
     "WhatsAppConfig",
 ]
@@ -96,6 +98,7 @@ class Config:
     telemetry: TelemetryConfig = TelemetryConfig()
     slo: SloConfig = SloConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    cluster: ClusterConfig = ClusterConfig()
     numbers: Mapping[str, NumberConfig] = field(default_factory=dict)
     """``[numbers.<phone_number_id>]`` sections, by id (none: every number uses the top-level config)."""
     source: Path | None = None

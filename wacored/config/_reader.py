@@ -23,6 +23,7 @@ from ._sections import (
     SIGNING_SECRETS_ENV,
     TRACE_EXPORTERS,
     AdminConfig,
+    ClusterConfig,
     DlqConfig,
     ForwardingConfig,
     HomeMenuConfig,
@@ -421,6 +422,10 @@ def _read_supervisor(data: Any, problems: list[str]) -> SupervisorConfig:
     return _read_fields(data, "supervisor", problems, SupervisorConfig, checks)[0]
 
 
+def _read_cluster(data: Any, problems: list[str]) -> ClusterConfig:
+    return _read_fields(data, "cluster", problems, ClusterConfig, {"lease_ttl_s": _positive})[0]
+
+
 def _read_routing(data: Any, services: Mapping[str, ServiceConfig], problems: list[str]) -> RoutingConfig:
     s = _Section(data, "routing", problems)
     menu_words: tuple[str, ...] = s.take("menu_words", RoutingConfig.menu_words)
@@ -468,6 +473,7 @@ def read(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any
         ("telemetry", _read_telemetry),
         ("slo", _read_slo),
         ("supervisor", _read_supervisor),
+        ("cluster", _read_cluster),
     ):
         sections[name] = reader(top.data.pop(name, None), problems)
     fw = _Section(top.data.pop("forwarding", None), "forwarding", problems)

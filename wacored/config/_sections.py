@@ -183,6 +183,13 @@ class SupervisorConfig:
     backoff_max_s: float = 30.0
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    lease_ttl_s: float = 10.0
+    """How long a lane's or a singleton's lease lasts unrenewed: a worker that dies without giving
+    its leases back has them taken over this long after its last renewal (at most)."""
+
+
 NUMBER_MODES = ("any", "listed")
 ACCESS_TOKEN_ENV = "WACORED_ACCESS_TOKEN_"
 """``WACORED_ACCESS_TOKEN_<PHONE_NUMBER_ID>`` overrides ``[numbers.<id>] access_token``."""

@@ -1,0 +1,200 @@
+"""Lanes from the store: who holds which lease, and several daemons sharing one SQLite file."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from wacored.core.delivery import lane_of
+from wacored.core.leases import DLQ_RETRIER, REAPER, SINGLETONS, Lease, fair_share, lane_lease, parse_lane_lease, plan
+from wacored.store import WriteConnection, migrate
+from wacored.store_lanes import Held, keep_leases, split_lanes, this_host_dead
+
+from .conftest import Daemon, Downstream, Received, make_config, open_daemon, rows
+from .support import add_message, health, until_settled
+
+LANES = [lane_lease("rides", i) for i in range(4)]
+
+
+def test_a_lone_node_claims_every_free_lane_and_the_singletons() -> None:
+    decided = plan("a", LANES, SINGLETONS, {}, ["a"], now=100.0)
+    assert decided.claim == (*sorted(LANES), *SINGLETONS)
+    assert decided.give_back == ()
+
+
+def test_a_node_claims_up_to_its_fair_share_and_gives_back_the_excess() -> None:
+    mine = {n: Lease(n, "a", 110.0) for n in LANES}
+    # b has joined: a holds 4 of 4 lanes, its share is now 2.
+    assert plan("a", LANES, (), mine, ["a", "b"], now=100.0).give_back == tuple(sorted(LANES)[2:])
+    # b finds nothing free until a gives back.
+    assert plan("b", LANES, (), mine, ["a", "b"], now=100.0).claim == ()
+    half = {n: mine[n] for n in sorted(LANES)[:2]}
+    assert plan("b", LANES, (), half, ["a", "b"], now=100.0).claim == tuple(sorted(LANES)[2:])
+    assert fair_share(5, 2) == 3
+    assert fair_share(4, 0) == 4
+
+
+def test_expired_leases_and_dead_owners_are_free_live_ones_are_not() -> None:
+    leases = {
+        LANES[0]: Lease(LANES[0], "b", 99.0),  # expired
+        LANES[1]: Lease(LANES[1], "c", 200.0),  # c's pid is gone
+        LANES[2]: Lease(LANES[2], "b", 200.0),  # b is alive and holds it
+        DLQ_RETRIER: Lease(DLQ_RETRIER, "b", 200.0),
+        REAPER: Lease(REAPER, "c", 200.0),
+    }
+    decided = plan("a", LANES, SINGLETONS, leases, ["a"], now=100.0, dead={"c"})
+    assert decided.claim == (LANES[0], LANES[1], LANES[3], REAPER)
+
+
+def test_lane_lease_names_round_trip() -> None:
+    assert parse_lane_lease(lane_lease("jobs:v2", 7)) == ("jobs:v2", 7)
+    assert parse_lane_lease(DLQ_RETRIER) is None
+
+
+def tick(conn: WriteConnection, me: str, now: float, release: list[str] | None = None, ttl: float = 10.0) -> Held:
+    conn.begin_waiting()
+    held = keep_leases(
+        conn,
+        me=me,
+        lanes=LANES,
+        singletons=SINGLETONS,
+        release=release or [],
+        now=now,
+        ttl_s=ttl,
+        started_at=0.0,
+        dead=lambda owner: False,
+    )
+    conn.commit()
+    return held
+
+
+def test_two_nodes_on_one_file_share_the_lanes_and_take_over_expired_ones(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    migrate(path)
+    a, b = WriteConnection(path), WriteConnection(path)
+    first = tick(a, "a", 100.0)
+    assert sorted(first.mine) == sorted([*LANES, *SINGLETONS])
+    assert tick(b, "b", 101.0).mine == {}  # nothing free yet
+    second = tick(a, "a", 103.0)  # a sees b alive: it gives two lanes back once they are idle
+    assert second.plan.give_back == tuple(sorted(LANES)[2:])
+    tick(a, "a", 106.0, release=list(second.plan.give_back))
+    assert sorted(tick(b, "b", 107.0).mine) == sorted(LANES)[2:]
+    # a stops renewing: after the TTL its lanes and singletons are b's.
+    taken = tick(b, "b", 117.0)
+    assert sorted(taken.mine) == sorted([*LANES, *SINGLETONS])
+    assert {lease.owner for lease in taken.leases} == {"b"}
+
+
+def test_a_dead_process_of_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    dead = f"{socket.gethostname()}-{int(gone.stdout)}"
+    assert this_host_dead(dead)
+    assert not this_host_dead(f"{socket.gethostname()}-{os.getpid()}")
+    assert not this_host_dead(f"elsewhere-{int(gone.stdout)}")  # another host: only its lease's expiry tells
+    path = tmp_path / "db"
+    migrate(path)
+    conn = WriteConnection(path)
+    with sqlite3.connect(path) as db:
+        db.executemany("INSERT INTO leases VALUES (?, ?, ?)", [(n, dead, 1e12) for n in LANES])
+    conn.begin_waiting()
+    held = keep_leases(
+        conn,
+        me="a",
+        lanes=LANES,
+        singletons=(),
+        release=[],
+        now=100.0,
+        ttl_s=10.0,
+        started_at=0.0,
+        dead=this_host_dead,
+    )
+    conn.commit()
+    assert sorted(held.mine) == sorted(LANES)
+
+
+def test_queued_rows_follow_a_new_lane_count_once(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    migrate(path)
+    with sqlite3.connect(path) as db:
+        ids = [add_message(db, f"m{i}") for i in range(5)]
+        db.execute("UPDATE messages SET sender = 'sender-' || id")
+    conn = WriteConnection(path)
+    conn.begin_waiting()
+    moved = split_lanes(conn, target="rides", lanes=4)
+    again = split_lanes(conn, target="rides", lanes=4)
+    conn.commit()
+    want = {i: lane_of(f"sender-{i}", 4) for i in ids}
+    assert moved == sum(1 for lane in want.values() if lane != 0)
+    assert again == 0
+    assert dict(rows(path, "SELECT id, lane FROM messages")) == want
+
+
+async def test_two_daemons_on_one_store_deliver_every_message_once_in_each_senders_order(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    """Two daemons (two nodes' worth of ingress, lanes and leases) on one SQLite file: POSTs alternate
+    between them, each lane is delivered by the one holding it (rows the other ingested reach it
+    through the relay), and one daemon killed without giving its leases back has its lanes taken over
+    by the other once they expire."""
+    config = make_config(tmp_path, services, graph, forwarding={"concurrency": 4}, cluster={"lease_ttl_s": 1.5})
+    senders = [f"25078800{i:04d}" for i in range(8)]
+    # Every message is the keyword itself: sessions are still per process (moving them into the
+    # store is a change of its own); here what is tested is delivery.
+    sent: dict[str, list[str]] = {s: [] for s in senders}
+    async with open_daemon(config, node="b") as b:
+        async with trio.open_nursery() as killed:
+
+            async def run_a(task_status: trio.TaskStatus[object]) -> None:
+                async with open_daemon(config, node="a") as a:
+                    task_status.started(a)
+                    await trio.sleep_forever()
+
+            a = await killed.start(run_a)
+            await _shared_out(tmp_path / "wacored.db")
+            for round_ in range(6):
+                for sender in senders:
+                    daemon = a if (round_ + senders.index(sender)) % 2 else b
+                    sent[sender].append(await _send(daemon, sender))
+            # Killed: cancelled without a clean stop, its leases stay until they expire.
+            killed.cancel_scope.cancel()
+        for _ in range(3):
+            for sender in senders:
+                sent[sender].append(await _send(b, sender))
+        await until_settled(tmp_path / "wacored.db")
+        report = await health(b)
+    got = services.on("/rides")
+    firsts: list[Received] = []
+    for g in got:
+        if all(f.headers["idempotency-key"] != g.headers["idempotency-key"] for f in firsts):
+            firsts.append(g)
+    assert len(firsts) == 8 * 9
+    # Sent again only what a was delivering when it was killed (same key, so the service dedupes).
+    assert len(got) - len(firsts) <= 4
+    for sender in senders:
+        assert [g.message["id"] for g in firsts if g.message["from"] == sender] == sent[sender]
+    assert {lane_lease("rides", i) for i in range(4)} <= set(report["checks"]["leases"]["lanes_held"])
+    # b stopped cleanly: it gave its leases back (a next start, or another node, takes over at once).
+    assert rows(tmp_path / "wacored.db", "SELECT COUNT(*) FROM leases") == [(0,)]
+
+
+async def _send(daemon: Daemon, sender: str) -> str:
+    """A keyword message (every one routes by itself, whichever daemon's sessions): its wamid."""
+    r = await daemon.send_text("rides", sender=sender)
+    assert r.status_code == 200
+    return str(r.json()["routes"][0]["message_id"])
+
+
+async def _shared_out(db: Path) -> None:
+    """Until nodes a and b hold the same number of lanes (b started alone and gave half back)."""
+    with trio.fail_after(10):
+        while True:
+            held = dict(rows(db, "SELECT owner, COUNT(*) FROM leases WHERE name LIKE 'lane:%' GROUP BY owner"))
+            if held.get("a", 0) and held.get("a") == held.get("b"):
+                return
+            await trio.sleep(0.05)
