@@ -5,21 +5,19 @@ from __future__ import annotations
 import sqlite3
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
 import trio.lowlevel
 
 from wacored.config import ForwardingConfig
-from wacored.core.routing import SessionAction
-from wacored.core.sessions import SessionChange, SessionTable
 from wacored.forwarder import Target, run_forwarder
-from wacored.store import NewRow, Outcome, Reader, StoreUnavailable, WriteConnection, migrate
+from wacored.store import Outcome, Reader, StoreUnavailable, WriteConnection, migrate
 from wacored.writer import (
     RETRY_MAX_S,
     CatchUp,
     DeliveryQueue,
-    Ingest,
     Record,
     StoreWrites,
     Write,
@@ -31,45 +29,38 @@ from wacored.writer import (
 )
 
 from .conftest import bare_runtime, rows
-from .support import DiskFull, wait_until
-
-
-def row(key: str, sender: str = "s1", target: str = "rides") -> NewRow:
-    return NewRow(key, "message", sender, target, "keyword", target, b"{}", "rid", "cid", "tp", 1000.0)
+from .support import DiskFull, ingest_op, wait_until
 
 
 async def start_writer(
-    nursery: trio.Nursery,
-    path: Path,
-    buffer: int = 1024,
-    sessions: SessionTable | None = None,
+    nursery: trio.Nursery, path: Path, buffer: int = 1024
 ) -> tuple[trio.MemorySendChannel[WriteOp], DeliveryQueue]:
     migrate(path)
     queue = DeliveryQueue("rides", buffer=buffer)
     send, receive = trio.open_memory_channel[WriteOp](100)
-    await nursery.start(
-        run_writer,
-        WriteConnection(path),
-        receive,
-        {"rides": queue},
-        sessions if sessions is not None else SessionTable(3600),
-    )
+    await nursery.start(run_writer, WriteConnection(path), receive, {"rides": queue})
     return send, queue
 
 
-async def ingest(
-    writes: trio.MemorySendChannel[WriteOp], rows: list[NewRow], changes: list[tuple[int, SessionChange]] = ()
-) -> list[int | None]:
-    op = Ingest(rows, list(changes))
+async def ingest(writes: trio.MemorySendChannel[WriteOp], *keys: str, **how: Any) -> list[int | None]:
+    """Ingest one POST of a text message per key ("rides" from s1 by default: routed to rides)."""
+    op = ingest_op(*keys, **how)
     await writes.send(op)
-    return await op.reply.wait()
+    return list((await op.reply.wait()).ids)
+
+
+async def barrier(writes: trio.MemorySendChannel[WriteOp]) -> None:
+    """Wait until everything sent before is committed."""
+    op: Write[None] = Write(lambda conn: None)
+    await writes.send(op)
+    await op.reply.wait()
 
 
 async def test_duplicates_are_ignored_within_and_across_batches(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         writes, queue = await start_writer(nursery, tmp_path / "db")
-        first = await ingest(writes, [row("a"), row("b"), row("a")])
-        again = await ingest(writes, [row("b"), row("c")])
+        first = await ingest(writes, "a", "b", "a")
+        again = await ingest(writes, "b", "c")
         assert [i is not None for i in first] == [True, True, False]
         assert [i is not None for i in again] == [False, True]
         assert queue.depth() == 3
@@ -78,23 +69,21 @@ async def test_duplicates_are_ignored_within_and_across_batches(tmp_path: Path) 
 
 async def test_session_changes_apply_only_for_inserted_messages(tmp_path: Path) -> None:
     path = tmp_path / "db"
-    sessions = SessionTable(3600)
     async with trio.open_nursery() as nursery:
-        writes, _ = await start_writer(nursery, path, sessions=sessions)
-        start = SessionChange("s1", SessionAction.START, "rides", 1000.0)
-        await ingest(writes, [row("m1")], [(0, start)])
-        # A redelivered "menu" must not end the session it did not start.
-        end = SessionChange("s1", SessionAction.END, "wacored", 1001.0)
-        await ingest(writes, [row("m1")], [(0, end)])
+        writes, queue = await start_writer(nursery, path)
+        await ingest(writes, "m1", text="rides", at=1000.0)
+        # A redelivered message, now reading "menu", must not end the session it did not start.
+        assert await ingest(writes, "m1", text="menu", at=1001.0) == [None]
+        await ingest(writes, "m2", text="where is my car", at=1002.0)
         await writes.aclose()
-    assert list(Reader(path).all_sessions(0)) == [("", "s1", "rides", 1000.0)]
-    assert sessions.service_of("s1", 1001.0) == "rides"  # memory follows the file
+    assert rows(path, "SELECT number, sender, service, last_interaction FROM sessions") == [("", "s1", "rides", 1002.0)]
+    assert rows(path, "SELECT key, reason FROM messages ORDER BY id") == [("m1", "keyword"), ("m2", "state")]
 
 
 async def test_a_full_channel_spills_to_disk_and_catch_up_reads_back_in_order(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         writes, queue = await start_writer(nursery, tmp_path / "db", buffer=2)
-        await ingest(writes, [row(f"m{i}") for i in range(5)])
+        await ingest(writes, *(f"m{i}" for i in range(5)))
         assert queue.depth() == 2
         assert queue.spill_from is not None
         in_memory = [queue.receive.receive_nowait().key for _ in range(2)]
@@ -104,7 +93,7 @@ async def test_a_full_channel_spills_to_disk_and_catch_up_reads_back_in_order(tm
         assert in_memory + spilled == [f"m{i}" for i in range(5)]
         assert queue.spill_from is None
         # Caught up: new rows go to the channel again, and nothing is handed out twice.
-        await ingest(writes, [row("m5")])
+        await ingest(writes, "m5")
         assert queue.receive.receive_nowait().key == "m5"
         await writes.aclose()
 
@@ -113,7 +102,7 @@ async def test_outcomes_mark_delivered_or_dead_letter_once(tmp_path: Path) -> No
     path = tmp_path / "db"
     async with trio.open_nursery() as nursery:
         writes, _ = await start_writer(nursery, path)
-        ids = await ingest(writes, [row("ok"), row("down"), row("gone")])
+        ids = await ingest(writes, "ok", "down", "gone")
         await writes.send(Record(Outcome(ids[0], True, 1, 2000.0)))
         await writes.send(
             Record(Outcome(ids[1], False, 3, 2000.0, "HTTP 503: busy", target="rides", key="down", retry_at=2120.0))
@@ -165,7 +154,7 @@ async def test_forwarder_delivers_a_spilled_backlog_once_each_in_order(tmp_path:
     async with trio.open_nursery() as nursery:
         writes, queue = await start_writer(nursery, path, buffer=3)
         for start in range(0, 600, 50):
-            await ingest(writes, [row(k) for k in keys[start : start + 50]])
+            await ingest(writes, *keys[start : start + 50])
         rt = bare_runtime(tmp_path, target)
         await nursery.start(
             partial(run_forwarder, rt, "rides", queue, writes.clone(), transport=lambda: httpx.MockTransport(handler))
@@ -180,17 +169,17 @@ async def test_dead_lettering_a_message_again_never_resets_its_retries(tmp_path:
     path = tmp_path / "db"
     async with trio.open_nursery() as nursery:
         writes, _ = await start_writer(nursery, path)
-        (mid,) = await ingest(writes, [row("again")])
+        (mid,) = await ingest(writes, "again")
         assert mid is not None
         failed = Outcome(mid, False, 3, 2000.0, "HTTP 503: busy", target="rides", key="again", retry_at=2120.0)
         await writes.send(Record(failed))
-        await ingest(writes, [])  # a barrier: the record above is committed
+        await barrier(writes)  # the record above is committed
         with sqlite3.connect(path) as db:
             db.execute("UPDATE dead_letters SET attempts = 2, next_attempt_at = 9000")
         await writes.send(
             Record(Outcome(mid, False, 1, 3000.0, "HTTP 502: again", target="rides", key="again", retry_at=3120.0))
         )
-        await ingest(writes, [])
+        await barrier(writes)
         await writes.aclose()
     db = sqlite3.connect(path)
     assert db.execute("SELECT state, attempts, next_attempt_at, error FROM dead_letters").fetchall() == [
@@ -234,10 +223,8 @@ async def test_outcomes_of_failed_commits_are_kept_in_order_and_committed_later(
     queue = DeliveryQueue("rides")
     send, receive = trio.open_memory_channel[WriteOp](100)
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            partial(run_writer, disk.connection(path), receive, {"rides": queue}, SessionTable(3600), state=state)
-        )
-        ids = await ingest(send, [row("a"), row("b")])
+        await nursery.start(partial(run_writer, disk.connection(path), receive, {"rides": queue}, state=state))
+        ids = await ingest(send, "a", "b")
         assert queue.in_flight == set(ids)
         disk.full = True
         await send.send(Record(Outcome(ids[0], False, 1, 2000.0, "HTTP 503", target="rides", key="a", retry_at=2100.0)))
@@ -245,7 +232,7 @@ async def test_outcomes_of_failed_commits_are_kept_in_order_and_committed_later(
         await send.send(Record(Outcome(ids[1], True, 1, 2002.0, target="rides", key="b")))
         with trio.fail_after(5):
             try:
-                await ingest(send, [row("c")])
+                await ingest(send, "c")
                 raise AssertionError("committed on a full disk")
             except StoreUnavailable:
                 pass

@@ -18,9 +18,8 @@ from .admission import Admission
 from .config import Config
 from .core.breaker import Breaker
 from .core.numbers import Numbers
-from .core.ratelimit import SlidingWindowLimiter
+from .core.ratelimit import RateLimit
 from .core.routing import RoutingTable
-from .core.sessions import SessionTable
 from .metrics import Metrics
 from .pausewatch import PauseBoard
 from .slo import SloState
@@ -68,7 +67,7 @@ class Counters:
     """Deliveries that raised something unexpected, by (service, stage): delivery, dlq_retry; each
     dead-lettered its one message as ``internal_error``."""
     reaped: dict[str, int] = field(default_factory=dict)
-    """Rows the reaper deleted by kind (sessions, dead_letters_delivered, dead_letters_abandoned, messages)."""
+    """Rows the reaper deleted by kind (`store.REAP_SQL`: sessions, rate_hits, dead letters, attempts, messages)."""
 
     by_number: dict[tuple[str, ...], int] = field(default_factory=dict)
     """The per-number counts behind the ``number`` label: (``requests``, outcome, number),
@@ -118,6 +117,8 @@ class StoreStats:
     """The store's bytes on disk, write-ahead log included."""
     oldest_pending_at: float | None = None
     """Wall-clock time the oldest pending dead letter was created."""
+    sessions_active: int = 0
+    """Sessions whose last interaction is within the session TTL."""
     refreshed_at: float | None = None
 
     @property
@@ -133,9 +134,8 @@ class StoreStats:
 class Runtime:
     config: Config
     routing: RoutingTable
-    sessions: SessionTable
-    limiter: SlidingWindowLimiter[tuple[str, str]]
-    """Windows per (number key, sender)."""
+    ratelimit: RateLimit
+    """The per-sender limit, from `config` (rebuilt by a reload); the hits are counted in the store."""
     writes: trio.MemorySendChannel[WriteOp]
     queues: dict[str, DeliveryQueue]
     reader: Reader
@@ -205,7 +205,6 @@ class Runtime:
         writes: trio.MemorySendChannel[WriteOp],
         queues: dict[str, DeliveryQueue],
         reader: Reader,
-        sessions: SessionTable,
         wall_clock: Callable[[], float] = time.time,
         node: str = "",
     ) -> Runtime:
@@ -213,8 +212,7 @@ class Runtime:
         return cls(
             config=config,
             routing=RoutingTable.from_config(config),
-            sessions=sessions,
-            limiter=SlidingWindowLimiter(config.ratelimit.per_sender, config.ratelimit.window_s),
+            ratelimit=RateLimit(config.ratelimit.per_sender, config.ratelimit.window_s),
             writes=writes,
             queues=queues,
             reader=reader,

@@ -1,11 +1,12 @@
 """The store writer actor: the only code that writes SQLite, committing whatever is queued at once.
 
-Requests arrive on one memory channel: `Ingest` (a routed webhook batch; the caller waits for the
-commit), `Record` (a delivery outcome; fire and forget), `CatchUp` (a forwarder asking for queued
-rows its channel could not hold), `Write` (any other write; the caller waits) and `Sweep` (look for
-queued rows nobody delivers now: an operator queued some again). The writer takes
-everything waiting, runs it as one transaction (group commit; the fsync in a worker thread), then
-hands the newly inserted rows to their delivery queues and answers the callers.
+Requests arrive on one memory channel: `Ingest` (a parsed webhook batch, rate-limited, routed and
+inserted inside the transaction by `ingest.ingest`; the caller waits for the commit), `Record` (a
+delivery outcome; fire and forget), `CatchUp` (a forwarder asking for queued rows its channel could
+not hold), `Write` (any other write; the caller waits) and `Sweep` (look for queued rows nobody
+delivers now: an operator queued some again). The writer takes everything waiting, runs it as one
+transaction (group commit; the fsync in a worker thread), then hands the newly inserted rows to
+their delivery queues and answers the callers.
 
 Invariant: every committed ``queued`` row of a target is in exactly one of these places: its
 queue's channel or a lane (its id in `DeliveryQueue.in_flight` until its outcome commits, the
@@ -18,6 +19,7 @@ them to the forwarder itself.
 Error handling:
     A failed transaction is rolled back. Its `Ingest`s are answered `StoreUnavailable` (ingress says
     503; Meta redelivers) and never again; its `CatchUp`s and `Write`s too (their callers retry).
+    The session cache (`ingest.StoreSessions`) is cleared, since it may hold what was rolled back.
     Its `Record`s are kept in order in `StoreWrites.held`, with every later `Record`, and committed
     in a transaction of their own after a bounded backoff (`retry_delay_s`), again until they
     commit: an outcome is never dropped while the daemon runs (one a constraint refuses, which can
@@ -45,8 +47,9 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
-from .core.sessions import SessionChange, SessionTable
-from .store import Delivery, NewRow, Outcome, StoreUnavailable, WriteConnection
+from .core.whatsapp import Batch
+from .ingest import DEFAULT_CACHE_SIZE, IngestContext, Ingested, IngestPolicy, StoreSessions, ingest
+from .store import Delivery, Outcome, StoreUnavailable, WriteConnection
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +93,12 @@ class Reply(Generic[T]):
 
 @dataclass(eq=False)
 class Ingest:
-    rows: Sequence[NewRow]
-    changes: Sequence[tuple[int, SessionChange]]
-    reply: Reply[list[int | None]] = field(default_factory=Reply)
+    """A parsed webhook batch to rate-limit, route and insert in the transaction (`ingest.ingest`)."""
+
+    batch: Batch
+    policy: IngestPolicy
+    context: IngestContext
+    reply: Reply[Ingested] = field(default_factory=Reply)
 
 
 @dataclass(eq=False)
@@ -228,12 +234,17 @@ def stuck_from(oldest_queued: int | None, in_flight: set[int], spill_from: int |
     return oldest_queued
 
 
-def _stage(conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, int]) -> list[object]:
+def _stage(
+    conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, int], sessions: StoreSessions | None
+) -> list[object]:
     """Every op of the group, in order, inside the open transaction."""
     results: list[object] = []
+    if sessions is not None:
+        sessions.sync()
     for op in ops:
         if isinstance(op, Ingest):
-            results.append(conn.insert(op.rows, op.changes))
+            assert sessions is not None, "an ingest needs the session cache"
+            results.append(ingest(conn, sessions, op.batch, op.policy, op.context))
         elif isinstance(op, Record):
             conn.record(op.outcome)
             results.append(None)
@@ -247,8 +258,10 @@ def _stage(conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, i
     return results
 
 
-async def _transaction(conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, int]) -> list[object]:
-    """Run the group as one transaction.
+async def _transaction(
+    conn: WriteConnection, ops: Sequence[WriteOp], spills: Mapping[str, int], sessions: StoreSessions | None = None
+) -> list[object]:
+    """Run the group as one transaction (`sessions`: the session cache, needed by an `Ingest`).
 
     The statements run right here on the event loop's thread: they are short, and a worker thread
     running them would take the GIL back after every statement, waiting up to the interpreter's
@@ -259,10 +272,12 @@ async def _transaction(conn: WriteConnection, ops: Sequence[WriteOp], spills: Ma
     if not conn.try_begin():
         await trio.to_thread.run_sync(conn.begin_waiting)
     try:
-        results = _stage(conn, ops, spills)
+        results = _stage(conn, ops, spills, sessions)
         await trio.to_thread.run_sync(conn.commit)
     except BaseException:
         conn.rollback()
+        if sessions is not None:
+            sessions.clear()
         raise
     return results
 
@@ -271,8 +286,8 @@ async def run_writer(
     conn: WriteConnection,
     receive: trio.MemoryReceiveChannel[WriteOp],
     queues: Mapping[str, DeliveryQueue],
-    sessions: SessionTable,
     *,
+    session_cache_size: int = DEFAULT_CACHE_SIZE,
     beat: Callable[[], None] = lambda: None,
     state: StoreWrites | None = None,
     wall_clock: Callable[[], float] = time.time,
@@ -282,13 +297,14 @@ async def run_writer(
 
     Owns: the write connection (closes it when done), and `state` (failures, held outcomes). The
     receive end and `state` belong to the daemon, so a restarted writer carries on with what is still
-    queued in the channel and with the outcomes held. Applies committed session changes to `sessions`
-    itself, so memory follows the file even when the request that asked for them is cancelled (its
-    client went away) while the commit runs. `beat` is called at least every `HEARTBEAT_S`, idle or
+    queued in the channel and with the outcomes held. Owns the session cache (`ingest.StoreSessions`,
+    at most `session_cache_size` sessions), new with each start: a restarted writer trusts nothing
+    a crashed one cached. `beat` is called at least every `HEARTBEAT_S`, idle or
     not (the watchdog's sign of life). Held outcomes are retried when due, before the next group;
     every `SWEEP_S` the queues are swept for rows nobody delivers.
     """
     state = state if state is not None else StoreWrites()
+    sessions = StoreSessions(conn, session_cache_size)
     task_status.started()
     next_sweep = trio.current_time() + SWEEP_S
     try:
@@ -352,7 +368,7 @@ async def _commit_group(
     conn: WriteConnection,
     ops: list[WriteOp],
     queues: Mapping[str, DeliveryQueue],
-    sessions: SessionTable,
+    sessions: StoreSessions,
     state: StoreWrites,
     wall_clock: Callable[[], float],
 ) -> None:
@@ -367,7 +383,7 @@ async def _commit_group(
     spills = {q.target: q.spill_from for q in queues.values() if q.spill_from is not None}
     changes = conn.changes()
     try:
-        results = await _transaction(conn, ops, spills)
+        results = await _transaction(conn, ops, spills, sessions)
     except Exception as exc:
         # sqlite3.Error is the store refusing; anything else is a bug that crashes the writer (the
         # supervisor restarts it). Either way nothing of the group was stored: say so to every caller
@@ -384,15 +400,12 @@ async def _commit_group(
         state.succeeded()
     for op, result in zip(ops, results, strict=True):
         if isinstance(op, Ingest):
-            ids: list[int | None] = result  # type: ignore[assignment]
-            for row, row_id in zip(op.rows, ids, strict=True):
+            assert isinstance(result, Ingested)
+            for row, row_id in zip(result.rows, result.ids, strict=True):
                 # A probe is routed but never delivered: it is stored ``probe``, no forwarder's.
                 if row_id is not None and row.delivers and row.target in queues:
                     queues[row.target].offer(Delivery.from_row(row_id, row))
-            for index, change in op.changes:
-                if ids[index] is not None:
-                    sessions.apply(change)
-            op.reply.set(ids)
+            op.reply.set(result)
         elif isinstance(op, Record):
             _recorded(queues, op)
         elif isinstance(op, CatchUp):

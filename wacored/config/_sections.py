@@ -117,6 +117,8 @@ class SessionsConfig:
     dlq_retention_days: float = 7.0
     abandoned_retention_days: float = 30.0
     seen_retention_days: float = 8.0
+    cache_size: int = 100_000
+    """Sessions the writer keeps in memory in front of the store (an LRU; a restart applies a change)."""
 
     @property
     def reap_minute(self) -> int:
