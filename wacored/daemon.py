@@ -397,6 +397,7 @@ async def _run(
                 writes_receive,
                 rt.queues,
                 session_cache_size=rt.config.sessions.cache_size,
+                cache_stats=rt.session_cache,
                 beat=partial(rt.beat, "writer"),
                 state=rt.store_writes,
                 wall_clock=rt.wall_clock,

@@ -20,6 +20,7 @@ from .core.breaker import Breaker
 from .core.numbers import Numbers
 from .core.ratelimit import RateLimit
 from .core.routing import RoutingTable
+from .ingest import SessionCacheStats
 from .metrics import Metrics
 from .pausewatch import PauseBoard
 from .slo import SloState
@@ -168,6 +169,8 @@ class Runtime:
     """The services an operator has paused, as the store says. Owner: the pause watcher actor
     (`pausewatch.run_pause_watch`; filled once at start-up before any forwarder runs); lanes, the DLQ
     retrier, /health, /metrics and the admin API only read it (the admin API asks for a refresh)."""
+    session_cache: SessionCacheStats = field(default_factory=SessionCacheStats)
+    """The writer's session cache figures. Owner: the writer actor; /health only reads it."""
     store_writes: StoreWrites = field(default_factory=StoreWrites)
     """How the writer's commits are going and the outcomes it holds. Owner: the writer actor (kept
     here so a restarted writer carries on); /health and /metrics only read it."""

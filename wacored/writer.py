@@ -48,7 +48,15 @@ from typing import Any, Generic, TypeVar
 import trio
 
 from .core.whatsapp import Batch
-from .ingest import DEFAULT_CACHE_SIZE, IngestContext, Ingested, IngestPolicy, StoreSessions, ingest
+from .ingest import (
+    DEFAULT_CACHE_SIZE,
+    IngestContext,
+    Ingested,
+    IngestPolicy,
+    SessionCacheStats,
+    StoreSessions,
+    ingest,
+)
 from .store import Delivery, Outcome, StoreUnavailable, WriteConnection
 
 log = logging.getLogger(__name__)
@@ -288,6 +296,7 @@ async def run_writer(
     queues: Mapping[str, DeliveryQueue],
     *,
     session_cache_size: int = DEFAULT_CACHE_SIZE,
+    cache_stats: SessionCacheStats | None = None,
     beat: Callable[[], None] = lambda: None,
     state: StoreWrites | None = None,
     wall_clock: Callable[[], float] = time.time,
@@ -298,13 +307,13 @@ async def run_writer(
     Owns: the write connection (closes it when done), and `state` (failures, held outcomes). The
     receive end and `state` belong to the daemon, so a restarted writer carries on with what is still
     queued in the channel and with the outcomes held. Owns the session cache (`ingest.StoreSessions`,
-    at most `session_cache_size` sessions), new with each start: a restarted writer trusts nothing
-    a crashed one cached. `beat` is called at least every `HEARTBEAT_S`, idle or
+    at most `session_cache_size` sessions; its figures in `cache_stats`), new with each start: a
+    restarted writer trusts nothing a crashed one cached. `beat` is called at least every `HEARTBEAT_S`, idle or
     not (the watchdog's sign of life). Held outcomes are retried when due, before the next group;
     every `SWEEP_S` the queues are swept for rows nobody delivers.
     """
     state = state if state is not None else StoreWrites()
-    sessions = StoreSessions(conn, session_cache_size)
+    sessions = StoreSessions(conn, session_cache_size, cache_stats)
     task_status.started()
     next_sweep = trio.current_time() + SWEEP_S
     try:
