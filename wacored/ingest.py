@@ -14,9 +14,9 @@ the request's ids, the time, each message's trace context). Here, on the write c
 
 `StoreSessions` keeps a bounded LRU (`core.sessions.SessionCache`, ``[sessions] cache_size``) in
 front of the ``sessions`` table, owned by the writer: what this process read or wrote. It is never
-trusted across a commit of another connection: `sync` compares SQLite's ``data_version`` at the start
-of each transaction and clears the cache when another connection (another worker process, the CLI)
-has committed since. With one process the cache stays warm; with several writing in turn it is
+trusted across a commit of another connection: `sync` asks the store at the start of each transaction
+(on SQLite, ``PRAGMA data_version``) and clears the cache when another connection (another worker
+process, the CLI) has committed since. With one process the cache stays warm; with several writing in turn it is
 cleared at nearly every transaction and routing reads the store, which stays correct and costs one
 primary-key read per sender of the batch (measured on bench/prefill.py's store of 1 M sessions, 5 M
 messages: 0.33 us from the cache, 8.7 us from the store, 1.0 us for the ``data_version`` check and
@@ -104,16 +104,12 @@ class StoreSessions:
         self.cache = SessionCache(cache_size)
         self.stats = stats if stats is not None else SessionCacheStats()
         self.stats.entries = 0
-        self._version: int | None = None
 
     def sync(self) -> None:
-        """At the start of a transaction: forget the cache if another connection committed since the
-        last one (SQLite's ``data_version`` moved)."""
-        version = self.conn.data_version()
-        if version != self._version:
-            if self._version is not None:
-                self.clear()
-            self._version = version
+        """At the start of a transaction (the write lock held, so nobody commits until it ends): forget
+        the cache if another connection committed since the last one (`WriteConnection.others_committed`)."""
+        if self.conn.others_committed():
+            self.clear()
 
     def clear(self) -> None:
         """Forget every session (after a rollback too: the cache may hold what was undone)."""

@@ -408,6 +408,7 @@ class WriteConnection:
     def __init__(self, path: Path, busy_timeout_ms: int = 5000) -> None:
         self.conn = connect(path, busy_timeout_ms=0)
         self.busy_timeout_ms = busy_timeout_ms
+        self._data_version: int | None = None
 
     def close(self) -> None:
         self.conn.close()
@@ -437,10 +438,14 @@ class WriteConnection:
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
 
-    def data_version(self) -> int:
-        """SQLite's ``data_version``: it changes when another connection commits (not this one), so
-        a cache of what this connection read is stale once it has moved."""
-        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+    def others_committed(self) -> bool:
+        """Whether another connection (another process, the CLI) may have committed since this one
+        last asked: then anything cached from what this connection read may be stale. True the first
+        time. SQLite says it with ``PRAGMA data_version``, which moves for other connections' commits
+        only (~1 us, docs/stack-notes.md); another store may answer True whenever it cannot tell."""
+        version = int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+        changed, self._data_version = version != self._data_version, version
+        return changed
 
     def session(self, number: str, sender: str) -> tuple[str, float] | None:
         """The stored session of (number, sender): (service, last interaction), expired or not."""
