@@ -6,10 +6,10 @@ the same figures on an empty store.
     .venv/bin/python bench/prefill.py --messages 500000 --sessions 100000
     .venv/bin/python bench/prefill.py --store /tmp/big.db --keep   # reuse a filled store next time
 
-What it shows today: every live session is loaded into memory at start (`daemon.recover`), so start-up
-time and RSS grow with the number of senders; the issue "Delivery from the store" asks for sessions
-behind a bounded cache instead. Bounded: one daemon at a time on 127.0.0.1 port 0, stopped with
-SIGTERM; the store lives in a temp dir unless --store names one.
+What it shows: sessions are no longer loaded at start (the writer reads them from the store as senders
+write, through a bounded cache, `wacored.ingest`), so start-up time and RSS no longer grow with the
+number of senders (bench/README.md has the figures before and after). Bounded: one daemon at a
+time on 127.0.0.1 port 0, stopped with SIGTERM; the store lives in a temp dir unless --store names one.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ import trio.testing
 
 from wacored.config import Config
 from wacored.core.breaker import Breaker
-from wacored.core.sessions import SessionTable
 from wacored.core.whatsapp import sign, text_webhook
 from wacored.daemon import run_daemon
 from wacored.lanes import LaneBoard
@@ -236,7 +235,7 @@ def bare_runtime(
     config = Config.from_mapping(config_mapping(tmp_path, "http://services.test", "http://graph.test", **sections), {})
     if writes is None:
         writes, _ = trio.open_memory_channel[WriteOp](0)
-    rt = Runtime.build(config, writes, LaneBoard(), Reader(path), SessionTable(3600), wall_clock)
+    rt = Runtime.build(config, writes, LaneBoard(), Reader(path), wall_clock)
     for t in targets:
         rt.targets[t.name] = t
         rt.breakers[t.name] = Breaker(t.forwarding.breaker_failures, t.forwarding.breaker_open_s)

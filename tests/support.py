@@ -26,8 +26,15 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from wacored.config import Config
+from wacored.core.ingest import PlannedRow
+from wacored.core.numbers import Numbers
+from wacored.core.ratelimit import RateLimit
+from wacored.core.whatsapp import Batch, parse_webhook, text_webhook
+from wacored.ingest import IngestContext, IngestPolicy
 from wacored.lanes import Lane, LaneBoard
 from wacored.store import Delivery, WriteConnection
+from wacored.writer import Ingest
 
 from .conftest import Daemon, Downstream, config_mapping, rows
 
@@ -471,3 +478,48 @@ def held_lanes(board: LaneBoard, target: str, count: int = 1) -> list[Lane]:
     for lane in lanes:
         lane.valid_until = math.inf
     return lanes
+
+
+def text_batch(*messages: tuple[str, str, str]) -> Batch:
+    """One parsed POST holding a text message per (wamid, sender, text), in order."""
+    docs = [json.loads(text_webhook(text=t, sender=s, wamid=w, timestamp=1)) for w, s, t in messages]
+    first = docs[0]
+    for doc in docs[1:]:
+        first["entry"] += doc["entry"]
+    return parse_webhook(json.dumps(first).encode())
+
+
+def ingest_policy(*, per_sender: int = 1_000_000, window_s: float = 60.0, ttl_s: float = 3600.0) -> IngestPolicy:
+    """The test config's numbers (`config_mapping`: "rides" routes to rides) with this limit and TTL."""
+    config = Config.from_mapping(config_mapping(Path("unused"), "http://services.test", "http://graph.test"), {})
+    return IngestPolicy(Numbers.from_config(config), ttl_s, RateLimit(per_sender, window_s))
+
+
+def ingest_op(
+    *keys: str,
+    sender: str = "s1",
+    text: str = "rides",
+    at: float = 1000.0,
+    policy: IngestPolicy | None = None,
+    correlation_id: str = "cid",
+) -> Ingest:
+    """A writer `Ingest` of one POST: a text message per wamid in `keys`, from `sender`, received at `at`."""
+
+    def traceparent(_: PlannedRow) -> str:
+        return "tp"
+
+    batch = text_batch(*((key, sender, text) for key in keys))
+    return Ingest(batch, policy or ingest_policy(), IngestContext("rid", correlation_id, at, traceparent))
+
+
+class DictSessions:
+    """A `core.sessions.SessionLookup` over a dict, (number, sender) -> (service, at): stored sessions
+    for the pure tests (the daemon's reads the store, `ingest.StoreSessions`)."""
+
+    def __init__(self, rows: dict[tuple[str, str], tuple[str, float]] | None = None) -> None:
+        self.rows = dict(rows or {})
+        self.reads: list[tuple[str, str]] = []
+
+    def get(self, number: str, sender: str) -> tuple[str, float] | None:
+        self.reads.append((number, sender))
+        return self.rows.get((number, sender))

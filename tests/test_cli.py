@@ -498,13 +498,16 @@ def test_sessions_reap_runs_the_reaper_once_and_status_shows_it(
     assert set(dead_letters(ops_config)) == {"wamid.P"}
     assert ops_main(ops_config, "sessions", "reap") == 0
     assert capsys.readouterr().out == (
-        "reaped: sessions 0, dead_letters_delivered 0, dead_letters_abandoned 0, attempts 0, messages 0\n"
+        "reaped: sessions 0, rate_hits 0, dead_letters_delivered 0, dead_letters_abandoned 0, attempts 0, messages 0\n"
     )
     assert ops_main(ops_config, "status", "--json") == 0
     reaper = json.loads(capsys.readouterr().out)["runs"]["reaper"]
     assert reaper["last_run"] is not None
     assert reaper["next_run"] is not None
-    assert reaper["result"] == "sessions 0, dead_letters_delivered 0, dead_letters_abandoned 0, attempts 0, messages 0"
+    assert (
+        reaper["result"]
+        == "sessions 0, rate_hits 0, dead_letters_delivered 0, dead_letters_abandoned 0, attempts 0, messages 0"
+    )
 
 
 def test_secrets_new_prints_a_fresh_standard_webhooks_secret() -> None:

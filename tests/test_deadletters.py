@@ -15,10 +15,11 @@ from wacored.config import DlqConfig
 from wacored.core.delivery import Verdict
 from wacored.deadletters import after_retry, run_dlq_retrier, write
 from wacored.runtime import Runtime
-from wacored.store import NewRow, Outcome, Reader, WriteConnection
-from wacored.writer import Ingest, NoLanes, Record, WriteOp, run_writer
+from wacored.store import Outcome, Reader, WriteConnection
+from wacored.writer import NoLanes, Record, WriteOp, run_writer
 
 from .conftest import bare_runtime
+from .support import ingest_op
 
 DLQ = DlqConfig(interval_s=300, batch=50, backoff_s=(120.0, 240.0, 480.0), max_attempts=3)
 
@@ -69,10 +70,9 @@ class Service:
 
 
 async def dead_letter(writes: trio.MemorySendChannel[WriteOp], key: str, at: float, retry_at: float) -> int:
-    row = NewRow(key, "message", "2507", "rides", "keyword", "rides", b"{}", "rid", "corr-" + key, "tp", at)
-    op = Ingest([row], [])
+    op = ingest_op(key, sender="2507", at=at, correlation_id="corr-" + key)
     await writes.send(op)
-    (message_id,) = await op.reply.wait()
+    (message_id,) = (await op.reply.wait()).ids
     assert message_id is not None
     await writes.send(
         Record(Outcome(message_id, False, 3, at, "HTTP 503: down", target="rides", key=key, retry_at=retry_at))
@@ -100,7 +100,7 @@ async def start_retrier(
     send, receive = trio.open_memory_channel[WriteOp](100)
     rt = bare_runtime(tmp_path, writes=send, forwarding=breaker or {})
     path = tmp_path / "bare.db"
-    await nursery.start(partial(run_writer, WriteConnection(path), receive, NoLanes(), rt.sessions))
+    await nursery.start(partial(run_writer, WriteConnection(path), receive, NoLanes()))
     return rt, send
 
 

@@ -9,17 +9,20 @@ from wacored.config import Config
 from wacored.core.ingest import plan_ingest
 from wacored.core.numbers import Numbers
 from wacored.core.routing import SessionAction
-from wacored.core.sessions import SessionTable
 from wacored.core.whatsapp import parse_webhook, text_webhook
 
 from .conftest import config_mapping
+from .support import DictSessions
 
 NOW = 1_800_000_000.0
 
 
-def setup(tmp_path: Path, **sections: dict[str, object]) -> tuple[Numbers, SessionTable]:
+TTL = 3600.0
+
+
+def setup(tmp_path: Path, **sections: dict[str, object]) -> tuple[Numbers, DictSessions]:
     config = Config.from_mapping(config_mapping(tmp_path, "http://s.test", "http://g.test", **sections), {})
-    return Numbers.from_config(config), SessionTable(config.sessions.ttl_s)
+    return Numbers.from_config(config), DictSessions()
 
 
 def batch(*texts: tuple[str, str, str]) -> bytes:
@@ -34,7 +37,7 @@ def batch(*texts: tuple[str, str, str]) -> bytes:
 def test_a_key_starts_a_session_that_routes_the_next_message_of_the_same_batch(tmp_path: Path) -> None:
     numbers, sessions = setup(tmp_path)
     plan = plan_ingest(
-        parse_webhook(batch(("w1", "2507", "rides"), ("w2", "2507", "where is my car"))), numbers, sessions, NOW
+        parse_webhook(batch(("w1", "2507", "rides"), ("w2", "2507", "where is my car"))), numbers, sessions, TTL, NOW
     )
     assert [(r.key, r.service, r.reason, r.target) for r in plan.rows] == [
         ("w1", "rides", "keyword", "rides"),
@@ -44,12 +47,14 @@ def test_a_key_starts_a_session_that_routes_the_next_message_of_the_same_batch(t
         (0, SessionAction.START, "rides"),
         (1, SessionAction.TOUCH, "rides"),
     ]
-    assert len(sessions) == 0  # the table itself changes only once the batch is committed
+    assert sessions.rows == {}  # the plan writes nothing: the writer applies `changes` with the rows
 
 
 def test_the_home_menu_goes_to_the_graph_sender_and_ends_the_session(tmp_path: Path) -> None:
     numbers, sessions = setup(tmp_path)
-    plan = plan_ingest(parse_webhook(batch(("w1", "2507", "rides"), ("w2", "2507", "menu"))), numbers, sessions, NOW)
+    plan = plan_ingest(
+        parse_webhook(batch(("w1", "2507", "rides"), ("w2", "2507", "menu"))), numbers, sessions, TTL, NOW
+    )
     menu = plan.rows[1]
     assert (menu.service, menu.reason, menu.target) == ("wacored", "home_menu", "whatsapp")
     assert json.loads(menu.body)["to"] == "2507"
@@ -58,7 +63,7 @@ def test_the_home_menu_goes_to_the_graph_sender_and_ends_the_session(tmp_path: P
 
 def test_a_probe_is_routed_but_leaves_the_session_alone(tmp_path: Path) -> None:
     numbers, sessions = setup(tmp_path)
-    plan = plan_ingest(parse_webhook(batch(("wamid.WACORED_PROBE.1", "2507", "rides"))), numbers, sessions, NOW)
+    plan = plan_ingest(parse_webhook(batch(("wamid.WACORED_PROBE.1", "2507", "rides"))), numbers, sessions, TTL, NOW)
     assert [(r.service, r.probe) for r in plan.rows] == [("rides", True)]
     assert plan.changes == ()
 
@@ -66,7 +71,17 @@ def test_a_probe_is_routed_but_leaves_the_session_alone(tmp_path: Path) -> None:
 def test_status_updates_have_a_row_only_when_they_have_a_target(tmp_path: Path) -> None:
     raw = (Path(__file__).parent / "fixtures" / "whatsapp" / "status_read.json").read_bytes()
     dropped, _ = setup(tmp_path)
-    assert plan_ingest(parse_webhook(raw), dropped, SessionTable(3600), NOW).rows == ()
+    assert plan_ingest(parse_webhook(raw), dropped, DictSessions(), TTL, NOW).rows == ()
     forwarded, _ = setup(tmp_path, routing={"statuses": "wallet"})
-    [row] = plan_ingest(parse_webhook(raw), forwarded, SessionTable(3600), NOW).rows
+    [row] = plan_ingest(parse_webhook(raw), forwarded, DictSessions(), TTL, NOW).rows
     assert (row.kind, row.target, row.key.startswith("status:")) == ("status", "wallet", True)
+
+
+def test_a_stored_session_routes_until_it_has_been_idle_for_the_ttl(tmp_path: Path) -> None:
+    numbers, _ = setup(tmp_path)
+    stored = DictSessions({("", "2507"): ("jobs", NOW - TTL + 1)})
+    [live] = plan_ingest(parse_webhook(batch(("w1", "2507", "hello"))), numbers, stored, TTL, NOW).rows
+    assert (live.service, live.reason) == ("jobs", "state")
+    [over] = plan_ingest(parse_webhook(batch(("w2", "2507", "hello"))), numbers, stored, TTL, NOW + 1).rows
+    assert over.reason == "fallback"
+    assert stored.reads == [("", "2507"), ("", "2507")]  # one read per batch

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 import pytest
@@ -160,6 +161,6 @@ async def test_a_probe_is_never_replayed_and_is_reaped_like_any_finished_row(wor
     assert (named.ids, named.unknown) == ([], [wamid])
     assert matching.ids == []
     sessions = SessionsConfig(ttl_hours=24, dlq_retention_days=7, abandoned_retention_days=30, seen_retention_days=8)
-    counts = await trio.to_thread.run_sync(reap, db, sessions, time.time() + 9 * DAY_S)
+    counts = await trio.to_thread.run_sync(partial(reap, db, sessions, time.time() + 9 * DAY_S, rate_window_s=60.0))
     assert counts["messages"] == 1
     assert rows(db, "SELECT COUNT(*) FROM messages") == [(0,)]

@@ -35,8 +35,9 @@ def test_a_reap_was_missed_when_its_time_passed_since_the_last_run() -> None:
 
 
 def test_cutoffs_follow_the_retention_settings() -> None:
-    assert cutoffs(SESSIONS, 100 * DAY_S) == {
+    assert cutoffs(SESSIONS, 100 * DAY_S, rate_window_s=60.0) == {
         "sessions": 99 * DAY_S,
+        "rate_hits": 100 * DAY_S - 60.0,
         "dead_letters_delivered": 93 * DAY_S,
         "dead_letters_abandoned": 70 * DAY_S,
         "attempts": 92 * DAY_S,
@@ -84,6 +85,11 @@ def populate(path: Path, now: float) -> None:
             "INSERT INTO sessions (sender, service, started_at, last_interaction) VALUES (?,?,?,?)",
             [("idle", "rides", 0, now - 25 * 3600), ("live", "jobs", 0, now - 23 * 3600)],
         )
+        # The rate limit's hits of a sender quiet for longer than the window, and of one inside it.
+        db.executemany(
+            "INSERT INTO rate_hits (number, sender, at, count) VALUES ('', ?, ?, 1)",
+            [("quiet", now - 61), ("quiet", now - 120), ("active", now - 30)],
+        )
 
 
 def keys(path: Path) -> tuple[set[str], set[str], set[str]]:
@@ -99,9 +105,10 @@ def test_a_reap_deletes_what_is_old_and_keeps_what_is_owed(tmp_path: Path) -> No
     path = tmp_path / "db"
     now = MIDNIGHT + 7200
     populate(path, now)
-    counts = reap(path, SESSIONS, now)
+    counts = reap(path, SESSIONS, now, rate_window_s=60.0)
     assert counts == {
         "sessions": 1,
+        "rate_hits": 2,
         "dead_letters_delivered": 1,
         "dead_letters_abandoned": 1,
         "attempts": 6,
@@ -119,6 +126,7 @@ def test_a_reap_deletes_what_is_old_and_keeps_what_is_owed(tmp_path: Path) -> No
     assert messages == {"new-delivered", "old-queued", "old-pending", "delivered-dl-new", "abandoned-new"}
     assert dead_letters == {"old-pending", "delivered-dl-new", "abandoned-new"}
     assert sessions == {"live"}
+    assert rows(path, "SELECT sender FROM rate_hits") == [("active",)]
     assert Reader(path).last_run("reaper") == now
 
 
@@ -131,7 +139,7 @@ def test_a_large_reap_goes_in_batches(tmp_path: Path) -> None:
             " VALUES (?, 'message', '2507', 'rides', 'keyword', 'rides', x'7b7d', 0, 'delivered')",
             [(f"m{i}",) for i in range(2 * BATCH + 7)],
         )
-    assert reap(path, SESSIONS, 100 * DAY_S)["messages"] == 2 * BATCH + 7
+    assert reap(path, SESSIONS, 100 * DAY_S, rate_window_s=60.0)["messages"] == 2 * BATCH + 7
 
 
 async def test_the_actor_runs_a_missed_reap_soon_after_start(tmp_path: Path, store_clock: trio.abc.Clock) -> None:
@@ -145,11 +153,13 @@ async def test_the_actor_runs_a_missed_reap_soon_after_start(tmp_path: Path, sto
     conn.record_run("reaper", start - 2 * DAY_S, None, "")
     conn.commit()
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(run_writer, WriteConnection(path), receive, NoLanes(), rt.sessions))
+        await nursery.start(partial(run_writer, WriteConnection(path), receive, NoLanes()))
         await nursery.start(partial(run_reaper, rt, Reader(path), send.clone()))
         await trio.sleep(59)
         assert rt.counters.reaped == {}
-        await trio.sleep(10)
+        with trio.fail_after(600):  # a transaction per kind, from 60 s on: wait for the last one
+            while "messages" not in rt.counters.reaped:  # noqa: ASYNC110 -- a count the reaper keeps
+                await trio.sleep(1)
         assert rt.counters.reaped["messages"] == 3
         assert rt.actors["reaper"].next_run == MIDNIGHT + DAY_S + 7200  # then daily at 02:00
         nursery.cancel_scope.cancel()
@@ -162,12 +172,16 @@ async def test_the_actor_reaps_daily_at_reap_at(tmp_path: Path, store_clock: tri
     rt = bare_runtime(tmp_path, writes=send, wall_clock=lambda: start + trio.current_time())
     path = tmp_path / "bare.db"
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(run_writer, WriteConnection(path), receive, NoLanes(), rt.sessions))
+        await nursery.start(partial(run_writer, WriteConnection(path), receive, NoLanes()))
         await nursery.start(partial(run_reaper, rt, Reader(path), send.clone()))
         await trio.sleep(55)
         assert rt.actors["reaper"].last_run is None
-        await trio.sleep(10)
-        assert rt.actors["reaper"].last_run == MIDNIGHT + 7200
+        # The reap starts at 02:00 and takes a transaction per kind: each fsync may outlast the clock's
+        # 20 ms threshold on a busy machine, so wait for the run to end rather than a fixed 10 s.
+        with trio.fail_after(600):
+            while rt.actors["reaper"].last_run is None:  # noqa: ASYNC110 -- a field the reaper sets
+                await trio.sleep(1)
+        assert rt.actors["reaper"].last_run == MIDNIGHT + 7200  # the run's own start, 02:00
         nursery.cancel_scope.cancel()
 
 

@@ -200,6 +200,27 @@ async def test_a_reload_swaps_routing_services_and_keeps_serving(
     assert health["status"] == "healthy"
 
 
+async def test_a_reload_applies_the_rate_limit_and_session_ttl_at_once(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    """Both live in the store (hits, sessions), read under the config of each request: no restart."""
+    send, receive = trio.open_memory_channel[ReloadRequest](1)
+    before = config_mapping(tmp_path, services.url, graph.url, sessions={"ttl_hours": 1.0})
+    after = config_mapping(tmp_path, services.url, graph.url, sessions={"ttl_hours": 0.5}, ratelimit={"per_sender": 2})
+    now = [1_800_000_000.0]
+    async with open_daemon(Config.from_mapping(before, {}), reloads=receive, wall_clock=lambda: now[0]) as daemon:
+        assert (await daemon.send_text("jobs", sender="250700000011")).headers["X-Routed-Service"] == "jobs"
+        for _ in range(3):
+            assert (await daemon.send_text("hello", sender="250700000012")).status_code == 200
+        assert await reload(send, lambda: Config.from_mapping(after, {}))
+        # Three hits in the window already: over the new limit of 2 (the old one, 30, admitted them).
+        assert (await daemon.send_text("hello", sender="250700000012")).status_code == 429
+        assert (await daemon.send_text("hello", sender="250700000013")).status_code == 200
+        now[0] += 2000  # idle 33 minutes: inside the old TTL, past the new one
+        r = await daemon.send_text("hello", sender="250700000011")
+        assert r.json()["routes"][0]["reason"] == "fallback"
+
+
 async def test_a_bad_reload_keeps_the_old_config(tmp_path: Path, services: Downstream, graph: Downstream) -> None:
     send, receive = trio.open_memory_channel[ReloadRequest](1)
 

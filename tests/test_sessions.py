@@ -1,4 +1,4 @@
-"""wacored.core.sessions: TTL applied on read, START/TOUCH/END, and the per-batch overlay."""
+"""wacored.core.sessions: TTL applied on read, the per-batch overlay, and the bounded session cache."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pytest
 
 from wacored.config import Config
 from wacored.core.routing import Reason, RoutingTable, SessionAction, decide
-from wacored.core.sessions import SessionChange, SessionOverlay, SessionTable
+from wacored.core.sessions import Miss, SessionCache, SessionChange, SessionOverlay, live_service
 from wacored.core.whatsapp import parse_webhook, text_webhook
+
+from .support import DictSessions
 
 SHIPPED = Path(__file__).resolve().parent.parent / "wacored.toml"
 TTL = 3600.0
@@ -20,103 +22,60 @@ def change(action: SessionAction, service: str = "rides", at: float = 0.0, sende
     return SessionChange(sender=sender, action=action, service=service, at=at)
 
 
-def table_with(*rows: tuple[str, str, float]) -> SessionTable:
-    return SessionTable(TTL, rows)
+def stored(*rows: tuple[str, str, float]) -> DictSessions:
+    return DictSessions({("", sender): (service, at) for sender, service, at in rows})
 
 
-# -- SessionTable ----------------------------------------------------------------------------------
+# -- live_service: the TTL on read ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("idle", "service"), [(0.0, "rides"), (TTL - 0.001, "rides"), (TTL + 0.001, None)])
 def test_ttl_is_applied_on_read(idle: float, service: str | None) -> None:
-    table = table_with((A, "rides", 1000.0))
-    assert table.service_of(A, 1000.0 + idle) == service
+    assert live_service(("rides", 1000.0), 1000.0 + idle, TTL) == service
 
 
 def test_session_idle_exactly_the_ttl_is_over() -> None:
-    table = table_with((A, "rides", 1000.0))
-    assert table.service_of(A, 1000.0 + TTL) is None
+    assert live_service(("rides", 1000.0), 1000.0 + TTL, TTL) is None
 
 
 def test_unknown_sender_has_no_session() -> None:
-    assert table_with((A, "rides", 0.0)).service_of(B, 0.0) is None
-
-
-def test_active_counts_live_sessions_only() -> None:
-    table = table_with((A, "rides", 0.0), (B, "jobs", 5000.0))
-    assert table.active(5000.0) == 1
-    assert table.active(100.0) == 2
-
-
-def test_start_creates_a_session() -> None:
-    table = table_with()
-    table.apply(change(SessionAction.START, "jobs", at=10.0))
-    assert table.service_of(A, 10.0) == "jobs"
-    assert table.service_of(A, 10.0 + TTL + 1) is None
-
-
-def test_start_moves_a_sender_to_another_service() -> None:
-    table = table_with((A, "rides", 0.0))
-    table.apply(change(SessionAction.START, "jobs", at=10.0))
-    assert table.service_of(A, 10.0) == "jobs"
-
-
-def test_touch_refreshes_the_idle_time() -> None:
-    table = table_with((A, "rides", 0.0))
-    table.apply(change(SessionAction.TOUCH, "rides", at=3000.0))
-    assert table.service_of(A, 3000.0 + TTL - 1) == "rides"
-
-
-def test_end_removes_the_session() -> None:
-    table = table_with((A, "rides", 0.0), (B, "jobs", 0.0))
-    table.apply(change(SessionAction.END, "wacored", at=1.0))
-    assert table.service_of(A, 1.0) is None
-    assert table.service_of(B, 1.0) == "jobs"
-    assert len(table) == 1
-
-
-def test_end_without_a_session_is_harmless() -> None:
-    table = table_with()
-    table.apply(change(SessionAction.END, "wacored"))
-    assert len(table) == 0
-
-
-def test_keep_changes_nothing() -> None:
-    table = table_with((A, "rides", 0.0))
-    table.apply(change(SessionAction.KEEP, "wacored", at=3000.0))
-    assert table.service_of(A, TTL + 1) is None  # not refreshed
-    assert table.service_of(A, 10.0) == "rides"
+    assert SessionOverlay(stored((A, "rides", 0.0)), TTL).service_of(B, 0.0) is None
 
 
 # -- SessionOverlay --------------------------------------------------------------------------------
 
 
-def test_overlay_stages_changes_without_touching_the_base() -> None:
-    base = table_with((A, "rides", 0.0))
-    overlay = base.overlay()
-    assert isinstance(overlay, SessionOverlay)
+def test_overlay_stages_changes_without_touching_the_store() -> None:
+    base = stored((A, "rides", 0.0))
+    overlay = SessionOverlay(base, TTL)
     overlay.apply(change(SessionAction.END, "wacored", sender=A))
     overlay.apply(change(SessionAction.START, "jobs", sender=B))
     assert (overlay.service_of(A, 1.0), overlay.service_of(B, 1.0)) == (None, "jobs")
-    assert (base.service_of(A, 1.0), base.service_of(B, 1.0)) == ("rides", None)
-    assert len(base) == 1
+    assert base.rows == {("", A): ("rides", 0.0)}
 
 
-def test_overlay_reads_through_to_the_base_with_its_ttl() -> None:
-    overlay = table_with((A, "rides", 0.0)).overlay()
+def test_overlay_reads_through_to_the_store_with_its_ttl() -> None:
+    overlay = SessionOverlay(stored((A, "rides", 0.0)), TTL)
     assert overlay.service_of(A, 10.0) == "rides"
     assert overlay.service_of(A, TTL + 1) is None
 
 
+def test_overlay_keeps_numbers_apart() -> None:
+    overlay = SessionOverlay(DictSessions({("n2", A): ("jobs", 0.0)}), TTL)
+    assert (overlay.service_of(A, 1.0), overlay.service_of(A, 1.0, "n2")) == (None, "jobs")
+    overlay.apply(SessionChange(A, SessionAction.START, "rides", 1.0, "n3"))
+    assert (overlay.service_of(A, 1.0, "n2"), overlay.service_of(A, 1.0, "n3")) == ("jobs", "rides")
+
+
 def test_overlay_keep_changes_nothing() -> None:
-    overlay = table_with((A, "rides", 0.0)).overlay()
+    overlay = SessionOverlay(stored((A, "rides", 0.0)), TTL)
     overlay.apply(change(SessionAction.KEEP, "wacored"))
     assert overlay.service_of(A, 1.0) == "rides"
 
 
 def test_overlay_routes_one_batch_in_order() -> None:
     routing = RoutingTable.from_config(Config.load(SHIPPED, {}))
-    overlay = table_with((A, "jobs", 0.0)).overlay()
+    overlay = SessionOverlay(stored((A, "jobs", 0.0)), TTL)
     reasons = []
     for i, (text, kind) in enumerate([("hi", "text"), ("menu", "text"), ("rides", "text"), ("", "image")]):
         raw = text_webhook(text=text, sender=A, wamid=f"wamid.{i}", timestamp=1, kind=kind)
@@ -130,3 +89,30 @@ def test_overlay_routes_one_batch_in_order() -> None:
         ("rides", Reason.KEYWORD),
         ("rides", Reason.STATE),
     ]
+
+
+# -- SessionCache ----------------------------------------------------------------------------------
+
+
+def test_the_cache_tells_a_miss_from_a_known_absence() -> None:
+    cache = SessionCache(10)
+    assert cache.get("", A) is Miss.MISS
+    cache.put("", A, None)
+    cache.put("", B, ("rides", 5.0))
+    assert (cache.get("", A), cache.get("", B), cache.get("n2", B)) == (None, ("rides", 5.0), Miss.MISS)
+
+
+def test_the_cache_holds_at_most_its_size_dropping_the_least_recently_used() -> None:
+    cache = SessionCache(3)
+    for i in range(3):
+        cache.put("", f"s{i}", ("rides", float(i)))
+    assert cache.get("", "s0") == ("rides", 0.0)  # s0 used: s1 is now the least recently used
+    cache.put("", "s3", ("jobs", 3.0))
+    assert len(cache) == 3
+    assert cache.get("", "s1") is Miss.MISS
+    assert [cache.get("", s) for s in ("s0", "s2", "s3")] == [("rides", 0.0), ("rides", 2.0), ("jobs", 3.0)]
+    for i in range(100):
+        cache.put("", f"t{i}", None)
+    assert len(cache) == 3
+    cache.clear()
+    assert len(cache) == 0

@@ -13,6 +13,7 @@ from wacored.config import SupervisorConfig
 from wacored.supervisor import ActorGaveUp, RestartPolicy, supervise
 
 from .conftest import bare_runtime
+from .support import ingest_op
 
 POLICY = SupervisorConfig(max_restarts=3, window_s=60.0, backoff_base_s=0.5, backoff_max_s=1.5)
 
@@ -105,15 +106,15 @@ async def test_cancellation_is_not_a_crash(tmp_path: Path, autojump_clock: trio.
 async def test_a_writer_that_crashes_answers_its_callers_and_is_restarted(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
-    from wacored.store import NewRow, StoreUnavailable, WriteConnection
-    from wacored.writer import Ingest, NoLanes, Write, WriteOp, run_writer
+    from wacored.store import StoreUnavailable, WriteConnection
+    from wacored.writer import NoLanes, Write, WriteOp, run_writer
 
     send, receive = trio.open_memory_channel[WriteOp](10)
     rt = bare_runtime(tmp_path, writes=send, supervisor={"backoff_base_s": 0.5})
     path = tmp_path / "bare.db"
 
     def writer(task_status: trio.TaskStatus[Any]) -> Any:
-        return run_writer(WriteConnection(path), receive, NoLanes(), rt.sessions, task_status=task_status)
+        return run_writer(WriteConnection(path), receive, NoLanes(), task_status=task_status)
 
     def bug(conn: WriteConnection) -> object:
         raise RuntimeError("a bug in a write")
@@ -124,9 +125,8 @@ async def test_a_writer_that_crashes_answers_its_callers_and_is_restarted(
         await send.send(broken)
         with pytest.raises(StoreUnavailable, match="a bug in a write"):
             await broken.reply.wait()
-        row = NewRow("wamid.1", "message", "2507", "rides", "keyword", "rides", b"{}", "r", "c", "t", 1.0)
-        ingest = Ingest([row], [])
+        ingest = ingest_op("wamid.1")
         await send.send(ingest)  # waits in the channel for the restarted writer
-        assert await ingest.reply.wait() == [1]
+        assert (await ingest.reply.wait()).ids == (1,)
         assert rt.actors["writer"].restarts == 1
         await send.aclose()

@@ -5,21 +5,20 @@ from __future__ import annotations
 import sqlite3
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
 import trio.lowlevel
 
 from wacored.config import ForwardingConfig
-from wacored.core.routing import SessionAction
-from wacored.core.sessions import SessionChange, SessionTable
+from wacored.core.delivery import lane_of
 from wacored.forwarder import Target, run_forwarder
 from wacored.lanes import LaneBoard
-from wacored.store import NewRow, Outcome, Reader, StoreUnavailable, WriteConnection, migrate
+from wacored.store import Outcome, Reader, StoreUnavailable, WriteConnection, migrate
 from wacored.store_lanes import LaneReader
 from wacored.writer import (
     RETRY_MAX_S,
-    Ingest,
     Record,
     StoreWrites,
     Write,
@@ -30,46 +29,39 @@ from wacored.writer import (
 )
 
 from .conftest import bare_runtime, rows
-from .support import DiskFull, held_lanes, wait_until
-
-
-def row(key: str, sender: str = "s1", target: str = "rides", lane: int = 0) -> NewRow:
-    return NewRow(key, "message", sender, target, "keyword", target, b"{}", "rid", "cid", "tp", 1000.0, lane=lane)
+from .support import DiskFull, held_lanes, ingest_op, wait_until
 
 
 async def start_writer(
-    nursery: trio.Nursery,
-    path: Path,
-    sessions: SessionTable | None = None,
-    lanes: int = 1,
+    nursery: trio.Nursery, path: Path, lanes: int = 1
 ) -> tuple[trio.MemorySendChannel[WriteOp], LaneBoard]:
     migrate(path)
     board = LaneBoard()
     held_lanes(board, "rides", lanes)
     send, receive = trio.open_memory_channel[WriteOp](100)
-    await nursery.start(
-        run_writer,
-        WriteConnection(path),
-        receive,
-        board,
-        sessions if sessions is not None else SessionTable(3600),
-    )
+    await nursery.start(run_writer, WriteConnection(path), receive, board)
     return send, board
 
 
-async def ingest(
-    writes: trio.MemorySendChannel[WriteOp], rows: list[NewRow], changes: list[tuple[int, SessionChange]] = ()
-) -> list[int | None]:
-    op = Ingest(rows, list(changes))
+async def ingest(writes: trio.MemorySendChannel[WriteOp], *keys: str, **how: Any) -> list[int | None]:
+    """Ingest one POST of a text message per key ("rides" from s1 by default: routed to rides)."""
+    op = ingest_op(*keys, **how)
     await writes.send(op)
-    return await op.reply.wait()
+    return list((await op.reply.wait()).ids)
+
+
+async def barrier(writes: trio.MemorySendChannel[WriteOp]) -> None:
+    """Wait until everything sent before is committed."""
+    op: Write[None] = Write(lambda conn: None)
+    await writes.send(op)
+    await op.reply.wait()
 
 
 async def test_duplicates_are_ignored_within_and_across_batches(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         writes, _ = await start_writer(nursery, tmp_path / "db")
-        first = await ingest(writes, [row("a"), row("b"), row("a")])
-        again = await ingest(writes, [row("b"), row("c")])
+        first = await ingest(writes, "a", "b", "a")
+        again = await ingest(writes, "b", "c")
         assert [i is not None for i in first] == [True, True, False]
         assert [i is not None for i in again] == [False, True]
         await writes.aclose()
@@ -82,34 +74,34 @@ async def test_a_commit_wakes_the_lanes_of_the_rows_it_inserted_and_no_other(tmp
         lanes = board.lanes["rides"]
         for lane in lanes:
             lane.rearm()
-        await ingest(writes, [row("a", lane=2)])
-        assert [lane._wake.is_set() for lane in lanes] == [False, False, True]
-        lanes[2].rearm()
-        await ingest(writes, [row("a", lane=1)])  # a duplicate: nothing committed, nobody woken
+        await ingest(writes, "a", sender="s1")
+        woken = lane_of("s1", 3)
+        assert [lane._wake.is_set() for lane in lanes] == [i == woken for i in range(3)]
+        assert rows(tmp_path / "db", "SELECT lane FROM messages") == [(woken,)]
+        lanes[woken].rearm()
+        await ingest(writes, "a", sender="s1")  # a duplicate: nothing committed, nobody woken
         assert not any(lane._wake.is_set() for lane in lanes)
         await writes.aclose()
 
 
 async def test_session_changes_apply_only_for_inserted_messages(tmp_path: Path) -> None:
     path = tmp_path / "db"
-    sessions = SessionTable(3600)
     async with trio.open_nursery() as nursery:
-        writes, _ = await start_writer(nursery, path, sessions=sessions)
-        start = SessionChange("s1", SessionAction.START, "rides", 1000.0)
-        await ingest(writes, [row("m1")], [(0, start)])
-        # A redelivered "menu" must not end the session it did not start.
-        end = SessionChange("s1", SessionAction.END, "wacored", 1001.0)
-        await ingest(writes, [row("m1")], [(0, end)])
+        writes, _ = await start_writer(nursery, path)
+        await ingest(writes, "m1", text="rides", at=1000.0)
+        # A redelivered message, now reading "menu", must not end the session it did not start.
+        assert await ingest(writes, "m1", text="menu", at=1001.0) == [None]
+        await ingest(writes, "m2", text="where is my car", at=1002.0)
         await writes.aclose()
-    assert list(Reader(path).all_sessions(0)) == [("", "s1", "rides", 1000.0)]
-    assert sessions.service_of("s1", 1001.0) == "rides"  # memory follows the file
+    assert rows(path, "SELECT number, sender, service, last_interaction FROM sessions") == [("", "s1", "rides", 1002.0)]
+    assert rows(path, "SELECT key, reason FROM messages ORDER BY id") == [("m1", "keyword"), ("m2", "state")]
 
 
 async def test_outcomes_mark_delivered_or_dead_letter_once(tmp_path: Path) -> None:
     path = tmp_path / "db"
     async with trio.open_nursery() as nursery:
         writes, _ = await start_writer(nursery, path)
-        ids = await ingest(writes, [row("ok"), row("down"), row("gone")])
+        ids = await ingest(writes, "ok", "down", "gone")
         await writes.send(Record(Outcome(ids[0], True, 1, 2000.0)))
         await writes.send(
             Record(Outcome(ids[1], False, 3, 2000.0, "HTTP 503: busy", target="rides", key="down", retry_at=2120.0))
@@ -161,7 +153,7 @@ async def test_a_lane_delivers_a_backlog_from_the_store_once_each_in_order(tmp_p
     async with trio.open_nursery() as nursery:
         writes, board = await start_writer(nursery, path)
         for start in range(0, 600, 50):
-            await ingest(writes, [row(k) for k in keys[start : start + 50]])
+            await ingest(writes, *keys[start : start + 50])
         rt = bare_runtime(tmp_path, target)
         lanes = board.lanes["rides"]
         await nursery.start(
@@ -187,17 +179,17 @@ async def test_dead_lettering_a_message_again_never_resets_its_retries(tmp_path:
     path = tmp_path / "db"
     async with trio.open_nursery() as nursery:
         writes, _ = await start_writer(nursery, path)
-        (mid,) = await ingest(writes, [row("again")])
+        (mid,) = await ingest(writes, "again")
         assert mid is not None
         failed = Outcome(mid, False, 3, 2000.0, "HTTP 503: busy", target="rides", key="again", retry_at=2120.0)
         await writes.send(Record(failed))
-        await ingest(writes, [])  # a barrier: the record above is committed
+        await barrier(writes)  # the record above is committed
         with sqlite3.connect(path) as db:
             db.execute("UPDATE dead_letters SET attempts = 2, next_attempt_at = 9000")
         await writes.send(
             Record(Outcome(mid, False, 1, 3000.0, "HTTP 502: again", target="rides", key="again", retry_at=3120.0))
         )
-        await ingest(writes, [])
+        await barrier(writes)
         await writes.aclose()
     db = sqlite3.connect(path)
     assert db.execute("SELECT state, attempts, next_attempt_at, error FROM dead_letters").fetchall() == [
@@ -234,8 +226,8 @@ async def test_outcomes_of_failed_commits_are_kept_in_order_and_committed_later(
     (lane,) = held_lanes(board, "rides")
     send, receive = trio.open_memory_channel[WriteOp](100)
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(run_writer, disk.connection(path), receive, board, SessionTable(3600), state=state))
-        ids = await ingest(send, [row("a"), row("b")])
+        await nursery.start(partial(run_writer, disk.connection(path), receive, board, state=state))
+        ids = await ingest(send, "a", "b")
         lane.handed.update(i for i in ids if i is not None)  # as the lane does once it has delivered them
         disk.full = True
         await send.send(Record(Outcome(ids[0], False, 1, 2000.0, "HTTP 503", target="rides", key="a", retry_at=2100.0)))
@@ -243,7 +235,7 @@ async def test_outcomes_of_failed_commits_are_kept_in_order_and_committed_later(
         await send.send(Record(Outcome(ids[1], True, 1, 2002.0, target="rides", key="b")))
         with trio.fail_after(5):
             try:
-                await ingest(send, [row("c")])
+                await ingest(send, "c")
                 raise AssertionError("committed on a full disk")
             except StoreUnavailable:
                 pass

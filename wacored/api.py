@@ -50,8 +50,14 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
     now = rt.wall_clock()
     checks["store_writes"] = _store_writes(rt.store_writes, now, rt.config.store.unhealthy_after_s)
     checks["actors"] = {name: _actor(a) for name, a in sorted(rt.actors.items())}
-    active = rt.sessions.active(now)
-    checks["sessions"] = {"active": active, "stale_in_memory": len(rt.sessions) - active}
+    cache = rt.session_cache
+    checks["sessions"] = {
+        "active": rt.stats.sessions_active,
+        "as_of": iso(rt.stats.refreshed_at),
+        "cached": cache.entries,
+        "store_reads": cache.store_reads,
+        "cache_clears": cache.clears,
+    }
     checks["requests"] = dict(rt.counters.requests)
     admission = rt.admission
     checks["ingress"] = {

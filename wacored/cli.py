@@ -301,7 +301,13 @@ def cmd_sessions_reap(args: argparse.Namespace) -> int:
 
     def work(_: sqlite3.Connection, config: Config) -> int:
         # `reap` opens its own write connection; ours only proved the store exists and is ours.
-        counts = reap(config.store.path, config.sessions, time.time(), busy_timeout_ms=config.store.busy_timeout_ms)
+        counts = reap(
+            config.store.path,
+            config.sessions,
+            time.time(),
+            rate_window_s=config.ratelimit.window_s,
+            busy_timeout_ms=config.store.busy_timeout_ms,
+        )
         if args.json:
             print(json.dumps(counts, indent=2))
         else:

@@ -8,9 +8,11 @@ drain_timeout_s`` to finish the deliveries in hand (what they had not delivered 
 disk); then the writer commits what is left and closes the store. Every actor runs under
 `supervisor.supervise`.
 
-Start-up: migrate the schema, load live sessions, and mark every target with queued rows as spilled
-from its oldest one, so its forwarder reads them back from disk before anything new (recovery);
-read the paused services before any forwarder starts (`pausewatch`).
+Start-up: migrate the schema and mark every target with queued rows as spilled from its oldest one,
+so its forwarder reads them back from disk before anything new (recovery); read the paused
+services before any forwarder starts (`pausewatch`). Sessions are not loaded: the writer reads them
+from the store as senders write (`ingest.StoreSessions`), so start-up and memory do not grow with
+the number of senders.
 
 Reload (`ReloadRequest`, sent on SIGHUP): the new config is loaded and validated off the event loop,
 then swapped in whole between two requests: routing, business numbers, rate limits, menu, sessions, DLQ and
@@ -48,9 +50,8 @@ from .config import Config, ConfigError
 from .core.breaker import Breaker
 from .core.leases import DLQ_RETRIER, REAPER
 from .core.numbers import Numbers
-from .core.ratelimit import SlidingWindowLimiter
+from .core.ratelimit import RateLimit
 from .core.routing import RoutingTable
-from .core.sessions import SessionTable
 from .deadletters import run_dlq_retrier
 from .forwarder import run_forwarder
 from .lanes import LaneBoard, release, run_lease_keeper, run_relay
@@ -117,21 +118,14 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
     return hc
 
 
-async def recover(
-    config: Config, reader: Reader, targets: Iterable[str], wall_clock: Callable[[], float]
-) -> SessionTable:
-    """Load live sessions, and say which queued messages wait for a service no longer configured."""
-    since = wall_clock() - config.sessions.ttl_s
-    # Built in the thread that reads the rows, one row at a time: no list of every session first.
-    sessions = await trio.to_thread.run_sync(
-        lambda: SessionTable(config.sessions.ttl_s, numbered=reader.all_sessions(since))
-    )
+async def recover(reader: Reader, targets: Iterable[str]) -> None:
+    """Say which queued messages wait for a service no longer configured (sessions stay in the store,
+    and the lanes read their rows from it)."""
     for target in (await trio.to_thread.run_sync(reader.queued_targets)).keys() - set(targets):
         log.warning(
             "messages queued for a service no longer configured stay on disk",
             extra={"event": "orphaned_queue", "service": target},
         )
-    return sessions
 
 
 def split_all(path: Path, busy_timeout_ms: int, lanes: dict[str, int]) -> None:
@@ -267,9 +261,9 @@ class Daemon:
         rt.config = new
         rt.routing = RoutingTable.from_config(new)
         rt.numbers = Numbers.from_config(new)
-        if (new.ratelimit.per_sender, new.ratelimit.window_s) != (rt.limiter.limit, rt.limiter.window_s):
-            rt.limiter = SlidingWindowLimiter(new.ratelimit.per_sender, new.ratelimit.window_s)
-        rt.sessions.ttl_s = new.sessions.ttl_s
+        # The next ingest reads both from `rt` (`ingest.IngestPolicy`); the hits and sessions are in
+        # the store, so a new limit or TTL applies to them at once.
+        rt.ratelimit = RateLimit(new.ratelimit.per_sender, new.ratelimit.window_s)
         for name, target in new_targets.items():
             fwd = target.forwarding
             if name in rt.breakers:
@@ -339,6 +333,7 @@ def _keep_restart_only(old: Config, new: Config) -> Config:
             (new.server.certfile, new.server.keyfile),
         ),
         ("store.path", old.store.path, new.store.path),
+        ("sessions.cache_size", old.sessions.cache_size, new.sessions.cache_size),
         (
             "telemetry.traces/otlp_endpoint/service_name",
             (old.telemetry.traces, old.telemetry.otlp_endpoint, old.telemetry.service_name),
@@ -361,7 +356,8 @@ def _keep_restart_only(old: Config, new: Config) -> Config:
                 "a new CA file applies after a restart (the lanes' connections keep their TLS context)",
                 extra={"event": "reload_needs_restart", "key": f"services.{name}.ca_file"},
             )
-    return dataclasses.replace(new, server=server, store=old.store)
+    sessions = dataclasses.replace(new.sessions, cache_size=old.sessions.cache_size)
+    return dataclasses.replace(new, server=server, store=old.store, sessions=sessions)
 
 
 async def run_daemon(
@@ -439,10 +435,10 @@ async def _run(
     lane_reader = LaneReader(config.store.path)
     tracing = Tracing.from_config(config.telemetry) if tracer is None else Tracing(None)
     try:
-        sessions = await recover(config, reader, targets, wall_clock)
+        await recover(reader, targets)
         writes, writes_receive = trio.open_memory_channel[WriteOp](WRITE_BUFFER)
         board = LaneBoard(config.cluster.lease_ttl_s)
-        rt = Runtime.build(config, writes, board, reader, sessions, wall_clock, node=node)
+        rt = Runtime.build(config, writes, board, reader, wall_clock, node=node)
         rt.tracer = tracer or tracing.tracer
         # Before any forwarder starts: messages queued for a paused service must wait too.
         paused = await trio.to_thread.run_sync(reader.pauses)
@@ -455,7 +451,8 @@ async def _run(
                 conn,
                 writes_receive,
                 rt.lanes,
-                rt.sessions,
+                session_cache_size=rt.config.sessions.cache_size,
+                cache_stats=rt.session_cache,
                 beat=partial(rt.beat, "writer"),
                 state=rt.store_writes,
                 wall_clock=rt.wall_clock,

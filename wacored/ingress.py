@@ -1,9 +1,11 @@
 """Ingress: where a webhook enters. ``GET /webhook`` (Meta's handshake) and ``POST /webhook``.
 
 ``POST /webhook``, in the contract's order: size (413, before reading a declared-too-long body),
-signature over the raw bytes (401), parsing (400), per-sender rate limit (429, nothing stored),
-routing of every message in order, one commit through the writer (503 if it fails), then 200 with
-the routes. The answer is sent only after the commit: a 200 means the batch is on disk.
+signature over the raw bytes (401), parsing (400), then the writer's transaction (`ingest.ingest`):
+per-sender rate limit (429, nothing stored), routing of every message in order from the stored
+sessions, one commit (503 if it fails), then 200 with the routes. The answer is sent only after the
+commit: a 200 means the batch is on disk. Rate limit and routing run in the writer, on the store's
+committed state, so several processes sharing one store limit and route every sender alike.
 
 The body is read under the bounds of `admission`: a deadline for the whole body (``[server]
 read_timeout_s``, 408 ``{"error":"request_timeout"}``) and a budget of unverified bytes across every
@@ -32,29 +34,23 @@ import re
 import secrets
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
 import trio
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from . import logs
 from .admission import Outcome
 from .config import WhatsAppConfig
-from .core.ingest import plan_ingest
-from .core.numbers import OTHER, Numbers
-from .core.sessions import SessionChange
-from .core.whatsapp import (
-    Batch,
-    InboundMessage,
-    PayloadError,
-    parse_webhook,
-    signature_valid,
-)
+from .core.ingest import PlannedRow
+from .core.numbers import OTHER
+from .core.whatsapp import Batch, PayloadError, parse_webhook, signature_valid
+from .ingest import IngestContext, Ingested, IngestPolicy
 from .runtime import Runtime
-from .store import NewRow, StoreUnavailable
+from .store import StoreUnavailable
 from .telemetry import message_traceparent, webhook_span
 from .writer import Ingest
 
@@ -200,8 +196,12 @@ class Webhook:
         numbers = rt.numbers
         # A POST may hold changes of several numbers: it is labelled with its first change's number.
         label = numbers.label(numbers.key_of(batch.number))
-        wait = rt.limiter.admit(Counter(_window(numbers, m) for m in batch.messages), trio.current_time())
-        if wait is not None:
+        try:
+            ingested = await self._commit(batch, self._context(request_id, correlation_id, headers.get("traceparent")))
+        except (StoreUnavailable, trio.BrokenResourceError, trio.ClosedResourceError):
+            # The writer refused the transaction, or is gone: either way nothing was stored.
+            return self._reject(503, "unavailable", {"error": "unavailable"}, {"Retry-After": "5"}, number=label)
+        if (wait := ingested.retry_after) is not None:
             return self._reject(
                 429,
                 "rate_limited",
@@ -209,13 +209,7 @@ class Webhook:
                 {"Retry-After": str(wait)},
                 number=label,
             )
-        rows, changes = self._route(batch, request_id, correlation_id, headers.get("traceparent"))
-        try:
-            ids = await self._commit(rows, changes)
-        except (StoreUnavailable, trio.BrokenResourceError, trio.ClosedResourceError):
-            # The writer refused the transaction, or is gone: either way nothing was stored.
-            return self._reject(503, "unavailable", {"error": "unavailable"}, {"Retry-After": "5"}, number=label)
-        return self._accepted(batch, rows, ids, label)
+        return self._accepted(batch, ingested, label)
 
     def _signed(self, whatsapp: WhatsAppConfig, raw: bytes, header: str | None) -> bool:
         """Signed with the app secret, or with the previous one while a rotation keeps it (counted)."""
@@ -241,47 +235,30 @@ class Webhook:
         log.warning("webhook refused", extra={"event": f"webhook_{outcome}", "status": status})
         return status, body, dict(extra or {})
 
-    def _route(
-        self, batch: Batch, request_id: str, correlation_id: str, traceparent: str | None
-    ) -> tuple[list[NewRow], list[tuple[int, SessionChange]]]:
-        """The batch's rows and session changes (`core.ingest.plan_ingest`, the policy), with what is
-        not policy added: the request's ids and each message's trace context."""
-        rt = self.rt
-        now = rt.wall_clock()
-        plan = plan_ingest(batch, rt.numbers, rt.sessions, now)
-        rows = [
-            NewRow(
-                p.key,
-                p.kind,
-                p.sender,
-                p.service,
-                p.reason,
-                p.target,
-                p.body,
-                request_id,
-                correlation_id,
-                message_traceparent(rt.tracer, traceparent, p.service, p.reason, p.kind),
-                now,
-                number=p.number,
-                probe=p.probe,
-            )
-            for p in plan.rows
-        ]
-        return rows, list(plan.changes)
+    def _context(self, request_id: str, correlation_id: str, traceparent: str | None) -> IngestContext:
+        """What the writer adds to the planned rows that is not policy: the request's ids, its time,
+        and each message's trace context (a span parented by this POST's, made where the plan is)."""
+        tracer, parent = self.rt.tracer, otel_context.get_current()
 
-    async def _commit(self, rows: list[NewRow], changes: list[tuple[int, SessionChange]]) -> list[int | None]:
-        if not rows:
-            return []
-        op = Ingest(rows, changes)
-        await self.rt.writes.send(op)
+        def trace_of(p: PlannedRow) -> str:
+            return message_traceparent(tracer, traceparent, p.service, p.reason, p.kind, parent=parent)
+
+        return IngestContext(request_id, correlation_id, self.rt.wall_clock(), trace_of)
+
+    async def _commit(self, batch: Batch, context: IngestContext) -> Ingested:
+        if not batch.messages and not batch.statuses:
+            return Ingested()
+        rt = self.rt
+        policy = IngestPolicy(rt.numbers, rt.config.sessions.ttl_s, rt.ratelimit)
+        op = Ingest(batch, policy, context)
+        await rt.writes.send(op)
         return await op.reply.wait()
 
-    def _accepted(
-        self, batch: Batch, rows: list[NewRow], ids: list[int | None], label: str
-    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def _accepted(self, batch: Batch, ingested: Ingested, label: str) -> tuple[int, dict[str, Any], dict[str, str]]:
         counters, numbers = self.rt.counters, self.rt.numbers
         n_messages = len(batch.messages)
-        inserted = [r for r, row_id in zip(rows[:n_messages], ids[:n_messages], strict=True) if row_id is not None]
+        rows, ids = ingested.rows[:n_messages], ingested.ids[:n_messages]
+        inserted = [r for r, row_id in zip(rows, ids, strict=True) if row_id is not None]
         routes: list[dict[str, Any]] = [
             {"message_id": r.key, "service": r.service, "reason": r.reason, **({"probe": True} if r.probe else {})}
             for r in inserted
@@ -320,12 +297,6 @@ class Webhook:
             raw.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
-
-
-def _window(numbers: Numbers, m: InboundMessage) -> tuple[str, str]:
-    """The rate-limit window of `m`: its (number key, sender); an unknown number's id stands for itself."""
-    number = numbers.key_of(m.number)
-    return (number if number is not None else m.number or "", m.sender)
 
 
 async def refuse_overloaded(send: Send, ids: dict[str, str]) -> None:

@@ -322,7 +322,7 @@ class StateCollector(Collector):
 
     def _operations(self, now: float) -> Iterator[Metric]:
         rt = self.rt
-        yield _gauge("wacored_sessions_active", "Senders with a live session.", [], {(): rt.sessions.active(now)})
+        yield _gauge("wacored_sessions_active", "Senders with a live session.", [], {(): rt.stats.sessions_active})
         actors = sorted(rt.actors.items())
         yield _gauge(
             "wacored_actor_up", "1 while the actor runs.", ["actor"], {(name,): int(a.running) for name, a in actors}

@@ -1,6 +1,8 @@
 """The reaper: once a day (``[sessions] reap_at``, UTC) it deletes what is no longer needed.
 
 - sessions idle longer than ``ttl_hours``;
+- the rate limit's hits older than ``[ratelimit] window_s`` (of senders quiet since: an active
+  sender's are deleted as it writes);
 - ``delivered`` dead letters older than ``dlq_retention_days``, ``abandoned`` ones older than
   ``abandoned_retention_days``;
 - message rows (and with them their dedupe keys) older than ``seen_retention_days``, which must
@@ -47,11 +49,11 @@ MISSED_REAP_DELAY_S = 60.0
 
 
 async def reap_with(
-    run: Callable[[str, float, int], Awaitable[int]], sessions: SessionsConfig, now: float
+    run: Callable[[str, float, int], Awaitable[int]], sessions: SessionsConfig, now: float, rate_window_s: float
 ) -> dict[str, int]:
     """Every kind, batch by batch, through `run(kind, cutoff, limit) -> deleted` (awaitable)."""
     counts: dict[str, int] = {}
-    for kind, cutoff in cutoffs(sessions, now).items():
+    for kind, cutoff in cutoffs(sessions, now, rate_window_s=rate_window_s).items():
         counts[kind] = 0
         while True:
             deleted = await run(kind, cutoff, BATCH)
@@ -61,7 +63,9 @@ async def reap_with(
     return counts
 
 
-def reap(path: Path, sessions: SessionsConfig, now: float, *, busy_timeout_ms: int = 5000) -> dict[str, int]:
+def reap(
+    path: Path, sessions: SessionsConfig, now: float, *, rate_window_s: float, busy_timeout_ms: int = 5000
+) -> dict[str, int]:
     """Run the reap once now, on a connection of its own (``wacored sessions reap``); the counts by kind."""
     conn = WriteConnection(path, busy_timeout_ms)
     try:
@@ -76,7 +80,7 @@ def reap(path: Path, sessions: SessionsConfig, now: float, *, busy_timeout_ms: i
                 raise
             return deleted
 
-        counts = trio.run(reap_with, run, sessions, now)
+        counts = trio.run(reap_with, run, sessions, now, rate_window_s)
         conn.begin_waiting()
         conn.record_run(ACTOR, now, next_reap(now, sessions.reap_minute), _summary(counts))
         conn.commit()
@@ -132,8 +136,7 @@ async def _reap_now(rt: Runtime, writes: trio.MemorySendChannel[WriteOp]) -> Non
         rt.beat(ACTOR)
         return deleted
 
-    counts = await reap_with(run, sessions, now)
-    rt.sessions.prune(now)
+    counts = await reap_with(run, sessions, now, rt.config.ratelimit.window_s)
     for kind, n in counts.items():
         rt.counters.bump(rt.counters.reaped, kind, n)
     state = rt.actor(ACTOR)

@@ -18,9 +18,9 @@ from .admission import Admission
 from .config import Config
 from .core.breaker import Breaker
 from .core.numbers import Numbers
-from .core.ratelimit import SlidingWindowLimiter
+from .core.ratelimit import RateLimit
 from .core.routing import RoutingTable
-from .core.sessions import SessionTable
+from .ingest import SessionCacheStats
 from .lanes import LaneBoard
 from .metrics import Metrics
 from .pausewatch import PauseBoard
@@ -69,7 +69,7 @@ class Counters:
     """Deliveries that raised something unexpected, by (service, stage): delivery, dlq_retry; each
     dead-lettered its one message as ``internal_error``."""
     reaped: dict[str, int] = field(default_factory=dict)
-    """Rows the reaper deleted by kind (sessions, dead_letters_delivered, dead_letters_abandoned, messages)."""
+    """Rows the reaper deleted by kind (`store.REAP_SQL`: sessions, rate_hits, dead letters, attempts, messages)."""
 
     by_number: dict[tuple[str, ...], int] = field(default_factory=dict)
     """The per-number counts behind the ``number`` label: (``requests``, outcome, number),
@@ -119,6 +119,8 @@ class StoreStats:
     """The store's bytes on disk, write-ahead log included."""
     oldest_pending_at: float | None = None
     """Wall-clock time the oldest pending dead letter was created."""
+    sessions_active: int = 0
+    """Sessions whose last interaction is within the session TTL."""
     refreshed_at: float | None = None
 
     @property
@@ -134,9 +136,8 @@ class StoreStats:
 class Runtime:
     config: Config
     routing: RoutingTable
-    sessions: SessionTable
-    limiter: SlidingWindowLimiter[tuple[str, str]]
-    """Windows per (number key, sender)."""
+    ratelimit: RateLimit
+    """The per-sender limit, from `config` (rebuilt by a reload); the hits are counted in the store."""
     writes: trio.MemorySendChannel[WriteOp]
     lanes: LaneBoard
     """This node's lanes and leases (`lanes.py`)."""
@@ -170,6 +171,8 @@ class Runtime:
     """The services an operator has paused, as the store says. Owner: the pause watcher actor
     (`pausewatch.run_pause_watch`; filled once at start-up before any forwarder runs); lanes, the DLQ
     retrier, /health, /metrics and the admin API only read it (the admin API asks for a refresh)."""
+    session_cache: SessionCacheStats = field(default_factory=SessionCacheStats)
+    """The writer's session cache figures. Owner: the writer actor; /health only reads it."""
     store_writes: StoreWrites = field(default_factory=StoreWrites)
     """How the writer's commits are going and the outcomes it holds. Owner: the writer actor (kept
     here so a restarted writer carries on); /health and /metrics only read it."""
@@ -204,7 +207,6 @@ class Runtime:
         writes: trio.MemorySendChannel[WriteOp],
         lanes: LaneBoard,
         reader: Reader,
-        sessions: SessionTable,
         wall_clock: Callable[[], float] = time.time,
         node: str = "",
     ) -> Runtime:
@@ -212,8 +214,7 @@ class Runtime:
         return cls(
             config=config,
             routing=RoutingTable.from_config(config),
-            sessions=sessions,
-            limiter=SlidingWindowLimiter(config.ratelimit.per_sender, config.ratelimit.window_s),
+            ratelimit=RateLimit(config.ratelimit.per_sender, config.ratelimit.window_s),
             writes=writes,
             lanes=lanes,
             reader=reader,

@@ -29,8 +29,10 @@ INTERVAL_S = 5.0
 
 async def refresh(rt: Runtime, reader: Reader) -> None:
     """Read the figures once into `rt.stats` (kept as they were when the store cannot be read)."""
+    since = rt.wall_clock() - rt.config.sessions.ttl_s
     try:
         figures = await trio.to_thread.run_sync(reader.figures)
+        sessions_active = await trio.to_thread.run_sync(reader.sessions_active, since)
     except (sqlite3.Error, OSError) as exc:
         log.warning("cannot read store figures", extra={"event": "stats_failed", "error": str(exc)})
         return
@@ -39,6 +41,7 @@ async def refresh(rt: Runtime, reader: Reader) -> None:
         oldest_queued_at={target: at for target, (_, at) in figures.queued.items()},
         dead_letters_by_service=figures.dead_letters,
         oldest_pending_at=figures.oldest_pending_at,
+        sessions_active=sessions_active,
         size_bytes=figures.size_bytes,
         refreshed_at=rt.wall_clock(),
     )

@@ -152,13 +152,18 @@ def webhook_span(tracer: Tracer, headers: Mapping[str, str]) -> Iterator[Span]:
         yield span
 
 
-def message_traceparent(tracer: Tracer, incoming: str | None, service: str, reason: str, kind: str) -> str:
-    """The ``traceparent`` stored with one routed message: the context of its own span (a child of the
-    current POST span) when recording, else a fresh child of the caller's trace."""
+def message_traceparent(
+    tracer: Tracer, incoming: str | None, service: str, reason: str, kind: str, *, parent: Context | None = None
+) -> str:
+    """The ``traceparent`` stored with one routed message: the context of its own span (a child of
+    `parent`, the POST span's context, by default the current one) when recording, else a fresh child
+    of the caller's trace. The writer plans the rows in its own task: ingress passes its context."""
     if not recording(tracer):
         return child_traceparent(incoming)
     span = tracer.start_span(
-        "route message", attributes={"wacored.service": service, "wacored.route_reason": reason, "wacored.kind": kind}
+        "route message",
+        context=parent,
+        attributes={"wacored.service": service, "wacored.route_reason": reason, "wacored.kind": kind},
     )
     span.end()
     return traceparent_of(span) or child_traceparent(incoming)

@@ -1,10 +1,10 @@
 """The store writer actor: the only code that writes SQLite, committing whatever is queued at once.
 
-Requests arrive on one memory channel: `Ingest` (a routed webhook batch; the caller waits for the
-commit), `Record` (a delivery outcome; fire and forget) and `Write` (any other write, such as a lease
-tick; the caller waits). The writer takes everything waiting, runs it as one transaction (group
-commit; the fsync in a worker thread), then wakes the lanes of the newly inserted rows (`Lanes`) and
-answers the callers.
+Requests arrive on one memory channel: `Ingest` (a parsed webhook batch, rate-limited, routed and
+inserted inside the transaction by `ingest.ingest`; the caller waits for the commit), `Record` (a
+delivery outcome; fire and forget) and `Write` (any other write, such as a lease tick; the caller
+waits). The writer takes everything waiting, runs it as one transaction (group commit; the fsync in
+a worker thread), then wakes the lanes of the newly inserted rows (`Lanes`) and answers the callers.
 
 The writer hands no row to anyone: a committed row is in the store, and its lane reads it from there
 (`lanes.py`), whichever process holds that lane. So a crashed writer, lane or process loses nothing:
@@ -20,7 +20,8 @@ Error handling:
     failure is counted in `StoreWrites` (/health, /metrics) until a commit that writes succeeds. An
     error other than `sqlite3.Error` is a bug: the callers are answered, the outcomes kept, and the
     writer crashes (the supervisor restarts it; `StoreWrites` belongs to the daemon, so the
-    restarted writer carries on).
+    restarted writer carries on). The session cache (`ingest.StoreSessions`) is cleared, since it may
+    hold what was rolled back.
 
 Cancellation:
     A worker thread waiting for a lock or running a COMMIT is never abandoned (`to_thread.run_sync`
@@ -41,7 +42,16 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
-from .core.sessions import SessionChange, SessionTable
+from .core.whatsapp import Batch
+from .ingest import (
+    DEFAULT_CACHE_SIZE,
+    IngestContext,
+    Ingested,
+    IngestPolicy,
+    SessionCacheStats,
+    StoreSessions,
+    ingest,
+)
 from .store import NewRow, Outcome, StoreUnavailable, WriteConnection
 
 log = logging.getLogger(__name__)
@@ -83,9 +93,12 @@ class Reply(Generic[T]):
 
 @dataclass(eq=False)
 class Ingest:
-    rows: Sequence[NewRow]
-    changes: Sequence[tuple[int, SessionChange]]
-    reply: Reply[list[int | None]] = field(default_factory=Reply)
+    """A parsed webhook batch to rate-limit, route and insert in the transaction (`ingest.ingest`)."""
+
+    batch: Batch
+    policy: IngestPolicy
+    context: IngestContext
+    reply: Reply[Ingested] = field(default_factory=Reply)
 
 
 @dataclass(eq=False)
@@ -110,6 +123,8 @@ WriteOp = Ingest | Record | Write[Any]
 class Lanes(Protocol):
     """What the writer tells the lanes (`lanes.LaneBoard`): rows committed, outcomes recorded."""
 
+    def lane_of(self, target: str, sender: str) -> int: ...
+
     def committed(self, rows: Iterable[NewRow]) -> None: ...
 
     def recorded(self, target: str, message_id: int) -> None: ...
@@ -117,6 +132,9 @@ class Lanes(Protocol):
 
 class NoLanes:
     """For a writer nobody delivers from (tools, tests of the writer alone)."""
+
+    def lane_of(self, target: str, sender: str) -> int:
+        return 0
 
     def committed(self, rows: Iterable[NewRow]) -> None:
         pass
@@ -173,12 +191,15 @@ def store_writes_status(failing_since: float | None, now: float, unhealthy_after
     return "down" if now - failing_since >= unhealthy_after_s else "failing"
 
 
-def _stage(conn: WriteConnection, ops: Sequence[WriteOp]) -> list[object]:
+def _stage(conn: WriteConnection, ops: Sequence[WriteOp], sessions: StoreSessions | None, lanes: Lanes) -> list[object]:
     """Every op of the group, in order, inside the open transaction."""
     results: list[object] = []
+    if sessions is not None:
+        sessions.sync()
     for op in ops:
         if isinstance(op, Ingest):
-            results.append(conn.insert(op.rows, op.changes))
+            assert sessions is not None, "an ingest needs the session cache"
+            results.append(ingest(conn, sessions, op.batch, op.policy, op.context, lane_of=lanes.lane_of))
         elif isinstance(op, Record):
             conn.record(op.outcome)
             results.append(None)
@@ -187,8 +208,11 @@ def _stage(conn: WriteConnection, ops: Sequence[WriteOp]) -> list[object]:
     return results
 
 
-async def _transaction(conn: WriteConnection, ops: Sequence[WriteOp]) -> list[object]:
-    """Run the group as one transaction.
+async def _transaction(
+    conn: WriteConnection, ops: Sequence[WriteOp], sessions: StoreSessions | None = None, lanes: Lanes | None = None
+) -> list[object]:
+    """Run the group as one transaction (`sessions`: the session cache, needed by an `Ingest`; `lanes`:
+    which lane each new row goes to).
 
     The statements run right here on the event loop's thread: they are short, and a worker thread
     running them would take the GIL back after every statement, waiting up to the interpreter's
@@ -199,10 +223,12 @@ async def _transaction(conn: WriteConnection, ops: Sequence[WriteOp]) -> list[ob
     if not conn.try_begin():
         await trio.to_thread.run_sync(conn.begin_waiting)
     try:
-        results = _stage(conn, ops)
+        results = _stage(conn, ops, sessions, lanes or NoLanes())
         await trio.to_thread.run_sync(conn.commit)
     except BaseException:
         conn.rollback()
+        if sessions is not None:
+            sessions.clear()
         raise
     return results
 
@@ -211,8 +237,9 @@ async def run_writer(
     conn: WriteConnection,
     receive: trio.MemoryReceiveChannel[WriteOp],
     lanes: Lanes,
-    sessions: SessionTable,
     *,
+    session_cache_size: int = DEFAULT_CACHE_SIZE,
+    cache_stats: SessionCacheStats | None = None,
     beat: Callable[[], None] = lambda: None,
     state: StoreWrites | None = None,
     wall_clock: Callable[[], float] = time.time,
@@ -222,13 +249,15 @@ async def run_writer(
 
     Owns: the write connection (closes it when done), and `state` (failures, held outcomes). The
     receive end and `state` belong to the daemon, so a restarted writer carries on with what is still
-    queued in the channel and with the outcomes held. Applies committed session changes to `sessions`
-    itself, so memory follows the file even when the request that asked for them is cancelled (its
-    client went away) while the commit runs; tells `lanes` which rows and outcomes it committed.
+    queued in the channel and with the outcomes held. Owns the session cache (`ingest.StoreSessions`,
+    at most `session_cache_size` sessions; its figures in `cache_stats`), new with each start: a
+    restarted writer trusts nothing a crashed one cached. Tells `lanes` which rows and outcomes it
+    committed.
     `beat` is called at least every `HEARTBEAT_S`, idle or not (the watchdog's sign of life). Held
     outcomes are retried when due, before the next group.
     """
     state = state if state is not None else StoreWrites()
+    sessions = StoreSessions(conn, session_cache_size, cache_stats)
     task_status.started()
     try:
         while True:
@@ -283,7 +312,7 @@ async def _commit_group(
     conn: WriteConnection,
     ops: list[WriteOp],
     lanes: Lanes,
-    sessions: SessionTable,
+    sessions: StoreSessions,
     state: StoreWrites,
     wall_clock: Callable[[], float],
 ) -> None:
@@ -297,7 +326,7 @@ async def _commit_group(
             return
     changes = conn.changes()
     try:
-        results = await _transaction(conn, ops)
+        results = await _transaction(conn, ops, sessions, lanes)
     except Exception as exc:
         # sqlite3.Error is the store refusing; anything else is a bug that crashes the writer (the
         # supervisor restarts it). Either way nothing of the group was stored: say so to every caller
@@ -314,13 +343,10 @@ async def _commit_group(
         state.succeeded()
     for op, result in zip(ops, results, strict=True):
         if isinstance(op, Ingest):
-            ids: list[int | None] = result  # type: ignore[assignment]
+            assert isinstance(result, Ingested)
             # A probe is routed but never delivered: it is stored ``probe``, in no lane.
-            lanes.committed(row for row, row_id in zip(op.rows, ids, strict=True) if row_id is not None)
-            for index, change in op.changes:
-                if ids[index] is not None:
-                    sessions.apply(change)
-            op.reply.set(ids)
+            lanes.committed(row for row, row_id in zip(result.rows, result.ids, strict=True) if row_id is not None)
+            op.reply.set(result)
         elif isinstance(op, Record):
             _recorded(lanes, op)
         else:

@@ -350,6 +350,7 @@ def _read_sessions(data: Any, problems: list[str]) -> SessionsConfig:
         dlq_retention_days=s.take("dlq_retention_days", base.dlq_retention_days, _positive),
         abandoned_retention_days=s.take("abandoned_retention_days", base.abandoned_retention_days, _positive),
         seen_retention_days=s.take("seen_retention_days", base.seen_retention_days, _positive),
+        cache_size=s.take("cache_size", base.cache_size, _positive),
     )
     if "seen_retention_days" not in s.problems_so_far() and sessions.seen_retention_days <= META_REDELIVERY_DAYS:
         s.problem(

@@ -117,6 +117,10 @@ class SessionsConfig:
     dlq_retention_days: float = 7.0
     abandoned_retention_days: float = 30.0
     seen_retention_days: float = 8.0
+    cache_size: int = 50_000
+    """Sessions the writer keeps in memory in front of the store (an LRU; a restart applies a change).
+    ~300 bytes an entry (measured: 100 000 entries, 30 MB): the default keeps a worker's peak RSS
+    under its 80 MB budget (57 MB measured without the cache) once the cache is full."""
 
     @property
     def reap_minute(self) -> int:

@@ -1,26 +1,29 @@
 """The ingest plan (pure): what one parsed webhook batch becomes before anything is stored.
 
 Each message is routed by the rules of the business number it was written to (`numbers.Numbers`),
-in order, against the sessions as the batch's earlier messages leave them (`SessionOverlay`): one
+in order, against the stored sessions (a `SessionLookup`) as the batch's earlier messages leave them
+(`SessionOverlay`): one
 row per message (to its service, or the home menu to the Graph API sender), the session changes to
 commit with them, and one row per status update that has a target. A message to a number that
 ``numbers = "listed"`` does not know is kept (so a redelivery is a duplicate) and never routed; a
 probe (`probe.py`) is routed but leaves the sender's session as it was.
 
-Ingress adds what is not policy (the request's ids, the trace context) and commits the plan in one
-transaction; nothing here reads a clock, a store or the network.
+The writer runs the plan inside its transaction, from the sessions the store holds then, so every
+process sharing the store routes by the one committed state (`wacored.ingest`); it adds what is not
+policy (the request's ids, the trace context). Nothing here reads a clock, a store or the network.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from ..config import GRAPH_SENDER, HOME_SERVICE
 from .numbers import UNKNOWN_NUMBER, Numbers
 from .probe import is_probe
 from .routing import SessionAction, decide
-from .sessions import SessionChange, SessionTable
-from .whatsapp import Batch, encode, home_menu_message
+from .sessions import SessionChange, SessionLookup, SessionOverlay
+from .whatsapp import Batch, InboundMessage, encode, home_menu_message
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,10 @@ class IngestPlan:
     """(index of the row in `rows`, the session change to commit only if that row is inserted)."""
 
 
-def plan_ingest(batch: Batch, numbers: Numbers, sessions: SessionTable, now: float) -> IngestPlan:
-    """The rows and session changes of `batch` received at wall-clock `now`."""
-    view = sessions.overlay()
+def plan_ingest(batch: Batch, numbers: Numbers, sessions: SessionLookup, ttl_s: float, now: float) -> IngestPlan:
+    """The rows and session changes of `batch` received at wall-clock `now`, sessions idle for `ttl_s`
+    or longer being over."""
+    view = SessionOverlay(sessions, ttl_s)
     rows: list[PlannedRow] = []
     changes: list[tuple[int, SessionChange]] = []
     for m in batch.messages:
@@ -96,3 +100,14 @@ def plan_ingest(batch: Batch, numbers: Numbers, sessions: SessionTable, now: flo
                 )
             )
     return IngestPlan(tuple(rows), tuple(changes))
+
+
+def window_of(numbers: Numbers, m: InboundMessage) -> tuple[str, str]:
+    """The rate-limit window of `m`: its (number key, sender); an unknown number's id stands for itself."""
+    number = numbers.key_of(m.number)
+    return (number if number is not None else m.number or "", m.sender)
+
+
+def windows(batch: Batch, numbers: Numbers) -> Counter[tuple[str, str]]:
+    """How many of the batch's messages each rate-limit window gets (`ratelimit.RateLimit.admit`)."""
+    return Counter(window_of(numbers, m) for m in batch.messages)

@@ -1,77 +1,66 @@
-"""Per-sender rate limit over a sliding window, without I/O (callers pass `now`).
+"""Per-sender rate limit over a sliding window: the arithmetic, without I/O (callers pass `now`).
 
 A "sender" is any hashable key: the daemon limits each (business number, sender) pair apart, so a
 user writing to two of the business's numbers has a window with each.
 
 At most `limit` messages per sender in any `window_s` seconds. A POST is admitted or refused whole:
-`admit` records every message of an admitted POST (duplicates included) and records nothing for a
-refused one, so Meta's redelivery of a refused POST is not counted twice. One exception keeps a
-batch from being refused forever: a POST with more than `limit` messages from one sender is admitted
-when that sender's window is empty.
+an admitted POST records every one of its messages (duplicates included) and a refused one records
+nothing, so Meta's redelivery of a refused POST is not counted twice. One exception keeps a batch
+from being refused forever: a POST with more than `limit` messages from one sender is admitted when
+that sender's window is empty.
+
+The hits themselves are counted in the store (``rate_hits``, `store.WriteConnection.rate_hits`), in
+the ingest transaction, so every process sharing the store sees the same windows: a sender's window
+is the list of its admitted POSTs inside the window, each as (time, messages), oldest first.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Hashable, Mapping
-from typing import Generic, TypeVar
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
+Hits = Sequence[tuple[float, int]]
+"""One sender's admitted POSTs, oldest first: (wall-clock time, messages it carried)."""
 
-class SlidingWindowLimiter(Generic[K]):
-    def __init__(self, limit: int, window_s: float) -> None:
-        self.limit = limit
-        self.window_s = window_s
-        self._hits: dict[K, deque[float]] = {}
-        self._last_sweep = 0.0
 
-    def __len__(self) -> int:
-        """Senders with hits inside the window (state of idle senders is dropped)."""
-        return len(self._hits)
+@dataclass(frozen=True)
+class RateLimit:
+    limit: int
+    window_s: float
 
-    def _window(self, sender: K, now: float) -> deque[float] | None:
-        hits = self._hits.get(sender)
-        if hits is None:
-            return None
-        horizon = now - self.window_s
-        while hits and hits[0] <= horizon:
-            hits.popleft()
-        if not hits:
-            del self._hits[sender]
-            return None
-        return hits
+    def horizon(self, now: float) -> float:
+        """Hits at or before this time have left the window at `now`."""
+        return now - self.window_s
 
-    def retry_after(self, sender: K, count: int, now: float) -> int | None:
-        """Seconds until `count` more messages from `sender` fit, or None if they fit now."""
-        hits = self._window(sender, now)
-        if hits is None:
+    def retry_after(self, hits: Hits, count: int, now: float) -> int | None:
+        """Seconds until `count` more messages fit beside `hits`, or None if they fit now."""
+        horizon = self.horizon(now)
+        live = [(at, n) for at, n in hits if at > horizon and n > 0]
+        used = sum(n for _, n in live)
+        if used == 0:
             # An empty window admits any one POST, even one carrying more than `limit` messages:
             # Meta redelivers the same batch unchanged, so refusing it forever would lose it.
             return None
-        used = len(hits)
         if used + count <= self.limit:
             return None
-        # The oldest `used + count - limit` hits must leave the window first (all of them, for a
+        # The oldest `used + count - limit` messages must leave the window first (all of them, for a
         # POST that only an empty window admits).
-        index = min(used + count - self.limit, used) - 1
-        return max(1, math.ceil(hits[index] + self.window_s - now))
+        need = min(used + count - self.limit, used)
+        seen = 0
+        for at, n in live:
+            seen += n
+            if seen >= need:
+                return max(1, math.ceil(at + self.window_s - now))
+        raise AssertionError("unreachable: need <= used")  # pragma: no cover
 
-    def admit(self, counts: Mapping[K, int], now: float) -> int | None:
-        """Record a POST's messages if every sender fits; else return the longest retry-after."""
-        self._sweep(now)
-        waits = [w for sender, n in counts.items() if (w := self.retry_after(sender, n, now)) is not None]
-        if waits:
-            return max(waits)
-        for sender, n in counts.items():
-            self._hits.setdefault(sender, deque()).extend([now] * n)
-        return None
-
-    def _sweep(self, now: float) -> None:
-        # Drop idle senders at most once a window, so memory follows active senders only.
-        if now - self._last_sweep < self.window_s:
-            return
-        self._last_sweep = now
-        for sender in list(self._hits):
-            self._window(sender, now)
+    def admit(self, windows: Mapping[K, Hits], counts: Mapping[K, int], now: float) -> int | None:
+        """None if every sender's `counts[sender]` messages fit beside its `windows[sender]` hits (the
+        caller then records them all); else the longest retry-after, and the caller records nothing."""
+        waits = [
+            w for sender, n in counts.items() if (w := self.retry_after(windows.get(sender, ()), n, now)) is not None
+        ]
+        return max(waits) if waits else None

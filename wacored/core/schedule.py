@@ -2,8 +2,8 @@
 
 The daily reap runs at ``[sessions] reap_at`` UTC; a reap missed while the daemon was down runs soon
 after it starts. Each kind of row has its own age past which it goes: idle sessions after the session
-TTL, dead letters after their retention, finished messages (and their attempts) after
-``seen_retention_days``, which outlives Meta's 7 days of redelivery so dedupe keeps working.
+TTL, the rate limit's hits after its window, dead letters after their retention, finished messages
+(and their attempts) after ``seen_retention_days``, which outlives Meta's 7 days of redelivery so dedupe keeps working.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from ..config import SessionsConfig
 DAY_S = 86400.0
 
 
-def cutoffs(sessions: SessionsConfig, now: float) -> dict[str, float]:
+def cutoffs(sessions: SessionsConfig, now: float, *, rate_window_s: float) -> dict[str, float]:
     """For each kind of row, the time before which it is deleted (in `REAP_SQL`'s order)."""
     return {
         "sessions": now - sessions.ttl_s,
+        "rate_hits": now - rate_window_s,
         "dead_letters_delivered": now - sessions.dlq_retention_days * DAY_S,
         "dead_letters_abandoned": now - sessions.abandoned_retention_days * DAY_S,
         # The same cutoff as their messages: the attempts of the messages about to be deleted.
