@@ -20,7 +20,7 @@ import trio
 from wacored.core.ingest import plan_ingest
 from wacored.ingest import Ingested, SessionCacheStats, StoreSessions
 from wacored.store import WriteConnection, migrate
-from wacored.writer import WriteOp, run_writer
+from wacored.writer import NoLanes, WriteOp, run_writer
 
 from .conftest import Downstream, make_config, open_daemon, rows
 from .support import DictSessions, ingest_op, ingest_policy, text_batch
@@ -41,7 +41,12 @@ async def writers(
             stats = SessionCacheStats()
             await nursery.start(
                 partial(
-                    run_writer, WriteConnection(path), receive, {}, session_cache_size=cache_size, cache_stats=stats
+                    run_writer,
+                    WriteConnection(path),
+                    receive,
+                    NoLanes(),
+                    session_cache_size=cache_size,
+                    cache_stats=stats,
                 )
             )
             out.append((send, stats))

@@ -66,7 +66,7 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     )
     conn.commit()
     conn.close()
-    assert migrate(path) == SCHEMA_VERSION == 7
+    assert migrate(path) == SCHEMA_VERSION == 8
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT key, state FROM messages").fetchall() == [("wamid.1", "queued")]
         assert db.execute("SELECT count(*) FROM rate_hits").fetchone() == (0,)  # v7: the rate limit's hits
