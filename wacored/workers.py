@@ -26,7 +26,8 @@ daemon with its index, its own node name (``host-pid``) and the listening socket
   died, on any system.
 
 Error handling:
-    `ListenError` (the port) propagates before anything starts; a worker's failure is the worker's
+    `ListenError` (the port), and `SchemaError`/`sqlite3.Error` from migrating the store, propagate
+    before any worker starts; a worker's failure is the worker's
     (logged by it, then here with its exit status).
 
 Cancellation:
@@ -54,6 +55,7 @@ import trio
 from .config import Config, ConfigError
 from .core.respawn import respawn_delay
 from .listener import open_listener
+from .store import migrate
 from .systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,11 @@ async def run_supervisor(
     _clear(directory)  # what a supervisor killed before its cleanup left behind
     parent_r, parent_w = os.pipe()
     try:
+        # Once, before any worker: N workers creating the schema at once deadlock in SQLite's lock
+        # upgrade (seen: "database is locked" in one of two workers, several runs in ten), and an
+        # unusable store stops us here, as a port in use does. Each worker's own `migrate` then
+        # finds the schema current and only reads.
+        await trio.to_thread.run_sync(migrate, config.store.path)
         supervisor = Supervisor(config, load, plan, notifier, count, listener, directory, parent_r)
         return await supervisor.run()
     finally:
