@@ -171,6 +171,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     supervisor, `workers.py`): the daemon on the inherited listening socket."""
     import socket
 
+    from .listener import share
     from .siblings import Place
     from .workers import die_with_parent, parent_gone
 
@@ -179,7 +180,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print("wacored worker: the supervisor is gone; not starting", file=sys.stderr)
         return 1
     place = Place(args.index, args.count, args.runtime_dir, args.restarts)
-    listener = socket.socket(fileno=args.listen_fd)
+    # The supervisor's socket only holds the port; this worker listens on a socket of its own
+    # (SO_REUSEPORT, see `listener.share`).
+    with socket.socket(fileno=args.listen_fd) as reserved:
+        listener = share(reserved)
     try:
         return cmd_run(
             args,

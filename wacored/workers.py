@@ -3,8 +3,10 @@
 `run_supervisor` is what ``wacored run`` becomes. It binds the listen address once (a port in use
 fails before any worker starts; ``listen = host:0`` is one port for all) and starts N workers, each
 ``python -m wacored worker ...`` (a new interpreter, never a fork of this trio process): today's
-daemon with its index, its own node name (``host-pid``) and the listening socket inherited
-(``pass_fds``). The kernel's one accept queue is shared; whichever worker's loop is idle accepts.
+daemon with its index and its own node name (``host-pid``). The supervisor's socket is bound, not
+listening (`listener.reserve`); each worker inherits it (``pass_fds``) to learn the address and
+listens on a SO_REUSEPORT socket of its own there (`listener.share`), so the kernel spreads new
+connections over the workers by their addresses' hash.
 
 - A worker that dies is logged (exit status or signal), counted and started again after
   `core.respawn.respawn_delay`. One that dies before its first READY=1, on the first start, stops
@@ -54,7 +56,7 @@ import trio
 
 from .config import Config, ConfigError
 from .core.respawn import respawn_delay
-from .listener import open_listener
+from .listener import reserve
 from .store import migrate
 from .systemd import Notifier
 
@@ -107,7 +109,7 @@ async def run_supervisor(
     """Run ``config.server.workers`` workers until SIGTERM/SIGINT (exit 0; 1 after a second signal,
     or when a worker cannot start)."""
     count = config.server.workers
-    listener = open_listener(config.server)  # before anything starts: a port in use stops us here
+    listener = reserve(config.server)  # before anything starts: a port in use stops us here
     own_dir = runtime_dir is None
     directory = tempfile.mkdtemp(prefix="wacored-") if runtime_dir is None else runtime_dir
     os.chmod(directory, 0o700)
