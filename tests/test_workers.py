@@ -17,7 +17,7 @@ import trio
 from wacored.core.whatsapp import sign, text_webhook
 
 from .conftest import SECRET, Downstream, config_mapping
-from .support import Workers, alive, clean_env, parse, toml_text, value, wait_until, workers_process
+from .support import Workers, alive, clean_env, parse, run_cli, toml_text, value, wait_until, workers_process
 
 
 def children(pid: int) -> list[str]:
@@ -109,6 +109,11 @@ async def test_a_killed_worker_is_restarted_and_health_shows_it(
         assert '"event": "worker_exited"' in log
         assert '"signal": "SIGKILL"' in log
         assert await post_once(workers.url) == 200
+        status = await run_cli("status", "-c", str(workers.config), env=clean_env(WACORED_APP_SECRET=SECRET))
+        out = status.stdout.decode()
+        assert f"daemon        {workers.url}: healthy, 2 worker(s)" in out
+        assert f"worker 1: pid {health['workers'][1]['pid']} (" in out
+        assert "restarts 1" in out
 
 
 async def test_sighup_reloads_every_worker_or_none(tmp_path: Path, services: Downstream, graph: Downstream) -> None:

@@ -337,10 +337,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     def work(conn: sqlite3.Connection, config: Config) -> int:
         report = ops.status(conn, session_ttl_s=config.sessions.ttl_s, now=time.time(), path=config.store.path)
+        report["daemon"] = _ask_daemon(config)
         print(json.dumps(report, indent=2) if args.json else ops.status_text(report))
         return 0
 
     return _on_store(args, work)
+
+
+def _ask_daemon(config: Config) -> dict[str, Any]:
+    """The running daemon's status and workers, from its /health on ``[server] listen``."""
+    import httpx
+
+    host = config.server.host if config.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    url = f"{'https' if config.server.tls else 'http'}://{host}:{config.server.port}"
+    try:
+        # verify=False: our own daemon, asked for its /health only; its certificate names the
+        # public host, not the address it listens on.
+        body = httpx.get(f"{url}/health", timeout=2.0, trust_env=False, verify=not config.server.tls).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return {"url": url, "error": f"not answering ({type(exc).__name__})"}
+    return {"url": url, "status": body.get("status"), "workers": body.get("workers", [])}
 
 
 def cmd_sessions_reap(args: argparse.Namespace) -> int:
