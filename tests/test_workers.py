@@ -238,3 +238,38 @@ async def test_ready_goes_to_systemd_once_every_worker_is_ready(
                 assert await workers.process.wait() == 0
         # Only the supervisor talked to systemd: one READY at start, one after the reload.
         assert [m.get("MAINPID") for m in messages if "READY" in m] == [str(workers.process.pid)] * 2
+
+
+async def test_the_watchdog_pings_only_while_every_worker_pings(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    with (
+        tempfile.TemporaryDirectory(prefix="wacored-sd-") as directory,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver,
+    ):
+        path = os.path.join(directory, "notify")
+        receiver.bind(path)
+        receiver.setblocking(False)
+
+        def pings() -> int:
+            count = 0
+            while True:
+                try:
+                    count += b"WATCHDOG=1" in receiver.recv(4096)
+                except BlockingIOError:
+                    return count
+
+        env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}
+        async with workers_process(tmp_path, services, graph, env=env) as workers:
+            await wait_until(lambda: pings() > 0)
+            frozen = (await workers.health())["workers"][1]["pid"]
+            os.kill(frozen, signal.SIGSTOP)  # a wedged worker: alive, silent
+            try:
+                await wait_until(lambda: workers.logged("watchdog_stale") > 0)
+                pings()  # what was sent before the supervisor noticed
+                stale = workers.logged("watchdog_stale")
+                await wait_until(lambda: workers.logged("watchdog_stale") >= stale + 2)
+                assert pings() == 0  # none while a worker is silent
+            finally:
+                os.kill(frozen, signal.SIGCONT)
+            await wait_until(lambda: pings() > 0)

@@ -137,18 +137,16 @@ def with_siblings(body: dict[str, Any], answers: Mapping[int, Any]) -> dict[str,
     the daemon ``degraded``: the other workers still serve.
     """
     workers = list(body["workers"])
-    status = body["status"]
     for index, answer in sorted(answers.items()):
         sections = answer.get("workers") if isinstance(answer, dict) else None
-        if not isinstance(sections, list) or not sections:
+        if isinstance(sections, list) and sections and all(isinstance(s, dict) for s in sections):
+            workers.extend(sections)
+        else:
             workers.append({"index": index, "ready": False, "status": "down"})
-            sections = []
-        workers.extend(sections)
-        for section in sections or [{"status": "degraded"}]:
-            seen = section.get("status") if isinstance(section, dict) else None
-            if STATUS_RANK.get(str(seen), 1) > STATUS_RANK[status]:
-                status = "unhealthy" if seen == "unhealthy" else "degraded"
-    workers.sort(key=lambda w: w.get("index", 0) if isinstance(w, dict) else 0)
+    workers.sort(key=lambda w: int(w.get("index", 0)))
+    # "down" (and anything unknown) counts as degraded: the other workers still serve.
+    worst = max([body["status"], *(w.get("status") for w in workers)], key=lambda s: STATUS_RANK.get(str(s), 1))
+    status = worst if worst in STATUS_RANK else "degraded"
     return {**body, "status": status, "workers": workers}
 
 

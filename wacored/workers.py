@@ -20,8 +20,8 @@ connections over the workers by their addresses' hash.
 - systemd: the supervisor is the main PID and the only one that talks to ``$NOTIFY_SOCKET``. Each
   worker's ``NOTIFY_SOCKET`` is a datagram socket of the supervisor's (one per index, so the sender
   is known without credentials); READY=1 goes to systemd once every worker has said it, a reload's
-  READY=1 once every worker has reloaded, and WATCHDOG=1 only while every worker has pinged within
-  the watchdog interval (a worker gets ``WATCHDOG_USEC`` when the supervisor did).
+  READY=1 once every worker has reloaded, and WATCHDOG=1 only while every ready worker has pinged
+  within the watchdog interval (a worker gets ``WATCHDOG_USEC`` when the supervisor did).
 - Orphans: each worker asks the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``; this
   is why workers are forked from the main thread, see `spawn`), and also watches a pipe whose write
   end only the supervisor holds: its EOF means the supervisor is gone (`parent_gone`), however it
@@ -86,7 +86,7 @@ class Slot:
     readied: trio.Event = field(default_factory=trio.Event)
     """Set (and replaced) on every READY=1."""
     last_ping: float = 0.0
-    """trio time of the last WATCHDOG=1 (or of the start)."""
+    """trio time of the last WATCHDOG=1 (or READY=1)."""
 
 
 @dataclass
@@ -205,7 +205,7 @@ class Supervisor:
                 slot.index, len(self.slots), self.listener.fileno(), self.parent_fd, self.directory, slot.restarts
             )
             process = spawn(command, self._env(slot), (self.listener.fileno(), self.parent_fd))
-            slot.process, slot.last_ping, readies = process, trio.current_time(), slot.readies
+            slot.process, readies = process, slot.readies
             started = trio.current_time()
             log.info("worker started", extra={"event": "worker_started", "worker": slot.index, "pid": process.pid})
             code = await wait_exit(process)
@@ -314,7 +314,7 @@ class Supervisor:
                 data = await sock.recv(4096)
                 fields = dict(line.split("=", 1) for line in data.decode(errors="replace").split("\n") if "=" in line)
                 if fields.get("READY") == "1":
-                    slot.ready = True
+                    slot.ready, slot.last_ping = True, trio.current_time()
                     slot.readies += 1
                     slot.readied.set()
                     slot.readied = trio.Event()
@@ -330,11 +330,17 @@ class Supervisor:
         self.notifier.ready(f"listening on {self.url}")
 
     async def _watchdog(self, interval: float) -> NoReturn:
-        """WATCHDOG=1 every `interval`/2 while every worker has pinged within `interval` (a worker
-        being restarted counts from its start)."""
+        """WATCHDOG=1 every `interval`/2 while every ready worker has pinged within `interval`.
+
+        A worker starting (or being restarted) is not waited for: systemd's own watchdog only runs
+        once the service is up, and a worker that keeps failing to start is logged and counted, not
+        a reason to kill the ones that serve.
+        """
         while True:
             now = trio.current_time()
-            late = {s.index: round(now - s.last_ping, 1) for s in self.slots if now - s.last_ping > interval}
+            late = {
+                s.index: round(now - s.last_ping, 1) for s in self.slots if s.ready and now - s.last_ping > interval
+            }
             if late:
                 log.warning(
                     "watchdog ping skipped: a worker is late", extra={"event": "watchdog_stale", "workers": late}
