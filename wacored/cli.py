@@ -168,7 +168,7 @@ def cmd_run(args: argparse.Namespace, worker: dict[str, Any] | None = None) -> i
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """One worker process of ``wacored run`` with ``[server] processes = N`` (started by its
-    supervisor, `workers.py`): the daemon on the inherited listening socket."""
+    supervisor, `workers.py`): the daemon, listening at the address of the socket it inherits."""
     import socket
 
     from .listener import share
@@ -183,17 +183,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # The supervisor's socket only holds the port; this worker listens on a socket of its own
     # (SO_REUSEPORT, see `listener.share`).
     with socket.socket(fileno=args.listen_fd) as reserved:
-        listener = share(reserved)
+        try:
+            listener = share(reserved)
+        except OSError as exc:
+            print(f"wacored worker: cannot run: {exc}", file=sys.stderr)
+            return 1
+    # Every line this worker logs names it (`worker`): the supervisor and every worker share stderr.
     try:
-        return cmd_run(
-            args,
-            worker={
-                "process_start": started,
-                "listener": listener,
-                "place": place,
-                "parent_gone": partial(parent_gone, args.parent_fd),
-            },
-        )
+        with logs.bound(worker=str(args.index)):
+            return cmd_run(
+                args,
+                worker={
+                    "process_start": started,
+                    "listener": listener,
+                    "place": place,
+                    "parent_gone": partial(parent_gone, args.parent_fd),
+                },
+            )
     finally:
         listener.close()
 
