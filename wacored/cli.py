@@ -172,8 +172,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import socket
 
     from .listener import share
+    from .processes import die_with_parent, parent_gone
     from .siblings import Place
-    from .workers import die_with_parent, parent_gone
 
     started = process_started_at()
     if not die_with_parent(args.parent_pid):
