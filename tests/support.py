@@ -8,11 +8,13 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -523,3 +525,83 @@ class DictSessions:
     def get(self, number: str, sender: str) -> tuple[str, float] | None:
         self.reads.append((number, sender))
         return self.rows.get((number, sender))
+
+
+@dataclass
+class Workers:
+    """A `wacored run` with ``[server] processes`` set: its supervisor process and where it serves."""
+
+    url: str
+    process: trio.Process
+    config: Path
+    runtime_dir: str
+    log: Path
+
+    async def health(self) -> dict[str, Any]:
+        async with httpx.AsyncClient(trust_env=False) as http:
+            return dict((await http.get(f"{self.url}/health")).json())
+
+    async def local(self, index: int, path: str) -> httpx.Response:
+        """`path` from worker `index` alone, over its private unix socket (as its siblings ask)."""
+        transport = httpx.AsyncHTTPTransport(uds=os.path.join(self.runtime_dir, f"worker-{index}.sock"))
+        async with httpx.AsyncClient(transport=transport, trust_env=False, timeout=5) as http:
+            return await http.get(f"http://worker{path}", headers={"X-Wacored-Local": "1"})
+
+    def logged(self, event: str) -> int:
+        """How many log lines of `event` the supervisor and its workers have written so far."""
+        return self.log.read_text().count(f'"event": "{event}"')
+
+
+@asynccontextmanager
+async def workers_process(
+    tmp_path: Path,
+    services: Downstream,
+    graph: Downstream,
+    *,
+    processes: int = 2,
+    env: dict[str, str] | None = None,
+    edit: Callable[[dict[str, Any]], None] = lambda _: None,
+) -> AsyncIterator[Workers]:
+    """`wacored run` with ``[server] processes = N`` on a free port, its runtime directory one of
+    the test's (``$RUNTIME_DIRECTORY``, short: a socket path has at most 108 bytes); yields once
+    /health answers with every worker ready. Stopped with SIGTERM (then SIGKILL) unless the test has ended it."""
+    data = config_mapping(tmp_path, services.url, graph.url)
+    data["server"]["processes"] = processes
+    edit(data)
+    port = free_port()
+    data["server"]["listen"] = f"127.0.0.1:{port}"
+    config = tmp_path / "wacored.toml"
+    config.write_text(toml_text(data))
+    runtime_dir = tempfile.mkdtemp(prefix="wacored-rt-")
+    command = [sys.executable, "-m", "wacored", "run", "-c", str(config)]
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as log:
+        process = await trio.lowlevel.open_process(
+            command, env=clean_env(RUNTIME_DIRECTORY=runtime_dir, **(env or {})), cwd=tmp_path, stdout=log, stderr=log
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_until_answering(f"{url}/health", process)
+        workers = Workers(url, process, config, runtime_dir, log_path)
+        with trio.fail_after(20):  # the port answers once the first worker serves: wait for them all
+            while not all(w["ready"] for w in (await workers.health())["workers"]):  # noqa: ASYNC110 -- other processes
+                await trio.sleep(0.05)
+        yield workers
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(15):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (an orphan's zombie waits for init to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")

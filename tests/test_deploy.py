@@ -119,6 +119,12 @@ def test_the_unit_has_the_promised_settings() -> None:
     assert s["WatchdogSec"] == ["30"]
     assert s["Restart"] == ["on-failure"]
     assert s["StateDirectory"] == ["wacored"]
+    # [server] processes > 1: SIGTERM reaches the supervisor alone (it forwards it once to each worker),
+    # only it talks to systemd, and the workers' private sockets live in /run/wacored (0700).
+    assert s["KillMode"] == ["mixed"]
+    assert s["NotifyAccess"] == ["main"]
+    assert s["RuntimeDirectory"] == ["wacored"]
+    assert s["RuntimeDirectoryMode"] == ["0700"]
     assert s["EnvironmentFile"] == ["/etc/wacored/wacored.env"]
     assert s["User"] == ["wacored"]
     assert s["CapabilityBoundingSet"] == [""]

@@ -9,11 +9,13 @@ sheds the oldest unverified webhook read, or is refused 503 when there is none t
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+import httpx
 import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
@@ -23,6 +25,7 @@ from .core.numbers import OTHER
 from .ingress import Receive, Scope, Send, Webhook, refuse_overloaded, request_ids
 from .operations import iso
 from .runtime import ActorState, Runtime
+from .siblings import LOCAL_HEADER, merged_exposition
 from .version import VERSION
 from .writer import StoreWrites, store_writes_status
 
@@ -116,8 +119,48 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
         "uptime_s": round(rt.wall_clock() - rt.started_at, 1),
         "checks": checks,
         "services": services,
+        "workers": [worker_section(rt, status, checks["actors"])],
     }
     return (503 if status == "unhealthy" else 200), body
+
+
+def worker_section(rt: Runtime, status: str, actors: dict[str, Any]) -> dict[str, Any]:
+    """This worker's own part of /health, which its siblings pass through whole (`with_siblings`)."""
+    place = rt.siblings.place
+    return {
+        "index": place.index,
+        "pid": os.getpid(),
+        "node": rt.node,
+        "ready": rt.actors.get("ingress", ActorState()).running and not rt.draining,
+        "started_at": iso(rt.started_at),
+        "restarts": place.restarts,
+        "status": status,
+        "actors": actors,
+    }
+
+
+STATUS_RANK = {"healthy": 0, "degraded": 1, "unhealthy": 2}
+
+
+def with_siblings(body: dict[str, Any], answers: Mapping[int, Any]) -> dict[str, Any]:
+    """`body` (this worker's /health) with every sibling's worker section, from `answers` (each
+    one's local /health body, or None when it did not answer), and the worst status of them all.
+
+    A sibling that does not answer is listed as ``down`` (it is being restarted, or wedged) and makes
+    the daemon ``degraded``: the other workers still serve.
+    """
+    workers = list(body["workers"])
+    for index, answer in sorted(answers.items()):
+        sections = answer.get("workers") if isinstance(answer, dict) else None
+        if isinstance(sections, list) and sections and all(isinstance(s, dict) for s in sections):
+            workers.extend(sections)
+        else:
+            workers.append({"index": index, "ready": False, "status": "down"})
+    workers.sort(key=lambda w: int(w.get("index", 0)))
+    # "down" (and anything unknown) counts as degraded: the other workers still serve.
+    worst = max([body["status"], *(w.get("status") for w in workers)], key=lambda s: STATUS_RANK.get(str(s), 1))
+    status = worst if worst in STATUS_RANK else "degraded"
+    return {**body, "status": status, "workers": workers}
 
 
 def _store_writes(w: StoreWrites, now: float, unhealthy_after_s: float) -> dict[str, Any]:
@@ -142,6 +185,15 @@ def _actor(a: ActorState) -> dict[str, Any]:
     return report
 
 
+def _json(response: httpx.Response | None) -> Any:
+    if response is None:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
 def _shielded(send: Send) -> Send:
     """`send`, shielded from cancellation. Quart cancels its request nursery as soon as the response is
     sent, which can land while hypercorn, inside that last send, re-arms the connection's keep-alive
@@ -163,13 +215,25 @@ def create_app(rt: Runtime) -> Any:
     @quart.get("/health")
     async def health() -> tuple[Response, int]:
         status, body = await health_report(rt)
+        if rt.siblings.place.siblings and LOCAL_HEADER not in request.headers:
+            answers = await rt.siblings.ask("/health")
+            body = with_siblings(body, {i: _json(a) for i, a in answers.items()})
+            status = 503 if body["status"] == "unhealthy" else 200
         return jsonify(body), status
 
     @quart.get("/metrics")
     async def metrics() -> Response:
         # A plain route on the daemon's own registry: mounting prometheus_client's ASGI app through
         # the dispatcher breaks Quart's lifespan (docs/stack-notes.md, "Serving").
-        body, content_type = rt.metrics.render(request.headers.get("Accept", ""))
+        accept = request.headers.get("Accept", "")
+        if not rt.siblings.place.siblings or LOCAL_HEADER in request.headers:
+            body, content_type = rt.metrics.render(accept)
+            return Response(body, content_type=content_type)
+        # Merged from text expositions: the one format every worker renders the same way.
+        answers = await rt.siblings.ask("/metrics")
+        own, _ = rt.metrics.render("")
+        others = [a.text for a in answers.values() if a is not None and a.status_code == 200]
+        body, content_type = merged_exposition(own.decode(), others, accept)
         return Response(body, content_type=content_type)
 
     admin.install(quart, rt)

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from . import logs
 from .config import ENV_ALIASES, Config, ConfigError
@@ -112,7 +113,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, worker: dict[str, Any] | None = None) -> int:
+    """``wacored run``: the daemon, or under ``[server] processes = N > 1`` the supervisor of N
+    workers (`workers.py`). `worker` is what `cmd_worker` hands on to `serve_until_signalled`."""
     import trio
 
     from .daemon import serve_until_signalled
@@ -140,7 +143,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         # systemd's variables are read here, once, and handed down (none is read deep in the daemon).
         with Notifier.from_environ(os.environ) as notifier:
-            code = trio.run(partial(serve_until_signalled, config, reload, notifier=notifier, process_start=started))
+            if worker is not None:
+                code = trio.run(partial(serve_until_signalled, config, reload, notifier=notifier, **worker))
+            elif config.server.workers > 1:
+                from .workers import PYTHON, Plan, run_supervisor, worker_command
+
+                plan = Plan(worker_command(PYTHON, args.config, str(args.env_file), args.log_level), dict(os.environ))
+                # systemd's RuntimeDirectory= (deploy/systemd/), else a temporary directory of our own.
+                runtime_dir = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+                code = trio.run(partial(run_supervisor, config, reload, plan, notifier, runtime_dir=runtime_dir))
+            else:
+                code = trio.run(
+                    partial(serve_until_signalled, config, reload, notifier=notifier, process_start=started)
+                )
     except* (OSError, sqlite3.Error, SchemaError, ActorGaveUp) as group:
         # What the environment refused (a port in use, an unwritable store): one clear line each.
         # An actor that crashed has already logged its traceback.
@@ -149,6 +164,44 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("cannot run", extra={"event": "run_failed", "error": str(failure)})
         print(f"wacored: cannot run: {failure}", file=sys.stderr)
     return code
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One worker process of ``wacored run`` with ``[server] processes = N`` (started by its
+    supervisor, `workers.py`): the daemon, listening at the address of the socket it inherits."""
+    import socket
+
+    from .listener import share
+    from .processes import die_with_parent, parent_gone
+    from .siblings import Place
+
+    started = process_started_at()
+    if not die_with_parent(args.parent_pid):
+        print("wacored worker: the supervisor is gone; not starting", file=sys.stderr)
+        return 1
+    place = Place(args.index, args.count, args.runtime_dir, args.restarts)
+    # The supervisor's socket only holds the port; this worker listens on a socket of its own
+    # (SO_REUSEPORT, see `listener.share`).
+    with socket.socket(fileno=args.listen_fd) as reserved:
+        try:
+            listener = share(reserved)
+        except OSError as exc:
+            print(f"wacored worker: cannot run: {exc}", file=sys.stderr)
+            return 1
+    # Every line this worker logs names it (`worker`): the supervisor and every worker share stderr.
+    try:
+        with logs.bound(worker=str(args.index)):
+            return cmd_run(
+                args,
+                worker={
+                    "process_start": started,
+                    "listener": listener,
+                    "place": place,
+                    "parent_gone": partial(parent_gone, args.parent_fd),
+                },
+            )
+    finally:
+        listener.close()
 
 
 def _leaves(error: BaseException) -> list[BaseException]:
@@ -290,10 +343,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     def work(conn: sqlite3.Connection, config: Config) -> int:
         report = ops.status(conn, session_ttl_s=config.sessions.ttl_s, now=time.time(), path=config.store.path)
+        report["daemon"] = _ask_daemon(config)
         print(json.dumps(report, indent=2) if args.json else ops.status_text(report))
         return 0
 
     return _on_store(args, work)
+
+
+def _ask_daemon(config: Config) -> dict[str, Any]:
+    """The running daemon's status and workers, from its /health on ``[server] listen``."""
+    import httpx
+
+    host = config.server.host if config.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    url = f"{'https' if config.server.tls else 'http'}://{host}:{config.server.port}"
+    try:
+        # verify=False: our own daemon, asked for its /health only; its certificate names the
+        # public host, not the address it listens on.
+        body = httpx.get(f"{url}/health", timeout=2.0, trust_env=False, verify=not config.server.tls).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return {"url": url, "error": f"not answering ({type(exc).__name__})"}
+    return {"url": url, "status": body.get("status"), "workers": body.get("workers", [])}
 
 
 def cmd_sessions_reap(args: argparse.Namespace) -> int:
@@ -411,6 +481,14 @@ def parser() -> argparse.ArgumentParser:
         "--log-level", choices=["debug", "info", "warning", "error"], help="default: [telemetry] log_level"
     )
     run.set_defaults(func=cmd_run)
+
+    worker = sub.add_parser("worker", help="one worker process of `run` (started by it with [server] processes > 1)")
+    common(worker)
+    worker.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    for name in ("index", "count", "listen-fd", "parent-fd", "parent-pid", "restarts"):
+        worker.add_argument(f"--{name}", type=int, required=name != "restarts", default=0)
+    worker.add_argument("--runtime-dir", required=True)
+    worker.set_defaults(func=cmd_worker)
 
     check = sub.add_parser("check-config", help="validate a config file and print every problem")
     common(check)

@@ -33,7 +33,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -60,6 +60,7 @@ from .pauses import Pause
 from .pausewatch import run_pause_watch
 from .reaper import run_reaper
 from .runtime import Runtime
+from .siblings import Place, Siblings
 from .stats import run_stats
 from .store import Reader, StoreUnavailable, WriteConnection, migrate
 from .store_lanes import LaneReader, split_lanes
@@ -319,6 +320,7 @@ def _keep_restart_only(old: Config, new: Config) -> Config:
         certfile=old.server.certfile,
         keyfile=old.server.keyfile,
         read_timeout_s=old.server.read_timeout_s,
+        processes=old.server.processes,
     )
     if new.server.max_connections != old.server.max_connections:
         ensure_fd_limit(new.server.max_connections)
@@ -327,6 +329,7 @@ def _keep_restart_only(old: Config, new: Config) -> Config:
     for what, before, after in (
         ("server.listen", old.server.listen, new.server.listen),
         ("server.read_timeout_s", old.server.read_timeout_s, new.server.read_timeout_s),
+        ("server.processes", old.server.processes, new.server.processes),
         (
             "server.certfile/keyfile",
             (old.server.certfile, old.server.keyfile),
@@ -371,6 +374,8 @@ async def run_daemon(
     tracer: Tracer | None = None,
     process_start: float | None = None,
     node: str | None = None,
+    listener: socket.socket | None = None,
+    place: Place | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run wacored until `stop` is set; `task_status.started` gets the bound URLs once serving.
@@ -381,6 +386,10 @@ async def run_daemon(
     `tracer` replaces the one `[telemetry]` asks for (tests); `process_start` (`time.monotonic()`)
     is where the cold start is measured from, by default this call. `node` names this process in the
     attempts log (default `node_name()`).
+
+    Under ``[server] processes = N`` (`workers.py`) a worker gets the supervisor's `listener` (bound
+    once for all of them; it is then not closed here) and its `place`, and also serves on its
+    private unix socket (`siblings.py`).
     """
     process_start = time.monotonic() if process_start is None else process_start
     stop = stop if stop is not None else trio.Event()
@@ -389,7 +398,17 @@ async def run_daemon(
     for name, svc in config.services.items():
         check_ca_file(name, svc.ca_file)
     ensure_fd_limit(config.server.max_connections)
-    listener = open_listener(config.server)  # then the port: in use, nothing else has started
+    own = listener is None
+    if listener is None:
+        listener = open_listener(config.server)  # then the port: in use, nothing else has started
+    place = place if place is not None else Place()
+    if not place.alone:
+        # Not TLS even when the port is: only this user can reach the directory (mode 0700).
+        private = f"unix:{place.socket_path(place.index)}"
+        if config.server.tls:
+            hc.insecure_bind = [private]
+        else:
+            hc.bind = [*hc.bind, private]
     try:
         await _run(
             config,
@@ -403,10 +422,12 @@ async def run_daemon(
             tracer,
             process_start,
             node_name() if node is None else node,
+            place,
             task_status,
         )
     finally:
-        listener.close()
+        if own:
+            listener.close()
 
 
 async def _run(
@@ -421,6 +442,7 @@ async def _run(
     tracer: Tracer | None,
     process_start: float,
     node: str,
+    place: Place,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
     await trio.to_thread.run_sync(migrate, config.store.path)
@@ -440,6 +462,7 @@ async def _run(
         board = LaneBoard(config.cluster.lease_ttl_s)
         rt = Runtime.build(config, writes, board, reader, wall_clock, node=node)
         rt.tracer = tracer or tracing.tracer
+        rt.siblings = Siblings(place)
         # Before any forwarder starts: messages queued for a paused service must wait too.
         paused = await trio.to_thread.run_sync(reader.pauses)
         rt.pauses.apply({service: Pause(at, reason) for service, at, reason in paused}, served=0)
@@ -490,7 +513,8 @@ async def _run(
                         app = create_app(rt)
 
                         async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-                            hc.bind = [lend(listener)]  # each start gets its own duplicate to close
+                            # Each start gets its own duplicate to close (and binds the private socket again).
+                            hc.bind = [lend(listener), *hc.bind[1:]]
                             await hypercorn.trio.serve(
                                 app,
                                 hc,
@@ -566,10 +590,16 @@ async def serve_until_signalled(
     *,
     notifier: Notifier | None = None,
     process_start: float | None = None,
+    listener: socket.socket | None = None,
+    place: Place | None = None,
+    parent_gone: Callable[[], Awaitable[None]] | None = None,
 ) -> int:
     """`run_daemon` under signals. SIGHUP reloads the config through `load`, between RELOADING=1 and
     READY=1 to systemd, one reload at a time. SIGTERM/SIGINT: the first one stops gracefully (exit 0),
-    a second one stops at once (exit 1); either way nothing accepted is lost: it is on disk."""
+    a second one stops at once (exit 1); either way nothing accepted is lost: it is on disk.
+
+    A worker (`workers.py`) passes its `listener` and `place`, and `parent_gone`, which returns once
+    the supervisor is gone: that stops the worker as a first SIGTERM would (a no-op when one did)."""
     stop = trio.Event()
     notifier = notifier if notifier is not None else Notifier(None)
     forced = False
@@ -594,9 +624,26 @@ async def serve_until_signalled(
                         stop.set()
 
             nursery.start_soon(watch)
-            await run_daemon(config, stop=stop, reloads=reload_receive, notifier=notifier, process_start=process_start)
+            if parent_gone is not None:
+                nursery.start_soon(_stop_when, parent_gone, stop)
+            await run_daemon(
+                config,
+                stop=stop,
+                reloads=reload_receive,
+                notifier=notifier,
+                process_start=process_start,
+                listener=listener,
+                place=place,
+            )
             nursery.cancel_scope.cancel(reason="daemon stopped")
     return 1 if forced else 0
+
+
+async def _stop_when(event: Callable[[], Awaitable[None]], stop: trio.Event) -> None:
+    await event()
+    if not stop.is_set():
+        log.warning("the supervisor is gone: stopping", extra={"event": "stopping", "signal": "parent_gone"})
+        stop.set()
 
 
 async def _reload(

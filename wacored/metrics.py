@@ -360,6 +360,25 @@ class StateCollector(Collector):
         yield _counter(
             "wacored_reaped", "Rows the reaper deleted, by kind.", ["kind"], _known(rt.counters.reaped, REAPED_KINDS)
         )
+        siblings = rt.siblings
+        yield _gauge(
+            "wacored_workers",
+            "Worker processes serving ([server] processes); each worker counts itself, the merge adds up.",
+            [],
+            {(): 1},
+        )
+        yield _counter(
+            "wacored_worker_restarts",
+            "Times the supervisor restarted a worker process (of the workers answering).",
+            [],
+            {(): siblings.place.restarts},
+        )
+        yield _counter(
+            "wacored_worker_scrape_failures",
+            "Requests to a sibling worker for its figures that got no answer (it was skipped).",
+            [],
+            {(): siblings.unanswered},
+        )
 
     def _store_writes(self, now: float) -> Iterator[Metric]:
         w = self.rt.store_writes

@@ -350,7 +350,26 @@ def status_text(report: dict[str, Any]) -> str:
     for actor, run in report["runs"].items():
         result = f" ({run['result']})" if run["result"] else ""
         lines.append(f"  {actor}: last {run['last_run'] or 'never'}{result}, next {run['next_run'] or 'never'}")
+    if (daemon := report.get("daemon")) is not None:
+        lines += daemon_lines(daemon)
     return "\n".join(line.rstrip() for line in lines)
+
+
+def daemon_lines(daemon: dict[str, Any]) -> list[str]:
+    """The running daemon's workers (from its /health), or why it could not be asked."""
+    if "error" in daemon:
+        return [f"daemon        {daemon['url']}: {daemon['error']}"]
+    workers = daemon.get("workers") or []
+    lines = [f"daemon        {daemon['url']}: {daemon.get('status')}, {len(workers)} worker(s)"]
+    for w in workers:
+        if w.get("status") == "down":
+            lines.append(f"  worker {w.get('index')}: down (not answering)")
+            continue
+        lines.append(
+            f"  worker {w.get('index')}: pid {w.get('pid')} ({w.get('node')}), {w.get('status')},"
+            f" {'ready' if w.get('ready') else 'not ready'}, since {w.get('started_at')}, restarts {w.get('restarts')}"
+        )
+    return lines
 
 
 def _identify(ident: str | int) -> tuple[str, str | int]:

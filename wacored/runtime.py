@@ -24,6 +24,7 @@ from .ingest import SessionCacheStats
 from .lanes import LaneBoard
 from .metrics import Metrics
 from .pausewatch import PauseBoard
+from .siblings import Siblings
 from .slo import SloState
 from .store import DEAD_LETTER_STATES, Reader
 from .targets import Target, targets_of
@@ -176,6 +177,9 @@ class Runtime:
     store_writes: StoreWrites = field(default_factory=StoreWrites)
     """How the writer's commits are going and the outcomes it holds. Owner: the writer actor (kept
     here so a restarted writer carries on); /health and /metrics only read it."""
+    siblings: Siblings = field(default_factory=Siblings)
+    """Which worker this process is under ``[server] processes`` and how to reach the others (`siblings`);
+    set once at start. Owns its count of siblings that did not answer."""
 
     numbers: Numbers = field(init=False)
     """Which number a message was written to and that number's rules (`numbers.py`), built from

@@ -154,6 +154,7 @@ def _read_server(data: Any, problems: list[str]) -> ServerConfig:
     max_unverified = s.take("max_unverified_bytes", ServerConfig.max_unverified_bytes, _positive)
     certfile = s.take("certfile", "")
     keyfile = s.take("keyfile", "")
+    processes = s.take("processes", ServerConfig.processes, _processes)
     s.finish()
     if bool(certfile) != bool(keyfile):
         s.problem("certfile", "certfile and keyfile must be set together")
@@ -171,7 +172,12 @@ def _read_server(data: Any, problems: list[str]) -> ServerConfig:
         max_unverified_bytes=max_unverified,
         certfile=certfile,
         keyfile=keyfile,
+        processes=processes,
     )
+
+
+def _processes(value: int) -> str | None:
+    return None if value >= 0 else "must be 0 (one process per CPU), 1 (one process) or more, not negative"
 
 
 def _read_whatsapp(data: Any, problems: list[str]) -> WhatsAppConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,14 @@ class ServerConfig:
     """Body bytes buffered, across every webhook read not yet complete (so not yet verified)."""
     certfile: str = ""
     keyfile: str = ""
+    processes: int = 1
+    """Worker processes sharing the port: 1 is one process with no supervisor in front; 0 is one per
+    CPU (`workers`)."""
+
+    @property
+    def workers(self) -> int:
+        """How many worker processes ``processes`` asks for (0: one per CPU)."""
+        return self.processes or os.cpu_count() or 1
 
     @property
     def tls(self) -> bool:
