@@ -136,6 +136,8 @@ def worker_section(rt: Runtime, status: str, actors: dict[str, Any]) -> dict[str
         "restarts": place.restarts,
         "status": status,
         "actors": actors,
+        "lanes_held": sorted(rt.lanes.held_lanes()),
+        "singletons": sorted(n for n in rt.lanes.singletons if rt.lanes.holds(n)),
     }
 
 
