@@ -140,7 +140,7 @@ async def test_retries_at_2_4_8_minutes_then_abandons(tmp_path: Path, store_cloc
     assert request.headers["X-DLQ-Retry"] == "true"
     assert request.headers["Idempotency-Key"] == "wamid.A"
     assert request.headers["X-Correlation-ID"] == "corr-wamid.A"
-    assert rt.counters.dlq_retries == {("rides", "failed"): 2, ("rides", "abandoned"): 1}
+    assert rt.retry_counts.dlq_retries == {("rides", "failed"): 2, ("rides", "abandoned"): 1}
 
 
 async def test_a_service_that_is_back_gets_its_dead_letters(tmp_path: Path, store_clock: trio.abc.Clock) -> None:
@@ -174,7 +174,7 @@ async def test_an_open_breaker_reschedules_without_counting(tmp_path: Path, stor
     assert (key, state, attempts) == ("wamid.A", "pending", 0)
     assert breaker.opened_at is not None
     assert next_at == pytest.approx(breaker.opened_at + 1000.0)  # when the breaker lets a probe through
-    assert rt.counters.dlq_retries[("rides", "breaker_open")] >= 1
+    assert rt.retry_counts.dlq_retries[("rides", "breaker_open")] >= 1
 
 
 async def test_a_replayed_entry_is_retried_when_the_retrier_is_woken(

@@ -391,7 +391,7 @@ async def test_a_failed_probe_reopens_the_breaker_for_another_period(
     await trio.sleep(9.9)
     assert await reason() == "breaker_open"
     assert len(seen) == 3
-    assert rt.counters.forwards == {("rides", "transient"): 3, ("rides", "breaker_open"): 3}
+    assert rt.attempt_counts.forwards == {("rides", "transient"): 3, ("rides", "breaker_open"): 3}
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,10 @@ from tests.conftest import SERVICES, World, config_mapping
 from tests.support import parse, value
 from wacored.config import Config
 from wacored.core.breaker import Breaker
+from wacored.counts import bump
 from wacored.lanes import LaneBoard
-from wacored.runtime import ActorState, Runtime
+from wacored.runtime import Runtime
+from wacored.state import ActorState
 from wacored.store import Reader, migrate
 from wacored.writer import WriteOp
 
@@ -171,12 +173,12 @@ def runtime(tmp_path: Path, send: trio.MemorySendChannel[WriteOp], **sections: d
 async def test_the_collector_reads_the_cached_state(tmp_path: Path) -> None:
     send, _receive = trio.open_memory_channel[WriteOp](1)
     rt = runtime(tmp_path, send)
-    rt.counters.bump(rt.counters.forwards, ("rides", "delivered"), 3)
-    rt.counters.bump(rt.counters.forwards, ("rides", "breaker_open"))
-    rt.counters.bump(rt.counters.dlq_retries, ("jobs", "abandoned"), 2)
-    rt.counters.bump(rt.counters.reloads, "failed")
-    rt.counters.bump(rt.counters.reaped, "sessions", 5)
-    rt.counters.bump(rt.counters.statuses, "deleted")
+    bump(rt.attempt_counts.forwards, ("rides", "delivered"), 3)
+    bump(rt.attempt_counts.forwards, ("rides", "breaker_open"))
+    bump(rt.retry_counts.dlq_retries, ("jobs", "abandoned"), 2)
+    bump(rt.reload_counts.results, "failed")
+    bump(rt.reap_counts.reaped, "sessions", 5)
+    bump(rt.ingress_counts.statuses, "deleted")
     rt.stats.queued = {"rides": 12}
     rt.stats.oldest_queued_at = {"rides": 9_940.0}
     rt.stats.dead_letters_by_service = {("rides", "pending"): 3, ("jobs", "pending"): 1, ("rides", "abandoned"): 1}

@@ -156,11 +156,11 @@ async def test_the_actor_runs_a_missed_reap_soon_after_start(tmp_path: Path, sto
         await nursery.start(partial(run_writer, WriteConnection(path), receive, NoLanes()))
         await nursery.start(partial(run_reaper, rt, Reader(path), send.clone()))
         await trio.sleep(59)
-        assert rt.counters.reaped == {}
+        assert rt.reap_counts.reaped == {}
         with trio.fail_after(600):  # a transaction per kind, from 60 s on: wait for the last one
-            while "messages" not in rt.counters.reaped:  # noqa: ASYNC110 -- a count the reaper keeps
+            while "messages" not in rt.reap_counts.reaped:  # noqa: ASYNC110 -- a count the reaper keeps
                 await trio.sleep(1)
-        assert rt.counters.reaped["messages"] == 3
+        assert rt.reap_counts.reaped["messages"] == 3
         assert rt.actors["reaper"].next_run == MIDNIGHT + DAY_S + 7200  # then daily at 02:00
         nursery.cancel_scope.cancel()
     assert Reader(path).last_run("reaper") is not None

@@ -25,7 +25,7 @@ import trio.testing
 
 from wacored.config import Config
 from wacored.daemon import serve_until_signalled
-from wacored.runtime import ActorState
+from wacored.state import ActorState
 from wacored.systemd import (
     Notifier,
     open_watchdog,

@@ -24,8 +24,9 @@ from . import admin
 from .core.numbers import OTHER
 from .ingress import Receive, Scope, Send, Webhook, refuse_overloaded, request_ids
 from .operations import iso
-from .runtime import ActorState, Runtime
+from .runtime import Runtime
 from .siblings import LOCAL_HEADER, merged_exposition
+from .state import ActorState
 from .version import VERSION
 from .writer import StoreWrites, store_writes_status
 
@@ -61,23 +62,23 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
         "store_reads": cache.store_reads,
         "cache_clears": cache.clears,
     }
-    checks["requests"] = dict(rt.counters.requests)
+    checks["requests"] = dict(rt.ingress_counts.requests)
     admission = rt.admission
     checks["ingress"] = {
         "in_flight": admission.in_flight,
         "unverified_reads": len(admission.reads),
         "unverified_bytes": admission.unverified_bytes,
     }
-    checks["routed"] = {f"{service}:{reason}": n for (service, reason), n in rt.counters.routed.items()}
-    checks["probes"] = rt.counters.probes
-    checks["statuses"] = dict(rt.counters.statuses)
+    checks["routed"] = {f"{service}:{reason}": n for (service, reason), n in rt.ingress_counts.routed.items()}
+    checks["probes"] = rt.ingress_counts.probes
+    checks["statuses"] = dict(rt.ingress_counts.statuses)
     stats = rt.stats
     checks["dead_letters"] = {
         **stats.dead_letters,
         "oldest_pending_age_s": None if stats.oldest_pending_at is None else round(now - stats.oldest_pending_at, 1),
         "as_of": iso(stats.refreshed_at),
     }
-    checks["reloads"] = dict(rt.counters.reloads)
+    checks["reloads"] = dict(rt.reload_counts.results)
     mono = trio.current_time()
     held = set(rt.lanes.held_lanes())
     checks["leases"] = {
@@ -257,7 +258,7 @@ def create_app(rt: Runtime) -> Any:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             rid, cid = request_ids(headers)
             if scope["path"] == "/webhook" and scope["method"] == "POST":
-                rt.counters.request("over_capacity", OTHER)
+                rt.ingress_counts.request("over_capacity", OTHER)
             log.warning(
                 "request refused at the connection cap",
                 extra={"event": "over_capacity", "path": scope["path"], "request_id": rid},

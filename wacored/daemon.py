@@ -52,6 +52,7 @@ from .core.leases import DLQ_RETRIER, REAPER
 from .core.numbers import Numbers
 from .core.ratelimit import RateLimit
 from .core.routing import RoutingTable
+from .counts import bump
 from .deadletters import run_dlq_retrier
 from .forwarder import run_forwarder
 from .lanes import LaneBoard, release, run_lease_keeper, run_relay
@@ -287,8 +288,8 @@ class Daemon:
                 )
             await self.start_forwarder(name)
         logging.getLogger().setLevel(new.telemetry.log_level.upper())
-        rt.counters.bump(rt.counters.reloads, "ok")
-        rt.counters.last_reload_ok, rt.counters.last_reload_success_at = True, rt.wall_clock()
+        bump(rt.reload_counts.results, "ok")
+        rt.reload_counts.last_ok, rt.reload_counts.last_success_at = True, rt.wall_clock()
         log.info(
             "config reloaded",
             extra={
@@ -304,8 +305,8 @@ class Daemon:
 
 
 def _refused(rt: Runtime, problems: list[str]) -> bool:
-    rt.counters.bump(rt.counters.reloads, "failed")
-    rt.counters.last_reload_ok = False
+    bump(rt.reload_counts.results, "failed")
+    rt.reload_counts.last_ok = False
     for problem in problems:
         log.error("config reload refused", extra={"event": "reload_failed", "problem": problem})
     return False

@@ -38,10 +38,12 @@ from typing import TypeVar
 import httpx
 import trio
 
+from .capabilities import Beating, Retrying
 from .config import DlqConfig
 from .core.delivery import Verdict
+from .counts import bump
 from .forwarder import INTERNAL_ERROR, guarded_attempt, internal_error, new_transport
-from .runtime import HEARTBEAT_S, Runtime
+from .runtime import HEARTBEAT_S
 from .store import DeadLetter, Reader, Retried, StoreUnavailable, WriteConnection
 from .writer import Write, WriteOp, retry_delay_s
 
@@ -99,7 +101,7 @@ class _Transports(dict[str, httpx.AsyncBaseTransport]):
         return transport
 
 
-async def retry_one(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.AsyncBaseTransport]) -> Retried:
+async def retry_one(rt: Retrying, dl: DeadLetter, transports: dict[str, httpx.AsyncBaseTransport]) -> Retried:
     """Try one dead letter once, through its service's breaker."""
     d = dl.delivery
     dlq = rt.config.dlq
@@ -123,7 +125,7 @@ async def retry_one(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.Asy
         return outcome(None, wait_s=dlq.interval_s)
     result = await guarded_attempt(rt, target, transports[target.name], d, dlq_retry=True)
     if result is None:
-        rt.counters.bump(rt.counters.dlq_retries, (target.name, "breaker_open"))
+        bump(rt.retry_counts.dlq_retries, (target.name, "breaker_open"))
         return outcome(None, wait_s=rt.breakers[target.name].retry_in(trio.current_time()))
     retried = outcome(
         result.verdict, error=result.error, status_code=result.status_code, retry_after_s=result.retry_after_s
@@ -131,7 +133,7 @@ async def retry_one(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.Asy
     # Logged with the retry's write (the writer's group commit), numbered as the entry's retries are.
     retried = dataclasses.replace(retried, attempt=result.row(d, target.name, dl.attempts + 1, "dlq_retry", rt.node))
     label = {"delivered": "delivered", "abandoned": "abandoned"}.get(retried.state, "failed")
-    rt.counters.bump(rt.counters.dlq_retries, (target.name, label))
+    bump(rt.retry_counts.dlq_retries, (target.name, label))
     log.log(
         logging.INFO if label == "delivered" else logging.WARNING,
         "dead letter retried",
@@ -155,7 +157,7 @@ async def write(writes: trio.MemorySendChannel[WriteOp], apply: Callable[[WriteC
 
 
 async def write_committed(
-    rt: Runtime, actor: str, writes: trio.MemorySendChannel[WriteOp], apply: Callable[[WriteConnection], T]
+    rt: Beating, actor: str, writes: trio.MemorySendChannel[WriteOp], apply: Callable[[WriteConnection], T]
 ) -> T:
     """`write`, tried again while the store refuses it, `retry_delay_s` apart (beating for `actor`),
     until it commits. `apply` must be safe to run again: a refused transaction changed nothing."""
@@ -173,7 +175,7 @@ async def write_committed(
         rt.beat(actor)
 
 
-async def sleep_until(rt: Runtime, actor: str, deadline: float, wake: trio.Event | None = None) -> None:
+async def sleep_until(rt: Beating, actor: str, deadline: float, wake: trio.Event | None = None) -> None:
     """Sleep until wall-clock `deadline` (or `wake` is set), beating for `actor` meanwhile."""
     while (left := deadline - rt.wall_clock()) > 0 and not (wake is not None and wake.is_set()):
         with trio.move_on_after(min(left, HEARTBEAT_S)):
@@ -184,7 +186,7 @@ async def sleep_until(rt: Runtime, actor: str, deadline: float, wake: trio.Event
 
 
 async def run_dlq_retrier(
-    rt: Runtime,
+    rt: Retrying,
     reader: Reader,
     writes: trio.MemorySendChannel[WriteOp],
     *,
@@ -241,7 +243,7 @@ async def run_dlq_retrier(
 
 
 async def _one_pass(
-    rt: Runtime,
+    rt: Retrying,
     reader: Reader,
     writes: trio.MemorySendChannel[WriteOp],
     transports: dict[str, httpx.AsyncBaseTransport],
@@ -261,7 +263,7 @@ async def _one_pass(
     return len(due)
 
 
-async def _retry_contained(rt: Runtime, dl: DeadLetter, transports: dict[str, httpx.AsyncBaseTransport]) -> Retried:
+async def _retry_contained(rt: Retrying, dl: DeadLetter, transports: dict[str, httpx.AsyncBaseTransport]) -> Retried:
     """`retry_one`, with anything unexpected it raises abandoning that entry alone."""
     try:
         return await retry_one(rt, dl, transports)
@@ -276,7 +278,7 @@ async def _retry_contained(rt: Runtime, dl: DeadLetter, transports: dict[str, ht
                 "error": internal_error(exc),
             },
         )
-        rt.counters.bump(rt.counters.internal_errors, (d.target, "dlq_retry"))
+        bump(rt.retry_counts.internal_errors, d.target)
         retried = after_retry(
             dl.attempts,
             Verdict.PERMANENT,
@@ -289,7 +291,7 @@ async def _retry_contained(rt: Runtime, dl: DeadLetter, transports: dict[str, ht
         return dataclasses.replace(retried, reason=INTERNAL_ERROR)
 
 
-async def _next_wake(rt: Runtime, reader: Reader) -> float:
+async def _next_wake(rt: Retrying, reader: Reader) -> float:
     """The next interval tick, or sooner when a pending entry falls due before it."""
     tick = rt.wall_clock() + rt.config.dlq.interval_s
     due = await _next_due(reader)
@@ -303,7 +305,7 @@ async def _next_due(reader: Reader) -> float | None:
         return None
 
 
-async def _wait_for_due(rt: Runtime, reader: Reader, wake: float, poll_s: float) -> None:
+async def _wait_for_due(rt: Retrying, reader: Reader, wake: float, poll_s: float) -> None:
     """Sleep until `wake`, or sooner: when an operator's replay in this process sets `rt.dlq_due`, or
     when a pending entry falls due before `wake`. An entry written since the pass (a new dead letter,
     a replay from the CLI or from another process) is found within `DUE_POLL_S`, by one indexed

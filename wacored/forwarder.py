@@ -17,12 +17,12 @@ is not attempted but dead-lettered with the reason ``breaker_open``, for the DLQ
 attempt made goes to the writer with the delivery's outcome (`Outcome.tries`: the attempts log).
 
 A paused service (`pauses.py`) is not attempted at all: before each attempt (a first one or a
-retry) a lane asks `Runtime.pauses`, and while the service is paused it holds that delivery, in
+retry) a lane asks `Delivering.pauses`, and while the service is paused it holds that delivery, in
 order, taking nothing else; the rest wait in the lane's channel, then the forwarder's, then on disk.
 So an attempt in hand when the pause lands finishes, nothing more starts, and nothing is
 dead-lettered for the pause; the breaker is never asked. On resume the lane goes on where it stopped.
 
-Each delivery reads the target afresh from `Runtime.targets`, so a config reload changes URLs,
+Each delivery reads the target afresh from `Delivering.targets`, so a config reload changes URLs,
 secrets, timeouts and retries between two deliveries without disturbing one in flight. The number of
 lanes is fixed when the forwarder starts.
 
@@ -39,7 +39,7 @@ Error handling:
 Cancellation and stopping:
     An attempt cut short by cancellation records nothing: the message stays ``queued`` and is
     delivered again after the next start (downstreams deduplicate on ``Idempotency-Key``). Once
-    `Runtime.stopping` is set, lanes finish the delivery in hand (no further retries) and take no more.
+    `Delivering.stopping` is set, lanes finish the delivery in hand (no further retries) and take no more.
 """
 
 from __future__ import annotations
@@ -59,11 +59,13 @@ import httpx
 import trio
 from opentelemetry.trace import Status, StatusCode, Tracer
 
+from .capabilities import Delivering
 from .core.delivery import Verdict, backoff_s, classify, dead_letter_reason, next_try_s, settled
 from .core.retry_after import retry_after_s
 from .core.untrusted import EXCERPT, clean, excerpt, token
+from .counts import bump
 from .lanes import Lane
-from .runtime import HEARTBEAT_S, Runtime
+from .runtime import HEARTBEAT_S
 from .store import AttemptRow, Delivery, Outcome
 from .store_lanes import LaneReader
 from .targets import Target, targets_of
@@ -177,7 +179,7 @@ async def _drain(response: httpx.Response) -> bytes:
 
 
 async def guarded_attempt(
-    rt: Runtime, target: Target, transport: httpx.AsyncBaseTransport, d: Delivery, *, dlq_retry: bool = False
+    rt: Delivering, target: Target, transport: httpx.AsyncBaseTransport, d: Delivery, *, dlq_retry: bool = False
 ) -> Attempt | None:
     """One attempt of `d` through `target`'s circuit breaker, counted and timed (`Attempt.started_at`,
     `Attempt.duration_s`); None when the breaker did not let it through."""
@@ -186,7 +188,7 @@ async def guarded_attempt(
     started = trio.current_time()
     started_at = rt.wall_clock()
     if not breaker.allow(started):
-        rt.counters.bump(rt.counters.forwards, (name, "breaker_open"))
+        bump(rt.attempt_counts.forwards, (name, "breaker_open"))
         return None
     try:
         result = await attempt(transport, target, d, tracer=rt.tracer, dlq_retry=dlq_retry)
@@ -203,12 +205,12 @@ async def guarded_attempt(
         breaker.failure(trio.current_time())
     else:
         breaker.success()
-    rt.counters.bump(rt.counters.forwards, (name, result.verdict.value))
+    bump(rt.attempt_counts.forwards, (name, result.verdict.value))
     return result
 
 
 async def deliver(
-    rt: Runtime,
+    rt: Delivering,
     name: str,
     transport: httpx.AsyncBaseTransport,
     d: Delivery,
@@ -247,7 +249,7 @@ async def deliver(
             return None
 
 
-async def _stopped_while_waiting(rt: Runtime, seconds: float) -> bool:
+async def _stopped_while_waiting(rt: Delivering, seconds: float) -> bool:
     """Wait `seconds` before a retry; True (and at once) when the daemon starts stopping meanwhile: a
     retry not yet made is not "the delivery in hand", so the drain does not wait for it (the message
     stays queued)."""
@@ -265,7 +267,7 @@ def internal_error(exc: Exception) -> str:
 
 
 async def deliver_contained(
-    rt: Runtime,
+    rt: Delivering,
     name: str,
     transport: httpx.AsyncBaseTransport,
     d: Delivery,
@@ -286,12 +288,12 @@ async def deliver_contained(
                 "error": internal_error(exc),
             },
         )
-        rt.counters.bump(rt.counters.internal_errors, (name, "delivery"))
+        bump(rt.attempt_counts.internal_errors, name)
         return _outcome(rt, d, name, 1, Attempt(Verdict.PERMANENT, internal_error(exc)), INTERNAL_ERROR, made)
 
 
 def _outcome(
-    rt: Runtime,
+    rt: Delivering,
     d: Delivery,
     name: str,
     tries: int,
@@ -342,7 +344,7 @@ def new_transport(ca_file: str = "") -> httpx.AsyncBaseTransport:
 
 
 async def run_lane(
-    rt: Runtime,
+    rt: Delivering,
     lane: Lane,
     reader: LaneReader,
     writes: trio.MemorySendChannel[WriteOp],
@@ -407,7 +409,7 @@ def _log_outcome(name: str, d: Delivery, outcome: Outcome) -> None:
 
 
 async def run_forwarder(
-    rt: Runtime,
+    rt: Delivering,
     name: str,
     lanes: Sequence[Lane],
     reader: LaneReader,

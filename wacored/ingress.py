@@ -48,6 +48,7 @@ from .config import WhatsAppConfig
 from .core.ingest import PlannedRow
 from .core.numbers import OTHER
 from .core.whatsapp import Batch, PayloadError, parse_webhook, signature_valid
+from .counts import bump
 from .ingest import IngestContext, Ingested, IngestPolicy
 from .runtime import Runtime
 from .store import StoreUnavailable
@@ -139,7 +140,7 @@ class Webhook:
                 status, body, extra = await self._post(receive, headers, ids["X-Request-ID"], ids["X-Correlation-ID"])
             except ClientGone:
                 # Nothing was stored (the body never arrived whole); Meta will deliver it again.
-                rt.counters.request("client_gone", OTHER)
+                rt.ingress_counts.request("client_gone", OTHER)
                 span.set_attribute("wacored.outcome", "client_gone")
                 log.info("caller left before its body was read", extra={"event": "webhook_client_gone"})
                 return
@@ -157,11 +158,11 @@ class Webhook:
         given = query.get("hub.verify_token", [""])[0]
         challenge = query.get("hub.challenge", [""])[0]
         if mode == "subscribe" and token and secrets.compare_digest(given.encode(), token.encode()):
-            self.rt.counters.bump(self.rt.counters.handshakes, "ok")
+            bump(self.rt.ingress_counts.handshakes, "ok")
             log.info("webhook verified", extra={"event": "handshake_ok"})
             await self._send(send, 200, challenge.encode(), "text/plain; charset=utf-8", ids)
             return
-        self.rt.counters.bump(self.rt.counters.handshakes, "refused")
+        bump(self.rt.ingress_counts.handshakes, "refused")
         log.warning("webhook verification refused", extra={"event": "handshake_refused"})
         await self._respond(send, 403, {"error": "forbidden"}, ids)
 
@@ -216,7 +217,7 @@ class Webhook:
         if signature_valid(whatsapp.app_secret, raw, header):
             return True
         if whatsapp.app_secret_previous and signature_valid(whatsapp.app_secret_previous, raw, header):
-            self.rt.counters.previous_secret += 1
+            self.rt.ingress_counts.previous_secret += 1
             return True
         return False
 
@@ -230,7 +231,7 @@ class Webhook:
         number: str = OTHER,
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         """`number` labels the POST: ``other`` until it is parsed (its first change's number after)."""
-        self.rt.counters.request(outcome, number)
+        self.rt.ingress_counts.request(outcome, number)
         trace.get_current_span().set_attribute("wacored.outcome", outcome)
         log.warning("webhook refused", extra={"event": f"webhook_{outcome}", "status": status})
         return status, body, dict(extra or {})
@@ -255,7 +256,7 @@ class Webhook:
         return await op.reply.wait()
 
     def _accepted(self, batch: Batch, ingested: Ingested, label: str) -> tuple[int, dict[str, Any], dict[str, str]]:
-        counters, numbers = self.rt.counters, self.rt.numbers
+        counters, numbers = self.rt.ingress_counts, self.rt.numbers
         n_messages = len(batch.messages)
         rows, ids = ingested.rows[:n_messages], ingested.ids[:n_messages]
         inserted = [r for r, row_id in zip(rows, ids, strict=True) if row_id is not None]
@@ -270,13 +271,13 @@ class Webhook:
                 # the alerts and dashboards built on them.
                 counters.probes += 1
                 continue
-            counters.bump(counters.routed, (r.service, r.reason))
+            bump(counters.routed, (r.service, r.reason))
             # An unrouted row's number is the payload's id: `label` makes it ``other``, never the id.
             counters.count(("routed", r.service, r.reason, numbers.label(r.number)))
         # Counted once the batch is committed: a POST answered 503 counts nothing, so Meta's redelivery
         # of it is not counted twice.
         for st in batch.statuses:
-            counters.bump(counters.statuses, st.status)
+            bump(counters.statuses, st.status)
             counters.count(("statuses", st.status, numbers.label(numbers.key_of(st.number))))
         outcome = "duplicate" if duplicates and not routes else "accepted"
         counters.request(outcome, label)

@@ -1,8 +1,8 @@
 """Prometheus metrics of one daemon: its own registry, the histograms observed on the hot paths, and a
 collector exporting at scrape time what the daemon already keeps.
 
-Counters and gauges that mirror state the daemon already keeps (`Runtime.counters`, breakers,
-`Runtime.stats`, actors, sessions, queues, SLO figures) are read at scrape time from those cached
+Counters and gauges that mirror state the daemon already keeps (its counts, `counts.py`; breakers;
+the stats actor's store figures; actors; lanes; SLO figures) are read at scrape time from those cached
 values, never from the database: a scrape costs microseconds and cannot block on a lock.
 
 Every known label value is exported from the start (zero-valued), so a query or an alert rule finds
@@ -17,8 +17,8 @@ docs/metrics.md (tests/test_docs.py keeps the two the same).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 from prometheus_client import (
@@ -41,7 +41,57 @@ from .store import DEAD_LETTER_STATES, REAP_SQL
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from .runtime import Runtime
+    from .config import Config
+    from .core.breaker import Breaker
+    from .core.numbers import Numbers
+    from .counts import AttemptCounts, IngressCounts, ReapCounts, ReloadCounts, RetryCounts
+    from .lanes import LaneBoard
+    from .pausewatch import PauseBoard
+    from .siblings import Siblings
+    from .slo import SloState
+    from .state import ActorState, StoreStats
+    from .writer import StoreWrites
+
+
+class Observed(Protocol):
+    """What /metrics reads of a running daemon, and only reads (the `runtime.Runtime` is one): this
+    module needs no import of the runtime, which builds a `Metrics` of its own."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def numbers(self) -> Numbers: ...
+    @property
+    def lanes(self) -> LaneBoard: ...
+    @property
+    def wall_clock(self) -> Callable[[], float]: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def ingress_counts(self) -> IngressCounts: ...
+    @property
+    def attempt_counts(self) -> AttemptCounts: ...
+    @property
+    def retry_counts(self) -> RetryCounts: ...
+    @property
+    def reap_counts(self) -> ReapCounts: ...
+    @property
+    def reload_counts(self) -> ReloadCounts: ...
+    @property
+    def stats(self) -> StoreStats: ...
+    @property
+    def breakers(self) -> Mapping[str, Breaker]: ...
+    @property
+    def pauses(self) -> PauseBoard: ...
+    @property
+    def actors(self) -> Mapping[str, ActorState]: ...
+    @property
+    def siblings(self) -> Siblings: ...
+    @property
+    def store_writes(self) -> StoreWrites: ...
+    @property
+    def slo(self) -> SloState: ...
+
 
 ACK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 10.0)
 """Around the 1.2 s ack SLO (``[slo] p95_ms``), with room below it to see normal latency."""
@@ -103,7 +153,7 @@ class Metrics:
         GCCollector(registry=self.registry)
         self._state: StateCollector | None = None
 
-    def watch(self, rt: Runtime, version: str) -> None:
+    def watch(self, rt: Observed, version: str) -> None:
         """Export `rt`'s state from now on (called once, when the runtime is built)."""
         self._state = StateCollector(rt, version)
         self.registry.register(self._state)
@@ -118,7 +168,7 @@ class Metrics:
         return encoder(self.registry), content_type
 
 
-def targets(rt: Runtime) -> list[str]:
+def targets(rt: Observed) -> list[str]:
     """The label values of ``service`` for forwarding targets: the configured services, ``whatsapp``,
     and any target the daemon still holds a queue for (a service removed by a reload)."""
     names = [*rt.config.services, GRAPH_SENDER]
@@ -128,7 +178,7 @@ def targets(rt: Runtime) -> list[str]:
 class StateCollector(Collector):
     """Reads one daemon's cached state at scrape time (see the module docstring)."""
 
-    def __init__(self, rt: Runtime, version: str) -> None:
+    def __init__(self, rt: Observed, version: str) -> None:
         self.rt = rt
         self.version = version
 
@@ -147,7 +197,7 @@ class StateCollector(Collector):
             "Probes accepted: signed test messages routed and stored, never forwarded"
             " (not in wacored_messages_routed_total).",
             [],
-            {(): rt.counters.probes},
+            {(): rt.ingress_counts.probes},
         )
         yield from self._forwarding(services, now)
         yield from self._dead_letters(services, now)
@@ -156,7 +206,7 @@ class StateCollector(Collector):
         yield from self._slo()
 
     def _ingress(self, services: list[str]) -> Iterator[Metric]:
-        c = self.rt.counters
+        c = self.rt.ingress_counts
         if self.rt.config.numbers:
             yield from self._ingress_by_number()
             return
@@ -182,7 +232,7 @@ class StateCollector(Collector):
         yield _counter("wacored_status_updates", "Status updates received, by status.", ["status"], statuses)
 
     def _handshakes(self) -> Iterator[Metric]:
-        c = self.rt.counters
+        c = self.rt.ingress_counts
         yield _counter(
             "wacored_webhook_previous_secret",
             "Webhook POSTs verified with the previous app secret (drop it once this stops growing).",
@@ -200,7 +250,7 @@ class StateCollector(Collector):
         """The same families with a ``number`` label, once the config has ``[numbers.ID]`` sections
         (with one number the label would only ever repeat it). Its values are the configured ids
         and ``other`` (`numbers.Numbers.label`), never an id from a payload."""
-        numbers, counts = self.rt.numbers, self.rt.counters.by_number
+        numbers, counts = self.rt.numbers, self.rt.ingress_counts.by_number
         labels = sorted(numbers.labels) + [OTHER]
         requests: Series = {(o, n): 0 for o in REQUEST_OUTCOMES for n in labels}
         routed: Series = {}
@@ -245,7 +295,7 @@ class StateCollector(Collector):
             "wacored_forward_attempts",
             "Forward attempts by service and outcome.",
             ["service", "outcome"],
-            _by_service(rt.counters.forwards, services, FORWARD_OUTCOMES),
+            _by_service(rt.attempt_counts.forwards, services, FORWARD_OUTCOMES),
         )
         stats = rt.stats
         yield _gauge(
@@ -310,14 +360,21 @@ class StateCollector(Collector):
             "wacored_dlq_retries",
             "Dead-letter retries by service and outcome.",
             ["service", "outcome"],
-            _by_service(rt.counters.dlq_retries, services, DLQ_RETRY_OUTCOMES),
+            _by_service(rt.retry_counts.dlq_retries, services, DLQ_RETRY_OUTCOMES),
         )
         yield _counter(
             "wacored_internal_errors",
             "Deliveries that raised something unexpected (each dead-lettered its message as"
             " internal_error), by service and stage.",
             ["service", "stage"],
-            _by_service(rt.counters.internal_errors, services, INTERNAL_ERROR_STAGES),
+            _by_service(
+                {
+                    **{(s, "delivery"): n for s, n in rt.attempt_counts.internal_errors.items()},
+                    **{(s, "dlq_retry"): n for s, n in rt.retry_counts.internal_errors.items()},
+                },
+                services,
+                INTERNAL_ERROR_STAGES,
+            ),
         )
 
     def _operations(self, now: float) -> Iterator[Metric]:
@@ -337,19 +394,19 @@ class StateCollector(Collector):
             "wacored_config_reloads",
             "Config reloads (SIGHUP) by result.",
             ["result"],
-            _known(rt.counters.reloads, RELOAD_RESULTS),
+            _known(rt.reload_counts.results, RELOAD_RESULTS),
         )
         yield _gauge(
             "wacored_config_last_reload_successful",
             "1 while the config in force is the file's; 0 from a refused reload until one works.",
             [],
-            {(): int(rt.counters.last_reload_ok)},
+            {(): int(rt.reload_counts.last_ok)},
         )
         yield _gauge(
             "wacored_config_last_reload_success_timestamp_seconds",
             "When the config in force was loaded (start-up, or the last reload that worked).",
             [],
-            {(): rt.counters.last_reload_success_at or rt.started_at},
+            {(): rt.reload_counts.last_success_at or rt.started_at},
         )
         yield _gauge(
             "wacored_store_size_bytes",
@@ -358,7 +415,7 @@ class StateCollector(Collector):
             {(): rt.stats.size_bytes or 0},
         )
         yield _counter(
-            "wacored_reaped", "Rows the reaper deleted, by kind.", ["kind"], _known(rt.counters.reaped, REAPED_KINDS)
+            "wacored_reaped", "Rows the reaper deleted, by kind.", ["kind"], _known(rt.reap_counts.reaped, REAPED_KINDS)
         )
         siblings = rt.siblings
         yield _gauge(

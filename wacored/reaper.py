@@ -34,10 +34,11 @@ from pathlib import Path
 
 import trio
 
+from .capabilities import Reaping
 from .config import SessionsConfig
 from .core.schedule import cutoffs, missed, next_reap
+from .counts import bump
 from .deadletters import sleep_until, write_committed
-from .runtime import Runtime
 from .store import Reader, WriteConnection
 from .writer import WriteOp
 
@@ -94,7 +95,7 @@ def _summary(counts: dict[str, int]) -> str:
 
 
 async def run_reaper(
-    rt: Runtime,
+    rt: Reaping,
     reader: Reader,
     writes: trio.MemorySendChannel[WriteOp],
     *,
@@ -125,7 +126,7 @@ async def run_reaper(
             due = None
 
 
-async def _reap_now(rt: Runtime, writes: trio.MemorySendChannel[WriteOp]) -> None:
+async def _reap_now(rt: Reaping, writes: trio.MemorySendChannel[WriteOp]) -> None:
     now = rt.wall_clock()
     sessions = rt.config.sessions
 
@@ -138,7 +139,7 @@ async def _reap_now(rt: Runtime, writes: trio.MemorySendChannel[WriteOp]) -> Non
 
     counts = await reap_with(run, sessions, now, rt.config.ratelimit.window_s)
     for kind, n in counts.items():
-        rt.counters.bump(rt.counters.reaped, kind, n)
+        bump(rt.reap_counts.reaped, kind, n)
     state = rt.actor(ACTOR)
     state.last_run = now
     state.next_run = next_reap(now, sessions.reap_minute)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import trio
 from opentelemetry.trace import Tracer
@@ -20,117 +19,19 @@ from .core.breaker import Breaker
 from .core.numbers import Numbers
 from .core.ratelimit import RateLimit
 from .core.routing import RoutingTable
+from .counts import AttemptCounts, IngressCounts, ReapCounts, ReloadCounts, RetryCounts
 from .ingest import SessionCacheStats
 from .lanes import LaneBoard
 from .metrics import Metrics
 from .pausewatch import PauseBoard
 from .siblings import Siblings
 from .slo import SloState
-from .store import DEAD_LETTER_STATES, Reader
+from .state import ActorState, StoreStats
+from .store import Reader
 from .targets import Target, targets_of
 from .telemetry import NO_TRACER
 from .version import VERSION
 from .writer import HEARTBEAT_S, StoreWrites, WriteOp
-
-K = TypeVar("K", str, tuple[str, str])
-
-
-@dataclass
-class Counters:
-    """Plain counts of what the daemon did, shown by /health and exported as Prometheus counters.
-
-    Keys are bounded label values, a tuple where there are several (never a phone number or message
-    id): nothing is joined into a string only to be split apart again.
-    """
-
-    requests: dict[str, int] = field(default_factory=dict)
-    """Webhook POSTs by outcome (accepted, duplicate, bad_signature, ...)."""
-    previous_secret: int = 0
-    """Webhook POSTs verified with ``[whatsapp] app_secret_previous`` (a rotation in progress)."""
-    handshakes: dict[str, int] = field(default_factory=dict)
-    """Webhook verification handshakes by result (ok, refused)."""
-    routed: dict[tuple[str, str], int] = field(default_factory=dict)
-    """Messages by (service, reason)."""
-    probes: int = 0
-    """Probes accepted (`probe.py`): routed and stored, never forwarded, never counted in `routed`."""
-    statuses: dict[str, int] = field(default_factory=dict)
-    """Status updates by status, counted whether forwarded or dropped."""
-    forwards: dict[tuple[str, str], int] = field(default_factory=dict)
-    """Forward attempts by (service, outcome): delivered, transient, permanent, breaker_open."""
-    dlq_retries: dict[tuple[str, str], int] = field(default_factory=dict)
-    """Dead-letter retries by (service, outcome): delivered, failed, abandoned, breaker_open."""
-    reloads: dict[str, int] = field(default_factory=dict)
-    """Config reloads by result (ok, failed)."""
-    last_reload_ok: bool = True
-    """Whether the config in force is the one the file holds: False from a refused reload until one
-    succeeds (Prometheus's own ``*_config_last_reload_successful``). Owner: `Daemon.reload`."""
-    last_reload_success_at: float | None = None
-    """Wall-clock time the config in force was loaded (start-up, or the last reload that worked)."""
-    internal_errors: dict[tuple[str, str], int] = field(default_factory=dict)
-    """Deliveries that raised something unexpected, by (service, stage): delivery, dlq_retry; each
-    dead-lettered its one message as ``internal_error``."""
-    reaped: dict[str, int] = field(default_factory=dict)
-    """Rows the reaper deleted by kind (`store.REAP_SQL`: sessions, rate_hits, dead letters, attempts, messages)."""
-
-    by_number: dict[tuple[str, ...], int] = field(default_factory=dict)
-    """The per-number counts behind the ``number`` label: (``requests``, outcome, number),
-    (``routed``, service, reason, number) and (``statuses``, status, number), `number` a label of
-    `numbers.Numbers.label` (a configured id or ``other``)."""
-
-    @staticmethod
-    def bump(table: dict[K, int], key: K, n: int = 1) -> None:
-        table[key] = table.get(key, 0) + n
-
-    def request(self, outcome: str, number: str) -> None:
-        """A webhook POST ended with `outcome`; `number` labels it (its first change's, or ``other``)."""
-        self.bump(self.requests, outcome)
-        self.count(("requests", outcome, number))
-
-    def count(self, key: tuple[str, ...], n: int = 1) -> None:
-        self.by_number[key] = self.by_number.get(key, 0) + n
-
-
-@dataclass
-class ActorState:
-    """What the supervisor and the actor itself tell about one actor."""
-
-    running: bool = False
-    error: str = ""
-    """The last crash, if any (kept after a restart)."""
-    restarts: int = 0
-    heartbeat: float = 0.0
-    """`trio.current_time()` of the actor's last sign of life; the watchdog wants it fresh."""
-    last_run: float | None = None
-    """Periodic actors: wall-clock time their last run ended."""
-    next_run: float | None = None
-    """Periodic actors: wall-clock time of their next run."""
-
-
-@dataclass
-class StoreStats:
-    """Figures read from the store now and then (never at scrape time), cached for /health and metrics."""
-
-    queued: dict[str, int] = field(default_factory=dict)
-    """Accepted, not yet delivered nor dead-lettered, by target."""
-    oldest_queued_at: dict[str, float] = field(default_factory=dict)
-    """Wall-clock time the oldest queued message of each target was received."""
-    dead_letters_by_service: dict[tuple[str, str], int] = field(default_factory=dict)
-    """Dead letters by (service, state)."""
-    size_bytes: int | None = None
-    """The store's bytes on disk, write-ahead log included."""
-    oldest_pending_at: float | None = None
-    """Wall-clock time the oldest pending dead letter was created."""
-    sessions_active: int = 0
-    """Sessions whose last interaction is within the session TTL."""
-    refreshed_at: float | None = None
-
-    @property
-    def dead_letters(self) -> dict[str, int]:
-        """Dead letters by state, every state named (pending, abandoned, delivered, replayed)."""
-        by_state = dict.fromkeys(DEAD_LETTER_STATES, 0)
-        for (_, state), n in self.dead_letters_by_service.items():
-            by_state[state] = by_state.get(state, 0) + n
-        return by_state
 
 
 @dataclass
@@ -150,7 +51,11 @@ class Runtime:
     """HTTP requests begun before `draining` was set and not yet answered."""
     admission: Admission = field(default_factory=Admission)
     """Requests in flight and unverified webhook reads, for the bounds of ``[server]`` (`admission`)."""
-    counters: Counters = field(default_factory=Counters)
+    ingress_counts: IngressCounts = field(default_factory=IngressCounts)
+    attempt_counts: AttemptCounts = field(default_factory=AttemptCounts)
+    retry_counts: RetryCounts = field(default_factory=RetryCounts)
+    reap_counts: ReapCounts = field(default_factory=ReapCounts)
+    reload_counts: ReloadCounts = field(default_factory=ReloadCounts)
     actors: dict[str, ActorState] = field(default_factory=dict)
     reader_lock: trio.Lock = field(default_factory=trio.Lock)
     targets: dict[str, Target] = field(default_factory=dict)
@@ -232,4 +137,4 @@ class Runtime:
         )
 
 
-__all__ = ["HEARTBEAT_S", "ActorState", "Counters", "Runtime", "StoreStats", "StoreWrites"]
+__all__ = ["HEARTBEAT_S", "ActorState", "Runtime", "StoreStats", "StoreWrites"]

@@ -18,7 +18,8 @@ import sqlite3
 
 import trio
 
-from .runtime import Runtime, StoreStats
+from .runtime import Runtime
+from .state import StoreStats
 from .store import Reader
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from typing import Any, NoReturn, Protocol
 
 import trio
 
-from .runtime import ActorState
+from .state import ActorState
 
 log = logging.getLogger(__name__)
 
