@@ -73,11 +73,11 @@ class Reply(Generic[T]):
 
     def __init__(self) -> None:
         self._done = trio.Event()
-        self._value: T | None = None
+        self._value: tuple[T] | None = None
         self._error: BaseException | None = None
 
     def set(self, value: T) -> None:
-        self._value = value
+        self._value = (value,)
         self._done.set()
 
     def fail(self, error: BaseException) -> None:
@@ -88,7 +88,8 @@ class Reply(Generic[T]):
         await self._done.wait()
         if self._error is not None:
             raise self._error
-        return self._value  # type: ignore[return-value]
+        assert self._value is not None  # set() or fail() set `_done`
+        return self._value[0]
 
 
 @dataclass(eq=False)
@@ -99,11 +100,30 @@ class Ingest:
     policy: IngestPolicy
     context: IngestContext
     reply: Reply[Ingested] = field(default_factory=Reply)
+    _result: Ingested | None = field(default=None, init=False, repr=False)
+
+    def stage(self, conn: WriteConnection, sessions: StoreSessions | None, lanes: Lanes) -> None:
+        assert sessions is not None, "an ingest needs the session cache"
+        self._result = ingest(conn, sessions, self.batch, self.policy, self.context, lane_of=lanes.lane_of)
+
+    def committed(self, lanes: Lanes) -> None:
+        result = self._result
+        assert result is not None, "committed before it was staged"
+        # A probe is routed but never delivered: it is stored ``probe``, in no lane.
+        lanes.committed(row for row, row_id in zip(result.rows, result.ids, strict=True) if row_id is not None)
+        self.reply.set(result)
 
 
 @dataclass(eq=False)
 class Record:
     outcome: Outcome
+
+    def stage(self, conn: WriteConnection, sessions: StoreSessions | None, lanes: Lanes) -> None:
+        conn.record(self.outcome)
+
+    def committed(self, lanes: Lanes) -> None:
+        """Committed (or given up): its message is no longer in hand."""
+        lanes.recorded(self.outcome.target, self.outcome.message_id)
 
 
 @dataclass(eq=False)
@@ -115,6 +135,14 @@ class Write(Generic[T]):
 
     apply: Callable[[WriteConnection], T]
     reply: Reply[T] = field(default_factory=Reply)
+    _result: tuple[T] | None = field(default=None, init=False, repr=False)
+
+    def stage(self, conn: WriteConnection, sessions: StoreSessions | None, lanes: Lanes) -> None:
+        self._result = (self.apply(conn),)
+
+    def committed(self, lanes: Lanes) -> None:
+        assert self._result is not None, "committed before it was staged"
+        self.reply.set(self._result[0])
 
 
 WriteOp = Ingest | Record | Write[Any]
@@ -191,26 +219,17 @@ def store_writes_status(failing_since: float | None, now: float, unhealthy_after
     return "down" if now - failing_since >= unhealthy_after_s else "failing"
 
 
-def _stage(conn: WriteConnection, ops: Sequence[WriteOp], sessions: StoreSessions | None, lanes: Lanes) -> list[object]:
-    """Every op of the group, in order, inside the open transaction."""
-    results: list[object] = []
+def _stage(conn: WriteConnection, ops: Sequence[WriteOp], sessions: StoreSessions | None, lanes: Lanes) -> None:
+    """Every op of the group, in order, inside the open transaction; each keeps its own result."""
     if sessions is not None:
         sessions.sync()
     for op in ops:
-        if isinstance(op, Ingest):
-            assert sessions is not None, "an ingest needs the session cache"
-            results.append(ingest(conn, sessions, op.batch, op.policy, op.context, lane_of=lanes.lane_of))
-        elif isinstance(op, Record):
-            conn.record(op.outcome)
-            results.append(None)
-        else:
-            results.append(op.apply(conn))
-    return results
+        op.stage(conn, sessions, lanes)
 
 
 async def _transaction(
     conn: WriteConnection, ops: Sequence[WriteOp], sessions: StoreSessions | None = None, lanes: Lanes | None = None
-) -> list[object]:
+) -> None:
     """Run the group as one transaction (`sessions`: the session cache, needed by an `Ingest`; `lanes`:
     which lane each new row goes to).
 
@@ -223,14 +242,13 @@ async def _transaction(
     if not conn.try_begin():
         await trio.to_thread.run_sync(conn.begin_waiting)
     try:
-        results = _stage(conn, ops, sessions, lanes or NoLanes())
+        _stage(conn, ops, sessions, lanes or NoLanes())
         await trio.to_thread.run_sync(conn.commit)
     except BaseException:
         conn.rollback()
         if sessions is not None:
             sessions.clear()
         raise
-    return results
 
 
 async def run_writer(
@@ -303,11 +321,6 @@ def _failed(state: StoreWrites, exc: BaseException, wall_clock: Callable[[], flo
     )
 
 
-def _recorded(lanes: Lanes, record: Record) -> None:
-    """`record` is committed (or given up): its message is no longer in hand."""
-    lanes.recorded(record.outcome.target, record.outcome.message_id)
-
-
 async def _commit_group(
     conn: WriteConnection,
     ops: list[WriteOp],
@@ -326,7 +339,7 @@ async def _commit_group(
             return
     changes = conn.changes()
     try:
-        results = await _transaction(conn, ops, sessions, lanes)
+        await _transaction(conn, ops, sessions, lanes)
     except Exception as exc:
         # sqlite3.Error is the store refusing; anything else is a bug that crashes the writer (the
         # supervisor restarts it). Either way nothing of the group was stored: say so to every caller
@@ -341,16 +354,8 @@ async def _commit_group(
         raise
     if conn.changes() != changes:
         state.succeeded()
-    for op, result in zip(ops, results, strict=True):
-        if isinstance(op, Ingest):
-            assert isinstance(result, Ingested)
-            # A probe is routed but never delivered: it is stored ``probe``, in no lane.
-            lanes.committed(row for row, row_id in zip(result.rows, result.ids, strict=True) if row_id is not None)
-            op.reply.set(result)
-        elif isinstance(op, Record):
-            _recorded(lanes, op)
-        else:
-            op.reply.set(result)
+    for op in ops:
+        op.committed(lanes)
 
 
 async def _commit_held(
@@ -375,7 +380,7 @@ async def _commit_held(
     if conn.changes() != changes:
         state.succeeded()
     for record in held:
-        _recorded(lanes, record)
+        record.committed(lanes)
     log.info("held outcomes committed", extra={"event": "outcomes_committed", "count": len(held)})
 
 
@@ -405,4 +410,4 @@ async def _commit_one_by_one(
                 },
             )
         del state.held[0]
-        _recorded(lanes, record)
+        record.committed(lanes)
