@@ -325,7 +325,7 @@ async def test_a_forwarder_behind_a_slow_service_keeps_beating(tmp_path: Path, a
     service must not trip the watchdog."""
     from wacored.forwarder import PAGE, run_forwarder
     from wacored.runtime import HEARTBEAT_S
-    from wacored.store_lanes import LaneReader
+    from wacored.store import LaneReader
     from wacored.writer import WriteOp
 
     async def slow(request: httpx.Request) -> httpx.Response:

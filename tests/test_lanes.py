@@ -12,9 +12,19 @@ from pathlib import Path
 import trio
 
 from wacored.core.delivery import lane_of
-from wacored.core.leases import DLQ_RETRIER, REAPER, SINGLETONS, Lease, fair_share, lane_lease, parse_lane_lease, plan
+from wacored.core.leases import (
+    DLQ_RETRIER,
+    REAPER,
+    SINGLETONS,
+    Held,
+    Lease,
+    fair_share,
+    lane_lease,
+    parse_lane_lease,
+    plan,
+)
 from wacored.store import WriteConnection, migrate
-from wacored.store_lanes import Held, keep_leases, split_lanes, this_host_dead
+from wacored.store_lanes import this_host_dead
 
 from .conftest import Daemon, Downstream, Received, make_config, open_daemon, rows
 from .support import add_message, health, until_settled
@@ -59,8 +69,7 @@ def test_lane_lease_names_round_trip() -> None:
 
 def tick(conn: WriteConnection, me: str, now: float, release: list[str] | None = None, ttl: float = 10.0) -> Held:
     conn.begin_waiting()
-    held = keep_leases(
-        conn,
+    held = conn.keep_leases(
         me=me,
         lanes=LANES,
         singletons=SINGLETONS,
@@ -103,8 +112,7 @@ def test_a_dead_process_of_this_host_is_taken_over_at_once(tmp_path: Path) -> No
     with sqlite3.connect(path) as db:
         db.executemany("INSERT INTO leases VALUES (?, ?, ?)", [(n, dead, 1e12) for n in LANES])
     conn.begin_waiting()
-    held = keep_leases(
-        conn,
+    held = conn.keep_leases(
         me="a",
         lanes=LANES,
         singletons=(),
@@ -126,8 +134,8 @@ def test_queued_rows_follow_a_new_lane_count_once(tmp_path: Path) -> None:
         db.execute("UPDATE messages SET sender = 'sender-' || id")
     conn = WriteConnection(path)
     conn.begin_waiting()
-    moved = split_lanes(conn, target="rides", lanes=4)
-    again = split_lanes(conn, target="rides", lanes=4)
+    moved = conn.split_lanes("rides", 4)
+    again = conn.split_lanes("rides", 4)
     conn.commit()
     want = {i: lane_of(f"sender-{i}", 4) for i in ids}
     assert moved == sum(1 for lane in want.values() if lane != 0)

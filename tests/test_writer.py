@@ -15,8 +15,7 @@ from wacored.config import ForwardingConfig
 from wacored.core.delivery import lane_of
 from wacored.forwarder import Target, run_forwarder
 from wacored.lanes import LaneBoard
-from wacored.store import Outcome, Reader, StoreUnavailable, WriteConnection, migrate
-from wacored.store_lanes import LaneReader
+from wacored.store import LaneReader, Outcome, Reader, StoreUnavailable, WriteConnection, migrate
 from wacored.writer import (
     RETRY_MAX_S,
     Record,

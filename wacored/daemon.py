@@ -63,8 +63,8 @@ from .reaper import run_reaper
 from .runtime import Runtime
 from .siblings import Place, Siblings
 from .stats import run_stats
-from .store import Reader, StoreUnavailable, WriteConnection, migrate
-from .store_lanes import LaneReader, split_lanes
+from .store import LaneReader, Reader, StoreUnavailable, WriteConnection, migrate
+from .store_api import LaneReads, Reads, WriteTx
 from .supervisor import supervise
 from .systemd import Notifier, open_watchdog, run_beating
 from .targets import targets_of
@@ -120,7 +120,7 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
     return hc
 
 
-async def recover(reader: Reader, targets: Iterable[str]) -> None:
+async def recover(reader: Reads, targets: Iterable[str]) -> None:
     """Say which queued messages wait for a service no longer configured (sessions stay in the store,
     and the lanes read their rows from it)."""
     for target in (await trio.to_thread.run_sync(reader.queued_targets)).keys() - set(targets):
@@ -131,14 +131,14 @@ async def recover(reader: Reader, targets: Iterable[str]) -> None:
 
 
 def split_all(path: Path, busy_timeout_ms: int, lanes: dict[str, int]) -> None:
-    """Split each target's queued rows by its lane count now (`store_lanes.split_lanes`), before any
+    """Split each target's queued rows by its lane count now (`store.WriteConnection.split_lanes`), before any
     lane reads them; in a worker thread (it may wait for another process's write lock)."""
     conn = WriteConnection(path, busy_timeout_ms)
     try:
         conn.begin_waiting()
         try:
             for target, count in lanes.items():
-                if moved := split_lanes(conn, target=target, lanes=count):
+                if moved := conn.split_lanes(target, count):
                     log.info(
                         "queued messages split over a new lane count",
                         extra={"event": "lanes_split", "service": target, "lanes": count, "moved": moved},
@@ -157,7 +157,7 @@ class Daemon:
         self,
         rt: Runtime,
         writes: trio.MemorySendChannel[WriteOp],
-        lane_reader: LaneReader,
+        lane_reader: LaneReads,
         transport: Callable[[], Any] | None,
     ) -> None:
         self.rt = rt
@@ -277,7 +277,8 @@ class Daemon:
             self.stop_forwarder(name)
         for name in new_targets.keys() - old_targets.keys():
             # Whatever an earlier run left queued for it waits in lane 0: split it first.
-            split = Write(partial(split_lanes, target=name, lanes=new_targets[name].forwarding.concurrency))
+            lanes = new_targets[name].forwarding.concurrency
+            split: Write[int] = Write(_split(name, lanes))
             await self.writes.send(split)
             try:
                 await split.reply.wait()
@@ -549,6 +550,10 @@ async def _run(
         lane_reader.close()
         await tracing.aclose()
     log.info("stopped", extra={"event": "stopped"})
+
+
+def _split(target: str, lanes: int) -> Callable[[WriteTx], int]:
+    return lambda w: w.split_lanes(target, lanes)
 
 
 def node_name() -> str:

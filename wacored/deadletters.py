@@ -32,7 +32,6 @@ import dataclasses
 import logging
 import sqlite3
 from collections.abc import Callable
-from functools import partial
 from typing import TypeVar
 
 import httpx
@@ -44,7 +43,8 @@ from .core.delivery import Verdict
 from .counts import bump
 from .forwarder import INTERNAL_ERROR, guarded_attempt, internal_error, new_transport
 from .runtime import HEARTBEAT_S
-from .store import DeadLetter, Reader, Retried, StoreUnavailable, WriteConnection
+from .store import DeadLetter, Retried, StoreUnavailable
+from .store_api import Reads, WriteTx
 from .writer import Write, WriteOp, retry_delay_s
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ async def retry_one(rt: Retrying, dl: DeadLetter, transports: dict[str, httpx.As
     return retried
 
 
-async def write(writes: trio.MemorySendChannel[WriteOp], apply: Callable[[WriteConnection], T]) -> T:
+async def write(writes: trio.MemorySendChannel[WriteOp], apply: Callable[[WriteTx], T]) -> T:
     """Run `apply(connection)` in the writer's next transaction and wait for it to commit."""
     op: Write[T] = Write(apply)
     await writes.send(op)
@@ -157,7 +157,7 @@ async def write(writes: trio.MemorySendChannel[WriteOp], apply: Callable[[WriteC
 
 
 async def write_committed(
-    rt: Beating, actor: str, writes: trio.MemorySendChannel[WriteOp], apply: Callable[[WriteConnection], T]
+    rt: Beating, actor: str, writes: trio.MemorySendChannel[WriteOp], apply: Callable[[WriteTx], T]
 ) -> T:
     """`write`, tried again while the store refuses it, `retry_delay_s` apart (beating for `actor`),
     until it commits. `apply` must be safe to run again: a refused transaction changed nothing."""
@@ -187,7 +187,7 @@ async def sleep_until(rt: Beating, actor: str, deadline: float, wake: trio.Event
 
 async def run_dlq_retrier(
     rt: Retrying,
-    reader: Reader,
+    reader: Reads,
     writes: trio.MemorySendChannel[WriteOp],
     *,
     transport: Callable[[], httpx.AsyncBaseTransport] | None = None,
@@ -227,13 +227,7 @@ async def run_dlq_retrier(
                     rt,
                     ACTOR,
                     writes,
-                    partial(
-                        WriteConnection.record_run,
-                        actor=ACTOR,
-                        last_run=started,
-                        next_run=wake,
-                        result=f"{retried} retried",
-                    ),
+                    _ran(started, wake, f"{retried} retried"),
                 )
                 await _wait_for_due(rt, reader, wake, due_poll_s)
     finally:
@@ -242,9 +236,17 @@ async def run_dlq_retrier(
                 await made.aclose()
 
 
+def _ran(started: float, wake: float, result: str) -> Callable[[WriteTx], None]:
+    return lambda w: w.record_run(ACTOR, started, wake, result)
+
+
+def _retried(r: Retried) -> Callable[[WriteTx], None]:
+    return lambda w: w.retried(r)
+
+
 async def _one_pass(
     rt: Retrying,
-    reader: Reader,
+    reader: Reads,
     writes: trio.MemorySendChannel[WriteOp],
     transports: dict[str, httpx.AsyncBaseTransport],
 ) -> int:
@@ -258,7 +260,7 @@ async def _one_pass(
         if rt.stopping.is_set():
             return n
         retried = await _retry_contained(rt, dl, transports)
-        await write_committed(rt, ACTOR, writes, partial(WriteConnection.retried, r=retried))
+        await write_committed(rt, ACTOR, writes, _retried(retried))
         rt.beat(ACTOR)
     return len(due)
 
@@ -291,21 +293,21 @@ async def _retry_contained(rt: Retrying, dl: DeadLetter, transports: dict[str, h
         return dataclasses.replace(retried, reason=INTERNAL_ERROR)
 
 
-async def _next_wake(rt: Retrying, reader: Reader) -> float:
+async def _next_wake(rt: Retrying, reader: Reads) -> float:
     """The next interval tick, or sooner when a pending entry falls due before it."""
     tick = rt.wall_clock() + rt.config.dlq.interval_s
     due = await _next_due(reader)
     return tick if due is None else min(tick, due)
 
 
-async def _next_due(reader: Reader) -> float | None:
+async def _next_due(reader: Reads) -> float | None:
     try:
         return await trio.to_thread.run_sync(reader.next_due)
     except sqlite3.Error:
         return None
 
 
-async def _wait_for_due(rt: Retrying, reader: Reader, wake: float, poll_s: float) -> None:
+async def _wait_for_due(rt: Retrying, reader: Reads, wake: float, poll_s: float) -> None:
     """Sleep until `wake`, or sooner: when an operator's replay in this process sets `rt.dlq_due`, or
     when a pending entry falls due before `wake`. An entry written since the pass (a new dead letter,
     a replay from the CLI or from another process) is found within `DUE_POLL_S`, by one indexed

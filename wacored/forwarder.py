@@ -67,7 +67,7 @@ from .counts import bump
 from .lanes import Lane
 from .runtime import HEARTBEAT_S
 from .store import AttemptRow, Delivery, Outcome
-from .store_lanes import LaneReader
+from .store_api import LaneReads
 from .targets import Target, targets_of
 from .telemetry import NO_TRACER, forward_span, recording, traceparent_of
 from .transport import LaneTransport
@@ -346,7 +346,7 @@ def new_transport(ca_file: str = "") -> httpx.AsyncBaseTransport:
 async def run_lane(
     rt: Delivering,
     lane: Lane,
-    reader: LaneReader,
+    reader: LaneReads,
     writes: trio.MemorySendChannel[WriteOp],
     rng: random.Random,
     transport: httpx.AsyncBaseTransport | None = None,
@@ -378,7 +378,7 @@ async def run_lane(
                 await writes.send(Record(outcome))
 
 
-def _page(lane: Lane, reader: LaneReader) -> list[Delivery]:
+def _page(lane: Lane, reader: LaneReads) -> list[Delivery]:
     """The lane's next rows not in hand, oldest first (none when the store cannot be read: the lane
     tries again at its next wake)."""
     try:
@@ -412,7 +412,7 @@ async def run_forwarder(
     rt: Delivering,
     name: str,
     lanes: Sequence[Lane],
-    reader: LaneReader,
+    reader: LaneReads,
     writes: trio.MemorySendChannel[WriteOp],
     *,
     rng: random.Random | None = None,

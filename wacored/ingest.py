@@ -42,7 +42,8 @@ from .core.ratelimit import RateLimit
 from .core.routing import SessionAction
 from .core.sessions import Miss, Session, SessionCache
 from .core.whatsapp import Batch
-from .store import NewRow, WriteConnection
+from .store import NewRow
+from .store_api import WriteTx
 
 DEFAULT_CACHE_SIZE = SessionsConfig.cache_size
 """``[sessions] cache_size``'s default."""
@@ -98,7 +99,7 @@ class StoreSessions:
     write connection inside the open transaction. Owner: the writer."""
 
     def __init__(
-        self, conn: WriteConnection, cache_size: int = DEFAULT_CACHE_SIZE, stats: SessionCacheStats | None = None
+        self, conn: WriteTx, cache_size: int = DEFAULT_CACHE_SIZE, stats: SessionCacheStats | None = None
     ) -> None:
         self.conn = conn
         self.cache = SessionCache(cache_size)
@@ -135,7 +136,7 @@ class StoreSessions:
 
 
 def ingest(
-    conn: WriteConnection,
+    conn: WriteTx,
     sessions: StoreSessions,
     batch: Batch,
     policy: IngestPolicy,

@@ -32,14 +32,14 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable, Iterable
-from functools import partial
 
 import trio
 
 from .core.delivery import lane_of
-from .core.leases import SINGLETONS, lane_lease, tick_s
+from .core.leases import SINGLETONS, Held, lane_lease, tick_s
 from .store import NewRow, StoreUnavailable
-from .store_lanes import Held, LaneReader, keep_leases, release_leases, this_host_dead
+from .store_api import LaneReads
+from .store_lanes import this_host_dead
 from .writer import Write, WriteOp
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class LaneBoard:
 
 async def run_relay(
     board: LaneBoard,
-    reader: LaneReader,
+    reader: LaneReads,
     *,
     beat: Callable[[], None] = lambda: None,
     interval_s: float = RELAY_S,
@@ -253,11 +253,11 @@ async def _tick(
     dead: Callable[[str], bool],
 ) -> None:
     release = board.releasable()
+    lanes = board.names()
     op: Write[Held] = Write(
-        partial(
-            keep_leases,
+        lambda w: w.keep_leases(
             me=me,
-            lanes=board.names(),
+            lanes=lanes,
             singletons=SINGLETONS,
             release=release,
             now=now,
@@ -285,7 +285,7 @@ async def _tick(
 
 async def release(writes: trio.MemorySendChannel[WriteOp], me: str) -> None:
     """Give back every lease of `me` (a clean stop), best effort: a store that refuses leaves them to expire."""
-    op: Write[int] = Write(partial(release_leases, me=me))
+    op: Write[int] = Write(lambda w: w.release_leases(me))
     try:
         await writes.send(op)
         released = await op.reply.wait()

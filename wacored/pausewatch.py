@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 import trio
 
 from .pauses import POLL_S, Pause, may_attempt
-from .store import Reader
+from .store_api import Reads
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ async def _cancel_after(event: trio.Event, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def refresh(board: PauseBoard, reader: Reader, served: int) -> bool:
+async def refresh(board: PauseBoard, reader: Reads, served: int) -> bool:
     """Read the table once into `board`; False (board unchanged) when the store refuses."""
     try:
         rows = await trio.to_thread.run_sync(reader.pauses)
@@ -112,7 +112,7 @@ async def refresh(board: PauseBoard, reader: Reader, served: int) -> bool:
 
 async def run_pause_watch(
     board: PauseBoard,
-    reader: Reader,
+    reader: Reads,
     *,
     beat: Callable[[], None] = lambda: None,
     interval_s: float = POLL_S,

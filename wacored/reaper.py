@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
-from functools import partial
 from pathlib import Path
 
 import trio
@@ -39,7 +38,8 @@ from .config import SessionsConfig
 from .core.schedule import cutoffs, missed, next_reap
 from .counts import bump
 from .deadletters import sleep_until, write_committed
-from .store import Reader, WriteConnection
+from .store import WriteConnection
+from .store_api import Reads, WriteTx
 from .writer import WriteOp
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def _summary(counts: dict[str, int]) -> str:
 
 async def run_reaper(
     rt: Reaping,
-    reader: Reader,
+    reader: Reads,
     writes: trio.MemorySendChannel[WriteOp],
     *,
     may_run: Callable[[], bool] = lambda: True,
@@ -117,7 +117,7 @@ async def run_reaper(
             if due is None:
                 due = next_reap(rt.wall_clock(), rt.config.sessions.reap_minute)
             rt.actor(ACTOR).next_run = due
-            await write_committed(rt, ACTOR, writes, partial(WriteConnection.plan_run, actor=ACTOR, next_run=due))
+            await write_committed(rt, ACTOR, writes, _planned(due))
             await sleep_until(rt, ACTOR, due)
             if may_run():
                 await _reap_now(rt, writes)
@@ -126,14 +126,16 @@ async def run_reaper(
             due = None
 
 
+def _planned(at: float) -> Callable[[WriteTx], None]:
+    return lambda w: w.plan_run(ACTOR, at)
+
+
 async def _reap_now(rt: Reaping, writes: trio.MemorySendChannel[WriteOp]) -> None:
     now = rt.wall_clock()
     sessions = rt.config.sessions
 
     async def run(kind: str, cutoff: float, limit: int) -> int:
-        deleted = await write_committed(
-            rt, ACTOR, writes, partial(WriteConnection.reap, kind=kind, cutoff=cutoff, limit=limit)
-        )
+        deleted = await write_committed(rt, ACTOR, writes, lambda w: w.reap(kind, cutoff, limit))
         rt.beat(ACTOR)
         return deleted
 
@@ -142,13 +144,7 @@ async def _reap_now(rt: Reaping, writes: trio.MemorySendChannel[WriteOp]) -> Non
         bump(rt.reap_counts.reaped, kind, n)
     state = rt.actor(ACTOR)
     state.last_run = now
-    state.next_run = next_reap(now, sessions.reap_minute)
-    await write_committed(
-        rt,
-        ACTOR,
-        writes,
-        partial(
-            WriteConnection.record_run, actor=ACTOR, last_run=now, next_run=state.next_run, result=_summary(counts)
-        ),
-    )
+    state.next_run = next_run = next_reap(now, sessions.reap_minute)
+    summary = _summary(counts)
+    await write_committed(rt, ACTOR, writes, lambda w: w.record_run(ACTOR, now, next_run, summary))
     log.info("reaped", extra={"event": "reaped", **counts})

@@ -27,7 +27,7 @@ from .pausewatch import PauseBoard
 from .siblings import Siblings
 from .slo import SloState
 from .state import ActorState, StoreStats
-from .store import Reader
+from .store_api import Reads
 from .targets import Target, targets_of
 from .telemetry import NO_TRACER
 from .version import VERSION
@@ -43,7 +43,7 @@ class Runtime:
     writes: trio.MemorySendChannel[WriteOp]
     lanes: LaneBoard
     """This node's lanes and leases (`lanes.py`)."""
-    reader: Reader
+    reader: Reads
     wall_clock: Callable[[], float] = time.time
     started_at: float = 0.0
     draining: bool = False
@@ -115,7 +115,7 @@ class Runtime:
         config: Config,
         writes: trio.MemorySendChannel[WriteOp],
         lanes: LaneBoard,
-        reader: Reader,
+        reader: Reads,
         wall_clock: Callable[[], float] = time.time,
         node: str = "",
     ) -> Runtime:

@@ -20,7 +20,7 @@ import trio
 
 from .runtime import Runtime
 from .state import StoreStats
-from .store import Reader
+from .store_api import Reads
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ ACTOR = "stats"
 INTERVAL_S = 5.0
 
 
-async def refresh(rt: Runtime, reader: Reader) -> None:
+async def refresh(rt: Runtime, reader: Reads) -> None:
     """Read the figures once into `rt.stats` (kept as they were when the store cannot be read)."""
     since = rt.wall_clock() - rt.config.sessions.ttl_s
     try:
@@ -50,7 +50,7 @@ async def refresh(rt: Runtime, reader: Reader) -> None:
 
 async def run_stats(
     rt: Runtime,
-    reader: Reader,
+    reader: Reads,
     *,
     interval_s: float = INTERVAL_S,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import sqlite_utils
 
+from . import store_lanes
+from .core.leases import Held, Lease
 from .core.routing import SessionAction
 from .core.sessions import SessionChange
 
@@ -630,6 +632,39 @@ class WriteConnection:
         """Delete at most `limit` rows of `kind` older than `cutoff`; how many were deleted."""
         return self.conn.execute(REAP_SQL[kind], (cutoff, limit)).rowcount
 
+    def keep_leases(
+        self,
+        *,
+        me: str,
+        lanes: Sequence[str],
+        singletons: Sequence[str],
+        release: Sequence[str],
+        now: float,
+        ttl_s: float,
+        started_at: float,
+        dead: Callable[[str], bool],
+    ) -> Held:
+        """One lease tick for node `me` (`store_lanes.keep_leases`)."""
+        return store_lanes.keep_leases(
+            self.conn,
+            me=me,
+            lanes=lanes,
+            singletons=singletons,
+            release=release,
+            now=now,
+            ttl_s=ttl_s,
+            started_at=started_at,
+            dead=dead,
+        )
+
+    def release_leases(self, me: str) -> int:
+        """Drop every lease of `me`; how many it held (`store_lanes.release_leases`)."""
+        return store_lanes.release_leases(self.conn, me=me)
+
+    def split_lanes(self, target: str, lanes: int) -> int:
+        """Make `target`'s queued rows follow `lanes` lanes; how many moved (`store_lanes.split_lanes`)."""
+        return store_lanes.split_lanes(self.conn, target=target, lanes=lanes)
+
     def changes(self) -> int:
         """Rows changed on this connection so far (a commit that changed none wrote nothing)."""
         return self.conn.total_changes
@@ -771,3 +806,42 @@ class Reader:
         }
         oldest = self.conn.execute("SELECT MIN(created_at) FROM dead_letters WHERE state = 'pending'").fetchone()[0]
         return StoreFigures(queued_by_target(self.conn), dead, as_time(oldest), size_on_disk(self.path))
+
+
+class LaneReader:
+    """A read connection for lanes and the relay, used on the event loop's thread only: each read is
+    one indexed range read of a few rows (the partial index ``messages_lane`` holds only queued rows),
+    cheaper than the hop to a worker thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn: sqlite3.Connection = connect(path)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def page(self, target: str, lane: int, limit: int) -> list[Delivery]:
+        """The lane's first `limit` queued rows in id order (commit order)."""
+        rows = self.conn.execute(
+            f"SELECT {_delivery_columns()} FROM messages WHERE target = ? AND lane = ? AND state = 'queued'"
+            " ORDER BY id LIMIT ?",
+            (target, lane, limit),
+        ).fetchall()
+        return [_delivery(row) for row in rows]
+
+    def newest_id(self) -> int:
+        return int(self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0])
+
+    def queued_lanes_after(self, after_id: int) -> set[tuple[str, int]]:
+        """The (target, lane) of every row committed after `after_id` and still queued."""
+        return {
+            (str(target), int(lane))
+            for target, lane in self.conn.execute(
+                "SELECT DISTINCT target, lane FROM messages WHERE id > ? AND state = 'queued'", (after_id,)
+            )
+        }
+
+    def leases(self) -> list[Lease]:
+        return [
+            Lease(str(n), str(o), float(at))
+            for n, o, at in self.conn.execute("SELECT name, owner, expires_at FROM leases ORDER BY name")
+        ]

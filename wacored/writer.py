@@ -52,7 +52,8 @@ from .ingest import (
     StoreSessions,
     ingest,
 )
-from .store import NewRow, Outcome, StoreUnavailable, WriteConnection
+from .store import NewRow, Outcome, StoreUnavailable
+from .store_api import WriteTx
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class Ingest:
     reply: Reply[Ingested] = field(default_factory=Reply)
     _result: Ingested | None = field(default=None, init=False, repr=False)
 
-    def stage(self, conn: WriteConnection, sessions: StoreSessions | None, lanes: Lanes) -> None:
+    def stage(self, conn: WriteTx, sessions: StoreSessions | None, lanes: Lanes) -> None:
         assert sessions is not None, "an ingest needs the session cache"
         self._result = ingest(conn, sessions, self.batch, self.policy, self.context, lane_of=lanes.lane_of)
 
@@ -118,7 +119,7 @@ class Ingest:
 class Record:
     outcome: Outcome
 
-    def stage(self, conn: WriteConnection, sessions: StoreSessions | None, lanes: Lanes) -> None:
+    def stage(self, conn: WriteTx, sessions: StoreSessions | None, lanes: Lanes) -> None:
         conn.record(self.outcome)
 
     def committed(self, lanes: Lanes) -> None:
@@ -130,14 +131,14 @@ class Record:
 class Write(Generic[T]):
     """Any other write (a dead letter's retry, a reaper batch, a run record): `apply` runs on the write
     connection inside the group's transaction; its result is the reply once committed. `apply` is a
-    typed call of a `WriteConnection` method (``partial(WriteConnection.reap, kind=..., ...)``), never
+    typed call of a `store_api.WriteTx` method (``lambda w: w.reap(kind, cutoff, limit)``), never
     a method named by a string."""
 
-    apply: Callable[[WriteConnection], T]
+    apply: Callable[[WriteTx], T]
     reply: Reply[T] = field(default_factory=Reply)
     _result: tuple[T] | None = field(default=None, init=False, repr=False)
 
-    def stage(self, conn: WriteConnection, sessions: StoreSessions | None, lanes: Lanes) -> None:
+    def stage(self, conn: WriteTx, sessions: StoreSessions | None, lanes: Lanes) -> None:
         self._result = (self.apply(conn),)
 
     def committed(self, lanes: Lanes) -> None:
@@ -219,7 +220,7 @@ def store_writes_status(failing_since: float | None, now: float, unhealthy_after
     return "down" if now - failing_since >= unhealthy_after_s else "failing"
 
 
-def _stage(conn: WriteConnection, ops: Sequence[WriteOp], sessions: StoreSessions | None, lanes: Lanes) -> None:
+def _stage(conn: WriteTx, ops: Sequence[WriteOp], sessions: StoreSessions | None, lanes: Lanes) -> None:
     """Every op of the group, in order, inside the open transaction; each keeps its own result."""
     if sessions is not None:
         sessions.sync()
@@ -228,7 +229,7 @@ def _stage(conn: WriteConnection, ops: Sequence[WriteOp], sessions: StoreSession
 
 
 async def _transaction(
-    conn: WriteConnection, ops: Sequence[WriteOp], sessions: StoreSessions | None = None, lanes: Lanes | None = None
+    conn: WriteTx, ops: Sequence[WriteOp], sessions: StoreSessions | None = None, lanes: Lanes | None = None
 ) -> None:
     """Run the group as one transaction (`sessions`: the session cache, needed by an `Ingest`; `lanes`:
     which lane each new row goes to).
@@ -252,7 +253,7 @@ async def _transaction(
 
 
 async def run_writer(
-    conn: WriteConnection,
+    conn: WriteTx,
     receive: trio.MemoryReceiveChannel[WriteOp],
     lanes: Lanes,
     *,
@@ -322,7 +323,7 @@ def _failed(state: StoreWrites, exc: BaseException, wall_clock: Callable[[], flo
 
 
 async def _commit_group(
-    conn: WriteConnection,
+    conn: WriteTx,
     ops: list[WriteOp],
     lanes: Lanes,
     sessions: StoreSessions,
@@ -359,7 +360,7 @@ async def _commit_group(
 
 
 async def _commit_held(
-    conn: WriteConnection,
+    conn: WriteTx,
     lanes: Lanes,
     state: StoreWrites,
     wall_clock: Callable[[], float],
@@ -385,7 +386,7 @@ async def _commit_held(
 
 
 async def _commit_one_by_one(
-    conn: WriteConnection,
+    conn: WriteTx,
     lanes: Lanes,
     state: StoreWrites,
     wall_clock: Callable[[], float],

@@ -57,6 +57,18 @@ class LeasePlan:
     """Lane leases held beyond the fair share: to release once their lanes are idle."""
 
 
+@dataclass(frozen=True)
+class Held:
+    """What a lease tick ended with (`store.WriteConnection.keep_leases`)."""
+
+    mine: dict[str, float]
+    """The leases this node holds, by name, with their expiry (wall clock)."""
+    plan: LeasePlan
+    leases: tuple[Lease, ...]
+    """Every lease row after the tick (/health, `wacored status`)."""
+    live_nodes: tuple[str, ...]
+
+
 def free(lease: Lease | None, now: float, dead: Collection[str]) -> bool:
     return lease is None or lease.expires_at <= now or lease.owner in dead
 
