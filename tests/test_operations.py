@@ -218,3 +218,29 @@ def test_writes_go_ahead_while_another_connection_reads(db: Path, conn: sqlite3.
         reader.execute("COMMIT")
     finally:
         reader.close()
+
+
+def test_status_names_the_lanes_and_singletons_each_worker_holds() -> None:
+    from wacored.operations import daemon_lines
+
+    health = {
+        "url": "http://127.0.0.1:8080",
+        "status": "healthy",
+        "workers": [
+            {
+                "index": 0,
+                "pid": 11,
+                "node": "h-11",
+                "status": "healthy",
+                "ready": True,
+                "started_at": "t",
+                "restarts": 0,
+                "lanes_held": ["lane:rides:0", "lane:rides:1", "lane:rides:3", "lane:jobs:1"],
+                "singletons": ["dlq_retrier"],
+            },
+            {"index": 1, "status": "down"},
+        ],
+    }
+    lines = daemon_lines(health)
+    assert lines[2] == "    lanes held: jobs 1, rides 0-1,3; runs: dlq_retrier"
+    assert lines[3] == "  worker 1: down (not answering)"

@@ -114,6 +114,7 @@ async def test_a_killed_worker_is_restarted_and_health_shows_it(
         assert f"daemon        {workers.url}: healthy, 2 worker(s)" in out
         assert f"worker 1: pid {health['workers'][1]['pid']} (" in out
         assert "restarts 1" in out
+        assert out.count("    lanes held: ") == 2
 
 
 async def test_sighup_reloads_every_worker_or_none(tmp_path: Path, services: Downstream, graph: Downstream) -> None:

@@ -369,7 +369,31 @@ def daemon_lines(daemon: dict[str, Any]) -> list[str]:
             f"  worker {w.get('index')}: pid {w.get('pid')} ({w.get('node')}), {w.get('status')},"
             f" {'ready' if w.get('ready') else 'not ready'}, since {w.get('started_at')}, restarts {w.get('restarts')}"
         )
+        runs = ", ".join(w.get("singletons") or []) or "-"
+        lines.append(f"    lanes held: {_lanes_text(w.get('lanes_held') or [])}; runs: {runs}")
     return lines
+
+
+def _lanes_text(leases: list[str]) -> str:
+    """``rides 0-3, jobs 1`` for the lane leases ``lane:rides:0`` .. ``lane:rides:3``, ``lane:jobs:1``."""
+    by_target: dict[str, list[int]] = {}
+    for name in leases:
+        target, _, lane = str(name).removeprefix("lane:").rpartition(":")
+        if target and lane.isdigit():
+            by_target.setdefault(target, []).append(int(lane))
+    if not by_target:
+        return "none"
+    return ", ".join(f"{target} {_ranges(sorted(lanes))}" for target, lanes in sorted(by_target.items()))
+
+
+def _ranges(numbers: list[int]) -> str:
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _identify(ident: str | int) -> tuple[str, str | int]:
