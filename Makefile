@@ -6,7 +6,7 @@ RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed-test
 CONFIG ?= wacored.toml
 
-.PHONY: run test lint tools bench check-config clean
+.PHONY: run test lint tools postgres bench check-config clean
 
 # `make run` installs what running needs and nothing else; `make test` adds the test tools. One line
 # per step, so a first run on a slow link says what it is waiting for.
@@ -30,7 +30,7 @@ run: $(RUN_STAMP)
 	$(BIN)/wacored dev-env var/dev.env
 	$(BIN)/wacored run -c $(CONFIG) --env-file var/dev.env
 
-test: $(STAMP) lint tools
+test: $(STAMP) lint tools postgres
 	$(BIN)/python -m pytest
 
 # The deploy tests run the real tools: promtool and prometheus (Debian's prometheus package ships both;
@@ -45,6 +45,22 @@ tools:
 			prometheus nginx shellcheck >/dev/null || \
 			{ echo "make tools: could not install$$missing (apt-get install prometheus nginx shellcheck)"; exit 1; }; \
 		if [ -d /run/systemd/system ]; then systemctl disable --now --quiet prometheus nginx || true; fi; \
+	fi
+
+# The PostgreSQL tests use $$WACORED_TEST_PG, else the server at 127.0.0.1:5432, else a private throwaway
+# server they start themselves (tests/postgres.py); tests that take a server down always start their own.
+# Either way they need initdb and pg_ctl: Debian's postgresql, installed once when missing. Its packaged
+# cluster is never created (create_main_cluster = false, set between the two installs), so the install
+# starts no service and takes no port.
+PG_CONF := /etc/postgresql-common/createcluster.conf
+postgres:
+	@if ! { command -v initdb && command -v pg_ctl; } >/dev/null && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then \
+		echo "installing postgresql (apt-get)"; \
+		{ apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-common >/dev/null && \
+		  sed -ri 's/^#?[[:space:]]*create_main_cluster[[:space:]]*=.*/create_main_cluster = false/' $(PG_CONF) && \
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } || \
+			{ echo "make postgres: could not install postgresql (apt-get install postgresql)"; exit 1; }; \
 	fi
 
 lint: $(STAMP)

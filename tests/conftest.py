@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,8 @@ from wacored.runtime import Runtime
 from wacored.store import Reader, migrate
 from wacored.targets import Target
 from wacored.writer import WriteOp
+
+from .postgres import ENV, PgUnavailable, PrivateServer, find_server, fresh_database
 
 FIXTURES = Path(__file__).parent / "fixtures" / "whatsapp"
 SECRET = "test-app-secret"
@@ -249,3 +252,35 @@ def rows(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         return db.execute(sql, args).fetchall()
     finally:
         db.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A libpq URL of this run's own fresh, empty database (tests/postgres.py says on which server),
+    dropped at the end of the session. No PostgreSQL fails the test with what was tried; never a skip."""
+    with ExitStack() as stack:
+        try:
+            server = stack.enter_context(find_server(os.environ.get(ENV)))
+        except PgUnavailable as exc:
+            failure = str(exc)  # failed outside the `except`, so the message is not printed twice
+        else:
+            yield stack.enter_context(fresh_database(server.url))
+            return
+    pytest.fail(failure, pytrace=False)
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivateServer]:
+    """A running private PostgreSQL for one test, which it may `stop()` and `start()` again (same `url`);
+    stopped and removed afterwards."""
+    with ExitStack() as stack:
+        try:
+            server = PrivateServer.create()
+            stack.callback(server.remove)
+            server.start()
+        except PgUnavailable as exc:
+            failure = f"no private PostgreSQL for this test: {exc}"
+        else:
+            yield server
+            return
+    pytest.fail(failure, pytrace=False)
