@@ -1,4 +1,4 @@
-"""The ingest transaction alone (`wacored.ingest.ingest`, no HTTP): CPU per message when routing reads
+"""The ingest transaction alone (`wacored.store.ingest.ingest`, no HTTP): CPU per message when routing reads
 the sessions and counts the rate limit in the store, on an empty store and on a big one.
 
     .venv/bin/python bench/ingest_tx.py --big /tmp/big.db     # a store filled by bench/prefill.py --keep
@@ -33,8 +33,8 @@ from wacored.core.ingest import PlannedRow, plan_ingest  # noqa: E402
 from wacored.core.numbers import Numbers  # noqa: E402
 from wacored.core.ratelimit import RateLimit  # noqa: E402
 from wacored.core.whatsapp import Batch, parse_webhook, text_webhook  # noqa: E402
-from wacored.ingest import IngestContext, IngestPolicy, StoreSessions, ingest  # noqa: E402
 from wacored.store import NewRow, WriteConnection, migrate  # noqa: E402
+from wacored.store.ingest import IngestContext, IngestPolicy, StoreSessions, ingest  # noqa: E402
 
 GROUP = 16
 SENDERS = 400

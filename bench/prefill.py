@@ -7,7 +7,7 @@ the same figures on an empty store.
     .venv/bin/python bench/prefill.py --store /tmp/big.db --keep   # reuse a filled store next time
 
 What it shows: sessions are no longer loaded at start (the writer reads them from the store as senders
-write, through a bounded cache, `wacored.ingest`), so start-up time and RSS no longer grow with the
+write, through a bounded cache, `wacored.store.ingest`), so start-up time and RSS no longer grow with the
 number of senders (bench/README.md has the figures before and after). Bounded: one daemon at a
 time on 127.0.0.1 port 0, stopped with SIGTERM; the store lives in a temp dir unless --store names one.
 """

@@ -20,15 +20,15 @@ import pytest
 import trio
 import trio.testing
 
+from wacored.actors.lanes import LaneBoard
+from wacored.actors.targets import Target
 from wacored.config import Config
 from wacored.core.breaker import Breaker
 from wacored.core.whatsapp import sign, text_webhook
 from wacored.daemon import run_daemon
-from wacored.lanes import LaneBoard
 from wacored.runtime import Runtime
 from wacored.store import Reader, migrate
-from wacored.targets import Target
-from wacored.writer import WriteOp
+from wacored.store.writer import WriteOp
 
 from .postgres import ENV, PgUnavailable, PrivateServer, find_server, fresh_database
 

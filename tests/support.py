@@ -28,15 +28,15 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from wacored.actors.lanes import Lane, LaneBoard
 from wacored.config import Config
 from wacored.core.ingest import PlannedRow
 from wacored.core.numbers import Numbers
 from wacored.core.ratelimit import RateLimit
 from wacored.core.whatsapp import Batch, parse_webhook, text_webhook
-from wacored.ingest import IngestContext, IngestPolicy
-from wacored.lanes import Lane, LaneBoard
 from wacored.store import Delivery, WriteConnection
-from wacored.writer import Ingest
+from wacored.store.ingest import IngestContext, IngestPolicy
+from wacored.store.writer import Ingest
 
 from .conftest import Daemon, Downstream, config_mapping, rows
 

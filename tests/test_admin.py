@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from wacored import operations as ops
+from wacored.ops import operations as ops
 from wacored.store import migrate
 
 from .conftest import Daemon, Downstream, Received, World, make_config, open_daemon
@@ -122,7 +122,7 @@ async def test_a_missing_or_wrong_token_is_401_and_logged_without_it(
         {"Authorization": f"Basic {TOKEN}"},
         {"Authorization": f"Bearer {TOKEN}x"},
     ):
-        with caplog.at_level(logging.WARNING, logger="wacored.admin"):
+        with caplog.at_level(logging.WARNING, logger="wacored.http.admin"):
             response = await call(daemon, method, path, {"all": True}, headers)
         assert response.status_code == 401
         assert response.json() == {"error": "unauthorized"}

@@ -1,5 +1,5 @@
 """Bounded reads over real HTTP: the body deadline, the connection cap and the unverified-bytes budget
-(`wacored.admission`). Raw sockets to 127.0.0.1, since a body that stalls or trickles is the point."""
+(`wacored.http.admission`). Raw sockets to 127.0.0.1, since a body that stalls or trickles is the point."""
 
 from __future__ import annotations
 

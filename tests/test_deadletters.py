@@ -1,4 +1,4 @@
-"""wacored.deadletters: the retry schedule (pure), and the retrier on a real SQLite file over a mock clock."""
+"""wacored.actors.deadletters: the retry schedule (pure), and the retrier on a real SQLite file over a mock clock."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import httpx
 import pytest
 import trio
 
+from wacored.actors.deadletters import after_retry, run_dlq_retrier, write
 from wacored.config import DlqConfig
 from wacored.core.delivery import Verdict
-from wacored.deadletters import after_retry, run_dlq_retrier, write
 from wacored.runtime import Runtime
 from wacored.store import Outcome, Reader, WriteConnection
-from wacored.writer import NoLanes, Record, WriteOp, run_writer
+from wacored.store.writer import NoLanes, Record, WriteOp, run_writer
 
 from .conftest import bare_runtime
 from .support import ingest_op

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from wacored.api import with_siblings
 from wacored.config import Config, ConfigError
 from wacored.core.exposition import GAUGES, Family, How, how, merge
 from wacored.core.respawn import FIRST_S, MAX_S, STEADY_S, respawn_delay
+from wacored.http.api import with_siblings
 from wacored.siblings import families, merged_exposition
 
 from .conftest import World

@@ -1,4 +1,4 @@
-"""wacored.forwarder, pure parts: status classification, backoff, lanes, targets, headers, `deliver`."""
+"""wacored.actors.forwarder, pure parts: status classification, backoff, lanes, targets, headers, `deliver`."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import httpx
 import pytest
 import trio
 
+from wacored.actors.forwarder import Target, deliver, targets_of
 from wacored.config import Config, ForwardingConfig
 from wacored.core.delivery import Verdict, backoff_s, classify, lane_of
 from wacored.core.signing import key_of
 from wacored.core.whatsapp import signature_valid
-from wacored.forwarder import Target, deliver, targets_of
 from wacored.store import Delivery, Outcome
 
 from .conftest import SIGNING_SECRET, bare_runtime, rows
@@ -323,10 +323,10 @@ async def test_a_service_that_never_answers_times_out_per_attempt(
 async def test_a_forwarder_behind_a_slow_service_keeps_beating(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
     """Its lane busy with a slow service and more rows behind, the forwarder still shows life: a slow
     service must not trip the watchdog."""
-    from wacored.forwarder import PAGE, run_forwarder
+    from wacored.actors.forwarder import PAGE, run_forwarder
     from wacored.runtime import HEARTBEAT_S
     from wacored.store import LaneReader
-    from wacored.writer import WriteOp
+    from wacored.store.writer import WriteOp
 
     async def slow(request: httpx.Request) -> httpx.Response:
         await trio.sleep(30)

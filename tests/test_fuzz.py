@@ -44,10 +44,10 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from wacored.actors.forwarder import Target, attempt, new_transport
 from wacored.config import ForwardingConfig
 from wacored.core.delivery import Verdict
 from wacored.core.whatsapp import PayloadError, parse_webhook, sign
-from wacored.forwarder import Target, attempt, new_transport
 
 from .conftest import FIXTURES, SECRET, SIGNING_SECRET, Downstream, Received, World, make_config, open_daemon
 from .support import RawDownstream, make_delivery, readme_verify

@@ -1,4 +1,4 @@
-"""wacored.ingest: the rate limit and routing run inside the writer's transaction, from the store.
+"""wacored.store.ingest: the rate limit and routing run inside the writer's transaction, from the store.
 
 Two writers on one SQLite file stand for two worker processes sharing a store: each has its own
 `WriteConnection` (so its own session cache), and SQLite's write lock serializes them as it would
@@ -18,9 +18,9 @@ from typing import Any
 import trio
 
 from wacored.core.ingest import plan_ingest
-from wacored.ingest import Ingested, SessionCacheStats, StoreSessions
 from wacored.store import WriteConnection, migrate
-from wacored.writer import NoLanes, WriteOp, run_writer
+from wacored.store.ingest import Ingested, SessionCacheStats, StoreSessions
+from wacored.store.writer import NoLanes, WriteOp, run_writer
 
 from .conftest import Downstream, make_config, open_daemon, rows
 from .support import DictSessions, ingest_op, ingest_policy, text_batch

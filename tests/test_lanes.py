@@ -24,7 +24,7 @@ from wacored.core.leases import (
     plan,
 )
 from wacored.store import WriteConnection, migrate
-from wacored.store_lanes import this_host_dead
+from wacored.store.lanes import this_host_dead
 
 from .conftest import Daemon, Downstream, Received, make_config, open_daemon, rows
 from .support import add_message, health, until_settled

@@ -1,4 +1,4 @@
-"""wacored.logs: one JSON object per line, masked phone numbers, no secrets; ids on ingress lines."""
+"""wacored.observe.logs: one JSON object per line, masked phone numbers, no secrets; ids on ingress lines."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from tests.conftest import World
-from wacored import logs
 from wacored.cli import parser
+from wacored.observe import logs
 
 
 def line(msg: str = "hello", *args: object, **extra: Any) -> dict[str, Any]:
@@ -152,7 +152,7 @@ async def test_forwarder_lines_carry_the_message_ids(world: World, json_lines: J
 def test_journald_lines_carry_their_priority() -> None:
     import logging
 
-    from wacored.logs import JournaldFormatter
+    from wacored.observe.logs import JournaldFormatter
 
     for level, prefix in (
         (logging.DEBUG, "<7>"),

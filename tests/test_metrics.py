@@ -1,4 +1,4 @@
-"""wacored.metrics: the catalogue a real daemon exports on /metrics, and the collector over cached state."""
+"""wacored.observe.metrics: the catalogue a real daemon exports on /metrics, and the collector over cached state."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from prometheus_client.samples import Sample
 
 from tests.conftest import SERVICES, World, config_mapping
 from tests.support import parse, value
+from wacored.actors.lanes import LaneBoard
 from wacored.config import Config
 from wacored.core.breaker import Breaker
-from wacored.counts import bump
-from wacored.lanes import LaneBoard
+from wacored.observe.counts import bump
+from wacored.observe.state import ActorState
 from wacored.runtime import Runtime
-from wacored.state import ActorState
 from wacored.store import Reader, migrate
-from wacored.writer import WriteOp
+from wacored.store.writer import WriteOp
 
 TARGETS = (*SERVICES, "whatsapp")
 CATALOGUE = {

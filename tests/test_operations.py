@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from wacored import operations as ops
+from wacored.ops import operations as ops
 from wacored.store import SCHEMA_VERSION, SchemaError, migrate
 
 from .support import add_dead_letter, add_message
@@ -221,7 +221,7 @@ def test_writes_go_ahead_while_another_connection_reads(db: Path, conn: sqlite3.
 
 
 def test_status_names_the_lanes_and_singletons_each_worker_holds() -> None:
-    from wacored.operations import daemon_lines
+    from wacored.ops.operations import daemon_lines
 
     health = {
         "url": "http://127.0.0.1:8080",

@@ -16,13 +16,13 @@ import httpx
 import pytest
 import trio
 
-from wacored import operations as ops
-from wacored import pauses
+from wacored.actors.pausewatch import PauseBoard
 from wacored.cli import main
 from wacored.config import Config
 from wacored.daemon import ReloadRequest
-from wacored.pauses import Pause
-from wacored.pausewatch import PauseBoard
+from wacored.ops import operations as ops
+from wacored.ops import pauses
+from wacored.ops.pauses import Pause
 from wacored.store import migrate
 
 from .conftest import SERVICES, Daemon, Downstream, Received, config_mapping, open_daemon, rows

@@ -13,12 +13,12 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from wacored.actors.reaper import reap
 from wacored.config import SessionsConfig
 from wacored.core.probe import PREFIX, is_probe
 from wacored.core.schedule import DAY_S
 from wacored.core.whatsapp import sign, text_webhook
-from wacored.messages import plan_matching, plan_replay, selection
-from wacored.reaper import reap
+from wacored.ops.messages import plan_matching, plan_replay, selection
 
 from .conftest import SECRET, World, rows
 from .support import health

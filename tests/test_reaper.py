@@ -1,4 +1,4 @@
-"""wacored.reaper: the schedule (pure), what a reap deletes and keeps on a real file, and the actor."""
+"""wacored.actors.reaper: the schedule (pure), what a reap deletes and keeps on a real file, and the actor."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import trio
 
+from wacored.actors.reaper import BATCH, reap, run_reaper
 from wacored.config import SessionsConfig
 from wacored.core.schedule import DAY_S, cutoffs, missed, next_reap
-from wacored.reaper import BATCH, reap, run_reaper
 from wacored.store import Reader, WriteConnection, migrate
-from wacored.writer import NoLanes, WriteOp, run_writer
+from wacored.store.writer import NoLanes, WriteOp, run_writer
 
 from .conftest import World, bare_runtime, rows
 
@@ -187,7 +187,7 @@ async def test_the_actor_reaps_daily_at_reap_at(tmp_path: Path, store_clock: tri
 
 async def test_status_and_health_agree_on_the_reapers_next_run(world: World) -> None:
     """Before the first reap too: the planned run is in the store, where `wacored status` reads it."""
-    from wacored import operations as ops
+    from wacored.ops import operations as ops
 
     db = world.tmp_path / "wacored.db"
     with trio.fail_after(10):

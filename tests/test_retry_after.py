@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from wacored import operations as ops
 from wacored.config import Config
 from wacored.core.retry_after import retry_after_s
+from wacored.ops import operations as ops
 
 from .conftest import Downstream, config_mapping, open_daemon, rows
 from .support import RawDownstream, http_answer, wait_until

@@ -1,4 +1,4 @@
-"""wacored.slo: the p95 window and its crossings, the cold start judgement (pure, no servers, no clocks)."""
+"""wacored.observe.slo: the p95 window and its crossings, the cold start judgement (pure, no servers, no clocks)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import time
 
 import pytest
 
-from wacored.slo import WINDOW, AckWindow, Crossing, P95Monitor, SloState, cold_start_breached, process_started_at
+from wacored.observe.slo import (
+    WINDOW,
+    AckWindow,
+    Crossing,
+    P95Monitor,
+    SloState,
+    cold_start_breached,
+    process_started_at,
+)
 
 
 def test_empty_window_p95_is_zero() -> None:
@@ -63,7 +71,7 @@ def test_monitor_reads_the_target_each_time() -> None:
 
 
 def test_state_logs_and_counts_a_p95_breach_once(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="wacored.slo")
+    caplog.set_level(logging.INFO, logger="wacored.observe.slo")
     state = SloState()
     for _ in range(10):
         state.observe_ack(1.5, 1200)
@@ -83,7 +91,7 @@ def test_cold_start_breach_is_strictly_above_the_target(seconds: float, breached
 
 
 def test_cold_start_is_logged_with_its_ms_and_breach(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="wacored.slo")
+    caplog.set_level(logging.INFO, logger="wacored.observe.slo")
     state = SloState()
     state.record_cold_start(0.4321, 1750)
     state.record_cold_start(2.0, 1750)

@@ -1,4 +1,4 @@
-"""wacored.supervisor: restart policy (pure), and supervision of real failing actors under a mock clock."""
+"""wacored.actors.supervisor: restart policy (pure), and supervision of real failing actors under a mock clock."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import trio
 
+from wacored.actors.supervisor import ActorGaveUp, RestartPolicy, supervise
 from wacored.config import SupervisorConfig
-from wacored.supervisor import ActorGaveUp, RestartPolicy, supervise
 
 from .conftest import bare_runtime
 from .support import ingest_op
@@ -107,7 +107,7 @@ async def test_a_writer_that_crashes_answers_its_callers_and_is_restarted(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     from wacored.store import StoreUnavailable, WriteConnection
-    from wacored.writer import NoLanes, Write, WriteOp, run_writer
+    from wacored.store.writer import NoLanes, Write, WriteOp, run_writer
 
     send, receive = trio.open_memory_channel[WriteOp](10)
     rt = bare_runtime(tmp_path, writes=send, supervisor={"backoff_base_s": 0.5})

@@ -25,8 +25,8 @@ import trio.testing
 
 from wacored.config import Config
 from wacored.daemon import serve_until_signalled
-from wacored.state import ActorState
-from wacored.systemd import (
+from wacored.observe.state import ActorState
+from wacored.observe.systemd import (
     Notifier,
     open_watchdog,
     run_beating,

@@ -1,4 +1,4 @@
-"""wacored.telemetry: the spans of a message's journey, their carrier in SQLite, and the OTLP export."""
+"""wacored.observe.telemetry: the spans of a message's journey, their carrier in SQLite, and the OTLP export."""
 
 from __future__ import annotations
 
@@ -20,11 +20,10 @@ from opentelemetry.trace import SpanKind, StatusCode, Tracer, format_span_id, fo
 
 from tests.conftest import Downstream, make_config, open_daemon, serve_downstream
 from tests.support import make_delivery
+from wacored.actors.forwarder import Target, attempt
 from wacored.config import ForwardingConfig, TelemetryConfig
 from wacored.core.delivery import Verdict
-from wacored.forwarder import Target, attempt
-from wacored.store import Delivery
-from wacored.telemetry import (
+from wacored.observe.telemetry import (
     NO_TRACER,
     Tracing,
     build_exporter,
@@ -33,6 +32,7 @@ from wacored.telemetry import (
     message_traceparent,
     otlp_traces_url,
 )
+from wacored.store import Delivery
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"

@@ -17,12 +17,12 @@ import pytest
 import trio
 import trustme
 
+from wacored.actors.forwarder import Target, attempt, new_transport, tls_context
 from wacored.config import Config, ForwardingConfig
 from wacored.core.delivery import Verdict
 from wacored.core.whatsapp import sign, text_webhook
 from wacored.daemon import run_daemon
-from wacored.forwarder import Target, attempt, new_transport, tls_context
-from wacored.tls import TLSError, check_server_tls
+from wacored.http.tls import TLSError, check_server_tls
 
 from .conftest import SECRET, Downstream, config_mapping, open_daemon, rows
 from .support import clean_env, make_delivery, toml_text

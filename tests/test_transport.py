@@ -15,7 +15,7 @@ import pytest
 import trio
 import trustme
 
-from wacored.transport import MAX_BODY, LaneTransport
+from wacored.actors.transport import MAX_BODY, LaneTransport
 
 Handler = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 

@@ -11,12 +11,12 @@ import httpx
 import trio
 import trio.lowlevel
 
+from wacored.actors.forwarder import Target, run_forwarder
+from wacored.actors.lanes import LaneBoard
 from wacored.config import ForwardingConfig
 from wacored.core.delivery import lane_of
-from wacored.forwarder import Target, run_forwarder
-from wacored.lanes import LaneBoard
 from wacored.store import LaneReader, Outcome, Reader, StoreUnavailable, WriteConnection, migrate
-from wacored.writer import (
+from wacored.store.writer import (
     RETRY_MAX_S,
     Record,
     StoreWrites,

@@ -15,13 +15,13 @@ from typing import Protocol
 import trio
 from opentelemetry.trace import Tracer
 
+from .actors.pausewatch import PauseBoard
+from .actors.targets import Target
 from .config import Config
 from .core.breaker import Breaker
-from .counts import AttemptCounts, ReapCounts, RetryCounts
-from .metrics import Metrics
-from .pausewatch import PauseBoard
-from .state import ActorState
-from .targets import Target
+from .observe.counts import AttemptCounts, ReapCounts, RetryCounts
+from .observe.metrics import Metrics
+from .observe.state import ActorState
 
 
 class Beating(Protocol):

@@ -24,9 +24,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from . import logs
 from .config import ENV_ALIASES, Config, ConfigError
-from .slo import process_started_at
+from .observe import logs
+from .observe.slo import process_started_at
 from .version import VERSION
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"warning: {problem} (`run` will refuse to start)")
     for warning in config.warnings:
         print(f"warning: {warning}")
-    from .tls import TLSError, check_ca_file, check_server_tls
+    from .http.tls import TLSError, check_ca_file, check_server_tls
 
     for name, svc in config.services.items():
         try:
@@ -118,10 +118,10 @@ def cmd_run(args: argparse.Namespace, worker: dict[str, Any] | None = None) -> i
     workers (`workers.py`). `worker` is what `cmd_worker` hands on to `serve_until_signalled`."""
     import trio
 
+    from .actors.supervisor import ActorGaveUp
     from .daemon import serve_until_signalled
+    from .observe.systemd import Notifier
     from .store import SchemaError
-    from .supervisor import ActorGaveUp
-    from .systemd import Notifier
 
     started = process_started_at()
     if (config := load_config(args)) is None:
@@ -171,7 +171,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     supervisor, `workers.py`): the daemon, listening at the address of the socket it inherits."""
     import socket
 
-    from .listener import share
+    from .http.listener import share
     from .processes import die_with_parent, parent_gone
     from .siblings import Place
 
@@ -279,7 +279,7 @@ def cmd_dev_env(args: argparse.Namespace) -> int:
 def _on_store(args: argparse.Namespace, work: Callable[[sqlite3.Connection, Config], int]) -> int:
     """Run an operator command's `work` on a connection of its own to the configured store (the
     daemon may be running); a missing or foreign database, or SQLite refusing, is one line and exit 1."""
-    from . import operations as ops
+    from .ops import operations as ops
     from .store import SchemaError
 
     if (config := load_config(args, need_secret=False)) is None:
@@ -296,7 +296,7 @@ def _on_store(args: argparse.Namespace, work: Callable[[sqlite3.Connection, Conf
 
 
 def cmd_dlq_list(args: argparse.Namespace) -> int:
-    from . import operations as ops
+    from .ops import operations as ops
 
     def work(conn: sqlite3.Connection, _: Config) -> int:
         entries = [e.to_json() for e in ops.list_dead_letters(conn, state=args.state, service=args.service)]
@@ -307,7 +307,7 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
-    from . import operations as ops
+    from .ops import operations as ops
 
     def work(conn: sqlite3.Connection, _: Config) -> int:
         if args.all:
@@ -328,7 +328,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_purge(args: argparse.Namespace) -> int:
-    from . import operations as ops
+    from .ops import operations as ops
 
     def work(conn: sqlite3.Connection, _: Config) -> int:
         count = ops.purge(conn, state=args.state, older_than_s=args.older_than, now=time.time())
@@ -339,7 +339,7 @@ def cmd_dlq_purge(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import operations as ops
+    from .ops import operations as ops
 
     def work(conn: sqlite3.Connection, config: Config) -> int:
         report = ops.status(conn, session_ttl_s=config.sessions.ttl_s, now=time.time(), path=config.store.path)
@@ -367,7 +367,7 @@ def _ask_daemon(config: Config) -> dict[str, Any]:
 
 
 def cmd_sessions_reap(args: argparse.Namespace) -> int:
-    from .reaper import reap
+    from .actors.reaper import reap
 
     def work(_: sqlite3.Connection, config: Config) -> int:
         # `reap` opens its own write connection; ours only proved the store exists and is ours.
@@ -425,7 +425,7 @@ def _config_defaults(args: argparse.Namespace) -> None:
 
 
 def cmd_services_list(args: argparse.Namespace) -> int:
-    from . import pauses
+    from .ops import pauses
 
     def work(conn: sqlite3.Connection, config: Config) -> int:
         entries = pauses.list_services(conn, list(config.services))
@@ -436,8 +436,8 @@ def cmd_services_list(args: argparse.Namespace) -> int:
 
 
 def cmd_services_pause(args: argparse.Namespace) -> int:
-    from . import pauses
-    from .operations import iso
+    from .ops import pauses
+    from .ops.operations import iso
 
     def work(conn: sqlite3.Connection, config: Config) -> int:
         changed = pauses.pause(conn, args.name, services=list(config.services), reason=args.reason, now=time.time())
@@ -454,7 +454,7 @@ def cmd_services_pause(args: argparse.Namespace) -> int:
 
 
 def cmd_services_resume(args: argparse.Namespace) -> int:
-    from . import pauses
+    from .ops import pauses
 
     def work(conn: sqlite3.Connection, config: Config) -> int:
         changed = pauses.resume(conn, args.name, services=list(config.services))
@@ -506,7 +506,7 @@ def parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     _operator_commands(sub, common)
-    from .cli_messages import add_commands
+    from .ops.cli_messages import add_commands
 
     add_commands(sub, common, _on_store)
 
@@ -522,7 +522,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _duration(text: str) -> float:
-    from .operations import parse_duration
+    from .ops.operations import parse_duration
 
     try:
         return parse_duration(text)

@@ -44,33 +44,33 @@ import hypercorn.trio
 import trio
 from opentelemetry.trace import Tracer
 
-from .admission import ensure_fd_limit
-from .api import create_app
+from .actors.deadletters import run_dlq_retrier
+from .actors.forwarder import run_forwarder
+from .actors.lanes import LaneBoard, release, run_lease_keeper, run_relay
+from .actors.pausewatch import run_pause_watch
+from .actors.reaper import run_reaper
+from .actors.stats import run_stats
+from .actors.supervisor import supervise
+from .actors.targets import targets_of
 from .config import Config, ConfigError
 from .core.breaker import Breaker
 from .core.leases import DLQ_RETRIER, REAPER
 from .core.numbers import Numbers
 from .core.ratelimit import RateLimit
 from .core.routing import RoutingTable
-from .counts import bump
-from .deadletters import run_dlq_retrier
-from .forwarder import run_forwarder
-from .lanes import LaneBoard, release, run_lease_keeper, run_relay
-from .listener import lend, open_listener
-from .pauses import Pause
-from .pausewatch import run_pause_watch
-from .reaper import run_reaper
+from .http.admission import ensure_fd_limit
+from .http.api import create_app
+from .http.listener import lend, open_listener
+from .http.tls import check_ca_file, check_server_tls
+from .observe.counts import bump
+from .observe.systemd import Notifier, open_watchdog, run_beating
+from .observe.telemetry import Tracing
+from .ops.pauses import Pause
 from .runtime import Runtime
 from .siblings import Place, Siblings
-from .stats import run_stats
 from .store import LaneReader, Reader, StoreUnavailable, WriteConnection, migrate
-from .store_api import LaneReads, Reads, WriteTx
-from .supervisor import supervise
-from .systemd import Notifier, open_watchdog, run_beating
-from .targets import targets_of
-from .telemetry import Tracing
-from .tls import check_ca_file, check_server_tls
-from .writer import Reply, Write, WriteOp, run_writer
+from .store.interface import LaneReads, Reads, WriteTx
+from .store.writer import Reply, Write, WriteOp, run_writer
 
 log = logging.getLogger(__name__)
 

@@ -13,25 +13,25 @@ from dataclasses import dataclass, field
 import trio
 from opentelemetry.trace import Tracer
 
-from .admission import Admission
+from .actors.lanes import LaneBoard
+from .actors.pausewatch import PauseBoard
+from .actors.targets import Target, targets_of
 from .config import Config
 from .core.breaker import Breaker
 from .core.numbers import Numbers
 from .core.ratelimit import RateLimit
 from .core.routing import RoutingTable
-from .counts import AttemptCounts, IngressCounts, ReapCounts, ReloadCounts, RetryCounts
-from .ingest import SessionCacheStats
-from .lanes import LaneBoard
-from .metrics import Metrics
-from .pausewatch import PauseBoard
+from .http.admission import Admission
+from .observe.counts import AttemptCounts, IngressCounts, ReapCounts, ReloadCounts, RetryCounts
+from .observe.metrics import Metrics
+from .observe.slo import SloState
+from .observe.state import ActorState, StoreStats
+from .observe.telemetry import NO_TRACER
 from .siblings import Siblings
-from .slo import SloState
-from .state import ActorState, StoreStats
-from .store_api import Reads
-from .targets import Target, targets_of
-from .telemetry import NO_TRACER
+from .store.ingest import SessionCacheStats
+from .store.interface import Reads
+from .store.writer import HEARTBEAT_S, StoreWrites, WriteOp
 from .version import VERSION
-from .writer import HEARTBEAT_S, StoreWrites, WriteOp
 
 
 @dataclass

@@ -55,10 +55,10 @@ import trio
 
 from .config import Config, ConfigError
 from .core.respawn import respawn_delay
-from .listener import reserve
+from .http.listener import reserve
+from .observe.systemd import Notifier
 from .processes import exit_status, spawn, wait_exit
 from .store import migrate
-from .systemd import Notifier
 
 log = logging.getLogger(__name__)
 

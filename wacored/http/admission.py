@@ -51,7 +51,7 @@ from itertools import count
 
 import trio
 
-from .config import ServerConfig
+from ..config import ServerConfig
 
 log = logging.getLogger(__name__)
 

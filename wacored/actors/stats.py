@@ -18,9 +18,9 @@ import sqlite3
 
 import trio
 
-from .runtime import Runtime
-from .state import StoreStats
-from .store_api import Reads
+from ..observe.state import StoreStats
+from ..runtime import Runtime
+from ..store.interface import Reads
 
 log = logging.getLogger(__name__)
 

@@ -50,11 +50,11 @@ from quart import Blueprint, Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from . import messages as msgs
-from . import operations as ops
-from . import pauses
-from .runtime import Runtime
-from .store import SchemaError
+from ..ops import messages as msgs
+from ..ops import operations as ops
+from ..ops import pauses
+from ..runtime import Runtime
+from ..store import SchemaError
 
 log = logging.getLogger(__name__)
 

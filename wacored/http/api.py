@@ -20,15 +20,15 @@ import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
+from ..core.numbers import OTHER
+from ..observe.state import ActorState
+from ..ops.operations import iso
+from ..runtime import Runtime
+from ..siblings import LOCAL_HEADER, merged_exposition
+from ..store.writer import StoreWrites, store_writes_status
+from ..version import VERSION
 from . import admin
-from .core.numbers import OTHER
 from .ingress import Receive, Scope, Send, Webhook, refuse_overloaded, request_ids
-from .operations import iso
-from .runtime import Runtime
-from .siblings import LOCAL_HEADER, merged_exposition
-from .state import ActorState
-from .version import VERSION
-from .writer import StoreWrites, store_writes_status
 
 log = logging.getLogger(__name__)
 

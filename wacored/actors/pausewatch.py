@@ -30,8 +30,8 @@ from collections.abc import Callable, Mapping
 
 import trio
 
-from .pauses import POLL_S, Pause, may_attempt
-from .store_api import Reads
+from ..ops.pauses import POLL_S, Pause, may_attempt
+from ..store.interface import Reads
 
 log = logging.getLogger(__name__)
 

@@ -37,15 +37,15 @@ from typing import TypeVar
 import httpx
 import trio
 
-from .capabilities import Beating, Retrying
-from .config import DlqConfig
-from .core.delivery import Verdict
-from .counts import bump
+from ..capabilities import Beating, Retrying
+from ..config import DlqConfig
+from ..core.delivery import Verdict
+from ..observe.counts import bump
+from ..runtime import HEARTBEAT_S
+from ..store import DeadLetter, Retried, StoreUnavailable
+from ..store.interface import Reads, WriteTx
+from ..store.writer import Write, WriteOp, retry_delay_s
 from .forwarder import INTERNAL_ERROR, guarded_attempt, internal_error, new_transport
-from .runtime import HEARTBEAT_S
-from .store import DeadLetter, Retried, StoreUnavailable
-from .store_api import Reads, WriteTx
-from .writer import Write, WriteOp, retry_delay_s
 
 log = logging.getLogger(__name__)
 

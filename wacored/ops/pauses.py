@@ -36,9 +36,9 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import GRAPH_SENDER
+from ..config import GRAPH_SENDER
+from ..store import queued_by_target
 from .operations import OperationsError, immediate, iso
-from .store import queued_by_target
 
 POLL_S = 1.0
 """How often the running daemon re-reads the table (`pausewatch`): how long a pause or resume written

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .store import DEAD_LETTER_STATES, SCHEMA_VERSION, SchemaError, dead_letters_by_state, queued_by_target
+from ..store import DEAD_LETTER_STATES, SCHEMA_VERSION, SchemaError, dead_letters_by_state, queued_by_target
 
 STATES = DEAD_LETTER_STATES
 

@@ -33,24 +33,24 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from .config import GRAPH_SENDER, HOME_SERVICE
-from .core.numbers import OTHER, UNKNOWN_NUMBER
-from .pauses import paused_seconds
-from .store import DEAD_LETTER_STATES, REAP_SQL
+from ..config import GRAPH_SENDER, HOME_SERVICE
+from ..core.numbers import OTHER, UNKNOWN_NUMBER
+from ..ops.pauses import paused_seconds
+from ..store import DEAD_LETTER_STATES, REAP_SQL
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from .config import Config
-    from .core.breaker import Breaker
-    from .core.numbers import Numbers
+    from ..actors.lanes import LaneBoard
+    from ..actors.pausewatch import PauseBoard
+    from ..config import Config
+    from ..core.breaker import Breaker
+    from ..core.numbers import Numbers
+    from ..siblings import Siblings
+    from ..store.writer import StoreWrites
     from .counts import AttemptCounts, IngressCounts, ReapCounts, ReloadCounts, RetryCounts
-    from .lanes import LaneBoard
-    from .pausewatch import PauseBoard
-    from .siblings import Siblings
     from .slo import SloState
     from .state import ActorState, StoreStats
-    from .writer import StoreWrites
 
 
 class Observed(Protocol):

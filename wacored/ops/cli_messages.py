@@ -23,8 +23,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from ..config import Config
 from . import messages as msgs
-from .config import Config
 
 OnStore = Callable[[argparse.Namespace, Callable[[sqlite3.Connection, Config], int]], int]
 

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Any
 
-from .core.untrusted import mask_digits, mask_phone
+from ..core.untrusted import mask_digits, mask_phone
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _NO_IDS: Mapping[str, str] = MappingProxyType({})

@@ -37,10 +37,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from .config import TelemetryConfig
+from ..config import TelemetryConfig
 
 if TYPE_CHECKING:
-    from .store import Delivery
+    from ..store import Delivery
 
 NO_TRACER: Tracer = trace.NoOpTracer()
 SPAN_QUEUE = 65_536

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import httpx
 
-from .config import GRAPH_SENDER, Config, ForwardingConfig
-from .core.numbers import number_tokens
-from .core.signing import key_of, signature
-from .core.whatsapp import sign
-from .store import Delivery
-from .version import VERSION
+from ..config import GRAPH_SENDER, Config, ForwardingConfig
+from ..core.numbers import number_tokens
+from ..core.signing import key_of, signature
+from ..core.whatsapp import sign
+from ..store import Delivery
+from ..version import VERSION
 
 USER_AGENT = f"wacored/{VERSION}"
 

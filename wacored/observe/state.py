@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .store import DEAD_LETTER_STATES
+from ..store import DEAD_LETTER_STATES
 
 
 @dataclass

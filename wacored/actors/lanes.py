@@ -35,12 +35,12 @@ from collections.abc import Callable, Iterable
 
 import trio
 
-from .core.delivery import lane_of
-from .core.leases import SINGLETONS, Held, lane_lease, tick_s
-from .store import NewRow, StoreUnavailable
-from .store_api import LaneReads
-from .store_lanes import this_host_dead
-from .writer import Write, WriteOp
+from ..core.delivery import lane_of
+from ..core.leases import SINGLETONS, Held, lane_lease, tick_s
+from ..store import NewRow, StoreUnavailable
+from ..store.interface import LaneReads
+from ..store.lanes import this_host_dead
+from ..store.writer import Write, WriteOp
 
 log = logging.getLogger(__name__)
 

@@ -59,19 +59,19 @@ import httpx
 import trio
 from opentelemetry.trace import Status, StatusCode, Tracer
 
-from .capabilities import Delivering
-from .core.delivery import Verdict, backoff_s, classify, dead_letter_reason, next_try_s, settled
-from .core.retry_after import retry_after_s
-from .core.untrusted import EXCERPT, clean, excerpt, token
-from .counts import bump
+from ..capabilities import Delivering
+from ..core.delivery import Verdict, backoff_s, classify, dead_letter_reason, next_try_s, settled
+from ..core.retry_after import retry_after_s
+from ..core.untrusted import EXCERPT, clean, excerpt, token
+from ..observe.counts import bump
+from ..observe.telemetry import NO_TRACER, forward_span, recording, traceparent_of
+from ..runtime import HEARTBEAT_S
+from ..store import AttemptRow, Delivery, Outcome
+from ..store.interface import LaneReads
+from ..store.writer import Record, WriteOp
 from .lanes import Lane
-from .runtime import HEARTBEAT_S
-from .store import AttemptRow, Delivery, Outcome
-from .store_api import LaneReads
 from .targets import Target, targets_of
-from .telemetry import NO_TRACER, forward_span, recording, traceparent_of
 from .transport import LaneTransport
-from .writer import Record, WriteOp
 
 log = logging.getLogger(__name__)
 

@@ -42,18 +42,18 @@ import trio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from . import logs
+from ..config import WhatsAppConfig
+from ..core.ingest import PlannedRow
+from ..core.numbers import OTHER
+from ..core.whatsapp import Batch, PayloadError, parse_webhook, signature_valid
+from ..observe import logs
+from ..observe.counts import bump
+from ..observe.telemetry import message_traceparent, webhook_span
+from ..runtime import Runtime
+from ..store import StoreUnavailable
+from ..store.ingest import IngestContext, Ingested, IngestPolicy
+from ..store.writer import Ingest
 from .admission import Outcome
-from .config import WhatsAppConfig
-from .core.ingest import PlannedRow
-from .core.numbers import OTHER
-from .core.whatsapp import Batch, PayloadError, parse_webhook, signature_valid
-from .counts import bump
-from .ingest import IngestContext, Ingested, IngestPolicy
-from .runtime import Runtime
-from .store import StoreUnavailable
-from .telemetry import message_traceparent, webhook_span
-from .writer import Ingest
 
 log = logging.getLogger(__name__)
 

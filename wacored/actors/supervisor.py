@@ -20,8 +20,8 @@ from typing import Any
 
 import trio
 
-from .config import SupervisorConfig
-from .runtime import Runtime
+from ..config import SupervisorConfig
+from ..runtime import Runtime
 
 log = logging.getLogger(__name__)
 

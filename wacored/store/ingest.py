@@ -35,15 +35,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import SessionsConfig
-from .core.ingest import PlannedRow, plan_ingest, windows
-from .core.numbers import Numbers
-from .core.ratelimit import RateLimit
-from .core.routing import SessionAction
-from .core.sessions import Miss, Session, SessionCache
-from .core.whatsapp import Batch
-from .store import NewRow
-from .store_api import WriteTx
+from ..config import SessionsConfig
+from ..core.ingest import PlannedRow, plan_ingest, windows
+from ..core.numbers import Numbers
+from ..core.ratelimit import RateLimit
+from ..core.routing import SessionAction
+from ..core.sessions import Miss, Session, SessionCache
+from ..core.whatsapp import Batch
+from . import NewRow
+from .interface import WriteTx
 
 DEFAULT_CACHE_SIZE = SessionsConfig.cache_size
 """``[sessions] cache_size``'s default."""

@@ -18,8 +18,8 @@ import socket
 import sqlite3
 from collections.abc import Callable, Sequence
 
-from .core.delivery import lane_of
-from .core.leases import Held, Lease, plan
+from ..core.delivery import lane_of
+from ..core.leases import Held, Lease, plan
 
 
 def keep_leases(

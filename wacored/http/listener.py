@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import socket
 
-from .config import ServerConfig
+from ..config import ServerConfig
 
 BACKLOG = 1024
 """Connections the kernel queues before `accept` (hypercorn's default is 100): a burst of Meta's

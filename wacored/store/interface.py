@@ -26,9 +26,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from .core.leases import Held, Lease
-from .core.sessions import SessionChange
-from .store import DeadLetter, Delivery, NewRow, Outcome, Retried, StoreFigures
+from ..core.leases import Held, Lease
+from ..core.sessions import SessionChange
+from . import DeadLetter, Delivery, NewRow, Outcome, Retried, StoreFigures
 
 
 class WriteTx(Protocol):

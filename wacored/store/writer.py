@@ -42,7 +42,8 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
-from .core.whatsapp import Batch
+from ..core.whatsapp import Batch
+from . import NewRow, Outcome, StoreUnavailable
 from .ingest import (
     DEFAULT_CACHE_SIZE,
     IngestContext,
@@ -52,8 +53,7 @@ from .ingest import (
     StoreSessions,
     ingest,
 )
-from .store import NewRow, Outcome, StoreUnavailable
-from .store_api import WriteTx
+from .interface import WriteTx
 
 log = logging.getLogger(__name__)
 

@@ -33,14 +33,14 @@ from pathlib import Path
 
 import trio
 
-from .capabilities import Reaping
-from .config import SessionsConfig
-from .core.schedule import cutoffs, missed, next_reap
-from .counts import bump
+from ..capabilities import Reaping
+from ..config import SessionsConfig
+from ..core.schedule import cutoffs, missed, next_reap
+from ..observe.counts import bump
+from ..store import WriteConnection
+from ..store.interface import Reads, WriteTx
+from ..store.writer import WriteOp
 from .deadletters import sleep_until, write_committed
-from .store import WriteConnection
-from .store_api import Reads, WriteTx
-from .writer import WriteOp
 
 log = logging.getLogger(__name__)
 
