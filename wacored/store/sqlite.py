@@ -1,4 +1,5 @@
-"""SQLite: the schema and its migrations, the one write connection, and a reader.
+"""The SQLite store: the one write connection of a process, and its readers (the `store.interface`
+Protocols, implemented on a SQLite file in WAL mode).
 
 Tables (schema version in ``PRAGMA user_version``, forward-only migrations in `MIGRATIONS`):
 
