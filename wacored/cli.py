@@ -119,8 +119,8 @@ def cmd_run(args: argparse.Namespace, worker: dict[str, Any] | None = None) -> i
     import trio
 
     from .actors.supervisor import ActorGaveUp
-    from .daemon import serve_until_signalled
     from .observe.systemd import Notifier
+    from .signals import serve_until_signalled
     from .store import SchemaError
 
     started = process_started_at()
