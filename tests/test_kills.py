@@ -201,7 +201,8 @@ async def test_one_senders_posts_over_both_workers_arrive_in_acknowledgement_ord
     recording = Recording()
     services.respond = recording
     async with workers_process(tmp_path, services, graph, edit=fast_leases) as workers:
-        clients = connections(8)
+        # 16 connections: the chance that the kernel puts them all on one worker is 2 in 2**16.
+        clients = connections(16)
         load = Load(workers.url, clients, senders=10, per_sender=12, pids=await worker_pids(workers))
         try:
             with trio.fail_after(30):
