@@ -11,6 +11,7 @@ from pathlib import Path
 
 import trio
 
+from wacored.actors.lanes import LaneBoard
 from wacored.core.delivery import lane_of
 from wacored.core.leases import (
     DLQ_RETRIER,
@@ -206,3 +207,34 @@ async def _shared_out(db: Path) -> None:
             if held.get("a", 0) and held.get("a") == held.get("b"):
                 return
             await trio.sleep(0.05)
+
+
+async def test_a_lane_claimed_again_in_the_tick_that_gives_it_back_is_woken(tmp_path: Path) -> None:
+    """Found by tests/test_kills.py: a worker marked lanes to give back (a third node counted live: a
+    killed worker's row, not yet stale), and in the tick that released them, its share grew again (that
+    row aged out), so it claimed them straight back. Its lane tasks, asleep since the lanes stopped being
+    theirs to deliver, were not woken: their queued rows waited a heartbeat (5 s) for nothing."""
+    path = tmp_path / "db"
+    migrate(path)
+    a, b = WriteConnection(path), WriteConnection(path)
+    board = LaneBoard(10.0)
+    lanes = board.ensure("rides", 4)
+    board.apply(tick(a, "a", 100.0), [], 100.0)
+    assert all(lane.held() for lane in lanes)
+    tick(b, "b", 101.0)  # b is seen: a's share drops to 2
+    board.apply(tick(a, "a", 103.0), [], 103.0)
+    giving = [lane for lane in lanes if lane.giving_back]
+    assert len(giving) == 2
+    assert not any(lane.held() for lane in giving)
+    # b is gone (unseen for a TTL) when a gives them back: a takes them again in the same transaction.
+    released = board.releasable()
+    assert released == [lane.name for lane in giving]
+    again = tick(a, "a", 112.0, release=released)
+    assert set(released) <= set(again.mine)
+    for lane in lanes:
+        lane.rearm()
+    board.apply(again, released, 112.0)
+    assert all(lane.held() for lane in lanes)
+    for lane in giving:
+        with trio.fail_after(1):
+            await lane.sleep(60)  # woken at once: the lane reads its queued rows now

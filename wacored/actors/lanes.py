@@ -173,7 +173,8 @@ class LaneBoard:
         def local(expires_at: float) -> float:
             return mono + (expires_at - wall_now)
 
-        for name in released:
+        back = set(released)
+        for name in back:
             for lane in self._by_name(name):
                 lane.giving_back = False
         give_back = set(held.plan.give_back)
@@ -183,8 +184,12 @@ class LaneBoard:
                 lane.valid_until = local(held.mine[lane.name]) if lane.name in held.mine else 0.0
                 if lane.name in give_back:
                     lane.giving_back = True
-                if lane.valid_until and not before:
-                    lane.wake()  # newly held: read what is queued for it
+                # Newly held, or given back and claimed again in the same tick (the fair share grew
+                # meanwhile: tests/test_kills.py saw it after a worker was killed): the lane task went
+                # to sleep when the lane stopped being its to deliver; without this wake its queued
+                # rows waited a heartbeat.
+                if lane.valid_until and (not before or lane.name in back):
+                    lane.wake()
         self.singletons = {n: local(held.mine[n]) for n in SINGLETONS if n in held.mine}
 
     def _by_name(self, name: str) -> list[Lane]:
@@ -275,7 +280,7 @@ async def _tick(
     before = set(board.held_lanes())
     board.apply(held, release, now)
     after = set(board.held_lanes())
-    if gained := sorted(after - before):
+    if gained := sorted(after - (before - set(release))):
         log.info("lanes taken", extra={"event": "lanes_taken", "node": me, "lanes": gained})
     if lost := sorted(before - after - set(release)):
         log.warning("lanes lost to another node", extra={"event": "lanes_lost", "node": me, "lanes": lost})
