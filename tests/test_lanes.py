@@ -28,7 +28,7 @@ from wacored.store import WriteConnection, migrate
 from wacored.store.lanes import this_host_dead
 
 from .conftest import Daemon, Downstream, Received, make_config, open_daemon, rows
-from .support import add_message, health, until_settled
+from .support import add_message, health, parse, until_settled, value
 
 LANES = [lane_lease("rides", i) for i in range(4)]
 
@@ -177,6 +177,11 @@ async def test_two_daemons_on_one_store_deliver_every_message_once_in_each_sende
                 sent[sender].append(await _send(b, sender))
         await until_settled(tmp_path / "wacored.db")
         report = await health(b)
+        samples = parse((await b.client.get(f"{b.url}/metrics")).text)
+    # b took every lane when it started alone, gave half back when a came, and took a's after the kill.
+    lanes = len(report["checks"]["leases"]["lanes_held"])
+    assert value(samples, "wacored_lanes_taken_total") > lanes
+    assert value(samples, "wacored_lanes_lost_total") == 0
     got = services.on("/rides")
     firsts: list[Received] = []
     for g in got:

@@ -106,6 +106,12 @@ class LaneBoard:
         self.last: Held | None = None
         """The last lease tick's result (/health, metrics). Owner: the lease keeper."""
         self.keeper_wake = trio.Event()
+        self.taken = 0
+        """Lane leases this node took (at start, from a dead or stopped node, or given back by
+        another), counted since it started. Owner: the lease keeper."""
+        self.lost = 0
+        """Lane leases this node lost to another before giving them back (it stalled past their
+        expiry). Owner: the lease keeper."""
 
     def ensure(self, target: str, count: int) -> list[Lane]:
         """`target`'s lanes, made if it has none yet (a lane count applies from the next start)."""
@@ -281,8 +287,10 @@ async def _tick(
     board.apply(held, release, now)
     after = set(board.held_lanes())
     if gained := sorted(after - (before - set(release))):
+        board.taken += len(gained)
         log.info("lanes taken", extra={"event": "lanes_taken", "node": me, "lanes": gained})
     if lost := sorted(before - after - set(release)):
+        board.lost += len(lost)
         log.warning("lanes lost to another node", extra={"event": "lanes_lost", "node": me, "lanes": lost})
     if release:
         log.info("lanes given back", extra={"event": "lanes_given_back", "node": me, "lanes": release})
