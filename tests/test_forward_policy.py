@@ -410,3 +410,47 @@ def test_a_first_delivery_settles_when_answered_or_out_of_retries(
     from wacored.core.delivery import settled
 
     assert settled(verdict, tries, retries) is settled_now
+
+
+def _head_fields(head: bytes) -> dict[str, str]:
+    lines = head.decode("ascii").split("\r\n")
+    assert lines[-1] == ""  # every line ends in CRLF
+    return dict(line.split(": ", 1) for line in lines[:-1])
+
+
+@pytest.mark.parametrize("dlq_retry", [False, True])
+def test_a_pre_encoded_head_holds_exactly_the_contract_headers(dlq_retry: bool) -> None:
+    legacy = Target(
+        name="rides",
+        url="http://rides.test/",
+        forwarding=ForwardingConfig(),
+        signing_secrets=(SIGNING_SECRET,),
+        legacy_signature=True,
+        default_number="106540352242922",
+    )
+    graph = Target(
+        name="whatsapp", url="https://graph.test/v21.0/1/messages", forwarding=ForwardingConfig(), access_token="EAAG-t"
+    )
+    for target in (service_target(), legacy, graph):
+        d = delivery()
+        head = target.head(d, now=1_700_000_000.7, traceparent="00-span-01", dlq_retry=dlq_retry)
+        assert head is not None
+        expected = target.headers(d, now=1_700_000_000.7, dlq_retry=dlq_retry, traceparent="00-span-01")
+        assert _head_fields(head) == expected
+        assert expected["traceparent"] == "00-span-01"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"correlation_id": "c\r\nX-Injected: 1"},
+        {"request_id": "r\nX-Injected: 1"},
+        {"reason": "caf\u00e9"},
+        {"service": "rides\x00"},
+    ],
+)
+def test_a_value_a_head_cannot_carry_plainly_is_left_to_httpx(overrides: dict[str, str]) -> None:
+    """`Target.head` declines (None) rather than encode a value outside printable ASCII; the forward
+    then goes through `httpx.Request`, which validates (and refuses) it as it always did."""
+    d = delivery(**overrides)
+    assert service_target().head(d, now=0, traceparent=d.traceparent) is None
