@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from wacored.actors.forwarder import Target, deliver, targets_of
+from wacored.actors.transport import route_of
 from wacored.config import Config, ForwardingConfig
 from wacored.core.delivery import Verdict, backoff_s, classify, lane_of
 from wacored.core.signing import key_of
@@ -454,3 +455,20 @@ def test_a_value_a_head_cannot_carry_plainly_is_left_to_httpx(overrides: dict[st
     then goes through `httpx.Request`, which validates (and refuses) it as it always did."""
     d = delivery(**overrides)
     assert service_target().head(d, now=0, traceparent=d.traceparent) is None
+
+
+def test_a_target_keeps_the_route_of_each_url_it_posts_to() -> None:
+    graph = Target(
+        name="whatsapp",
+        url="https://graph.test/v21.0/1/messages",
+        forwarding=ForwardingConfig(),
+        default_number="1",
+        graph_api_url="https://graph.test:8443/v21.0/",
+    )
+    for number in ("", "1", "106540352242922", "106540352242922"):
+        d = delivery(service="wacored", target="whatsapp", number=number)
+        assert graph.route_of(d) == route_of(graph.url_of(d))
+    other = graph.route_of(delivery(number="106540352242922"))
+    assert other.origin == ("https", "graph.test", 8443)
+    assert other.start == b"POST /v21.0/106540352242922/messages HTTP/1.1\r\nHost: graph.test:8443\r\n"
+    assert service_target().route_of(delivery()).start == b"POST /webhook HTTP/1.1\r\nHost: rides.test\r\n"

@@ -17,7 +17,7 @@ import trio
 import trustme
 
 from wacored.actors.targets import Target
-from wacored.actors.transport import MAX_BODY, LaneTransport, simple_answer
+from wacored.actors.transport import MAX_BODY, LaneTransport, route_of, simple_answer
 from wacored.config import ForwardingConfig
 
 from .conftest import SIGNING_SECRET
@@ -63,7 +63,7 @@ async def via_request(transport: LaneTransport, url: str) -> httpx.Response:
 
 async def via_post(transport: LaneTransport, url: str) -> httpx.Response:
     """The forwarders' way in: a pre-encoded head (`LaneTransport.post`), its `Answer` as a response."""
-    answer = await transport.post(httpx.URL(url), b"Content-Type: application/json\r\n", b"{}")
+    answer = await transport.post(route_of(httpx.URL(url)), b"Content-Type: application/json\r\n", b"{}")
     return httpx.Response(answer.status_code, headers=list(answer.headers), content=answer.body)
 
 
@@ -252,7 +252,7 @@ async def test_a_pre_encoded_post_sends_what_httpx_would(nursery: trio.Nursery) 
     head = target.head(d, now=1_700_000_000, traceparent=d.traceparent)
     assert head is not None
     async with LaneTransport() as transport:  # one each: the server closes every connection it answers
-        answer = await transport.post(target.url_of(d), head, d.body)
+        answer = await transport.post(target.route_of(d), head, d.body)
     request = httpx.Request("POST", target.url_of(d), content=d.body, headers=target.headers(d, now=1_700_000_000))
     async with LaneTransport() as transport:
         response = await transport.handle_async_request(request)

@@ -142,7 +142,7 @@ async def _attempt(
         # context manager per forward.
         with trio.move_on_after(target.forwarding.timeout_ms / 1000) as deadline:
             if lane is not None and head is not None:
-                answer = await lane.post(target.url_of(d), head, d.body)
+                answer = await lane.post(target.route_of(d), head, d.body)
             else:
                 answer = await _via_httpx(transport, target, d, now, traceparent, dlq_retry)
         if deadline.cancelled_caught:

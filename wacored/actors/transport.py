@@ -33,7 +33,6 @@ Cancellation:
 
 from __future__ import annotations
 
-import functools
 import re
 import ssl
 from collections.abc import AsyncIterator
@@ -134,10 +133,9 @@ class Route:
     start: bytes
 
 
-@functools.lru_cache(maxsize=1024)
 def route_of(url: httpx.URL) -> Route:
     """`url`'s route, the same request line and ``Host`` value httpx would send (its ``netloc``, the
-    port only when not the scheme's default). Cached: a target's URL is one object for its life."""
+    port only when not the scheme's default). Callers keep it (`targets.Target.route_of`)."""
     return Route(_origin(url), b"POST " + url.raw_path + b" HTTP/1.1\r\nHost: " + url.netloc + b"\r\n")
 
 
@@ -181,14 +179,13 @@ class LaneTransport(httpx.AsyncBaseTransport):
             extensions={"http_version": b"HTTP/" + answer.http_version},
         )
 
-    async def post(self, url: httpx.URL, head: bytes, body: bytes) -> Answer:
-        """POST `body` to `url` with the header lines `head` (each ending in CRLF, printable ASCII, no
-        ``Host``, ``Content-Length`` nor ``Connection``: the caller has checked them, as
-        `targets.Target.head` does). Raises like `handle_async_request`.
+    async def post(self, route: Route, head: bytes, body: bytes) -> Answer:
+        """POST `body` to `route` (`route_of` a URL) with the header lines `head` (each ending in CRLF,
+        printable ASCII, no ``Host``, ``Content-Length`` nor ``Connection``: the caller has checked
+        them, as `targets.Target.head` does). Raises like `handle_async_request`.
 
         h11 is not told of the request unless the answer needs it: a plain answer that arrives whole
         in one read is taken as it is (`simple_answer`), and h11, still idle, needs no new cycle."""
-        route = route_of(url)
         stream = await self._connection(route.origin)
         try:
             await self._send_all(stream, b"%s%sContent-Length: %d\r\n\r\n%s" % (route.start, head, len(body), body))
