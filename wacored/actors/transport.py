@@ -165,11 +165,14 @@ class LaneTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"connection"]
-        events = (
-            h11.Request(method=request.method, target=request.url.raw_path, headers=headers),
-            h11.Data(data=request.content),
-            h11.EndOfMessage(),
-        )
+        try:
+            events = (
+                h11.Request(method=request.method, target=request.url.raw_path, headers=headers),
+                h11.Data(data=request.content),
+                h11.EndOfMessage(),
+            )
+        except h11.LocalProtocolError as exc:  # a header h11 will not send
+            raise httpx.LocalProtocolError(str(exc)) from exc
         answer = await self._exchange(_origin(request.url), events, None)
         return httpx.Response(
             answer.status_code,
