@@ -30,7 +30,10 @@ SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 SERVER = r"""
 import socket, sys
-ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+ANSWER = (  # nginx's answer to `return 200 '{}'`, as bench.py's downstream sends it
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 29 Nov 2026 12:00:00 GMT\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n{}"
+)
 listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
 listener.listen(1)

@@ -201,6 +201,7 @@ def _h11_reads(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         b"HTTP/1.1 200\r\ncontent-length:0\r\n\r\n",
         b"HTTP/1.1 503 Service Unavailable\r\nRetry-After:  7 \r\nX-A: b  c\r\nContent-Length: 4\r\n\r\nbusy",
         b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Encoding: gzip\r\nContent-Length: 1\r\n\r\nx",
+        b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nContent-Length: 2\r\nConnection: Keep-Alive\r\n\r\n{}",
     ],
 )
 def test_a_plain_answer_is_read_without_h11_as_h11_reads_it(data: bytes) -> None:
@@ -221,6 +222,8 @@ def test_a_plain_answer_is_read_without_h11_as_h11_reads_it(data: bytes) -> None
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
         b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\n{}",
         b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nConnection: upgrade\r\nContent-Length: 2\r\n\r\n{}",
         b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
         b"HTTP/1.1 204 No Content\r\nContent-Length: 2\r\n\r\n{}",
         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
