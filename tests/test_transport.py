@@ -274,11 +274,3 @@ def _h11_request(data: bytes) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], 
     while isinstance(event := conn.next_event(), h11.Data):
         body += event.data
     return request.method, request.target, sorted(request.headers), body
-
-
-async def test_a_header_h11_will_not_send_is_an_httpx_error() -> None:
-    """Refused before anything is sent, as an `httpx.TransportError` the forwarders classify."""
-    async with LaneTransport() as transport:
-        request = httpx.Request("POST", "http://127.0.0.1:9/a", content=b"{}", headers={"X-A": "b "})
-        with pytest.raises(httpx.LocalProtocolError):
-            await transport.handle_async_request(request)
