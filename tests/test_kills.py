@@ -263,7 +263,11 @@ async def test_sigkill_one_worker_under_load_loses_and_reorders_nothing(
         takeover_s = after[0].at - killed_at
         assert takeover_s < LEASE_TTL_S + 1.0, takeover_s
 
-        assert_delivered_in_order(load, recording, max_duplicates=len(victim_lanes))
+        # A lane hands each outcome to the writer and goes on: what it delivered since the writer's
+        # last commit (a few ms; a handful of rows per lane under this load, more when the service
+        # answers fast) was in hand at the kill and is delivered again. Bounded by a page per lane.
+        assert_delivered_in_order(load, recording, max_duplicates=4 * len(victim_lanes))
+        assert max(Counter(a.key for a in recording.arrivals).values()) <= 2  # delivered again once, at most
         # Each duplicate is a delivery the killed worker had in hand: a row of one of its lanes.
         assert {lane_of[key] for key in recording.duplicates()} <= victim_lanes
         owners = dict(rows(db, "SELECT name, owner FROM leases"))
