@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from multiprocessing.queues import Queue
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wacored.store import NewRow, WriteConnection, migrate  # noqa: E402
 
 
-def writer(path: str, strategy: str, commits: int, rows: int, who: int, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def writer(path: str, strategy: str, commits: int, rows: int, who: int, out: Queue[list[float]]) -> None:
     conn = WriteConnection(Path(path), busy_timeout_ms=5000)
     waits: list[float] = []
     for i in range(commits):
@@ -52,7 +53,7 @@ def run(strategy: str, commits: int, rows: int) -> tuple[float, list[float]]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "wacored.db"
         migrate(path)
-        out: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
+        out: Queue[list[float]] = multiprocessing.Queue()
         procs = [
             multiprocessing.Process(target=writer, args=(str(path), strategy, commits, rows, who, out))
             for who in range(2)
