@@ -137,7 +137,9 @@ async def test_replaying_a_delivered_message_delivers_it_again_with_the_same_key
     await services.wait_for(2, "/rides")
     await wait_until(lambda: state_of(daemon, newer) == "delivered")
 
-    assert await run(cli, "messages", "replay", key, "--yes") == 0  # another process: the sweep finds it
+    assert (
+        await run(cli, "messages", "replay", key, "--yes") == 0
+    )  # another process: its lane reads it at its next idle heartbeat
     assert "replayed 1 message(s)" in capsys.readouterr().out
     got = await services.wait_for(3, "/rides")
     assert got[2].headers["idempotency-key"] == got[0].headers["idempotency-key"] == key
