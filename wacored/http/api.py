@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any
@@ -25,6 +24,7 @@ from ..observe.state import ActorState
 from ..ops.operations import iso
 from ..runtime import Runtime
 from ..siblings import LOCAL_HEADER, merged_exposition
+from ..store.interface import STORE_ERRORS
 from ..store.writer import StoreWrites, store_writes_status
 from ..version import VERSION
 from . import admin
@@ -49,7 +49,7 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
             async with rt.reader_lock:
                 schema = await trio.to_thread.run_sync(rt.reader.ping)
         checks["database"] = {"status": "ok", "schema_version": schema, "path": str(rt.config.store.path)}
-    except (sqlite3.Error, trio.TooSlowError) as exc:
+    except STORE_ERRORS + (trio.TooSlowError,) as exc:
         checks["database"] = {"status": "error", "error": str(exc) or type(exc).__name__}
     now = rt.wall_clock()
     checks["store_writes"] = _store_writes(rt.store_writes, now, rt.config.store.unhealthy_after_s)
