@@ -48,7 +48,6 @@ import dataclasses
 import functools
 import logging
 import random
-import sqlite3
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -67,7 +66,7 @@ from ..observe.counts import bump
 from ..observe.telemetry import NO_TRACER, forward_span, recording, traceparent_of
 from ..runtime import HEARTBEAT_S
 from ..store import AttemptRow, Delivery, Outcome
-from ..store.interface import LaneReads
+from ..store.interface import STORE_ERRORS, LaneReads
 from ..store.writer import Record, WriteOp
 from .lanes import Lane
 from .targets import Target, targets_of
@@ -359,7 +358,7 @@ async def run_lane(
         while not rt.stopping.is_set():
             rt.beat(actor)
             lane.rearm()
-            page = _page(lane, reader) if lane.held() else []
+            page = await _page(lane, reader) if lane.held() else []
             if not page:
                 await lane.sleep(HEARTBEAT_S)
                 continue
@@ -378,12 +377,17 @@ async def run_lane(
                 await writes.send(Record(outcome))
 
 
-def _page(lane: Lane, reader: LaneReads) -> list[Delivery]:
+async def _page(lane: Lane, reader: LaneReads) -> list[Delivery]:
     """The lane's next rows not in hand, oldest first (none when the store cannot be read: the lane
-    tries again at its next wake)."""
+    tries again at its next wake). On this thread when the read is local (SQLite), else in a worker
+    thread (`LaneReads.blocking_reads`)."""
     try:
-        rows = reader.page(lane.target, lane.index, PAGE + len(lane.handed))
-    except sqlite3.Error as exc:
+        limit = PAGE + len(lane.handed)
+        if reader.blocking_reads:
+            rows = await trio.to_thread.run_sync(reader.page, lane.target, lane.index, limit)
+        else:
+            rows = reader.page(lane.target, lane.index, limit)
+    except STORE_ERRORS as exc:
         log.warning(
             "lane cannot read the store", extra={"event": "lane_read_failed", "service": lane.target, "error": str(exc)}
         )

@@ -30,17 +30,20 @@ Cancellation:
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Callable, Iterable
+from functools import partial
+from typing import TypeVar
 
 import trio
 
 from ..core.delivery import lane_of
 from ..core.leases import SINGLETONS, Held, lane_lease, tick_s
 from ..store import NewRow, StoreUnavailable
-from ..store.interface import LaneReads
+from ..store.interface import STORE_ERRORS, LaneReads
 from ..store.lanes import this_host_dead
 from ..store.writer import Write, WriteOp
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +194,11 @@ class LaneBoard:
         return [lane for lanes in self.lanes.values() for lane in lanes if lane.name == name]
 
 
+async def _relay_read(reader: LaneReads, read: Callable[[], T]) -> T:
+    """`read` on this thread when the store's reads are local, else in a worker thread."""
+    return await trio.to_thread.run_sync(read) if reader.blocking_reads else read()
+
+
 async def run_relay(
     board: LaneBoard,
     reader: LaneReads,
@@ -201,20 +209,20 @@ async def run_relay(
 ) -> None:
     """Wake the lanes of rows other processes commit. (Rows this process commits wake their lanes from
     the writer already; the relay wakes them again, which costs one page read a lane is about to make
-    anyway.) Row ids are commit order on SQLite (the id is taken under the write lock), so a cursor
-    on the newest id misses nothing."""
-    last = reader.newest_id()
+    anyway.) Row ids are commit order (on SQLite the id is taken under the write lock; on PostgreSQL
+    under the store's advisory lock, `store.postgres`), so a cursor on the newest id misses nothing."""
+    last = await _relay_read(reader, reader.newest_id)
     task_status.started()
     while True:
         await trio.sleep(interval_s)
         beat()
         try:
-            newest = reader.newest_id()
+            newest = await _relay_read(reader, reader.newest_id)
             if newest > last:
-                for target, lane in reader.queued_lanes_after(last):
+                for target, lane in await _relay_read(reader, partial(reader.queued_lanes_after, last)):
                     board.wake(target, lane)
                 last = newest
-        except sqlite3.Error as exc:
+        except STORE_ERRORS as exc:
             log.warning("relay cannot read the store", extra={"event": "relay_failed", "error": str(exc)})
 
 
