@@ -13,12 +13,14 @@ import os
 import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
+from ..config import StoreConfig
 from ..core.numbers import OTHER
 from ..observe.state import ActorState
 from ..ops.operations import iso
@@ -36,6 +38,15 @@ HEALTH_DB_TIMEOUT_S = 2.0
 CORE_ACTORS = ("writer", "ingress")
 
 
+def store_where(store: StoreConfig) -> str:
+    """Where the store is, for /health: the SQLite file, or the PostgreSQL server and database
+    (never the URL's user, password or options)."""
+    if not store.url:
+        return str(store.path)
+    parts = urlsplit(store.url)
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
 async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
     """The /health body: ``unhealthy`` (503) when the store cannot be read, its commits have failed for
     ``[store] unhealthy_after_s``, or a core actor is down; ``degraded`` while commits fail, when
@@ -48,7 +59,7 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
         with trio.fail_after(HEALTH_DB_TIMEOUT_S):
             async with rt.reader_lock:
                 schema = await trio.to_thread.run_sync(rt.reader.ping)
-        checks["database"] = {"status": "ok", "schema_version": schema, "path": str(rt.config.store.path)}
+        checks["database"] = {"status": "ok", "schema_version": schema, "path": store_where(rt.config.store)}
     except STORE_ERRORS + (trio.TooSlowError,) as exc:
         checks["database"] = {"status": "error", "error": str(exc) or type(exc).__name__}
     now = rt.wall_clock()

@@ -160,6 +160,20 @@ def pg_migrate(url: str) -> int:
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
 
 
+def store_problem(url: str) -> str | None:
+    """None when the database at `url` answers with a schema this code can use (or none yet), else
+    why not, in one line (`check-config`)."""
+    try:
+        with connect(url) as conn:
+            version = schema_version(conn)
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()
+        return f"the database does not answer: {first[0] if first else type(exc).__name__}"
+    if version > SCHEMA_VERSION:
+        return f"the database has schema version {version}, newer than this wacored ({SCHEMA_VERSION})"
+    return None
+
+
 class QmarkStatements:
     """`lanes.Statements` on a psycopg connection: the lease SQL shared with SQLite, ``?`` as ``%s``."""
 
