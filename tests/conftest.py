@@ -317,7 +317,7 @@ class StoreUnderTest:
         if not self.url:
             return rows(self.path, sql, *args)
         with psycopg.connect(self.url, autocommit=True) as conn:
-            return conn.execute(qmark(sql), args).fetchall()  # type: ignore[call-overload]  # a test's literal
+            return conn.execute(qmark(sql), args or None).fetchall()  # type: ignore[call-overload]  # a test's literal
 
     def execute(self, sql: str, *args: Any) -> None:
         """One write (``?`` placeholders), committed, on a connection of its own."""
@@ -326,7 +326,7 @@ class StoreUnderTest:
                 db.execute(sql, args)
             return
         with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(qmark(sql), args)  # type: ignore[call-overload]  # a test's literal
+            conn.execute(qmark(sql), args or None)  # type: ignore[call-overload]  # a test's literal
 
     def section(self) -> dict[str, Any]:
         """The config's ``[store]`` for this store."""
