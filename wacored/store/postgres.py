@@ -32,8 +32,8 @@ and routing reads the sessions of each batch from the store (one primary-key rea
 Error handling:
     `psycopg.Error` propagates (`interface.STORE_ERRORS`); a lost connection is
     `psycopg.OperationalError` (`interface.STORE_DOWN_ERRORS`). The write connection is opened again
-    at the next ``BEGIN`` after it broke, and the readers draw from a pool that replaces broken
-    connections, so a database that comes back is used again without a restart.
+    at the next ``BEGIN`` after it broke, and the readers drop a broken connection and open another
+    at their next read, so a database that comes back is used again without a restart.
 
 Cancellation:
     Nothing here awaits; callers run it through ``trio.to_thread.run_sync``, which waits for the
@@ -42,12 +42,12 @@ Cancellation:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import psycopg
 from psycopg import pq
-from psycopg_pool import ConnectionPool
 
 from ..core.leases import Held, Lease
 from ..core.routing import SessionAction
@@ -468,39 +468,45 @@ _INSERT_ATTEMPT = (
 
 
 class _Pooled:
-    """Reads on connections drawn from a small pool (broken ones are replaced: a database that comes
-    back is read again). The pool opens its connections in its own threads; the first read waits at
-    most `CONNECT_TIMEOUT_S` for one."""
+    """Reads on connections of its own, kept idle between reads and opened when none is idle (so
+    lanes reading at once from several worker threads never share one). A connection that broke is
+    dropped, and the next read opens another: a database that comes back is read again, and one that
+    is down fails each read at once (connection refused) or within `CONNECT_TIMEOUT_S`, never later.
+    (psycopg_pool's pool would make a read wait its whole timeout for a connection while the
+    database is down, and fills itself from threads of its own.)"""
 
-    def __init__(self, url: str, size: int) -> None:
+    def __init__(self, url: str) -> None:
         self.url = url
-        self.pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=size,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
-            timeout=CONNECT_TIMEOUT_S,
-            open=True,
-            name="wacored-store-reads",
-        )
+        self._idle: list[psycopg.Connection[tuple[Any, ...]]] = []
+        self._lock = threading.Lock()
 
     def close(self) -> None:
-        self.pool.close()
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
-    def _all(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-        with self.pool.connection() as conn:
-            return conn.execute(sql, params).fetchall()
+    def _all(self, sql: str, params: Sequence[object] | None = None) -> list[tuple[Any, ...]]:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None or conn.closed or conn.broken:
+            conn = connect(self.url)
+        try:
+            rows = conn.execute(sql, params).fetchall()
+        except BaseException:
+            conn.close()  # broken, or in a state nobody should inherit
+            raise
+        with self._lock:
+            self._idle.append(conn)
+        return rows
 
-    def _one(self, sql: str, params: Sequence[object] = ()) -> Any:
+    def _one(self, sql: str, params: Sequence[object] | None = None) -> Any:
         rows = self._all(sql, params)
         return rows[0][0] if rows else None
 
 
 class PgReader(_Pooled):
     """`interface.Reads` on PostgreSQL (one connection: its caller reads one thing at a time)."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url, 1)
 
     def ping(self) -> int:
         """The schema version; raises `psycopg.Error` when the database cannot be read."""
@@ -562,12 +568,9 @@ class PgReader(_Pooled):
 
 class PgLaneReader(_Pooled):
     """`interface.LaneReads` on PostgreSQL: every read is a round trip, so its callers run it in a
-    worker thread (`blocking_reads`); a few connections, so lanes reading at once do not queue on one."""
+    worker thread (`blocking_reads`), each lane's on a connection of its own."""
 
     blocking_reads = True
-
-    def __init__(self, url: str, size: int = 4) -> None:
-        super().__init__(url, size)
 
     def page(self, target: str, lane: int, limit: int) -> list[Delivery]:
         rows = self._all(
