@@ -1,9 +1,10 @@
 """The store as the actors see it: what each may ask of it, whatever the database behind.
 
 Three Protocols, each the narrow set one kind of caller needs. `store.WriteConnection`,
-`store.LaneReader` and `store.Reader` are the SQLite implementation, the embedded default; a second
-database is a second set of classes behind these same Protocols, never a second code path in the
-actors. The daemon is the one place that picks the implementation (`daemon._run`).
+`store.LaneReader` and `store.Reader` are the SQLite implementation, the embedded default;
+`postgres.PgWriteConnection`, `PgLaneReader` and `PgReader` the PostgreSQL one, a second set of
+classes behind these same Protocols, never a second code path in the actors. The daemon is the one
+place that picks the implementation (`daemon.StoreParts`).
 
 - `WriteTx`: the single write connection of a process, used by the writer actor inside the
   transaction it opens for a group of operations (group commit): the ingest transaction (sessions,
