@@ -381,8 +381,11 @@ async def _page(lane: Lane, reader: LaneReads) -> list[Delivery]:
     """The lane's next rows not in hand, oldest first (none when the store cannot be read: the lane
     tries again at its next wake). On this thread when the read is local (SQLite), else in a worker
     thread (`LaneReads.blocking_reads`)."""
+    # What is in hand when the read starts: a read in a worker thread may return a row whose outcome
+    # the writer commits (and takes out of `handed`) while it runs, still ``queued`` in what it read.
+    in_hand = set(lane.handed)
     try:
-        limit = PAGE + len(lane.handed)
+        limit = PAGE + len(in_hand)
         if reader.blocking_reads:
             rows = await trio.to_thread.run_sync(reader.page, lane.target, lane.index, limit)
         else:
@@ -392,7 +395,7 @@ async def _page(lane: Lane, reader: LaneReads) -> list[Delivery]:
             "lane cannot read the store", extra={"event": "lane_read_failed", "service": lane.target, "error": str(exc)}
         )
         return []
-    return [d for d in rows if d.id not in lane.handed][:PAGE]
+    return [d for d in rows if d.id not in in_hand and d.id not in lane.handed][:PAGE]
 
 
 def _log_outcome(name: str, d: Delivery, outcome: Outcome) -> None:
