@@ -68,8 +68,8 @@ from .ops.pauses import Pause
 from .runtime import Runtime
 from .siblings import Place, Siblings
 from .store import LaneReader, Reader, StoreUnavailable, WriteConnection, migrate
-from .store.interface import LaneReads, Reads, WriteTx
-from .store.postgres import PgLaneReader, PgReader, PgWriteConnection, pg_migrate
+from .store.interface import LaneReads, Reads, RowsListener, WriteTx
+from .store.postgres import PgLaneReader, PgReader, PgRowsListener, PgWriteConnection, pg_migrate
 from .store.writer import Reply, Write, WriteOp, run_writer
 
 log = logging.getLogger(__name__)
@@ -154,13 +154,18 @@ class StoreParts:
     def lane_reader(self) -> LaneReads:
         return PgLaneReader(self.config.url) if self.config.url else LaneReader(self.config.path)
 
+    def rows_listener(self) -> RowsListener | None:
+        """What wakes the relay when another node commits (None: SQLite, the relay polls)."""
+        return PgRowsListener(self.config.url) if self.config.url else None
 
-async def close_readers(*readers: Reads | LaneReads) -> None:
+
+async def close_readers(*readers: Reads | LaneReads | RowsListener | None) -> None:
     """Close readers in a worker thread (a PostgreSQL reader's pool says goodbye over the network),
     shielded: it runs while the daemon stops."""
     with trio.CancelScope(shield=True):
         for reader in readers:
-            await trio.to_thread.run_sync(reader.close)
+            if reader is not None:
+                await trio.to_thread.run_sync(reader.close)
 
 
 def split_all(parts: StoreParts, lanes: dict[str, int]) -> None:
@@ -234,6 +239,7 @@ class Daemon:
         rt = self.rt
         parts = StoreParts(rt.config.store)
         readers = [parts.reader() for _ in range(4)]
+        listener = parts.rows_listener()
         try:
             async with trio.open_nursery() as nursery:
                 retrier, reaper, stats, pauses = readers
@@ -262,7 +268,9 @@ class Daemon:
                     supervise,
                     rt,
                     "relay",
-                    lambda ts: run_relay(rt.lanes, self.lane_reader, beat=partial(rt.beat, "relay"), task_status=ts),
+                    lambda ts: run_relay(
+                        rt.lanes, self.lane_reader, beat=partial(rt.beat, "relay"), listener=listener, task_status=ts
+                    ),
                 )
                 await nursery.start(supervise, rt, "stats", lambda ts: run_stats(rt, stats, task_status=ts))
                 await nursery.start(
@@ -273,7 +281,7 @@ class Daemon:
                 )
                 task_status.started(nursery.cancel_scope)
         finally:
-            await close_readers(*readers)
+            await close_readers(*readers, listener)
 
     async def serve_reloads(self, requests: trio.MemoryReceiveChannel[ReloadRequest]) -> None:
         async for request in requests:

@@ -117,6 +117,17 @@ class LaneReads(Protocol):
     def close(self) -> None: ...
 
 
+class RowsListener(Protocol):
+    """What wakes the relay at once when another node commits rows (PostgreSQL's LISTEN/NOTIFY), where
+    the store has it; called in a worker thread."""
+
+    def wait(self, timeout_s: float) -> bool:
+        """Until another connection commits rows, or `timeout_s` passes; whether one did."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Reads(Protocol):
     """The periodic actors' and /health's reads (in worker threads)."""
 
