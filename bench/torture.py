@@ -1,31 +1,37 @@
 """wacored crash-safety torture: signed messages under load while the daemon is killed and restarted.
 
-Run as ``.venv/bin/python bench/torture.py --mode kill|term|hup [--messages 3000] ...``; bench/README.md
+Run as ``.venv/bin/python bench/torture.py --mode kill|term|hup|worker-kill [--messages 3000] ...``; bench/README.md
 explains the figures. Everything runs on 127.0.0.1:
 
 - a recording downstream, served in this process by hypercorn: it notes the ``Idempotency-Key`` of
   every forward it receives (services and the Graph API sender alike) and answers 200;
 - ``.venv/bin/wacored run`` as a subprocess, on a fresh store and config in a temp dir, every service
-  and the Graph API pointing at the recorder, a fixed port so that restarts keep the address;
+  and the Graph API pointing at the recorder, a fixed port so that restarts keep the address; with
+  `--processes N` (default 2 in mode worker-kill, else 1) a supervisor of N worker processes;
 - `--senders` concurrent senders posting `--messages` signed webhooks (one text message each, a unique
   wamid), each retried like Meta would until it is answered 200: after a refused or reset connection,
   or after any other status;
 - the chaos: `--signals` times, at random points of the load (seeded), SIGKILL + restart (`kill`),
   SIGTERM + restart (`term`), or SIGHUP (`hup`: the daemon should reload and keep serving; if it dies
-  instead, that is reported and it is restarted so that the run can finish).
+  instead, that is reported and it is restarted so that the run can finish); or SIGKILL to one worker
+  picked at random from /health ``workers`` (`worker-kill`): the supervisor restarts it, the other
+  worker keeps serving, and the dead worker's lanes are taken over (docs/architecture.md). The chaos
+  waits until /health lists the restarted worker ready before it goes on.
 
 Then a final SIGTERM and restart, and the store is polled (read-only) until nothing is ``queued``.
 
 Each request that does not end in 200 is classified. *Not taken*: the connection was refused, or the
 request was sent while the daemon was down or stopping (after a signal, before it was serving again);
 Meta retries it and nothing is lost (docs/stack-notes.md, "Serving"). *Interrupted*:
-sent before a SIGKILL and cut by it. *Failed*: any other request left unanswered, or any answer but
+sent before a SIGKILL and cut by it (in mode worker-kill: left unanswered while a worker was dead or
+restarting, on a connection the dead worker held). *Failed*: any other request left unanswered, or any answer but
 200; a SIGTERM or SIGHUP must leave none.
 
 Figures: sent, acknowledged (200), delivered (distinct keys at the recorder), dead-lettered (the
 store's ``dead_letters``), duplicates delivered (allowed: delivery is at least once) and LOST, the
 acknowledged messages neither delivered nor dead-lettered. Exit status 1 when LOST > 0, or, in modes
-term and hup, when a request failed; 2 when the run itself could not be carried out.
+term and hup, when a request failed (or in mode worker-kill when a killed worker was not restarted);
+2 when the run itself could not be carried out.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -64,7 +71,9 @@ sys.path.insert(0, str(ROOT))
 from wacored.core.whatsapp import sign, text_webhook  # noqa: E402
 
 SERVICES = ("rides", "jobs", "wallet")
-SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "hup": signal.SIGHUP}
+SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "hup": signal.SIGHUP, "worker-kill": signal.SIGKILL}
+KILLS = ("kill", "worker-kill")
+"""Modes whose SIGKILLs may cut requests (interrupted, not failed) and whose failed requests do not fail the run."""
 READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 20.0
 HUP_GRACE_S = 1.0
@@ -146,11 +155,12 @@ def free_port() -> int:
         return port
 
 
-def write_config(path: Path, store: Path, port: int, downstream: str) -> None:
+def write_config(path: Path, store: Path, port: int, downstream: str, processes: int = 1) -> None:
     q = json.dumps
     lines = [
         "[server]",
         f'listen = "127.0.0.1:{port}"',
+        f"processes = {processes}",
         "",
         "[whatsapp]",
         'phone_number_id = "TORTURE"',
@@ -254,7 +264,13 @@ class Tally:
     """Set from a signal until the daemon serves again: requests sent meanwhile are not taken."""
     kills: list[float] = field(default_factory=list)
     """When each SIGKILL was sent (monotonic)."""
+    outages: list[list[float]] = field(default_factory=list)
+    """Mode worker-kill: [killed at, restarted at] of each killed worker (monotonic; the end is inf
+    until /health lists its successor ready)."""
+    restarted: list[float] = field(default_factory=list)
+    """Mode worker-kill: how long each killed worker took to be listed ready again."""
     events: list[str] = field(default_factory=list)
+    not_restarted: int = 0
     progress: trio.Event = field(default_factory=trio.Event)
 
     def acknowledge(self, wamid: str) -> None:
@@ -321,6 +337,8 @@ def classify_unanswered(
         tally.not_taken["reset after a signal" if sent_at is not None else "not sent"] += 1
     elif mode == "kill" and any(sent_at < k <= now for k in tally.kills):
         tally.interrupted += 1
+    elif mode == "worker-kill" and any(start <= now and sent_at <= end for start, end in tally.outages):
+        tally.interrupted += 1  # in flight while a worker was dead: on one of its connections
     else:
         tally.failed.append(f"{wamid}: {type(exc).__name__} {exc}".rstrip())
 
@@ -349,6 +367,9 @@ async def chaos(
         while len(tally.acked) < point:
             await tally.progress.wait()
         await trio.sleep(rng.uniform(0.0, 0.05))
+        if args.mode == "worker-kill":
+            await kill_a_worker(daemon, client, tally, rng, n, f"{len(tally.acked)}/{args.messages} acked")
+            continue
         signum = SIGNALS[args.mode]
         at = f"{len(tally.acked)}/{args.messages} acked"
         tally.down_since = time.monotonic()
@@ -376,6 +397,45 @@ async def chaos(
             tally.events.append(f"{signal.Signals(signum).name} {n} at {at}: exit code {code}")
         await daemon.start(client)
         tally.down_since = None
+
+
+async def workers_listed(daemon: Daemon, client: httpx.AsyncClient) -> list[dict[str, Any]]:
+    """/health ``workers`` (any worker answers for all; empty when no answer came)."""
+    try:
+        health = await client.get(f"{daemon.url}/health", timeout=2.0, headers={"Connection": "close"})
+        return list(health.json().get("workers", []))
+    except (httpx.TransportError, ValueError):
+        return []
+
+
+async def kill_a_worker(
+    daemon: Daemon, client: httpx.AsyncClient, tally: Tally, rng: random.Random, n: int, at: str
+) -> None:
+    """SIGKILL one worker picked at random from /health, then wait (bounded) until /health lists its
+    successor ready: the supervisor restarts it, and the port keeps serving meanwhile."""
+    listed = [w for w in await workers_listed(daemon, client) if w.get("ready") and "pid" in w]
+    if not listed:
+        raise RunError("no worker listed ready in /health")
+    victim = rng.choice(listed)
+    outage = [time.monotonic(), math.inf]
+    tally.kills.append(outage[0])
+    tally.outages.append(outage)
+    os.kill(int(victim["pid"]), signal.SIGKILL)
+    with trio.move_on_after(READY_TIMEOUT_S):
+        while True:
+            now = {w.get("index"): w for w in await workers_listed(daemon, client)}
+            successor = now.get(victim["index"], {})
+            if successor.get("ready") and successor.get("pid") not in (None, victim["pid"]):
+                outage[1] = time.monotonic()
+                tally.restarted.append(outage[1] - outage[0])
+                tally.events.append(
+                    f"SIGKILL {n} to worker {victim['index']} (pid {victim['pid']}, {len(victim.get('lanes_held', []))}"
+                    f" lanes) at {at}: restarted as pid {successor['pid']}, ready after {tally.restarted[-1]:.2f}s"
+                )
+                return
+            await trio.sleep(0.05)
+    tally.failed.append(f"SIGKILL {n}: worker {victim['index']} not listed ready again within {READY_TIMEOUT_S}s")
+    tally.not_restarted += 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,7 +497,7 @@ async def torture(args: argparse.Namespace, tmp: Path, log: TextIO) -> Result:
     ):
         downstream = await serve_recorder(nursery, recorder)
         port = free_port()
-        write_config(tmp / "wacored.toml", store, port, downstream)
+        write_config(tmp / "wacored.toml", store, port, downstream, args.processes)
         config = ["-c", str(tmp / "wacored.toml"), "--env-file", str(tmp / "none.env")]
         command = [*shlex.split(args.wacored), "run", *config]
         env = {**os.environ, "WACORED_APP_SECRET": secret, "WACORED_ACCESS_TOKEN": "torture-token"}
@@ -466,7 +526,8 @@ async def torture(args: argparse.Namespace, tmp: Path, log: TextIO) -> Result:
     problems = [
         ln[:240]
         for ln in (tmp / "wacored.log").read_text().splitlines()
-        if '"actor_crashed"' in ln or '"level": "error"' in ln
+        if ('"actor_crashed"' in ln or '"level": "error"' in ln)
+        and not (args.mode == "worker-kill" and '"event": "worker_exited"' in ln and '"SIGKILL"' in ln)
     ]
     return Result(
         sent=sent,
@@ -528,10 +589,11 @@ def report(args: argparse.Namespace, r: Result) -> str:
     statuses = ", ".join(f"{s} x {n}" for s, n in sorted(t.statuses.items()))
     ready = f"{sum(r.daemon.ready_s) / len(r.daemon.ready_s):.2f}s" if r.daemon.ready_s else "-"
     died = sum(1 for e in t.events if "DIED" in e)
-    verdict = "PASS" if not r.lost and r.drained and not (t.failed and args.mode != "kill") else "FAIL"
+    verdict = "PASS" if passed(args, r) else "FAIL"
     lines = [
         f"wacored torture, mode {args.mode}: {args.messages} messages from {args.senders} concurrent senders"
-        f" ({args.phones} phone numbers), {args.signals} x {SIGNALS[args.mode].name}, seed {args.seed};"
+        f" ({args.phones} phone numbers), {args.processes} process(es), {args.signals} x {SIGNALS[args.mode].name}"
+        f"{' to a worker' if args.mode == 'worker-kill' else ''}, seed {args.seed};"
         f" downstream delay {args.downstream_delay_ms:g} ms, fail rate {args.fail_rate:g}",
         "",
         f"sent            {r.sent}",
@@ -544,6 +606,14 @@ def report(args: argparse.Namespace, r: Result) -> str:
         f"requests        {t.requests}: {statuses}",
         f"not taken       {sum(t.not_taken.values())}  ({kinds}; retried)",
         f"interrupted     {t.interrupted}  (sent before a SIGKILL, cut by it; retried)",
+        *(
+            [
+                f"workers killed  {len(t.kills)}, restarted {len(t.restarted)}"
+                f" (listed ready again after {', '.join(f'{s:.2f}s' for s in t.restarted) or '-'})"
+            ]
+            if args.mode == "worker-kill"
+            else []
+        ),
         f"failed          {len(t.failed)}  (unanswered though sent while the daemon was serving, or not 200)",
         f"daemon          {r.daemon.starts} starts, ready after {ready} on average; exit codes {r.daemon.exits};"
         f" SIGTERM to exit {', '.join(f'{s:.1f}s' for s in r.daemon.stop_s)}",
@@ -568,6 +638,13 @@ def report(args: argparse.Namespace, r: Result) -> str:
     return "\n".join(lines)
 
 
+def passed(args: argparse.Namespace, r: Result) -> bool:
+    """Nothing lost, everything drained; in modes term and hup no failed request; in mode worker-kill
+    every killed worker restarted."""
+    failed = bool(r.tally.failed) and args.mode not in KILLS
+    return not r.lost and r.drained and not failed and not r.tally.not_restarted
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="wacored crash-safety torture (see the module docstring)")
     p.add_argument("--mode", choices=sorted(SIGNALS), required=True)
@@ -575,6 +652,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--senders", type=int, default=8, help="concurrent senders (default 8)")
     p.add_argument("--phones", type=int, default=200, help="distinct WhatsApp senders in the messages (default 200)")
     p.add_argument("--signals", type=int, default=4, help="signals sent during the load (default 4)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="[server] processes: worker processes behind a supervisor (default 2 in mode worker-kill, else 1)",
+    )
     p.add_argument(
         "--downstream-delay-ms",
         type=float,
@@ -602,6 +685,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (store, config, daemon log)")
     args = p.parse_args(argv)
+    if args.processes is None:
+        args.processes = 2 if args.mode == "worker-kill" else 1
+    if args.mode == "worker-kill" and args.processes < 2:
+        p.error("mode worker-kill needs --processes 2 or more (one process has no worker to kill alone)")
     tmp = Path(tempfile.mkdtemp(prefix="wacored-torture-"))
     try:
         with open(tmp / "wacored.log", "w", encoding="utf-8") as log:
@@ -615,8 +702,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     print(report(args, result))
     print(f"\n(temp dir {tmp}{' kept' if args.keep else ' removed'})")
-    failed = bool(result.tally.failed) and args.mode != "kill"
-    return 1 if result.lost or failed or not result.drained else 0
+    return 0 if passed(args, result) else 1
 
 
 if __name__ == "__main__":

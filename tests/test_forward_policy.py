@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from wacored.actors.forwarder import Target, deliver, targets_of
+from wacored.actors.transport import route_of
 from wacored.config import Config, ForwardingConfig
 from wacored.core.delivery import Verdict, backoff_s, classify, lane_of
 from wacored.core.signing import key_of
@@ -410,3 +411,64 @@ def test_a_first_delivery_settles_when_answered_or_out_of_retries(
     from wacored.core.delivery import settled
 
     assert settled(verdict, tries, retries) is settled_now
+
+
+def _head_fields(head: bytes) -> dict[str, str]:
+    lines = head.decode("ascii").split("\r\n")
+    assert lines[-1] == ""  # every line ends in CRLF
+    return dict(line.split(": ", 1) for line in lines[:-1])
+
+
+@pytest.mark.parametrize("dlq_retry", [False, True])
+def test_a_pre_encoded_head_holds_exactly_the_contract_headers(dlq_retry: bool) -> None:
+    legacy = Target(
+        name="rides",
+        url="http://rides.test/",
+        forwarding=ForwardingConfig(),
+        signing_secrets=(SIGNING_SECRET,),
+        legacy_signature=True,
+        default_number="106540352242922",
+    )
+    graph = Target(
+        name="whatsapp", url="https://graph.test/v21.0/1/messages", forwarding=ForwardingConfig(), access_token="EAAG-t"
+    )
+    for target in (service_target(), legacy, graph):
+        d = delivery()
+        head = target.head(d, now=1_700_000_000.7, traceparent="00-span-01", dlq_retry=dlq_retry)
+        assert head is not None
+        expected = target.headers(d, now=1_700_000_000.7, dlq_retry=dlq_retry, traceparent="00-span-01")
+        assert _head_fields(head) == expected
+        assert expected["traceparent"] == "00-span-01"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"correlation_id": "c\r\nX-Injected: 1"},
+        {"request_id": "r\nX-Injected: 1"},
+        {"reason": "caf\u00e9"},
+        {"service": "rides\x00"},
+    ],
+)
+def test_a_value_a_head_cannot_carry_plainly_is_left_to_httpx(overrides: dict[str, str]) -> None:
+    """`Target.head` declines (None) rather than encode a value outside printable ASCII; the forward
+    then goes through `httpx.Request`, which validates (and refuses) it as it always did."""
+    d = delivery(**overrides)
+    assert service_target().head(d, now=0, traceparent=d.traceparent) is None
+
+
+def test_a_target_keeps_the_route_of_each_url_it_posts_to() -> None:
+    graph = Target(
+        name="whatsapp",
+        url="https://graph.test/v21.0/1/messages",
+        forwarding=ForwardingConfig(),
+        default_number="1",
+        graph_api_url="https://graph.test:8443/v21.0/",
+    )
+    for number in ("", "1", "106540352242922", "106540352242922"):
+        d = delivery(service="wacored", target="whatsapp", number=number)
+        assert graph.route_of(d) == route_of(graph.url_of(d))
+    other = graph.route_of(delivery(number="106540352242922"))
+    assert other.origin == ("https", "graph.test", 8443)
+    assert other.start == b"POST /v21.0/106540352242922/messages HTTP/1.1\r\nHost: graph.test:8443\r\n"
+    assert service_target().route_of(delivery()).start == b"POST /webhook HTTP/1.1\r\nHost: rides.test\r\n"

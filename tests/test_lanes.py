@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from wacored.actors.lanes import LaneBoard
 from wacored.core.delivery import lane_of
 from wacored.core.leases import (
     DLQ_RETRIER,
@@ -24,11 +25,12 @@ from wacored.core.leases import (
     parse_lane_lease,
     plan,
 )
+from wacored.store import WriteConnection, migrate
 from wacored.store.interface import WriteTx
 from wacored.store.lanes import this_host_dead
 
 from .conftest import Daemon, Downstream, Received, StoreUnderTest, make_config, open_daemon, rows
-from .support import health, until_settled
+from .support import health, parse, until_settled, value
 
 LANES = [lane_lease("rides", i) for i in range(4)]
 
@@ -209,6 +211,11 @@ async def test_two_daemons_on_one_store_deliver_every_message_once_in_each_sende
                 sent[sender].append(await _send(b, sender))
         await until_settled(tmp_path / "wacored.db")
         report = await health(b)
+        samples = parse((await b.client.get(f"{b.url}/metrics")).text)
+    # b took every lane when it started alone, gave half back when a came, and took a's after the kill.
+    lanes = len(report["checks"]["leases"]["lanes_held"])
+    assert value(samples, "wacored_lanes_taken_total") > lanes
+    assert value(samples, "wacored_lanes_lost_total") == 0
     got = services.on("/rides")
     firsts: list[Received] = []
     for g in got:
@@ -239,3 +246,34 @@ async def _shared_out(db: Path) -> None:
             if held.get("a", 0) and held.get("a") == held.get("b"):
                 return
             await trio.sleep(0.05)
+
+
+async def test_a_lane_claimed_again_in_the_tick_that_gives_it_back_is_woken(tmp_path: Path) -> None:
+    """Found by tests/test_kills.py: a worker marked lanes to give back (a third node counted live: a
+    killed worker's row, not yet stale), and in the tick that released them, its share grew again (that
+    row aged out), so it claimed them straight back. Its lane tasks, asleep since the lanes stopped being
+    theirs to deliver, were not woken: their queued rows waited a heartbeat (5 s) for nothing."""
+    path = tmp_path / "db"
+    migrate(path)
+    a, b = WriteConnection(path), WriteConnection(path)
+    board = LaneBoard(10.0)
+    lanes = board.ensure("rides", 4)
+    board.apply(tick(a, "a", 100.0), [], 100.0)
+    assert all(lane.held() for lane in lanes)
+    tick(b, "b", 101.0)  # b is seen: a's share drops to 2
+    board.apply(tick(a, "a", 103.0), [], 103.0)
+    giving = [lane for lane in lanes if lane.giving_back]
+    assert len(giving) == 2
+    assert not any(lane.held() for lane in giving)
+    # b is gone (unseen for a TTL) when a gives them back: a takes them again in the same transaction.
+    released = board.releasable()
+    assert released == [lane.name for lane in giving]
+    again = tick(a, "a", 112.0, release=released)
+    assert set(released) <= set(again.mine)
+    for lane in lanes:
+        lane.rearm()
+    board.apply(again, released, 112.0)
+    assert all(lane.held() for lane in lanes)
+    for lane in giving:
+        with trio.fail_after(1):
+            await lane.sleep(60)  # woken at once: the lane reads its queued rows now

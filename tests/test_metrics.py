@@ -231,7 +231,8 @@ async def test_openmetrics_is_served_when_asked_for(world: World) -> None:
 
 async def test_the_last_reload_gauge_stays_down_until_a_reload_works(tmp_path: Path, world: World) -> None:
     from wacored.config import ConfigError
-    from wacored.daemon import ReloadRequest, run_daemon  # noqa: F401
+    from wacored.daemon import run_daemon  # noqa: F401
+    from wacored.reloads import ReloadRequest  # noqa: F401
 
     from .conftest import open_daemon
 

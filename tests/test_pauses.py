@@ -19,10 +19,10 @@ import trio
 from wacored.actors.pausewatch import PauseBoard
 from wacored.cli import main
 from wacored.config import Config
-from wacored.daemon import ReloadRequest
 from wacored.ops import operations as ops
 from wacored.ops import pauses
 from wacored.ops.pauses import Pause
+from wacored.reloads import ReloadRequest
 from wacored.store import migrate
 
 from .conftest import SERVICES, Daemon, Downstream, Received, config_mapping, open_daemon, rows

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from wacored.config import Config, ConfigError
-from wacored.daemon import ReloadRequest
+from wacored.reloads import ReloadRequest
 
 from .conftest import SECRET, Downstream, Received, config_mapping, make_config, open_daemon, rows, serve_downstream
 from .support import until_retrier_passes, wait_until

@@ -14,7 +14,7 @@ import trio
 from wacored.config import Config
 from wacored.core.signing import new_secret, secret_problem
 from wacored.core.whatsapp import sign, signature_valid, text_webhook
-from wacored.daemon import ReloadRequest
+from wacored.reloads import ReloadRequest
 
 from .conftest import SECRET, Downstream, config_mapping, open_daemon
 from .support import readme_verify

@@ -24,7 +24,6 @@ import trio
 import trio.testing
 
 from wacored.config import Config
-from wacored.daemon import serve_until_signalled
 from wacored.observe.state import ActorState
 from wacored.observe.systemd import (
     Notifier,
@@ -35,6 +34,7 @@ from wacored.observe.systemd import (
     stale_actors,
     watchdog_interval,
 )
+from wacored.signals import serve_until_signalled
 
 from .conftest import Downstream, config_mapping, make_config, open_daemon
 from .support import clean_env, free_port, toml_text

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode, Tracer, format_span_id, format_trace_id
 
 from tests.conftest import Downstream, make_config, open_daemon, serve_downstream
-from tests.support import make_delivery
+from tests.support import make_delivery, until_settled
 from wacored.actors.forwarder import Target, attempt
 from wacored.config import ForwardingConfig, TelemetryConfig
 from wacored.core.delivery import Verdict
@@ -250,7 +250,8 @@ async def test_spans_are_exported_over_otlp_http_to_the_configured_collector(
     async with open_daemon(config) as daemon:
         assert (await daemon.send_text("rides", headers={"traceparent": INCOMING})).status_code == 200
         await services.wait_for(1, "/rides")
-        await trio.sleep(0.2)  # the forward span ends once the lane has read the answer
+        # The forward span ends once the lane has read the answer, before its outcome is recorded.
+        await until_settled(tmp_path / "wacored.db")
     # Leaving the daemon flushed its provider (in a thread, while the collector kept serving).
     posts = collector.on("/v1/traces")
     assert posts

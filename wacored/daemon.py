@@ -1,4 +1,4 @@
-"""The daemon: the nursery tree of supervised actors around one SQLite store, its reloads and signals.
+"""The daemon: the nursery tree of supervised actors around the store, and how a reload changes them.
 
 Nesting follows shutdown order (docs/conventions.md). Outermost, the writer: it outlives everything
 that writes. Inside it the workers (a forwarder per target, and the periodic actors: DLQ retrier,
@@ -8,16 +8,17 @@ drain_timeout_s`` to finish the deliveries in hand (what they had not delivered 
 disk); then the writer commits what is left and closes the store. Every actor runs under
 `supervisor.supervise`.
 
-Start-up: migrate the schema and mark every target with queued rows as spilled from its oldest one,
-so its forwarder reads them back from disk before anything new (recovery); read the paused
-services before any forwarder starts (`pausewatch`). Sessions are not loaded: the writer reads them
-from the store as senders write (`ingest.StoreSessions`), so start-up and memory do not grow with
-the number of senders.
+Start-up: migrate the schema, split queued rows over the configured lane counts, read the paused
+services before any forwarder starts (`pausewatch`), and take this process's share of the lane
+leases before saying it is ready (`actors/lanes.py`): the lanes then read what is queued from the
+store. Nothing is recovered into memory; sessions are not loaded either (the writer reads them from
+the store as senders write, `store/ingest.py`), so start-up and memory do not grow with the backlog
+nor with the number of senders. Signals are `signals.py`'s; the reload rules `reloads.py`'s.
 
 Reload (`ReloadRequest`, sent on SIGHUP): the new config is loaded and validated off the event loop,
 then swapped in whole between two requests: routing, business numbers, rate limits, menu, sessions, DLQ and
 forwarding settings, targets (a service added gets a forwarder, a removed one's forwarder stops and
-its undelivered messages wait on disk), log level, admin token, SLO targets. Pauses live in the
+its undelivered messages wait in the store), log level, admin token, SLO targets. Pauses live in the
 store, not the config: a reload keeps them. What needs a new process
 (listen address, TLS files, the body read deadline, store path, trace exporter, a service's lane
 count) keeps its old
@@ -26,15 +27,12 @@ value and is logged. On any problem the old config stays, every problem logged.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import os
-import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -60,64 +58,24 @@ from .core.routing import RoutingTable
 from .http.admission import ensure_fd_limit
 from .http.api import create_app
 from .http.listener import lend, open_listener
-from .http.tls import check_ca_file, check_server_tls
+from .http.serving import answered_in_flight, hypercorn_config, mark_draining
+from .http.tls import check_ca_file
 from .observe.counts import bump
 from .observe.systemd import Notifier, open_watchdog, run_beating
 from .observe.telemetry import Tracing
 from .ops.pauses import Pause
+from .reloads import ReloadRequest, keep_restart_only, refused
 from .runtime import Runtime
 from .siblings import Place, Siblings
 from .store import LaneReader, Reader, StoreUnavailable, WriteConnection, migrate
 from .store.interface import LaneReads, Reads, RowsListener, WriteTx
 from .store.postgres import PgLaneReader, PgReader, PgRowsListener, PgWriteConnection, pg_migrate
-from .store.writer import Reply, Write, WriteOp, run_writer
+from .store.writer import Write, WriteOp, run_writer
 
 log = logging.getLogger(__name__)
 
 WRITE_BUFFER = 4096
-KEEP_ALIVE_S = 5.0
-"""Hypercorn's default, stated: longer than nginx's upstream ``keepalive_timeout`` (deploy/nginx/)."""
-ANSWER_SLACK_S = 5.0
-IN_FLIGHT_WAIT_S = 5.0
 RELEASE_WAIT_S = 2.0
-
-
-@dataclass(eq=False)
-class ReloadRequest:
-    """Load a new config (`load` raises `ConfigError`) and swap it in; `done` says whether it was."""
-
-    load: Callable[[], Config]
-    done: Reply[bool] = field(default_factory=Reply)
-
-
-def hypercorn_config(config: Config) -> hypercorn.config.Config:
-    """Hypercorn's settings for `config`; HTTPS when ``[server] certfile``/``keyfile`` are set.
-
-    Error handling:
-        Raises `TLSError` (an `OSError`) naming the file when the certificate or key is unusable.
-    """
-    hc = hypercorn.config.Config()
-    hc.bind = [config.server.listen]
-    if config.server.tls:
-        check_server_tls(config.server.certfile, config.server.keyfile)
-        hc.certfile, hc.keyfile = config.server.certfile, config.server.keyfile
-    hc.accesslog = None
-    # Hypercorn's messages go through our handlers (JSON lines) instead of its own format.
-    hc.errorlog = logging.getLogger("hypercorn.error")
-    hc.graceful_timeout = 10.0
-    # Hypercorn's own cap must not cut a body before ingress can answer 413 itself. It also bounds a
-    # request head: a longer one is refused 431 by hypercorn.
-    hc.h11_max_incomplete_size = 64 * 1024
-    # A connection's idle timer runs from accept until a whole request head is parsed, and again
-    # after each answer: an idle connection, or a slowloris on headers, is closed after this long.
-    hc.keep_alive_timeout = KEEP_ALIVE_S
-    # Hypercorn's read_timeout bounds each receive, not a whole body (a trickle resets it), and it
-    # keeps running while the app works out an answer (the caller is silent then): so it is only a
-    # backstop for a connection gone silent, and must outlast ingress's own body deadline (or a
-    # stalled body would be closed without its 408) plus the slowest answer, a commit waiting
-    # ``busy_timeout_ms`` for SQLite's lock.
-    hc.read_timeout = math.ceil(config.server.read_timeout_s + config.store.busy_timeout_ms / 1000 + ANSWER_SLACK_S)
-    return hc
 
 
 async def recover(reader: Reads, targets: Iterable[str]) -> None:
@@ -293,13 +251,13 @@ class Daemon:
         try:
             new = await trio.to_thread.run_sync(load)
         except ConfigError as exc:
-            return _refused(rt, exc.problems)
+            return refused(rt.reload_counts, exc.problems)
         except Exception as exc:
             # Whatever reading the files raised, a reload never takes the daemon down: the old
             # config keeps serving. (ConfigError is the expected way; this is the net.)
             log.exception("config reload raised", extra={"event": "reload_failed", "problem": str(exc)})
-            return _refused(rt, [])
-        new = _keep_restart_only(rt.config, new)
+            return refused(rt.reload_counts, [])
+        new = keep_restart_only(rt.config, new)
         old_targets, new_targets = rt.targets, targets_of(new)
         rt.config = new
         rt.routing = RoutingTable.from_config(new)
@@ -344,67 +302,6 @@ class Daemon:
             },
         )
         return True
-
-
-def _refused(rt: Runtime, problems: list[str]) -> bool:
-    bump(rt.reload_counts.results, "failed")
-    rt.reload_counts.last_ok = False
-    for problem in problems:
-        log.error("config reload refused", extra={"event": "reload_failed", "problem": problem})
-    return False
-
-
-def _keep_restart_only(old: Config, new: Config) -> Config:
-    """`new`, except what only a restart can change, which keeps its `old` value (logged)."""
-    server = dataclasses.replace(
-        new.server,
-        host=old.server.host,
-        port=old.server.port,
-        certfile=old.server.certfile,
-        keyfile=old.server.keyfile,
-        read_timeout_s=old.server.read_timeout_s,
-        processes=old.server.processes,
-    )
-    if new.server.max_connections != old.server.max_connections:
-        ensure_fd_limit(new.server.max_connections)
-    # read_timeout_s also sets hypercorn's read_timeout (`hypercorn_config`), fixed at start: the two
-    # must stay consistent, so the body deadline waits for the restart too.
-    for what, before, after in (
-        ("server.listen", old.server.listen, new.server.listen),
-        ("server.read_timeout_s", old.server.read_timeout_s, new.server.read_timeout_s),
-        ("server.processes", old.server.processes, new.server.processes),
-        (
-            "server.certfile/keyfile",
-            (old.server.certfile, old.server.keyfile),
-            (new.server.certfile, new.server.keyfile),
-        ),
-        ("store.path", old.store.path, new.store.path),
-        ("store.url", old.store.url, new.store.url),
-        ("sessions.cache_size", old.sessions.cache_size, new.sessions.cache_size),
-        (
-            "telemetry.traces/otlp_endpoint/service_name",
-            (old.telemetry.traces, old.telemetry.otlp_endpoint, old.telemetry.service_name),
-            (new.telemetry.traces, new.telemetry.otlp_endpoint, new.telemetry.service_name),
-        ),
-    ):
-        if before != after:
-            log.warning(
-                "this change needs a restart; the old value stays until then",
-                extra={"event": "reload_needs_restart", "key": what},
-            )
-    for name, svc in new.services.items():
-        if name in old.services and svc.forwarding.concurrency != old.services[name].forwarding.concurrency:
-            log.warning(
-                "a new lane count applies after a restart",
-                extra={"event": "reload_needs_restart", "key": f"services.{name}.concurrency"},
-            )
-        if name in old.services and svc.ca_file != old.services[name].ca_file:
-            log.warning(
-                "a new CA file applies after a restart (the lanes' connections keep their TLS context)",
-                extra={"event": "reload_needs_restart", "key": f"services.{name}.ca_file"},
-            )
-    sessions = dataclasses.replace(new.sessions, cache_size=old.sessions.cache_size)
-    return dataclasses.replace(new, server=server, store=old.store, sessions=sessions)
 
 
 async def run_daemon(
@@ -549,7 +446,7 @@ async def _run(
                     async with trio.open_nursery() as front:
                         if reloads is not None:
                             front.start_soon(_until, stop, partial(daemon.serve_reloads, reloads))
-                        front.start_soon(_mark_draining, rt, stop, notifier)
+                        front.start_soon(mark_draining, rt, stop, notifier)
                         app = create_app(rt)
 
                         async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
@@ -558,7 +455,7 @@ async def _run(
                             await hypercorn.trio.serve(
                                 app,
                                 hc,
-                                shutdown_trigger=partial(_answered_in_flight, rt, stop),
+                                shutdown_trigger=partial(answered_in_flight, rt, stop),
                                 task_status=task_status,
                             )
 
@@ -604,113 +501,3 @@ async def _until(stop: trio.Event, fn: Callable[[], Any]) -> None:
         nursery.start_soon(fn)
         await stop.wait()
         nursery.cancel_scope.cancel(reason="daemon stopping")
-
-
-async def _answered_in_flight(rt: Runtime, stop: trio.Event) -> None:
-    """Hypercorn's shutdown trigger: once `stop` is set, and the requests being handled then have been
-    answered (those answers said ``Connection: close`` if they were built after `stop`).
-
-    Why wait: a response still being sent when hypercorn 0.18 starts its graceful stop can leave its
-    kept-alive connection waiting for a next request it never reads, which holds the stop for the
-    whole ``graceful_timeout`` (measured: 10 s, in about half of the stops under keep-alive load).
-    """
-    await stop.wait()
-    rt.draining = True
-    with trio.move_on_after(IN_FLIGHT_WAIT_S):
-        while rt.in_flight:  # noqa: ASYNC110 -- a count kept by the app; a few ms at most
-            await trio.sleep(0.005)
-
-
-async def _mark_draining(rt: Runtime, stop: trio.Event, notifier: Notifier) -> None:
-    await stop.wait()
-    rt.draining = True
-    notifier.stopping("draining")
-
-
-async def serve_until_signalled(
-    config: Config,
-    load: Callable[[], Config] | None = None,
-    *,
-    notifier: Notifier | None = None,
-    process_start: float | None = None,
-    listener: socket.socket | None = None,
-    place: Place | None = None,
-    parent_gone: Callable[[], Awaitable[None]] | None = None,
-) -> int:
-    """`run_daemon` under signals. SIGHUP reloads the config through `load`, between RELOADING=1 and
-    READY=1 to systemd, one reload at a time. SIGTERM/SIGINT: the first one stops gracefully (exit 0),
-    a second one stops at once (exit 1); either way nothing accepted is lost: it is on disk.
-
-    A worker (`workers.py`) passes its `listener` and `place`, and `parent_gone`, which returns once
-    the supervisor is gone: that stops the worker as a first SIGTERM would (a no-op when one did)."""
-    stop = trio.Event()
-    notifier = notifier if notifier is not None else Notifier(None)
-    forced = False
-    reload_send, reload_receive = trio.open_memory_channel[ReloadRequest](1)
-    # The receiver stays open for the whole drain: a second signal must reach us, not the default
-    # handler (docs/stack-notes.md, "Signals and systemd"). SIGHUP's default handler would kill us.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def watch() -> None:
-                nonlocal forced
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        await _reload(reload_send, load, notifier, stop)
-                    elif stop.is_set():
-                        log.warning("second signal: stopping now", extra={"event": "forced_stop"})
-                        forced = True
-                        nursery.cancel_scope.cancel(reason="second signal")
-                        return
-                    else:
-                        log.info("stopping", extra={"event": "stopping", "signal": signal.Signals(signum).name})
-                        stop.set()
-
-            nursery.start_soon(watch)
-            if parent_gone is not None:
-                nursery.start_soon(_stop_when, parent_gone, stop)
-            await run_daemon(
-                config,
-                stop=stop,
-                reloads=reload_receive,
-                notifier=notifier,
-                process_start=process_start,
-                listener=listener,
-                place=place,
-            )
-            nursery.cancel_scope.cancel(reason="daemon stopped")
-    return 1 if forced else 0
-
-
-async def _stop_when(event: Callable[[], Awaitable[None]], stop: trio.Event) -> None:
-    await event()
-    if not stop.is_set():
-        log.warning("the supervisor is gone: stopping", extra={"event": "stopping", "signal": "parent_gone"})
-        stop.set()
-
-
-async def _reload(
-    send: trio.MemorySendChannel[ReloadRequest],
-    load: Callable[[], Config] | None,
-    notifier: Notifier,
-    stop: trio.Event,
-) -> None:
-    """One SIGHUP: ask the daemon to reload and wait until it has (or is stopping)."""
-    if stop.is_set() or load is None:
-        log.info("SIGHUP ignored", extra={"event": "reload_ignored", "stopping": stop.is_set()})
-        return
-    log.info("reloading the config", extra={"event": "reloading"})
-    notifier.reloading()
-    request = ReloadRequest(load)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_cancel_when_set, stop, nursery.cancel_scope)
-        await send.send(request)
-        await request.done.wait()
-        nursery.cancel_scope.cancel()
-    if not stop.is_set():
-        notifier.ready("serving (reloaded)")
-
-
-async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel(reason="daemon stopping")

@@ -70,7 +70,7 @@ from ..store.interface import STORE_ERRORS, LaneReads
 from ..store.writer import Record, WriteOp
 from .lanes import Lane
 from .targets import Target, targets_of
-from .transport import LaneTransport
+from .transport import Answer, LaneTransport
 
 log = logging.getLogger(__name__)
 
@@ -126,45 +126,66 @@ async def attempt(
 async def _attempt(
     transport: httpx.AsyncBaseTransport, target: Target, d: Delivery, traceparent: str, dlq_retry: bool
 ) -> Attempt:
-    """The POST itself. It goes straight to the lane's transport (`LaneTransport`): httpx's client
-    layers (auth and redirect flows, cookies, hooks) do nothing for a forward and cost ~30% of its CPU.
+    """The POST itself. It goes straight to the lane's transport: httpx's client layers (auth and
+    redirect flows, cookies, hooks) do nothing for a forward and cost ~30% of its CPU. A `LaneTransport`
+    gets the target's pre-encoded head (`Target.head`, `LaneTransport.post`); any other transport (a
+    test's `httpx.MockTransport`), or a head `Target.head` will not encode, an `httpx.Request`.
     """
-    headers = target.headers(d, now=time.time(), dlq_retry=dlq_retry)
-    headers["traceparent"] = traceparent
-    request = httpx.Request("POST", target.url_of(d), content=d.body, headers=headers)
+    now = time.time()
+    lane = transport if isinstance(transport, LaneTransport) else None
+    head = target.head(d, now=now, traceparent=traceparent, dlq_retry=dlq_retry) if lane is not None else None
     try:
         # One deadline for the whole attempt (connect, send, answer), so a service that trickles
         # its answer cannot hold the lane past `timeout_ms` either.
-        with trio.fail_after(target.forwarding.timeout_ms / 1000):
-            response = await transport.handle_async_request(request)
-            try:
-                head = await _drain(response)
-            finally:
-                await response.aclose()
-    except (httpx.TimeoutException, trio.TooSlowError) as exc:
+        # A bare cancel scope, not `trio.fail_after`: the same deadline without a generator-based
+        # context manager per forward.
+        with trio.move_on_after(target.forwarding.timeout_ms / 1000) as deadline:
+            if lane is not None and head is not None:
+                answer = await lane.post(target.route_of(d), head, d.body)
+            else:
+                answer = await _via_httpx(transport, target, d, now, traceparent, dlq_retry)
+        if deadline.cancelled_caught:
+            return Attempt(Verdict.TRANSIENT, "timeout (TooSlowError)")
+    except httpx.TimeoutException as exc:
         return Attempt(Verdict.TRANSIENT, f"timeout ({type(exc).__name__})")
     except httpx.TransportError as exc:
         return Attempt(Verdict.TRANSIENT, clean(f"connection error ({type(exc).__name__}: {exc})"))
     # The verdict rests on the status alone: what the body says cannot undo a 2xx.
-    verdict = classify(response.status_code)
+    status = answer.status_code
+    verdict = classify(status)
     if verdict is Verdict.DELIVERED:
-        return Attempt(verdict, status_code=response.status_code)
-    wait = retry_after_s(
-        response.status_code, response.headers.get("retry-after"), time.time(), target.forwarding.retry_after_max_s
-    )
+        return Attempt(verdict, status_code=status)
+    wait = retry_after_s(status, answer.header("retry-after"), time.time(), target.forwarding.retry_after_max_s)
     # Whatever charset the service names, the excerpt is UTF-8 with replacement: a name such as
-    # "base64" makes Python's codec lookup raise, and others raise UnicodeError.
-    encoding = response.headers.get("content-encoding", "identity")
-    said = excerpt(head) if encoding == "identity" else f"<{token(encoding)}>"
-    return Attempt(verdict, f"HTTP {response.status_code}: {said}", response.status_code, wait)
+    # "base64" makes Python's codec lookup raise, and others raise UnicodeError. Raw bytes: forwards
+    # ask for ``Accept-Encoding: identity``, and decoding a body is not worth the risk (httpx's
+    # decoders leak their stream when a body is corrupt).
+    encoding = answer.header("content-encoding")
+    encoding = "identity" if encoding is None else encoding
+    said = excerpt(answer.body[:EXCERPT]) if encoding == "identity" else f"<{token(encoding)}>"
+    return Attempt(verdict, f"HTTP {status}: {said}", status, wait)
+
+
+async def _via_httpx(
+    transport: httpx.AsyncBaseTransport, target: Target, d: Delivery, now: float, traceparent: str, dlq_retry: bool
+) -> Answer:
+    """The POST as an `httpx.Request` through any httpx transport, its answer read as `_drain` reads it."""
+    headers = target.headers(d, now=now, dlq_retry=dlq_retry, traceparent=traceparent)
+    request = httpx.Request("POST", target.url_of(d), content=d.body, headers=headers)
+    response = await transport.handle_async_request(request)
+    try:
+        head = await _drain(response)
+    finally:
+        await response.aclose()
+    raw = tuple((name.lower(), value) for name, value in response.headers.raw)
+    return Answer(response.status_code, raw, head)
 
 
 async def _drain(response: httpx.Response) -> bytes:
     """Read the response body so the connection can carry the lane's next request; return its head.
 
-    Raw bytes: forwards ask for ``Accept-Encoding: identity``, and decoding a body is not worth the
-    risk (httpx's decoders leak their stream when a body is corrupt). How much is read is the
-    transport's bound (`transport.MAX_BODY`); a transport error while reading does not undo the status.
+    How much is read is the transport's bound (`transport.MAX_BODY`); a transport error while reading
+    does not undo the status.
     """
     if response.is_stream_consumed:  # already read, as a transport may hand it over
         return response.content[:EXCERPT]

@@ -114,6 +114,12 @@ class LaneBoard:
         self.last: Held | None = None
         """The last lease tick's result (/health, metrics). Owner: the lease keeper."""
         self.keeper_wake = trio.Event()
+        self.taken = 0
+        """Lane leases this node took (at start, from a dead or stopped node, or given back by
+        another), counted since it started. Owner: the lease keeper."""
+        self.lost = 0
+        """Lane leases this node lost to another before giving them back (it stalled past their
+        expiry). Owner: the lease keeper."""
 
     def ensure(self, target: str, count: int) -> list[Lane]:
         """`target`'s lanes, made if it has none yet (a lane count applies from the next start)."""
@@ -181,7 +187,8 @@ class LaneBoard:
         def local(expires_at: float) -> float:
             return mono + (expires_at - wall_now)
 
-        for name in released:
+        back = set(released)
+        for name in back:
             for lane in self._by_name(name):
                 lane.giving_back = False
         give_back = set(held.plan.give_back)
@@ -191,8 +198,12 @@ class LaneBoard:
                 lane.valid_until = local(held.mine[lane.name]) if lane.name in held.mine else 0.0
                 if lane.name in give_back:
                     lane.giving_back = True
-                if lane.valid_until and not before:
-                    lane.wake()  # newly held: read what is queued for it
+                # Newly held, or given back and claimed again in the same tick (the fair share grew
+                # meanwhile: tests/test_kills.py saw it after a worker was killed): the lane task went
+                # to sleep when the lane stopped being its to deliver; without this wake its queued
+                # rows waited a heartbeat.
+                if lane.valid_until and (not before or lane.name in back):
+                    lane.wake()
         self.singletons = {n: local(held.mine[n]) for n in SINGLETONS if n in held.mine}
 
     def _by_name(self, name: str) -> list[Lane]:
@@ -295,9 +306,11 @@ async def _tick(
     before = set(board.held_lanes())
     board.apply(held, release, now)
     after = set(board.held_lanes())
-    if gained := sorted(after - before):
+    if gained := sorted(after - (before - set(release))):
+        board.taken += len(gained)
         log.info("lanes taken", extra={"event": "lanes_taken", "node": me, "lanes": gained})
     if lost := sorted(before - after - set(release)):
+        board.lost += len(lost)
         log.warning("lanes lost to another node", extra={"event": "lanes_lost", "node": me, "lanes": lost})
     if release:
         log.info("lanes given back", extra={"event": "lanes_given_back", "node": me, "lanes": release})

@@ -317,6 +317,18 @@ class StateCollector(Collector):
             ["service"],
             {(s,): sum(1 for lane in rt.lanes.lanes.get(s, ()) if lane.name in held) for s in services},
         )
+        yield _counter(
+            "wacored_lanes_taken",
+            "Lane leases this process took: at start, or from a worker or node that died or gave them back.",
+            [],
+            {(): rt.lanes.taken},
+        )
+        yield _counter(
+            "wacored_lanes_lost",
+            "Lane leases this process lost to another before giving them back (it stalled past their expiry).",
+            [],
+            {(): rt.lanes.lost},
+        )
         mono = _monotonic_now()
         breakers = {s: rt.breakers.get(s) for s in services}
         yield _gauge(
