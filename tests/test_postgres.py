@@ -21,7 +21,7 @@ from wacored.config import Config
 from wacored.core.leases import lane_lease
 from wacored.core.whatsapp import text_webhook
 from wacored.daemon import run_daemon
-from wacored.store import SCHEMA_VERSION, SchemaError
+from wacored.store import SCHEMA_VERSION, Outcome, SchemaError, StoreUnavailable
 from wacored.store.postgres import (
     ROWS_CHANNEL,
     PgLaneReader,
@@ -30,7 +30,7 @@ from wacored.store.postgres import (
     pg_migrate,
     qmark,
 )
-from wacored.store.writer import NoLanes, WriteOp, run_writer
+from wacored.store.writer import NoLanes, Record, StoreWrites, WriteOp, run_writer
 
 from .conftest import Daemon, Downstream, Received, config_mapping, make_config, open_daemon
 from .postgres import PrivateServer, own_schema
@@ -282,3 +282,39 @@ async def test_the_relay_wakes_a_lane_as_soon_as_another_node_commits_its_row(pg
             conn.execute(f"NOTIFY {ROWS_CHANNEL}")  # ends the relay's wait: it is cancelled at once
     await trio.to_thread.run_sync(reader.close)
     await trio.to_thread.run_sync(listener.close)
+
+
+async def test_outcomes_the_database_could_not_take_are_held_in_order_and_committed_when_it_is_back(
+    private_pg: PrivateServer,
+) -> None:
+    """The writer's held outcomes (writer.py) on PostgreSQL: a lost connection is the store failing
+    (`STORE_DOWN_ERRORS`), never the outcome's fault, so nothing is given up."""
+    url = private_pg.url
+    pg_migrate(url)
+    board, state = LaneBoard(), StoreWrites()
+    (lane,) = held_lanes(board, "rides")
+    send, receive = trio.open_memory_channel[WriteOp](10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(run_writer, PgWriteConnection(url), receive, board, state=state))
+        op = ingest_op("a", "b")
+        await send.send(op)
+        ids = [i for i in (await op.reply.wait()).ids if i is not None]
+        lane.handed.update(ids)
+        await trio.to_thread.run_sync(private_pg.stop)
+        await send.send(Record(Outcome(ids[0], False, 1, 2000.0, "HTTP 503", target="rides", key="a", retry_at=2100.0)))
+        await send.send(Record(Outcome(ids[0], True, 1, 2001.0, target="rides", key="a")))  # redelivered
+        await send.send(Record(Outcome(ids[1], True, 1, 2002.0, target="rides", key="b")))
+        refused = ingest_op("c")
+        await send.send(refused)
+        with trio.fail_after(10), pytest.raises(StoreUnavailable):
+            await refused.reply.wait()
+        assert len(state.held) == 3
+        assert state.failing_since is not None
+        assert lane.handed == set(ids)  # in hand until their outcomes commit
+        await trio.to_thread.run_sync(private_pg.start)
+        await wait_until(lambda: not state.held, timeout_s=20)
+        assert state.failing_since is None
+        assert lane.handed == set()
+        await send.aclose()
+    assert pg_rows(url, "SELECT key, state FROM messages ORDER BY id") == [("a", "delivered"), ("b", "delivered")]
+    assert pg_rows(url, "SELECT state FROM dead_letters") == [("pending",)]
