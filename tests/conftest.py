@@ -7,7 +7,7 @@ import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import ExitStack, asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager, closing
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import hypercorn.config
 import hypercorn.trio
+import psycopg
 import pytest
 import trio
 import trio.testing
@@ -27,10 +28,12 @@ from wacored.core.breaker import Breaker
 from wacored.core.whatsapp import sign, text_webhook
 from wacored.daemon import run_daemon
 from wacored.runtime import Runtime
-from wacored.store import Reader, migrate
+from wacored.store import LaneReader, Reader, WriteConnection, migrate
+from wacored.store.interface import LaneReads, Reads, WriteTx
+from wacored.store.postgres import PgLaneReader, PgReader, PgWriteConnection, pg_migrate, qmark
 from wacored.store.writer import WriteOp
 
-from .postgres import ENV, PgUnavailable, PrivateServer, find_server, fresh_database
+from .postgres import ENV, PgUnavailable, PrivateServer, find_server, fresh_database, own_schema
 
 FIXTURES = Path(__file__).parent / "fixtures" / "whatsapp"
 SECRET = "test-app-secret"
@@ -284,3 +287,58 @@ def private_pg() -> Iterator[PrivateServer]:
             yield server
             return
     pytest.fail(failure, pytrace=False)
+
+
+@dataclass
+class StoreUnderTest:
+    """One store behind the `wacored.store.interface` Protocols, for the tests that hold for every
+    implementation: a SQLite file (`path`), or a PostgreSQL schema of the test's own (`url`)."""
+
+    kind: str
+    path: Path
+    url: str = ""
+
+    def migrate(self) -> int:
+        return pg_migrate(self.url) if self.url else migrate(self.path)
+
+    def writer(self, busy_timeout_ms: int = 5000) -> WriteTx:
+        if self.url:
+            return PgWriteConnection(self.url, busy_timeout_ms)
+        return WriteConnection(self.path, busy_timeout_ms)
+
+    def reader(self) -> Reads:
+        return PgReader(self.url) if self.url else Reader(self.path)
+
+    def lane_reader(self) -> LaneReads:
+        return PgLaneReader(self.url) if self.url else LaneReader(self.path)
+
+    def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        """What `sql` (``?`` placeholders) reads, on a connection of its own."""
+        if not self.url:
+            return rows(self.path, sql, *args)
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            return conn.execute(qmark(sql), args or None).fetchall()  # type: ignore[call-overload]  # a test's literal
+
+    def execute(self, sql: str, *args: Any) -> None:
+        """One write (``?`` placeholders), committed, on a connection of its own."""
+        if not self.url:
+            with closing(sqlite3.connect(self.path)) as db, db:
+                db.execute(sql, args)
+            return
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(qmark(sql), args or None)  # type: ignore[call-overload]  # a test's literal
+
+    def section(self) -> dict[str, Any]:
+        """The config's ``[store]`` for this store."""
+        return {"path": str(self.path), "url": self.url}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
+    """Each store implementation in turn: a fresh SQLite file, or a fresh schema in this run's
+    PostgreSQL database (`pg_url`; never skipped)."""
+    if request.param == "sqlite":
+        yield StoreUnderTest("sqlite", tmp_path / "wacored.db")
+        return
+    with own_schema(request.getfixturevalue("pg_url")) as url:
+        yield StoreUnderTest("postgres", tmp_path / "wacored.db", url)

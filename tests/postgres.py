@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -253,3 +253,28 @@ def fresh_database(server_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(server_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def with_search_path(url: str, schema: str) -> str:
+    """`url` with its sessions' ``search_path`` set to `schema` (libpq's ``options``): wacored's tables
+    are then created and read there. A URL stays a URL (``[store] url`` takes only those)."""
+    option = f"-csearch_path={schema}"
+    if url.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(url)
+        query = "&".join(q for q in (parts.query, urlencode({"options": option})) if q)
+        return urlunsplit(parts._replace(query=query))
+    return psycopg.conninfo.make_conninfo(url, options=option)
+
+
+@contextlib.contextmanager
+def own_schema(db_url: str) -> Iterator[str]:
+    """A new, empty schema in the database at `db_url` (shared by the whole run): the URL of a session
+    that uses it. Dropped with everything in it on exit, so tests never see each other's rows."""
+    name = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(db_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as admin:
+        admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    try:
+        yield with_search_path(db_url, name)
+    finally:
+        with psycopg.connect(db_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as admin:
+            admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))

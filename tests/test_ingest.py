@@ -1,8 +1,8 @@
 """wacored.store.ingest: the rate limit and routing run inside the writer's transaction, from the store.
 
-Two writers on one SQLite file stand for two worker processes sharing a store: each has its own
-`WriteConnection` (so its own session cache), and SQLite's write lock serializes them as it would
-two processes.
+Two writers on one store stand for two worker processes (or hosts) sharing it: each has its own write
+connection (so its own session cache); SQLite's write lock serializes them as it would two
+processes, and on PostgreSQL the store's advisory lock does (`store.postgres`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from wacored.store import WriteConnection, migrate
 from wacored.store.ingest import Ingested, SessionCacheStats, StoreSessions
 from wacored.store.writer import NoLanes, WriteOp, run_writer
 
-from .conftest import Downstream, make_config, open_daemon, rows
+from .conftest import Downstream, StoreUnderTest, make_config, open_daemon, rows
 from .support import DictSessions, ingest_op, ingest_policy, text_batch
 
 SENDER = "250788000501"
@@ -30,10 +30,10 @@ SENDER = "250788000501"
 
 @asynccontextmanager
 async def writers(
-    path: Path, count: int = 2, cache_size: int = 1000
+    store: StoreUnderTest, count: int = 2, cache_size: int = 1000
 ) -> AsyncIterator[list[tuple[trio.MemorySendChannel[WriteOp], SessionCacheStats]]]:
-    """`count` writer actors, each with its own connection to the store at `path`."""
-    migrate(path)
+    """`count` writer actors, each with its own connection to `store`."""
+    store.migrate()
     out = []
     async with trio.open_nursery() as nursery:
         for _ in range(count):
@@ -42,7 +42,7 @@ async def writers(
             await nursery.start(
                 partial(
                     run_writer,
-                    WriteConnection(path),
+                    store.writer(),
                     receive,
                     NoLanes(),
                     session_cache_size=cache_size,
@@ -65,8 +65,8 @@ def routed(result: Ingested) -> list[tuple[str, str]]:
     return [(r.service, r.reason) for r in result.rows]
 
 
-async def test_a_session_started_through_one_writer_routes_through_the_other(tmp_path: Path) -> None:
-    async with writers(tmp_path / "db") as [(a, a_cache), (b, _)]:
+async def test_a_session_started_through_one_writer_routes_through_the_other(store: StoreUnderTest) -> None:
+    async with writers(store) as [(a, a_cache), (b, _)]:
         assert routed(await post(a, "w1", "rides", at=1000.0)) == [("rides", "keyword")]
         assert routed(await post(b, "w2", "where is my car", at=1001.0)) == [("rides", "state")]
         # A reads the sender from its cache: it wrote the session itself...
@@ -77,21 +77,22 @@ async def test_a_session_started_through_one_writer_routes_through_the_other(tmp
         # B ends the session; A, whose cache held it, must not route by it any more.
         assert routed(await post(b, "w4", "menu", at=1003.0)) == [("wacored", "home_menu")]
         assert routed(await post(a, "w5", "hello again", at=1004.0)) == [("wacored", "fallback")]
-    assert rows(tmp_path / "db", "SELECT COUNT(*) FROM sessions") == [(0,)]
+    assert store.rows("SELECT COUNT(*) FROM sessions") == [(0,)]
 
 
 async def test_one_writer_alone_keeps_its_cache_warm(tmp_path: Path) -> None:
-    async with writers(tmp_path / "db", count=1) as [(a, stats)]:
+    """On SQLite (``data_version``); PostgreSQL cannot tell, and reads the store each transaction."""
+    async with writers(StoreUnderTest("sqlite", tmp_path / "db"), count=1) as [(a, stats)]:
         await post(a, "w1", "rides", at=1000.0)
         for i in range(5):
             assert routed(await post(a, f"w{i + 2}", "hello", at=1001.0 + i)) == [("rides", "state")]
         assert (stats.store_reads, stats.clears, stats.entries) == (1, 0, 1)
 
 
-async def test_the_rate_limit_holds_across_two_writers(tmp_path: Path) -> None:
+async def test_the_rate_limit_holds_across_two_writers(store: StoreUnderTest) -> None:
     policy = ingest_policy(per_sender=5, window_s=60.0)
     results: list[Ingested] = []
-    async with writers(tmp_path / "db") as pair:
+    async with writers(store) as pair:
 
         async def send(i: int) -> None:
             writes = pair[i % 2][0]
@@ -107,15 +108,14 @@ async def test_the_rate_limit_holds_across_two_writers(tmp_path: Path) -> None:
         assert all(r.rows == () for r in refused)
         # A window later the sender is admitted again, through either writer.
         assert (await post(pair[1][0], "late", "hello", at=1061.0, policy=policy)).retry_after is None
-    db = tmp_path / "db"
-    assert rows(db, "SELECT COUNT(*) FROM messages") == [(6,)]
+    assert store.rows("SELECT COUNT(*) FROM messages") == [(6,)]
     # The sender's hits that left the window were deleted when it wrote again.
-    assert rows(db, "SELECT at, count FROM rate_hits") == [(1061.0, 1)]
+    assert store.rows("SELECT at, count FROM rate_hits") == [(1061.0, 1)]
 
 
-async def test_a_refused_post_stores_nothing_and_counts_nothing(tmp_path: Path) -> None:
+async def test_a_refused_post_stores_nothing_and_counts_nothing(store: StoreUnderTest) -> None:
     policy = ingest_policy(per_sender=2, window_s=60.0)
-    async with writers(tmp_path / "db", count=1) as [(a, _)]:
+    async with writers(store, count=1) as [(a, _)]:
         assert (await post(a, "w1", "rides", at=1000.0, policy=policy)).retry_after is None
         # Two messages of another sender and one more of this one: refused whole.
         op = ingest_op("w2", "w3", sender="250788000502", policy=policy, at=1001.0)
@@ -125,7 +125,7 @@ async def test_a_refused_post_stores_nothing_and_counts_nothing(tmp_path: Path) 
         await a.send(both)
         assert (await both.reply.wait()).retry_after == 58
         assert (await post(a, "w6", "hello", at=1003.0, policy=policy)).retry_after is None
-    assert rows(tmp_path / "db", "SELECT key FROM messages ORDER BY id") == [("w1",), ("w2",), ("w3",), ("w6",)]
+    assert store.rows("SELECT key FROM messages ORDER BY id") == [("w1",), ("w2",), ("w3",), ("w6",)]
 
 
 def test_the_cache_is_cleared_when_another_connection_commits(tmp_path: Path) -> None:

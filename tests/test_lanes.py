@@ -1,12 +1,13 @@
-"""Lanes from the store: who holds which lease, and several daemons sharing one SQLite file."""
+"""Lanes from the store: who holds which lease (on SQLite and on PostgreSQL), and several daemons
+sharing one store."""
 
 from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import trio
@@ -25,10 +26,11 @@ from wacored.core.leases import (
     plan,
 )
 from wacored.store import WriteConnection, migrate
+from wacored.store.interface import WriteTx
 from wacored.store.lanes import this_host_dead
 
-from .conftest import Daemon, Downstream, Received, make_config, open_daemon, rows
-from .support import add_message, health, parse, until_settled, value
+from .conftest import Daemon, Downstream, Received, StoreUnderTest, make_config, open_daemon, rows
+from .support import health, parse, until_settled, value
 
 LANES = [lane_lease("rides", i) for i in range(4)]
 
@@ -68,7 +70,7 @@ def test_lane_lease_names_round_trip() -> None:
     assert parse_lane_lease(DLQ_RETRIER) is None
 
 
-def tick(conn: WriteConnection, me: str, now: float, release: list[str] | None = None, ttl: float = 10.0) -> Held:
+def tick(conn: WriteTx, me: str, now: float, release: list[str] | None = None, ttl: float = 10.0) -> Held:
     conn.begin_waiting()
     held = conn.keep_leases(
         me=me,
@@ -84,10 +86,9 @@ def tick(conn: WriteConnection, me: str, now: float, release: list[str] | None =
     return held
 
 
-def test_two_nodes_on_one_file_share_the_lanes_and_take_over_expired_ones(tmp_path: Path) -> None:
-    path = tmp_path / "db"
-    migrate(path)
-    a, b = WriteConnection(path), WriteConnection(path)
+def test_two_nodes_on_one_store_share_the_lanes_and_take_over_expired_ones(store: StoreUnderTest) -> None:
+    store.migrate()
+    a, b = store.writer(), store.writer()
     first = tick(a, "a", 100.0)
     assert sorted(first.mine) == sorted([*LANES, *SINGLETONS])
     assert tick(b, "b", 101.0).mine == {}  # nothing free yet
@@ -99,19 +100,45 @@ def test_two_nodes_on_one_file_share_the_lanes_and_take_over_expired_ones(tmp_pa
     taken = tick(b, "b", 117.0)
     assert sorted(taken.mine) == sorted([*LANES, *SINGLETONS])
     assert {lease.owner for lease in taken.leases} == {"b"}
+    a.close()
+    b.close()
 
 
-def test_a_dead_process_of_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
+def test_two_nodes_ticking_at_once_never_both_win_a_lease(store: StoreUnderTest) -> None:
+    """Each tick reads the leases and claims the free ones in one transaction: however the two
+    interleave, every lease has one owner and the two hold them all between them."""
+    store.migrate()
+    conns = {me: store.writer() for me in ("a", "b")}
+    results: dict[str, Held] = {}
+
+    def node(me: str) -> None:
+        results[me] = tick(conns[me], me, 100.0)
+
+    threads = [threading.Thread(target=node, args=(me,)) for me in conns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    mine_a, mine_b = set(results["a"].mine), set(results["b"].mine)
+    assert not mine_a & mine_b
+    assert mine_a | mine_b == {*LANES, *SINGLETONS}
+    assert dict(store.rows("SELECT name, COUNT(*) FROM leases GROUP BY name")) == dict.fromkeys(
+        [*LANES, *SINGLETONS], 1
+    )
+    for conn in conns.values():
+        conn.close()
+
+
+def test_a_dead_process_of_this_host_is_taken_over_at_once(store: StoreUnderTest) -> None:
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
     dead = f"{socket.gethostname()}-{int(gone.stdout)}"
     assert this_host_dead(dead)
     assert not this_host_dead(f"{socket.gethostname()}-{os.getpid()}")
     assert not this_host_dead(f"elsewhere-{int(gone.stdout)}")  # another host: only its lease's expiry tells
-    path = tmp_path / "db"
-    migrate(path)
-    conn = WriteConnection(path)
-    with sqlite3.connect(path) as db:
-        db.executemany("INSERT INTO leases VALUES (?, ?, ?)", [(n, dead, 1e12) for n in LANES])
+    store.migrate()
+    conn = store.writer()
+    for n in LANES:
+        store.execute("INSERT INTO leases VALUES (?, ?, ?)", n, dead, 1e12)
     conn.begin_waiting()
     held = conn.keep_leases(
         me="a",
@@ -124,16 +151,22 @@ def test_a_dead_process_of_this_host_is_taken_over_at_once(tmp_path: Path) -> No
         dead=this_host_dead,
     )
     conn.commit()
+    conn.close()
     assert sorted(held.mine) == sorted(LANES)
 
 
-def test_queued_rows_follow_a_new_lane_count_once(tmp_path: Path) -> None:
-    path = tmp_path / "db"
-    migrate(path)
-    with sqlite3.connect(path) as db:
-        ids = [add_message(db, f"m{i}") for i in range(5)]
-        db.execute("UPDATE messages SET sender = 'sender-' || id")
-    conn = WriteConnection(path)
+def test_queued_rows_follow_a_new_lane_count_once(store: StoreUnderTest) -> None:
+    store.migrate()
+    for i in range(5):
+        store.execute(
+            "INSERT INTO messages (key, kind, sender, service, reason, target, body, received_at)"
+            " VALUES (?, 'message', '', 'rides', 'keyword', 'rides', ?, 1.0)",
+            f"m{i}",
+            b"{}",
+        )
+    store.execute("UPDATE messages SET sender = 'sender-' || id")
+    ids = [i for (i,) in store.rows("SELECT id FROM messages")]
+    conn = store.writer()
     conn.begin_waiting()
     moved = conn.split_lanes("rides", 4)
     again = conn.split_lanes("rides", 4)
@@ -141,7 +174,8 @@ def test_queued_rows_follow_a_new_lane_count_once(tmp_path: Path) -> None:
     want = {i: lane_of(f"sender-{i}", 4) for i in ids}
     assert moved == sum(1 for lane in want.values() if lane != 0)
     assert again == 0
-    assert dict(rows(path, "SELECT id, lane FROM messages")) == want
+    conn.close()
+    assert dict(store.rows("SELECT id, lane FROM messages")) == want
 
 
 async def test_two_daemons_on_one_store_deliver_every_message_once_in_each_senders_order(

@@ -1,8 +1,8 @@
-"""The store writer on a real SQLite file: group commit, dedupe, outcomes, and the lanes it wakes."""
+"""The store writer on a real SQLite file and a real PostgreSQL schema (`store`): group commit, dedupe,
+outcomes, and the lanes it wakes."""
 
 from __future__ import annotations
 
-import sqlite3
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from wacored.actors.forwarder import Target, run_forwarder
 from wacored.actors.lanes import LaneBoard
 from wacored.config import ForwardingConfig
 from wacored.core.delivery import lane_of
-from wacored.store import LaneReader, Outcome, Reader, StoreUnavailable, WriteConnection, migrate
+from wacored.store import Outcome, StoreUnavailable, migrate
 from wacored.store.writer import (
     RETRY_MAX_S,
     Record,
@@ -27,18 +27,18 @@ from wacored.store.writer import (
     store_writes_status,
 )
 
-from .conftest import bare_runtime, rows
+from .conftest import StoreUnderTest, bare_runtime, rows
 from .support import DiskFull, held_lanes, ingest_op, wait_until
 
 
 async def start_writer(
-    nursery: trio.Nursery, path: Path, lanes: int = 1
+    nursery: trio.Nursery, store: StoreUnderTest, lanes: int = 1
 ) -> tuple[trio.MemorySendChannel[WriteOp], LaneBoard]:
-    migrate(path)
+    store.migrate()
     board = LaneBoard()
     held_lanes(board, "rides", lanes)
     send, receive = trio.open_memory_channel[WriteOp](100)
-    await nursery.start(run_writer, WriteConnection(path), receive, board)
+    await nursery.start(run_writer, store.writer(), receive, board)
     return send, board
 
 
@@ -56,50 +56,48 @@ async def barrier(writes: trio.MemorySendChannel[WriteOp]) -> None:
     await op.reply.wait()
 
 
-async def test_duplicates_are_ignored_within_and_across_batches(tmp_path: Path) -> None:
+async def test_duplicates_are_ignored_within_and_across_batches(store: StoreUnderTest) -> None:
     async with trio.open_nursery() as nursery:
-        writes, _ = await start_writer(nursery, tmp_path / "db")
+        writes, _ = await start_writer(nursery, store)
         first = await ingest(writes, "a", "b", "a")
         again = await ingest(writes, "b", "c")
         assert [i is not None for i in first] == [True, True, False]
         assert [i is not None for i in again] == [False, True]
         await writes.aclose()
-    assert rows(tmp_path / "db", "SELECT key FROM messages ORDER BY id") == [("a",), ("b",), ("c",)]
+    assert store.rows("SELECT key FROM messages ORDER BY id") == [("a",), ("b",), ("c",)]
 
 
-async def test_a_commit_wakes_the_lanes_of_the_rows_it_inserted_and_no_other(tmp_path: Path) -> None:
+async def test_a_commit_wakes_the_lanes_of_the_rows_it_inserted_and_no_other(store: StoreUnderTest) -> None:
     async with trio.open_nursery() as nursery:
-        writes, board = await start_writer(nursery, tmp_path / "db", lanes=3)
+        writes, board = await start_writer(nursery, store, lanes=3)
         lanes = board.lanes["rides"]
         for lane in lanes:
             lane.rearm()
         await ingest(writes, "a", sender="s1")
         woken = lane_of("s1", 3)
         assert [lane._wake.is_set() for lane in lanes] == [i == woken for i in range(3)]
-        assert rows(tmp_path / "db", "SELECT lane FROM messages") == [(woken,)]
+        assert store.rows("SELECT lane FROM messages") == [(woken,)]
         lanes[woken].rearm()
         await ingest(writes, "a", sender="s1")  # a duplicate: nothing committed, nobody woken
         assert not any(lane._wake.is_set() for lane in lanes)
         await writes.aclose()
 
 
-async def test_session_changes_apply_only_for_inserted_messages(tmp_path: Path) -> None:
-    path = tmp_path / "db"
+async def test_session_changes_apply_only_for_inserted_messages(store: StoreUnderTest) -> None:
     async with trio.open_nursery() as nursery:
-        writes, _ = await start_writer(nursery, path)
+        writes, _ = await start_writer(nursery, store)
         await ingest(writes, "m1", text="rides", at=1000.0)
         # A redelivered message, now reading "menu", must not end the session it did not start.
         assert await ingest(writes, "m1", text="menu", at=1001.0) == [None]
         await ingest(writes, "m2", text="where is my car", at=1002.0)
         await writes.aclose()
-    assert rows(path, "SELECT number, sender, service, last_interaction FROM sessions") == [("", "s1", "rides", 1002.0)]
-    assert rows(path, "SELECT key, reason FROM messages ORDER BY id") == [("m1", "keyword"), ("m2", "state")]
+    assert store.rows("SELECT number, sender, service, last_interaction FROM sessions") == [("", "s1", "rides", 1002.0)]
+    assert store.rows("SELECT key, reason FROM messages ORDER BY id") == [("m1", "keyword"), ("m2", "state")]
 
 
-async def test_outcomes_mark_delivered_or_dead_letter_once(tmp_path: Path) -> None:
-    path = tmp_path / "db"
+async def test_outcomes_mark_delivered_or_dead_letter_once(store: StoreUnderTest) -> None:
     async with trio.open_nursery() as nursery:
-        writes, _ = await start_writer(nursery, path)
+        writes, _ = await start_writer(nursery, store)
         ids = await ingest(writes, "ok", "down", "gone")
         await writes.send(Record(Outcome(ids[0], True, 1, 2000.0)))
         await writes.send(
@@ -122,20 +120,23 @@ async def test_outcomes_mark_delivered_or_dead_letter_once(tmp_path: Path) -> No
             )
         )
         await writes.aclose()
-    db = sqlite3.connect(path)
-    states = dict(db.execute("SELECT key, state FROM messages").fetchall())
+    states = dict(store.rows("SELECT key, state FROM messages"))
     assert states == {"ok": "delivered", "down": "dead_lettered", "gone": "dead_lettered"}
-    dead = db.execute(
-        "SELECT key, state, reason, error, status_code, next_attempt_at FROM dead_letters ORDER BY key"
-    ).fetchall()
+    dead = store.rows("SELECT key, state, reason, error, status_code, next_attempt_at FROM dead_letters ORDER BY key")
     assert dead == [
         ("down", "pending", "transient", "HTTP 503: busy", None, 2120.0),
         ("gone", "abandoned", "permanent", "HTTP 404: no", 404, None),
     ]
-    assert Reader(path).queued_targets() == {}
+    reader = store.reader()
+    try:
+        assert reader.queued_targets() == {}
+    finally:
+        reader.close()
 
 
-async def test_a_lane_delivers_a_backlog_from_the_store_once_each_in_order(tmp_path: Path) -> None:
+async def test_a_lane_delivers_a_backlog_from_the_store_once_each_in_order(
+    store: StoreUnderTest, tmp_path: Path
+) -> None:
     received: list[str] = []
     all_received = trio.Event()
 
@@ -146,11 +147,11 @@ async def test_a_lane_delivers_a_backlog_from_the_store_once_each_in_order(tmp_p
         await trio.lowlevel.checkpoint()
         return httpx.Response(200)
 
-    path = tmp_path / "db"
     target = Target("rides", "http://rides.test/", ForwardingConfig(concurrency=1))
     keys = [f"m{i:03d}" for i in range(600)]  # several pages of a lane's reads
+    lane_reader = store.lane_reader()
     async with trio.open_nursery() as nursery:
-        writes, board = await start_writer(nursery, path)
+        writes, board = await start_writer(nursery, store)
         for start in range(0, 600, 50):
             await ingest(writes, *keys[start : start + 50])
         rt = bare_runtime(tmp_path, target)
@@ -161,7 +162,7 @@ async def test_a_lane_delivers_a_backlog_from_the_store_once_each_in_order(tmp_p
                 rt,
                 "rides",
                 lanes,
-                LaneReader(path),
+                lane_reader,
                 writes.clone(),
                 transport=lambda: httpx.MockTransport(handler),
             )
@@ -170,28 +171,26 @@ async def test_a_lane_delivers_a_backlog_from_the_store_once_each_in_order(tmp_p
             await all_received.wait()
         await wait_until(lambda: not lanes[0].handed)
         nursery.cancel_scope.cancel()
+    lane_reader.close()
     assert received == keys
-    assert rows(path, "SELECT COUNT(*) FROM messages WHERE state = 'delivered'") == [(600,)]
+    assert store.rows("SELECT COUNT(*) FROM messages WHERE state = 'delivered'") == [(600,)]
 
 
-async def test_dead_lettering_a_message_again_never_resets_its_retries(tmp_path: Path) -> None:
-    path = tmp_path / "db"
+async def test_dead_lettering_a_message_again_never_resets_its_retries(store: StoreUnderTest) -> None:
     async with trio.open_nursery() as nursery:
-        writes, _ = await start_writer(nursery, path)
+        writes, _ = await start_writer(nursery, store)
         (mid,) = await ingest(writes, "again")
         assert mid is not None
         failed = Outcome(mid, False, 3, 2000.0, "HTTP 503: busy", target="rides", key="again", retry_at=2120.0)
         await writes.send(Record(failed))
         await barrier(writes)  # the record above is committed
-        with sqlite3.connect(path) as db:
-            db.execute("UPDATE dead_letters SET attempts = 2, next_attempt_at = 9000")
+        store.execute("UPDATE dead_letters SET attempts = 2, next_attempt_at = 9000")
         await writes.send(
             Record(Outcome(mid, False, 1, 3000.0, "HTTP 502: again", target="rides", key="again", retry_at=3120.0))
         )
         await barrier(writes)
         await writes.aclose()
-    db = sqlite3.connect(path)
-    assert db.execute("SELECT state, attempts, next_attempt_at, error FROM dead_letters").fetchall() == [
+    assert store.rows("SELECT state, attempts, next_attempt_at, error FROM dead_letters") == [
         ("pending", 2, 9000.0, "HTTP 502: again")
     ]
 

@@ -108,6 +108,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             check_server_tls(config.server.certfile, config.server.keyfile)
         except TLSError as exc:
             print(f"warning: {exc} (`run` will refuse to start)")
+    if config.store.url:
+        # A warning, like the TLS files: the config may be checked where the database is out of reach.
+        from .store.postgres import store_problem
+
+        if why := store_problem(config.store.url):
+            print(f"warning: store.url: {why} (`run` will refuse to start)")
     services = ", ".join(config.services)
     print(f"{args.config}: ok ({len(config.services)} services: {services}; listen {config.server.listen})")
     return 0
@@ -116,6 +122,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace, worker: dict[str, Any] | None = None) -> int:
     """``wacored run``: the daemon, or under ``[server] processes = N > 1`` the supervisor of N
     workers (`workers.py`). `worker` is what `cmd_worker` hands on to `serve_until_signalled`."""
+    import psycopg
     import trio
 
     from .actors.supervisor import ActorGaveUp
@@ -156,7 +163,7 @@ def cmd_run(args: argparse.Namespace, worker: dict[str, Any] | None = None) -> i
                 code = trio.run(
                     partial(serve_until_signalled, config, reload, notifier=notifier, process_start=started)
                 )
-    except* (OSError, sqlite3.Error, SchemaError, ActorGaveUp) as group:
+    except* (OSError, sqlite3.Error, psycopg.Error, SchemaError, ActorGaveUp) as group:
         # What the environment refused (a port in use, an unwritable store): one clear line each.
         # An actor that crashed has already logged its traceback.
         failures.extend(_leaves(group))
@@ -283,6 +290,9 @@ def _on_store(args: argparse.Namespace, work: Callable[[sqlite3.Connection, Conf
     from .store import SchemaError
 
     if (config := load_config(args, need_secret=False)) is None:
+        return 1
+    if config.store.url:
+        print("wacored: the operator commands read the SQLite store only, not [store] url", file=sys.stderr)
         return 1
     try:
         conn = ops.open_store(config.store.path, config.store.busy_timeout_ms)

@@ -32,8 +32,8 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import hypercorn.config
@@ -49,7 +49,7 @@ from .actors.reaper import run_reaper
 from .actors.stats import run_stats
 from .actors.supervisor import supervise
 from .actors.targets import targets_of
-from .config import Config, ConfigError
+from .config import Config, ConfigError, StoreConfig
 from .core.breaker import Breaker
 from .core.leases import DLQ_RETRIER, REAPER
 from .core.numbers import Numbers
@@ -68,7 +68,8 @@ from .reloads import ReloadRequest, keep_restart_only, refused
 from .runtime import Runtime
 from .siblings import Place, Siblings
 from .store import LaneReader, Reader, StoreUnavailable, WriteConnection, migrate
-from .store.interface import LaneReads, Reads, WriteTx
+from .store.interface import LaneReads, Reads, RowsListener, WriteTx
+from .store.postgres import PgLaneReader, PgReader, PgRowsListener, PgWriteConnection, pg_migrate
 from .store.writer import Write, WriteOp, run_writer
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,48 @@ async def recover(reader: Reads, targets: Iterable[str]) -> None:
         )
 
 
-def split_all(path: Path, busy_timeout_ms: int, lanes: dict[str, int]) -> None:
+@dataclass(frozen=True)
+class StoreParts:
+    """The store implementation the config names (the one place that picks it): the SQLite file at
+    ``[store] path``, or the PostgreSQL database at ``[store] url`` when that is set."""
+
+    config: StoreConfig
+
+    def migrate(self) -> int:
+        """Create or upgrade the schema (blocking: in a worker thread); `SchemaError` when newer."""
+        if self.config.url:
+            return pg_migrate(self.config.url)
+        return migrate(self.config.path)
+
+    def writer(self) -> WriteTx:
+        if self.config.url:
+            return PgWriteConnection(self.config.url, self.config.busy_timeout_ms)
+        return WriteConnection(self.config.path, self.config.busy_timeout_ms)
+
+    def reader(self) -> Reads:
+        return PgReader(self.config.url) if self.config.url else Reader(self.config.path)
+
+    def lane_reader(self) -> LaneReads:
+        return PgLaneReader(self.config.url) if self.config.url else LaneReader(self.config.path)
+
+    def rows_listener(self) -> RowsListener | None:
+        """What wakes the relay when another node commits (None: SQLite, the relay polls)."""
+        return PgRowsListener(self.config.url) if self.config.url else None
+
+
+async def close_readers(*readers: Reads | LaneReads | RowsListener | None) -> None:
+    """Close readers in a worker thread (a PostgreSQL reader's pool says goodbye over the network),
+    shielded: it runs while the daemon stops."""
+    with trio.CancelScope(shield=True):
+        for reader in readers:
+            if reader is not None:
+                await trio.to_thread.run_sync(reader.close)
+
+
+def split_all(parts: StoreParts, lanes: dict[str, int]) -> None:
     """Split each target's queued rows by its lane count now (`store.WriteConnection.split_lanes`), before any
     lane reads them; in a worker thread (it may wait for another process's write lock)."""
-    conn = WriteConnection(path, busy_timeout_ms)
+    conn = parts.writer()
     try:
         conn.begin_waiting()
         try:
@@ -156,7 +195,9 @@ class Daemon:
         """The DLQ retrier, reaper, stats and pause watcher actors, each with a reader of its own, and
         the relay (on the lanes' reader: it reads on this thread)."""
         rt = self.rt
-        readers = [Reader(rt.config.store.path) for _ in range(4)]
+        parts = StoreParts(rt.config.store)
+        readers = [parts.reader() for _ in range(4)]
+        listener = parts.rows_listener()
         try:
             async with trio.open_nursery() as nursery:
                 retrier, reaper, stats, pauses = readers
@@ -185,7 +226,9 @@ class Daemon:
                     supervise,
                     rt,
                     "relay",
-                    lambda ts: run_relay(rt.lanes, self.lane_reader, beat=partial(rt.beat, "relay"), task_status=ts),
+                    lambda ts: run_relay(
+                        rt.lanes, self.lane_reader, beat=partial(rt.beat, "relay"), listener=listener, task_status=ts
+                    ),
                 )
                 await nursery.start(supervise, rt, "stats", lambda ts: run_stats(rt, stats, task_status=ts))
                 await nursery.start(
@@ -196,8 +239,7 @@ class Daemon:
                 )
                 task_status.started(nursery.cancel_scope)
         finally:
-            for reader in readers:
-                reader.close()
+            await close_readers(*readers, listener)
 
     async def serve_reloads(self, requests: trio.MemoryReceiveChannel[ReloadRequest]) -> None:
         async for request in requests:
@@ -344,16 +386,12 @@ async def _run(
     place: Place,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
-    await trio.to_thread.run_sync(migrate, config.store.path)
+    parts = StoreParts(config.store)
+    await trio.to_thread.run_sync(parts.migrate)
     targets = targets_of(config)
-    await trio.to_thread.run_sync(
-        split_all,
-        config.store.path,
-        config.store.busy_timeout_ms,
-        {name: t.forwarding.concurrency for name, t in targets.items()},
-    )
-    reader = Reader(config.store.path)
-    lane_reader = LaneReader(config.store.path)
+    await trio.to_thread.run_sync(split_all, parts, {name: t.forwarding.concurrency for name, t in targets.items()})
+    reader = parts.reader()
+    lane_reader = parts.lane_reader()
     tracing = Tracing.from_config(config.telemetry) if tracer is None else Tracing(None)
     try:
         await recover(reader, targets)
@@ -368,7 +406,7 @@ async def _run(
         daemon = Daemon(rt, writes, lane_reader, transport)
 
         def writer(task_status: trio.TaskStatus[Any]) -> Any:
-            conn = WriteConnection(rt.config.store.path, rt.config.store.busy_timeout_ms)
+            conn = parts.writer()
             return run_writer(
                 conn,
                 writes_receive,
@@ -443,8 +481,7 @@ async def _run(
                 with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_WAIT_S):
                     await release(writes, node)
     finally:
-        reader.close()
-        lane_reader.close()
+        await close_readers(reader, lane_reader)
         await tracing.aclose()
     log.info("stopped", extra={"event": "stopped"})
 

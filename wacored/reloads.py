@@ -63,6 +63,7 @@ def keep_restart_only(old: Config, new: Config) -> Config:
             (new.server.certfile, new.server.keyfile),
         ),
         ("store.path", old.store.path, new.store.path),
+        ("store.url", old.store.url, new.store.url),
         ("sessions.cache_size", old.sessions.cache_size, new.sessions.cache_size),
         (
             "telemetry.traces/otlp_endpoint/service_name",

@@ -28,7 +28,7 @@ connections over the workers by their addresses' hash.
   (`processes.parent_gone`), however it died, on any system.
 
 Error handling:
-    `ListenError` (the port), and `SchemaError`/`sqlite3.Error` from migrating the store, propagate
+    `ListenError` (the port), and `SchemaError`/`sqlite3.Error`/`psycopg.Error` from migrating the store, propagate
     before any worker starts; a worker's failure is the worker's
     (logged by it, then here with its exit status).
 
@@ -55,10 +55,10 @@ import trio
 
 from .config import Config, ConfigError
 from .core.respawn import respawn_delay
+from .daemon import StoreParts
 from .http.listener import reserve
 from .observe.systemd import Notifier
 from .processes import exit_status, spawn, wait_exit
-from .store import migrate
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ async def run_supervisor(
         # upgrade (seen: "database is locked" in one of two workers, several runs in ten), and an
         # unusable store stops us here, as a port in use does. Each worker's own `migrate` then
         # finds the schema current and only reads.
-        await trio.to_thread.run_sync(migrate, config.store.path)
+        await trio.to_thread.run_sync(StoreParts(config.store).migrate)
         supervisor = Supervisor(config, load, plan, notifier, count, listener, directory, parent_r)
         return await supervisor.run()
     finally:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sqlite3
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -43,7 +42,7 @@ from ..core.delivery import Verdict
 from ..observe.counts import bump
 from ..runtime import HEARTBEAT_S
 from ..store import DeadLetter, Retried, StoreUnavailable
-from ..store.interface import Reads, WriteTx
+from ..store.interface import STORE_ERRORS, Reads, WriteTx
 from ..store.writer import Write, WriteOp, retry_delay_s
 from .forwarder import INTERNAL_ERROR, guarded_attempt, internal_error, new_transport
 
@@ -253,7 +252,7 @@ async def _one_pass(
     """Retry what is due now, up to a batch; how many were tried."""
     try:
         due = await trio.to_thread.run_sync(reader.due_dead_letters, rt.wall_clock(), rt.config.dlq.batch)
-    except sqlite3.Error as exc:
+    except STORE_ERRORS as exc:
         log.error("cannot read due dead letters", extra={"event": "dlq_read_failed", "error": str(exc)})
         return 0
     for n, dl in enumerate(due):
@@ -303,7 +302,7 @@ async def _next_wake(rt: Retrying, reader: Reads) -> float:
 async def _next_due(reader: Reads) -> float | None:
     try:
         return await trio.to_thread.run_sync(reader.next_due)
-    except sqlite3.Error:
+    except STORE_ERRORS:
         return None
 
 

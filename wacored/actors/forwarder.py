@@ -48,7 +48,6 @@ import dataclasses
 import functools
 import logging
 import random
-import sqlite3
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -67,7 +66,7 @@ from ..observe.counts import bump
 from ..observe.telemetry import NO_TRACER, forward_span, recording, traceparent_of
 from ..runtime import HEARTBEAT_S
 from ..store import AttemptRow, Delivery, Outcome
-from ..store.interface import LaneReads
+from ..store.interface import STORE_ERRORS, LaneReads
 from ..store.writer import Record, WriteOp
 from .lanes import Lane
 from .targets import Target, targets_of
@@ -380,7 +379,7 @@ async def run_lane(
         while not rt.stopping.is_set():
             rt.beat(actor)
             lane.rearm()
-            page = _page(lane, reader) if lane.held() else []
+            page = await _page(lane, reader) if lane.held() else []
             if not page:
                 await lane.sleep(HEARTBEAT_S)
                 continue
@@ -399,17 +398,25 @@ async def run_lane(
                 await writes.send(Record(outcome))
 
 
-def _page(lane: Lane, reader: LaneReads) -> list[Delivery]:
+async def _page(lane: Lane, reader: LaneReads) -> list[Delivery]:
     """The lane's next rows not in hand, oldest first (none when the store cannot be read: the lane
-    tries again at its next wake)."""
+    tries again at its next wake). On this thread when the read is local (SQLite), else in a worker
+    thread (`LaneReads.blocking_reads`)."""
+    # What is in hand when the read starts: a read in a worker thread may return a row whose outcome
+    # the writer commits (and takes out of `handed`) while it runs, still ``queued`` in what it read.
+    in_hand = set(lane.handed)
     try:
-        rows = reader.page(lane.target, lane.index, PAGE + len(lane.handed))
-    except sqlite3.Error as exc:
+        limit = PAGE + len(in_hand)
+        if reader.blocking_reads:
+            rows = await trio.to_thread.run_sync(reader.page, lane.target, lane.index, limit)
+        else:
+            rows = reader.page(lane.target, lane.index, limit)
+    except STORE_ERRORS as exc:
         log.warning(
             "lane cannot read the store", extra={"event": "lane_read_failed", "service": lane.target, "error": str(exc)}
         )
         return []
-    return [d for d in rows if d.id not in lane.handed][:PAGE]
+    return [d for d in rows if d.id not in in_hand and d.id not in lane.handed][:PAGE]
 
 
 def _log_outcome(name: str, d: Delivery, outcome: Outcome) -> None:

@@ -6,7 +6,8 @@ lease (`core.leases`, `store_lanes`). Three things wake a lane held here:
 
 - the writer, right after it commits rows of that lane (an ingest in this process);
 - the relay (`run_relay`), which notices rows other processes committed: one ``MAX(id)`` read every
-  `RELAY_S`, and for new ids the lanes they fall in;
+  `RELAY_S`, and for new ids the lanes they fall in (on PostgreSQL, right after another node's
+  ingest commits: its NOTIFY wakes the relay, which otherwise reads every `LISTEN_S`);
 - the lane itself, every heartbeat when idle, which also finds rows another process set back to
   ``queued`` (``wacored messages replay``).
 
@@ -30,21 +31,28 @@ Cancellation:
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Callable, Iterable
+from functools import partial
+from typing import TypeVar
 
 import trio
 
 from ..core.delivery import lane_of
 from ..core.leases import SINGLETONS, Held, lane_lease, tick_s
 from ..store import NewRow, StoreUnavailable
-from ..store.interface import LaneReads
+from ..store.interface import STORE_ERRORS, LaneReads, RowsListener
 from ..store.lanes import this_host_dead
 from ..store.writer import Write, WriteOp
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
 RELAY_S = 0.05
+LISTEN_S = 0.25
+"""With a `RowsListener`: the longest the relay waits for a NOTIFY before it reads anyway (a lost
+NOTIFY costs that much), and how long a cancelled relay may take to end (the wait is a worker
+thread's, which trio waits for)."""
 """How often the relay looks for rows other processes committed: a row ingested by another worker
 waits at most this long (plus its lane's current delivery) before its lane reads it."""
 MARGIN = 0.1
@@ -202,30 +210,42 @@ class LaneBoard:
         return [lane for lanes in self.lanes.values() for lane in lanes if lane.name == name]
 
 
+async def _relay_read(reader: LaneReads, read: Callable[[], T]) -> T:
+    """`read` on this thread when the store's reads are local, else in a worker thread."""
+    return await trio.to_thread.run_sync(read) if reader.blocking_reads else read()
+
+
 async def run_relay(
     board: LaneBoard,
     reader: LaneReads,
     *,
     beat: Callable[[], None] = lambda: None,
     interval_s: float = RELAY_S,
+    listener: RowsListener | None = None,
+    listen_s: float = LISTEN_S,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Wake the lanes of rows other processes commit. (Rows this process commits wake their lanes from
     the writer already; the relay wakes them again, which costs one page read a lane is about to make
-    anyway.) Row ids are commit order on SQLite (the id is taken under the write lock), so a cursor
-    on the newest id misses nothing."""
-    last = reader.newest_id()
+    anyway.) Row ids are commit order (on SQLite the id is taken under the write lock; on PostgreSQL
+    under the store's advisory lock, `store.postgres`), so a cursor on the newest id misses nothing.
+    With a `listener` (PostgreSQL) it reads when another node's commit notifies it, and at least every
+    `listen_s`; else every `interval_s`."""
+    last = await _relay_read(reader, reader.newest_id)
     task_status.started()
     while True:
-        await trio.sleep(interval_s)
+        if listener is None:
+            await trio.sleep(interval_s)
+        else:
+            await trio.to_thread.run_sync(listener.wait, listen_s)
         beat()
         try:
-            newest = reader.newest_id()
+            newest = await _relay_read(reader, reader.newest_id)
             if newest > last:
-                for target, lane in reader.queued_lanes_after(last):
+                for target, lane in await _relay_read(reader, partial(reader.queued_lanes_after, last)):
                     board.wake(target, lane)
                 last = newest
-        except sqlite3.Error as exc:
+        except STORE_ERRORS as exc:
             log.warning("relay cannot read the store", extra={"event": "relay_failed", "error": str(exc)})
 
 

@@ -25,13 +25,12 @@ Cancellation:
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Callable, Mapping
 
 import trio
 
 from ..ops.pauses import POLL_S, Pause, may_attempt
-from ..store.interface import Reads
+from ..store.interface import STORE_ERRORS, Reads
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ async def refresh(board: PauseBoard, reader: Reads, served: int) -> bool:
     """Read the table once into `board`; False (board unchanged) when the store refuses."""
     try:
         rows = await trio.to_thread.run_sync(reader.pauses)
-    except sqlite3.Error as exc:
+    except STORE_ERRORS as exc:
         log.warning("cannot read service pauses", extra={"event": "pauses_read_failed", "error": str(exc)})
         return False
     board.apply({service: Pause(at, reason) for service, at, reason in rows}, served)

@@ -27,7 +27,6 @@ Cancellation:
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from ..config import SessionsConfig
 from ..core.schedule import cutoffs, missed, next_reap
 from ..observe.counts import bump
 from ..store import WriteConnection
-from ..store.interface import Reads, WriteTx
+from ..store.interface import STORE_ERRORS, Reads, WriteTx
 from ..store.writer import WriteOp
 from .deadletters import sleep_until, write_committed
 
@@ -108,7 +107,7 @@ async def run_reaper(
     async with writes:
         try:
             last = await trio.to_thread.run_sync(reader.last_run, ACTOR)
-        except sqlite3.Error:
+        except STORE_ERRORS:
             last = None
         now = rt.wall_clock()
         due = now + MISSED_REAP_DELAY_S if missed(last, now, rt.config.sessions.reap_minute) else None

@@ -3,7 +3,8 @@ and alerts see queue depths, dead letters and the store's size without ever quer
 request time.
 
 Error handling:
-    A store that cannot be read (`sqlite3.Error`, or `OSError` sizing its files) is logged and the
+    A store that cannot be read (`store.interface.STORE_ERRORS`, or `OSError` sizing its files) is
+    logged and the
     last figures are kept until a read works; nothing here raises out of the loop for that.
 
 Cancellation:
@@ -14,13 +15,12 @@ Cancellation:
 from __future__ import annotations
 
 import logging
-import sqlite3
 
 import trio
 
 from ..observe.state import StoreStats
 from ..runtime import Runtime
-from ..store.interface import Reads
+from ..store.interface import STORE_ERRORS, Reads
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ async def refresh(rt: Runtime, reader: Reads) -> None:
     try:
         figures = await trio.to_thread.run_sync(reader.figures)
         sessions_active = await trio.to_thread.run_sync(reader.sessions_active, since)
-    except (sqlite3.Error, OSError) as exc:
+    except STORE_ERRORS + (OSError,) as exc:
         log.warning("cannot read store figures", extra={"event": "stats_failed", "error": str(exc)})
         return
     rt.stats = StoreStats(

@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from ..core.signing import secret_problem
 from ._sections import (
@@ -135,6 +136,22 @@ def _apply_env(data: Mapping[str, Any], env: Mapping[str, str], problems: list[s
         except ValueError:
             problems.append(f"env {name}: must be {_type_name(kind)}, got {raw!r}")
     return merged
+
+
+def _postgres_url(value: str) -> str | None:
+    """Empty (SQLite), or a PostgreSQL URL libpq takes: ``postgresql://user@host:port/db``. Only its
+    shape is checked here; whether the database answers is `check-config`'s and `run`'s to find."""
+    if not value:
+        return None
+    problem = "must be a PostgreSQL URL, postgresql://user@host:port/database (or empty for SQLite)"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  # raises ValueError on a port that is not a number in range
+    except ValueError:
+        return problem
+    if parts.scheme not in ("postgresql", "postgres") or not (parts.netloc or "host=" in parts.query):
+        return problem
+    return None
 
 
 def _parse_listen(value: str) -> str | None:
@@ -324,6 +341,7 @@ def _read_store(data: Any, problems: list[str]) -> StoreConfig:
     s = _Section(data, "store", problems)
     store = StoreConfig(
         path=Path(s.take("path", "var/wacored.db", lambda v: None if v else "must not be empty")),
+        url=s.take("url", "", _postgres_url),
         busy_timeout_ms=s.take("busy_timeout_ms", 5000, _not_negative),
         unhealthy_after_s=s.take("unhealthy_after_s", StoreConfig.unhealthy_after_s, _positive),
     )

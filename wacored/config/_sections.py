@@ -30,6 +30,7 @@ ENV_ALIASES: dict[tuple[str, str], tuple[str, ...]] = {
     ("sessions", "ttl_hours"): ("SESSION_TTL_HOURS",),
     ("forwarding", "timeout_ms"): ("WA_ROUTER_TIMEOUT_MS",),
     ("admin", "token"): ("WACORED_ADMIN_TOKEN",),
+    ("store", "url"): ("WACORED_STORE_URL", "DATABASE_URL"),
     ("slo", "p95_ms"): ("WA_CORE_P95_SLO_MS",),
     ("slo", "cold_start_ms"): ("WA_CORE_COLD_START_SLO_MS",),
 }
@@ -100,6 +101,9 @@ class WhatsAppConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     path: Path = Path("var/wacored.db")
+    url: str = ""
+    """A PostgreSQL URL (``postgresql://user@host:port/db``): the store is that database, shared by
+    every node that names it; empty, the SQLite file at `path`."""
     busy_timeout_ms: int = 5000
     unhealthy_after_s: float = 60.0
     """Commits failing this long make /health ``unhealthy`` (503); before that, ``degraded``."""

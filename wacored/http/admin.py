@@ -243,6 +243,8 @@ async def _applied(rt: Runtime, name: str, changed: bool) -> dict[str, Any]:
 async def _on_store(rt: Runtime, work: Callable[[sqlite3.Connection], T]) -> T:
     """`work` in a worker thread, on a connection of its own to the store of the current config."""
     store = rt.config.store
+    if store.url:
+        raise AdminError(501, "not_implemented", "the admin API reads the SQLite store only, not [store] url")
     try:
         return await trio.to_thread.run_sync(_with_connection, store.path, store.busy_timeout_ms, work)
     except pauses.PauseRefused as exc:

@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
+from ..config import StoreConfig
 from ..core.numbers import OTHER
 from ..observe.state import ActorState
 from ..ops.operations import iso
 from ..runtime import Runtime
 from ..siblings import LOCAL_HEADER, merged_exposition
+from ..store.interface import STORE_ERRORS
 from ..store.writer import StoreWrites, store_writes_status
 from ..version import VERSION
 from . import admin
@@ -34,6 +36,15 @@ log = logging.getLogger(__name__)
 
 HEALTH_DB_TIMEOUT_S = 2.0
 CORE_ACTORS = ("writer", "ingress")
+
+
+def store_where(store: StoreConfig) -> str:
+    """Where the store is, for /health: the SQLite file, or the PostgreSQL server and database
+    (never the URL's user, password or options)."""
+    if not store.url:
+        return str(store.path)
+    parts = urlsplit(store.url)
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
 async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
@@ -48,8 +59,8 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
         with trio.fail_after(HEALTH_DB_TIMEOUT_S):
             async with rt.reader_lock:
                 schema = await trio.to_thread.run_sync(rt.reader.ping)
-        checks["database"] = {"status": "ok", "schema_version": schema, "path": str(rt.config.store.path)}
-    except (sqlite3.Error, trio.TooSlowError) as exc:
+        checks["database"] = {"status": "ok", "schema_version": schema, "path": store_where(rt.config.store)}
+    except STORE_ERRORS + (trio.TooSlowError,) as exc:
         checks["database"] = {"status": "error", "error": str(exc) or type(exc).__name__}
     now = rt.wall_clock()
     checks["store_writes"] = _store_writes(rt.store_writes, now, rt.config.store.unhealthy_after_s)

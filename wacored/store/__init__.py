@@ -2,12 +2,13 @@
 
 `interface` holds the `Store` Protocols (`WriteTx`, `LaneReads`, `Reads`): what the writer, the lanes
 and the periodic actors ask of any store. `sqlite` is the SQLite implementation (the embedded
-default, `schema` its migrations, `lanes` its lease SQL), `rows` the plain data every implementation
-hands around. `writer` is the actor that owns a process's one write connection (group commit), and
+default, `schema` its migrations, `lanes` its lease SQL), `postgres` the PostgreSQL one (``[store]
+url``: its migrations and advisory locks; it shares `lanes`' SQL), `rows` the plain data every
+implementation hands around. `writer` is the actor that owns a process's one write connection (group commit), and
 `ingest` the transaction it runs for each webhook batch (rate limit, routing, rows).
 
 This package re-exports the rows, errors and SQLite classes, so callers import them from
-``wacored.store``; `writer` and `ingest` are imported by their own names.
+``wacored.store``; `writer`, `ingest` and `postgres` are imported by their own names.
 """
 
 from .rows import (

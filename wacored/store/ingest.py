@@ -3,7 +3,8 @@
 Ingress hands the writer the parsed batch (`writer.Ingest`) with the policy it was read under
 (`IngestPolicy`: business numbers, session TTL, rate limit) and what is not policy (`IngestContext`:
 the request's ids, the time, each message's trace context). Here, on the write connection, after
-``BEGIN IMMEDIATE`` (which serializes writers across processes on SQLite):
+``BEGIN IMMEDIATE`` (which serializes writers across processes on SQLite; on PostgreSQL the first
+read takes the store's advisory lock, `postgres.WRITE_LOCK`, to the same end):
 
 1. the rate limit: the hits of the batch's (number, sender) windows are read from the store and
    judged by the pure `core.ratelimit.RateLimit`; over the limit, nothing is written and the reply
@@ -14,20 +15,23 @@ the request's ids, the time, each message's trace context). Here, on the write c
 
 `StoreSessions` keeps a bounded LRU (`core.sessions.SessionCache`, ``[sessions] cache_size``) in
 front of the ``sessions`` table, owned by the writer: what this process read or wrote. It is never
-trusted across a commit of another connection: `sync` asks the store at the start of each transaction
-(on SQLite, ``PRAGMA data_version``) and clears the cache when another connection (another worker
-process, the CLI) has committed since. With one process the cache stays warm; with several writing in turn it is
-cleared at nearly every transaction and routing reads the store, which stays correct and costs one
-primary-key read per sender of the batch (measured on bench/prefill.py's store of 1 M sessions, 5 M
-messages: 0.33 us from the cache, 8.7 us from the store, 1.0 us for the ``data_version`` check and
-1.8 us to read a sender's rate-limit hits).
+trusted across a commit of another connection: `sync` asks the store at the start of each
+transaction (on SQLite, ``PRAGMA data_version``; PostgreSQL always says yes) and clears the cache
+when another connection (another worker process, the CLI) has committed since. With one process the
+cache stays warm; with several writing in turn it is cleared at nearly every transaction and routing
+reads the store, which stays correct and costs one primary-key read per sender of the batch
+(measured on bench/prefill.py's store of 1 M sessions, 5 M messages: 0.33 us from the cache, 8.7 us
+from the store, 1.0 us for the ``data_version`` check and 1.8 us to read a sender's rate-limit
+hits).
 
 Error handling:
-    `sqlite3.Error` propagates to the writer, which rolls the transaction back, calls
-    `StoreSessions.clear` (the cache may hold what the rollback undid) and answers `StoreUnavailable`.
+    The driver's error (`interface.STORE_ERRORS`) propagates to the writer, which rolls the
+    transaction back, calls `StoreSessions.clear` (the cache may hold what the rollback undid) and
+    answers `StoreUnavailable`.
 
 Cancellation:
-    Nothing here awaits: it runs on the event loop's thread inside the writer's shielded group.
+    Nothing here awaits: it runs inside the writer's shielded group, on the event loop's thread
+    (SQLite) or in the group's worker thread (PostgreSQL, `writer._transaction`).
 """
 
 from __future__ import annotations

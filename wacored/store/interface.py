@@ -1,9 +1,10 @@
 """The store as the actors see it: what each may ask of it, whatever the database behind.
 
 Three Protocols, each the narrow set one kind of caller needs. `store.WriteConnection`,
-`store.LaneReader` and `store.Reader` are the SQLite implementation, the embedded default; a second
-database is a second set of classes behind these same Protocols, never a second code path in the
-actors. The daemon is the one place that picks the implementation (`daemon._run`).
+`store.LaneReader` and `store.Reader` are the SQLite implementation, the embedded default;
+`postgres.PgWriteConnection`, `PgLaneReader` and `PgReader` the PostgreSQL one, a second set of
+classes behind these same Protocols, never a second code path in the actors. The daemon is the one
+place that picks the implementation (`daemon.StoreParts`).
 
 - `WriteTx`: the single write connection of a process, used by the writer actor inside the
   transaction it opens for a group of operations (group commit): the ingest transaction (sessions,
@@ -17,22 +18,41 @@ actors. The daemon is the one place that picks the implementation (`daemon._run`
 The operator's queries (`operations.py`, `messages.py`, `pauses.py`: listing, replaying, purging)
 are not behind these Protocols yet: they run their own SQL on a connection of their own.
 
-Error handling: each implementation raises its driver's error (`sqlite3.Error`); the writer turns a
-failed transaction into `StoreUnavailable` for its callers (`writer.py`).
+Error handling: each implementation raises its driver's error (`sqlite3.Error`, `psycopg.Error`:
+`STORE_ERRORS`; of those, `STORE_DOWN_ERRORS` say the store, not the data, failed: disk full, locked,
+connection lost); the writer turns a failed transaction into `StoreUnavailable` for its callers
+(`writer.py`), and the readers' callers log it and try again later.
+
+Blocking: SQLite statements are local and short, so the writer runs them on the event loop's thread
+and the lanes read there; PostgreSQL statements are network round trips. An implementation whose
+statements may block says so (`WriteTx.blocking_statements`, `LaneReads.blocking_reads`), and its
+callers then run them in a worker thread.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
+
+import psycopg
 
 from ..core.leases import Held, Lease
 from ..core.sessions import SessionChange
 from . import DeadLetter, Delivery, NewRow, Outcome, Retried, StoreFigures
 
+STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+"""What a store raises when it refuses or fails (any implementation's driver)."""
+STORE_DOWN_ERRORS: tuple[type[Exception], ...] = (sqlite3.OperationalError, psycopg.OperationalError)
+"""Of those, the store failing (disk, lock, connection), not the data: trying again may succeed."""
+
 
 class WriteTx(Protocol):
     """The write connection (one per process, owned by the writer actor)."""
+
+    blocking_statements: bool
+    """True when a statement may block (a network round trip): the writer then runs a group's begin,
+    statements and commit in one worker-thread call, never on the event loop's thread."""
 
     def try_begin(self) -> bool:
         """Open the write transaction now; False when another process holds the write lock."""
@@ -85,12 +105,26 @@ class WriteTx(Protocol):
 
 
 class LaneReads(Protocol):
-    """The lanes' and the relay's reads (on the event loop's thread: each must be short)."""
+    """The lanes' and the relay's reads (on the event loop's thread when each is short and local; in a
+    worker thread when `blocking_reads`)."""
+
+    blocking_reads: bool
 
     def page(self, target: str, lane: int, limit: int) -> list[Delivery]: ...
     def newest_id(self) -> int: ...
     def queued_lanes_after(self, after_id: int) -> set[tuple[str, int]]: ...
     def leases(self) -> list[Lease]: ...
+    def close(self) -> None: ...
+
+
+class RowsListener(Protocol):
+    """What wakes the relay at once when another node commits rows (PostgreSQL's LISTEN/NOTIFY), where
+    the store has it; called in a worker thread."""
+
+    def wait(self, timeout_s: float) -> bool:
+        """Until another connection commits rows, or `timeout_s` passes; whether one did."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -1,13 +1,15 @@
-"""The SQLite side of lane leases and live nodes (`store.WriteConnection.keep_leases` and friends).
+"""Lane leases and live nodes in SQL (`store.WriteConnection.keep_leases` and friends).
 
-Each function takes the write connection's `sqlite3.Connection` and runs inside the writer's
+Each function takes the write connection (`Statements`: a `sqlite3.Connection`, or the PostgreSQL
+store's `postgres.QmarkStatements`; the SQL is plain enough for both) and runs inside the writer's
 transaction, as part of a `writer.Write` operation: on SQLite that transaction holds the database's
-write lock from its first statement (``BEGIN IMMEDIATE``), so what a worker reads of the leases there
-cannot change before it commits its claims, and two workers never both win one lease. What to claim
-is decided by the pure `core.leases.plan`.
+write lock from its first statement (``BEGIN IMMEDIATE``); on PostgreSQL the caller takes the store's
+transaction-level advisory lock first (`postgres.PgWriteConnection`). Either way what a worker reads
+of the leases there cannot change before it commits its claims, and two workers never both win one
+lease. What to claim is decided by the pure `core.leases.plan`.
 
 Error handling:
-    `sqlite3.Error` propagates. A lease write that fails is the writer's to report; the lease keeper
+    The driver's error propagates. A lease write that fails is the writer's to report; the lease keeper
     keeps what it held until it expires (`lanes.run_lease_keeper`).
 """
 
@@ -15,15 +17,22 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from ..core.delivery import lane_of
 from ..core.leases import Held, Lease, plan
 
 
+class Statements(Protocol):
+    """What these functions ask of a connection: ``execute`` with ``?`` placeholders, returning a
+    cursor to iterate, ``fetchone``, ``fetchall`` or read the ``rowcount`` of."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+
+
 def keep_leases(
-    c: sqlite3.Connection,
+    c: Statements,
     *,
     me: str,
     lanes: Sequence[str],
@@ -64,14 +73,14 @@ def keep_leases(
     return Held(mine, decided, tuple(rows[n] for n in sorted(rows)), live)
 
 
-def release_leases(c: sqlite3.Connection, *, me: str) -> int:
+def release_leases(c: Statements, *, me: str) -> int:
     """Drop every lease of `me` and its node row (a clean stop: the others take over at their next
     tick, not a TTL later). How many leases it held."""
     c.execute("DELETE FROM nodes WHERE name = ?", (me,))
-    return c.execute("DELETE FROM leases WHERE owner = ?", (me,)).rowcount
+    return int(c.execute("DELETE FROM leases WHERE owner = ?", (me,)).rowcount)
 
 
-def split_lanes(c: sqlite3.Connection, *, target: str, lanes: int) -> int:
+def split_lanes(c: Statements, *, target: str, lanes: int) -> int:
     """Make `target`'s queued rows follow a lane count of `lanes`, when they were split by another
     (``concurrency`` changed across a restart, or rows older than lanes); how many rows moved.
 

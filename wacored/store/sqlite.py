@@ -96,6 +96,8 @@ class WriteConnection:
     worker thread.
     """
 
+    blocking_statements = False
+
     def __init__(self, path: Path, busy_timeout_ms: int = 5000) -> None:
         self.conn = connect(path, busy_timeout_ms=0)
         self.busy_timeout_ms = busy_timeout_ms
@@ -484,6 +486,8 @@ class LaneReader:
     """A read connection for lanes and the relay, used on the event loop's thread only: each read is
     one indexed range read of a few rows (the partial index ``messages_lane`` holds only queued rows),
     cheaper than the hop to a worker thread."""
+
+    blocking_reads = False
 
     def __init__(self, path: Path) -> None:
         self.conn: sqlite3.Connection = connect(path)

@@ -1,4 +1,4 @@
-"""The store writer actor: the only code that writes SQLite, committing whatever is queued at once.
+"""The store writer actor: the only code that writes the store, committing whatever is queued at once.
 
 Requests arrive on one memory channel: `Ingest` (a parsed webhook batch, rate-limited, routed and
 inserted inside the transaction by `ingest.ingest`; the caller waits for the commit), `Record` (a
@@ -18,8 +18,8 @@ Error handling:
     commit: an outcome is never dropped while the daemon runs (one a constraint refuses, which can
     never commit, is logged, and its message, still ``queued``, is read again by its lane). Every
     failure is counted in `StoreWrites` (/health, /metrics) until a commit that writes succeeds. An
-    error other than `sqlite3.Error` is a bug: the callers are answered, the outcomes kept, and the
-    writer crashes (the supervisor restarts it; `StoreWrites` belongs to the daemon, so the
+    error other than the driver's (`interface.STORE_ERRORS`) is a bug: the callers are answered, the
+    outcomes kept, and the writer crashes (the supervisor restarts it; `StoreWrites` belongs to the daemon, so the
     restarted writer carries on). The session cache (`ingest.StoreSessions`) is cleared, since it may
     hold what was rolled back.
 
@@ -34,7 +34,6 @@ Cancellation:
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ from .ingest import (
     StoreSessions,
     ingest,
 )
-from .interface import WriteTx
+from .interface import STORE_DOWN_ERRORS, STORE_ERRORS, WriteTx
 
 log = logging.getLogger(__name__)
 
@@ -239,12 +238,34 @@ async def _transaction(
     switch interval each time while ingress keeps this thread busy (measured: 10.5 ms a group of 11
     rows under load). Only what may wait goes to a thread: a lock held by another process, and the
     COMMIT's fsync.
+
+    A store whose statements are network round trips (`WriteTx.blocking_statements`: PostgreSQL) must
+    not run them here: there begin, statements and commit run in one worker-thread call
+    (`_transaction_in_thread`), still one transaction per group.
     """
+    if conn.blocking_statements:
+        await trio.to_thread.run_sync(_transaction_in_thread, conn, ops, sessions, lanes or NoLanes())
+        return
     if not conn.try_begin():
         await trio.to_thread.run_sync(conn.begin_waiting)
     try:
         _stage(conn, ops, sessions, lanes or NoLanes())
         await trio.to_thread.run_sync(conn.commit)
+    except BaseException:
+        conn.rollback()
+        if sessions is not None:
+            sessions.clear()
+        raise
+
+
+def _transaction_in_thread(conn: WriteTx, ops: Sequence[WriteOp], sessions: StoreSessions | None, lanes: Lanes) -> None:
+    """`_transaction` for a store whose statements block, in a worker thread. What the ops touch
+    besides the connection is the writer's alone while it waits for this call (the ops, the session
+    cache); `lanes.lane_of` only reads the lane counts."""
+    conn.begin_waiting()
+    try:
+        _stage(conn, ops, sessions, lanes)
+        conn.commit()
     except BaseException:
         conn.rollback()
         if sessions is not None:
@@ -342,7 +363,7 @@ async def _commit_group(
     try:
         await _transaction(conn, ops, sessions, lanes)
     except Exception as exc:
-        # sqlite3.Error is the store refusing; anything else is a bug that crashes the writer (the
+        # A driver's error (STORE_ERRORS) is the store refusing; anything else is a bug that crashes the writer (the
         # supervisor restarts it). Either way nothing of the group was stored: say so to every caller
         # but the outcomes, which are kept to be committed later (nobody would ever send them again).
         state.held.extend(op for op in ops if isinstance(op, Record))
@@ -350,7 +371,7 @@ async def _commit_group(
         for op in ops:
             if not isinstance(op, Record):
                 op.reply.fail(StoreUnavailable(str(exc)))
-        if isinstance(exc, sqlite3.Error):
+        if isinstance(exc, STORE_ERRORS):
             return
         raise
     if conn.changes() != changes:
@@ -371,10 +392,10 @@ async def _commit_held(
     changes = conn.changes()
     try:
         await _transaction(conn, held)
-    except sqlite3.OperationalError as exc:  # disk full, locked, I/O: the store, not the outcomes
+    except STORE_DOWN_ERRORS as exc:  # disk full, locked, I/O, connection: the store, not the outcomes
         _failed(state, exc, wall_clock)
         return
-    except sqlite3.Error:
+    except STORE_ERRORS:
         await _commit_one_by_one(conn, lanes, state, wall_clock)
         return
     del state.held[: len(held)]
@@ -397,10 +418,10 @@ async def _commit_one_by_one(
         record = state.held[0]
         try:
             await _transaction(conn, [record])
-        except sqlite3.OperationalError as exc:
+        except STORE_DOWN_ERRORS as exc:
             _failed(state, exc, wall_clock)
             return
-        except sqlite3.Error as exc:
+        except STORE_ERRORS as exc:
             log.error(
                 "outcome cannot be recorded",
                 extra={
