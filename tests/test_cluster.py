@@ -23,18 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import trio
 
 from wacored.core.delivery import lane_of
 from wacored.core.leases import lane_lease
 from wacored.core.whatsapp import sign, text_webhook
-from wacored.store.postgres import qmark
 
 from .conftest import SECRET, SERVICES, Downstream, Received, config_mapping
 from .postgres import own_schema
-from .support import POLL_S, clean_env, free_port, toml_text, wait_until, wait_until_answering
+from .support import POLL_S, clean_env, free_port, pg_rows, toml_text, until_settled_pg, wait_until_answering
 
 LEASE_TTL_S = 2.0
 LANES = 4
@@ -47,11 +45,6 @@ TAKEOVER_MARGIN_S = 3.0
 def pg(pg_url: str) -> Iterator[str]:
     with own_schema(pg_url) as url:
         yield url
-
-
-def pg_rows(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute(qmark(sql), args or None).fetchall()  # type: ignore[call-overload]  # a test's literal
 
 
 @dataclass
@@ -163,10 +156,6 @@ async def until_shared_out(client: httpx.AsyncClient, nodes: list[Node]) -> dict
             if sum(sizes) == len(every) and set().union(*held.values()) == every and max(sizes) <= share:
                 return held
             await trio.sleep(POLL_S)
-
-
-async def until_settled_pg(url: str, timeout_s: float = 20.0) -> None:
-    await wait_until(lambda: pg_rows(url, "SELECT COUNT(*) FROM messages WHERE state = 'queued'") == [(0,)], timeout_s)
 
 
 async def test_a_node_killed_mid_load_loses_nothing_and_its_lanes_resume_after_their_lease(
