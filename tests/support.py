@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -36,6 +37,7 @@ from wacored.core.ratelimit import RateLimit
 from wacored.core.whatsapp import Batch, parse_webhook, text_webhook
 from wacored.store import Delivery, WriteConnection
 from wacored.store.ingest import IngestContext, IngestPolicy
+from wacored.store.postgres import qmark
 from wacored.store.writer import Ingest
 
 from .conftest import Daemon, Downstream, config_mapping, rows
@@ -422,6 +424,17 @@ async def until_settled(db: Path, timeout_s: float = 10.0) -> None:
     """Wait until no message in the store at `db` is queued: from then on nothing is forwarded, so a
     test can count what arrived without sleeping to prove that nothing more will."""
     await wait_until(lambda: rows(db, "SELECT COUNT(*) FROM messages WHERE state = 'queued'") == [(0,)], timeout_s)
+
+
+def pg_rows(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """What `sql` (``?`` placeholders) reads from the PostgreSQL database at `url`, on a connection of its own."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(qmark(sql), args or None).fetchall()  # type: ignore[call-overload]  # a test's literal
+
+
+async def until_settled_pg(url: str, timeout_s: float = 20.0) -> None:
+    """`until_settled` for the PostgreSQL database at `url`."""
+    await wait_until(lambda: pg_rows(url, "SELECT COUNT(*) FROM messages WHERE state = 'queued'") == [(0,)], timeout_s)
 
 
 async def until_retrier_passes(db: Path, passes: int, timeout_s: float = 10.0) -> None:

@@ -1,6 +1,7 @@
 """The ``wacored`` command: run, check-config, simulate, dev-env, and the operator's commands on the
 store (dlq list|replay|purge, messages show|list|replay (`cli_messages`), sessions reap, status,
-services pause|resume|list), which work while the daemon runs.
+services pause|resume|list), which work while the daemon runs, and ``store copy`` (`ops.copy`: a SQLite
+store into PostgreSQL, the daemon stopped).
 
 Every subcommand takes ``-c FILE`` (default ``wacored.toml``, or ``$WACORED_CONFIG``) and reads
 secrets from the environment; only run, simulate and check-config need the app secret.
@@ -305,6 +306,12 @@ def _on_store(args: argparse.Namespace, work: Callable[[sqlite3.Connection, Conf
         return 1
 
 
+def _store_copy(args: argparse.Namespace) -> int:
+    from .ops.copy import cmd_store_copy  # here: psycopg is not loaded for every command
+
+    return cmd_store_copy(args, partial(load_config, need_secret=False))
+
+
 def _add_common(sp: argparse.ArgumentParser) -> None:
     """``-c`` and ``--env-file``, taken before or after the subcommand: their defaults are filled in
     after parsing (`_config_defaults`), so a value given in either place is never overwritten."""
@@ -383,6 +390,14 @@ def parser() -> argparse.ArgumentParser:
 
     cli_store.add_commands(sub, common, _on_store)
     cli_messages.add_commands(sub, common, _on_store)
+
+    store_cmd = sub.add_parser("store", help="the store itself").add_subparsers(dest="store_command", required=True)
+    store_copy = store_cmd.add_parser(
+        "copy", help="copy the SQLite store ([store] path) into an empty PostgreSQL database"
+    )
+    common(store_copy)
+    store_copy.add_argument("--to", required=True, metavar="URL", help="postgresql://user@host:port/database")
+    store_copy.set_defaults(func=_store_copy)
 
     secrets_cmd = sub.add_parser("secrets", help="signing secrets for downstream services")
     secrets_sub = secrets_cmd.add_subparsers(dest="secrets_command", required=True)
