@@ -294,7 +294,7 @@ def numbers_webhook(*changes: tuple[str | None, str, str, str]) -> bytes:
 
 
 def add_message(
-    conn: sqlite3.Connection,
+    conn: Any,
     key: str,
     *,
     target: str = "rides",
@@ -302,19 +302,19 @@ def add_message(
     received_at: float = 1_800_000_000.0 - 60,
     kind: str = "message",
 ) -> int:
-    """A ``messages`` row written as the daemon writes one; its row id."""
+    """A ``messages`` row written as the daemon writes one; its row id. `conn`: a `sqlite3.Connection`
+    or an `ops.connection.OpsConnection` of either store."""
     cur = conn.execute(
         "INSERT INTO messages (key, kind, sender, service, reason, target, body, request_id, correlation_id,"
-        " traceparent, received_at, state) VALUES (?, ?, '250788000001', ?, 'keyword', ?, x'7b7d',"
-        " 'req-1', 'corr-1', '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', ?, ?)",
-        (key, kind, target, target, received_at, state),
+        " traceparent, received_at, state) VALUES (?, ?, '250788000001', ?, 'keyword', ?, ?,"
+        " 'req-1', 'corr-1', '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', ?, ?) RETURNING id",
+        (key, kind, target, target, b"{}", received_at, state),
     )
-    assert cur.lastrowid is not None
-    return cur.lastrowid
+    return int(cur.fetchall()[0][0])  # fetchall: the statement ends, a commit may follow
 
 
 def add_dead_letter(
-    conn: sqlite3.Connection,
+    conn: Any,
     key: str,
     *,
     state: str = "abandoned",
@@ -328,7 +328,8 @@ def add_dead_letter(
     message = add_message(conn, key, target=service, state="dead_lettered", received_at=created_at)
     cur = conn.execute(
         "INSERT INTO dead_letters (message_id, key, service, state, reason, error, status_code, attempts,"
-        " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'transient', 'HTTP 503', 503, ?, ?, ?, ?)",
+        " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'transient', 'HTTP 503', 503, ?, ?, ?, ?)"
+        " RETURNING id",
         (
             message,
             key,
@@ -340,8 +341,7 @@ def add_dead_letter(
             created_at if updated_at is None else updated_at,
         ),
     )
-    assert cur.lastrowid is not None
-    return cur.lastrowid
+    return int(cur.fetchall()[0][0])  # fetchall: the statement ends, a commit may follow
 
 
 def operator_config(tmp_path: Path, mapping: dict[str, Any]) -> Path:

@@ -1,4 +1,5 @@
-"""Operator queries on real SQLite files built with the store's own schema."""
+"""Operator queries on real stores built with their own schema: a SQLite file, and a PostgreSQL schema
+of the test's own (the `store` fixture; the same SQL through `ops.connection`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from wacored.config import StoreConfig
 from wacored.ops import operations as ops
+from wacored.ops.connection import OpsConnection, open_ops
 from wacored.store import SCHEMA_VERSION, SchemaError, migrate
 
+from .conftest import StoreUnderTest
 from .support import add_dead_letter, add_message
 
 NOW = 1_800_000_000.0
@@ -25,13 +29,14 @@ def db(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def conn(db: Path) -> Iterator[sqlite3.Connection]:
-    c = ops.open_store(db)
+def conn(store: StoreUnderTest) -> Iterator[OpsConnection]:
+    store.migrate()
+    c = open_ops(StoreConfig(path=store.path, url=store.url))
     yield c
     c.close()
 
 
-def row(conn: sqlite3.Connection, dl_id: int) -> tuple[str, int, float | None, float | None]:
+def row(conn: OpsConnection, dl_id: int) -> tuple[str, int, float | None, float | None]:
     return conn.execute(  # type: ignore[no-any-return]
         "SELECT state, attempts, next_attempt_at, updated_at FROM dead_letters WHERE id = ?", (dl_id,)
     ).fetchone()
@@ -72,7 +77,7 @@ def test_a_file_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
         ops.open_store(tmp_path / "junk.db")
 
 
-def test_list_is_oldest_first_and_filters(conn: sqlite3.Connection) -> None:
+def test_list_is_oldest_first_and_filters(conn: OpsConnection) -> None:
     b = add_dead_letter(conn, "wamid.B", created_at=NOW - 100, state="pending", next_attempt_at=NOW + 60)
     a = add_dead_letter(conn, "wamid.A", created_at=NOW - 200, service="jobs")
     c = add_dead_letter(conn, "wamid.C", created_at=NOW - 50, state="delivered")
@@ -84,7 +89,7 @@ def test_list_is_oldest_first_and_filters(conn: sqlite3.Connection) -> None:
         ops.list_dead_letters(conn, state="queued")
 
 
-def test_the_json_shape(conn: sqlite3.Connection) -> None:
+def test_the_json_shape(conn: OpsConnection) -> None:
     dl = add_dead_letter(conn, "wamid.A", created_at=0.0, state="pending", next_attempt_at=90.0)
     [entry] = ops.list_dead_letters(conn)
     assert entry.to_json() == {
@@ -104,7 +109,7 @@ def test_the_json_shape(conn: sqlite3.Connection) -> None:
     }
 
 
-def test_replay_by_row_id_or_wamid_makes_entries_due_now_with_a_fresh_budget(conn: sqlite3.Connection) -> None:
+def test_replay_by_row_id_or_wamid_makes_entries_due_now_with_a_fresh_budget(conn: OpsConnection) -> None:
     a = add_dead_letter(conn, "wamid.A")
     b = add_dead_letter(conn, "wamid.B", state="pending", next_attempt_at=NOW + 600, attempts=2)
     c = add_dead_letter(conn, "wamid.C", state="delivered")
@@ -115,7 +120,7 @@ def test_replay_by_row_id_or_wamid_makes_entries_due_now_with_a_fresh_budget(con
     assert row(conn, c) == ("delivered", 3, None, NOW - DAY)
 
 
-def test_replay_all_takes_abandoned_entries_unless_told_otherwise(conn: sqlite3.Connection) -> None:
+def test_replay_all_takes_abandoned_entries_unless_told_otherwise(conn: OpsConnection) -> None:
     a = add_dead_letter(conn, "wamid.A")
     j = add_dead_letter(conn, "wamid.J", service="jobs")
     p = add_dead_letter(conn, "wamid.P", state="pending", next_attempt_at=NOW + 600)
@@ -132,7 +137,7 @@ def test_replay_all_takes_abandoned_entries_unless_told_otherwise(conn: sqlite3.
         ops.replay_all(conn, NOW, state="delivered")
 
 
-def test_purge_deletes_only_old_entries_of_the_state_asked(conn: sqlite3.Connection) -> None:
+def test_purge_deletes_only_old_entries_of_the_state_asked(conn: OpsConnection) -> None:
     old = add_dead_letter(conn, "wamid.OLD", state="delivered", updated_at=NOW - 8 * DAY)
     add_dead_letter(conn, "wamid.NEW", state="delivered", updated_at=NOW - 6 * DAY)
     add_dead_letter(conn, "wamid.AB", state="abandoned", updated_at=NOW - 30 * DAY)
@@ -144,7 +149,7 @@ def test_purge_deletes_only_old_entries_of_the_state_asked(conn: sqlite3.Connect
         ops.purge(conn, state="pending", older_than_s=0, now=NOW)
 
 
-def test_status_counts(conn: sqlite3.Connection) -> None:
+def test_status_counts(conn: OpsConnection) -> None:
     add_dead_letter(conn, "wamid.P1", state="pending", created_at=NOW - 300)
     oldest = add_dead_letter(conn, "wamid.P0", state="pending", created_at=NOW - 900)
     add_dead_letter(conn, "wamid.A", state="abandoned")
@@ -152,10 +157,8 @@ def test_status_counts(conn: sqlite3.Connection) -> None:
     add_message(conn, "wamid.Q2", target="rides", received_at=NOW - 20)
     add_message(conn, "wamid.Q3", target="whatsapp", received_at=NOW - 5)
     add_message(conn, "wamid.D", target="jobs", state="delivered")
-    conn.executemany(
-        "INSERT INTO sessions (sender, service, last_interaction) VALUES (?, 'rides', ?)",
-        [("a", NOW - 10), ("b", NOW - 3599), ("c", NOW - 3601)],
-    )
+    for sender, at in [("a", NOW - 10), ("b", NOW - 3599), ("c", NOW - 3601)]:
+        conn.execute("INSERT INTO sessions (sender, service, last_interaction) VALUES (?, 'rides', ?)", (sender, at))
     conn.execute("INSERT INTO runs VALUES ('reaper', ?, ?, 'sessions=1')", (NOW - DAY, NOW + 3600))
     report = ops.status(conn, session_ttl_s=3600, now=NOW)
     assert report["dead_letters"] == {
@@ -183,7 +186,7 @@ def test_status_counts(conn: sqlite3.Connection) -> None:
     assert not conn.in_transaction
 
 
-def test_status_of_an_empty_store(conn: sqlite3.Connection) -> None:
+def test_status_of_an_empty_store(conn: OpsConnection) -> None:
     report = ops.status(conn, session_ttl_s=3600, now=NOW)
     assert report["dead_letters"]["oldest_pending"] is None
     assert report["sessions"] == {"active": 0, "stale": 0}
@@ -206,7 +209,8 @@ def test_writes_wait_for_the_lock_and_fail_cleanly_past_the_busy_timeout(db: Pat
         other.close()
 
 
-def test_writes_go_ahead_while_another_connection_reads(db: Path, conn: sqlite3.Connection) -> None:
+def test_writes_go_ahead_while_another_connection_reads(db: Path) -> None:
+    conn = ops.open_store(db)
     add_dead_letter(conn, "wamid.A")
     reader = sqlite3.connect(db, isolation_level=None)
     try:
@@ -218,6 +222,7 @@ def test_writes_go_ahead_while_another_connection_reads(db: Path, conn: sqlite3.
         reader.execute("COMMIT")
     finally:
         reader.close()
+        conn.close()
 
 
 def test_status_names_the_lanes_and_singletons_each_worker_holds() -> None:
