@@ -29,11 +29,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from wacored.actors.lanes import Lane, LaneBoard
-from wacored.config import Config
+from wacored.config import Config, StoreConfig
 from wacored.core.ingest import PlannedRow
 from wacored.core.numbers import Numbers
 from wacored.core.ratelimit import RateLimit
 from wacored.core.whatsapp import Batch, parse_webhook, text_webhook
+from wacored.ops.connection import open_ops
 from wacored.store import Delivery, WriteConnection
 from wacored.store.ingest import IngestContext, IngestPolicy
 from wacored.store.writer import Ingest
@@ -605,3 +606,23 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def store_rows(store: StoreConfig, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """What `sql` (``?`` placeholders) reads from the store `store` names (SQLite or PostgreSQL), on a
+    connection of its own."""
+    conn = open_ops(store)
+    try:
+        return [tuple(r) for r in conn.execute(sql, args).fetchall()]
+    finally:
+        conn.close()
+
+
+def store_execute(store: StoreConfig, sql: str, *args: Any) -> None:
+    """One write (``?`` placeholders), committed, on the store `store` names."""
+    conn = open_ops(store)
+    try:
+        with conn.write():
+            conn.execute(sql, args)
+    finally:
+        conn.close()
