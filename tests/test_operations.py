@@ -3,19 +3,21 @@ of the test's own (the `store` fixture; the same SQL through `ops.connection`)."
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from wacored.config import StoreConfig
+from wacored.config import Config, StoreConfig
 from wacored.ops import operations as ops
-from wacored.ops.connection import OpsConnection, open_ops
+from wacored.ops.connection import OpsConnection, open_ops, store_where
 from wacored.store import SCHEMA_VERSION, SchemaError, migrate
 
-from .conftest import StoreUnderTest
-from .support import add_dead_letter, add_message
+from .conftest import Downstream, Received, StoreUnderTest, config_mapping, open_daemon
+from .postgres import own_schema
+from .support import add_dead_letter, add_message, operator_config, run_cli, store_rows, wait_until
 
 NOW = 1_800_000_000.0
 DAY = 86400.0
@@ -249,3 +251,71 @@ def test_status_names_the_lanes_and_singletons_each_worker_holds() -> None:
     lines = daemon_lines(health)
     assert lines[2] == "    lanes held: jobs 1, rides 0-1,3; runs: dlq_retrier"
     assert lines[3] == "  worker 1: down (not answering)"
+
+
+async def test_dlq_status_and_reap_from_the_cli_beside_a_daemon_on_postgresql(
+    tmp_path: Path, pg_url: str, services: Downstream, graph: Downstream
+) -> None:
+    """The operator's commands, each in a process of its own, on the database a running daemon uses."""
+    refuse = True
+
+    async def respond(_: Received) -> int:
+        return 400 if refuse else 200  # a permanent refusal: dead-lettered, abandoned
+
+    services.respond = respond
+    with own_schema(pg_url) as url:
+        data = config_mapping(
+            tmp_path,
+            services.url,
+            graph.url,
+            store={"url": url},
+            forwarding={"retries": 0},
+            dlq={"interval_s": 0.2, "backoff_s": [60.0], "max_attempts": 3},
+        )
+        cli = ["-c", str(operator_config(tmp_path, data)), "--env-file", str(tmp_path / "none.env")]
+        config = Config.from_mapping(data, {})
+        async with open_daemon(config) as daemon:
+            sent = await daemon.send_text("rides", sender="250788000301")
+            key = sent.json()["routes"][0]["message_id"]
+            await wait_until(lambda: store_rows(config.store, "SELECT state FROM dead_letters") == [("abandoned",)])
+
+            listed = await run_cli("dlq", "list", "--json", *cli)
+            assert listed.returncode == 0, listed.stderr
+            [entry] = json.loads(listed.stdout)
+            assert (entry["message_id"], entry["state"], entry["reason"]) == (key, "abandoned", "permanent")
+
+            refuse = False
+            replayed = await run_cli("dlq", "replay", key, *cli)
+            assert (replayed.returncode, replayed.stdout) == (0, b"replayed 1 dead letter(s): due now\n")
+            [retry] = await services.wait_for(1, "/rides")  # the daemon's retrier read it from the database
+            assert retry.headers["x-dlq-retry"] == "true"
+            await wait_until(lambda: store_rows(config.store, "SELECT state FROM dead_letters") == [("delivered",)])
+
+            status = await run_cli("status", "--json", *cli)
+            assert status.returncode == 0, status.stderr
+            report = json.loads(status.stdout)
+            assert {k: report["dead_letters"][k] for k in ops.STATES} == {
+                "pending": 0,
+                "abandoned": 0,
+                "delivered": 1,
+                "replayed": 0,
+            }
+            assert report["sessions"] == {"active": 1, "stale": 0}
+            assert report["database"]["path"].startswith("postgresql://")
+            assert "@" not in report["database"]["path"]
+
+            reaped = await run_cli("sessions", "reap", "--json", *cli)
+            assert reaped.returncode == 0, reaped.stderr
+            assert json.loads(reaped.stdout)["sessions"] == 0  # the sender's session is live
+            purged = await run_cli("dlq", "purge", "--state", "delivered", "--older-than", "0s", *cli)
+            assert (purged.returncode, purged.stdout) == (0, b"purged 1 delivered dead letter(s)\n")
+            assert store_rows(config.store, "SELECT result FROM runs WHERE actor = 'reaper'")[0][0].startswith(
+                "sessions 0"
+            )
+
+
+def test_an_empty_postgresql_database_is_not_a_store(pg_url: str) -> None:
+    with own_schema(pg_url) as url:
+        with pytest.raises(ops.NotAStore, match="no wacored tables"):
+            open_ops(StoreConfig(url=url))
+        assert "@" not in store_where(StoreConfig(url=url))
