@@ -8,12 +8,14 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from wacored.config import Config, StoreConfig
 from wacored.ops import operations as ops
 from wacored.ops.connection import OpsConnection, open_ops, store_where
 from wacored.store import SCHEMA_VERSION, SchemaError, migrate
+from wacored.store.postgres import pg_migrate
 
 from .conftest import Downstream, Received, StoreUnderTest, config_mapping, open_daemon
 from .postgres import own_schema
@@ -319,3 +321,24 @@ def test_an_empty_postgresql_database_is_not_a_store(pg_url: str) -> None:
         with pytest.raises(ops.NotAStore, match="no wacored tables"):
             open_ops(StoreConfig(url=url))
         assert "@" not in store_where(StoreConfig(url=url))
+
+
+def test_a_row_held_past_the_busy_timeout_fails_cleanly_on_postgresql(pg_url: str) -> None:
+    """PostgreSQL's ``lock_timeout`` is the busy timeout: an operator's write waits for a row the
+    daemon holds that long, then fails whole, and the connection is usable again."""
+    with own_schema(pg_url) as url:
+        pg_migrate(url)
+        conn = open_ops(StoreConfig(url=url, busy_timeout_ms=50))
+        other = psycopg.connect(url, autocommit=True)
+        try:
+            add_dead_letter(conn, "wamid.A")
+            other.execute("BEGIN")
+            other.execute("UPDATE dead_letters SET error = 'held'")
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                ops.replay_all(conn, NOW)
+            assert not conn.in_transaction
+            other.execute("ROLLBACK")
+            assert ops.replay_all(conn, NOW) == 1
+        finally:
+            other.close()
+            conn.close()

@@ -11,8 +11,9 @@ In what these functions return, ``message_id`` is that key and ``id`` the ``mess
 ISO-8601 UTC strings (attempts to the millisecond).
 
 Replay: a message is queued again (``state = 'queued'``), with the same key and so the same
-``Idempotency-Key``; the running daemon's writer finds it at its next sweep (every few seconds, at
-once when the admin API replays) and its forwarder delivers it with a fresh retry budget. Its dead
+``Idempotency-Key``; the lane that holds it, on whichever process, reads it at its next wake (its
+idle heartbeat, or at once when this process's admin API replays) and delivers it with a fresh retry
+budget. Its dead
 letter, if it has one, is kept but becomes ``replayed`` (the DLQ retrier only takes ``pending``
 entries, so the message is not sent twice at once); when that delivery ends the entry becomes
 ``delivered``, or ``pending``/``abandoned`` again with a fresh retry budget (`store.WriteConnection.record`).
