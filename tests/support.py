@@ -597,9 +597,13 @@ async def workers_process(
     try:
         await wait_until_answering(f"{url}/health", process)
         workers = Workers(url, process, config, runtime_dir, log_path)
-        with trio.fail_after(20):  # the port answers once the first worker serves: wait for them all
-            while not all(w["ready"] for w in (await workers.health())["workers"]):  # noqa: ASYNC110 -- other processes
-                await trio.sleep(0.05)
+        try:
+            with trio.fail_after(20):  # the port answers once the first worker serves: wait for them all
+                while not all(w["ready"] for w in (await workers.health())["workers"]):  # noqa: ASYNC110 -- other processes
+                    await trio.sleep(0.05)
+        except (httpx.HTTPError, trio.TooSlowError) as exc:
+            # Say what the supervisor and its workers logged: a start that fails is otherwise silent.
+            raise AssertionError(f"workers not ready ({exc!r}); their log:\n{log_path.read_text()[-4000:]}") from exc
         yield workers
     finally:
         if process.returncode is None:
