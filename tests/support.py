@@ -24,18 +24,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from wacored.actors.lanes import Lane, LaneBoard
-from wacored.config import Config
+from wacored.config import Config, StoreConfig
 from wacored.core.ingest import PlannedRow
 from wacored.core.numbers import Numbers
 from wacored.core.ratelimit import RateLimit
 from wacored.core.whatsapp import Batch, parse_webhook, text_webhook
+from wacored.ops.connection import open_ops
 from wacored.store import Delivery, WriteConnection
 from wacored.store.ingest import IngestContext, IngestPolicy
+from wacored.store.postgres import qmark
 from wacored.store.writer import Ingest
 
 from .conftest import Daemon, Downstream, config_mapping, rows
@@ -294,7 +297,7 @@ def numbers_webhook(*changes: tuple[str | None, str, str, str]) -> bytes:
 
 
 def add_message(
-    conn: sqlite3.Connection,
+    conn: Any,
     key: str,
     *,
     target: str = "rides",
@@ -302,19 +305,19 @@ def add_message(
     received_at: float = 1_800_000_000.0 - 60,
     kind: str = "message",
 ) -> int:
-    """A ``messages`` row written as the daemon writes one; its row id."""
+    """A ``messages`` row written as the daemon writes one; its row id. `conn`: a `sqlite3.Connection`
+    or an `ops.connection.OpsConnection` of either store."""
     cur = conn.execute(
         "INSERT INTO messages (key, kind, sender, service, reason, target, body, request_id, correlation_id,"
-        " traceparent, received_at, state) VALUES (?, ?, '250788000001', ?, 'keyword', ?, x'7b7d',"
-        " 'req-1', 'corr-1', '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', ?, ?)",
-        (key, kind, target, target, received_at, state),
+        " traceparent, received_at, state) VALUES (?, ?, '250788000001', ?, 'keyword', ?, ?,"
+        " 'req-1', 'corr-1', '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', ?, ?) RETURNING id",
+        (key, kind, target, target, b"{}", received_at, state),
     )
-    assert cur.lastrowid is not None
-    return cur.lastrowid
+    return int(cur.fetchall()[0][0])  # fetchall: the statement ends, a commit may follow
 
 
 def add_dead_letter(
-    conn: sqlite3.Connection,
+    conn: Any,
     key: str,
     *,
     state: str = "abandoned",
@@ -328,7 +331,8 @@ def add_dead_letter(
     message = add_message(conn, key, target=service, state="dead_lettered", received_at=created_at)
     cur = conn.execute(
         "INSERT INTO dead_letters (message_id, key, service, state, reason, error, status_code, attempts,"
-        " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'transient', 'HTTP 503', 503, ?, ?, ?, ?)",
+        " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'transient', 'HTTP 503', 503, ?, ?, ?, ?)"
+        " RETURNING id",
         (
             message,
             key,
@@ -340,8 +344,7 @@ def add_dead_letter(
             created_at if updated_at is None else updated_at,
         ),
     )
-    assert cur.lastrowid is not None
-    return cur.lastrowid
+    return int(cur.fetchall()[0][0])  # fetchall: the statement ends, a commit may follow
 
 
 def operator_config(tmp_path: Path, mapping: dict[str, Any]) -> Path:
@@ -422,6 +425,17 @@ async def until_settled(db: Path, timeout_s: float = 10.0) -> None:
     """Wait until no message in the store at `db` is queued: from then on nothing is forwarded, so a
     test can count what arrived without sleeping to prove that nothing more will."""
     await wait_until(lambda: rows(db, "SELECT COUNT(*) FROM messages WHERE state = 'queued'") == [(0,)], timeout_s)
+
+
+def pg_rows(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """What `sql` (``?`` placeholders) reads from the PostgreSQL database at `url`, on a connection of its own."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(qmark(sql), args or None).fetchall()  # type: ignore[call-overload]  # a test's literal
+
+
+async def until_settled_pg(url: str, timeout_s: float = 20.0) -> None:
+    """`until_settled` for the PostgreSQL database at `url`."""
+    await wait_until(lambda: pg_rows(url, "SELECT COUNT(*) FROM messages WHERE state = 'queued'") == [(0,)], timeout_s)
 
 
 async def until_retrier_passes(db: Path, passes: int, timeout_s: float = 10.0) -> None:
@@ -605,3 +619,23 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def store_rows(store: StoreConfig, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """What `sql` (``?`` placeholders) reads from the store `store` names (SQLite or PostgreSQL), on a
+    connection of its own."""
+    conn = open_ops(store)
+    try:
+        return [tuple(r) for r in conn.execute(sql, args).fetchall()]
+    finally:
+        conn.close()
+
+
+def store_execute(store: StoreConfig, sql: str, *args: Any) -> None:
+    """One write (``?`` placeholders), committed, on the store `store` names."""
+    conn = open_ops(store)
+    try:
+        with conn.write():
+            conn.execute(sql, args)
+    finally:
+        conn.close()

@@ -1,10 +1,11 @@
-"""The admin API against a real running daemon, its effects checked in the SQLite file."""
+"""The admin API against a real running daemon, its effects checked in its store: the SQLite file, and
+for the endpoints' work (`BOTH_STORES`) a PostgreSQL schema of the test's own too."""
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,13 @@ import httpx
 import pytest
 import trio
 
+from wacored.config import StoreConfig
 from wacored.ops import operations as ops
-from wacored.store import migrate
+from wacored.ops.connection import open_ops, store_where
 
-from .conftest import Daemon, Downstream, Received, World, make_config, open_daemon
-from .support import add_dead_letter
+from .conftest import Daemon, Downstream, Received, StoreUnderTest, World, make_config, open_daemon
+from .postgres import own_schema
+from .support import add_dead_letter, store_rows
 
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -40,12 +43,26 @@ async def gate(services: Downstream) -> AsyncIterator[trio.Event]:
     opened.set()
 
 
+BOTH_STORES = pytest.mark.parametrize("admin_store", ["sqlite", "postgres"], indirect=True)
+"""A test that runs on both stores; the others (the API's own checks, SQLite's failures) on SQLite."""
+
+
 @pytest.fixture
-def seeded(tmp_path: Path) -> dict[str, int]:
+def admin_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield StoreUnderTest("sqlite", tmp_path / "wacored.db")
+        return
+    with own_schema(request.getfixturevalue("pg_url")) as url:
+        yield StoreUnderTest("postgres", tmp_path / "wacored.db", url)
+
+
+@pytest.fixture
+def seeded(admin_store: StoreUnderTest) -> Iterator[dict[str, int]]:
     """Dead letters in the store before the daemon starts; none of them due."""
-    migrate(tmp_path / "wacored.db")
-    with sqlite3.connect(tmp_path / "wacored.db") as conn:
-        return {
+    admin_store.migrate()
+    conn = open_ops(StoreConfig(path=admin_store.path, url=admin_store.url))
+    try:
+        yield {
             "old": add_dead_letter(conn, "wamid.OLD", state="delivered", created_at=LONG_AGO - 30 * 86400),
             "ab": add_dead_letter(conn, "wamid.AB", created_at=LONG_AGO - 100),
             "jobs": add_dead_letter(conn, "wamid.JOBS", service="jobs", created_at=LONG_AGO - 50),
@@ -53,11 +70,18 @@ def seeded(tmp_path: Path) -> dict[str, int]:
                 conn, "wamid.P", state="pending", created_at=LONG_AGO, next_attempt_at=LONG_AGO + 10 * 365 * 86400
             ),
         }
+    finally:
+        conn.close()
 
 
 @pytest.fixture
 async def daemon(
-    tmp_path: Path, services: Downstream, graph: Downstream, seeded: dict[str, int], gate: trio.Event
+    tmp_path: Path,
+    services: Downstream,
+    graph: Downstream,
+    admin_store: StoreUnderTest,
+    seeded: dict[str, int],
+    gate: trio.Event,
 ) -> AsyncIterator[Daemon]:
     # The gate holds deliveries until the test is over: a short drain lets the daemon stop without
     # waiting for them (they stay queued), instead of the default 10 s.
@@ -66,7 +90,7 @@ async def daemon(
         services,
         graph,
         admin={"token": TOKEN},
-        store={"busy_timeout_ms": 20},
+        store={**admin_store.section(), "busy_timeout_ms": 20},
         forwarding={"timeout_ms": 60000},
         server={"drain_timeout_s": 0.1},
     )
@@ -75,13 +99,12 @@ async def daemon(
 
 
 def rows(daemon: Daemon) -> dict[str, tuple[str, int, float | None]]:
-    with sqlite3.connect(daemon.config.store.path) as conn:
-        return {
-            key: (state, attempts, next_at)
-            for key, state, attempts, next_at in conn.execute(
-                "SELECT key, state, attempts, next_attempt_at FROM dead_letters"
-            )
-        }
+    return {
+        key: (state, attempts, next_at)
+        for key, state, attempts, next_at in store_rows(
+            daemon.config.store, "SELECT key, state, attempts, next_attempt_at FROM dead_letters"
+        )
+    }
 
 
 async def call(
@@ -137,13 +160,17 @@ async def test_an_unknown_admin_path_is_404_once_authorized(daemon: Daemon) -> N
     assert (response.status_code, response.json()) == (404, {"error": "not_found"})
 
 
+@BOTH_STORES
 async def test_list(daemon: Daemon, seeded: dict[str, int]) -> None:
     response = await call(daemon, "GET", "/admin/dlq")
     assert response.status_code == 200
     entries = response.json()
     assert [e["message_id"] for e in entries] == ["wamid.OLD", "wamid.AB", "wamid.JOBS", "wamid.P"]
-    with sqlite3.connect(daemon.config.store.path) as conn:
+    conn = open_ops(daemon.config.store)
+    try:
         assert entries == [e.to_json() for e in ops.list_dead_letters(conn)]
+    finally:
+        conn.close()
     filtered = await call(daemon, "GET", "/admin/dlq?state=abandoned&service=jobs")
     assert [e["id"] for e in filtered.json()] == [seeded["jobs"]]
     bad = await call(daemon, "GET", "/admin/dlq?state=queued")
@@ -151,6 +178,7 @@ async def test_list(daemon: Daemon, seeded: dict[str, int]) -> None:
     assert bad.json()["error"] == "bad_request"
 
 
+@BOTH_STORES
 async def test_replay_by_ids(daemon: Daemon, seeded: dict[str, int]) -> None:
     response = await call(
         daemon, "POST", "/admin/dlq/replay", {"ids": [seeded["ab"], "wamid.JOBS", "wamid.OLD", 4242, "wamid.NOPE"]}
@@ -168,6 +196,7 @@ async def test_replay_by_ids(daemon: Daemon, seeded: dict[str, int]) -> None:
     assert after["wamid.P"][2] == LONG_AGO + 10 * 365 * 86400
 
 
+@BOTH_STORES
 async def test_replay_all(daemon: Daemon) -> None:
     response = await call(daemon, "POST", "/admin/dlq/replay", {"all": True, "service": "jobs"})
     assert response.json() == {"replayed": 1}
@@ -216,6 +245,7 @@ async def test_replay_of_a_body_that_is_not_json_is_400(daemon: Daemon) -> None:
     assert (response.status_code, response.json()["error"]) == (400, "bad_request")
 
 
+@BOTH_STORES
 async def test_purge(daemon: Daemon) -> None:
     response = await call(daemon, "POST", "/admin/dlq/purge", {"state": "delivered", "older_than": "7d"})
     assert response.json() == {"purged": 1}
@@ -243,13 +273,14 @@ async def test_purge_rejects_bad_input(daemon: Daemon, body: Any) -> None:
     assert rows(daemon) == before
 
 
+@BOTH_STORES
 async def test_status(daemon: Daemon, seeded: dict[str, int]) -> None:
     response = await call(daemon, "GET", "/admin/status")
     assert response.status_code == 200
     report = response.json()
     assert set(report) == {"timestamp", "database", "dead_letters", "sessions", "queued", "runs"}
     assert report["timestamp"] == ops.iso(NOW)
-    assert report["database"] == {"path": str(daemon.config.store.path)}
+    assert report["database"] == {"path": store_where(daemon.config.store)}
     assert {k: report["dead_letters"][k] for k in ops.STATES} == {
         "pending": 1,
         "abandoned": 2,

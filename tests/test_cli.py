@@ -11,6 +11,8 @@ import stat
 import subprocess
 import sys
 import time
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,10 +20,13 @@ import pytest
 import trio
 
 from wacored.cli import main
-from wacored.store import SCHEMA_VERSION, migrate
+from wacored.config import StoreConfig
+from wacored.ops.connection import open_ops
+from wacored.store import SCHEMA_VERSION
 
-from .conftest import Downstream, config_mapping, make_config, open_daemon
-from .support import add_dead_letter, clean_env, free_port, toml_text
+from .conftest import Downstream, StoreUnderTest, config_mapping, make_config, open_daemon
+from .postgres import own_schema
+from .support import add_dead_letter, clean_env, free_port, store_execute, store_rows, toml_text
 
 ROOT = Path(__file__).parent.parent
 BAD_CONFIG = """
@@ -257,19 +262,38 @@ OPS_NOW = 1_700_000_000.0
 """When the seeded entries were made: in the past, as the commands use the real clock."""
 
 
+BOTH_STORES = pytest.mark.parametrize("ops_store", ["sqlite", "postgres"], indirect=True)
+"""An operator command tested on both stores; the others (arguments, SQLite's own failures) on SQLite."""
+
+
 @pytest.fixture
-def ops_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def ops_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield StoreUnderTest("sqlite", tmp_path / "wacored.db")
+        return
+    with own_schema(request.getfixturevalue("pg_url")) as url:
+        yield StoreUnderTest("postgres", tmp_path / "wacored.db", url)
+
+
+@pytest.fixture
+def ops_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ops_store: StoreUnderTest) -> Path:
     """A config without an app secret (the operator's commands do not need it), its store migrated."""
     for name in list(os.environ):
-        if name.startswith(("WACORED_", "WA_", "WHATSAPP_")):
+        if name.startswith(("WACORED_", "WA_", "WHATSAPP_", "DATABASE_URL")):
             monkeypatch.delenv(name)
-    data = config_mapping(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    data = config_mapping(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", store=ops_store.section())
     del data["whatsapp"]["app_secret"]
     data["store"]["busy_timeout_ms"] = 20
     path = tmp_path / "wacored.toml"
     path.write_text(toml_text(data))
-    migrate(tmp_path / "wacored.db")
+    ops_store.migrate()
     return path
+
+
+def store_of(config: Path) -> StoreConfig:
+    """The ``[store]`` of the config file at `config`."""
+    section = tomllib.loads(config.read_text())["store"]
+    return StoreConfig(path=Path(section["path"]), url=section.get("url", ""))
 
 
 def ops_main(config: Path, *args: str) -> int:
@@ -277,23 +301,26 @@ def ops_main(config: Path, *args: str) -> int:
 
 
 def seed(config: Path) -> dict[str, int]:
-    with sqlite3.connect(config.parent / "wacored.db") as conn:
+    conn = open_ops(store_of(config))
+    try:
         return {
             "old": add_dead_letter(conn, "wamid.OLD", state="delivered", created_at=OPS_NOW - 30 * 86400),
             "ab": add_dead_letter(conn, "wamid.AB", created_at=OPS_NOW - 100),
             "jobs": add_dead_letter(conn, "wamid.JOBS", service="jobs", created_at=OPS_NOW - 50),
             "p": add_dead_letter(conn, "wamid.P", state="pending", created_at=OPS_NOW - 10, next_attempt_at=OPS_NOW),
         }
+    finally:
+        conn.close()
 
 
 def dead_letters(config: Path) -> dict[str, tuple[str, int]]:
-    with sqlite3.connect(config.parent / "wacored.db") as conn:
-        return {
-            key: (state, attempts)
-            for key, state, attempts in conn.execute("SELECT key, state, attempts FROM dead_letters")
-        }
+    return {
+        key: (state, attempts)
+        for key, state, attempts in store_rows(store_of(config), "SELECT key, state, attempts FROM dead_letters")
+    }
 
 
+@BOTH_STORES
 def test_dlq_list_as_json_and_as_a_table(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ids = seed(ops_config)
     assert ops_main(ops_config, "dlq", "list", "--json") == 0
@@ -336,6 +363,7 @@ def test_dlq_list_as_json_and_as_a_table(ops_config: Path, capsys: pytest.Captur
     assert capsys.readouterr().out == "no dead letters\n"
 
 
+@BOTH_STORES
 def test_dlq_replay_by_id_all_and_unknown(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ids = seed(ops_config)
     assert ops_main(ops_config, "dlq", "replay", str(ids["ab"]), "wamid.P") == 0
@@ -356,10 +384,14 @@ def test_dlq_replay_by_id_all_and_unknown(ops_config: Path, capsys: pytest.Captu
     assert capsys.readouterr().out == "replayed 1 dead letter(s): due now\n"
 
 
+@BOTH_STORES
 def test_dlq_purge(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     seed(ops_config)
-    with sqlite3.connect(ops_config.parent / "wacored.db") as conn:
+    conn = open_ops(store_of(ops_config))
+    try:
         add_dead_letter(conn, "wamid.RECENT", state="delivered", created_at=time.time() - 3600)
+    finally:
+        conn.close()
     assert ops_main(ops_config, "dlq", "purge", "--state", "delivered", "--older-than", "7d") == 0
     assert capsys.readouterr().out == "purged 1 delivered dead letter(s)\n"
     assert "wamid.OLD" not in dead_letters(ops_config)
@@ -389,11 +421,12 @@ def test_operator_commands_reject_bad_arguments(
     assert "error:" in capsys.readouterr().err
 
 
+@BOTH_STORES
 def test_status(ops_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ids = seed(ops_config)
-    with sqlite3.connect(ops_config.parent / "wacored.db") as conn:
-        conn.execute("INSERT INTO runs VALUES ('dlq_retrier', ?, ?, 'delivered=1')", (OPS_NOW, OPS_NOW + 300))
-        conn.execute("INSERT INTO sessions (sender, service, last_interaction) VALUES ('a', 'rides', 0)")
+    store = store_of(ops_config)
+    store_execute(store, "INSERT INTO runs VALUES ('dlq_retrier', ?, ?, 'delivered=1')", OPS_NOW, OPS_NOW + 300)
+    store_execute(store, "INSERT INTO sessions (sender, service, last_interaction) VALUES ('a', 'rides', 0)")
     assert ops_main(ops_config, "status", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["dead_letters"]["pending"] == 1
@@ -473,23 +506,24 @@ def test_simulate_still_needs_the_app_secret(ops_config: Path, capsys: pytest.Ca
     assert "whatsapp.app_secret: required" in capsys.readouterr().err
 
 
+@BOTH_STORES
 def test_sessions_reap_runs_the_reaper_once_and_status_shows_it(
-    ops_config: Path, capsys: pytest.CaptureFixture[str]
+    ops_config: Path, ops_store: StoreUnderTest, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seed(ops_config)  # long ago: the delivered entry and the two abandoned ones are past retention
     now = time.time()
-    with sqlite3.connect(ops_config.parent / "wacored.db") as conn:
-        conn.executemany(
-            "INSERT INTO sessions (sender, service, last_interaction) VALUES (?, 'rides', ?)",
-            [("idle", now - 25 * 3600), ("live", now - 60)],
-        )
-    reader = sqlite3.connect(ops_config.parent / "wacored.db", isolation_level=None)
-    try:
-        reader.execute("BEGIN")
-        reader.execute("SELECT COUNT(*) FROM sessions").fetchone()
+    for sender, at in [("idle", now - 25 * 3600), ("live", now - 60)]:
+        ops_store.execute("INSERT INTO sessions (sender, service, last_interaction) VALUES (?, 'rides', ?)", sender, at)
+    if ops_store.url:
         assert ops_main(ops_config, "sessions", "reap", "--json") == 0
-    finally:
-        reader.close()
+    else:  # while another connection reads (WAL): the reap does not wait for it
+        reader = sqlite3.connect(ops_config.parent / "wacored.db", isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT COUNT(*) FROM sessions").fetchone()
+            assert ops_main(ops_config, "sessions", "reap", "--json") == 0
+        finally:
+            reader.close()
     counts = json.loads(capsys.readouterr().out)
     assert counts["sessions"] == 1
     assert counts["dead_letters_delivered"] == 1

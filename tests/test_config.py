@@ -167,6 +167,7 @@ FILE_VALUES = {
         ("WACORED_ADMIN_TOKEN", "adm1n", "admin.token", "adm1n"),
         ("WA_CORE_P95_SLO_MS", "900", "slo.p95_ms", 900),
         ("WA_CORE_COLD_START_SLO_MS", "2500", "slo.cold_start_ms", 2500),
+        ("WACORED_NODE_ID", "eu-west.a", "cluster.node_id", "eu-west.a"),
     ],
 )
 def test_env_overrides_the_file(name: str, raw: str, attribute: str, expected: object) -> None:
@@ -312,6 +313,21 @@ def test_service_that_is_a_scalar_is_a_problem_not_a_crash(value: object) -> Non
         ("slo.p95_ms", 0, "slo.p95_ms: must be greater than 0"),
         ("supervisor.max_restarts", 0, "supervisor.max_restarts: must be greater than 0"),
         ("server.certfile", "/etc/wacored/cert.pem", "server.certfile: certfile and keyfile must be set together"),
+        (
+            "cluster.node_id",
+            "web-12",
+            "cluster.node_id: must not end in '-<digits>' (the shape of a default host-pid name)",
+        ),
+        (
+            "cluster.node_id",
+            "a b",
+            "cluster.node_id: must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        ),
+        (
+            "cluster.node_id",
+            "-a",
+            "cluster.node_id: must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        ),
     ],
 )
 def test_out_of_range_value_is_a_problem(path: str, value: object, problem: str) -> None:

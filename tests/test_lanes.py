@@ -25,6 +25,7 @@ from wacored.core.leases import (
     parse_lane_lease,
     plan,
 )
+from wacored.daemon import node_name
 from wacored.store import WriteConnection, migrate
 from wacored.store.interface import WriteTx
 from wacored.store.lanes import this_host_dead
@@ -135,6 +136,13 @@ def test_a_dead_process_of_this_host_is_taken_over_at_once(store: StoreUnderTest
     assert this_host_dead(dead)
     assert not this_host_dead(f"{socket.gethostname()}-{os.getpid()}")
     assert not this_host_dead(f"elsewhere-{int(gone.stdout)}")  # another host: only its lease's expiry tells
+    # A configured node (and its workers) never has the default shape: only its leases' expiry tells.
+    host = socket.gethostname()
+    for configured in (f"{host}.a", f"{host}.a-w{int(gone.stdout)}", node_name(f"{host}.a", 3)):
+        assert not this_host_dead(configured)
+    assert node_name() == f"{host}-{os.getpid()}"
+    assert node_name("", 2) == node_name()  # a default name is one per process already
+    assert node_name("eu.a", 2) == "eu.a-w2"
     store.migrate()
     conn = store.writer()
     for n in LANES:

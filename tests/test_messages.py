@@ -1,12 +1,12 @@
 """The attempts log and replay: ``wacored messages show|list|replay`` and ``/admin/messages`` against a
-real running daemon, real downstream HTTP servers and the real SQLite file."""
+real running daemon, real downstream HTTP servers and a real store: each test runs on a SQLite file
+and on a PostgreSQL schema of its own (the `store` fixture)."""
 
 from __future__ import annotations
 
 import io
 import json
-import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,33 +15,33 @@ import httpx
 import pytest
 import trio
 
-from wacored.store import migrate
-
-from .conftest import Daemon, Downstream, Received, config_mapping, open_daemon, rows
-from .support import add_message, operator, operator_config, wait_until
+from .conftest import Daemon, Downstream, Received, StoreUnderTest, config_mapping, open_daemon
+from .support import add_message, operator, operator_config, store_execute, store_rows, wait_until
 
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 NOW = 1_800_000_000.0
 
 
-def mapping(tmp_path: Path, services: Downstream, graph: Downstream) -> dict[str, Any]:
-    return config_mapping(tmp_path, services.url, graph.url, admin={"token": TOKEN})
+def mapping(tmp_path: Path, services: Downstream, graph: Downstream, store: StoreUnderTest) -> dict[str, Any]:
+    return config_mapping(tmp_path, services.url, graph.url, admin={"token": TOKEN}, store=store.section())
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path, services: Downstream, graph: Downstream) -> AsyncIterator[Daemon]:
+async def daemon(
+    tmp_path: Path, services: Downstream, graph: Downstream, store: StoreUnderTest
+) -> AsyncIterator[Daemon]:
     from wacored.config import Config
 
-    config = Config.from_mapping(mapping(tmp_path, services, graph), {})
+    config = Config.from_mapping(mapping(tmp_path, services, graph, store), {})
     async with open_daemon(config, node="test-node") as d:
         yield d
 
 
 @pytest.fixture
-def cli(tmp_path: Path, services: Downstream, graph: Downstream) -> Path:
+def cli(tmp_path: Path, services: Downstream, graph: Downstream, store: StoreUnderTest) -> Path:
     """The daemon's config as a file, for the operator's commands."""
-    return operator_config(tmp_path, mapping(tmp_path, services, graph))
+    return operator_config(tmp_path, mapping(tmp_path, services, graph, store))
 
 
 async def run(config: Path, *args: str) -> int:
@@ -54,7 +54,7 @@ async def admin(daemon: Daemon, method: str, path: str, body: Any = None) -> htt
 
 
 def state_of(daemon: Daemon, key: str) -> str:
-    [(state,)] = rows(daemon.config.store.path, "SELECT state FROM messages WHERE key = ?", key)
+    [(state,)] = store_rows(daemon.config.store, "SELECT state FROM messages WHERE key = ?", key)
     return str(state)
 
 
@@ -165,24 +165,23 @@ async def test_replaying_a_dead_letter_takes_it_from_the_retrier_until_the_deliv
     services.respond = respond
     key = await send(daemon)
     await wait_until(lambda: state_of(daemon, key) == "dead_lettered")
-    db = daemon.config.store.path
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE dead_letters SET attempts = 2")  # retried twice already
+    db = daemon.config.store
+    store_execute(db, "UPDATE dead_letters SET attempts = 2")  # retried twice already
     # Refused this time (a 404 also closes the breaker the 503s counted towards): the entry is final
     # again, with a fresh count.
     answer = 404
     body = {"service": "rides", "since": "1h", "state": "pending"}
     assert (await admin(daemon, "POST", "/admin/messages/replay", body)).json() == {"replayed": 1}
     await wait_until(
-        lambda: rows(db, "SELECT state, attempts, reason FROM dead_letters") == [("abandoned", 0, "permanent")]
+        lambda: store_rows(db, "SELECT state, attempts, reason FROM dead_letters") == [("abandoned", 0, "permanent")]
     )
     # Delivered: so is the entry.
     answer = 200
     assert (await admin(daemon, "POST", "/admin/messages/replay", {"ids": [key]})).json()["replayed"] == 1
     await services.wait_for(1, "/rides")
-    await wait_until(lambda: rows(db, "SELECT state FROM dead_letters") == [("delivered",)])
+    await wait_until(lambda: store_rows(db, "SELECT state FROM dead_letters") == [("delivered",)])
     assert state_of(daemon, key) == "delivered"
-    statuses = rows(
+    statuses = store_rows(
         db,
         "SELECT status_code FROM attempts WHERE message_id = (SELECT id FROM messages WHERE key = ?) ORDER BY id",
         key,
@@ -209,16 +208,21 @@ async def test_replay_by_service_and_time(
 
 
 @pytest.fixture
-def store_cli(tmp_path: Path) -> Path:
+def store_cli(tmp_path: Path, store: StoreUnderTest) -> Path:
     """A config for the operator's commands on a store no daemon runs on."""
-    return operator_config(tmp_path, config_mapping(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9"))
+    mapping = config_mapping(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", store=store.section())
+    return operator_config(tmp_path, mapping)
 
 
 @pytest.fixture
-def seeded(tmp_path: Path) -> dict[str, int]:
-    migrate(tmp_path / "wacored.db")
-    with sqlite3.connect(tmp_path / "wacored.db") as conn:
-        return {
+def seeded(store: StoreUnderTest) -> Iterator[dict[str, int]]:
+    from wacored.config import StoreConfig
+    from wacored.ops.connection import open_ops
+
+    store.migrate()
+    conn = open_ops(StoreConfig(path=store.path, url=store.url))
+    try:
+        yield {
             "old": add_message(conn, "wamid.OLD", state="delivered", received_at=NOW - 3 * 86400),
             "jobs": add_message(conn, "wamid.JOBS", target="jobs", state="dead_lettered", received_at=NOW - 3600),
             "status": add_message(
@@ -226,6 +230,8 @@ def seeded(tmp_path: Path) -> dict[str, int]:
             ),
             "queued": add_message(conn, "wamid.Q", received_at=NOW - 30),
         }
+    finally:
+        conn.close()
 
 
 def listed(config: Path, capsys: pytest.CaptureFixture[str], *args: str) -> list[str]:
@@ -264,12 +270,14 @@ class Terminal(io.StringIO):
 
 
 def test_replay_asks_first_and_refuses_without_a_terminal(
-    seeded: dict[str, int], store_cli: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    seeded: dict[str, int],
+    store_cli: Path,
+    store: StoreUnderTest,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    db = store_cli.parent / "wacored.db"
-
     def states() -> list[str]:
-        return [s for (s,) in rows(db, "SELECT state FROM messages ORDER BY id")]
+        return [s for (s,) in store.rows("SELECT state FROM messages ORDER BY id")]
 
     before = states()
     monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))  # piped: no terminal, so no question
@@ -291,7 +299,7 @@ def test_replay_asks_first_and_refuses_without_a_terminal(
     assert "replayed 1 message(s)" in captured.out
     assert "unknown message: wamid.NOPE" in captured.err
     assert "already queued, not replayed: wamid.Q" in captured.err
-    assert rows(db, "SELECT state, done_at FROM messages WHERE key = 'wamid.OLD'") == [("queued", None)]
+    assert store.rows("SELECT state, done_at FROM messages WHERE key = 'wamid.OLD'") == [("queued", None)]
 
     with pytest.raises(SystemExit):
         operator(store_cli, "messages", "replay", "--service", "rides")  # --since is required with --service

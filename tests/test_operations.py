@@ -1,17 +1,25 @@
-"""Operator queries on real SQLite files built with the store's own schema."""
+"""Operator queries on real stores built with their own schema: a SQLite file, and a PostgreSQL schema
+of the test's own (the `store` fixture; the same SQL through `ops.connection`)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from wacored.config import Config, StoreConfig
 from wacored.ops import operations as ops
+from wacored.ops.connection import OpsConnection, open_ops, store_where
 from wacored.store import SCHEMA_VERSION, SchemaError, migrate
+from wacored.store.postgres import pg_migrate
 
-from .support import add_dead_letter, add_message
+from .conftest import Downstream, Received, StoreUnderTest, config_mapping, open_daemon
+from .postgres import own_schema
+from .support import add_dead_letter, add_message, operator_config, run_cli, store_rows, wait_until
 
 NOW = 1_800_000_000.0
 DAY = 86400.0
@@ -25,13 +33,14 @@ def db(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def conn(db: Path) -> Iterator[sqlite3.Connection]:
-    c = ops.open_store(db)
+def conn(store: StoreUnderTest) -> Iterator[OpsConnection]:
+    store.migrate()
+    c = open_ops(StoreConfig(path=store.path, url=store.url))
     yield c
     c.close()
 
 
-def row(conn: sqlite3.Connection, dl_id: int) -> tuple[str, int, float | None, float | None]:
+def row(conn: OpsConnection, dl_id: int) -> tuple[str, int, float | None, float | None]:
     return conn.execute(  # type: ignore[no-any-return]
         "SELECT state, attempts, next_attempt_at, updated_at FROM dead_letters WHERE id = ?", (dl_id,)
     ).fetchone()
@@ -72,7 +81,7 @@ def test_a_file_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
         ops.open_store(tmp_path / "junk.db")
 
 
-def test_list_is_oldest_first_and_filters(conn: sqlite3.Connection) -> None:
+def test_list_is_oldest_first_and_filters(conn: OpsConnection) -> None:
     b = add_dead_letter(conn, "wamid.B", created_at=NOW - 100, state="pending", next_attempt_at=NOW + 60)
     a = add_dead_letter(conn, "wamid.A", created_at=NOW - 200, service="jobs")
     c = add_dead_letter(conn, "wamid.C", created_at=NOW - 50, state="delivered")
@@ -84,7 +93,7 @@ def test_list_is_oldest_first_and_filters(conn: sqlite3.Connection) -> None:
         ops.list_dead_letters(conn, state="queued")
 
 
-def test_the_json_shape(conn: sqlite3.Connection) -> None:
+def test_the_json_shape(conn: OpsConnection) -> None:
     dl = add_dead_letter(conn, "wamid.A", created_at=0.0, state="pending", next_attempt_at=90.0)
     [entry] = ops.list_dead_letters(conn)
     assert entry.to_json() == {
@@ -104,7 +113,7 @@ def test_the_json_shape(conn: sqlite3.Connection) -> None:
     }
 
 
-def test_replay_by_row_id_or_wamid_makes_entries_due_now_with_a_fresh_budget(conn: sqlite3.Connection) -> None:
+def test_replay_by_row_id_or_wamid_makes_entries_due_now_with_a_fresh_budget(conn: OpsConnection) -> None:
     a = add_dead_letter(conn, "wamid.A")
     b = add_dead_letter(conn, "wamid.B", state="pending", next_attempt_at=NOW + 600, attempts=2)
     c = add_dead_letter(conn, "wamid.C", state="delivered")
@@ -115,7 +124,7 @@ def test_replay_by_row_id_or_wamid_makes_entries_due_now_with_a_fresh_budget(con
     assert row(conn, c) == ("delivered", 3, None, NOW - DAY)
 
 
-def test_replay_all_takes_abandoned_entries_unless_told_otherwise(conn: sqlite3.Connection) -> None:
+def test_replay_all_takes_abandoned_entries_unless_told_otherwise(conn: OpsConnection) -> None:
     a = add_dead_letter(conn, "wamid.A")
     j = add_dead_letter(conn, "wamid.J", service="jobs")
     p = add_dead_letter(conn, "wamid.P", state="pending", next_attempt_at=NOW + 600)
@@ -132,7 +141,7 @@ def test_replay_all_takes_abandoned_entries_unless_told_otherwise(conn: sqlite3.
         ops.replay_all(conn, NOW, state="delivered")
 
 
-def test_purge_deletes_only_old_entries_of_the_state_asked(conn: sqlite3.Connection) -> None:
+def test_purge_deletes_only_old_entries_of_the_state_asked(conn: OpsConnection) -> None:
     old = add_dead_letter(conn, "wamid.OLD", state="delivered", updated_at=NOW - 8 * DAY)
     add_dead_letter(conn, "wamid.NEW", state="delivered", updated_at=NOW - 6 * DAY)
     add_dead_letter(conn, "wamid.AB", state="abandoned", updated_at=NOW - 30 * DAY)
@@ -144,7 +153,7 @@ def test_purge_deletes_only_old_entries_of_the_state_asked(conn: sqlite3.Connect
         ops.purge(conn, state="pending", older_than_s=0, now=NOW)
 
 
-def test_status_counts(conn: sqlite3.Connection) -> None:
+def test_status_counts(conn: OpsConnection) -> None:
     add_dead_letter(conn, "wamid.P1", state="pending", created_at=NOW - 300)
     oldest = add_dead_letter(conn, "wamid.P0", state="pending", created_at=NOW - 900)
     add_dead_letter(conn, "wamid.A", state="abandoned")
@@ -152,10 +161,8 @@ def test_status_counts(conn: sqlite3.Connection) -> None:
     add_message(conn, "wamid.Q2", target="rides", received_at=NOW - 20)
     add_message(conn, "wamid.Q3", target="whatsapp", received_at=NOW - 5)
     add_message(conn, "wamid.D", target="jobs", state="delivered")
-    conn.executemany(
-        "INSERT INTO sessions (sender, service, last_interaction) VALUES (?, 'rides', ?)",
-        [("a", NOW - 10), ("b", NOW - 3599), ("c", NOW - 3601)],
-    )
+    for sender, at in [("a", NOW - 10), ("b", NOW - 3599), ("c", NOW - 3601)]:
+        conn.execute("INSERT INTO sessions (sender, service, last_interaction) VALUES (?, 'rides', ?)", (sender, at))
     conn.execute("INSERT INTO runs VALUES ('reaper', ?, ?, 'sessions=1')", (NOW - DAY, NOW + 3600))
     report = ops.status(conn, session_ttl_s=3600, now=NOW)
     assert report["dead_letters"] == {
@@ -183,7 +190,7 @@ def test_status_counts(conn: sqlite3.Connection) -> None:
     assert not conn.in_transaction
 
 
-def test_status_of_an_empty_store(conn: sqlite3.Connection) -> None:
+def test_status_of_an_empty_store(conn: OpsConnection) -> None:
     report = ops.status(conn, session_ttl_s=3600, now=NOW)
     assert report["dead_letters"]["oldest_pending"] is None
     assert report["sessions"] == {"active": 0, "stale": 0}
@@ -206,7 +213,8 @@ def test_writes_wait_for_the_lock_and_fail_cleanly_past_the_busy_timeout(db: Pat
         other.close()
 
 
-def test_writes_go_ahead_while_another_connection_reads(db: Path, conn: sqlite3.Connection) -> None:
+def test_writes_go_ahead_while_another_connection_reads(db: Path) -> None:
+    conn = ops.open_store(db)
     add_dead_letter(conn, "wamid.A")
     reader = sqlite3.connect(db, isolation_level=None)
     try:
@@ -218,6 +226,7 @@ def test_writes_go_ahead_while_another_connection_reads(db: Path, conn: sqlite3.
         reader.execute("COMMIT")
     finally:
         reader.close()
+        conn.close()
 
 
 def test_status_names_the_lanes_and_singletons_each_worker_holds() -> None:
@@ -244,3 +253,92 @@ def test_status_names_the_lanes_and_singletons_each_worker_holds() -> None:
     lines = daemon_lines(health)
     assert lines[2] == "    lanes held: jobs 1, rides 0-1,3; runs: dlq_retrier"
     assert lines[3] == "  worker 1: down (not answering)"
+
+
+async def test_dlq_status_and_reap_from_the_cli_beside_a_daemon_on_postgresql(
+    tmp_path: Path, pg_url: str, services: Downstream, graph: Downstream
+) -> None:
+    """The operator's commands, each in a process of its own, on the database a running daemon uses."""
+    refuse = True
+
+    async def respond(_: Received) -> int:
+        return 400 if refuse else 200  # a permanent refusal: dead-lettered, abandoned
+
+    services.respond = respond
+    with own_schema(pg_url) as url:
+        data = config_mapping(
+            tmp_path,
+            services.url,
+            graph.url,
+            store={"url": url},
+            forwarding={"retries": 0},
+            dlq={"interval_s": 0.2, "backoff_s": [60.0], "max_attempts": 3},
+        )
+        cli = ["-c", str(operator_config(tmp_path, data)), "--env-file", str(tmp_path / "none.env")]
+        config = Config.from_mapping(data, {})
+        async with open_daemon(config) as daemon:
+            sent = await daemon.send_text("rides", sender="250788000301")
+            key = sent.json()["routes"][0]["message_id"]
+            await wait_until(lambda: store_rows(config.store, "SELECT state FROM dead_letters") == [("abandoned",)])
+
+            listed = await run_cli("dlq", "list", "--json", *cli)
+            assert listed.returncode == 0, listed.stderr
+            [entry] = json.loads(listed.stdout)
+            assert (entry["message_id"], entry["state"], entry["reason"]) == (key, "abandoned", "permanent")
+
+            refuse = False
+            replayed = await run_cli("dlq", "replay", key, *cli)
+            assert (replayed.returncode, replayed.stdout) == (0, b"replayed 1 dead letter(s): due now\n")
+            [retry] = await services.wait_for(1, "/rides")  # the daemon's retrier read it from the database
+            assert retry.headers["x-dlq-retry"] == "true"
+            await wait_until(lambda: store_rows(config.store, "SELECT state FROM dead_letters") == [("delivered",)])
+
+            status = await run_cli("status", "--json", *cli)
+            assert status.returncode == 0, status.stderr
+            report = json.loads(status.stdout)
+            assert {k: report["dead_letters"][k] for k in ops.STATES} == {
+                "pending": 0,
+                "abandoned": 0,
+                "delivered": 1,
+                "replayed": 0,
+            }
+            assert report["sessions"] == {"active": 1, "stale": 0}
+            assert report["database"]["path"].startswith("postgresql://")
+            assert "@" not in report["database"]["path"]
+
+            reaped = await run_cli("sessions", "reap", "--json", *cli)
+            assert reaped.returncode == 0, reaped.stderr
+            assert json.loads(reaped.stdout)["sessions"] == 0  # the sender's session is live
+            purged = await run_cli("dlq", "purge", "--state", "delivered", "--older-than", "0s", *cli)
+            assert (purged.returncode, purged.stdout) == (0, b"purged 1 delivered dead letter(s)\n")
+            assert store_rows(config.store, "SELECT result FROM runs WHERE actor = 'reaper'")[0][0].startswith(
+                "sessions 0"
+            )
+
+
+def test_an_empty_postgresql_database_is_not_a_store(pg_url: str) -> None:
+    with own_schema(pg_url) as url:
+        with pytest.raises(ops.NotAStore, match="no wacored tables"):
+            open_ops(StoreConfig(url=url))
+        assert "@" not in store_where(StoreConfig(url=url))
+
+
+def test_a_row_held_past_the_busy_timeout_fails_cleanly_on_postgresql(pg_url: str) -> None:
+    """PostgreSQL's ``lock_timeout`` is the busy timeout: an operator's write waits for a row the
+    daemon holds that long, then fails whole, and the connection is usable again."""
+    with own_schema(pg_url) as url:
+        pg_migrate(url)
+        conn = open_ops(StoreConfig(url=url, busy_timeout_ms=50))
+        other = psycopg.connect(url, autocommit=True)
+        try:
+            add_dead_letter(conn, "wamid.A")
+            other.execute("BEGIN")
+            other.execute("UPDATE dead_letters SET error = 'held'")
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                ops.replay_all(conn, NOW)
+            assert not conn.in_transaction
+            other.execute("ROLLBACK")
+            assert ops.replay_all(conn, NOW) == 1
+        finally:
+            other.close()
+            conn.close()

@@ -3,7 +3,8 @@ downstream services, driven by the admin API and by the CLI in a process of its 
 
 That a paused service received nothing is shown after a signal that would have shown a delivery:
 another service received a message accepted after the paused one's, and the store still holds the
-paused one's rows ``queued`` with no dead letter.
+paused one's rows ``queued`` with no dead letter. The table, the CLI, the admin API and a pause
+reaching a running daemon run on both stores (the `store` fixture: a SQLite file, a PostgreSQL schema).
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ import trio
 
 from wacored.actors.pausewatch import PauseBoard
 from wacored.cli import main
-from wacored.config import Config
-from wacored.ops import operations as ops
+from wacored.config import Config, StoreConfig
 from wacored.ops import pauses
+from wacored.ops.connection import open_ops
 from wacored.ops.pauses import Pause
 from wacored.reloads import ReloadRequest
-from wacored.store import migrate
 
-from .conftest import SERVICES, Daemon, Downstream, Received, config_mapping, open_daemon, rows
-from .support import health, run_cli, toml_text, wait_for_health, wait_until
+from .conftest import SERVICES, Daemon, Downstream, Received, StoreUnderTest, config_mapping, open_daemon, rows
+from .support import health, run_cli, store_rows, toml_text, wait_for_health, wait_until
 
 TOKEN = "test-admin-token-pauses"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -38,8 +38,12 @@ FAST = {
 }
 
 
-def mapping(tmp_path: Path, services: Downstream, graph: Downstream) -> dict[str, Any]:
-    return config_mapping(tmp_path, services.url, graph.url, **FAST)
+def mapping(
+    tmp_path: Path, services: Downstream, graph: Downstream, store: StoreUnderTest | None = None
+) -> dict[str, Any]:
+    if store is None:
+        return config_mapping(tmp_path, services.url, graph.url, **FAST)
+    return config_mapping(tmp_path, services.url, graph.url, **FAST, store=store.section())
 
 
 async def admin(
@@ -72,8 +76,13 @@ def texts_by_sender(received: list[Received]) -> dict[str, list[str]]:
     return by_sender
 
 
-def states(db: Path, target: str) -> list[str]:
-    return [state for (state,) in rows(db, "SELECT state FROM messages WHERE target = ? ORDER BY id", target)]
+def query(db: Path | StoreConfig, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """`sql` on the SQLite file `db`, or on the store a `StoreConfig` names."""
+    return rows(db, sql, *args) if isinstance(db, Path) else store_rows(db, sql, *args)
+
+
+def states(db: Path | StoreConfig, target: str) -> list[str]:
+    return [state for (state,) in query(db, "SELECT state FROM messages WHERE target = ? ORDER BY id", target)]
 
 
 # --- pure --------------------------------------------------------------------------------------------
@@ -126,10 +135,9 @@ async def test_a_refresh_waits_for_a_read_begun_after_it_was_asked() -> None:
     assert not board.may_attempt("rides")
 
 
-def test_the_table_keeps_the_first_start_of_a_pause_and_resumes_only_what_it_knows(tmp_path: Path) -> None:
-    path = tmp_path / "wacored.db"
-    migrate(path)
-    conn = ops.open_store(path)
+def test_the_table_keeps_the_first_start_of_a_pause_and_resumes_only_what_it_knows(store: StoreUnderTest) -> None:
+    store.migrate()
+    conn = open_ops(StoreConfig(path=store.path, url=store.url))
     try:
         assert pauses.pause(conn, "rides", services=SERVICES, reason="deploy", now=100.0)
         assert not pauses.pause(conn, "rides", services=SERVICES, reason="again", now=200.0)
@@ -144,10 +152,13 @@ def test_the_table_keeps_the_first_start_of_a_pause_and_resumes_only_what_it_kno
         conn.close()
 
 
-def test_the_cli_pauses_lists_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_pauses_lists_and_resumes(
+    tmp_path: Path, store: StoreUnderTest, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = tmp_path / "wacored.toml"
-    config.write_text(toml_text(config_mapping(tmp_path, "http://services.test", "http://graph.test")))
-    migrate(tmp_path / "wacored.db")
+    data = config_mapping(tmp_path, "http://services.test", "http://graph.test", store=store.section())
+    config.write_text(toml_text(data))
+    store.migrate()
     common = ["-c", str(config), "--env-file", "/nonexistent"]
     assert main(["services", "pause", "rides", "--reason", "deploy 42", *common]) == 0
     assert "rides paused since " in capsys.readouterr().out
@@ -182,14 +193,15 @@ def test_the_cli_pauses_lists_and_resumes(tmp_path: Path, capsys: pytest.Capture
 
 
 async def test_a_paused_service_gets_nothing_then_everything_in_order_on_resume(
-    tmp_path: Path, services: Downstream, graph: Downstream
+    tmp_path: Path, services: Downstream, graph: Downstream, store: StoreUnderTest
 ) -> None:
-    db = tmp_path / "wacored.db"
+    config = Config.from_mapping(mapping(tmp_path, services, graph, store), {})
+    db = config.store
     conversations = {
         "250788000101": ["rides", "a1", "a2", "a3", "a4"],
         "250788000102": ["rides", "b1", "b2", "b3", "b4"],
     }
-    async with open_daemon(Config.from_mapping(mapping(tmp_path, services, graph), {})) as daemon:
+    async with open_daemon(config) as daemon:
         r = await admin(daemon, "POST", "/services/rides/pause", {"reason": "rides deploy"})
         assert r.status_code == 200, r.text
         assert r.json() | {"paused_since": None} == {
@@ -206,7 +218,7 @@ async def test_a_paused_service_gets_nothing_then_everything_in_order_on_resume(
         await services.wait_for(1, "/insurance")
         assert services.on("/rides") == []
         assert states(db, "rides") == ["queued"] * 10
-        assert rows(db, "SELECT COUNT(*) FROM dead_letters") == [(0,)]
+        assert query(db, "SELECT COUNT(*) FROM dead_letters") == [(0,)]
         body = await health(daemon)
         assert body["status"] == "healthy"  # an operator's decision, not a fault
         rides = body["services"]["rides"]
@@ -221,17 +233,17 @@ async def test_a_paused_service_gets_nothing_then_everything_in_order_on_resume(
         got = await services.wait_for(10, "/rides")
         await wait_until(lambda: states(db, "rides") == ["delivered"] * 10)
     assert texts_by_sender(got) == conversations
-    assert rows(db, "SELECT COUNT(*) FROM dead_letters") == [(0,)]
+    assert query(db, "SELECT COUNT(*) FROM dead_letters") == [(0,)]
 
 
 async def test_a_cli_pause_holds_the_running_daemon_and_survives_a_restart(
-    tmp_path: Path, services: Downstream, graph: Downstream
+    tmp_path: Path, services: Downstream, graph: Downstream, store: StoreUnderTest
 ) -> None:
-    db = tmp_path / "wacored.db"
-    data = mapping(tmp_path, services, graph)
+    data = mapping(tmp_path, services, graph, store)
     config_file = tmp_path / "wacored.toml"
     config_file.write_text(toml_text(data))
     config = Config.from_mapping(data, {})
+    db = config.store
     cli = ["-c", str(config_file), "--env-file", "/nonexistent"]
     texts = ["rides", "r1", "r2"]
     async with open_daemon(config) as daemon:
@@ -309,10 +321,10 @@ async def test_a_paused_services_dead_letters_are_rescheduled_uncounted_then_ret
 
 
 async def test_the_admin_api_pauses_resumes_and_lists_services(
-    tmp_path: Path, services: Downstream, graph: Downstream
+    tmp_path: Path, services: Downstream, graph: Downstream, store: StoreUnderTest
 ) -> None:
     send, receive = trio.open_memory_channel[ReloadRequest](1)
-    data = mapping(tmp_path, services, graph)
+    data = mapping(tmp_path, services, graph, store)
     async with open_daemon(Config.from_mapping(data, {}), reloads=receive) as daemon:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
             for method, path in (

@@ -19,6 +19,7 @@ from wacored.core.probe import PREFIX, is_probe
 from wacored.core.schedule import DAY_S
 from wacored.core.whatsapp import sign, text_webhook
 from wacored.ops.messages import plan_matching, plan_replay, selection
+from wacored.store import WriteConnection
 
 from .conftest import SECRET, World, rows
 from .support import health
@@ -161,6 +162,8 @@ async def test_a_probe_is_never_replayed_and_is_reaped_like_any_finished_row(wor
     assert (named.ids, named.unknown) == ([], [wamid])
     assert matching.ids == []
     sessions = SessionsConfig(ttl_hours=24, dlq_retention_days=7, abandoned_retention_days=30, seen_retention_days=8)
-    counts = await trio.to_thread.run_sync(partial(reap, db, sessions, time.time() + 9 * DAY_S, rate_window_s=60.0))
+    counts = await trio.to_thread.run_sync(
+        partial(reap, WriteConnection(db), sessions, time.time() + 9 * DAY_S, rate_window_s=60.0)
+    )
     assert counts["messages"] == 1
     assert rows(db, "SELECT COUNT(*) FROM messages") == [(0,)]

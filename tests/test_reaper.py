@@ -105,7 +105,7 @@ def test_a_reap_deletes_what_is_old_and_keeps_what_is_owed(tmp_path: Path) -> No
     path = tmp_path / "db"
     now = MIDNIGHT + 7200
     populate(path, now)
-    counts = reap(path, SESSIONS, now, rate_window_s=60.0)
+    counts = reap(WriteConnection(path), SESSIONS, now, rate_window_s=60.0)
     assert counts == {
         "sessions": 1,
         "rate_hits": 2,
@@ -139,7 +139,7 @@ def test_a_large_reap_goes_in_batches(tmp_path: Path) -> None:
             " VALUES (?, 'message', '2507', 'rides', 'keyword', 'rides', x'7b7d', 0, 'delivered')",
             [(f"m{i}",) for i in range(2 * BATCH + 7)],
         )
-    assert reap(path, SESSIONS, 100 * DAY_S, rate_window_s=60.0)["messages"] == 2 * BATCH + 7
+    assert reap(WriteConnection(path), SESSIONS, 100 * DAY_S, rate_window_s=60.0)["messages"] == 2 * BATCH + 7
 
 
 async def test_the_actor_runs_a_missed_reap_soon_after_start(tmp_path: Path, store_clock: trio.abc.Clock) -> None:

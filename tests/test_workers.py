@@ -3,6 +3,7 @@ cousin (a free port), with real HTTP to the shared port and to each worker's pri
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import trio
 
 from wacored.core.whatsapp import sign, text_webhook
 
-from .conftest import SECRET, Downstream, config_mapping
+from .conftest import SECRET, Downstream, config_mapping, rows
 from .support import Workers, alive, clean_env, parse, run_cli, toml_text, value, wait_until, workers_process
 
 
@@ -80,6 +81,21 @@ async def test_two_workers_serve_and_either_one_shows_the_whole_daemon(
             assert value(merged, "wacored_actor_up", actor="writer") == 1
         # A local scrape is that worker's alone.
         assert value(parse((await workers.local(1, "/metrics")).text), "wacored_workers") == 1
+
+
+async def test_a_configured_node_id_names_each_worker(tmp_path: Path, services: Downstream, graph: Downstream) -> None:
+    async with workers_process(tmp_path, services, graph, env={"WACORED_NODE_ID": "eu.a"}) as workers:
+        listed = (await workers.health())["workers"]
+        assert [w["node"] for w in listed] == ["eu.a-w0", "eu.a-w1"]
+        for index in (0, 1):
+            mine = (await workers.local(index, "/health")).json()["checks"]["leases"]
+            assert mine["node"] == f"eu.a-w{index}"
+        owners = {owner for (owner,) in rows(tmp_path / "wacored.db", "SELECT DISTINCT owner FROM leases")}
+        assert owners <= {"eu.a-w0", "eu.a-w1"}
+        assert owners
+    lines = [json.loads(line) for line in workers.log.read_text().splitlines() if line.startswith("{")]
+    listening = [line for line in lines if line.get("event") == "listening" and line["logger"] == "wacored.daemon"]
+    assert sorted((line["worker"], line["node"]) for line in listening) == [("0", "eu.a-w0"), ("1", "eu.a-w1")]
 
 
 async def test_a_killed_worker_is_restarted_and_health_shows_it(

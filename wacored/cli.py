@@ -1,6 +1,7 @@
 """The ``wacored`` command: run, check-config, simulate, dev-env, and the operator's commands on the
 store (dlq list|replay|purge, messages show|list|replay (`cli_messages`), sessions reap, status,
-services pause|resume|list), which work while the daemon runs.
+services pause|resume|list), which work while the daemon runs, and ``store copy`` (`ops.copy`: a SQLite
+store into PostgreSQL, the daemon stopped).
 
 Every subcommand takes ``-c FILE`` (default ``wacored.toml``, or ``$WACORED_CONFIG``) and reads
 secrets from the environment; only run, simulate and check-config need the app secret.
@@ -22,12 +23,15 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ENV_ALIASES, Config, ConfigError
 from .observe import logs
 from .observe.slo import process_started_at
 from .version import VERSION
+
+if TYPE_CHECKING:
+    from .ops.connection import OpsConnection
 
 log = logging.getLogger(__name__)
 
@@ -283,26 +287,32 @@ def cmd_dev_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def _on_store(args: argparse.Namespace, work: Callable[[sqlite3.Connection, Config], int]) -> int:
-    """Run an operator command's `work` on a connection of its own to the configured store (the
-    daemon may be running); a missing or foreign database, or SQLite refusing, is one line and exit 1."""
+def _on_store(args: argparse.Namespace, work: Callable[[OpsConnection, Config], int]) -> int:
+    """Run an operator command's `work` on a connection of its own to the configured store, the SQLite
+    file or the PostgreSQL database of ``[store] url`` (the daemon may be running); a missing or
+    foreign database, or the store refusing, is one line and exit 1."""
     from .ops import operations as ops
-    from .store import SchemaError
+    from .ops.connection import open_ops
 
     if (config := load_config(args, need_secret=False)) is None:
         return 1
-    if config.store.url:
-        print("wacored: the operator commands read the SQLite store only, not [store] url", file=sys.stderr)
-        return 1
     try:
-        conn = ops.open_store(config.store.path, config.store.busy_timeout_ms)
+        conn = open_ops(config.store)
         try:
             return work(conn, config)
         finally:
             conn.close()
-    except (ops.OperationsError, SchemaError, sqlite3.Error) as exc:
-        print(f"wacored: {exc}", file=sys.stderr)
+    except ops.REFUSALS as exc:
+        # psycopg's messages run over several lines (a DETAIL, a HINT): the first says what failed.
+        lines = str(exc).strip().splitlines()
+        print(f"wacored: {lines[0] if lines else type(exc).__name__}", file=sys.stderr)
         return 1
+
+
+def _store_copy(args: argparse.Namespace) -> int:
+    from .ops.copy import cmd_store_copy  # here: psycopg is not loaded for every command
+
+    return cmd_store_copy(args, partial(load_config, need_secret=False))
 
 
 def _add_common(sp: argparse.ArgumentParser) -> None:
@@ -383,6 +393,14 @@ def parser() -> argparse.ArgumentParser:
 
     cli_store.add_commands(sub, common, _on_store)
     cli_messages.add_commands(sub, common, _on_store)
+
+    store_cmd = sub.add_parser("store", help="the store itself").add_subparsers(dest="store_command", required=True)
+    store_copy = store_cmd.add_parser(
+        "copy", help="copy the SQLite store ([store] path) into an empty PostgreSQL database"
+    )
+    common(store_copy)
+    store_copy.add_argument("--to", required=True, metavar="URL", help="postgresql://user@host:port/database")
+    store_copy.set_defaults(func=_store_copy)
 
     secrets_cmd = sub.add_parser("secrets", help="signing secrets for downstream services")
     secrets_sub = secrets_cmd.add_subparsers(dest="secrets_command", required=True)

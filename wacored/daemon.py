@@ -60,6 +60,7 @@ from .http.api import create_app
 from .http.listener import lend, open_listener
 from .http.serving import answered_in_flight, hypercorn_config, mark_draining
 from .http.tls import check_ca_file
+from .observe import logs
 from .observe.counts import bump
 from .observe.systemd import Notifier, open_watchdog, run_beating
 from .observe.telemetry import Tracing
@@ -326,7 +327,8 @@ async def run_daemon(
     STOPPING=1 once `stop` is set, and runs the watchdog when systemd asked for one (`systemd.py`).
     `tracer` replaces the one `[telemetry]` asks for (tests); `process_start` (`time.monotonic()`)
     is where the cold start is measured from, by default this call. `node` names this process in the
-    attempts log (default `node_name()`).
+    attempts log, the leases and every log line of this daemon (default `node_name` of ``[cluster]
+    node_id`` and the worker index).
 
     Under ``[server] processes = N`` (`workers.py`) a worker gets the supervisor's `listener` (bound
     once for all of them; it is then not closed here) and its `place`, and also serves on its
@@ -350,22 +352,25 @@ async def run_daemon(
             hc.insecure_bind = [private]
         else:
             hc.bind = [*hc.bind, private]
+    if node is None:
+        node = node_name(config.cluster.node_id, None if place.alone else place.index)
     try:
-        await _run(
-            config,
-            hc,
-            listener,
-            stop,
-            reloads,
-            wall_clock,
-            transport,
-            notifier,
-            tracer,
-            process_start,
-            node_name() if node is None else node,
-            place,
-            task_status,
-        )
+        with logs.bound(node=node):
+            await _run(
+                config,
+                hc,
+                listener,
+                stop,
+                reloads,
+                wall_clock,
+                transport,
+                notifier,
+                tracer,
+                process_start,
+                node,
+                place,
+                task_status,
+            )
     finally:
         if own:
             listener.close()
@@ -490,9 +495,14 @@ def _split(target: str, lanes: int) -> Callable[[WriteTx], int]:
     return lambda w: w.split_lanes(target, lanes)
 
 
-def node_name() -> str:
-    """This process, as the attempts log names it: ``host-pid``."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+def node_name(node_id: str = "", worker: int | None = None) -> str:
+    """This process, as the leases, the attempts log and the log lines name it: ``host-pid``, or the
+    configured `node_id` (``[cluster] node_id``), suffixed ``-w<index>`` for `worker` `index` under
+    ``[server] processes = N`` so that each process is a node of its own (a default name is already
+    one per process)."""
+    if not node_id:
+        return f"{socket.gethostname()}-{os.getpid()}"
+    return node_id if worker is None else f"{node_id}-w{worker}"
 
 
 async def _until(stop: trio.Event, fn: Callable[[], Any]) -> None:

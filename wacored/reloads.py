@@ -64,6 +64,7 @@ def keep_restart_only(old: Config, new: Config) -> Config:
         ),
         ("store.path", old.store.path, new.store.path),
         ("store.url", old.store.url, new.store.url),
+        ("cluster.node_id", old.cluster.node_id, new.cluster.node_id),
         ("sessions.cache_size", old.sessions.cache_size, new.sessions.cache_size),
         (
             "telemetry.traces/otlp_endpoint/service_name",
@@ -88,4 +89,5 @@ def keep_restart_only(old: Config, new: Config) -> Config:
                 extra={"event": "reload_needs_restart", "key": f"services.{name}.ca_file"},
             )
     sessions = dataclasses.replace(new.sessions, cache_size=old.sessions.cache_size)
-    return dataclasses.replace(new, server=server, store=old.store, sessions=sessions)
+    cluster = dataclasses.replace(new.cluster, node_id=old.cluster.node_id)
+    return dataclasses.replace(new, server=server, store=old.store, sessions=sessions, cluster=cluster)

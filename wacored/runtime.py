@@ -72,7 +72,8 @@ class Runtime:
     dlq_due: trio.Event = field(default_factory=trio.Event)
     """Set to make the DLQ retrier look for due entries now (an operator replayed some)."""
     node: str = ""
-    """This process in the attempts log: ``host-pid``, computed once at start (`daemon.node_name`)."""
+    """This process in the attempts log and the leases: ``host-pid`` or ``[cluster] node_id``, computed
+    once at start (`daemon.node_name`)."""
     pauses: PauseBoard = field(default_factory=PauseBoard)
     """The services an operator has paused, as the store says. Owner: the pause watcher actor
     (`pausewatch.run_pause_watch`; filled once at start-up before any forwarder runs); lanes, the DLQ

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import trio
 
@@ -36,7 +35,6 @@ from ..capabilities import Reaping
 from ..config import SessionsConfig
 from ..core.schedule import cutoffs, missed, next_reap
 from ..observe.counts import bump
-from ..store import WriteConnection
 from ..store.interface import STORE_ERRORS, Reads, WriteTx
 from ..store.writer import WriteOp
 from .deadletters import sleep_until, write_committed
@@ -63,11 +61,9 @@ async def reap_with(
     return counts
 
 
-def reap(
-    path: Path, sessions: SessionsConfig, now: float, *, rate_window_s: float, busy_timeout_ms: int = 5000
-) -> dict[str, int]:
-    """Run the reap once now, on a connection of its own (``wacored sessions reap``); the counts by kind."""
-    conn = WriteConnection(path, busy_timeout_ms)
+def reap(conn: WriteTx, sessions: SessionsConfig, now: float, *, rate_window_s: float) -> dict[str, int]:
+    """Run the reap once now, on `conn`, a write connection of its own (``wacored sessions reap``:
+    `daemon.StoreParts.writer`, SQLite or PostgreSQL), closed on return; the counts by kind."""
     try:
 
         async def run(kind: str, cutoff: float, limit: int) -> int:

@@ -7,6 +7,7 @@ every problem is collected (with its key path) rather than raised, so one run re
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -448,7 +449,24 @@ def _read_supervisor(data: Any, problems: list[str]) -> SupervisorConfig:
 
 
 def _read_cluster(data: Any, problems: list[str]) -> ClusterConfig:
-    return _read_fields(data, "cluster", problems, ClusterConfig, {"lease_ttl_s": _positive})[0]
+    return _read_fields(data, "cluster", problems, ClusterConfig, {"lease_ttl_s": _positive, "node_id": _node_id})[0]
+
+
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_PID_NAME = re.compile(r".*-[0-9]+")
+
+
+def _node_id(value: str) -> str | None:
+    """Empty (``host-pid``), or a name of letters, digits, ``.``, ``_`` and ``-`` (at most 64) that
+    does not end in ``-<digits>``: a lease owner of that shape is taken for a process of the host of
+    that name, and taken over at once when that pid is gone (`store.lanes.this_host_dead`)."""
+    if not value:
+        return None
+    if not _NODE_ID.fullmatch(value):
+        return "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    if _PID_NAME.fullmatch(value):
+        return "must not end in '-<digits>' (the shape of a default host-pid name)"
+    return None
 
 
 def _read_routing(data: Any, services: Mapping[str, ServiceConfig], problems: list[str]) -> RoutingConfig:

@@ -31,6 +31,7 @@ ENV_ALIASES: dict[tuple[str, str], tuple[str, ...]] = {
     ("forwarding", "timeout_ms"): ("WA_ROUTER_TIMEOUT_MS",),
     ("admin", "token"): ("WACORED_ADMIN_TOKEN",),
     ("store", "url"): ("WACORED_STORE_URL", "DATABASE_URL"),
+    ("cluster", "node_id"): ("WACORED_NODE_ID",),
     ("slo", "p95_ms"): ("WA_CORE_P95_SLO_MS",),
     ("slo", "cold_start_ms"): ("WA_CORE_COLD_START_SLO_MS",),
 }
@@ -205,6 +206,12 @@ class ClusterConfig:
     lease_ttl_s: float = 10.0
     """How long a lane's or a singleton's lease lasts unrenewed: a worker that dies without giving
     its leases back has them taken over this long after its last renewal (at most)."""
+    node_id: str = ""
+    """This node's name in the leases, the attempts log, /health and the log lines; empty: the
+    process's ``host-pid`` (`daemon.node_name`). With ``[server] processes = N`` each worker is
+    ``<node_id>-w<index>``. It must not end in ``-<digits>``: that shape is a default name, whose
+    owner's death is seen by its pid (`store.lanes.this_host_dead`); a configured name is only ever
+    taken over when its leases expire."""
 
 
 NUMBER_MODES = ("any", "listed")

@@ -1,11 +1,11 @@
 """Leases: which worker owns each lane, and which one runs the singleton actors (pure policy).
 
 A lease is a row in the store: a name (``lane:SERVICE:I``, or a singleton such as ``dlq_retrier``), an
-owner (a node name, ``host-pid``) and an expiry. A worker renews what it holds every `tick_s` (a third
-of the TTL) and, on the same tick, claims what nobody live holds, up to its fair share of the lanes:
-the lanes divided by the live nodes, rounded up. A node that holds more than its share gives the excess
-back, so a worker that joins gets lanes within two ticks. Singletons are claimed by whoever finds them
-free and kept until that node stops or dies.
+owner (a node name: ``host-pid``, or ``[cluster] node_id``) and an expiry. A worker renews what it
+holds every `tick_s` (a third of the TTL) and, on the same tick, claims what nobody live holds, up to
+its fair share of the lanes: the lanes divided by the live nodes, rounded up. A node that holds more
+than its share gives the excess back, so a worker that joins gets lanes within two ticks. Singletons
+are claimed by whoever finds them free and kept until that node stops or dies.
 
 A lease is free when it has no row, when it expired, or when its owner is known to be dead (a process
 of this host whose pid is gone: a restarted worker takes over its predecessor's lanes at once, not a

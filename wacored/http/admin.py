@@ -15,7 +15,8 @@
 
 Every request needs ``Authorization: Bearer <[admin] token>``. With no token configured the API is off
 and every ``/admin/`` path answers 404, so its existence is not advertised. The token and the store
-path are read from ``rt.config`` at each request: a reload swaps the config whole.
+(the SQLite file, or the PostgreSQL database of ``[store] url``: `ops.connection.open_ops`) are read
+from ``rt.config`` at each request: a reload swaps the config whole.
 
 Error handling:
     No token configured → 404 ``{"error":"not_found"}``; a missing or wrong token → 401
@@ -25,11 +26,12 @@ Error handling:
     of the Graph API sender or with a reason that is not printable text of at most 200 characters;
     an unknown service → 404 ``{"error":"not_found","detail":...}``; the store
     refusing or unreadable (locked past its busy timeout, missing, a directory, not a database,
-    corrupt, a table missing, a newer schema, a value of the wrong type, an OS error) → 503
+    corrupt, a table missing, a newer schema, a value of the wrong type, an OS error, PostgreSQL
+    down) → 503
     ``{"error":"store_unavailable","detail":...}``.
 
 Cancellation:
-    The SQLite work runs in a worker thread on a connection of its own (never the writer's, nor the
+    The store's work runs in a worker thread on a connection of its own (never the writer's, nor the
     shared `Runtime.reader`), so the event loop never waits on it; a cancelled request lets its
     short transaction finish in the thread.
 """
@@ -39,10 +41,8 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import sqlite3
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
@@ -50,11 +50,12 @@ from quart import Blueprint, Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from ..config import StoreConfig
 from ..ops import messages as msgs
 from ..ops import operations as ops
 from ..ops import pauses
+from ..ops.connection import OpsConnection, open_ops, store_where
 from ..runtime import Runtime
-from ..store import SchemaError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ MAX_DEPTH = 32
 """JSON nesting at most: the bodies are one object of flat values; `json` recurses per level."""
 SQLITE_INT = (-(2**63), 2**63 - 1)
 """The integers SQLite stores: a row id outside them cannot even be looked up."""
+
+
+_REFUSALS: tuple[type[Exception], ...] = (*ops.REFUSALS, OSError)
+"""The store refusing or unreadable: a 503."""
 
 
 class AdminError(Exception):
@@ -135,7 +140,9 @@ def _blueprint(rt: Runtime) -> Blueprint:
     @bp.get("/status")
     async def status() -> Response:
         config = rt.config
-        work = partial(ops.status, session_ttl_s=config.sessions.ttl_s, now=rt.wall_clock(), path=config.store.path)
+        work = partial(
+            ops.status, session_ttl_s=config.sessions.ttl_s, now=rt.wall_clock(), path=store_where(config.store)
+        )
         return jsonify(await _on_store(rt, work))
 
     @bp.get("/messages")
@@ -240,26 +247,24 @@ async def _applied(rt: Runtime, name: str, changed: bool) -> dict[str, Any]:
     return {**pauses.service_state(name, rt.pauses.paused.get(name)), "changed": changed}
 
 
-async def _on_store(rt: Runtime, work: Callable[[sqlite3.Connection], T]) -> T:
+async def _on_store(rt: Runtime, work: Callable[[OpsConnection], T]) -> T:
     """`work` in a worker thread, on a connection of its own to the store of the current config."""
-    store = rt.config.store
-    if store.url:
-        raise AdminError(501, "not_implemented", "the admin API reads the SQLite store only, not [store] url")
     try:
-        return await trio.to_thread.run_sync(_with_connection, store.path, store.busy_timeout_ms, work)
+        return await trio.to_thread.run_sync(_with_connection, rt.config.store, work)
     except pauses.PauseRefused as exc:
         raise _refused(exc) from None
-    except (ops.OperationsError, SchemaError, sqlite3.Error, OSError) as exc:
+    except _REFUSALS as exc:
         log.warning("admin: store unavailable", extra={"event": "admin_store_error", "error": str(exc)})
-        raise AdminError(503, "store_unavailable", str(exc) or type(exc).__name__) from exc
+        lines = str(exc).strip().splitlines()  # psycopg's run over several lines: the first says what failed
+        raise AdminError(503, "store_unavailable", lines[0] if lines else type(exc).__name__) from exc
 
 
 class UnreadableValue(ops.OperationsError):
     """The store holds a value of a type or range wacored never writes (a hand-edited or damaged file)."""
 
 
-def _with_connection(path: Path, busy_timeout_ms: int, work: Callable[[sqlite3.Connection], T]) -> T:
-    conn = ops.open_store(path, busy_timeout_ms)
+def _with_connection(store: StoreConfig, work: Callable[[OpsConnection], T]) -> T:
+    conn = open_ops(store)
     try:
         return work(conn)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -271,7 +276,7 @@ def _with_connection(path: Path, busy_timeout_ms: int, work: Callable[[sqlite3.C
         conn.close()
 
 
-def _listed(conn: sqlite3.Connection, *, state: str | None, service: str | None) -> list[dict[str, Any]]:
+def _listed(conn: OpsConnection, *, state: str | None, service: str | None) -> list[dict[str, Any]]:
     """The dead letters as JSON objects, made in the worker thread: an unreadable row is the store's."""
     return [e.to_json() for e in ops.list_dead_letters(conn, state=state, service=service)]
 
@@ -327,7 +332,7 @@ def _object(body: Any, allowed: set[str]) -> dict[str, Any]:
     return body
 
 
-def _replay_request(body: dict[str, Any], now: float) -> Callable[[sqlite3.Connection], dict[str, Any]]:
+def _replay_request(body: dict[str, Any], now: float) -> Callable[[OpsConnection], dict[str, Any]]:
     """The replay that ``{"ids": [...]}`` or ``{"all": true, ...}`` asks for, validated before any
     connection is opened."""
     ids, replay_all = body.get("ids"), body.get("all", False)
@@ -392,7 +397,7 @@ def _message_selection(
         raise _bad_request(str(exc)) from None
 
 
-def _message_replay_request(body: dict[str, Any], now: float) -> Callable[[sqlite3.Connection], dict[str, Any]]:
+def _message_replay_request(body: dict[str, Any], now: float) -> Callable[[OpsConnection], dict[str, Any]]:
     """The replay that ``{"ids": [...]}`` or ``{"service": S, "since": T, ...}`` asks for, validated
     before any connection is opened."""
     ids = body.get("ids")

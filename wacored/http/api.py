@@ -13,16 +13,15 @@ import os
 import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
-from ..config import StoreConfig
 from ..core.numbers import OTHER
 from ..observe.state import ActorState
+from ..ops.connection import store_where
 from ..ops.operations import iso
 from ..runtime import Runtime
 from ..siblings import LOCAL_HEADER, merged_exposition
@@ -36,15 +35,6 @@ log = logging.getLogger(__name__)
 
 HEALTH_DB_TIMEOUT_S = 2.0
 CORE_ACTORS = ("writer", "ingress")
-
-
-def store_where(store: StoreConfig) -> str:
-    """Where the store is, for /health: the SQLite file, or the PostgreSQL server and database
-    (never the URL's user, password or options)."""
-    if not store.url:
-        return str(store.path)
-    parts = urlsplit(store.url)
-    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
 async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 import time
 from collections.abc import Callable
 
 from ..config import Config
 from . import messages as msgs
+from .connection import OpsConnection
 
-OnStore = Callable[[argparse.Namespace, Callable[[sqlite3.Connection, Config], int]], int]
+OnStore = Callable[[argparse.Namespace, Callable[[OpsConnection, Config], int]], int]
 
 
 def add_commands(
@@ -96,8 +96,8 @@ def _selection(args: argparse.Namespace, states: tuple[str, ...], limit: str | N
         return None
 
 
-def _show(args: argparse.Namespace) -> Callable[[sqlite3.Connection, Config], int]:
-    def work(conn: sqlite3.Connection, _: Config) -> int:
+def _show(args: argparse.Namespace) -> Callable[[OpsConnection, Config], int]:
+    def work(conn: OpsConnection, _: Config) -> int:
         report = msgs.show(conn, args.key)
         if report is None:
             print(f"wacored: no message {args.key!r}", file=sys.stderr)
@@ -108,8 +108,8 @@ def _show(args: argparse.Namespace) -> Callable[[sqlite3.Connection, Config], in
     return work
 
 
-def _list(args: argparse.Namespace) -> Callable[[sqlite3.Connection, Config], int]:
-    def work(conn: sqlite3.Connection, _: Config) -> int:
+def _list(args: argparse.Namespace) -> Callable[[OpsConnection, Config], int]:
+    def work(conn: OpsConnection, _: Config) -> int:
         if (sel := _selection(args, msgs.STATE_FILTERS, args.limit)) is None:
             return 2
         entries = msgs.list_messages(conn, sel)
@@ -119,8 +119,8 @@ def _list(args: argparse.Namespace) -> Callable[[sqlite3.Connection, Config], in
     return work
 
 
-def _replay(args: argparse.Namespace) -> Callable[[sqlite3.Connection, Config], int]:
-    def work(conn: sqlite3.Connection, _: Config) -> int:
+def _replay(args: argparse.Namespace) -> Callable[[OpsConnection, Config], int]:
+    def work(conn: OpsConnection, _: Config) -> int:
         if args.keys:
             plan = msgs.plan_replay(conn, args.keys)
         elif (sel := _selection(args, msgs.REPLAY_STATES)) is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -19,12 +18,13 @@ from typing import Any
 
 from ..config import Config
 from .cli_messages import OnStore
+from .connection import OpsConnection, store_where
 
 
 def cmd_dlq_list(args: argparse.Namespace, on_store: OnStore) -> int:
     from . import operations as ops
 
-    def work(conn: sqlite3.Connection, _: Config) -> int:
+    def work(conn: OpsConnection, _: Config) -> int:
         entries = [e.to_json() for e in ops.list_dead_letters(conn, state=args.state, service=args.service)]
         print(json.dumps(entries, indent=2) if args.json else ops.dead_letter_table(entries))
         return 0
@@ -35,7 +35,7 @@ def cmd_dlq_list(args: argparse.Namespace, on_store: OnStore) -> int:
 def cmd_dlq_replay(args: argparse.Namespace, on_store: OnStore) -> int:
     from . import operations as ops
 
-    def work(conn: sqlite3.Connection, _: Config) -> int:
+    def work(conn: OpsConnection, _: Config) -> int:
         if args.all:
             count = ops.replay_all(conn, time.time(), state=args.state or "abandoned", service=args.service)
             print(f"replayed {count} dead letter(s): due now")
@@ -56,7 +56,7 @@ def cmd_dlq_replay(args: argparse.Namespace, on_store: OnStore) -> int:
 def cmd_dlq_purge(args: argparse.Namespace, on_store: OnStore) -> int:
     from . import operations as ops
 
-    def work(conn: sqlite3.Connection, _: Config) -> int:
+    def work(conn: OpsConnection, _: Config) -> int:
         count = ops.purge(conn, state=args.state, older_than_s=args.older_than, now=time.time())
         print(f"purged {count} {args.state} dead letter(s)")
         return 0
@@ -67,8 +67,8 @@ def cmd_dlq_purge(args: argparse.Namespace, on_store: OnStore) -> int:
 def cmd_status(args: argparse.Namespace, on_store: OnStore) -> int:
     from . import operations as ops
 
-    def work(conn: sqlite3.Connection, config: Config) -> int:
-        report = ops.status(conn, session_ttl_s=config.sessions.ttl_s, now=time.time(), path=config.store.path)
+    def work(conn: OpsConnection, config: Config) -> int:
+        report = ops.status(conn, session_ttl_s=config.sessions.ttl_s, now=time.time(), path=store_where(config.store))
         report["daemon"] = _ask_daemon(config)
         print(json.dumps(report, indent=2) if args.json else ops.status_text(report))
         return 0
@@ -94,15 +94,13 @@ def _ask_daemon(config: Config) -> dict[str, Any]:
 
 def cmd_sessions_reap(args: argparse.Namespace, on_store: OnStore) -> int:
     from ..actors.reaper import reap
+    from ..daemon import StoreParts
 
-    def work(_: sqlite3.Connection, config: Config) -> int:
-        # `reap` opens its own write connection; ours only proved the store exists and is ours.
+    def work(_: OpsConnection, config: Config) -> int:
+        # `reap` runs on a write connection of its own (the daemon's kind, SQLite or PostgreSQL);
+        # ours only proved the store exists and is ours.
         counts = reap(
-            config.store.path,
-            config.sessions,
-            time.time(),
-            rate_window_s=config.ratelimit.window_s,
-            busy_timeout_ms=config.store.busy_timeout_ms,
+            StoreParts(config.store).writer(), config.sessions, time.time(), rate_window_s=config.ratelimit.window_s
         )
         if args.json:
             print(json.dumps(counts, indent=2))
@@ -116,7 +114,7 @@ def cmd_sessions_reap(args: argparse.Namespace, on_store: OnStore) -> int:
 def cmd_services_list(args: argparse.Namespace, on_store: OnStore) -> int:
     from . import pauses
 
-    def work(conn: sqlite3.Connection, config: Config) -> int:
+    def work(conn: OpsConnection, config: Config) -> int:
         entries = pauses.list_services(conn, list(config.services))
         print(json.dumps(entries, indent=2) if args.json else pauses.services_table(entries))
         return 0
@@ -128,7 +126,7 @@ def cmd_services_pause(args: argparse.Namespace, on_store: OnStore) -> int:
     from . import pauses
     from .operations import iso
 
-    def work(conn: sqlite3.Connection, config: Config) -> int:
+    def work(conn: OpsConnection, config: Config) -> int:
         changed = pauses.pause(conn, args.name, services=list(config.services), reason=args.reason, now=time.time())
         state = pauses.read_pauses(conn)[args.name]
         said = "paused" if changed else "was already paused"
@@ -145,7 +143,7 @@ def cmd_services_pause(args: argparse.Namespace, on_store: OnStore) -> int:
 def cmd_services_resume(args: argparse.Namespace, on_store: OnStore) -> int:
     from . import pauses
 
-    def work(conn: sqlite3.Connection, config: Config) -> int:
+    def work(conn: OpsConnection, config: Config) -> int:
         changed = pauses.resume(conn, args.name, services=list(config.services))
         print(
             f"{args.name} resumed: the running daemon delivers what is queued within {pauses.POLL_S:g} s"

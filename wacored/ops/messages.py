@@ -2,17 +2,18 @@
 and sending some again (`plan_replay`, `plan_matching`, `requeue`).
 
 Shared by the CLI (``wacored messages show|list|replay``) and the admin API (``/admin/messages``), on
-a connection from `operations.open_store`, synchronous (the admin API calls them from a worker
-thread), safe while the daemon runs: reads never block its writer (WAL), and a replay writes in short
-``BEGIN IMMEDIATE`` transactions of at most `BATCH` messages.
+an `connection.OpsConnection` (SQLite or PostgreSQL, the same SQL), synchronous (the admin API calls
+them from a worker thread), safe while the daemon runs: reads never block its writer, and a replay
+writes in short transactions (`OpsConnection.write`) of at most `BATCH` messages.
 
 A message is named by its key: the wamid, or ``status:<id>:<status>`` for a forwarded status update.
 In what these functions return, ``message_id`` is that key and ``id`` the ``messages`` row; times are
 ISO-8601 UTC strings (attempts to the millisecond).
 
 Replay: a message is queued again (``state = 'queued'``), with the same key and so the same
-``Idempotency-Key``; the running daemon's writer finds it at its next sweep (every few seconds, at
-once when the admin API replays) and its forwarder delivers it with a fresh retry budget. Its dead
+``Idempotency-Key``; the lane that holds it, on whichever process, reads it at its next wake (its
+idle heartbeat, or at once when this process's admin API replays) and delivers it with a fresh retry
+budget. Its dead
 letter, if it has one, is kept but becomes ``replayed`` (the DLQ retrier only takes ``pending``
 entries, so the message is not sent twice at once); when that delivery ends the entry becomes
 ``delivered``, or ``pending``/``abandoned`` again with a fresh retry budget (`store.WriteConnection.record`).
@@ -22,7 +23,7 @@ or an ``unrouted`` message has nowhere it must go, and named by its key it is re
 
 Error handling:
     `ValueError` for a selection that is not valid (a bad time, state, kind or limit): the CLI says so
-    and exits 2, the admin API answers 400. `sqlite3.Error` propagates (see `operations`).
+    and exits 2, the admin API answers 400. The driver's errors propagate (see `operations`).
 
 Cancellation:
     Nothing here awaits; a replay cut short (the process killed) has committed whole batches only, and
@@ -32,12 +33,12 @@ Cancellation:
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .operations import immediate, iso, list_dead_letters_of, parse_duration
+from .connection import OpsConnection
+from .operations import iso, list_dead_letters_of, parse_duration
 
 MESSAGE_STATES = ("queued", "delivered", "dead_lettered", "probe")
 FORWARDED = ("delivered", "dead_lettered")
@@ -116,7 +117,7 @@ def _limit(value: int | str) -> int:
 
 
 def _where(sel: Selection) -> tuple[str, list[Any]]:
-    clauses, params = ["1"], []
+    clauses, params = ["TRUE"], []
     for clause, value in (
         ("m.received_at >= ?", sel.since),
         ("m.received_at < ?", sel.until),
@@ -157,7 +158,7 @@ def _summary(row: Sequence[Any]) -> dict[str, Any]:
     }
 
 
-def list_messages(conn: sqlite3.Connection, sel: Selection) -> list[dict[str, Any]]:
+def list_messages(conn: OpsConnection, sel: Selection) -> list[dict[str, Any]]:
     """The messages `sel` selects, newest first, at most `sel.limit`."""
     where, params = _where(sel)
     rows = conn.execute(
@@ -166,12 +167,11 @@ def list_messages(conn: sqlite3.Connection, sel: Selection) -> list[dict[str, An
     return [_summary(r) for r in rows]
 
 
-def show(conn: sqlite3.Connection, key: str) -> dict[str, Any] | None:
+def show(conn: OpsConnection, key: str) -> dict[str, Any] | None:
     """Where the message of `key` went: its route, state, every attempt (oldest first) and its dead
     letter (None when none). A key both a message and a status update carry shows the message. None
     when there is no such message."""
-    conn.execute("BEGIN")  # one read transaction: the attempts and the state of one moment
-    try:
+    with conn.read():  # the attempts and the state of one moment
         row = conn.execute(f"{_SUMMARY} WHERE m.key = ? ORDER BY m.kind LIMIT 1", (key,)).fetchone()
         if row is None:
             return None
@@ -187,8 +187,6 @@ def show(conn: sqlite3.Connection, key: str) -> dict[str, Any] | None:
         dead = list_dead_letters_of(conn, report["id"])
         report["dead_letter"] = dead.to_json() if dead is not None else None
         return report
-    finally:
-        conn.execute("COMMIT")
 
 
 def _attempt(row: Sequence[Any]) -> dict[str, Any]:
@@ -215,7 +213,7 @@ class ReplayPlan:
     queued: list[str] = field(default_factory=list)
 
 
-def plan_replay(conn: sqlite3.Connection, keys: Sequence[str]) -> ReplayPlan:
+def plan_replay(conn: OpsConnection, keys: Sequence[str]) -> ReplayPlan:
     """The messages named by `keys` (a key both a message and a status carry names both)."""
     ids: list[int] = []
     unknown: list[str] = []
@@ -233,7 +231,7 @@ def plan_replay(conn: sqlite3.Connection, keys: Sequence[str]) -> ReplayPlan:
     return ReplayPlan(ids, unknown, queued)
 
 
-def plan_matching(conn: sqlite3.Connection, sel: Selection) -> ReplayPlan:
+def plan_matching(conn: OpsConnection, sel: Selection) -> ReplayPlan:
     """Every message `sel` selects that is not queued already (no limit), oldest first."""
     where, params = _where(sel)
     rows = conn.execute(
@@ -242,12 +240,12 @@ def plan_matching(conn: sqlite3.Connection, sel: Selection) -> ReplayPlan:
     return ReplayPlan([r[0] for r in rows])
 
 
-def requeue(conn: sqlite3.Connection, ids: Sequence[int], now: float) -> int:
+def requeue(conn: OpsConnection, ids: Sequence[int], now: float) -> int:
     """Queue the messages of `ids` again (those not queued meanwhile), their dead letters ``replayed``,
     `BATCH` per transaction; how many were queued."""
     count = 0
     for start in range(0, len(ids), BATCH):
-        with immediate(conn):
+        with conn.write():
             for mid in ids[start : start + BATCH]:
                 cur = conn.execute(
                     "UPDATE messages SET state = 'queued', done_at = NULL WHERE id = ? AND state IN (?, ?)",
@@ -271,7 +269,7 @@ class ReplayResult:
         return {"replayed": self.replayed, "unknown": self.unknown, "queued": self.queued}
 
 
-def replay(conn: sqlite3.Connection, plan: ReplayPlan, now: float) -> ReplayResult:
+def replay(conn: OpsConnection, plan: ReplayPlan, now: float) -> ReplayResult:
     """Carry out `plan`."""
     return ReplayResult(requeue(conn, plan.ids, now), plan.unknown, plan.queued)
 

@@ -1,11 +1,13 @@
 """What an operator asks of the store: list, replay and purge dead letters, and the daemon's status.
 
 Shared by the CLI (``wacored dlq ...``, ``wacored status``) and the admin API (``/admin/``), with
-the text the CLI shows a person (`dead_letter_table`, `status_text`). The queries take a connection
-from `open_store` and are synchronous: the CLI calls them directly, the admin API from a worker
+the text the CLI shows a person (`dead_letter_table`, `status_text`). The queries take an
+`connection.OpsConnection` (SQLite's from `open_store`, either store's from `connection.open_ops`:
+the same SQL on both) and are synchronous: the CLI calls them directly, the admin API from a worker
 thread (`trio.to_thread`). All of it is meant to run while the daemon runs: each call
-is one short transaction (``BEGIN IMMEDIATE`` for writes, so a write waits for the daemon's lock up to
-the busy timeout instead of failing half-way), and reads never block the daemon's writer (WAL).
+is one short transaction (`OpsConnection.write` for writes: on SQLite ``BEGIN IMMEDIATE``, so a
+write waits for the daemon's lock up to the busy timeout instead of failing half-way), and reads
+never block the daemon's writer (WAL; PostgreSQL's MVCC).
 
 Dead letters are named by their row id (``dead_letters.id``) or by their WhatsApp message id (the
 wamid, ``dead_letters.key``). In what these functions return, ``message_id`` is the wamid and
@@ -18,6 +20,7 @@ Error handling::
      └── NotAStore          the file is not a wacored database (schema version 0)
     store.SchemaError       the database was written by a newer wacored
     sqlite3.Error           anything else SQLite refuses (e.g. a lock held past the busy timeout)
+    psycopg.Error           anything PostgreSQL refuses (down, ``lock_timeout``)
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..store import DEAD_LETTER_STATES, SCHEMA_VERSION, SchemaError, dead_letters_by_state, queued_by_target
+from ..store import DEAD_LETTER_STATES, SCHEMA_VERSION, SchemaError
+from ..store.interface import STORE_ERRORS
+from .connection import OpsConnection, SqliteOps
 
 STATES = DEAD_LETTER_STATES
 
@@ -61,6 +65,10 @@ class NotAStore(OperationsError):
     """The file exists but is not a wacored database."""
 
 
+REFUSALS: tuple[type[Exception], ...] = (OperationsError, SchemaError, *STORE_ERRORS)
+"""What the CLI and the admin API report as the store refusing (`connection.open_ops`, the drivers)."""
+
+
 def parse_duration(text: str) -> float:
     """``90s``, ``30m``, ``12h``, ``7d`` (or ``1.5h``) in seconds; `ValueError` for anything else."""
     match = _DURATION.fullmatch(text.strip().lower())
@@ -77,7 +85,7 @@ def iso(ts: float | None, timespec: str = "seconds") -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
-def open_store(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+def open_store(path: Path, busy_timeout_ms: int = 5000) -> SqliteOps:
     """A connection of our own to the existing database at `path`, checked to be one this wacored
     understands. Never creates the file (``mode=rw``): a mistyped path must not leave an empty
     database behind. The caller closes it."""
@@ -98,7 +106,7 @@ def open_store(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
         if version == 0:
             raise NotAStore(f"{path} is not a wacored database (schema version 0)")
         raise SchemaError(f"{path} has schema version {version}, newer than this wacored ({SCHEMA_VERSION})")
-    return conn
+    return SqliteOps(conn)
 
 
 @dataclass(frozen=True)
@@ -140,21 +148,20 @@ class DeadLetter:
         }
 
 
-def list_dead_letters(
-    conn: sqlite3.Connection, *, state: str | None = None, service: str | None = None
-) -> list[DeadLetter]:
+def list_dead_letters(conn: OpsConnection, *, state: str | None = None, service: str | None = None) -> list[DeadLetter]:
     """Dead letters, oldest first, optionally only those in `state` and/or for `service`."""
     if state is not None and state not in STATES:
         raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
     rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM dead_letters WHERE (? IS NULL OR state = ?) AND (? IS NULL OR service = ?)"
+        f"SELECT {_COLUMNS} FROM dead_letters WHERE (CAST(? AS TEXT) IS NULL OR state = ?)"
+        " AND (CAST(? AS TEXT) IS NULL OR service = ?)"
         " ORDER BY created_at, id",
         (state, state, service, service),
     ).fetchall()
     return [DeadLetter(*row) for row in rows]
 
 
-def list_dead_letters_of(conn: sqlite3.Connection, message_row_id: int) -> DeadLetter | None:
+def list_dead_letters_of(conn: OpsConnection, message_row_id: int) -> DeadLetter | None:
     """The dead letter of the ``messages`` row `message_row_id` (None: it has none)."""
     row = conn.execute(f"SELECT {_COLUMNS} FROM dead_letters WHERE message_id = ?", (message_row_id,)).fetchone()
     return None if row is None else DeadLetter(*row)
@@ -179,46 +186,52 @@ class ReplayResult:
 _REPLAY = "UPDATE dead_letters SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ?"
 
 
-def replay(conn: sqlite3.Connection, ids: Sequence[str | int], now: float) -> ReplayResult:
+def replay(conn: OpsConnection, ids: Sequence[str | int], now: float) -> ReplayResult:
     """Make the dead letters named by `ids` (row ids or wamids) pending and due at `now`, in one
     transaction. Delivered entries are left alone and reported, like ids that match nothing."""
     replayed, unknown, delivered, queued = 0, [], [], []
-    with immediate(conn):
+    with conn.write():
         for ident in ids:
             column, value = _identify(ident)
             row = conn.execute(f"SELECT id, state FROM dead_letters WHERE {column} = ?", (value,)).fetchone()
+            # The UPDATE checks the state again: on PostgreSQL the DLQ retrier may change the row
+            # between the two statements (`connection` module docstring).
+            if row is not None and row[1] in REPLAYABLE:
+                cur = conn.execute(f"{_REPLAY} WHERE id = ? AND state IN (?, ?)", (now, now, row[0], *REPLAYABLE))
+                if cur.rowcount:
+                    replayed += 1
+                    continue
+                row = conn.execute("SELECT id, state FROM dead_letters WHERE id = ?", (row[0],)).fetchone()
             if row is None:
                 unknown.append(str(ident))
             elif row[1] == "delivered":
                 delivered.append(str(ident))
-            elif row[1] == "replayed":
-                queued.append(str(ident))  # the forwarder has its message: the retrier must not too
             else:
-                conn.execute(f"{_REPLAY} WHERE id = ?", (now, now, row[0]))
-                replayed += 1
+                queued.append(str(ident))  # replayed: the forwarder has its message, the retrier must not too
     return ReplayResult(replayed, unknown, delivered, queued)
 
 
-def replay_all(conn: sqlite3.Connection, now: float, *, state: str = "abandoned", service: str | None = None) -> int:
+def replay_all(conn: OpsConnection, now: float, *, state: str = "abandoned", service: str | None = None) -> int:
     """Make every dead letter in `state` (``abandoned`` or ``pending``), optionally of one
     `service`, pending and due at `now`; return how many."""
     if state not in REPLAYABLE:
         raise ValueError(f"state must be one of {', '.join(REPLAYABLE)}, got {state!r}")
-    with immediate(conn):
+    with conn.write():
         cur = conn.execute(
-            f"{_REPLAY} WHERE state = ? AND (? IS NULL OR service = ?)", (now, now, state, service, service)
+            f"{_REPLAY} WHERE state = ? AND (CAST(? AS TEXT) IS NULL OR service = ?)",
+            (now, now, state, service, service),
         )
     return cur.rowcount
 
 
-def purge(conn: sqlite3.Connection, *, state: str, older_than_s: float, now: float) -> int:
+def purge(conn: OpsConnection, *, state: str, older_than_s: float, now: float) -> int:
     """Delete the dead letters in `state` (``delivered`` or ``abandoned``) last changed more than
     `older_than_s` seconds before `now`; return how many."""
     if state not in PURGEABLE:
         raise ValueError(f"state must be one of {', '.join(PURGEABLE)}, got {state!r}")
     if older_than_s < 0:
         raise ValueError("older_than must not be negative")
-    with immediate(conn):
+    with conn.write():
         cur = conn.execute(
             "DELETE FROM dead_letters WHERE state = ? AND COALESCE(updated_at, created_at) < ?",
             (state, now - older_than_s),
@@ -226,14 +239,13 @@ def purge(conn: sqlite3.Connection, *, state: str, older_than_s: float, now: flo
     return cur.rowcount
 
 
-def status(conn: sqlite3.Connection, *, session_ttl_s: float, now: float, path: Path | None = None) -> dict[str, Any]:
+def status(conn: OpsConnection, *, session_ttl_s: float, now: float, path: Path | str | None = None) -> dict[str, Any]:
     """What ``wacored status`` and ``GET /admin/status`` show: dead letters by state and the oldest
     pending one, sessions active (last interaction within `session_ttl_s`) and stale, undelivered
     messages per target, and each periodic actor's last and next run; `path` is shown as the
-    database's. One read transaction, so the figures are of one moment; it never blocks the daemon's
-    writer (WAL)."""
-    conn.execute("BEGIN")
-    try:
+    database's (`connection.store_where`). One read transaction, so the figures are of one moment; it
+    never blocks the daemon's writer."""
+    with conn.read():
         return {
             "timestamp": iso(now),
             "database": {"path": None if path is None else str(path)},
@@ -242,12 +254,11 @@ def status(conn: sqlite3.Connection, *, session_ttl_s: float, now: float, path: 
             "queued": _queued(conn, now),
             "runs": _runs(conn),
         }
-    finally:
-        conn.execute("COMMIT")
 
 
-def _dead_letter_counts(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
-    counts: dict[str, Any] = dict(dead_letters_by_state(conn))
+def _dead_letter_counts(conn: OpsConnection, now: float) -> dict[str, Any]:
+    counts: dict[str, Any] = dict.fromkeys(DEAD_LETTER_STATES, 0)
+    counts.update(conn.execute("SELECT state, COUNT(*) FROM dead_letters GROUP BY state").fetchall())
     oldest = conn.execute(
         "SELECT id, key, service, created_at FROM dead_letters WHERE state = 'pending' ORDER BY created_at, id LIMIT 1"
     ).fetchone()
@@ -265,26 +276,27 @@ def _dead_letter_counts(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     return counts
 
 
-def _session_counts(conn: sqlite3.Connection, live_after: float) -> dict[str, int]:
+def _session_counts(conn: OpsConnection, live_after: float) -> dict[str, int]:
     active, total = conn.execute(
-        "SELECT COALESCE(SUM(last_interaction > ?), 0), COUNT(*) FROM sessions", (live_after,)
+        "SELECT COALESCE(SUM(CASE WHEN last_interaction > ? THEN 1 ELSE 0 END), 0), COUNT(*) FROM sessions",
+        (live_after,),
     ).fetchone()
     return {"active": int(active), "stale": int(total - active)}
 
 
-def _queued(conn: sqlite3.Connection, now: float) -> dict[str, dict[str, Any]]:
+def _queued(conn: OpsConnection, now: float) -> dict[str, dict[str, Any]]:
     return {
         target: {"count": count, "oldest_received_at": iso(oldest), "age_s": round(now - oldest, 1)}
-        for target, (count, oldest) in queued_by_target(conn).items()
+        for target, (count, oldest) in conn.queued_by_target().items()
     }
 
 
-def _runs(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+def _runs(conn: OpsConnection) -> dict[str, dict[str, Any]]:
     runs: dict[str, dict[str, Any]] = {
         actor: {"last_run": None, "next_run": None, "result": None} for actor in PERIODIC_ACTORS
     }
     # A schema v1 database (an older daemon still running) has no runs table: nothing ran yet.
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs'").fetchone() is None:
+    if not conn.has_table("runs"):
         return runs
     for actor, last_run, next_run, result in conn.execute(
         "SELECT actor, last_run, next_run, result FROM runs ORDER BY actor"
@@ -401,16 +413,3 @@ def _identify(ident: str | int) -> tuple[str, str | int]:
     if isinstance(ident, int) or ident.strip().isdigit():
         return "id", int(ident)
     return "key", ident.strip()
-
-
-@contextmanager
-def immediate(conn: sqlite3.Connection) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error): take the write lock up front, so
-    the transaction waits for the daemon's writer once, at the start, rather than failing midway."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")

@@ -12,9 +12,10 @@ carries wacored's own replies (the home menu), which nobody downstream is waitin
 pausing it is refused. A pause left behind by a service since removed from the config can still be
 resumed (so that a service added again later does not come back paused by surprise).
 
-The queries are synchronous, on a connection from `operations.open_store` (the CLI calls them
-directly, the admin API from a worker thread); each write is one short ``BEGIN IMMEDIATE``
-transaction, safe while the daemon runs.
+The queries are synchronous, on an `connection.OpsConnection` (SQLite or PostgreSQL, the same SQL;
+the CLI calls them directly, the admin API from a worker thread); each write is one short
+transaction (`OpsConnection.write`), safe while the daemon runs: its pause watcher reads the table
+of either store.
 
 Error handling::
 
@@ -23,6 +24,7 @@ Error handling::
           ├── UnknownService  not a configured service (admin API: 404)
           └── BadPause        the Graph API sender, or a reason that is not short printable text (400)
     sqlite3.Error           what SQLite refuses (a lock held past the busy timeout)
+    psycopg.Error           what PostgreSQL refuses (down, ``lock_timeout``)
 
 Cancellation:
     Nothing here awaits; the admin API runs these in a worker thread, which finishes its short
@@ -31,14 +33,13 @@ Cancellation:
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import GRAPH_SENDER
-from ..store import queued_by_target
-from .operations import OperationsError, immediate, iso
+from .connection import OpsConnection
+from .operations import OperationsError, iso
 
 POLL_S = 1.0
 """How often the running daemon re-reads the table (`pausewatch`): how long a pause or resume written
@@ -102,7 +103,7 @@ def check_pause(name: str, services: Collection[str], reason: object) -> None:
         raise BadPause(problem)
 
 
-def read_pauses(conn: sqlite3.Connection) -> dict[str, Pause]:
+def read_pauses(conn: OpsConnection) -> dict[str, Pause]:
     """Every paused service, as the table has it now."""
     return {
         str(service): Pause(float(at), str(reason))
@@ -112,11 +113,11 @@ def read_pauses(conn: sqlite3.Connection) -> dict[str, Pause]:
     }
 
 
-def pause(conn: sqlite3.Connection, name: str, *, services: Collection[str], reason: str, now: float) -> bool:
+def pause(conn: OpsConnection, name: str, *, services: Collection[str], reason: str, now: float) -> bool:
     """Pause service `name` from `now`; False when it was already paused (its start time and reason
     are kept: the pause began then)."""
     check_pause(name, services, reason)
-    with immediate(conn):
+    with conn.write():
         cur = conn.execute(
             "INSERT INTO service_pauses (service, paused_at, reason) VALUES (?,?,?) ON CONFLICT(service) DO NOTHING",
             (name, now, reason),
@@ -124,10 +125,10 @@ def pause(conn: sqlite3.Connection, name: str, *, services: Collection[str], rea
     return cur.rowcount == 1
 
 
-def resume(conn: sqlite3.Connection, name: str, *, services: Collection[str]) -> bool:
+def resume(conn: OpsConnection, name: str, *, services: Collection[str]) -> bool:
     """Resume service `name`; False when it was not paused. A name neither configured nor paused
     raises `UnknownService`."""
-    with immediate(conn):
+    with conn.write():
         cur = conn.execute("DELETE FROM service_pauses WHERE service = ?", (name,))
     if cur.rowcount == 0 and name not in services:
         raise UnknownService(f"unknown service {name!r}")
@@ -144,15 +145,12 @@ def service_state(name: str, pause: Pause | None) -> dict[str, Any]:
     }
 
 
-def list_services(conn: sqlite3.Connection, services: Collection[str]) -> list[dict[str, Any]]:
+def list_services(conn: OpsConnection, services: Collection[str]) -> list[dict[str, Any]]:
     """Every configured service, and any paused one no longer configured, by name: paused or not,
     since when, why, and how many messages wait for it. One read transaction."""
-    conn.execute("BEGIN")
-    try:
+    with conn.read():
         paused = read_pauses(conn)
-        queued = {target: count for target, (count, _) in queued_by_target(conn).items()}
-    finally:
-        conn.execute("COMMIT")
+        queued = {target: count for target, (count, _) in conn.queued_by_target().items()}
     return [
         {**service_state(name, paused.get(name)), "queued": queued.get(name, 0)}
         for name in sorted({*services, *paused})

@@ -104,7 +104,11 @@ def split_lanes(c: Statements, *, target: str, lanes: int) -> int:
 
 
 def this_host_dead(owner: str, host: str | None = None) -> bool:
-    """Whether lease owner `owner` (``host-pid``) is a process of this host that no longer runs."""
+    """Whether lease owner `owner` (``host-pid``) is a process of this host that no longer runs.
+
+    Only a default name (`daemon.node_name`) has that shape: a configured ``[cluster] node_id`` may
+    not end in ``-<digits>`` (`config`), and its workers' ``-w<index>`` do not either, so a configured
+    node is never judged dead here, only taken over when its leases expire."""
     host = host if host is not None else socket.gethostname()
     prefix, _, pid = owner.rpartition("-")
     if prefix != host or not pid.isdigit():

@@ -482,7 +482,8 @@ _INSERT_ATTEMPT = (
 class PgRowsListener:
     """What wakes the relay (`actors.lanes.run_relay`) on PostgreSQL: ``LISTEN`` on `ROWS_CHANNEL`, on
     a connection of its own, waited on in a worker thread. The relay still reads the newest id after
-    every wait, so a NOTIFY lost (the connection broke and was opened again) costs at most one wait."""
+    every wait, and once a (new) connection listens, so a row committed while nobody listened (before
+    the first wait, or while the connection was broken) is read at once, not a whole wait later."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -497,6 +498,9 @@ class PgRowsListener:
                 self.close()
                 self._conn = connect(self.url)
                 self._conn.execute(f"LISTEN {ROWS_CHANNEL}")
+                # Listening from now on: a row committed before this was not notified to us, so the
+                # relay reads now rather than after a whole wait.
+                return True
             notified = False
             for _ in self._conn.notifies(timeout=timeout_s, stop_after=1):
                 notified = True
