@@ -16,6 +16,12 @@ statuses    the same with bodies of one ``delivered`` status update each: ``[rou
             (counted and dropped: acked/s) and ``= <the first service>`` (forwarded: end to end/s).
 processes-2 the messages row with ``[server] processes = 2``, not pinned; n/a when
             ``wacored check-config`` refuses the key.
+pg          the messages row on PostgreSQL (``[store] url``): one node, pinned like the messages row,
+            on a database ``wacored_bench_<random>`` the bench creates on ``--pg`` (default the server
+            at 127.0.0.1:5432) and drops after the row; never another database. Not in the default rows.
+pg-2-nodes  the same with two nodes (two ``wacored run`` processes, one config, one database), not
+            pinned, no balancer: wrk's threads are split over the two ports (bench/bodies.lua,
+            ``BENCH_TARGETS``). PostgreSQL's own CPU shows in the ``others`` column of these rows.
 --held      (optional diagnostic) the messages row with `noop.py` holding every request until the load
             is over: ingest without forwarding competing for the CPU, then the backlog's drain.
 
@@ -52,11 +58,16 @@ import tempfile
 import time
 import tomllib
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psycopg
+from psycopg import sql
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -73,6 +84,8 @@ TARGET_STATUSES_DROPPED = 0.9
 TARGET_STATUSES_FORWARDED = 0.6
 TARGET_PROCESSES_2 = 1.6
 """processes = 2 end to end, as a ratio to processes = 1 (the messages row) of the same run."""
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+"""Where the pg rows create (and drop) their database: the test server of this project's machines."""
 TARGET_RSS_MB = 80.0
 CYCLE = 10
 """Messages per sender per session cycle: 1 service key, 8 free texts, 1 "menu"."""
@@ -182,10 +195,11 @@ def write_config(
     timeout_ms: int | None = None,
     statuses: str | None = None,
     processes: int | None = None,
+    store_url: str = "",
 ) -> None:
     """The repo's wacored.toml (services, keys, home menu, rate limit, forwarding), pointed at the bench's
-    downstream and a fresh store, listening on a free port; `statuses` replaces ``[routing] statuses``
-    and `processes` sets ``[server] processes``."""
+    downstream and a fresh store, listening on a free port; `statuses` replaces ``[routing] statuses``,
+    `processes` sets ``[server] processes`` and `store_url` ``[store] url`` (PostgreSQL)."""
     base = tomllib.loads((ROOT / "wacored.toml").read_text())
     q = json.dumps
     lines = [
@@ -199,6 +213,7 @@ def write_config(
         "",
         "[store]",
         f"path = {q(str(store))}",
+        *([f"url = {q(store_url)}"] if store_url else []),
         "",
     ]
     for section in ("ratelimit", "routing", "sessions", "forwarding"):
@@ -602,11 +617,13 @@ def run_wrk(
     roots: list[int],
     cpus: set[int] | None,
     at_start: Callable[[], list[int]] | None = None,
+    targets: Sequence[str] = (),
 ) -> Load:
     """wrk against `url` with `prefix`'s bodies, pinned to `cpus`; `roots` are the bench's own processes
     (with their descendants, read after the load: they are not "others"). `at_start` runs once the
     machine is quiet, right before wrk (a sampler must cover the load, not the wait for quiet), and
-    returns more pids of the bench's own."""
+    returns more pids of the bench's own. `targets` (``host:port``, several nodes) spreads wrk's threads
+    over them, thread n to target n mod len (bench/bodies.lua); without them every thread goes to `url`."""
     argv = [
         "wrk",
         f"-t{args.threads}",
@@ -619,7 +636,7 @@ def run_wrk(
         str(LUA),
         f"{url}/webhook",
     ]
-    env = {**os.environ, "BENCH_BODIES": str(prefix)}
+    env = {**os.environ, "BENCH_BODIES": str(prefix), **({"BENCH_TARGETS": ",".join(targets)} if targets else {})}
     idle_busy = wait_quiet(args.quiet_wait)
     if idle_busy >= 0.15:
         print(
@@ -669,7 +686,14 @@ def run_wrk(
 # The store, read-only
 
 
-def read_store(store: Path, query: Callable[[sqlite3.Connection], Any]) -> Any:
+Store = Path | str
+"""A SQLite file, or a PostgreSQL URL (the pg rows): the queries below are the same on both."""
+
+
+def read_store(store: Store, query: Callable[[Any], Any]) -> Any:
+    if isinstance(store, str):
+        with psycopg.connect(store, autocommit=True) as pg:
+            return query(pg)
     conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5.0)
     try:
         return query(conn)
@@ -677,7 +701,22 @@ def read_store(store: Path, query: Callable[[sqlite3.Connection], Any]) -> Any:
         conn.close()
 
 
-def store_counts(store: Path) -> dict[str, int]:
+@contextmanager
+def bench_database(server: str) -> Iterator[str]:
+    """A new database ``wacored_bench_<random>`` on `server` (a libpq URL of a role that may create
+    databases), dropped on exit even when wacored still holds connections: the URL to give wacored.
+    Only the database created here is ever dropped."""
+    name = f"wacored_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield urllib.parse.urlsplit(server)._replace(path=f"/{name}").geturl()  # wacored takes a URL only
+    finally:
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def store_counts(store: Store) -> dict[str, int]:
     counts: dict[str, int] = read_store(
         store, lambda c: dict(c.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall())
     )
@@ -685,7 +724,7 @@ def store_counts(store: Path) -> dict[str, int]:
     return counts
 
 
-def wait_delivered(store: Path, timeout_s: float) -> tuple[dict[str, int], bool]:
+def wait_delivered(store: Store, timeout_s: float) -> tuple[dict[str, int], bool]:
     """Poll until no message is queued and the row count is stable (in-flight requests committed)."""
     deadline = time.monotonic() + timeout_s
     last_total = -1
@@ -699,8 +738,8 @@ def wait_delivered(store: Path, timeout_s: float) -> tuple[dict[str, int], bool]
         time.sleep(0.25)
 
 
-def store_facts(store: Path) -> dict[str, Any]:
-    def query(c: sqlite3.Connection) -> dict[str, Any]:
+def store_facts(store: Store) -> dict[str, Any]:
+    def query(c: Any) -> dict[str, Any]:  # a sqlite3 or a psycopg connection
         first, last = c.execute(
             "SELECT MIN(received_at), MAX(done_at) FROM messages WHERE state = 'delivered'"
         ).fetchone()
@@ -715,7 +754,7 @@ def store_facts(store: Path) -> dict[str, Any]:
             "lag_p99_ms": lags[min(len(lags) - 1, len(lags) * 99 // 100)] * 1000 if lags else 0.0,
             "reasons": dict(c.execute("SELECT reason, COUNT(*) FROM messages GROUP BY reason").fetchall()),
             "targets": dict(c.execute("SELECT target, COUNT(*) FROM messages GROUP BY target").fetchall()),
-            "attempts": c.execute("SELECT COALESCE(SUM(attempts), 0) FROM messages").fetchone()[0],
+            "attempts": int(c.execute("SELECT COALESCE(SUM(attempts), 0) FROM messages").fetchone()[0]),
             "senders": c.execute("SELECT COUNT(DISTINCT sender) FROM messages").fetchone()[0],
             "sessions": c.execute("SELECT COUNT(*) FROM sessions").fetchone()[0],
         }
@@ -753,29 +792,57 @@ class Run:
     processes: int | None = None
     """``[server] processes`` (None: not set)."""
     pin: bool = True
+    nodes: int = 0
+    """0: SQLite; n: n wacored nodes on one fresh PostgreSQL database (the pg rows)."""
 
 
 def scenario_wacored(procs: Procs, tmp: Path, secret: str, args: argparse.Namespace, run: Run) -> dict[str, Any] | str:
     """Run wacored under load, wait for the drain, and return its figures; or, when `wacored check-config`
     refuses the run's config, why (the row is then printed n/a)."""
+    with ExitStack() as stack:
+        store_url = stack.enter_context(bench_database(args.pg)) if run.nodes else ""
+        return run_wacored(procs, tmp, secret, args, run, store_url)
+
+
+def run_wacored(
+    procs: Procs, tmp: Path, secret: str, args: argparse.Namespace, run: Run, store_url: str
+) -> dict[str, Any] | str:
     run_dir = tmp / run.name
     run_dir.mkdir()
-    store = run_dir / "wacored.db"  # a fresh store for every run
+    sqlite_file = run_dir / "wacored.db"  # a fresh store for every run
+    store: Store = store_url or sqlite_file
     server_cpus, load_cpus = (args.server_cpus, args.load_cpus) if run.pin else (None, None)
     kind = "noop" if run.held else args.downstream  # only noop.py can hold requests
     down = start_downstream(procs, run_dir, kind, load_cpus)
     if run.held:
         get(f"{down.url}/_gate/close")
     config = run_dir / "wacored.toml"
-    write_config(config, store, down.url, HELD_TIMEOUT_MS if run.held else None, run.statuses, run.processes)
+    write_config(
+        config, sqlite_file, down.url, HELD_TIMEOUT_MS if run.held else None, run.statuses, run.processes, store_url
+    )
     if run.processes is not None and (why := config_refused(config, secret, args.wacored)):
         procs.stop(down.proc)
         return why
     p, url, startup_s = start_wacored(procs, run_dir, config, secret, args.wacored, server_cpus)
+    nodes = [p]
+    urls = [url]
+    for n in range(2, run.nodes + 1):  # more nodes on the same database: same config, a port each
+        node_dir = run_dir / f"node{n}"
+        node_dir.mkdir()
+        q, node_url, _ = start_wacored(procs, node_dir, config, secret, args.wacored, server_cpus)
+        nodes.append(q)
+        urls.append(node_url)
+
+    def all_pids() -> list[int]:
+        return [pid for node in nodes for pid in tree(node.pid)]
+
+    def cpu_now() -> float:
+        return sum(tree_cpu_s(node.pid) for node in nodes)
+
     try:
-        idle_hwm = sum(memory_mb(pid)[0] for pid in tree(p.pid))
-        cores = {"wacored": cores_of(p.pid), "downstream": cores_of(down.proc.pid)}
-        cpu0, down0 = tree_cpu_s(p.pid), tree_cpu_s(down.proc.pid)
+        idle_hwm = sum(memory_mb(pid)[0] for pid in all_pids())
+        cores = {"wacored": " ".join(cores_of(node.pid) for node in nodes), "downstream": cores_of(down.proc.pid)}
+        cpu0, down0 = cpu_now(), tree_cpu_s(down.proc.pid)
         spies: list[subprocess.Popen[bytes]] = []
 
         def sample() -> list[int]:  # sampling costs CPU: the figures of such a run are lower
@@ -805,27 +872,30 @@ def scenario_wacored(procs: Procs, tmp: Path, secret: str, args: argparse.Namesp
             run.bodies,
             args,
             run_dir / "wrk.txt",
-            [p.pid, down.proc.pid],
+            [*(node.pid for node in nodes), down.proc.pid],
             load_cpus,
             sample if args.py_spy else None,
+            [u.removeprefix("http://") for u in urls] if len(urls) > 1 else (),
         )
-        pids = tree(p.pid)
-        cpu_load, down_load = tree_cpu_s(p.pid) - cpu0, tree_cpu_s(down.proc.pid) - down0
-        load_hwm = sum(memory_mb(pid)[0] for pid in tree(p.pid))
+        pids = all_pids()
+        cpu_load, down_load = cpu_now() - cpu0, tree_cpu_s(down.proc.pid) - down0
+        load_hwm = sum(memory_mb(pid)[0] for pid in all_pids())
         opened_at = time.time()
         if run.held:
             get(f"{down.url}/_gate/open")
         counts, drained = wait_delivered(store, args.drain_timeout)
-        cpu_all, down_all = tree_cpu_s(p.pid) - cpu0, tree_cpu_s(down.proc.pid) - down0
-        mem = [memory_mb(pid) for pid in tree(p.pid)]
+        cpu_all, down_all = cpu_now() - cpu0, tree_cpu_s(down.proc.pid) - down0
+        mem = [memory_mb(pid) for pid in all_pids()]
         hwm, rss = sum(m[0] for m in mem), sum(m[1] for m in mem)
         facts = store_facts(store)
         downstream = down.count()
-        statuses_counted = health_statuses(url) if run.processes is None else None
+        statuses_counted = health_statuses(url) if run.processes is None and not run.nodes else None
         for spy in spies:
             spy.wait(30)
     finally:
         code = procs.stop(p)
+        for node in nodes[1:]:
+            procs.stop(node)
         procs.stop(down.proc)
     lines = (run_dir / "wacored.log").read_text().splitlines()
     problems = [ln for ln in lines if '"level": "warning"' in ln or '"level": "error"' in ln]
@@ -1010,6 +1080,23 @@ def report(
             load_cpu("processes = 2 (load)", w["load"], w["cpu_load_s"], w["down_load_s"]),
             drain_cpu("processes = 2 end to end (load + drain)", w, delivered),
         ]
+    for name, title in [("pg", "pg, 1 node, end to end"), ("pg-2-nodes", "pg, 2 nodes, end to end")]:
+        if name not in ran:
+            continue
+        w = ran[name]
+        load = w["load"]
+        rate, _, delivered = e2e(w)
+        versus = f"{rate / p1_rate:.2f}x sqlite" if p1_rate else ""
+        rows += [
+            (f"{name} ingest", f"{load.rate:.0f}", f"{load.rate / base.rate:.2f}", "", f"{load.p50_ms:.1f}",
+             f"{load.p99_ms:.1f}", f"{w['rss_mb']:.0f}", ""),
+            (title, f"{rate:.0f}", f"{rate / base.rate:.2f}", versus, f"[{w['facts']['lag_p50_ms']:.0f}]",
+             f"[{w['facts']['lag_p99_ms']:.0f}]", f"{w['rss_mb']:.0f}", ""),
+        ]  # fmt: skip
+        cpu_rows += [
+            load_cpu(f"{name} (load)", load, w["cpu_load_s"], w["down_load_s"]),
+            drain_cpu(f"{name} end to end (load + drain)", w, delivered),
+        ]
     if "held" in ran:
         held = ran["held"]
         hl: Load = held["load"]
@@ -1133,7 +1220,9 @@ def report(
     return "\n".join(out)
 
 
-ROWS = ("messages", "statuses-dropped", "statuses-forwarded", "processes-2")
+DEFAULT_ROWS = ("messages", "statuses-dropped", "statuses-forwarded", "processes-2")
+ROWS = (*DEFAULT_ROWS, "pg", "pg-2-nodes")
+"""The pg rows need a PostgreSQL server (``--pg``), so they run only when asked for."""
 
 
 def main() -> int:
@@ -1189,8 +1278,15 @@ def main() -> int:
     )
     p.add_argument(
         "--rows",
-        default=",".join(ROWS),
-        help=f"wacored rows to run, comma-separated, in this order (default all: {','.join(ROWS)}); S1 always runs",
+        default=",".join(DEFAULT_ROWS),
+        help=f"wacored rows to run, comma-separated, in this order (default {','.join(DEFAULT_ROWS)}; also"
+        " pg, pg-2-nodes); S1 always runs",
+    )
+    p.add_argument(
+        "--pg",
+        default=DEFAULT_PG,
+        help="PostgreSQL server for the pg rows, a libpq URL of a role that may create databases"
+        f" (default {DEFAULT_PG}); each row creates its own wacored_bench_<random> database there and drops it",
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (bodies, stores, logs)")
     args = p.parse_args()
@@ -1239,6 +1335,8 @@ def main() -> int:
             "statuses-dropped": Run("statuses-dropped", statuses, statuses=""),
             "statuses-forwarded": Run("statuses-forwarded", statuses, statuses=service),
             "processes-2": Run("processes-2", prefix, processes=2, pin=False),
+            "pg": Run("pg", prefix, nodes=1),
+            "pg-2-nodes": Run("pg-2-nodes", prefix, nodes=2, pin=False),
         }
         chosen = [runs[r] for r in rows] + ([Run("held", prefix, held=True)] if args.held else [])
         results: dict[str, dict[str, Any] | str] = {}

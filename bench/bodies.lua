@@ -8,8 +8,19 @@
 local counter = 1
 local threads = {}
 
+-- BENCH_TARGETS=<host:port>,<host:port>,... (optional): thread n connects to target n mod count, so one
+-- wrk spreads its threads (and their connections) over several wacored nodes with no balancer.
+local targets = {}
+for target in (os.getenv("BENCH_TARGETS") or ""):gmatch("[^,]+") do
+   table.insert(targets, target)
+end
+
 function setup(thread)
    thread:set("id", counter)
+   if #targets > 0 then
+      local host, port = targets[(counter - 1) % #targets + 1]:match("^(.+):(%d+)$")
+      thread.addr = wrk.lookup(host, port)[1]
+   end
    table.insert(threads, thread)
    counter = counter + 1
 end

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,17 @@ from wacored.core.whatsapp import sign, text_webhook
 from wacored.version import VERSION
 
 from .conftest import SECRET, VERIFY_TOKEN, Downstream, Received, rows
-from .support import POLL_S, clean_env, daemon_process, free_port, wait_until_answering
+from .postgres import own_schema
+from .support import (
+    POLL_S,
+    clean_env,
+    daemon_process,
+    free_port,
+    parse,
+    toml_text,
+    value,
+    wait_until_answering,
+)
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
@@ -39,6 +50,8 @@ RULES = DEPLOY / "prometheus" / "wacored.rules.yml"
 RULE_TESTS = DEPLOY / "prometheus" / "wacored.rules.test.yml"
 UNIT = DEPLOY / "systemd" / "wacored.service"
 SITE = DEPLOY / "nginx" / "wacored.conf"
+CLUSTER_SITE = DEPLOY / "nginx" / "wacored-cluster.conf"
+CLUSTER = DEPLOY / "cluster"
 README = ROOT / "README.md"
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
 
@@ -494,20 +507,23 @@ async def test_the_daemon_runs_with_memory_deny_write_execute(
 # --- nginx -----------------------------------------------------------------------------------------
 
 
-def nginx_site(tmp_path: Path, *, https_port: int, http_port: int, upstream_port: int) -> Path:
-    """The shipped site with this test's ports, certificate and log paths: nothing else changed."""
+def nginx_site(
+    tmp_path: Path, *, https_port: int, http_port: int, backends: dict[str, int], site_file: Path = SITE
+) -> Path:
+    """A shipped site with this test's ports, certificate and log paths: nothing else changed.
+    `backends` maps each upstream address in the file (``127.0.0.1:8080``) to this test's port."""
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1")
     cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
     (tmp_path / "cert.pem").write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    site = SITE.read_text()
+    site = site_file.read_text()
     for old, new in [
         ("listen 80;", f"listen 127.0.0.1:{http_port};"),
         ("listen [::]:80;", ""),
         ("listen 443 ssl http2;", f"listen 127.0.0.1:{https_port} ssl http2;"),
         ("listen [::]:443 ssl http2;", ""),
-        ("server 127.0.0.1:8080;", f"server 127.0.0.1:{upstream_port};"),
+        *((f"server {address}", f"server 127.0.0.1:{port}") for address, port in backends.items()),
         ("/etc/letsencrypt/live/webhook.example.com/fullchain.pem", str(tmp_path / "cert.pem")),
         ("/etc/letsencrypt/live/webhook.example.com/privkey.pem", str(tmp_path / "key.pem")),
         ("/var/log/nginx/", f"{tmp_path}/"),
@@ -525,7 +541,7 @@ def nginx_site(tmp_path: Path, *, https_port: int, http_port: int, upstream_port
 
 
 def test_nginx_accepts_the_site(tmp_path: Path) -> None:
-    conf = nginx_site(tmp_path, https_port=free_port(), http_port=free_port(), upstream_port=8080)
+    conf = nginx_site(tmp_path, https_port=free_port(), http_port=free_port(), backends={"127.0.0.1:8080": 8080})
     result = run(need("nginx"), "-t", "-p", tmp_path, "-c", conf)
     assert result.returncode == 0, result.stderr
     assert "syntax is ok" in result.stderr
@@ -537,7 +553,10 @@ async def test_nginx_proxies_the_webhook_over_tls(tmp_path: Path, services: Down
     https_port = free_port()
     async with daemon_process(tmp_path, services, graph) as url:
         conf = nginx_site(
-            tmp_path / "nginx", https_port=https_port, http_port=free_port(), upstream_port=int(url.rsplit(":", 1)[1])
+            tmp_path / "nginx",
+            https_port=https_port,
+            http_port=free_port(),
+            backends={"127.0.0.1:8080": int(url.rsplit(":", 1)[1])},
         )
         process = await trio.lowlevel.open_process(
             [nginx, "-p", str(tmp_path / "nginx"), "-c", str(conf), "-g", "daemon off;"]
@@ -559,11 +578,7 @@ async def test_nginx_proxies_the_webhook_over_tls(tmp_path: Path, services: Down
                 big = await http.post(f"{public}/webhook", content=b"x" * (3 * 1024 * 1024 + 1), headers=signed)
             [got] = await services.wait_for(1, "/jobs")
         finally:
-            process.send_signal(signal.SIGQUIT)
-            with trio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
+            await stop_nginx(process)
     assert (ours.status_code, ours.headers["X-Routed-Service"], ours.headers["X-Request-ID"]) == (200, "jobs", "rid-1")
     assert theirs.json()["duplicates"] == 1
     assert re.fullmatch(r"[0-9a-f]{32}", theirs.headers["X-Request-ID"])  # nginx's $request_id
@@ -571,6 +586,124 @@ async def test_nginx_proxies_the_webhook_over_tls(tmp_path: Path, services: Down
     assert (handshake.status_code, handshake.text) == (200, "c-1")
     assert health.status_code == 404  # only /webhook is public
     assert big.status_code == 413
+
+
+async def stop_nginx(process: trio.Process) -> None:
+    process.send_signal(signal.SIGQUIT)
+    with trio.move_on_after(10):
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+CLUSTER_NODES = {"10.0.0.11:8080": 8081, "10.0.0.12:8080": 8082}
+"""The two nodes' addresses in the cluster site (deploy/nginx/wacored-cluster.conf), to local ports."""
+
+
+def test_nginx_accepts_the_cluster_site(tmp_path: Path) -> None:
+    conf = nginx_site(
+        tmp_path, https_port=free_port(), http_port=free_port(), backends=CLUSTER_NODES, site_file=CLUSTER_SITE
+    )
+    result = run(need("nginx"), "-t", "-p", tmp_path, "-c", conf)
+    assert result.returncode == 0, result.stderr
+    assert "syntax is ok" in result.stderr
+
+
+async def test_the_cluster_site_spreads_webhooks_over_both_nodes_and_skips_one_that_is_down(
+    tmp_path: Path, services: Downstream, graph: Downstream, pg_url: str
+) -> None:
+    """Two real nodes on one PostgreSQL schema behind the shipped cluster site: POSTs reach both, and
+    once one node is stopped every POST is still answered 200 by the other (nginx skips the refused
+    connection), and every message is delivered once."""
+    nginx = need("nginx")
+    for name in ("nginx", "a", "b"):
+        (tmp_path / name).mkdir()
+    https_port = free_port()
+    with own_schema(pg_url) as store_url:
+
+        def shared_store(data: dict[str, Any]) -> None:
+            data["store"]["url"] = store_url
+
+        async with AsyncExitStack() as stack:
+            node_a = await stack.enter_async_context(daemon_process(tmp_path / "a", services, graph, edit=shared_store))
+            b_stack = AsyncExitStack()
+            stack.push_async_exit(b_stack)
+            node_b = await b_stack.enter_async_context(
+                daemon_process(tmp_path / "b", services, graph, edit=shared_store)
+            )
+            ports = [int(url.rsplit(":", 1)[1]) for url in (node_a, node_b)]
+            conf = nginx_site(
+                tmp_path / "nginx",
+                https_port=https_port,
+                http_port=free_port(),
+                backends=dict(zip(CLUSTER_NODES, ports, strict=True)),
+                site_file=CLUSTER_SITE,
+            )
+            process = await trio.lowlevel.open_process(
+                [nginx, "-p", str(tmp_path / "nginx"), "-c", str(conf), "-g", "daemon off;"]
+            )
+            stack.push_async_callback(stop_nginx, process)
+            public = f"https://localhost:{https_port}"
+            tls = ssl.create_default_context(cafile=tmp_path / "nginx" / "ca.pem")
+            await wait_until_answering(public, process, verify=tls)
+            async with httpx.AsyncClient(trust_env=False, verify=tls) as http:
+
+                async def post(n: int) -> int:
+                    body = text_webhook(
+                        text="jobs", sender=f"25078800{n:04d}", wamid=f"wamid.CLUSTER{n}", timestamp=1700000000
+                    )
+                    signed = {"X-Hub-Signature-256": sign(SECRET, body), "Content-Type": "application/json"}
+                    return (await http.post(f"{public}/webhook", content=body, headers=signed)).status_code
+
+                async def accepted(node: str) -> float:
+                    text = (await http.get(f"{node}/metrics")).text
+                    return value(parse(text), "wacored_webhook_requests_total", outcome="accepted")
+
+                both_up = [await post(n) for n in range(10)]
+                spread = [await accepted(node_a), await accepted(node_b)]
+                await b_stack.aclose()  # node b drains and stops: its port refuses connections
+                one_down = [await post(n) for n in range(10, 20)]
+                a_after = await accepted(node_a)
+            got = await services.wait_for(20, "/jobs")
+    assert both_up == [200] * 10
+    assert sum(spread) == 10
+    assert min(spread) >= 1, spread  # round robin: both nodes took POSTs
+    assert one_down == [200] * 10
+    assert a_after == spread[0] + 10  # node a took every POST once b was down
+    assert sorted(r.message["id"] for r in got) == sorted(f"wamid.CLUSTER{n}" for n in range(20))
+
+
+def test_the_cluster_node_config_passes_check_config(tmp_path: Path, pg_url: str) -> None:
+    """The shipped single-node config with deploy/cluster/wacored.toml merged in, and the env file's
+    store URL pointed at a real database: `wacored check-config` accepts it and reaches the database."""
+    config = tomllib.loads((ROOT / "wacored.toml").read_text())
+    for section, keys in tomllib.loads((CLUSTER / "wacored.toml").read_text()).items():
+        config.setdefault(section, {}).update(keys)
+    config["store"]["path"] = str(tmp_path / "wacored.db")
+    (tmp_path / "wacored.toml").write_text(toml_text(config))
+    [line] = [ln for ln in (CLUSTER / "wacored.env").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert line.startswith("WACORED_STORE_URL=postgresql://")
+    with own_schema(pg_url) as store_url:
+        (tmp_path / "wacored.env").write_text(f"WACORED_APP_SECRET=cluster-check\nWACORED_STORE_URL={store_url}\n")
+        result = run(
+            sys.executable,
+            "-m",
+            "wacored",
+            "check-config",
+            "-c",
+            tmp_path / "wacored.toml",
+            "--env-file",
+            tmp_path / "wacored.env",
+            env=clean_env(),
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "store.url" not in result.stdout, result.stdout  # no warning: the database answers
+
+
+def test_promtool_accepts_the_cluster_scrape_config() -> None:
+    result = run(need("promtool"), "check", "config", CLUSTER / "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_make_run_installs_only_what_running_needs(tmp_path: Path) -> None:
