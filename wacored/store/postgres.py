@@ -51,14 +51,14 @@ import psycopg
 from psycopg import pq
 
 from ..core.leases import Held, Lease
-from ..core.routing import SessionAction
 from ..core.sessions import SessionChange
 from . import lanes as store_lanes
-from .rows import DEAD_LETTER_STATES, DeadLetter, Delivery, NewRow, Outcome, Retried, SchemaError, _delivery
+from .rows import DEAD_LETTER_STATES, DeadLetter, Delivery, NewRow, SchemaError, _delivery
 from .rows import _delivery_columns as _columns
 from .schema import SCHEMA_VERSION
 from .sqlite import REAP_SQL as SQLITE_REAP_SQL
-from .sqlite import StoreFigures, _attempt_values, as_time
+from .sqlite import StoreFigures, as_time
+from .writes import SharedWrites
 
 CONNECT_TIMEOUT_S = 5
 """How long opening a connection may take before the store counts as unreachable."""
@@ -191,7 +191,7 @@ class QmarkStatements:
         return cur
 
 
-class PgWriteConnection:
+class PgWriteConnection(SharedWrites):
     """The single write connection (`interface.WriteTx`) on PostgreSQL. Opened at the first ``BEGIN``
     (in a worker thread), and again at the next one after it broke."""
 
@@ -242,6 +242,9 @@ class PgWriteConnection:
 
     def changes(self) -> int:
         return self._changes
+
+    def _sql(self, sql: str, params: Sequence[object] = ()) -> psycopg.Cursor[tuple[Any, ...]]:
+        return self._run(qmark(sql), params)
 
     def _run(self, sql: str, params: Sequence[object] = ()) -> psycopg.Cursor[tuple[Any, ...]]:
         cur = self.conn.execute(sql, params)
@@ -317,107 +320,8 @@ class PgWriteConnection:
                 ),
             ).fetchone()
             ids.append(None if row is None else int(row[0]))
-        for index, change in changes:
-            if ids[index] is None:
-                continue
-            if change.action is SessionAction.END:
-                self._run("DELETE FROM sessions WHERE number = %s AND sender = %s", (change.number, change.sender))
-            elif change.action is SessionAction.START:
-                self._run(
-                    "INSERT INTO sessions (number, sender, service, started_at, last_interaction)"
-                    " VALUES (%s,%s,%s,%s,%s) ON CONFLICT (number, sender) DO UPDATE SET service = excluded.service,"
-                    " started_at = excluded.started_at, last_interaction = excluded.last_interaction",
-                    (change.number, change.sender, change.service, change.at, change.at),
-                )
-            elif change.action is SessionAction.TOUCH:
-                self._run(
-                    "UPDATE sessions SET last_interaction = %s WHERE number = %s AND sender = %s",
-                    (change.at, change.number, change.sender),
-                )
+        self.apply_changes(ids, changes)
         return ids
-
-    def record(self, outcome: Outcome) -> None:
-        """`sqlite.WriteConnection.record` (the same statements)."""
-        for a in outcome.tries:
-            self._run(_INSERT_ATTEMPT, _attempt_values(a))
-        state = "delivered" if outcome.delivered else "dead_lettered"
-        self._run(
-            "UPDATE messages SET state = %s, attempts = attempts + %s, done_at = %s WHERE id = %s",
-            (state, outcome.attempts, outcome.at, outcome.message_id),
-        )
-        if outcome.delivered:
-            self._run(
-                "UPDATE dead_letters SET state = 'delivered', updated_at = %s"
-                " WHERE message_id = %s AND state = 'replayed'",
-                (outcome.at, outcome.message_id),
-            )
-            return
-        self._run(
-            "INSERT INTO dead_letters (message_id, key, service, state, reason, error, status_code,"
-            " attempts, next_attempt_at, created_at, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-            " ON CONFLICT (message_id) DO UPDATE SET error = excluded.error, status_code = excluded.status_code,"
-            " updated_at = excluded.updated_at,"
-            " state = CASE WHEN dead_letters.state = 'replayed' THEN excluded.state ELSE dead_letters.state END,"
-            " reason = CASE WHEN dead_letters.state = 'replayed' THEN excluded.reason ELSE dead_letters.reason END,"
-            " attempts = CASE WHEN dead_letters.state = 'replayed' THEN 0 ELSE dead_letters.attempts END,"
-            " next_attempt_at = CASE WHEN dead_letters.state = 'replayed' THEN excluded.next_attempt_at"
-            " ELSE dead_letters.next_attempt_at END"
-            " WHERE dead_letters.state IN ('pending', 'replayed')",
-            (
-                outcome.message_id,
-                outcome.key,
-                outcome.target,
-                "abandoned" if outcome.permanent else "pending",
-                outcome.reason,
-                outcome.error,
-                outcome.status_code,
-                0,
-                None if outcome.permanent else outcome.retry_at,
-                outcome.at,
-                outcome.at,
-            ),
-        )
-
-    def retried(self, r: Retried) -> None:
-        """`sqlite.WriteConnection.retried` (the same statements)."""
-        if r.attempt is not None:
-            self._run(_INSERT_ATTEMPT, _attempt_values(r.attempt))
-        cur = self._run(
-            "UPDATE dead_letters SET state = %s, attempts = attempts + %s, next_attempt_at = %s,"
-            " error = CASE WHEN %s::text = '' THEN error ELSE %s END, status_code = COALESCE(%s, status_code),"
-            " reason = COALESCE(%s, reason), updated_at = %s WHERE id = %s AND state = 'pending'",
-            (
-                r.state,
-                1 if r.counted else 0,
-                r.next_attempt_at,
-                r.error,
-                r.error,
-                r.status_code,
-                r.reason,
-                r.at,
-                r.dead_letter_id,
-            ),
-        )
-        if cur.rowcount != 1:
-            return
-        if r.counted:
-            self._run("UPDATE messages SET attempts = attempts + 1 WHERE id = %s", (r.message_id,))
-        if r.state == "delivered":
-            self._run("UPDATE messages SET state = 'delivered', done_at = %s WHERE id = %s", (r.at, r.message_id))
-
-    def plan_run(self, actor: str, next_run: float) -> None:
-        self._run(
-            "INSERT INTO runs (actor, last_run, next_run, result) VALUES (%s, NULL, %s, '')"
-            " ON CONFLICT (actor) DO UPDATE SET next_run = excluded.next_run",
-            (actor, next_run),
-        )
-
-    def record_run(self, actor: str, last_run: float, next_run: float | None, result: str) -> None:
-        self._run(
-            "INSERT INTO runs (actor, last_run, next_run, result) VALUES (%s,%s,%s,%s) ON CONFLICT (actor)"
-            " DO UPDATE SET last_run = excluded.last_run, next_run = excluded.next_run, result = excluded.result",
-            (actor, last_run, next_run, result),
-        )
 
     def reap(self, kind: str, cutoff: float, limit: int) -> int:
         return self._run(REAP_SQL[kind], (cutoff, limit)).rowcount
@@ -471,12 +375,6 @@ class PgWriteConnection:
             return store_lanes.split_lanes(statements, target=target, lanes=lanes)
         finally:
             self._counted(statements)
-
-
-_INSERT_ATTEMPT = (
-    "INSERT INTO attempts (message_id, service, number, kind, started_at, duration_ms, status_code, error, node)"
-    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-)
 
 
 class PgRowsListener:

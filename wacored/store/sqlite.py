@@ -47,47 +47,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.leases import Held, Lease
-from ..core.routing import SessionAction
 from ..core.sessions import SessionChange
 from . import lanes as store_lanes
 from .rows import (
     DEAD_LETTER_STATES,
-    AttemptRow,
     DeadLetter,
     Delivery,
     NewRow,
-    Outcome,
-    Retried,
     _delivery,
     _delivery_columns,
 )
 from .schema import connect
+from .writes import SharedWrites
 
 _INSERT = (
     "INSERT OR IGNORE INTO messages (key, kind, sender, service, reason, target, body, request_id,"
     " correlation_id, traceparent, received_at, number, state, lane) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
-_INSERT_ATTEMPT = (
-    "INSERT INTO attempts (message_id, service, number, kind, started_at, duration_ms, status_code, error, node)"
-    " VALUES (?,?,?,?,?,?,?,?,?)"
-)
 
 
-def _attempt_values(a: AttemptRow) -> tuple[object, ...]:
-    return (
-        a.message_id,
-        a.service,
-        a.number,
-        a.kind,
-        a.started_at,
-        round(a.duration_s * 1000, 3),
-        a.status_code,
-        a.error,
-        a.node,
-    )
-
-
-class WriteConnection:
+class WriteConnection(SharedWrites):
     """The single write connection. `insert`, `record` and `queued` run inside a transaction opened
     by `try_begin` or `begin_waiting` and closed by `commit` or `rollback`.
 
@@ -102,6 +81,9 @@ class WriteConnection:
         self.conn = connect(path, busy_timeout_ms=0)
         self.busy_timeout_ms = busy_timeout_ms
         self._data_version: int | None = None
+
+    def _sql(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
 
     def close(self) -> None:
         self.conn.close()
@@ -192,115 +174,8 @@ class WriteConnection:
                 ),
             )
             ids.append(cur.lastrowid if cur.rowcount == 1 else None)
-        for index, change in changes:
-            if ids[index] is None:
-                continue
-            if change.action is SessionAction.END:
-                cur.execute("DELETE FROM sessions WHERE number = ? AND sender = ?", (change.number, change.sender))
-            elif change.action is SessionAction.START:
-                cur.execute(
-                    "INSERT INTO sessions (number, sender, service, started_at, last_interaction) VALUES (?,?,?,?,?)"
-                    " ON CONFLICT(number, sender) DO UPDATE SET service = excluded.service,"
-                    " started_at = excluded.started_at, last_interaction = excluded.last_interaction",
-                    (change.number, change.sender, change.service, change.at, change.at),
-                )
-            elif change.action is SessionAction.TOUCH:
-                cur.execute(
-                    "UPDATE sessions SET last_interaction = ? WHERE number = ? AND sender = ?",
-                    (change.at, change.number, change.sender),
-                )
+        self.apply_changes(ids, changes)
         return ids
-
-    def record(self, outcome: Outcome) -> None:
-        """Mark a message delivered, or dead-letter it (one dead letter per message, updated in place),
-        and log its attempts."""
-        if outcome.tries:
-            self.conn.executemany(_INSERT_ATTEMPT, [_attempt_values(a) for a in outcome.tries])
-        state = "delivered" if outcome.delivered else "dead_lettered"
-        self.conn.execute(
-            "UPDATE messages SET state = ?, attempts = attempts + ?, done_at = ? WHERE id = ?",
-            (state, outcome.attempts, outcome.at, outcome.message_id),
-        )
-        if outcome.delivered:
-            # A replayed message's dead letter ends with the delivery (an index probe; nothing to
-            # change for almost every message).
-            self.conn.execute(
-                "UPDATE dead_letters SET state = 'delivered', updated_at = ?"
-                " WHERE message_id = ? AND state = 'replayed'",
-                (outcome.at, outcome.message_id),
-            )
-            return
-        dl_state = "abandoned" if outcome.permanent else "pending"
-        reason = outcome.reason
-        next_at = None if outcome.permanent else outcome.retry_at
-        self.conn.execute(
-            "INSERT INTO dead_letters (message_id, key, service, state, reason, error, status_code,"
-            " attempts, next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-            # Dead-lettered again (delivered twice after a crash): the entry keeps its retries made,
-            # and one that is already final stays final, so nothing is ever retried without end.
-            # A replayed entry is different: its message was queued again by an operator, and this
-            # is that delivery's end, so the entry starts over (a fresh retry budget).
-            " ON CONFLICT(message_id) DO UPDATE SET error = excluded.error, status_code = excluded.status_code,"
-            " updated_at = excluded.updated_at,"
-            " state = CASE WHEN dead_letters.state = 'replayed' THEN excluded.state ELSE dead_letters.state END,"
-            " reason = CASE WHEN dead_letters.state = 'replayed' THEN excluded.reason ELSE dead_letters.reason END,"
-            " attempts = CASE WHEN dead_letters.state = 'replayed' THEN 0 ELSE dead_letters.attempts END,"
-            " next_attempt_at = CASE WHEN dead_letters.state = 'replayed' THEN excluded.next_attempt_at"
-            " ELSE dead_letters.next_attempt_at END"
-            " WHERE dead_letters.state IN ('pending', 'replayed')",
-            (
-                outcome.message_id,
-                outcome.key,
-                outcome.target,
-                dl_state,
-                reason,
-                outcome.error,
-                outcome.status_code,
-                0,
-                next_at,
-                outcome.at,
-                outcome.at,
-            ),
-        )
-
-    def retried(self, r: Retried) -> None:
-        """Apply one retry's result to its dead letter, and to its message: one attempt more when it
-        counted, and delivered once it is.
-
-        Only a ``pending`` entry changes: an operator may have purged or replayed it meanwhile. The
-        attempt made is logged whatever became of the entry.
-        """
-        if r.attempt is not None:
-            self.conn.execute(_INSERT_ATTEMPT, _attempt_values(r.attempt))
-        counted = 1 if r.counted else 0
-        cur = self.conn.execute(
-            "UPDATE dead_letters SET state = ?, attempts = attempts + ?, next_attempt_at = ?,"
-            " error = CASE WHEN ? = '' THEN error ELSE ? END, status_code = COALESCE(?, status_code),"
-            " reason = COALESCE(?, reason), updated_at = ? WHERE id = ? AND state = 'pending'",
-            (r.state, counted, r.next_attempt_at, r.error, r.error, r.status_code, r.reason, r.at, r.dead_letter_id),
-        )
-        if cur.rowcount != 1:
-            return
-        if r.counted:
-            # The message's `attempts` is every attempt made, first delivery and retries alike.
-            self.conn.execute("UPDATE messages SET attempts = attempts + 1 WHERE id = ?", (r.message_id,))
-        if r.state == "delivered":
-            self.conn.execute("UPDATE messages SET state = 'delivered', done_at = ? WHERE id = ?", (r.at, r.message_id))
-
-    def plan_run(self, actor: str, next_run: float) -> None:
-        """Record when `actor` runs next (keeping its last run), so `wacored status` says what /health
-        says before the first run too."""
-        self.conn.execute(
-            "INSERT INTO runs (actor, last_run, next_run, result) VALUES (?, NULL, ?, '')"
-            " ON CONFLICT(actor) DO UPDATE SET next_run = excluded.next_run",
-            (actor, next_run),
-        )
-
-    def record_run(self, actor: str, last_run: float, next_run: float | None, result: str) -> None:
-        self.conn.execute(
-            "INSERT OR REPLACE INTO runs (actor, last_run, next_run, result) VALUES (?,?,?,?)",
-            (actor, last_run, next_run, result),
-        )
 
     def reap(self, kind: str, cutoff: float, limit: int) -> int:
         """Delete at most `limit` rows of `kind` older than `cutoff`; how many were deleted."""
