@@ -58,7 +58,7 @@ from .rows import _delivery_columns as _columns
 from .schema import SCHEMA_VERSION
 from .sqlite import REAP_SQL as SQLITE_REAP_SQL
 from .sqlite import StoreFigures, as_time
-from .writes import SharedWrites
+from .writes import MESSAGE_COLUMNS, MESSAGE_PLACEHOLDERS, SharedWrites, message_values
 
 CONNECT_TIMEOUT_S = 5
 """How long opening a connection may take before the store counts as unreachable."""
@@ -299,25 +299,9 @@ class PgWriteConnection(SharedWrites):
         ids: list[int | None] = []
         for r in rows:
             row = self._run(
-                "INSERT INTO messages (key, kind, sender, service, reason, target, body, request_id, correlation_id,"
-                " traceparent, received_at, number, state, lane) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES ({qmark(MESSAGE_PLACEHOLDERS)})"
                 " ON CONFLICT DO NOTHING RETURNING id",
-                (
-                    r.key,
-                    r.kind,
-                    r.sender,
-                    r.service,
-                    r.reason,
-                    r.target,
-                    r.body,
-                    r.request_id,
-                    r.correlation_id,
-                    r.traceparent,
-                    r.received_at,
-                    r.number,
-                    r.initial_state,
-                    r.lane,
-                ),
+                message_values(r),
             ).fetchone()
             ids.append(None if row is None else int(row[0]))
         self.apply_changes(ids, changes)

@@ -58,12 +58,9 @@ from .rows import (
     _delivery_columns,
 )
 from .schema import connect
-from .writes import SharedWrites
+from .writes import MESSAGE_COLUMNS, MESSAGE_PLACEHOLDERS, SharedWrites, message_values
 
-_INSERT = (
-    "INSERT OR IGNORE INTO messages (key, kind, sender, service, reason, target, body, request_id,"
-    " correlation_id, traceparent, received_at, number, state, lane) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-)
+_INSERT = f"INSERT OR IGNORE INTO messages ({MESSAGE_COLUMNS}) VALUES ({MESSAGE_PLACEHOLDERS})"
 
 
 class WriteConnection(SharedWrites):
@@ -156,22 +153,7 @@ class WriteConnection(SharedWrites):
         for r in rows:
             cur.execute(
                 _INSERT,
-                (
-                    r.key,
-                    r.kind,
-                    r.sender,
-                    r.service,
-                    r.reason,
-                    r.target,
-                    r.body,
-                    r.request_id,
-                    r.correlation_id,
-                    r.traceparent,
-                    r.received_at,
-                    r.number,
-                    r.initial_state,
-                    r.lane,
-                ),
+                message_values(r),
             )
             ids.append(cur.lastrowid if cur.rowcount == 1 else None)
         self.apply_changes(ids, changes)

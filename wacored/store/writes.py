@@ -18,7 +18,35 @@ from typing import Protocol
 
 from ..core.routing import SessionAction
 from ..core.sessions import SessionChange
-from .rows import AttemptRow, Outcome, Retried
+from .rows import AttemptRow, NewRow, Outcome, Retried
+
+MESSAGE_COLUMNS = (
+    "key, kind, sender, service, reason, target, body, request_id, correlation_id, traceparent, received_at,"
+    " number, state, lane"
+)
+"""The columns of a new ``messages`` row, in the order of `message_values` (each store adds its own
+way of skipping a duplicate and of reading the new id)."""
+MESSAGE_PLACEHOLDERS = ",".join("?" * (MESSAGE_COLUMNS.count(",") + 1))
+
+
+def message_values(r: NewRow) -> tuple[object, ...]:
+    return (
+        r.key,
+        r.kind,
+        r.sender,
+        r.service,
+        r.reason,
+        r.target,
+        r.body,
+        r.request_id,
+        r.correlation_id,
+        r.traceparent,
+        r.received_at,
+        r.number,
+        r.initial_state,
+        r.lane,
+    )
+
 
 INSERT_ATTEMPT = (
     "INSERT INTO attempts (message_id, service, number, kind, started_at, duration_ms, status_code, error, node)"
