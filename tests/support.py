@@ -400,13 +400,18 @@ async def daemon_process(
         await wait_until_answering(f"{url}/health", process)
         yield url
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(15):
-                await process.wait()
-        if process.returncode is None:
-            process.kill()
+        await stop_process(process)
+
+
+async def stop_process(process: trio.Process) -> None:
+    """SIGTERM `process` (a daemon: it drains), then SIGKILL it if it has not exited within 15 s."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(15):
             await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
 
 
 async def wait_until_answering(url: str, process: trio.Process, **client: object) -> None:
@@ -606,13 +611,7 @@ async def workers_process(
             raise AssertionError(f"workers not ready ({exc!r}); their log:\n{log_path.read_text()[-4000:]}") from exc
         yield workers
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(15):
-                await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await stop_process(process)
         shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
