@@ -342,6 +342,15 @@ def tree_cpu_s(pid: int) -> float:
     return total / CLK_TCK
 
 
+def own_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads; 0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def memory_mb(pid: int) -> tuple[float, float]:
     """(peak RSS VmHWM, current RSS VmRSS) of a live process, in MB."""
     values: dict[str, float] = {}
@@ -843,6 +852,7 @@ def run_wacored(
         idle_hwm = sum(memory_mb(pid)[0] for pid in all_pids())
         cores = {"wacored": " ".join(cores_of(node.pid) for node in nodes), "downstream": cores_of(down.proc.pid)}
         cpu0, down0 = cpu_now(), tree_cpu_s(down.proc.pid)
+        each0 = {pid: own_cpu_s(pid) for pid in all_pids()}
         spies: list[subprocess.Popen[bytes]] = []
 
         def sample() -> list[int]:  # sampling costs CPU: the figures of such a run are lower
@@ -879,6 +889,7 @@ def run_wacored(
         )
         pids = all_pids()
         cpu_load, down_load = cpu_now() - cpu0, tree_cpu_s(down.proc.pid) - down0
+        each_load = sorted((own_cpu_s(pid) - each0.get(pid, 0.0) for pid in pids), reverse=True)
         load_hwm = sum(memory_mb(pid)[0] for pid in all_pids())
         opened_at = time.time()
         if run.held:
@@ -911,6 +922,7 @@ def run_wacored(
         "rss_idle_mb": idle_hwm,
         "rss_now_mb": rss,
         "cpu_load_s": cpu_load,
+        "cpu_each_s": each_load,
         "down_load_s": down_load,
         "cpu_all_s": cpu_all,
         "down_all_s": down_all,
@@ -1197,7 +1209,13 @@ def report(
             + (f"; statuses counted by /health {r['statuses_counted']}" if r["statuses_counted"] else "")
         )
         out.append(
-            f"{'':<18} {r['processes']} wacored process(es); {r['downstream_kind']} downstream answered"
+            f"{'':<18} {r['processes']} wacored process(es)"
+            + (
+                f" (CPU during the load: {', '.join(f'{s / ld.duration_s:.0%}' for s in r['cpu_each_s'])})"
+                if r["processes"] > 1
+                else ""
+            )
+            + f"; {r['downstream_kind']} downstream answered"
             f" {r['downstream']['posts']} POSTs for {f['attempts']} attempts over {r['downstream']['connections']}"
             f" TCP connections; threads out of bodies {ld.exhausted_threads}; duplicates {duplicates};"
             f" busy before {ld.busy_before:.0%}; others: {ld.others}"

@@ -3,11 +3,14 @@ outcomes, and the lanes it wakes."""
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 import trio.lowlevel
 
@@ -15,13 +18,14 @@ from wacored.actors.forwarder import Target, run_forwarder
 from wacored.actors.lanes import LaneBoard
 from wacored.config import ForwardingConfig
 from wacored.core.delivery import lane_of
-from wacored.store import Outcome, StoreUnavailable, migrate
+from wacored.store import Outcome, StoreUnavailable, WriteConnection, migrate
 from wacored.store.writer import (
     RETRY_MAX_S,
     Record,
     StoreWrites,
     Write,
     WriteOp,
+    _in_thread_now,
     retry_delay_s,
     run_writer,
     store_writes_status,
@@ -256,3 +260,66 @@ async def test_outcomes_of_failed_commits_are_kept_in_order_and_committed_later(
         assert state.failing_since is None
         assert state.consecutive == 0
         await send.aclose()
+
+
+class CountingConnection(WriteConnection):
+    """A write connection that counts its begins: `tries` (`try_begin`, polled from the loop) and
+    `waits` (`begin_waiting`, SQLite's busy handler in a worker thread)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.tries = self.waits = 0
+
+    def try_begin(self) -> bool:
+        self.tries += 1
+        return super().try_begin()
+
+    def begin_waiting(self) -> None:
+        self.waits += 1
+        super().begin_waiting()
+
+
+@pytest.mark.parametrize("released", ["while polled", "while waited for"])
+async def test_a_write_lock_another_process_holds_is_waited_for_then_the_group_commits(
+    tmp_path: Path, released: str
+) -> None:
+    """Another process (here another connection) holds the write lock: the writer polls it from the
+    loop, then waits for it in a thread once `LOCK_POLL_FOR_S` is up; either way the group commits as
+    soon as the lock is released, and not before."""
+    path = tmp_path / "db"
+    migrate(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    conn = CountingConnection(path)
+    board = LaneBoard()
+    held_lanes(board, "rides")
+    send, receive = trio.open_memory_channel[WriteOp](10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_writer, conn, receive, board)
+        op = ingest_op("locked")
+        await send.send(op)
+        if released == "while polled":
+            await wait_until(lambda: conn.tries >= 3)
+            assert conn.waits == 0
+        else:
+            await wait_until(lambda: conn.waits == 1)
+        assert rows(path, "SELECT key FROM messages") == []
+        other.execute("COMMIT")
+        with trio.fail_after(5):
+            result = await op.reply.wait()
+        assert rows(path, "SELECT id, key FROM messages") == [(result.ids[0], "locked")]
+        assert conn.waits == (0 if released == "while polled" else 1)
+        await send.aclose()
+    other.close()
+
+
+async def test_a_commit_runs_in_a_thread_started_at_once_and_its_error_reaches_the_caller() -> None:
+    """`_in_thread_now`: the function's value or exception, from a thread other than the loop's."""
+    loop_thread = threading.get_ident()
+    assert await _in_thread_now(threading.get_ident) != loop_thread
+
+    def fails() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        await _in_thread_now(fails)
