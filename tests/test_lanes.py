@@ -8,30 +8,37 @@ import socket
 import subprocess
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 
 import trio
+import trio.testing
 
-from wacored.actors.lanes import LaneBoard
+from wacored.actors.lanes import LaneBoard, run_lease_keeper
 from wacored.core.delivery import lane_of
 from wacored.core.leases import (
+    CATCH_UP_TICK_S,
     DLQ_RETRIER,
     REAPER,
     SINGLETONS,
     Held,
     Lease,
+    LeasePlan,
     fair_share,
     lane_lease,
+    next_tick_s,
     parse_lane_lease,
     plan,
+    tick_s,
 )
 from wacored.daemon import node_name
 from wacored.store import WriteConnection, migrate
 from wacored.store.interface import WriteTx
 from wacored.store.lanes import this_host_dead
+from wacored.store.writer import WriteOp, run_writer
 
 from .conftest import Daemon, Downstream, Received, StoreUnderTest, make_config, open_daemon, rows
-from .support import health, parse, until_settled, value
+from .support import health, parse, until_settled, value, wait_until
 
 LANES = [lane_lease("rides", i) for i in range(4)]
 
@@ -64,6 +71,79 @@ def test_expired_leases_and_dead_owners_are_free_live_ones_are_not() -> None:
     }
     decided = plan("a", LANES, SINGLETONS, leases, ["a"], now=100.0, dead={"c"})
     assert decided.claim == (LANES[0], LANES[1], LANES[3], REAPER)
+
+
+def test_a_node_short_of_its_share_ticks_fast_only_while_another_holds_more_than_its_share() -> None:
+    def held(*owners: str, live: tuple[str, ...] = ("a", "b")) -> Held:
+        leases = tuple(Lease(name, owner, 110.0) for name, owner in zip(sorted(LANES), owners, strict=False))
+        return Held({}, LeasePlan((), ()), (*leases, Lease(DLQ_RETRIER, "b", 110.0)), live)
+
+    normal = tick_s(10.0)
+    assert next_tick_s(10.0, "a", 4, held("b", "b", "b", "b"), now=100.0) == CATCH_UP_TICK_S  # b gives 2 back
+    assert next_tick_s(10.0, "a", 4, held("a", "b", "b", "b"), now=100.0) == CATCH_UP_TICK_S
+    assert next_tick_s(10.0, "a", 4, held("a", "a", "b", "b"), now=100.0) == normal  # shared out
+    assert next_tick_s(10.0, "b", 4, held("b", "b", "b", "b"), now=100.0) == normal  # b is the one over
+    # Short, but nobody holds more than the share (4 lanes, 3 nodes: a share of 2): nothing is coming.
+    assert next_tick_s(10.0, "a", 4, held("b", "b", "c", "c", live=("a", "b", "c")), now=100.0) == normal
+    # Leases of a node no longer live, or expired, give nothing back: they are free to claim already.
+    assert next_tick_s(10.0, "a", 4, held("b", "b", "b", "b", live=("a",)), now=100.0) == normal
+    assert next_tick_s(10.0, "a", 4, held("b", "b", "b", "b"), now=120.0) == normal
+    assert next_tick_s(10.0, "a", 4, None, now=100.0) == normal
+
+
+async def test_a_lane_to_give_back_wakes_the_keeper_once_it_is_idle() -> None:
+    """Given back as soon as nothing of it is in hand, not a whole tick later: the node due to take it
+    waits for it meanwhile."""
+    board = LaneBoard(10.0)
+    lanes = board.ensure("rides", 2)
+    board.keeper_wake = trio.Event()
+    mine = {lane.name: 200.0 for lane in lanes}
+    lanes[1].handed.add(7)  # a delivery of lane 1 whose outcome is not committed yet
+    give_back = LeasePlan((), (lanes[0].name, lanes[1].name))
+    board.apply(Held(mine, give_back, (), ("a", "b")), [], 100.0)
+    assert board.keeper_wake.is_set()  # lane 0 is idle: give it back now
+    assert board.releasable() == [lanes[0].name]
+    board.keeper_wake = trio.Event()
+    board.recorded("rides", 7)
+    assert board.keeper_wake.is_set()
+    assert board.releasable() == [lanes[0].name, lanes[1].name]
+
+
+async def test_lanes_given_back_are_taken_by_the_node_due_them_within_a_catch_up_tick(
+    tmp_path: Path, store_clock: trio.testing.MockClock
+) -> None:
+    """b holds every lane when a joins. b sees a at its next tick and gives half back at once (its
+    lanes are idle); a, short of its share while b holds more, ticks every `CATCH_UP_TICK_S` and takes
+    them. With ticks only every third of the TTL this took two more ticks (bench: lanes stalled ~3.6 s)."""
+    path = tmp_path / "db"
+    migrate(path)
+    boards = {me: LaneBoard(10.0) for me in ("a", "b")}
+    async with trio.open_nursery() as nursery:
+
+        async def start(me: str) -> None:
+            boards[me].ensure("rides", 4)
+            send, receive = trio.open_memory_channel[WriteOp](10)
+            await nursery.start(run_writer, WriteConnection(path), receive, boards[me])
+            await nursery.start(
+                partial(
+                    run_lease_keeper,
+                    boards[me],
+                    send,
+                    me=me,
+                    started_at=0.0,
+                    wall_clock=lambda: 1000.0 + trio.current_time(),
+                    dead=lambda owner: False,
+                )
+            )
+
+        await start("b")
+        assert len(boards["b"].held_lanes()) == 4
+        await start("a")
+        joined = trio.current_time()
+        await wait_until(lambda: len(boards["a"].held_lanes()) >= 2, timeout_s=60)
+        assert trio.current_time() - joined <= tick_s(10.0) + 2 * CATCH_UP_TICK_S
+        assert len(boards["b"].held_lanes()) == 2
+        nursery.cancel_scope.cancel()
 
 
 def test_lane_lease_names_round_trip() -> None:

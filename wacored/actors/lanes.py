@@ -38,7 +38,7 @@ from typing import TypeVar
 import trio
 
 from ..core.delivery import lane_of
-from ..core.leases import SINGLETONS, Held, lane_lease, tick_s
+from ..core.leases import SINGLETONS, Held, lane_lease, next_tick_s
 from ..store import NewRow, StoreUnavailable
 from ..store.interface import STORE_ERRORS, LaneReads, RowsListener
 from ..store.lanes import this_host_dead
@@ -162,6 +162,8 @@ class LaneBoard:
             if message_id in lane.handed:
                 lane.handed.discard(message_id)
                 lane.wake()
+                if lane.giving_back and lane.idle:
+                    self.keeper_wake.set()  # give it back now: the node that takes it waits until then
                 return
 
     def holds(self, singleton: str) -> bool:
@@ -198,6 +200,8 @@ class LaneBoard:
                 lane.valid_until = local(held.mine[lane.name]) if lane.name in held.mine else 0.0
                 if lane.name in give_back:
                     lane.giving_back = True
+                    if lane.idle:
+                        self.keeper_wake.set()  # nothing in hand: give it back at the next tick, now
                 # Newly held, or given back and claimed again in the same tick (the fair share grew
                 # meanwhile: tests/test_kills.py saw it after a worker was killed): the lane task went
                 # to sleep when the lane stopped being its to deliver; without this wake its queued
@@ -260,7 +264,9 @@ async def run_lease_keeper(
     dead: Callable[[str], bool] = this_host_dead,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Renew and claim leases every `tick_s(ttl)` (and at once when lanes are added), until cancelled.
+    """Renew and claim leases every `next_tick_s` (a third of the TTL; a quarter second while this node
+    waits for lanes another gives back), and at once when lanes are added or a lane to give back is
+    idle, until cancelled.
 
     `task_status.started()` comes after the first tick, so the lanes of a node that starts alone are
     held before it says it is ready. Owns `writes` (closed on exit)."""
@@ -268,7 +274,7 @@ async def run_lease_keeper(
         await _tick(board, writes, me, started_at, wall_clock(), dead)
         task_status.started()
         while True:
-            with trio.move_on_after(tick_s(board.ttl_s)):
+            with trio.move_on_after(next_tick_s(board.ttl_s, me, len(board.names()), board.last, wall_clock())):
                 await board.keeper_wake.wait()
             board.keeper_wake = trio.Event()
             beat()
