@@ -18,7 +18,9 @@ from wacored.actors.forwarder import Target, run_forwarder
 from wacored.actors.lanes import LaneBoard
 from wacored.config import ForwardingConfig
 from wacored.core.delivery import lane_of
-from wacored.store import Outcome, StoreUnavailable, WriteConnection, migrate
+from wacored.core.leases import Lease
+from wacored.store import Delivery, Outcome, StoreUnavailable, WriteConnection, migrate
+from wacored.store.interface import LaneReads
 from wacored.store.writer import (
     RETRY_MAX_S,
     Record,
@@ -180,6 +182,71 @@ async def test_a_lane_delivers_a_backlog_from_the_store_once_each_in_order(
     assert store.rows("SELECT COUNT(*) FROM messages WHERE state = 'delivered'") == [(600,)]
 
 
+class CountingReads:
+    """A lane reader that counts its page reads."""
+
+    def __init__(self, reads: LaneReads) -> None:
+        self.reads, self.pages = reads, 0
+        self.blocking_reads = reads.blocking_reads
+
+    def page(self, target: str, lane: int, limit: int) -> list[Delivery]:
+        self.pages += 1
+        return self.reads.page(target, lane, limit)
+
+    def newest_id(self) -> int:
+        return self.reads.newest_id()
+
+    def queued_lanes_after(self, after_id: int) -> set[tuple[str, int]]:
+        return self.reads.queued_lanes_after(after_id)
+
+    def leases(self) -> list[Lease]:
+        return self.reads.leases()
+
+    def close(self) -> None:
+        self.reads.close()
+
+
+async def test_a_lane_reads_the_store_again_only_when_woken_once_it_has_read_everything(
+    store: StoreUnderTest, tmp_path: Path
+) -> None:
+    """One read for a backlog that fits a page, none for the outcomes committed after it; one per
+    commit of new rows (the writer wakes the lane)."""
+    delivered: list[str] = []
+    target = Target("rides", "http://rides.test/", ForwardingConfig(concurrency=1))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        delivered.append(request.headers["idempotency-key"])
+        return httpx.Response(200)
+
+    lane_reader = store.lane_reader()
+    reads = CountingReads(lane_reader)
+    async with trio.open_nursery() as nursery:
+        writes, board = await start_writer(nursery, store)
+        await ingest(writes, "a", "b", "c")
+        (lane,) = board.lanes["rides"]
+        await nursery.start(
+            partial(
+                run_forwarder,
+                bare_runtime(tmp_path, target),
+                "rides",
+                [lane],
+                reads,
+                writes.clone(),
+                transport=lambda: httpx.MockTransport(handler),
+            )
+        )
+        await wait_until(lambda: len(delivered) == 3 and not lane.handed)
+        await barrier(writes)
+        assert reads.pages == 1
+        await ingest(writes, "d")
+        await wait_until(lambda: len(delivered) == 4 and not lane.handed)
+        await barrier(writes)
+        assert reads.pages == 2
+        nursery.cancel_scope.cancel()
+    lane_reader.close()
+    assert delivered == ["a", "b", "c", "d"]
+
+
 async def test_dead_lettering_a_message_again_never_resets_its_retries(store: StoreUnderTest) -> None:
     async with trio.open_nursery() as nursery:
         writes, _ = await start_writer(nursery, store)
@@ -323,3 +390,43 @@ async def test_a_commit_runs_in_a_thread_started_at_once_and_its_error_reaches_t
 
     with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
         await _in_thread_now(fails)
+
+
+class RefusingConnection(WriteConnection):
+    """A write connection on which a constraint refuses the outcome of message `refused`."""
+
+    def __init__(self, path: Path, refused: list[int]) -> None:
+        super().__init__(path)
+        self.refused = refused
+
+    def record(self, outcome: Outcome) -> None:
+        if outcome.message_id in self.refused:
+            raise sqlite3.IntegrityError("FOREIGN KEY constraint failed")
+        super().record(outcome)
+
+
+async def test_an_outcome_the_store_refuses_is_given_up_and_its_lane_reads_the_row_again(tmp_path: Path) -> None:
+    """A committed outcome does not wake its lane (its row is no longer queued); one that can never be
+    committed does: its row is still ``queued``, out of hand, and must be delivered again."""
+    path = tmp_path / "db"
+    migrate(path)
+    refused: list[int] = []
+    board = LaneBoard()
+    (lane,) = held_lanes(board, "rides")
+    send, receive = trio.open_memory_channel[WriteOp](10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_writer, RefusingConnection(path, refused), receive, board)
+        ok, bad = (i for i in await ingest(send, "ok", "bad") if i is not None)
+        refused.append(bad)
+        lane.handed.update((ok, bad))
+        lane.rearm()
+        await send.send(Record(Outcome(ok, True, 1, 2000.0, target="rides", key="ok")))
+        await barrier(send)
+        assert lane.handed == {bad}
+        assert not lane._wake.is_set()
+        await send.send(Record(Outcome(bad, True, 1, 2001.0, target="rides", key="bad")))
+        with trio.fail_after(5):
+            await lane.sleep(60)  # woken: the row is to be read again
+        assert lane.handed == set()
+        assert rows(path, "SELECT key, state FROM messages ORDER BY id") == [("ok", "delivered"), ("bad", "queued")]
+        await send.aclose()

@@ -11,6 +11,10 @@ lease (`core.leases`, `store_lanes`). Three things wake a lane held here:
 - the lane itself, every heartbeat when idle, which also finds rows another process set back to
   ``queued`` (``wacored messages replay``).
 
+A lane whose last read returned less than a page had every row then queued, so it reads again only
+once woken; a committed outcome does not wake it (one the writer gives up does: its row is still
+``queued``).
+
 `LaneBoard` is this node's view: one `Lane` per (target, lane), and the singleton leases (DLQ
 retrier, reaper). Owners: the lease keeper (`run_lease_keeper`) alone sets what is held and until
 when; each lane task alone adds to its `handed` set, and the writer (through `recorded`) alone removes
@@ -156,12 +160,17 @@ class LaneBoard:
             if row.delivers:
                 self.wake(row.target, row.lane)
 
-    def recorded(self, target: str, message_id: int) -> None:
-        """The writer committed (or gave up) a delivery's outcome: its row is no longer in hand."""
+    def recorded(self, target: str, message_id: int, *, again: bool = False) -> None:
+        """The writer committed a delivery's outcome, or gave it up (`again`: its row may still be
+        ``queued``, and is read again): either way the row is no longer in hand.
+
+        A committed outcome does not wake the lane: the row is no longer queued, and the lane's
+        next read skips it either way (the bench's lanes made an empty read per message for it)."""
         for lane in self.lanes.get(target, ()):
             if message_id in lane.handed:
                 lane.handed.discard(message_id)
-                lane.wake()
+                if again:
+                    lane.wake()
                 if lane.giving_back and lane.idle:
                     self.keeper_wake.set()  # give it back now: the node that takes it waits until then
                 return

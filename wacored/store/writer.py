@@ -126,8 +126,12 @@ class Record:
         conn.record(self.outcome)
 
     def committed(self, lanes: Lanes) -> None:
-        """Committed (or given up): its message is no longer in hand."""
+        """Committed: its message is no longer in hand."""
         lanes.recorded(self.outcome.target, self.outcome.message_id)
+
+    def given_up(self, lanes: Lanes) -> None:
+        """Never to be committed: its message is no longer in hand, and still ``queued`` (read again)."""
+        lanes.recorded(self.outcome.target, self.outcome.message_id, again=True)
 
 
 @dataclass(eq=False)
@@ -159,7 +163,7 @@ class Lanes(Protocol):
 
     def committed(self, rows: Iterable[NewRow]) -> None: ...
 
-    def recorded(self, target: str, message_id: int) -> None: ...
+    def recorded(self, target: str, message_id: int, *, again: bool = False) -> None: ...
 
 
 class NoLanes:
@@ -171,7 +175,7 @@ class NoLanes:
     def committed(self, rows: Iterable[NewRow]) -> None:
         pass
 
-    def recorded(self, target: str, message_id: int) -> None:
+    def recorded(self, target: str, message_id: int, *, again: bool = False) -> None:
         pass
 
 
@@ -466,6 +470,8 @@ async def _commit_one_by_one(
             _failed(state, exc, wall_clock)
             return
         except STORE_ERRORS as exc:
+            del state.held[0]
+            record.given_up(lanes)
             log.error(
                 "outcome cannot be recorded",
                 extra={
@@ -475,5 +481,6 @@ async def _commit_one_by_one(
                     "error": str(exc),
                 },
             )
+            continue
         del state.held[0]
         record.committed(lanes)
