@@ -61,6 +61,10 @@ from .schema import connect
 from .writes import MESSAGE_COLUMNS, MESSAGE_PLACEHOLDERS, SharedWrites, message_values
 
 _INSERT = f"INSERT OR IGNORE INTO messages ({MESSAGE_COLUMNS}) VALUES ({MESSAGE_PLACEHOLDERS})"
+_PAGE = (
+    f"SELECT {_delivery_columns()} FROM messages WHERE target = ? AND lane = ? AND state = 'queued' ORDER BY id LIMIT ?"
+)
+"""A lane's page read, built once: it runs about once per message delivered."""
 
 
 class WriteConnection(SharedWrites):
@@ -354,11 +358,7 @@ class LaneReader:
 
     def page(self, target: str, lane: int, limit: int) -> list[Delivery]:
         """The lane's first `limit` queued rows in id order (commit order)."""
-        rows = self.conn.execute(
-            f"SELECT {_delivery_columns()} FROM messages WHERE target = ? AND lane = ? AND state = 'queued'"
-            " ORDER BY id LIMIT ?",
-            (target, lane, limit),
-        ).fetchall()
+        rows = self.conn.execute(_PAGE, (target, lane, limit)).fetchall()
         return [_delivery(row) for row in rows]
 
     def newest_id(self) -> int:
