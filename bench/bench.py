@@ -61,7 +61,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,8 @@ TARGET_STATUSES_DROPPED = 0.9
 TARGET_STATUSES_FORWARDED = 0.6
 TARGET_PROCESSES_2 = 1.6
 """processes = 2 end to end, as a ratio to processes = 1 (the messages row) of the same run."""
+TARGET_BIG = 0.9
+"""The big row: a store of 5 M messages and 1 M sessions keeps >= 0.9x the empty store's end-to-end rate."""
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 """Where the pg rows create (and drop) their database: the test server of this project's machines."""
 TARGET_RSS_MB = 80.0
@@ -727,20 +729,27 @@ def bench_database(server: str) -> Iterator[str]:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def store_counts(store: Store) -> dict[str, int]:
+def store_counts(store: Store, after_id: int = 0) -> dict[str, int]:
+    """Messages by state, of the rows after `after_id` (those of this run: the big row's store starts full)."""
+    placeholder = "%s" if isinstance(store, str) else "?"
     counts: dict[str, int] = read_store(
-        store, lambda c: dict(c.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall())
+        store,
+        lambda c: dict(
+            c.execute(
+                f"SELECT state, COUNT(*) FROM messages WHERE id > {placeholder} GROUP BY state", (after_id,)
+            ).fetchall()
+        ),
     )
     counts["total"] = sum(counts.values())
     return counts
 
 
-def wait_delivered(store: Store, timeout_s: float) -> tuple[dict[str, int], bool]:
+def wait_delivered(store: Store, timeout_s: float, after_id: int = 0) -> tuple[dict[str, int], bool]:
     """Poll until no message is queued and the row count is stable (in-flight requests committed)."""
     deadline = time.monotonic() + timeout_s
     last_total = -1
     while True:
-        counts = store_counts(store)
+        counts = store_counts(store, after_id)
         if counts.get("queued", 0) == 0 and counts["total"] == last_total:
             return counts, True
         if time.monotonic() > deadline:
@@ -749,24 +758,29 @@ def wait_delivered(store: Store, timeout_s: float) -> tuple[dict[str, int], bool
         time.sleep(0.25)
 
 
-def store_facts(store: Store) -> dict[str, Any]:
+def store_facts(store: Store, after_id: int = 0) -> dict[str, Any]:
+    """What the store says of this run's rows (those after `after_id`)."""
+    a = f"id > {int(after_id)}"  # an int: safe inline, and the same text on SQLite and PostgreSQL
+
     def query(c: Any) -> dict[str, Any]:  # a sqlite3 or a psycopg connection
         first, last = c.execute(
-            "SELECT MIN(received_at), MAX(done_at) FROM messages WHERE state = 'delivered'"
+            f"SELECT MIN(received_at), MAX(done_at) FROM messages WHERE state = 'delivered' AND {a}"
         ).fetchone()
         lags = [
             row[0]
-            for row in c.execute("SELECT done_at - received_at FROM messages WHERE state = 'delivered' ORDER BY 1")
+            for row in c.execute(
+                f"SELECT done_at - received_at FROM messages WHERE state = 'delivered' AND {a} ORDER BY 1"
+            )
         ]
         return {
             "first_received": first,
             "last_done": last,
             "lag_p50_ms": lags[len(lags) // 2] * 1000 if lags else 0.0,
             "lag_p99_ms": lags[min(len(lags) - 1, len(lags) * 99 // 100)] * 1000 if lags else 0.0,
-            "reasons": dict(c.execute("SELECT reason, COUNT(*) FROM messages GROUP BY reason").fetchall()),
-            "targets": dict(c.execute("SELECT target, COUNT(*) FROM messages GROUP BY target").fetchall()),
-            "attempts": int(c.execute("SELECT COALESCE(SUM(attempts), 0) FROM messages").fetchone()[0]),
-            "senders": c.execute("SELECT COUNT(DISTINCT sender) FROM messages").fetchone()[0],
+            "reasons": dict(c.execute(f"SELECT reason, COUNT(*) FROM messages WHERE {a} GROUP BY reason").fetchall()),
+            "targets": dict(c.execute(f"SELECT target, COUNT(*) FROM messages WHERE {a} GROUP BY target").fetchall()),
+            "attempts": int(c.execute(f"SELECT COALESCE(SUM(attempts), 0) FROM messages WHERE {a}").fetchone()[0]),
+            "senders": c.execute(f"SELECT COUNT(DISTINCT sender) FROM messages WHERE {a}").fetchone()[0],
             "sessions": c.execute("SELECT COUNT(*) FROM sessions").fetchone()[0],
         }
 
@@ -805,6 +819,9 @@ class Run:
     pin: bool = True
     nodes: int = 0
     """0: SQLite; n: n wacored nodes on one fresh PostgreSQL database (the pg rows)."""
+    filled: Path | None = None
+    """A pre-filled SQLite store (`bench/prefill.py --store PATH --keep`) copied as the run's store (the
+    big row); only the rows this run adds are counted."""
 
 
 def scenario_wacored(procs: Procs, tmp: Path, secret: str, args: argparse.Namespace, run: Run) -> dict[str, Any] | str:
@@ -822,6 +839,15 @@ def run_wacored(
     run_dir.mkdir()
     sqlite_file = run_dir / "wacored.db"  # a fresh store for every run
     store: Store = store_url or sqlite_file
+    after_id = 0
+    if run.filled is not None:
+        # SQLite's online backup, not a file copy: it takes what the filled store's WAL holds too.
+        with closing(sqlite3.connect(f"file:{run.filled}?mode=ro", uri=True)) as src:
+            with closing(sqlite3.connect(sqlite_file)) as dst:
+                src.backup(dst)
+        after_id = read_store(
+            sqlite_file, lambda c: int(c.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0])
+        )
     server_cpus, load_cpus = (args.server_cpus, args.load_cpus) if run.pin else (None, None)
     kind = "noop" if run.held else args.downstream  # only noop.py can hold requests
     down = start_downstream(procs, run_dir, kind, load_cpus)
@@ -905,11 +931,11 @@ def run_wacored(
         opened_at = time.time()
         if run.held:
             get(f"{down.url}/_gate/open")
-        counts, drained = wait_delivered(store, args.drain_timeout)
+        counts, drained = wait_delivered(store, args.drain_timeout, after_id)
         cpu_all, down_all = cpu_now() - cpu0, tree_cpu_s(down.proc.pid) - down0
         mem = [memory_mb(pid) for pid in all_pids()]
         hwm, rss = sum(m[0] for m in mem), sum(m[1] for m in mem)
-        facts = store_facts(store)
+        facts = store_facts(store, after_id)
         downstream = down.count()
         statuses_counted = health_statuses(url) if run.processes is None and not run.nodes else None
         for spy in spies:
@@ -1103,6 +1129,20 @@ def report(
             load_cpu("processes = 2 (load)", w["load"], w["cpu_load_s"], w["down_load_s"]),
             drain_cpu("processes = 2 end to end (load + drain)", w, delivered),
         ]
+    if "big" in ran:
+        w = ran["big"]
+        rate, _, delivered = e2e(w)
+        versus = rate / p1_rate if p1_rate else 0.0
+        met = "n/a" if not p1_rate else mark(versus >= TARGET_BIG)
+        rows.append(
+            ("filled store, end to end", f"{rate:.0f}", f"{rate / base.rate:.2f}",
+             f"{versus:.2f}x empty, >= {TARGET_BIG}x {met}", f"[{w['facts']['lag_p50_ms']:.0f}]",
+             f"[{w['facts']['lag_p99_ms']:.0f}]", *rss(w))
+        )  # fmt: skip
+        cpu_rows += [
+            load_cpu("filled store (load)", w["load"], w["cpu_load_s"], w["down_load_s"]),
+            drain_cpu("filled store end to end (load + drain)", w, delivered),
+        ]
     for name, title in [("pg", "pg, 1 node, end to end"), ("pg-2-nodes", "pg, 2 nodes, end to end")]:
         if name not in ran:
             continue
@@ -1248,7 +1288,7 @@ def report(
 
 
 DEFAULT_ROWS = ("messages", "statuses-dropped", "statuses-forwarded", "processes-2")
-ROWS = (*DEFAULT_ROWS, "pg", "pg-2-nodes")
+ROWS = (*DEFAULT_ROWS, "big", "pg", "pg-2-nodes")
 """The pg rows need a PostgreSQL server (``--pg``), so they run only when asked for."""
 
 
@@ -1315,12 +1355,21 @@ def main() -> int:
         help="PostgreSQL server for the pg rows, a libpq URL of a role that may create databases"
         f" (default {DEFAULT_PG}); each row creates its own wacored_bench_<random> database there and drops it",
     )
+    p.add_argument(
+        "--big",
+        type=Path,
+        metavar="STORE",
+        help="the big row's store, filled by `bench/prefill.py --store STORE --keep` (copied for the run, never"
+        " written); the big row is the messages row on it, as a ratio to the messages row on an empty store",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (bodies, stores, logs)")
     args = p.parse_args()
     args.duration = max(1, min(args.duration, 15))
     rows = [r for r in args.rows.split(",") if r]
     if unknown := [r for r in rows if r not in ROWS]:
         p.error(f"unknown rows {unknown}: choose from {', '.join(ROWS)}")
+    if "big" in rows and (args.big is None or not args.big.is_file()):
+        p.error("the big row needs --big STORE, a store filled by bench/prefill.py --store STORE --keep")
     if shutil.which("wrk") is None:
         print("bench needs wrk: apt-get install wrk (make bench does it)", file=sys.stderr)
         return 2
@@ -1362,6 +1411,7 @@ def main() -> int:
             "statuses-dropped": Run("statuses-dropped", statuses, statuses=""),
             "statuses-forwarded": Run("statuses-forwarded", statuses, statuses=service),
             "processes-2": Run("processes-2", prefix, processes=2, pin=False),
+            "big": Run("big", prefix, filled=args.big),
             "pg": Run("pg", prefix, nodes=1),
             "pg-2-nodes": Run("pg-2-nodes", prefix, nodes=2, pin=False),
         }
