@@ -369,6 +369,36 @@ async def wait_for_health_of(url: str, ready: Callable[[httpx.Response], bool]) 
     return answer
 
 
+async def test_a_daemon_on_sqlite_never_loads_psycopg(tmp_path: Path, services: Downstream, graph: Downstream) -> None:
+    """psycopg (the PostgreSQL store) costs a process 0.2 s of start-up and ~10 MB: a daemon on its
+    embedded SQLite default, serving a message, never loads it."""
+    config = str(tmp_path / "wacored.toml")
+    async with daemon_process(tmp_path, services, graph) as url:
+        async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
+            body = text_webhook(text="rides", sender="250788000123", wamid="wamid.NOPG", timestamp=1700000000)
+            sent = await client.post(
+                f"{url}/webhook", content=body, headers={"X-Hub-Signature-256": sign(SECRET, body)}
+            )
+            assert sent.status_code == 200
+        await services.wait_for(1)
+        maps = _maps_of(config)
+    assert "psycopg" not in maps
+
+
+def _maps_of(config: str) -> str:
+    """/proc/PID/maps of the one process whose command line names `config`."""
+    pids = [d.name for d in Path("/proc").iterdir() if d.name.isdigit() and config in _cmdline(d)]
+    assert len(pids) == 1, pids
+    return Path(f"/proc/{pids[0]}/maps").read_text()
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 async def test_verify_passes_every_check_but_metrics_against_a_running_daemon(
     tmp_path: Path, services: Downstream, graph: Downstream
 ) -> None:

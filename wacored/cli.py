@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import secrets
-import sqlite3
 import sys
 import time
 import uuid
@@ -126,13 +125,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace, worker: dict[str, Any] | None = None) -> int:
     """``wacored run``: the daemon, or under ``[server] processes = N > 1`` the supervisor of N
     workers (`workers.py`). `worker` is what `cmd_worker` hands on to `serve_until_signalled`."""
-    import psycopg
     import trio
 
     from .actors.supervisor import ActorGaveUp
     from .observe.systemd import Notifier
     from .signals import serve_until_signalled
-    from .store import SchemaError
+    from .store import SchemaError, interface
 
     started = process_started_at()
     if (config := load_config(args)) is None:
@@ -143,6 +141,10 @@ def cmd_run(args: argparse.Namespace, worker: dict[str, Any] | None = None) -> i
         log.warning("config warning", extra={"event": "config_warning", "warning": warning})
     failures: list[BaseException] = []
     code = 1
+
+    def refused() -> tuple[type[Exception], ...]:
+        """What the environment refused (read when caught: psycopg's errors count once it is loaded)."""
+        return (OSError, *interface.STORE_ERRORS, SchemaError, ActorGaveUp)
 
     def reload() -> Config:
         """The file again, with the environment as it is now (SIGHUP)."""
@@ -167,7 +169,7 @@ def cmd_run(args: argparse.Namespace, worker: dict[str, Any] | None = None) -> i
                 code = trio.run(
                     partial(serve_until_signalled, config, reload, notifier=notifier, process_start=started)
                 )
-    except* (OSError, sqlite3.Error, psycopg.Error, SchemaError, ActorGaveUp) as group:
+    except* refused() as group:
         # What the environment refused (a port in use, an unwritable store): one clear line each.
         # An actor that crashed has already logged its traceback.
         failures.extend(_leaves(group))
@@ -302,7 +304,7 @@ def _on_store(args: argparse.Namespace, work: Callable[[OpsConnection, Config], 
             return work(conn, config)
         finally:
             conn.close()
-    except ops.REFUSALS as exc:
+    except ops.refusals() as exc:
         # psycopg's messages run over several lines (a DETAIL, a HINT): the first says what failed.
         lines = str(exc).strip().splitlines()
         print(f"wacored: {lines[0] if lines else type(exc).__name__}", file=sys.stderr)

@@ -41,8 +41,8 @@ from ..config import DlqConfig
 from ..core.delivery import Verdict
 from ..observe.counts import bump
 from ..runtime import HEARTBEAT_S
-from ..store import DeadLetter, Retried, StoreUnavailable
-from ..store.interface import STORE_ERRORS, Reads, WriteTx
+from ..store import DeadLetter, Retried, StoreUnavailable, interface
+from ..store.interface import Reads, WriteTx
 from ..store.writer import Write, WriteOp, retry_delay_s
 from .forwarder import INTERNAL_ERROR, guarded_attempt, internal_error, new_transport
 
@@ -252,7 +252,7 @@ async def _one_pass(
     """Retry what is due now, up to a batch; how many were tried."""
     try:
         due = await trio.to_thread.run_sync(reader.due_dead_letters, rt.wall_clock(), rt.config.dlq.batch)
-    except STORE_ERRORS as exc:
+    except interface.STORE_ERRORS as exc:
         log.error("cannot read due dead letters", extra={"event": "dlq_read_failed", "error": str(exc)})
         return 0
     for n, dl in enumerate(due):
@@ -302,7 +302,7 @@ async def _next_wake(rt: Retrying, reader: Reads) -> float:
 async def _next_due(reader: Reads) -> float | None:
     try:
         return await trio.to_thread.run_sync(reader.next_due)
-    except STORE_ERRORS:
+    except interface.STORE_ERRORS:
         return None
 
 

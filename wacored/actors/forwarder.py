@@ -65,8 +65,8 @@ from ..core.untrusted import EXCERPT, clean, excerpt, token
 from ..observe.counts import bump
 from ..observe.telemetry import NO_TRACER, forward_span, recording, traceparent_of
 from ..runtime import HEARTBEAT_S
-from ..store import AttemptRow, Delivery, Outcome
-from ..store.interface import STORE_ERRORS, LaneReads
+from ..store import AttemptRow, Delivery, Outcome, interface
+from ..store.interface import LaneReads
 from ..store.writer import Record, WriteOp
 from .lanes import Lane
 from .targets import Target, targets_of
@@ -417,7 +417,7 @@ async def _page(lane: Lane, reader: LaneReads) -> list[Delivery]:
             rows = await trio.to_thread.run_sync(reader.page, lane.target, lane.index, limit)
         else:
             rows = reader.page(lane.target, lane.index, limit)
-    except STORE_ERRORS as exc:
+    except interface.STORE_ERRORS as exc:
         log.warning(
             "lane cannot read the store", extra={"event": "lane_read_failed", "service": lane.target, "error": str(exc)}
         )

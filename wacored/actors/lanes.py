@@ -43,8 +43,8 @@ import trio
 
 from ..core.delivery import lane_of
 from ..core.leases import SINGLETONS, Held, lane_lease, next_tick_s
-from ..store import NewRow, StoreUnavailable
-from ..store.interface import STORE_ERRORS, LaneReads, RowsListener
+from ..store import NewRow, StoreUnavailable, interface
+from ..store.interface import LaneReads, RowsListener
 from ..store.lanes import this_host_dead
 from ..store.writer import Write, WriteOp
 
@@ -258,7 +258,7 @@ async def run_relay(
                 for target, lane in await _relay_read(reader, partial(reader.queued_lanes_after, last)):
                     board.wake(target, lane)
                 last = newest
-        except STORE_ERRORS as exc:
+        except interface.STORE_ERRORS as exc:
             log.warning("relay cannot read the store", extra={"event": "relay_failed", "error": str(exc)})
 
 

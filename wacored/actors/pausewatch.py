@@ -30,7 +30,8 @@ from collections.abc import Callable, Mapping
 import trio
 
 from ..ops.pauses import POLL_S, Pause, may_attempt
-from ..store.interface import STORE_ERRORS, Reads
+from ..store import interface
+from ..store.interface import Reads
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ async def refresh(board: PauseBoard, reader: Reads, served: int) -> bool:
     """Read the table once into `board`; False (board unchanged) when the store refuses."""
     try:
         rows = await trio.to_thread.run_sync(reader.pauses)
-    except STORE_ERRORS as exc:
+    except interface.STORE_ERRORS as exc:
         log.warning("cannot read service pauses", extra={"event": "pauses_read_failed", "error": str(exc)})
         return False
     board.apply({service: Pause(at, reason) for service, at, reason in rows}, served)

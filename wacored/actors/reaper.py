@@ -35,7 +35,8 @@ from ..capabilities import Reaping
 from ..config import SessionsConfig
 from ..core.schedule import cutoffs, missed, next_reap
 from ..observe.counts import bump
-from ..store.interface import STORE_ERRORS, Reads, WriteTx
+from ..store import interface
+from ..store.interface import Reads, WriteTx
 from ..store.writer import WriteOp
 from .deadletters import sleep_until, write_committed
 
@@ -103,7 +104,7 @@ async def run_reaper(
     async with writes:
         try:
             last = await trio.to_thread.run_sync(reader.last_run, ACTOR)
-        except STORE_ERRORS:
+        except interface.STORE_ERRORS:
             last = None
         now = rt.wall_clock()
         due = now + MISSED_REAP_DELAY_S if missed(last, now, rt.config.sessions.reap_minute) else None

@@ -20,7 +20,8 @@ import trio
 
 from ..observe.state import StoreStats
 from ..runtime import Runtime
-from ..store.interface import STORE_ERRORS, Reads
+from ..store import interface
+from ..store.interface import Reads
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ async def refresh(rt: Runtime, reader: Reads) -> None:
     try:
         figures = await trio.to_thread.run_sync(reader.figures)
         sessions_active = await trio.to_thread.run_sync(reader.sessions_active, since)
-    except STORE_ERRORS + (OSError,) as exc:
+    except interface.STORE_ERRORS + (OSError,) as exc:
         log.warning("cannot read store figures", extra={"event": "stats_failed", "error": str(exc)})
         return
     rt.stats = StoreStats(

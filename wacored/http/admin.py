@@ -76,10 +76,6 @@ SQLITE_INT = (-(2**63), 2**63 - 1)
 """The integers SQLite stores: a row id outside them cannot even be looked up."""
 
 
-_REFUSALS: tuple[type[Exception], ...] = (*ops.REFUSALS, OSError)
-"""The store refusing or unreadable: a 503."""
-
-
 class AdminError(Exception):
     """An answer other than 200, with its JSON body."""
 
@@ -247,13 +243,18 @@ async def _applied(rt: Runtime, name: str, changed: bool) -> dict[str, Any]:
     return {**pauses.service_state(name, rt.pauses.paused.get(name)), "changed": changed}
 
 
+def _store_refusals() -> tuple[type[Exception], ...]:
+    """The store refusing or unreadable: a 503 (read when caught: see `ops.refusals`)."""
+    return (*ops.refusals(), OSError)
+
+
 async def _on_store(rt: Runtime, work: Callable[[OpsConnection], T]) -> T:
     """`work` in a worker thread, on a connection of its own to the store of the current config."""
     try:
         return await trio.to_thread.run_sync(_with_connection, rt.config.store, work)
     except pauses.PauseRefused as exc:
         raise _refused(exc) from None
-    except _REFUSALS as exc:
+    except _store_refusals() as exc:
         log.warning("admin: store unavailable", extra={"event": "admin_store_error", "error": str(exc)})
         lines = str(exc).strip().splitlines()  # psycopg's run over several lines: the first says what failed
         raise AdminError(503, "store_unavailable", lines[0] if lines else type(exc).__name__) from exc

@@ -25,7 +25,7 @@ from ..ops.connection import store_where
 from ..ops.operations import iso
 from ..runtime import Runtime
 from ..siblings import LOCAL_HEADER, merged_exposition
-from ..store.interface import STORE_ERRORS
+from ..store import interface
 from ..store.writer import StoreWrites, store_writes_status
 from ..version import VERSION
 from . import admin
@@ -50,7 +50,7 @@ async def health_report(rt: Runtime) -> tuple[int, dict[str, Any]]:
             async with rt.reader_lock:
                 schema = await trio.to_thread.run_sync(rt.reader.ping)
         checks["database"] = {"status": "ok", "schema_version": schema, "path": store_where(rt.config.store)}
-    except STORE_ERRORS + (trio.TooSlowError,) as exc:
+    except interface.STORE_ERRORS + (trio.TooSlowError,) as exc:
         checks["database"] = {"status": "error", "error": str(exc) or type(exc).__name__}
     now = rt.wall_clock()
     checks["store_writes"] = _store_writes(rt.store_writes, now, rt.config.store.unhealthy_after_s)

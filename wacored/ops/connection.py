@@ -31,16 +31,16 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
-
-import psycopg
 
 from ..config import StoreConfig
 from ..store import queued_by_target
-from ..store.postgres import connect, qmark, schema_version
 from ..store.rows import SchemaError
 from ..store.schema import SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 class Rows(Protocol):
@@ -127,6 +127,10 @@ class PgOps:
     of its own, ``lock_timeout`` set to the busy timeout."""
 
     def __init__(self, url: str, busy_timeout_ms: int = 5000) -> None:
+        # Here, not at the top: a SQLite daemon never loads psycopg (`store.interface`).
+        from ..store.postgres import connect, qmark, schema_version
+
+        self._qmark = qmark
         self.conn = connect(url)
         try:
             self.conn.execute(f"SET lock_timeout = {int(busy_timeout_ms)}")
@@ -144,7 +148,7 @@ class PgOps:
 
     def execute(self, sql: str, params: Sequence[Any] = (), /) -> psycopg.Cursor[tuple[Any, ...]]:
         # The operator's statements are the package's own literals; psycopg types them as str.
-        return self.conn.execute(qmark(sql), tuple(params) or None)
+        return self.conn.execute(self._qmark(sql), tuple(params) or None)
 
     def write(self) -> AbstractContextManager[None]:
         return _transaction(self.conn.execute, "BEGIN")
@@ -166,7 +170,9 @@ class PgOps:
 
     @property
     def in_transaction(self) -> bool:
-        return self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        from psycopg import pq
+
+        return self.conn.info.transaction_status != pq.TransactionStatus.IDLE
 
     def close(self) -> None:
         self.conn.close()

@@ -33,8 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..store import DEAD_LETTER_STATES, SCHEMA_VERSION, SchemaError
-from ..store.interface import STORE_ERRORS
+from ..store import DEAD_LETTER_STATES, SCHEMA_VERSION, SchemaError, interface
 from .connection import OpsConnection, SqliteOps
 
 STATES = DEAD_LETTER_STATES
@@ -65,8 +64,10 @@ class NotAStore(OperationsError):
     """The file exists but is not a wacored database."""
 
 
-REFUSALS: tuple[type[Exception], ...] = (OperationsError, SchemaError, *STORE_ERRORS)
-"""What the CLI and the admin API report as the store refusing (`connection.open_ops`, the drivers)."""
+def refusals() -> tuple[type[Exception], ...]:
+    """What the CLI and the admin API report as the store refusing (`connection.open_ops`, the drivers
+    loaded now: psycopg's errors join once `store.postgres` is imported, see `store.interface`)."""
+    return (OperationsError, SchemaError, *interface.STORE_ERRORS)
 
 
 def parse_duration(text: str) -> float:

@@ -52,6 +52,7 @@ from psycopg import pq
 
 from ..core.leases import Held, Lease
 from ..core.sessions import SessionChange
+from . import interface
 from . import lanes as store_lanes
 from .rows import DEAD_LETTER_STATES, DeadLetter, Delivery, NewRow, SchemaError, _delivery
 from .rows import _delivery_columns as _columns
@@ -59,6 +60,8 @@ from .schema import SCHEMA_VERSION
 from .sqlite import REAP_SQL as SQLITE_REAP_SQL
 from .sqlite import StoreFigures, as_time
 from .writes import MESSAGE_COLUMNS, MESSAGE_PLACEHOLDERS, SharedWrites, message_values
+
+interface.add_driver_errors(psycopg.Error, psycopg.OperationalError)  # before any connection: see interface
 
 CONNECT_TIMEOUT_S = 5
 """How long opening a connection may take before the store counts as unreachable."""

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import trio
 
 from ..core.whatsapp import Batch
-from . import NewRow, Outcome, StoreUnavailable
+from . import NewRow, Outcome, StoreUnavailable, interface
 from .ingest import (
     DEFAULT_CACHE_SIZE,
     IngestContext,
@@ -52,7 +52,7 @@ from .ingest import (
     StoreSessions,
     ingest,
 )
-from .interface import STORE_DOWN_ERRORS, STORE_ERRORS, WriteTx
+from .interface import WriteTx
 
 if TYPE_CHECKING:
     # trio's own result type: what `trio.lowlevel.start_thread_soon` delivers
@@ -419,7 +419,7 @@ async def _commit_group(
         for op in ops:
             if not isinstance(op, Record):
                 op.reply.fail(StoreUnavailable(str(exc)))
-        if isinstance(exc, STORE_ERRORS):
+        if isinstance(exc, interface.STORE_ERRORS):
             return
         raise
     if conn.changes() != changes:
@@ -440,10 +440,10 @@ async def _commit_held(
     changes = conn.changes()
     try:
         await _transaction(conn, held)
-    except STORE_DOWN_ERRORS as exc:  # disk full, locked, I/O, connection: the store, not the outcomes
+    except interface.STORE_DOWN_ERRORS as exc:  # disk full, locked, I/O, connection: the store, not the outcomes
         _failed(state, exc, wall_clock)
         return
-    except STORE_ERRORS:
+    except interface.STORE_ERRORS:
         await _commit_one_by_one(conn, lanes, state, wall_clock)
         return
     del state.held[: len(held)]
@@ -466,10 +466,10 @@ async def _commit_one_by_one(
         record = state.held[0]
         try:
             await _transaction(conn, [record])
-        except STORE_DOWN_ERRORS as exc:
+        except interface.STORE_DOWN_ERRORS as exc:
             _failed(state, exc, wall_clock)
             return
-        except STORE_ERRORS as exc:
+        except interface.STORE_ERRORS as exc:
             del state.held[0]
             record.given_up(lanes)
             log.error(
