@@ -33,6 +33,7 @@ from wacored.store.interface import LaneReads, Reads, WriteTx
 from wacored.store.postgres import PgLaneReader, PgReader, PgWriteConnection, pg_migrate, qmark
 from wacored.store.writer import WriteOp
 
+from .inprocess_workers import run_workers
 from .postgres import ENV, PgUnavailable, PrivateServer, find_server, fresh_database, own_schema
 
 FIXTURES = Path(__file__).parent / "fixtures" / "whatsapp"
@@ -149,12 +150,48 @@ def config_mapping(tmp_path: Path, downstream: str, graph: str, **sections: dict
     return data
 
 
+WORKERS_ENV = "WACORED_TEST_WORKERS"
+
+
+def workers_from_env() -> int:
+    """How many workers `open_daemon` runs: ``WACORED_TEST_WORKERS`` (1 or 2; default 1)."""
+    value = os.environ.get(WORKERS_ENV, "1")
+    if value not in ("1", "2"):
+        raise pytest.UsageError(f"{WORKERS_ENV}={value!r}: 1 or 2")
+    return int(value)
+
+
+WORKERS = workers_from_env()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "single_worker(reason): the test cannot hold with two workers (it inspects one process's state, "
+        "needs one lane holder...): skipped, with `reason`, when WACORED_TEST_WORKERS=2",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marker = item.get_closest_marker("single_worker")
+        if marker is None:
+            continue
+        reason = marker.args[0] if marker.args else marker.kwargs.get("reason", "")
+        if not reason:
+            raise pytest.UsageError(f"{item.nodeid}: single_worker needs a reason")
+        if WORKERS > 1:
+            item.add_marker(pytest.mark.skip(reason=f"single worker only: {reason}"))
+
+
 @dataclass
 class Daemon:
     url: str
     config: Config
     stop: trio.Event
     client: httpx.AsyncClient
+    workers: int = 1
+    """How many workers serve `url` (`WACORED_TEST_WORKERS`)."""
 
     def wamid(self) -> str:
         return f"wamid.TEST{uuid.uuid4().hex}"
@@ -175,10 +212,19 @@ class Daemon:
 
 @asynccontextmanager
 async def open_daemon(config: Config, **kwargs: Any) -> AsyncIterator[Daemon]:
+    """`run_daemon(config, **kwargs)` until the block ends; with ``WACORED_TEST_WORKERS=2``, two
+    workers sharing its port and store (`inprocess_workers.run_workers`)."""
     stop = trio.Event()
-    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10, trust_env=False) as client:
-        urls = await nursery.start(partial(run_daemon, config, stop=stop, **kwargs))
-        yield Daemon(urls[0], config, stop, client)
+    # With several workers the client opens a connection per request: the kernel picks a worker per
+    # connection (SO_REUSEPORT), so one kept-alive connection would send a whole test to one worker.
+    keepalive = 20 if WORKERS == 1 else 0
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=keepalive)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10, trust_env=False, limits=limits) as client:
+        if WORKERS == 1:
+            urls = await nursery.start(partial(run_daemon, config, stop=stop, **kwargs))
+        else:
+            urls = await nursery.start(partial(run_workers, config, WORKERS, stop=stop, **kwargs))
+        yield Daemon(urls[0], config, stop, client, WORKERS)
         stop.set()
 
 
