@@ -192,6 +192,14 @@ class Daemon:
     client: httpx.AsyncClient
     workers: int = 1
     """How many workers serve `url` (`WACORED_TEST_WORKERS`)."""
+    sockets: list[str] = field(default_factory=list)
+    """Each worker's private unix socket, by index (none for one worker)."""
+
+    async def on_worker(self, index: int, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """A request to worker `index` alone, on its private socket (what its siblings use)."""
+        transport = httpx.AsyncHTTPTransport(uds=self.sockets[index])
+        async with httpx.AsyncClient(transport=transport, timeout=10, trust_env=False) as http:
+            return await http.request(method, f"http://worker-{index}{path}", **kwargs)
 
     def wamid(self) -> str:
         return f"wamid.TEST{uuid.uuid4().hex}"
@@ -211,20 +219,21 @@ class Daemon:
 
 
 @asynccontextmanager
-async def open_daemon(config: Config, **kwargs: Any) -> AsyncIterator[Daemon]:
-    """`run_daemon(config, **kwargs)` until the block ends; with ``WACORED_TEST_WORKERS=2``, two
-    workers sharing its port and store (`inprocess_workers.run_workers`)."""
+async def open_daemon(config: Config, *, workers: int | None = None, **kwargs: Any) -> AsyncIterator[Daemon]:
+    """`run_daemon(config, **kwargs)` until the block ends; with `workers` (default
+    ``WACORED_TEST_WORKERS``) 2, two workers sharing its port and store (`inprocess_workers`)."""
+    count = WORKERS if workers is None else workers
     stop = trio.Event()
     # With several workers the client opens a connection per request: the kernel picks a worker per
     # connection (SO_REUSEPORT), so one kept-alive connection would send a whole test to one worker.
-    keepalive = 20 if WORKERS == 1 else 0
-    limits = httpx.Limits(max_connections=100, max_keepalive_connections=keepalive)
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=20 if count == 1 else 0)
     async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10, trust_env=False, limits=limits) as client:
-        if WORKERS == 1:
+        if count == 1:
             urls = await nursery.start(partial(run_daemon, config, stop=stop, **kwargs))
+            yield Daemon(urls[0], config, stop, client)
         else:
-            urls = await nursery.start(partial(run_workers, config, WORKERS, stop=stop, **kwargs))
-        yield Daemon(urls[0], config, stop, client, WORKERS)
+            url, *sockets = await nursery.start(partial(run_workers, config, count, stop=stop, **kwargs))
+            yield Daemon(url, config, stop, client, count, sockets)
         stop.set()
 
 

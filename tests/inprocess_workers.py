@@ -59,7 +59,8 @@ async def run_workers(
     **kwargs: Any,
 ) -> None:
     """Run `count` workers of `config` until `stop` is set; `task_status.started` gets the shared
-    port's URL (and worker 0's private socket) once every worker serves. `kwargs` go to every worker's `run_daemon`."""
+    port's URL and each worker's private socket once every worker serves. `kwargs` go to every
+    worker's `run_daemon`."""
     base = node or config.cluster.node_id
     async with shared_port(config) as (reserved, directory), trio.open_nursery() as outer:
         channels = [trio.open_memory_channel[ReloadRequest](0) for _ in range(count)]
@@ -90,6 +91,6 @@ async def run_workers(
                             )
                         )
                     )
-                # Every worker's first URL is the shared port's.
-                task_status.started(urls[0])
+                # Every worker's first URL is the shared port's; then each one's private socket.
+                task_status.started([urls[0][0], *(seat.place.socket_path(i) for i, seat in enumerate(seated))])
         outer.cancel_scope.cancel(reason="every worker has stopped")
