@@ -10,8 +10,9 @@
   again, and wake the writer's sweep so the forwarders have them at once.
 - ``GET /admin/services``: each service, paused or not, since when, why (``services list --json``);
 - ``POST /admin/services/<name>/pause`` ``{"reason": "..."}`` (optional) and ``.../resume``: answered
-  once the daemon's pause watcher has read the change (`PauseBoard.refreshed`), so no attempt to a
-  paused service starts after the 200.
+  once the daemon's pause watcher has read the change (`PauseBoard.refreshed`), every worker's under
+  ``[server] processes = N`` (each sibling is asked ``GET /admin/services`` with `LOCAL_HEADER`,
+  which reads the table before it answers), so no attempt to a paused service starts after the 200.
 
 Every request needs ``Authorization: Bearer <[admin] token>``. With no token configured the API is off
 and every ``/admin/`` path answers 404, so its existence is not advertised. The token and the store
@@ -56,6 +57,7 @@ from ..ops import operations as ops
 from ..ops import pauses
 from ..ops.connection import OpsConnection, open_ops, store_where
 from ..runtime import Runtime
+from ..siblings import LOCAL_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +169,10 @@ def _blueprint(rt: Runtime) -> Blueprint:
 
     @bp.get("/services")
     async def services() -> Response:
+        if LOCAL_HEADER in request.headers:
+            # A sibling that changed a pause asks: read the table first (`_siblings_refreshed`).
+            with trio.move_on_after(PAUSE_APPLY_S):
+                await rt.pauses.refreshed()
         names = list(rt.config.services)
         return jsonify(await _on_store(rt, partial(pauses.list_services, services=names)))
 
@@ -234,7 +240,12 @@ async def _applied(rt: Runtime, name: str, changed: bool) -> dict[str, Any]:
     """The service's pause state once the daemon's pause watcher has read the store (or after
     `PAUSE_APPLY_S`: the change is stored either way), and whether this request changed it."""
     with trio.move_on_after(PAUSE_APPLY_S) as waited:
-        await rt.pauses.refreshed()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rt.pauses.refreshed)
+            if rt.siblings.place.siblings and LOCAL_HEADER not in request.headers:
+                # Under ``[server] processes = N`` every worker delivers: each must have read the
+                # change before the answer, not at its watcher's next poll (a second later).
+                nursery.start_soon(_siblings_refreshed, rt)
     if waited.cancelled_caught:
         log.warning(
             "the pause watcher has not read the change yet: it applies at its next read",
@@ -245,6 +256,13 @@ async def _applied(rt: Runtime, name: str, changed: bool) -> dict[str, Any]:
         extra={"event": "admin_pause", "service": name, "paused": name in rt.pauses.paused, "changed": changed},
     )
     return {**pauses.service_state(name, rt.pauses.paused.get(name)), "changed": changed}
+
+
+async def _siblings_refreshed(rt: Runtime) -> None:
+    """Have every sibling worker's pause watcher read the table (``GET /admin/services`` with
+    `LOCAL_HEADER`, which refreshes before it answers); a sibling that does not answer is being
+    restarted, and reads the table before its forwarders start."""
+    await rt.siblings.ask("/admin/services", {"Authorization": f"Bearer {rt.config.admin.token}"})
 
 
 async def _on_store(rt: Runtime, work: Callable[[OpsConnection], T]) -> T:
