@@ -33,7 +33,7 @@ from wacored.store.interface import LaneReads, Reads, WriteTx
 from wacored.store.postgres import PgLaneReader, PgReader, PgWriteConnection, pg_migrate, qmark
 from wacored.store.writer import WriteOp
 
-from .inprocess_workers import run_workers
+from .inprocess_workers import run_workers, worker_nodes
 from .postgres import ENV, PgUnavailable, PrivateServer, find_server, fresh_database, own_schema
 
 FIXTURES = Path(__file__).parent / "fixtures" / "whatsapp"
@@ -194,6 +194,9 @@ class Daemon:
     """How many workers serve `url` (`WACORED_TEST_WORKERS`)."""
     sockets: list[str] = field(default_factory=list)
     """Each worker's private unix socket, by index (none for one worker)."""
+    nodes: list[str] = field(default_factory=list)
+    """Each worker's node name (as the leases and attempts name it), when the test named it or there
+    are several workers."""
 
     async def on_worker(self, index: int, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """A request to worker `index` alone, on its private socket (what its siblings use)."""
@@ -230,10 +233,10 @@ async def open_daemon(config: Config, *, workers: int | None = None, **kwargs: A
     async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10, trust_env=False, limits=limits) as client:
         if count == 1:
             urls = await nursery.start(partial(run_daemon, config, stop=stop, **kwargs))
-            yield Daemon(urls[0], config, stop, client)
+            yield Daemon(urls[0], config, stop, client, nodes=[kwargs["node"]] if kwargs.get("node") else [])
         else:
             url, *sockets = await nursery.start(partial(run_workers, config, count, stop=stop, **kwargs))
-            yield Daemon(url, config, stop, client, count, sockets)
+            yield Daemon(url, config, stop, client, count, sockets, worker_nodes(config, kwargs.get("node"), count))
         stop.set()
 
 

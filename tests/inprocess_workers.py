@@ -28,11 +28,12 @@ from wacored.siblings import Place
 from wacored.workers import shared_port, take_seat
 
 
-def worker_node(base: str, index: int) -> str:
-    """Worker `index`'s node name: `base` (a test's `node`, ``[cluster] node_id``, else this
-    process's ``host-pid``) suffixed ``-w<index>`` as `node_name` suffixes a configured id. Every
-    worker of one trio run shares the pid, so the default name alone would make them one node."""
-    return node_name(base or node_name(), index)
+def worker_nodes(config: Config, node: str | None, count: int) -> list[str]:
+    """Each worker's node name: the test's `node`, else ``[cluster] node_id``, else this process's
+    ``host-pid``, suffixed ``-w<index>`` as `node_name` suffixes a configured id. Every worker of one
+    trio run shares the pid, so the default name alone would make them one node."""
+    base = node or config.cluster.node_id or node_name()
+    return [node_name(base, index) for index in range(count)]
 
 
 async def fan_out_reloads(
@@ -61,7 +62,7 @@ async def run_workers(
     """Run `count` workers of `config` until `stop` is set; `task_status.started` gets the shared
     port's URL and each worker's private socket once every worker serves. `kwargs` go to every
     worker's `run_daemon`."""
-    base = node or config.cluster.node_id
+    nodes = worker_nodes(config, node, count)
     async with shared_port(config) as (reserved, directory), trio.open_nursery() as outer:
         channels = [trio.open_memory_channel[ReloadRequest](0) for _ in range(count)]
         if reloads is not None:
@@ -84,7 +85,7 @@ async def run_workers(
                                 config,
                                 stop=stop,
                                 reloads=channels[index][1] if reloads is not None else None,
-                                node=worker_node(base, index),
+                                node=nodes[index],
                                 listener=seat.listener,
                                 place=seat.place,
                                 **kwargs,

@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 import trio
 
 from wacored.actors.lanes import LaneBoard
@@ -186,6 +187,7 @@ def test_queued_rows_follow_a_new_lane_count_once(store: StoreUnderTest) -> None
     assert dict(store.rows("SELECT id, lane FROM messages")) == want
 
 
+@pytest.mark.single_worker("runs two daemons as two nodes itself and counts one node's leases and lane metrics")
 async def test_two_daemons_on_one_store_deliver_every_message_once_in_each_senders_order(
     tmp_path: Path, services: Downstream, graph: Downstream
 ) -> None:
