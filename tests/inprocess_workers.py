@@ -71,11 +71,10 @@ async def run_workers(
             seated = [seats.enter_context(take_seat(reserved, Place(i, count, directory))) for i in range(count)]
             async with trio.open_nursery() as workers:
                 # One after the other, as a restarted worker joins one that serves. Started at once,
-                # each test would begin in the lease handover (worker 0 gives back the lanes beyond
-                # its fair share only at its next tick, and worker 1 claims them at its own: those
-                # lanes wait up to two ticks, `tick_s` = 3.3 s each by default), so nearly every test
-                # would wait it out; this way the handover comes `tick_s` into a test, and the longer
-                # tests cross it.
+                # each test would begin in the lease handover (the lanes worker 0 gives back wait for
+                # worker 1's next tick, up to `tick_s`, 3.3 s by default), so nearly every test would
+                # wait it out; this way the handover comes `tick_s` into a test, and the longer tests
+                # cross it.
                 urls = []
                 for index, seat in enumerate(seated):
                     urls.append(
