@@ -107,6 +107,7 @@ async def test_every_gauge_the_daemon_exports_has_a_deliberate_rule(world: World
     assert sorted(gauges - set(GAUGES)) == []
 
 
+@pytest.mark.single_worker("merges one process's exposition with itself: with two workers /metrics is both merged")
 async def test_a_daemons_exposition_merged_with_itself_doubles_counters_not_store_figures(world: World) -> None:
     await world.daemon.send_text("menu")
     text = (await world.daemon.client.get(f"{world.daemon.url}/metrics")).text
