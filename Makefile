@@ -6,7 +6,7 @@ RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed-test
 CONFIG ?= wacored.toml
 
-.PHONY: run test lint tools postgres bench check-config clean
+.PHONY: run test test-two-workers lint tools postgres bench check-config clean
 
 # `make run` installs what running needs and nothing else; `make test` adds the test tools. One line
 # per step, so a first run on a slow link says what it is waiting for.
@@ -30,8 +30,19 @@ run: $(RUN_STAMP)
 	$(BIN)/wacored dev-env var/dev.env
 	$(BIN)/wacored run -c $(CONFIG) --env-file var/dev.env
 
+# After the whole suite, its daemon-level modules again with every daemon run as two workers sharing
+# its port and store (WACORED_TEST_WORKERS=2, tests/inprocess_workers.py): what holds for one process
+# must hold for `[server] processes = 2`. Tests marked single_worker are skipped there, with why.
+# ~85 s on this project's 2-core machine (docs/development.md).
+TWO_WORKERS := fuzz daemon durability resilience poison pauses probe numbers signing metrics logs
+TWO_WORKERS_PYTEST := WACORED_TEST_WORKERS=2 $(BIN)/python -m pytest $(TWO_WORKERS:%=tests/test_%.py)
+
 test: $(STAMP) lint tools postgres
 	$(BIN)/python -m pytest
+	$(TWO_WORKERS_PYTEST)
+
+test-two-workers: $(STAMP)
+	$(TWO_WORKERS_PYTEST)
 
 # The deploy tests run the real tools: promtool and prometheus (Debian's prometheus package ships both;
 # the tests start their own, so a service the package started under systemd is stopped and disabled),

@@ -33,6 +33,7 @@ from wacored.store.interface import LaneReads, Reads, WriteTx
 from wacored.store.postgres import PgLaneReader, PgReader, PgWriteConnection, pg_migrate, qmark
 from wacored.store.writer import WriteOp
 
+from .inprocess_workers import run_workers, worker_nodes
 from .postgres import ENV, PgUnavailable, PrivateServer, find_server, fresh_database, own_schema
 
 FIXTURES = Path(__file__).parent / "fixtures" / "whatsapp"
@@ -149,12 +150,59 @@ def config_mapping(tmp_path: Path, downstream: str, graph: str, **sections: dict
     return data
 
 
+WORKERS_ENV = "WACORED_TEST_WORKERS"
+
+
+def workers_from_env() -> int:
+    """How many workers `open_daemon` runs: ``WACORED_TEST_WORKERS`` (1 or 2; default 1)."""
+    value = os.environ.get(WORKERS_ENV, "1")
+    if value not in ("1", "2"):
+        raise pytest.UsageError(f"{WORKERS_ENV}={value!r}: 1 or 2")
+    return int(value)
+
+
+WORKERS = workers_from_env()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "single_worker(reason): the test cannot hold with two workers (it inspects one process's state, "
+        "needs one lane holder...): skipped, with `reason`, when WACORED_TEST_WORKERS=2",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marker = item.get_closest_marker("single_worker")
+        if marker is None:
+            continue
+        reason = marker.args[0] if marker.args else marker.kwargs.get("reason", "")
+        if not reason:
+            raise pytest.UsageError(f"{item.nodeid}: single_worker needs a reason")
+        if WORKERS > 1:
+            item.add_marker(pytest.mark.skip(reason=f"single worker only: {reason}"))
+
+
 @dataclass
 class Daemon:
     url: str
     config: Config
     stop: trio.Event
     client: httpx.AsyncClient
+    workers: int = 1
+    """How many workers serve `url` (`WACORED_TEST_WORKERS`)."""
+    sockets: list[str] = field(default_factory=list)
+    """Each worker's private unix socket, by index (none for one worker)."""
+    nodes: list[str] = field(default_factory=list)
+    """Each worker's node name (as the leases and attempts name it), when the test named it or there
+    are several workers."""
+
+    async def on_worker(self, index: int, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """A request to worker `index` alone, on its private socket (what its siblings use)."""
+        transport = httpx.AsyncHTTPTransport(uds=self.sockets[index])
+        async with httpx.AsyncClient(transport=transport, timeout=10, trust_env=False) as http:
+            return await http.request(method, f"http://worker-{index}{path}", **kwargs)
 
     def wamid(self) -> str:
         return f"wamid.TEST{uuid.uuid4().hex}"
@@ -174,11 +222,21 @@ class Daemon:
 
 
 @asynccontextmanager
-async def open_daemon(config: Config, **kwargs: Any) -> AsyncIterator[Daemon]:
+async def open_daemon(config: Config, *, workers: int | None = None, **kwargs: Any) -> AsyncIterator[Daemon]:
+    """`run_daemon(config, **kwargs)` until the block ends; with `workers` (default
+    ``WACORED_TEST_WORKERS``) 2, two workers sharing its port and store (`inprocess_workers`)."""
+    count = WORKERS if workers is None else workers
     stop = trio.Event()
-    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10, trust_env=False) as client:
-        urls = await nursery.start(partial(run_daemon, config, stop=stop, **kwargs))
-        yield Daemon(urls[0], config, stop, client)
+    # With several workers the client opens a connection per request: the kernel picks a worker per
+    # connection (SO_REUSEPORT), so one kept-alive connection would send a whole test to one worker.
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=20 if count == 1 else 0)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10, trust_env=False, limits=limits) as client:
+        if count == 1:
+            urls = await nursery.start(partial(run_daemon, config, stop=stop, **kwargs))
+            yield Daemon(urls[0], config, stop, client, nodes=[kwargs["node"]] if kwargs.get("node") else [])
+        else:
+            url, *sockets = await nursery.start(partial(run_workers, config, count, stop=stop, **kwargs))
+            yield Daemon(url, config, stop, client, count, sockets, worker_nodes(config, kwargs.get("node"), count))
         stop.set()
 
 

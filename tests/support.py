@@ -36,6 +36,7 @@ from wacored.core.numbers import Numbers
 from wacored.core.ratelimit import RateLimit
 from wacored.core.whatsapp import Batch, parse_webhook, text_webhook
 from wacored.ops.connection import open_ops
+from wacored.siblings import LOCAL_HEADER
 from wacored.store import Delivery, WriteConnection
 from wacored.store.ingest import IngestContext, IngestPolicy
 from wacored.store.postgres import qmark
@@ -131,10 +132,19 @@ async def health(daemon: Daemon) -> dict[str, Any]:
 
 
 async def wait_for_health(daemon: Daemon, ready: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    """Poll /health until `ready(body)` (the caller bounds the wait with `trio.fail_after`)."""
-    while not ready(body := await health(daemon)):  # noqa: ASYNC110 -- state seen over HTTP, as a caller sees it
-        await trio.sleep(POLL_S)
-    return body
+    """Poll /health until `ready(body)` (the caller bounds the wait with `trio.fail_after`). With
+    several workers, until every worker's own /health says so (each reads the store on its own
+    clock: a CLI pause, say, reaches each one within its watcher's second); worker 0's body."""
+    if not daemon.sockets:
+        while not ready(body := await health(daemon)):  # noqa: ASYNC110 -- state seen over HTTP, as a caller sees it
+            await trio.sleep(POLL_S)
+        return body
+    bodies = []
+    for index in range(len(daemon.sockets)):
+        while not ready(body := (await daemon.on_worker(index, "GET", "/health", headers={LOCAL_HEADER: "1"})).json()):  # noqa: ASYNC110
+            await trio.sleep(POLL_S)
+        bodies.append(body)
+    return bodies[0]
 
 
 @dataclass

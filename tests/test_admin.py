@@ -442,3 +442,25 @@ async def test_a_store_that_cannot_be_read_is_503(daemon: Daemon, damage: str) -
             path.unlink(missing_ok=True)
         kept.rename(path)
     await _still_accepting(daemon)
+
+
+async def test_a_replay_on_one_worker_wakes_the_retrier_another_runs(
+    tmp_path: Path, services: Downstream, graph: Downstream, seeded: dict[str, int]
+) -> None:
+    """Two workers whatever WACORED_TEST_WORKERS says: the replay goes to the worker that does not
+    run the DLQ retrier, which only a word from that worker can wake within the hour."""
+    config = make_config(tmp_path, services, graph, admin={"token": TOKEN}, dlq={"interval_s": 3600})
+    async with open_daemon(config, workers=2, wall_clock=lambda: NOW) as daemon:
+        health = (await daemon.on_worker(0, "GET", "/health")).json()
+        [runner] = [w["index"] for w in health["workers"] if "dlq_retrier" in w["singletons"]]
+        other = 1 - runner
+        response = await daemon.on_worker(other, "POST", "/admin/dlq/replay", json={"ids": ["wamid.AB"]}, headers=AUTH)
+        assert response.json()["replayed"] == 1
+        [retry] = await services.wait_for(1, "/rides")
+    assert retry.headers["idempotency-key"] == "wamid.AB"
+
+
+async def test_the_sibling_routes_do_not_exist_for_an_operator(daemon: Daemon) -> None:
+    for what in ("pauses", "retrier", "lanes", "other"):
+        response = await call(daemon, "GET", f"/admin/local/{what}")
+        assert (response.status_code, response.json()) == (404, {"error": "not_found"})

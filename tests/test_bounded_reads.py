@@ -76,6 +76,9 @@ async def test_a_trickled_body_gets_408_at_the_deadline_not_later(
         await assert_serves_signed_post(daemon)
 
 
+@pytest.mark.single_worker(
+    "the connection cap is per worker: the test fills one worker's and needs /health to read that one's checks.ingress"
+)
 async def test_at_the_connection_cap_signed_posts_and_health_are_served(
     tmp_path: Path, services: Downstream, graph: Downstream
 ) -> None:
@@ -105,6 +108,9 @@ async def test_at_the_connection_cap_signed_posts_and_health_are_served(
         await assert_serves_signed_post(daemon)
 
 
+@pytest.mark.single_worker(
+    "the unverified-bytes budget is per worker: the test fills one worker's and reads its checks.ingress in /health"
+)
 async def test_with_the_unverified_bytes_budget_full_a_signed_post_is_served(
     tmp_path: Path, services: Downstream, graph: Downstream
 ) -> None:

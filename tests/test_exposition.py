@@ -107,6 +107,7 @@ async def test_every_gauge_the_daemon_exports_has_a_deliberate_rule(world: World
     assert sorted(gauges - set(GAUGES)) == []
 
 
+@pytest.mark.single_worker("merges one process's exposition with itself: with two workers /metrics is both merged")
 async def test_a_daemons_exposition_merged_with_itself_doubles_counters_not_store_figures(world: World) -> None:
     await world.daemon.send_text("menu")
     text = (await world.daemon.client.get(f"{world.daemon.url}/metrics")).text
@@ -178,3 +179,33 @@ def _mapping(processes: int) -> dict[str, object]:
         "whatsapp": {"app_secret": "s"},
         "services": {"rides": {"url": "http://127.0.0.1:9/rides", "keys": ["rides"]}},
     }
+
+
+def test_health_sums_the_ingress_counts_and_takes_each_breakers_worst() -> None:
+    def body(index: int, accepted: int, probes: int, breaker: str) -> dict[str, object]:
+        return {
+            "status": "healthy",
+            "checks": {
+                "requests": {"accepted": accepted},
+                "routed": {"rides:keyword": accepted},
+                "probes": probes,
+                "statuses": {},
+                "sessions": {"cached": 10 + index},
+            },
+            "services": {"rides": {"breaker": breaker, "lanes_held": index}},
+            "workers": [section(index, "healthy")],
+        }
+
+    merged = with_siblings(body(0, 2, 1, "closed"), {1: body(1, 3, 0, "open"), 2: None})
+    checks = merged["checks"]
+    assert (checks["requests"], checks["routed"], checks["probes"]) == ({"accepted": 5}, {"rides:keyword": 5}, 1)
+    assert checks["sessions"] == {"cached": 10}  # the answering worker's own cache
+    assert merged["services"]["rides"] == {"breaker": "open", "lanes_held": 0}
+    assert with_siblings(body(0, 2, 1, "half_open"), {1: body(1, 0, 0, "closed")})["services"]["rides"]["breaker"] == (
+        "half_open"
+    )
+    # What is not a count in a sibling's answer is skipped, not summed.
+    odd = {"checks": {"requests": {"accepted": "many"}, "probes": True}, "services": {"rides": {"breaker": 3}}}
+    merged = with_siblings(body(0, 2, 1, "closed"), {1: odd})
+    assert (merged["checks"]["requests"], merged["checks"]["probes"]) == ({"accepted": 2}, 1)
+    assert merged["services"]["rides"]["breaker"] == "closed"

@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from wacored.core.ingest import plan_ingest
@@ -186,6 +187,10 @@ def test_routing_reads_each_sender_once_per_batch(tmp_path: Path) -> None:
     assert stored.reads == [("", SENDER)]
 
 
+@pytest.mark.single_worker(
+    "checks.sessions counts the session cache of the worker that answers /health, which need not be the "
+    "one that took the POST"
+)
 async def test_a_daemon_routes_by_sessions_it_never_loaded(
     tmp_path: Path, services: Downstream, graph: Downstream
 ) -> None:

@@ -11,6 +11,7 @@ import threading
 from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -266,6 +267,7 @@ def test_queued_rows_follow_a_new_lane_count_once(store: StoreUnderTest) -> None
     assert dict(store.rows("SELECT id, lane FROM messages")) == want
 
 
+@pytest.mark.single_worker("runs two daemons as two nodes itself and counts one node's leases and lane metrics")
 async def test_two_daemons_on_one_store_deliver_every_message_once_in_each_senders_order(
     tmp_path: Path, services: Downstream, graph: Downstream
 ) -> None:
@@ -365,3 +367,29 @@ async def test_a_lane_claimed_again_in_the_tick_that_gives_it_back_is_woken(tmp_
     for lane in giving:
         with trio.fail_after(1):
             await lane.sleep(60)  # woken at once: the lane reads its queued rows now
+
+
+async def test_lanes_to_give_back_are_given_back_at_once_when_idle(tmp_path: Path) -> None:
+    """Found by the suite's two-worker mode: a lane marked to give back takes no new row, and no other
+    node may take it while this one holds it, so its rows waited for this node's next tick (3.3 s by
+    default) and then the other's. The keeper is now woken to release it at once, and a lane that was
+    busy as soon as the writer records its last outcome."""
+    path = tmp_path / "db"
+    migrate(path)
+    a, b = WriteConnection(path), WriteConnection(path)
+    board = LaneBoard(10.0)
+    lanes = board.ensure("rides", 4)
+    board.apply(tick(a, "a", 100.0), [], 100.0)
+    board.keeper_wake = trio.Event()  # `ensure` set it (new lanes): start from a quiet keeper
+    tick(b, "b", 101.0)  # b is seen: a's share drops to 2, it gives back rides:2 and rides:3
+    lanes[3].handed.add(7)  # a delivery of rides:3 whose outcome the writer has not recorded yet
+    board.apply(tick(a, "a", 103.0), [], 103.0)
+    assert [lane.giving_back for lane in lanes] == [False, False, True, True]
+    assert board.releasable() == [lanes[2].name]
+    assert board.keeper_wake.is_set()  # the keeper ticks again now, and releases rides:2
+    board.keeper_wake = trio.Event()
+    released = board.releasable()
+    board.apply(tick(a, "a", 103.1, release=released), released, 103.1)
+    assert not board.keeper_wake.is_set()  # nothing idle left to give back: no tick for nothing
+    board.recorded("rides", 7)
+    assert board.keeper_wake.is_set()  # rides:3 is idle now: given back at once too

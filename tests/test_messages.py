@@ -85,11 +85,13 @@ async def test_show_lists_every_attempt_of_a_delivery(
         "delivered",
     )
     attempts = report["attempts"]
-    assert [(a["number"], a["kind"], a["status_code"], a["node"]) for a in attempts] == [
-        (1, "delivery", 503, "test-node"),
-        (2, "delivery", 503, "test-node"),
-        (3, "delivery", 200, "test-node"),
+    assert [(a["number"], a["kind"], a["status_code"]) for a in attempts] == [
+        (1, "delivery", 503),
+        (2, "delivery", 503),
+        (3, "delivery", 200),
     ]
+    # The node holding the lane: "test-node", or with two workers "test-node-w0" or "test-node-w1".
+    assert {a["node"] for a in attempts} <= set(daemon.nodes)
     assert [a["error"][:8] for a in attempts] == ["HTTP 503", "HTTP 503", ""]
     assert all(a["duration_ms"] >= 0 and a["started_at"].endswith("Z") for a in attempts)
     assert attempts[0]["started_at"] <= attempts[1]["started_at"] <= attempts[2]["started_at"]

@@ -24,6 +24,7 @@ from wacored.ops import pauses
 from wacored.ops.connection import open_ops
 from wacored.ops.pauses import Pause
 from wacored.reloads import ReloadRequest
+from wacored.siblings import LOCAL_HEADER
 
 from .conftest import SERVICES, Daemon, Downstream, Received, StoreUnderTest, config_mapping, open_daemon, rows
 from .support import health, run_cli, store_rows, toml_text, wait_for_health, wait_until
@@ -411,3 +412,24 @@ async def test_the_pause_is_exported_as_metrics(tmp_path: Path, services: Downst
         if service != "rides":
             assert samples[("wacored_service_paused", service)] == 0
             assert samples[("wacored_service_paused_seconds", service)] == 0
+
+
+async def test_an_admin_pause_is_in_force_on_every_worker_when_answered(
+    tmp_path: Path, services: Downstream, graph: Downstream
+) -> None:
+    """Two workers whatever WACORED_TEST_WORKERS says: the pause goes to worker 1 alone, and worker 0
+    (which its own pause watcher would tell only at its next poll, a second later) has it at once."""
+    config = Config.from_mapping(mapping(tmp_path, services, graph), {})
+    local = {LOCAL_HEADER: "1"}
+
+    async def paused_on_worker_0() -> bool:
+        body = (await daemon.on_worker(0, "GET", "/health", headers=local)).json()
+        return bool(body["services"]["rides"]["paused"])
+
+    async with open_daemon(config, workers=2) as daemon:
+        r = await daemon.on_worker(1, "POST", "/admin/services/rides/pause", json={"reason": "deploy"}, headers=AUTH)
+        assert (r.status_code, r.json()["paused"]) == (200, True)
+        assert await paused_on_worker_0()
+        r = await daemon.on_worker(1, "POST", "/admin/services/rides/resume", headers=AUTH)
+        assert (r.status_code, r.json()["paused"]) == (200, False)
+        assert not await paused_on_worker_0()

@@ -159,6 +159,7 @@ async def test_a_daemon_on_postgresql_acknowledges_delivers_dead_letters_and_ref
     assert pg_rows(pg, "SELECT COUNT(*) FROM leases") == [(0,)]
 
 
+@pytest.mark.single_worker("runs two daemons as two nodes itself and counts one node's leases and lane metrics")
 async def test_two_daemons_on_one_postgresql_database_deliver_every_message_once_in_each_senders_order(
     tmp_path: Path, pg: str, services: Downstream, graph: Downstream
 ) -> None:

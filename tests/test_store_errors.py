@@ -94,6 +94,10 @@ async def test_outcomes_of_a_disk_full_period_are_recorded_once_the_disk_is_back
     assert len({r.headers["idempotency-key"] for r in services.on("/rides")}) == 2
 
 
+@pytest.mark.single_worker(
+    "checks.store_writes is the writer of the worker that answers /health; the failing commit is the "
+    "other's when the POST went there"
+)
 async def test_health_is_degraded_then_unhealthy_while_commits_fail_and_healthy_after(
     tmp_path: Path, services: Downstream, graph: Downstream, disk: DiskFull
 ) -> None:

@@ -310,6 +310,9 @@ async def test_run_beating_beats_while_its_function_runs(autojump_clock: trio.te
 # --- the real daemon --------------------------------------------------------------------------
 
 
+@pytest.mark.single_worker(
+    "under processes each worker's READY=1 goes to the supervisor, which tells systemd once (test_workers.py)"
+)
 async def test_ready_once_serving_then_stopping_on_stop(
     tmp_path: Path, services: Downstream, graph: Downstream, receiver: Receiver
 ) -> None:

@@ -183,38 +183,37 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """One worker process of ``wacored run`` with ``[server] processes = N`` (started by its
     supervisor, `workers.py`): the daemon, listening at the address of the socket it inherits."""
     import socket
+    from contextlib import ExitStack
 
-    from .http.listener import share
     from .processes import die_with_parent, parent_gone
     from .siblings import Place
+    from .workers import take_seat
 
     started = process_started_at()
     if not die_with_parent(args.parent_pid):
         print("wacored worker: the supervisor is gone; not starting", file=sys.stderr)
         return 1
     place = Place(args.index, args.count, args.runtime_dir, args.restarts)
-    # The supervisor's socket only holds the port; this worker listens on a socket of its own
-    # (SO_REUSEPORT, see `listener.share`).
-    with socket.socket(fileno=args.listen_fd) as reserved:
-        try:
-            listener = share(reserved)
-        except OSError as exc:
-            print(f"wacored worker: cannot run: {exc}", file=sys.stderr)
-            return 1
-    # Every line this worker logs names it (`worker`): the supervisor and every worker share stderr.
-    try:
+    with ExitStack() as stack:
+        # The supervisor's socket only holds the port; this worker listens on a socket of its own
+        # (SO_REUSEPORT, see `listener.share`).
+        with socket.socket(fileno=args.listen_fd) as reserved:
+            try:
+                seat = stack.enter_context(take_seat(reserved, place))
+            except OSError as exc:
+                print(f"wacored worker: cannot run: {exc}", file=sys.stderr)
+                return 1
+        # Every line this worker logs names it (`worker`): the supervisor and every worker share stderr.
         with logs.bound(worker=str(args.index)):
             return cmd_run(
                 args,
                 worker={
                     "process_start": started,
-                    "listener": listener,
-                    "place": place,
+                    "listener": seat.listener,
+                    "place": seat.place,
                     "parent_gone": partial(parent_gone, args.parent_fd),
                 },
             )
-    finally:
-        listener.close()
 
 
 def _leaves(error: BaseException) -> list[BaseException]:

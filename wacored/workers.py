@@ -47,7 +47,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -56,9 +57,10 @@ import trio
 from .config import Config, ConfigError
 from .core.respawn import respawn_delay
 from .daemon import StoreParts
-from .http.listener import reserve
+from .http.listener import reserve, share
 from .observe.systemd import Notifier
 from .processes import exit_status, spawn, wait_exit
+from .siblings import Place
 
 log = logging.getLogger(__name__)
 
@@ -107,28 +109,67 @@ async def run_supervisor(
     """Run ``config.server.workers`` workers until SIGTERM/SIGINT (exit 0; 1 after a second signal,
     or when a worker cannot start)."""
     count = config.server.workers
+    async with shared_port(config, runtime_dir) as (listener, directory):
+        parent_r, parent_w = os.pipe()
+        try:
+            supervisor = Supervisor(config, load, plan, notifier, count, listener, directory, parent_r)
+            return await supervisor.run()
+        finally:
+            os.close(parent_w)
+            os.close(parent_r)
+
+
+@asynccontextmanager
+async def shared_port(config: Config, runtime_dir: str | None = None) -> AsyncIterator[tuple[socket.socket, str]]:
+    """What every worker shares, ready before the first one starts: the reserved port
+    (`listener.reserve`) and the private directory of their sockets (mode 0700; `runtime_dir`, else
+    a temporary one, removed on exit), with the store migrated once.
+
+    `run_supervisor` uses it, and so does the test suite's two-worker mode (tests/conftest.py),
+    which runs the workers as tasks of one trio run rather than as processes."""
     listener = reserve(config.server)  # before anything starts: a port in use stops us here
     own_dir = runtime_dir is None
     directory = tempfile.mkdtemp(prefix="wacored-") if runtime_dir is None else runtime_dir
-    os.chmod(directory, 0o700)
-    _clear(directory)  # what a supervisor killed before its cleanup left behind
-    parent_r, parent_w = os.pipe()
     try:
+        os.chmod(directory, 0o700)
+        _clear(directory)  # what a supervisor killed before its cleanup left behind
         # Once, before any worker: N workers creating the schema at once deadlock in SQLite's lock
         # upgrade (seen: "database is locked" in one of two workers, several runs in ten), and an
         # unusable store stops us here, as a port in use does. Each worker's own `migrate` then
         # finds the schema current and only reads.
         await trio.to_thread.run_sync(StoreParts(config.store).migrate)
-        supervisor = Supervisor(config, load, plan, notifier, count, listener, directory, parent_r)
-        return await supervisor.run()
+        yield listener, directory
     finally:
-        os.close(parent_w)
-        os.close(parent_r)
         listener.close()
         if own_dir:
             shutil.rmtree(directory, ignore_errors=True)
         else:
             _clear(directory)
+
+
+@dataclass(frozen=True)
+class Seat:
+    """Worker `place.index`'s own listening socket at the daemon's port, and its place: what
+    `run_daemon` gets as `listener` and `place`."""
+
+    listener: socket.socket
+    place: Place
+
+
+@contextmanager
+def take_seat(reserved: socket.socket, place: Place) -> Iterator[Seat]:
+    """Worker `place` on the port `reserved` holds: a SO_REUSEPORT listening socket of its own there
+    (`listener.share`), closed on exit. `cli.cmd_worker` takes one per worker process; the test
+    suite's two-worker mode one per worker task.
+
+    Error handling:
+        `ListenError` (an `OSError`) when the socket cannot listen there.
+    """
+    listener = share(reserved)
+    try:
+        yield Seat(listener, place)
+    finally:
+        listener.close()
 
 
 def _clear(directory: str) -> None:

@@ -10,8 +10,14 @@
   again, and wake the writer's sweep so the forwarders have them at once.
 - ``GET /admin/services``: each service, paused or not, since when, why (``services list --json``);
 - ``POST /admin/services/<name>/pause`` ``{"reason": "..."}`` (optional) and ``.../resume``: answered
-  once the daemon's pause watcher has read the change (`PauseBoard.refreshed`), so no attempt to a
-  paused service starts after the 200.
+  once the daemon's pause watcher has read the change (`PauseBoard.refreshed`), every worker's under
+  ``[server] processes = N`` (each sibling is asked ``GET /admin/local/pauses``, which reads the
+  table before it answers), so no attempt to a paused service starts after the 200.
+
+Under ``[server] processes = N`` a replay also wakes the other workers' DLQ retrier or lanes
+(``GET /admin/local/retrier``, ``.../lanes``): the retrier runs in one worker, and each lane is held
+by one. Those ``/admin/local/`` routes only exist for a request carrying `LOCAL_HEADER`, as the
+siblings' own requests on their private sockets do (and the token, like every admin request).
 
 Every request needs ``Authorization: Bearer <[admin] token>``. With no token configured the API is off
 and every ``/admin/`` path answers 404, so its existence is not advertised. The token and the store
@@ -56,6 +62,7 @@ from ..ops import operations as ops
 from ..ops import pauses
 from ..ops.connection import OpsConnection, open_ops, store_where
 from ..runtime import Runtime
+from ..siblings import LOCAL_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +131,7 @@ def _blueprint(rt: Runtime) -> Blueprint:
         result = await _on_store(rt, _replay_request(body, rt.wall_clock()))
         if result["replayed"]:
             rt.wake_retrier()  # due now: the retrier should not wait for its next interval
+            await _tell_siblings(rt, "retrier")  # it runs in one worker, maybe another
         return jsonify(result)
 
     @bp.post("/dlq/purge")
@@ -159,6 +167,7 @@ def _blueprint(rt: Runtime) -> Blueprint:
         result = await _on_store(rt, _message_replay_request(body, rt.wall_clock()))
         if result["replayed"]:
             rt.wake_lanes()  # queued again: their lanes read them now, not at their next idle heartbeat
+            await _tell_siblings(rt, "lanes")  # and so do the lanes other workers hold
         return jsonify(result)
 
     @bp.get("/services")
@@ -183,6 +192,21 @@ def _blueprint(rt: Runtime) -> Blueprint:
         names = list(rt.config.services)
         changed = await _on_store(rt, partial(pauses.resume, name=name, services=names))
         return jsonify(await _applied(rt, name, changed))
+
+    @bp.get("/local/<what>")
+    async def local(what: str) -> Response:
+        """A sibling worker's word after an operator's change (`_tell_siblings`); not an operator's
+        route: without `LOCAL_HEADER` it does not exist."""
+        if LOCAL_HEADER not in request.headers or what not in LOCAL_CHANGES:
+            raise AdminError(404, "not_found")
+        if what == "pauses":
+            with trio.move_on_after(PAUSE_APPLY_S):
+                await rt.pauses.refreshed()
+        elif what == "retrier":
+            rt.wake_retrier()
+        else:
+            rt.wake_lanes()
+        return jsonify({"ok": True})
 
     @bp.route("/", defaults={"rest": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     @bp.route("/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
@@ -230,7 +254,11 @@ async def _applied(rt: Runtime, name: str, changed: bool) -> dict[str, Any]:
     """The service's pause state once the daemon's pause watcher has read the store (or after
     `PAUSE_APPLY_S`: the change is stored either way), and whether this request changed it."""
     with trio.move_on_after(PAUSE_APPLY_S) as waited:
-        await rt.pauses.refreshed()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rt.pauses.refreshed)
+            # Under ``[server] processes = N`` every worker delivers: each must have read the change
+            # before the answer, not at its watcher's next poll (a second later).
+            nursery.start_soon(_tell_siblings, rt, "pauses")
     if waited.cancelled_caught:
         log.warning(
             "the pause watcher has not read the change yet: it applies at its next read",
@@ -246,6 +274,20 @@ async def _applied(rt: Runtime, name: str, changed: bool) -> dict[str, Any]:
 def _store_refusals() -> tuple[type[Exception], ...]:
     """The store refusing or unreadable: a 503 (read when caught: see `ops.refusals`)."""
     return (*ops.refusals(), OSError)
+
+
+LOCAL_CHANGES = ("pauses", "retrier", "lanes")
+"""What a worker tells its siblings after an operator's change: read the pauses (answered once read),
+wake the DLQ retrier, wake the lanes."""
+
+
+async def _tell_siblings(rt: Runtime, what: str) -> None:
+    """Under ``[server] processes = N``, tell every other worker `what` (``GET /admin/local/WHAT``
+    on its private socket) and wait for their answers. Not when this request is itself a sibling's
+    (`LOCAL_HEADER`). A sibling that does not answer is being restarted: it reads the pauses before
+    its forwarders start, and its retrier and lanes read the store when they start."""
+    if rt.siblings.place.siblings and LOCAL_HEADER not in request.headers:
+        await rt.siblings.ask(f"/admin/local/{what}", {"Authorization": f"Bearer {rt.config.admin.token}"})
 
 
 async def _on_store(rt: Runtime, work: Callable[[OpsConnection], T]) -> T:

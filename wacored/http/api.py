@@ -144,6 +144,9 @@ def worker_section(rt: Runtime, status: str, actors: dict[str, Any]) -> dict[str
 
 
 STATUS_RANK = {"healthy": 0, "degraded": 1, "unhealthy": 2}
+BREAKER_RANK = {"closed": 0, "half_open": 1, "open": 2}
+SUMMED_CHECKS = ("requests", "routed", "probes", "statuses")
+"""Counts of what each worker's ingress took: the daemon's are their sums (as in /metrics)."""
 
 
 def with_siblings(body: dict[str, Any], answers: Mapping[int, Any]) -> dict[str, Any]:
@@ -151,7 +154,9 @@ def with_siblings(body: dict[str, Any], answers: Mapping[int, Any]) -> dict[str,
     one's local /health body, or None when it did not answer), and the worst status of them all.
 
     A sibling that does not answer is listed as ``down`` (it is being restarted, or wedged) and makes
-    the daemon ``degraded``: the other workers still serve.
+    the daemon ``degraded``: the other workers still serve. The ingress counts (`SUMMED_CHECKS`) are
+    summed over the workers that answered, and each service's ``breaker`` is the worst of theirs; the
+    rest (sessions cache, leases, ``lanes_held``) stays the answering worker's own.
     """
     workers = list(body["workers"])
     for index, answer in sorted(answers.items()):
@@ -164,7 +169,48 @@ def with_siblings(body: dict[str, Any], answers: Mapping[int, Any]) -> dict[str,
     # "down" (and anything unknown) counts as degraded: the other workers still serve.
     worst = max([body["status"], *(w.get("status") for w in workers)], key=lambda s: STATUS_RANK.get(str(s), 1))
     status = worst if worst in STATUS_RANK else "degraded"
-    return {**body, "status": status, "workers": workers}
+    merged = {**body, "status": status, "workers": workers}
+    others = [answer for answer in answers.values() if isinstance(answer, dict)]
+    if "checks" in body:
+        checks = merged["checks"] = dict(body["checks"])
+        for key in SUMMED_CHECKS:
+            if key in checks:
+                checks[key] = _summed(checks[key], [_part(other, "checks", key) for other in others])
+    # Each worker has breakers of its own: the service's is the worst of them (the one that made the
+    # daemon degraded), whichever worker answers.
+    if "services" in body:
+        merged["services"] = {
+            name: {
+                **svc,
+                "breaker": max(
+                    [svc["breaker"], *(_part(other, "services", name, "breaker") for other in others)],
+                    key=lambda b: BREAKER_RANK.get(str(b), -1),
+                ),
+            }
+            for name, svc in body["services"].items()
+        }
+    return merged
+
+
+def _part(body: Mapping[str, Any], *keys: str) -> Any:
+    """``body[k1][k2]...``, or None where a sibling's body lacks it."""
+    value: Any = body
+    for key in keys:
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return value
+
+
+def _summed(own: Any, others: list[Any]) -> Any:
+    """A count (an int, or a mapping of ints) plus the siblings' (what is not one is skipped)."""
+    if isinstance(own, int):
+        return own + sum(n for n in others if isinstance(n, int) and not isinstance(n, bool))
+    total = dict(own)
+    for other in others:
+        if isinstance(other, Mapping):
+            for key, n in other.items():
+                if isinstance(n, int) and not isinstance(n, bool):
+                    total[key] = total.get(key, 0) + n
+    return total
 
 
 def _store_writes(w: StoreWrites, now: float, unhealthy_after_s: float) -> dict[str, Any]:
