@@ -209,3 +209,34 @@ def test_health_sums_the_ingress_counts_and_takes_each_breakers_worst() -> None:
     merged = with_siblings(body(0, 2, 1, "closed"), {1: odd})
     assert (merged["checks"]["requests"], merged["checks"]["probes"]) == ({"accepted": 2}, 1)
     assert merged["services"]["rides"]["breaker"] == "closed"
+
+
+def test_health_shows_the_worst_workers_commits_and_every_workers_held_outcomes() -> None:
+    """Each worker has a writer of its own: one whose commits fail makes the daemon's store_writes
+    failing, whichever worker answers, and the outcomes held are summed."""
+
+    def body(index: int, writes: str, held: int) -> dict[str, object]:
+        return {
+            "status": "healthy" if writes == "ok" else "degraded",
+            "checks": {"store_writes": {"status": writes, "last_error": None if writes == "ok" else "disk full",
+                                        "outcomes_held": held}},
+            "workers": [section(index, "healthy" if writes == "ok" else "degraded")],
+        }  # fmt: skip
+
+    merged = with_siblings(body(0, "ok", 0), {1: body(1, "failing", 3), 2: None})
+    assert merged["checks"]["store_writes"] == {"status": "failing", "last_error": "disk full", "outcomes_held": 3}
+    assert merged["status"] == "degraded"
+    merged = with_siblings(body(0, "failing", 2), {1: body(1, "down", 1)})
+    assert merged["checks"]["store_writes"]["status"] == "down"
+    assert merged["checks"]["store_writes"]["outcomes_held"] == 3
+    # All recovered: the latest error is kept, whichever worker had it.
+    recovered = {
+        "status": "healthy",
+        "checks": {
+            "store_writes": {"status": "ok", "last_error": "disk full", "last_error_at": "2026-11-29T16:00:00Z"}
+        },
+    }
+    merged = with_siblings(body(0, "ok", 0), {1: recovered})
+    assert merged["checks"]["store_writes"]["last_error"] == "disk full"
+    # A sibling's answer without the section changes nothing.
+    assert with_siblings(body(0, "ok", 4), {1: {"checks": {}}})["checks"]["store_writes"]["outcomes_held"] == 4

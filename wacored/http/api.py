@@ -147,6 +147,7 @@ STATUS_RANK = {"healthy": 0, "degraded": 1, "unhealthy": 2}
 BREAKER_RANK = {"closed": 0, "half_open": 1, "open": 2}
 SUMMED_CHECKS = ("requests", "routed", "probes", "statuses")
 """Counts of what each worker's ingress took: the daemon's are their sums (as in /metrics)."""
+WRITES_RANK = {"ok": 0, "failing": 1, "down": 2}
 
 
 def with_siblings(body: dict[str, Any], answers: Mapping[int, Any]) -> dict[str, Any]:
@@ -155,8 +156,9 @@ def with_siblings(body: dict[str, Any], answers: Mapping[int, Any]) -> dict[str,
 
     A sibling that does not answer is listed as ``down`` (it is being restarted, or wedged) and makes
     the daemon ``degraded``: the other workers still serve. The ingress counts (`SUMMED_CHECKS`) are
-    summed over the workers that answered, and each service's ``breaker`` is the worst of theirs; the
-    rest (sessions cache, leases, ``lanes_held``) stays the answering worker's own.
+    summed over the workers that answered, each service's ``breaker`` is the worst of theirs, and so is
+    ``store_writes`` (with the outcomes held summed); the rest (sessions cache, leases, ``lanes_held``)
+    stays the answering worker's own.
     """
     workers = list(body["workers"])
     for index, answer in sorted(answers.items()):
@@ -176,6 +178,20 @@ def with_siblings(body: dict[str, Any], answers: Mapping[int, Any]) -> dict[str,
         for key in SUMMED_CHECKS:
             if key in checks:
                 checks[key] = _summed(checks[key], [_part(other, "checks", key) for other in others])
+        if isinstance(checks.get("store_writes"), Mapping):
+            # Each worker has a writer of its own: the daemon's commits are as bad as the worst of
+            # them (the one that made it degraded), with the latest error among equals (kept after
+            # recovery, as a single writer keeps it), and the outcomes held are all of theirs.
+            sections = [checks["store_writes"], *(_part(other, "checks", "store_writes") for other in others)]
+            writes = [w for w in sections if isinstance(w, Mapping)]
+            worst = max(
+                writes, key=lambda w: (WRITES_RANK.get(str(w.get("status")), 1), str(w.get("last_error_at") or ""))
+            )
+            held = [w.get("outcomes_held") for w in writes]
+            checks["store_writes"] = {
+                **worst,
+                "outcomes_held": sum(n for n in held if isinstance(n, int) and not isinstance(n, bool)),
+            }
     # Each worker has breakers of its own: the service's is the worst of them (the one that made the
     # daemon degraded), whichever worker answers.
     if "services" in body:
