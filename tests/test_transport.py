@@ -98,6 +98,44 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(nursery: trio.
     assert first.headers["x-client-port"] != second.headers["x-client-port"]
 
 
+async def test_a_request_on_a_connection_the_server_closes_meanwhile_goes_once_more_on_a_new_one(
+    nursery: trio.Nursery, post: Post
+) -> None:
+    """The keep-alive race: the server's idle timeout closes the connection while the request is on
+    its way (after the transport checked it was still open). No byte of an answer came: the request
+    goes once more on a new connection instead of failing the attempt."""
+    connections: list[int] = []
+
+    async def answers_once(stream: trio.SocketStream) -> None:
+        connections.append(len(connections))
+        await stream.receive_some(65536)
+        await stream.send_all(http_answer(200, [], b"ok"))
+        await stream.receive_some(65536)  # the next request: read, then hung up on without an answer
+        await stream.aclose()
+
+    [listener] = await nursery.start(partial(trio.serve_tcp, answers_once, 0, host="127.0.0.1"))
+    url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}/a"
+    async with LaneTransport() as transport:
+        assert (await post(transport, url)).status_code == 200
+        assert (await post(transport, url)).status_code == 200  # its first connection hung up: a second
+    assert connections == [0, 1]
+
+
+async def test_a_new_connection_closed_without_an_answer_is_not_tried_again(nursery: trio.Nursery, post: Post) -> None:
+    connections: list[int] = []
+
+    async def hangs_up(stream: trio.SocketStream) -> None:
+        connections.append(len(connections))
+        await stream.receive_some(65536)
+        await stream.aclose()
+
+    [listener] = await nursery.start(partial(trio.serve_tcp, hangs_up, 0, host="127.0.0.1"))
+    async with LaneTransport() as transport:
+        with pytest.raises(httpx.TransportError):
+            await post(transport, f"http://127.0.0.1:{listener.socket.getsockname()[1]}/a")
+    assert connections == [0]
+
+
 async def test_a_chunked_body_is_read_whole(nursery: trio.Nursery, post: Post) -> None:
     url = await serve(nursery, partial(ok_app, chunks=[b"abc", b"def", b"ghi"]))
     async with LaneTransport() as transport:

@@ -14,7 +14,9 @@ cut"). Both share the connection handling and the reading of the answer below.
 
 What it does: ``http`` and ``https`` (TLS with the given context, SNI and hostname checks); reuses
 the connection while both sides allow it, and opens a new one when the server closed it (after its
-``keep_alive_max_requests``, an idle timeout, ``Connection: close``); reads the whole response body
+``keep_alive_max_requests``, an idle timeout, ``Connection: close``), sending a request once more on
+a new one when a kept-alive connection breaks before any byte of its answer (`_first_bytes`: the
+keep-alive race); reads the whole response body
 (up to `MAX_BODY`; past that the rest is dropped with the connection).
 
 Error handling (the httpx tree, so callers classify one way)::
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import h11
@@ -191,10 +193,9 @@ class LaneTransport(httpx.AsyncBaseTransport):
 
         h11 is not told of the request unless the answer needs it: a plain answer that arrives whole
         in one read is taken as it is (`simple_answer`), and h11, still idle, needs no new cycle."""
-        stream = await self._connection(route.origin)
+        request = b"%s%sContent-Length: %d\r\n\r\n%s" % (route.start, head, len(body), body)
+        stream, data = await self._first_bytes(route.origin, lambda stream: self._send_all(stream, request))
         try:
-            await self._send_all(stream, b"%s%sContent-Length: %d\r\n\r\n%s" % (route.start, head, len(body), body))
-            data = await self._receive_some(stream)
             if (answer := simple_answer(data)) is not None:
                 return answer
             # Anything else h11 reads, as if it had sent the request (`_STATE_ONLY`).
@@ -210,14 +211,45 @@ class LaneTransport(httpx.AsyncBaseTransport):
     async def _exchange(self, origin: Origin, events: tuple[h11.Event, ...], data: bytes | None) -> Answer:
         """Send `events` through h11, or `data` as it is when given (h11 then only sees `events`), on
         the connection to `origin`, and read the answer; reuse the connection when both sides allow."""
-        stream = await self._connection(origin)
+        stream, first = await self._first_bytes(origin, lambda stream: self._send(stream, events, data))
         try:
-            await self._send(stream, events, data)
+            self._h11.receive_data(first)
             response, body, complete = await self._receive(stream)
         except BaseException:
             await self._close()
             raise
         return await self._finish(response, body, complete)
+
+    async def _first_bytes(
+        self, origin: Origin, send: Callable[[trio.abc.Stream], Awaitable[None]]
+    ) -> tuple[trio.abc.Stream, bytes]:
+        """`send` the request on the connection to `origin` and read the first bytes of the answer.
+
+        A kept-alive connection the server closes while the request is on its way (its idle timeout
+        firing at that moment: 5 s in Node.js, as long as a lane's idle heartbeat) breaks before any
+        byte of an answer: the request is sent once more on a new connection, as HTTP clients do,
+        rather than counted as a failed attempt. Once is enough: a new connection that fails so
+        raises. The server may have read the request before it closed: the repeat carries the same
+        ``Idempotency-Key``, which is at-least-once as every retry is."""
+        for attempt in (1, 2):
+            before = self._stream
+            stream = await self._connection(origin)
+            reused = stream is before
+            try:
+                await send(stream)
+                data = await self._receive_some(stream)
+                if data or not reused or attempt == 2:
+                    return stream, data
+            except (httpx.WriteError, httpx.ReadError):
+                await self._close()
+                if not reused or attempt == 2:
+                    raise
+                continue
+            except BaseException:
+                await self._close()
+                raise
+            await self._close()  # closed without a byte of an answer: once more, on a new connection
+        raise AssertionError("unreachable: the second try returns or raises")
 
     async def _finish(self, response: h11.Response, body: bytes, complete: bool) -> Answer:
         """Keep the connection for the next request when both sides allow it, else close it."""
