@@ -34,7 +34,7 @@ run: $(RUN_STAMP)
 # its port and store (WACORED_TEST_WORKERS=2, tests/inprocess_workers.py): what holds for one process
 # must hold for `[server] processes = 2`. Tests marked single_worker are skipped there, with why.
 # ~85 s on this project's 2-core machine (docs/development.md).
-TWO_WORKERS := fuzz daemon durability resilience poison pauses probe numbers signing metrics logs
+TWO_WORKERS := fuzz daemon durability resilience poison pauses probe numbers signing metrics logs store_errors
 TWO_WORKERS_PYTEST := WACORED_TEST_WORKERS=2 $(BIN)/python -m pytest $(TWO_WORKERS:%=tests/test_%.py)
 
 test: $(STAMP) lint tools postgres
