@@ -391,12 +391,17 @@ class StoreUnderTest:
         return {"path": str(self.path), "url": self.url}
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
-    """Each store implementation in turn: a fresh SQLite file, or a fresh schema in this run's
-    PostgreSQL database (`pg_url`; never skipped)."""
-    if request.param == "sqlite":
+def fresh_store(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> Iterator[StoreUnderTest]:
+    """A fresh store of `kind` (``sqlite``: a file in `tmp_path`; ``postgres``: a schema of its own in
+    this run's database, `pg_url`, never skipped), for a fixture to ``yield from``."""
+    if kind == "sqlite":
         yield StoreUnderTest("sqlite", tmp_path / "wacored.db")
         return
     with own_schema(request.getfixturevalue("pg_url")) as url:
         yield StoreUnderTest("postgres", tmp_path / "wacored.db", url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
+    """Each store implementation in turn."""
+    yield from fresh_store(request, tmp_path, request.param)

@@ -17,8 +17,7 @@ from wacored.config import StoreConfig
 from wacored.ops import operations as ops
 from wacored.ops.connection import open_ops, store_where
 
-from .conftest import Daemon, Downstream, Received, StoreUnderTest, World, make_config, open_daemon
-from .postgres import own_schema
+from .conftest import Daemon, Downstream, Received, StoreUnderTest, World, fresh_store, make_config, open_daemon
 from .support import add_dead_letter, store_rows
 
 TOKEN = "test-admin-token-0123456789"
@@ -49,11 +48,7 @@ BOTH_STORES = pytest.mark.parametrize("admin_store", ["sqlite", "postgres"], ind
 
 @pytest.fixture
 def admin_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
-    if getattr(request, "param", "sqlite") == "sqlite":
-        yield StoreUnderTest("sqlite", tmp_path / "wacored.db")
-        return
-    with own_schema(request.getfixturevalue("pg_url")) as url:
-        yield StoreUnderTest("postgres", tmp_path / "wacored.db", url)
+    yield from fresh_store(request, tmp_path, getattr(request, "param", "sqlite"))
 
 
 @pytest.fixture

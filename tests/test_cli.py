@@ -24,8 +24,7 @@ from wacored.config import StoreConfig
 from wacored.ops.connection import open_ops
 from wacored.store import SCHEMA_VERSION
 
-from .conftest import Downstream, StoreUnderTest, config_mapping, make_config, open_daemon
-from .postgres import own_schema
+from .conftest import Downstream, StoreUnderTest, config_mapping, fresh_store, make_config, open_daemon
 from .support import add_dead_letter, clean_env, free_port, store_execute, store_rows, toml_text
 
 ROOT = Path(__file__).parent.parent
@@ -268,11 +267,7 @@ BOTH_STORES = pytest.mark.parametrize("ops_store", ["sqlite", "postgres"], indir
 
 @pytest.fixture
 def ops_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
-    if getattr(request, "param", "sqlite") == "sqlite":
-        yield StoreUnderTest("sqlite", tmp_path / "wacored.db")
-        return
-    with own_schema(request.getfixturevalue("pg_url")) as url:
-        yield StoreUnderTest("postgres", tmp_path / "wacored.db", url)
+    yield from fresh_store(request, tmp_path, getattr(request, "param", "sqlite"))
 
 
 @pytest.fixture
