@@ -413,11 +413,12 @@ async def daemon_process(
         await stop_process(process)
 
 
-async def stop_process(process: trio.Process) -> None:
-    """SIGTERM `process` (a daemon: it drains), then SIGKILL it if it has not exited within 15 s."""
+async def stop_process(process: trio.Process, how: signal.Signals = signal.SIGTERM, grace_s: float = 15.0) -> None:
+    """`how` to `process` (SIGTERM: a daemon drains; nginx stops gracefully on SIGQUIT), then SIGKILL
+    it if it has not exited within `grace_s`."""
     if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(15):
+        process.send_signal(how)
+        with trio.move_on_after(grace_s):
             await process.wait()
     if process.returncode is None:
         process.kill()

@@ -39,6 +39,7 @@ from .support import (
     daemon_process,
     free_port,
     parse,
+    stop_process,
     toml_text,
     value,
     wait_until_answering,
@@ -619,12 +620,7 @@ async def test_nginx_proxies_the_webhook_over_tls(tmp_path: Path, services: Down
 
 
 async def stop_nginx(process: trio.Process) -> None:
-    process.send_signal(signal.SIGQUIT)
-    with trio.move_on_after(10):
-        await process.wait()
-    if process.returncode is None:
-        process.kill()
-        await process.wait()
+    await stop_process(process, signal.SIGQUIT, grace_s=10)
 
 
 CLUSTER_NODES = {"10.0.0.11:8080": 8081, "10.0.0.12:8080": 8082}
