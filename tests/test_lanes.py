@@ -92,24 +92,6 @@ def test_a_node_short_of_its_share_ticks_fast_only_while_another_holds_more_than
     assert next_tick_s(10.0, "a", 4, None, now=100.0) == normal
 
 
-async def test_a_lane_to_give_back_wakes_the_keeper_once_it_is_idle() -> None:
-    """Given back as soon as nothing of it is in hand, not a whole tick later: the node due to take it
-    waits for it meanwhile."""
-    board = LaneBoard(10.0)
-    lanes = board.ensure("rides", 2)
-    board.keeper_wake = trio.Event()
-    mine = {lane.name: 200.0 for lane in lanes}
-    lanes[1].handed.add(7)  # a delivery of lane 1 whose outcome is not committed yet
-    give_back = LeasePlan((), (lanes[0].name, lanes[1].name))
-    board.apply(Held(mine, give_back, (), ("a", "b")), [], 100.0)
-    assert board.keeper_wake.is_set()  # lane 0 is idle: give it back now
-    assert board.releasable() == [lanes[0].name]
-    board.keeper_wake = trio.Event()
-    board.recorded("rides", 7)
-    assert board.keeper_wake.is_set()
-    assert board.releasable() == [lanes[0].name, lanes[1].name]
-
-
 async def test_lanes_given_back_are_taken_by_the_node_due_them_within_a_catch_up_tick(
     tmp_path: Path, store_clock: trio.testing.MockClock
 ) -> None:
