@@ -344,15 +344,18 @@ def tree_cpu_s(pid: int) -> float:
     return total / CLK_TCK
 
 
-def own_cpu_s(pid: int, thread: int | None = None) -> float:
-    """User + system CPU seconds of one process (all its threads; 0 once it is gone), or of one of its
-    threads (its main thread: `thread` = `pid`, where wacored's event loop runs)."""
-    try:
-        stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
-        fields = Path(stat).read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+def process_cpu_s(pid: int) -> tuple[float, float]:
+    """User + system CPU seconds of one process (all its threads) and of its main thread (where
+    wacored's event loop runs); 0 once it is gone."""
+
+    def cpu(stat: str) -> float:
+        try:
+            fields = Path(stat).read_text().rpartition(")")[2].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    return cpu(f"/proc/{pid}/stat"), cpu(f"/proc/{pid}/task/{pid}/stat")
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
@@ -363,12 +366,6 @@ def memory_mb(pid: int) -> tuple[float, float]:
         if key in ("VmHWM", "VmRSS"):
             values[key] = int(rest.split()[0]) / 1024
     return values.get("VmHWM", 0.0), values.get("VmRSS", 0.0)
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def machine_busy_s() -> float:
@@ -731,15 +728,8 @@ def bench_database(server: str) -> Iterator[str]:
 
 def store_counts(store: Store, after_id: int = 0) -> dict[str, int]:
     """Messages by state, of the rows after `after_id` (those of this run: the big row's store starts full)."""
-    placeholder = "%s" if isinstance(store, str) else "?"
-    counts: dict[str, int] = read_store(
-        store,
-        lambda c: dict(
-            c.execute(
-                f"SELECT state, COUNT(*) FROM messages WHERE id > {placeholder} GROUP BY state", (after_id,)
-            ).fetchall()
-        ),
-    )
+    sql = f"SELECT state, COUNT(*) FROM messages WHERE id > {int(after_id)} GROUP BY state"  # as `store_facts`
+    counts: dict[str, int] = read_store(store, lambda c: dict(c.execute(sql).fetchall()))
     counts["total"] = sum(counts.values())
     return counts
 
@@ -880,7 +870,7 @@ def run_wacored(
         idle_hwm = sum(memory_mb(pid)[0] for pid in all_pids())
         cores = {"wacored": " ".join(cores_of(node.pid) for node in nodes), "downstream": cores_of(down.proc.pid)}
         cpu0, down0 = cpu_now(), tree_cpu_s(down.proc.pid)
-        each0 = {pid: (own_cpu_s(pid), own_cpu_s(pid, pid)) for pid in all_pids()}
+        each0 = {pid: process_cpu_s(pid) for pid in all_pids()}
         spies: list[subprocess.Popen[bytes]] = []
 
         def sample() -> list[int]:  # sampling costs CPU: the figures of such a run are lower
@@ -920,13 +910,12 @@ def run_wacored(
         )
         pids = all_pids()
         cpu_load, down_load = cpu_now() - cpu0, tree_cpu_s(down.proc.pid) - down0
-        each_load = sorted(
-            (
-                (own_cpu_s(pid) - each0.get(pid, (0.0, 0.0))[0], own_cpu_s(pid, pid) - each0.get(pid, (0.0, 0.0))[1])
-                for pid in pids
-            ),
-            reverse=True,
-        )
+
+        def since_start(pid: int) -> tuple[float, float]:
+            (total, loop), (total0, loop0) = process_cpu_s(pid), each0.get(pid, (0.0, 0.0))
+            return total - total0, loop - loop0
+
+        each_load = sorted(map(since_start, pids), reverse=True)
         load_hwm = sum(memory_mb(pid)[0] for pid in all_pids())
         opened_at = time.time()
         if run.held:
