@@ -231,25 +231,29 @@ class LaneTransport(httpx.AsyncBaseTransport):
         rather than counted as a failed attempt. Once is enough: a new connection that fails so
         raises. The server may have read the request before it closed: the repeat carries the same
         ``Idempotency-Key``, which is at-least-once as every retry is."""
-        for attempt in (1, 2):
-            before = self._stream
-            stream = await self._connection(origin)
-            reused = stream is before
-            try:
-                await send(stream)
-                data = await self._receive_some(stream)
-                if data or not reused or attempt == 2:
-                    return stream, data
-            except (httpx.WriteError, httpx.ReadError):
-                await self._close()
-                if not reused or attempt == 2:
-                    raise
-                continue
-            except BaseException:
-                await self._close()
+        before = self._stream
+        stream = await self._connection(origin)
+        try:
+            await send(stream)
+            data = await self._receive_some(stream)
+        except (httpx.WriteError, httpx.ReadError):
+            await self._close()
+            if stream is not before:
                 raise
-            await self._close()  # closed without a byte of an answer: once more, on a new connection
-        raise AssertionError("unreachable: the second try returns or raises")
+            data = b""
+        except BaseException:
+            await self._close()
+            raise
+        if data or stream is not before:
+            return stream, data
+        await self._close()  # a kept-alive connection closed under the request: once more, on a new one
+        stream = await self._connection(origin)
+        try:
+            await send(stream)
+            return stream, await self._receive_some(stream)
+        except BaseException:
+            await self._close()
+            raise
 
     async def _finish(self, response: h11.Response, body: bytes, complete: bool) -> Answer:
         """Keep the connection for the next request when both sides allow it, else close it."""
