@@ -187,11 +187,7 @@ def with_siblings(body: dict[str, Any], answers: Mapping[int, Any]) -> dict[str,
             worst = max(
                 writes, key=lambda w: (WRITES_RANK.get(str(w.get("status")), 1), str(w.get("last_error_at") or ""))
             )
-            held = [w.get("outcomes_held") for w in writes]
-            checks["store_writes"] = {
-                **worst,
-                "outcomes_held": sum(n for n in held if isinstance(n, int) and not isinstance(n, bool)),
-            }
+            checks["store_writes"] = {**worst, "outcomes_held": _summed(0, [w.get("outcomes_held") for w in writes])}
     # Each worker has breakers of its own: the service's is the worst of them (the one that made the
     # daemon degraded), whichever worker answers.
     if "services" in body:
