@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from wacored.config import Config
-from wacored.core.ingest import plan_ingest
+from wacored.core.ingest import plan_ingest, stores_nothing
 from wacored.core.numbers import Numbers
 from wacored.core.routing import SessionAction
 from wacored.core.whatsapp import parse_webhook, text_webhook
@@ -75,6 +75,15 @@ def test_status_updates_have_a_row_only_when_they_have_a_target(tmp_path: Path) 
     forwarded, _ = setup(tmp_path, routing={"statuses": "wallet"})
     [row] = plan_ingest(parse_webhook(raw), forwarded, DictSessions(), TTL, NOW).rows
     assert (row.kind, row.target, row.key.startswith("status:")) == ("status", "wallet", True)
+
+
+def test_a_batch_stores_nothing_only_without_messages_and_with_every_status_dropped(tmp_path: Path) -> None:
+    statuses = parse_webhook((Path(__file__).parent / "fixtures" / "whatsapp" / "status_read.json").read_bytes())
+    dropped, _ = setup(tmp_path)
+    forwarded, _ = setup(tmp_path, routing={"statuses": "wallet"})
+    assert stores_nothing(statuses, dropped)
+    assert not stores_nothing(statuses, forwarded)
+    assert not stores_nothing(parse_webhook(batch(("w1", "2507", "hello"))), dropped)
 
 
 def test_a_stored_session_routes_until_it_has_been_idle_for_the_ttl(tmp_path: Path) -> None:

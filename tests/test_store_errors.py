@@ -157,18 +157,33 @@ def _insert_queued(db: Path, key: str) -> None:
         )
 
 
+def _status_body(status_id: str) -> bytes:
+    status = {"id": status_id, "status": "delivered", "timestamp": "1", "recipient_id": "250788000001"}
+    value = {"messaging_product": "whatsapp", "statuses": [status]}
+    change = {"field": "messages", "value": value}
+    doc = {"object": "whatsapp_business_account", "entry": [{"id": "W", "changes": [change]}]}
+    return json.dumps(doc).encode()
+
+
+async def test_dropped_statuses_are_answered_without_a_commit_even_while_commits_fail(
+    tmp_path: Path, services: Downstream, graph: Downstream, disk: DiskFull
+) -> None:
+    """Status updates that ``[routing] statuses = ""`` drops store nothing: no transaction is asked
+    for, so a store refusing every commit does not refuse them."""
+    async with open_daemon(make_config(tmp_path, services, graph)) as daemon:
+        disk.full = True
+        assert (await daemon.post(_status_body("wamid.ST2"))).status_code == 200
+        assert (await daemon.send_text("rides", sender="250788000331")).status_code == 503  # the disk is full
+        disk.full = False
+        health = (await daemon.client.get(f"{daemon.url}/health")).json()
+    assert health["checks"]["statuses"] == {"delivered": 1}
+
+
 async def test_statuses_are_counted_once_committed(
     tmp_path: Path, services: Downstream, graph: Downstream, disk: DiskFull
 ) -> None:
     """A POST answered 503 counts nothing: Meta's redelivery of it is counted once, not twice."""
-    status = {"id": "wamid.ST1", "status": "delivered", "timestamp": "1", "recipient_id": "250788000001"}
-    value = {"messaging_product": "whatsapp", "statuses": [status]}
-    body = json.dumps(
-        {
-            "object": "whatsapp_business_account",
-            "entry": [{"id": "W", "changes": [{"field": "messages", "value": value}]}],
-        }
-    ).encode()
+    body = _status_body("wamid.ST1")
     config = make_config(tmp_path, services, graph, routing={"statuses": "wallet"})
     async with open_daemon(config) as daemon:
         disk.full = True

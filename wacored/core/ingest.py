@@ -92,14 +92,25 @@ def plan_ingest(batch: Batch, numbers: Numbers, sessions: SessionLookup, ttl_s: 
             )
     for s in batch.statuses:
         number = numbers.key_of(s.number)
-        statuses_to = numbers.plan(number).statuses if number is not None else ""
-        if statuses_to:
+        if statuses_to := statuses_target(numbers, number):
             rows.append(
                 PlannedRow(
                     f"status:{s.key}", "status", s.recipient, statuses_to, "status", statuses_to, s.body, number or ""
                 )
             )
     return IngestPlan(tuple(rows), tuple(changes))
+
+
+def statuses_target(numbers: Numbers, number: str | None) -> str:
+    """Where the status updates of business number `number` (a key, None when unknown) go: a
+    service, or ``""`` when they are dropped."""
+    return numbers.plan(number).statuses if number is not None else ""
+
+
+def stores_nothing(batch: Batch, numbers: Numbers) -> bool:
+    """True when `batch` has no message and every status update in it is dropped: its plan is empty
+    whatever the store holds, and its rate limit counts nothing, so there is nothing to commit."""
+    return not batch.messages and not any(statuses_target(numbers, numbers.key_of(s.number)) for s in batch.statuses)
 
 
 def window_of(numbers: Numbers, m: InboundMessage) -> tuple[str, str]:

@@ -43,7 +43,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from ..config import WhatsAppConfig
-from ..core.ingest import PlannedRow
+from ..core.ingest import PlannedRow, stores_nothing
 from ..core.numbers import OTHER
 from ..core.whatsapp import Batch, PayloadError, parse_webhook, signature_valid
 from ..observe import logs
@@ -198,7 +198,7 @@ class Webhook:
         # A POST may hold changes of several numbers: it is labelled with its first change's number.
         label = numbers.label(numbers.key_of(batch.number))
         try:
-            ingested = await self._commit(batch, self._context(request_id, correlation_id, headers.get("traceparent")))
+            ingested = await self._commit(batch, request_id, correlation_id, headers.get("traceparent"))
         except (StoreUnavailable, trio.BrokenResourceError, trio.ClosedResourceError):
             # The writer refused the transaction, or is gone: either way nothing was stored.
             return self._reject(503, "unavailable", {"error": "unavailable"}, {"Retry-After": "5"}, number=label)
@@ -246,12 +246,15 @@ class Webhook:
 
         return IngestContext(request_id, correlation_id, self.rt.wall_clock(), trace_of)
 
-    async def _commit(self, batch: Batch, context: IngestContext) -> Ingested:
-        if not batch.messages and not batch.statuses:
-            return Ingested()
+    async def _commit(self, batch: Batch, request_id: str, correlation_id: str, traceparent: str | None) -> Ingested:
         rt = self.rt
+        if stores_nothing(batch, rt.numbers):
+            # Nothing to store (no message, every status dropped): no transaction, so the 200 does
+            # not wait on the writer (measured: 155 fewer Python calls a POST, bench/ingress.py), and
+            # a store that is down does not refuse what it would not keep.
+            return Ingested()
         policy = IngestPolicy(rt.numbers, rt.config.sessions.ttl_s, rt.ratelimit)
-        op = Ingest(batch, policy, context)
+        op = Ingest(batch, policy, self._context(request_id, correlation_id, traceparent))
         await rt.writes.send(op)
         return await op.reply.wait()
 
