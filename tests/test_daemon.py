@@ -14,6 +14,7 @@ import uuid
 import trio
 
 from wacored.core.whatsapp import text_webhook
+from wacored.http.ingress import new_id
 
 from .conftest import SECRET, SIGNING_SECRET, VERIFY_TOKEN, World
 from .support import readme_verify, until_settled
@@ -127,6 +128,17 @@ async def test_generated_request_id_is_a_uuid4(world: World) -> None:
     r = await world.daemon.send_text("rides")
     assert uuid.UUID(r.headers["X-Request-ID"]).version == 4
     assert uuid.UUID(r.headers["X-Correlation-ID"]).version == 4
+
+
+def test_new_ids_are_canonical_random_uuid4s() -> None:
+    ids = [new_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for value in ids:
+        parsed = uuid.UUID(value)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, value)
+    # Every variant digit (8, 9, a, b) and every other hex digit turns up: the bits are random.
+    assert {value[19] for value in ids} == set("89ab")
+    assert {value[20] for value in ids} == set("0123456789abcdef")
 
 
 # --- the external contract ------------------------------------------------------------------------

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
@@ -76,11 +76,22 @@ class ClientGone(Exception):
     """The caller disconnected before its body was read: there is nobody left to answer."""
 
 
+def new_id() -> str:
+    """A random UUID4, as ``str(uuid.uuid4())`` spells it, made without a `uuid.UUID` (1.5 us instead
+    of 3.6 us, measured; two a POST that carries no ids, as Meta's do)."""
+    h = os.urandom(16).hex()
+    # Version 4 in the third group's first digit, the RFC 4122 variant (10xx) in the fourth's.
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
+_VARIANT = "89ab"
+
+
 def request_ids(headers: dict[str, str]) -> tuple[str, str]:
     """The caller's request and correlation ids when well-formed, else new UUID4s."""
     rid = headers.get("x-request-id", "")
     cid = headers.get("x-correlation-id", "")
-    return (rid if _ID.match(rid) else str(uuid.uuid4()), cid if _ID.match(cid) else str(uuid.uuid4()))
+    return (rid if _ID.match(rid) else new_id(), cid if _ID.match(cid) else new_id())
 
 
 async def read_body(
