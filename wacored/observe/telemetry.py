@@ -25,7 +25,7 @@ import re
 import secrets
 import sys
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 import trio
@@ -137,19 +137,20 @@ def child_traceparent(incoming: str | None) -> str:
     return f"00-{trace_id}-{secrets.token_hex(8)}-01"
 
 
-@contextmanager
-def webhook_span(tracer: Tracer, headers: Mapping[str, str]) -> Iterator[Span]:
-    """The SERVER span of one webhook POST, current inside the block; a no-op span when not recording."""
+_NOT_RECORDING = nullcontext(trace.INVALID_SPAN)
+
+
+def webhook_span(tracer: Tracer, headers: Mapping[str, str]) -> AbstractContextManager[Span]:
+    """The SERVER span of one webhook POST, current inside the block; a no-op span when not recording
+    (a shared `nullcontext`: no generator nor span made per POST)."""
     if not recording(tracer):
-        yield trace.INVALID_SPAN
-        return
-    with tracer.start_as_current_span(
+        return _NOT_RECORDING
+    return tracer.start_as_current_span(
         "POST /webhook",
         context=extract(headers.get("traceparent")),
         kind=SpanKind.SERVER,
         attributes={"http.request.method": "POST", "url.path": "/webhook", "http.route": "/webhook"},
-    ) as span:
-        yield span
+    )
 
 
 def message_traceparent(
