@@ -380,6 +380,46 @@ async def test_a_write_lock_another_process_holds_is_waited_for_then_the_group_c
     other.close()
 
 
+class Recovering:
+    """A connection's stand-in whose first `times` ``BEGIN IMMEDIATE`` answer as SQLite does while
+    another process rebuilds the WAL index a killed one left (``SQLITE_BUSY_RECOVERY``)."""
+
+    def __init__(self, conn: sqlite3.Connection, times: int) -> None:
+        self.conn, self.times = conn, times
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "BEGIN IMMEDIATE" and self.times:
+            self.times -= 1
+            error = sqlite3.OperationalError("database is locked")
+            error.sqlite_errorcode = sqlite3.SQLITE_BUSY_RECOVERY  # type: ignore[misc] # as SQLite sets it
+            raise error
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+async def test_a_store_being_recovered_is_waited_for_like_a_lock_not_failed(tmp_path: Path) -> None:
+    """Any busy code is busy: the group waits and commits, the writer neither fails it nor stops."""
+    path = tmp_path / "db"
+    migrate(path)
+    conn = CountingConnection(path)
+    recovering = Recovering(conn.conn, 3)
+    conn.conn = recovering  # type: ignore[assignment] # the stand-in answers what the writer calls
+    board = LaneBoard()
+    held_lanes(board, "rides")
+    send, receive = trio.open_memory_channel[WriteOp](10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_writer, conn, receive, board)
+        op = ingest_op("recovered")
+        await send.send(op)
+        with trio.fail_after(5):
+            result = await op.reply.wait()
+        assert rows(path, "SELECT id, key FROM messages") == [(result.ids[0], "recovered")]
+        assert (recovering.times, conn.tries) == (0, 4)
+        await send.aclose()
+
+
 async def test_a_commit_runs_in_a_thread_started_at_once_and_its_error_reaches_the_caller() -> None:
     """`_in_thread_now`: the function's value or exception, from a thread other than the loop's."""
     loop_thread = threading.get_ident()
