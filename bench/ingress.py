@@ -9,8 +9,9 @@ runs the same load under cProfile (the event loop's thread) and prints Python fu
 request instead: a deterministic count, the same from run to run up to the background actors' ticks.
 
 ``--kind statuses`` sends one ``delivered`` status update per POST to a wacored that drops them
-(bench.py's statuses-dropped row); ``--kind messages`` sends bench.py's text messages, whose
-forwards go to a port nobody listens on (so their lanes retry in the background: count those in).
+(bench.py's statuses-dropped row); ``--kind messages`` sends bench.py's text messages and forwards
+them to nginx (bench.py's downstream), and the measure runs until the store has none ``queued``: a
+message's whole cost, ingest and delivery (the no-op app has nothing to deliver).
 
 Run as ``python bench/ingress.py [--kind statuses] [--requests N] [--calls]``; ``PYTHONPATH`` (with
 a working directory outside the repo) picks the wacored tree measured. Prints figures; asserts nothing.
@@ -22,9 +23,11 @@ import argparse
 import cProfile
 import os
 import pstats
+import sqlite3
 import sys
 import tempfile
 import time
+from contextlib import closing
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from noop import app as noop_app  # noqa: E402
 
-from bench import generate, generate_statuses, wacored_env, write_config  # noqa: E402
+from bench import Procs, generate, generate_statuses, start_nginx, wacored_env, write_config  # noqa: E402
 
 SECRET = "bench-ingress-app-secret"
 
@@ -75,10 +78,15 @@ for t in threads: t.join()
 """
 
 
+def queued(store: Path) -> int:
+    with closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM messages WHERE state = 'queued'").fetchone()[0])
+
+
 async def serve(
-    app: str, config: Config | None, bodies: Path, connections: int, calls: bool
+    app: str, config: Config, bodies: Path, connections: int, calls: bool
 ) -> tuple[float, pstats.Stats | None]:
-    """Serve, send the warm-up file then the measured one; the measured load's CPU seconds and calls."""
+    """Serve, send the warm-up file then the measured one (and deliver it); its CPU seconds and calls."""
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         if app == "noop":
@@ -88,7 +96,6 @@ async def serve(
             asgi: Any = noop_app
             urls = await nursery.start(partial(hypercorn.trio.serve, asgi, hc, shutdown_trigger=stop.wait))
         else:
-            assert config is not None
             urls = await nursery.start(partial(run_daemon, config, stop=stop))
         port = str(urls[0]).rsplit(":", 1)[1].rstrip("/")
         client = [sys.executable, "-c", CLIENT, port]
@@ -98,6 +105,8 @@ async def serve(
         if profile is not None:
             profile.enable()
         await trio.run_process([*client, str(bodies), str(connections)])
+        while app != "noop" and await trio.to_thread.run_sync(queued, config.store.path):  # noqa: ASYNC110
+            await trio.sleep(0.02)  # the store's state, polled: no event tells this loop it changed
         if profile is not None:
             profile.disable()
         cpu = time.process_time() - started
@@ -127,11 +136,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="wacored-ingress-") as name:
         tmp = Path(name)
         path = bodies(tmp, args.kind, args.requests)
-        write_config(tmp / "wacored.toml", tmp / "store.db", "http://127.0.0.1:9", statuses="")
-        os.environ.update(wacored_env(SECRET))
-        config = Config.load(tmp / "wacored.toml", dict(os.environ))
-        for app in args.apps.split(","):
-            cpu, stats = trio.run(serve, app, config, path, args.connections, args.calls)
+        procs = Procs()
+        try:
+            downstream = start_nginx(procs, tmp, None)[1] if args.kind == "messages" else "http://127.0.0.1:9"
+            write_config(tmp / "wacored.toml", tmp / "store.db", downstream, statuses="")
+            os.environ.update(wacored_env(SECRET))
+            config = Config.load(tmp / "wacored.toml", dict(os.environ))
+            apps = args.apps.split(",")
+            runs = [(app, trio.run(serve, app, config, path, args.connections, args.calls)) for app in apps]
+        finally:
+            procs.stop_all()
+        for app, (cpu, stats) in runs:
             per = args.requests
             if stats is None:
                 what = f"{cpu / per * 1e6:.0f} us CPU"
