@@ -362,6 +362,26 @@ def test_messages_mixed_with_statuses() -> None:
     assert batch.errors == 0
 
 
+def test_dropped_status_updates_are_checked_and_counted_but_get_no_envelope() -> None:
+    other = change(statuses=[status("wamid.S2", "read")])
+    other["value"]["metadata"]["phone_number_id"] = "KEPT"
+    raw = webhook(("E1", [change([text_msg("wamid.1", "a")], [status("wamid.S1", "sent")]), other]))
+    asked: list[str | None] = []
+
+    def keeps(number: str | None) -> bool:
+        asked.append(number)
+        return number == "KEPT"
+
+    batch = parse_webhook(raw, keeps)
+    assert asked == ["PNID", "KEPT"]  # once a change, not once an update
+    assert [(s.key, s.number, s.body) for s in batch.statuses][0] == ("wamid.S1:sent", "PNID", b"")
+    assert batch.statuses[1].body == parse_webhook(raw).statuses[1].body != b""
+    assert batch.messages == parse_webhook(raw).messages  # messages are never dropped here
+    bad = webhook(("E1", [change(statuses=[status("wamid bad id", "sent")])]))
+    with pytest.raises(PayloadError, match=r"statuses\[0\]\.id is not printable ASCII"):
+        parse_webhook(bad, lambda number: False)  # a dropped update's ids are checked all the same
+
+
 def test_unknown_message_type_parses() -> None:
     hologram = {"from": "250788000001", "id": "wamid.H", "timestamp": "1", "type": "hologram", "hologram": {"depth": 3}}
     message = only_message(one_message_webhook(hologram))

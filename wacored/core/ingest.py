@@ -16,6 +16,7 @@ policy (the request's ids, the trace context). Nothing here reads a clock, a sto
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import GRAPH_SENDER, HOME_SERVICE
@@ -105,6 +106,12 @@ def statuses_target(numbers: Numbers, number: str | None) -> str:
     """Where the status updates of business number `number` (a key, None when unknown) go: a
     service, or ``""`` when they are dropped."""
     return numbers.plan(number).statuses if number is not None else ""
+
+
+def keeps_statuses(numbers: Numbers) -> Callable[[str | None], bool]:
+    """`parse_webhook`'s `keeps_statuses` under `numbers`: whether the status updates written to a
+    ``phone_number_id`` go anywhere. Plan with the same `numbers`: a dropped update has no body."""
+    return lambda phone_number_id: bool(statuses_target(numbers, numbers.key_of(phone_number_id)))
 
 
 def stores_nothing(batch: Batch, numbers: Numbers) -> bool:

@@ -43,8 +43,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from ..config import WhatsAppConfig
-from ..core.ingest import PlannedRow, stores_nothing
-from ..core.numbers import OTHER
+from ..core.ingest import PlannedRow, keeps_statuses, stores_nothing
+from ..core.numbers import OTHER, Numbers
 from ..core.whatsapp import Batch, PayloadError, parse_webhook, signature_valid
 from ..observe import logs
 from ..observe.counts import bump
@@ -119,10 +119,11 @@ async def read_body(
             return b"".join(chunks)
 
 
-async def _parse(raw: bytes) -> Batch:
+async def _parse(raw: bytes, numbers: Numbers) -> Batch:
+    keeps = keeps_statuses(numbers)
     if len(raw) < PARSE_IN_THREAD_BYTES:
-        return parse_webhook(raw)
-    return await trio.to_thread.run_sync(parse_webhook, raw)
+        return parse_webhook(raw, keeps)
+    return await trio.to_thread.run_sync(parse_webhook, raw, keeps)
 
 
 class Webhook:
@@ -201,15 +202,17 @@ class Webhook:
             return self._reject(503, "shed", {"error": "overloaded"}, {"Retry-After": "1", "Connection": "close"})
         if not self._signed(config.whatsapp, raw, headers.get("x-hub-signature-256")):
             return self._reject(401, "bad_signature", {"error": "unauthorized"})
+        # One `Numbers` for the whole POST, though a reload may swap `rt.numbers` meanwhile: what the
+        # parse dropped (a status update without a body), the plan must drop too.
+        numbers = rt.numbers
         try:
-            batch = await _parse(raw)
+            batch = await _parse(raw, numbers)
         except PayloadError as exc:
             return self._reject(400, "bad_request", {"error": "bad_request", "detail": str(exc)})
-        numbers = rt.numbers
         # A POST may hold changes of several numbers: it is labelled with its first change's number.
         label = numbers.label(numbers.key_of(batch.number))
         try:
-            ingested = await self._commit(batch, request_id, correlation_id, headers.get("traceparent"))
+            ingested = await self._commit(batch, numbers, request_id, correlation_id, headers.get("traceparent"))
         except (StoreUnavailable, trio.BrokenResourceError, trio.ClosedResourceError):
             # The writer refused the transaction, or is gone: either way nothing was stored.
             return self._reject(503, "unavailable", {"error": "unavailable"}, {"Retry-After": "5"}, number=label)
@@ -221,7 +224,7 @@ class Webhook:
                 {"Retry-After": str(wait)},
                 number=label,
             )
-        return self._accepted(batch, ingested, label)
+        return self._accepted(batch, numbers, ingested, label)
 
     def _signed(self, whatsapp: WhatsAppConfig, raw: bytes, header: str | None) -> bool:
         """Signed with the app secret, or with the previous one while a rotation keeps it (counted)."""
@@ -257,20 +260,24 @@ class Webhook:
 
         return IngestContext(request_id, correlation_id, self.rt.wall_clock(), trace_of)
 
-    async def _commit(self, batch: Batch, request_id: str, correlation_id: str, traceparent: str | None) -> Ingested:
+    async def _commit(
+        self, batch: Batch, numbers: Numbers, request_id: str, correlation_id: str, traceparent: str | None
+    ) -> Ingested:
         rt = self.rt
-        if stores_nothing(batch, rt.numbers):
+        if stores_nothing(batch, numbers):
             # Nothing to store (no message, every status dropped): no transaction, so the 200 does
             # not wait on the writer (measured: 155 fewer Python calls a POST, bench/ingress.py), and
             # a store that is down does not refuse what it would not keep.
             return Ingested()
-        policy = IngestPolicy(rt.numbers, rt.config.sessions.ttl_s, rt.ratelimit)
+        policy = IngestPolicy(numbers, rt.config.sessions.ttl_s, rt.ratelimit)
         op = Ingest(batch, policy, self._context(request_id, correlation_id, traceparent))
         await rt.writes.send(op)
         return await op.reply.wait()
 
-    def _accepted(self, batch: Batch, ingested: Ingested, label: str) -> tuple[int, dict[str, Any], dict[str, str]]:
-        counters, numbers = self.rt.ingress_counts, self.rt.numbers
+    def _accepted(
+        self, batch: Batch, numbers: Numbers, ingested: Ingested, label: str
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        counters = self.rt.ingress_counts
         n_messages = len(batch.messages)
         rows, ids = ingested.rows[:n_messages], ingested.ids[:n_messages]
         inserted = [r for r, row_id in zip(rows, ids, strict=True) if row_id is not None]
