@@ -190,7 +190,7 @@ def test_health_sums_the_ingress_counts_and_takes_each_breakers_worst() -> None:
                 "routed": {"rides:keyword": accepted},
                 "probes": probes,
                 "statuses": {},
-                "sessions": {"cached": 10 + index},
+                "sessions": {"active": 40, "cached": 10 + index, "store_reads": index, "cache_clears": 1},
             },
             "services": {"rides": {"breaker": breaker, "lanes_held": index}},
             "workers": [section(index, "healthy")],
@@ -199,7 +199,8 @@ def test_health_sums_the_ingress_counts_and_takes_each_breakers_worst() -> None:
     merged = with_siblings(body(0, 2, 1, "closed"), {1: body(1, 3, 0, "open"), 2: None})
     checks = merged["checks"]
     assert (checks["requests"], checks["routed"], checks["probes"]) == ({"accepted": 5}, {"rides:keyword": 5}, 1)
-    assert checks["sessions"] == {"cached": 10}  # the answering worker's own cache
+    # Every worker has a cache of its own: their figures are summed; the active sessions are the store's.
+    assert checks["sessions"] == {"active": 40, "cached": 21, "store_reads": 1, "cache_clears": 2}
     assert merged["services"]["rides"] == {"breaker": "open", "lanes_held": 0}
     assert with_siblings(body(0, 2, 1, "half_open"), {1: body(1, 0, 0, "closed")})["services"]["rides"]["breaker"] == (
         "half_open"

@@ -147,6 +147,8 @@ STATUS_RANK = {"healthy": 0, "degraded": 1, "unhealthy": 2}
 BREAKER_RANK = {"closed": 0, "half_open": 1, "open": 2}
 SUMMED_CHECKS = ("requests", "routed", "probes", "statuses")
 """Counts of what each worker's ingress took: the daemon's are their sums (as in /metrics)."""
+SUMMED_SESSIONS = ("cached", "store_reads", "cache_clears")
+"""Each worker's session cache's figures: the daemon's are their sums (``active`` is the store's)."""
 WRITES_RANK = {"ok": 0, "failing": 1, "down": 2}
 
 
@@ -157,8 +159,8 @@ def with_siblings(body: dict[str, Any], answers: Mapping[int, Any]) -> dict[str,
     A sibling that does not answer is listed as ``down`` (it is being restarted, or wedged) and makes
     the daemon ``degraded``: the other workers still serve. The ingress counts (`SUMMED_CHECKS`) are
     summed over the workers that answered, each service's ``breaker`` is the worst of theirs, and so is
-    ``store_writes`` (with the outcomes held summed); the rest (sessions cache, leases, ``lanes_held``)
-    stays the answering worker's own.
+    ``store_writes`` (with the outcomes held summed); the session caches' figures are summed too (every
+    worker has its own cache); the rest (leases, ``lanes_held``) stays the answering worker's own.
     """
     workers = list(body["workers"])
     for index, answer in sorted(answers.items()):
@@ -188,6 +190,15 @@ def with_siblings(body: dict[str, Any], answers: Mapping[int, Any]) -> dict[str,
                 writes, key=lambda w: (WRITES_RANK.get(str(w.get("status")), 1), str(w.get("last_error_at") or ""))
             )
             checks["store_writes"] = {**worst, "outcomes_held": _summed(0, [w.get("outcomes_held") for w in writes])}
+        if isinstance(sessions := checks.get("sessions"), Mapping):
+            checks["sessions"] = {
+                **sessions,
+                **{
+                    key: _summed(sessions[key], [_part(other, "checks", "sessions", key) for other in others])
+                    for key in SUMMED_SESSIONS
+                    if isinstance(sessions.get(key), int)
+                },
+            }
     # Each worker has breakers of its own: the service's is the worst of them (the one that made the
     # daemon degraded), whichever worker answers.
     if "services" in body:
