@@ -117,7 +117,8 @@ def keeps_statuses(numbers: Numbers) -> Callable[[str | None], bool]:
 def stores_nothing(batch: Batch, numbers: Numbers) -> bool:
     """True when `batch` has no message and every status update in it is dropped: its plan is empty
     whatever the store holds, and its rate limit counts nothing, so there is nothing to commit."""
-    return not batch.messages and not any(statuses_target(numbers, numbers.key_of(s.number)) for s in batch.statuses)
+    keeps = keeps_statuses(numbers)
+    return not batch.messages and not any(keeps(s.number) for s in batch.statuses)
 
 
 def window_of(numbers: Numbers, m: InboundMessage) -> tuple[str, str]:

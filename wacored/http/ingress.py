@@ -76,15 +76,16 @@ class ClientGone(Exception):
     """The caller disconnected before its body was read: there is nobody left to answer."""
 
 
+_VARIANT = "89ab"
+"""The RFC 4122 variant's hex digits: 10 in the top bits of the fourth group."""
+
+
 def new_id() -> str:
     """A random UUID4, as ``str(uuid.uuid4())`` spells it, made without a `uuid.UUID` (1.5 us instead
     of 3.6 us, measured; two a POST that carries no ids, as Meta's do)."""
     h = os.urandom(16).hex()
     # Version 4 in the third group's first digit, the RFC 4122 variant (10xx) in the fourth's.
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
-
-
-_VARIANT = "89ab"
 
 
 def request_ids(headers: dict[str, str]) -> tuple[str, str]:
