@@ -6,7 +6,8 @@ It prints a table of figures and never asserts on timing; bench/README.md explai
 What runs, all on 127.0.0.1, one scenario at a time:
 
 S1          `bench/noop.py`: a raw ASGI callable that reads the body and answers 200 ``{}``, served by
-            ``hypercorn.trio.serve``. The ceiling of the stack wacored is built on.
+            ``hypercorn.trio.serve``. The ceiling of the stack wacored is built on. Run again after
+            the rows, to show how far this VM's speed moved meanwhile (the ratios are to the first).
 messages    ``.venv/bin/wacored run -c <tmp config>`` as a real subprocess, a fresh SQLite store in a
             temp dir, every service URL and the Graph API URL pointing at the downstream (nginx
             answering 200 ``{}``, or `noop.py` with ``--downstream noop``), so forwarding runs while
@@ -782,12 +783,12 @@ def store_facts(store: Store, after_id: int = 0) -> dict[str, Any]:
 # Scenarios
 
 
-def scenario_s1(procs: Procs, tmp: Path, prefix: Path, args: argparse.Namespace) -> dict[str, Any]:
-    p, url = start_noop(procs, tmp, "s1", args.server_cpus)
+def scenario_s1(procs: Procs, tmp: Path, prefix: Path, args: argparse.Namespace, name: str = "s1") -> dict[str, Any]:
+    p, url = start_noop(procs, tmp, name, args.server_cpus)
     try:
         cores = cores_of(p.pid)
         cpu0 = tree_cpu_s(p.pid)
-        load = run_wrk(url, prefix, args, tmp / "wrk-s1.txt", [p.pid], args.load_cpus)
+        load = run_wrk(url, prefix, args, tmp / f"wrk-{name}.txt", [p.pid], args.load_cpus)
         cpu = tree_cpu_s(p.pid) - cpu0
         hwm, _ = memory_mb(p.pid)
     finally:
@@ -1012,9 +1013,10 @@ def report(
     args: argparse.Namespace,
     gen_s: float,
     version: str,
+    s1_end: dict[str, Any] | None = None,
 ) -> str:
     """The tables and the details of one bench run; `results` holds each wacored scenario run, by row
-    name (a string: why that row did not run)."""
+    name (a string: why that row did not run); `s1_end`, S1 run again after them."""
     base: Load = s1["load"]
     ncpu = os.cpu_count() or 1
     ran = {name: r for name, r in results.items() if not isinstance(r, str)}
@@ -1065,6 +1067,13 @@ def report(
         return (name, f"{delivered}", us_per(w["cpu_all_s"], delivered), us_per(w["down_all_s"], delivered), *[""] * 6)
 
     cpu_rows.append(load_cpu("S1 no-op (load)", base, s1["cpu_s"], 0.0))
+    if s1_end is not None:
+        again: Load = s1_end["load"]
+        rows.append(
+            ("S1 no-op, again after", f"{again.rate:.0f}", f"{again.rate / base.rate:.2f}", "", f"{again.p50_ms:.1f}",
+             f"{again.p99_ms:.1f}", f"({s1_end['rss_mb']:.0f})", "")
+        )  # fmt: skip
+        cpu_rows.append(load_cpu("S1 no-op, again after (load)", again, s1_end["cpu_s"], 0.0))
     p1_rate = 0.0
     if "messages" in ran:
         w = ran["messages"]
@@ -1232,6 +1241,14 @@ def report(
         f"S1                 {base.ok} x 200 in {base.duration_s:.1f}s; non-2xx {base.errors['status']}, "
         f"socket errors {base.socket_errors}; busy before {base.busy_before:.0%}; others: {base.others}",
     ]
+    if s1_end is not None:
+        again = s1_end["load"]
+        out.append(
+            f"S1 again           {again.ok} x 200 in {again.duration_s:.1f}s after the rows: "
+            f"{again.rate / base.rate:.2f}x the first S1 ({us_per(s1_end['cpu_s'], again.ok)} against "
+            f"{us_per(s1['cpu_s'], base.ok)} us of CPU a request); the ratios are to the first; this VM's "
+            "speed moved by the difference while the rows ran"
+        )
     for name, r in results.items():
         if isinstance(r, str):
             out.append(f"{name:<18} not run: {r}")
@@ -1336,7 +1353,7 @@ def main() -> int:
         "--rows",
         default=",".join(DEFAULT_ROWS),
         help=f"wacored rows to run, comma-separated, in this order (default {','.join(DEFAULT_ROWS)}; also"
-        " pg, pg-2-nodes); S1 always runs",
+        " pg, pg-2-nodes); S1 always runs, before the rows and after",
     )
     p.add_argument(
         "--pg",
@@ -1418,7 +1435,11 @@ def main() -> int:
                     f" downstream {result['cores']['downstream']}, wrk {where}",
                     flush=True,
                 )
-        text = report(s1, results, args, gen_s, version)
+        # S1 once more after the rows: how far this VM's speed moved while they ran (the ratios are to
+        # the first S1; a run whose two S1s differ by more than a few % is one to run again).
+        print(f"S1 again, after the rows: wrk {args.duration}s ...", flush=True)
+        s1_end = scenario_s1(procs, tmp, prefix, args, "s1-end")
+        text = report(s1, results, args, gen_s, version, s1_end)
         print()
         print(text)
         print(f"\n(took {time.monotonic() - started:.0f}s; temp dir {tmp}{'' if args.keep else ' removed'})")
