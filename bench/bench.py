@@ -1074,16 +1074,22 @@ def report(
              f"{again.p99_ms:.1f}", f"({s1_end['rss_mb']:.0f})", "")
         )  # fmt: skip
         cpu_rows.append(load_cpu("S1 no-op, again after (load)", again, s1_end["cpu_s"], 0.0))
+
+    def s1_of(w: dict[str, Any]) -> float:
+        """The S1 rate a row is a ratio to: its own, run just before it (``--paired``), else the first."""
+        paired = w.get("s1")
+        return float(paired["load"].rate) if paired else base.rate
+
     p1_rate = 0.0
     if "messages" in ran:
         w = ran["messages"]
         load: Load = w["load"]
         p1_rate, _, delivered = e2e(w)
         rows += [
-            ("ingest", f"{load.rate:.0f}", f"{load.rate / base.rate:.2f}", goal(TARGET_INGEST, load.rate / base.rate),
+            ("ingest", f"{load.rate:.0f}", f"{load.rate / s1_of(w):.2f}", goal(TARGET_INGEST, load.rate / s1_of(w)),
              f"{load.p50_ms:.1f}", f"{load.p99_ms:.1f}", *rss(w)),
-            ("messages end to end", f"{p1_rate:.0f}", f"{p1_rate / base.rate:.2f}",
-             goal(TARGET_E2E, p1_rate / base.rate), f"[{w['facts']['lag_p50_ms']:.0f}]",
+            ("messages end to end", f"{p1_rate:.0f}", f"{p1_rate / s1_of(w):.2f}",
+             goal(TARGET_E2E, p1_rate / s1_of(w)), f"[{w['facts']['lag_p50_ms']:.0f}]",
              f"[{w['facts']['lag_p99_ms']:.0f}]", *rss(w)),
         ]  # fmt: skip
         cpu_rows += [
@@ -1093,7 +1099,7 @@ def report(
     if "statuses-dropped" in ran:
         w = ran["statuses-dropped"]
         load = w["load"]
-        ratio = load.rate / base.rate
+        ratio = load.rate / s1_of(w)
         rows.append(
             ("statuses dropped", f"{load.rate:.0f}", f"{ratio:.2f}", goal(TARGET_STATUSES_DROPPED, ratio),
              f"{load.p50_ms:.1f}", f"{load.p99_ms:.1f}", *rss(w))
@@ -1103,8 +1109,8 @@ def report(
         w = ran["statuses-forwarded"]
         rate, _, delivered = e2e(w)
         rows.append(
-            ("statuses forwarded end to end", f"{rate:.0f}", f"{rate / base.rate:.2f}",
-             goal(TARGET_STATUSES_FORWARDED, rate / base.rate), f"[{w['facts']['lag_p50_ms']:.0f}]",
+            ("statuses forwarded end to end", f"{rate:.0f}", f"{rate / s1_of(w):.2f}",
+             goal(TARGET_STATUSES_FORWARDED, rate / s1_of(w)), f"[{w['facts']['lag_p50_ms']:.0f}]",
              f"[{w['facts']['lag_p99_ms']:.0f}]", *rss(w))
         )  # fmt: skip
         cpu_rows += [
@@ -1120,7 +1126,7 @@ def report(
         met = "n/a" if ran_out or not p1_rate else mark(versus >= TARGET_PROCESSES_2)
         target = f"{versus:.2f}x p=1, >= {TARGET_PROCESSES_2}x {met}"
         rows.append(
-            ("processes = 2, end to end", f"{rate:.0f}", f"{rate / base.rate:.2f}", target,
+            ("processes = 2, end to end", f"{rate:.0f}", f"{rate / s1_of(w):.2f}", target,
              f"[{w['facts']['lag_p50_ms']:.0f}]", f"[{w['facts']['lag_p99_ms']:.0f}]", f"{w['rss_mb']:.0f}", "")
         )  # fmt: skip
         cpu_rows += [
@@ -1133,7 +1139,7 @@ def report(
         versus = rate / p1_rate if p1_rate else 0.0
         met = "n/a" if not p1_rate else mark(versus >= TARGET_BIG)
         rows.append(
-            ("filled store, end to end", f"{rate:.0f}", f"{rate / base.rate:.2f}",
+            ("filled store, end to end", f"{rate:.0f}", f"{rate / s1_of(w):.2f}",
              f"{versus:.2f}x empty, >= {TARGET_BIG}x {met}", f"[{w['facts']['lag_p50_ms']:.0f}]",
              f"[{w['facts']['lag_p99_ms']:.0f}]", *rss(w))
         )  # fmt: skip
@@ -1149,9 +1155,9 @@ def report(
         rate, _, delivered = e2e(w)
         versus = f"{rate / p1_rate:.2f}x sqlite" if p1_rate else ""
         rows += [
-            (f"{name} ingest", f"{load.rate:.0f}", f"{load.rate / base.rate:.2f}", "", f"{load.p50_ms:.1f}",
+            (f"{name} ingest", f"{load.rate:.0f}", f"{load.rate / s1_of(w):.2f}", "", f"{load.p50_ms:.1f}",
              f"{load.p99_ms:.1f}", f"{w['rss_mb']:.0f}", ""),
-            (title, f"{rate:.0f}", f"{rate / base.rate:.2f}", versus, f"[{w['facts']['lag_p50_ms']:.0f}]",
+            (title, f"{rate:.0f}", f"{rate / s1_of(w):.2f}", versus, f"[{w['facts']['lag_p50_ms']:.0f}]",
              f"[{w['facts']['lag_p99_ms']:.0f}]", f"{w['rss_mb']:.0f}", ""),
         ]  # fmt: skip
         cpu_rows += [
@@ -1165,9 +1171,9 @@ def report(
         drain_s = (hf["last_done"] - held["opened_at"]) if hf["last_done"] else 0.0
         drain_rate = h_delivered / drain_s if drain_s > 0 else 0.0
         rows += [
-            ("ingest, forwarding held*", f"{hl.rate:.0f}", f"{hl.rate / base.rate:.2f}", "", f"{hl.p50_ms:.1f}",
+            ("ingest, forwarding held*", f"{hl.rate:.0f}", f"{hl.rate / s1_of(held):.2f}", "", f"{hl.p50_ms:.1f}",
              f"{hl.p99_ms:.1f}", f"{held['rss_load_mb']:.0f}", ""),
-            ("forwarding alone*", f"{drain_rate:.0f}", f"{drain_rate / base.rate:.2f}", "", "", "",
+            ("forwarding alone*", f"{drain_rate:.0f}", f"{drain_rate / s1_of(held):.2f}", "", "", "",
              f"{held['rss_mb']:.0f}", ""),
         ]  # fmt: skip
         cpu_rows += [
@@ -1246,8 +1252,8 @@ def report(
         out.append(
             f"S1 again           {again.ok} x 200 in {again.duration_s:.1f}s after the rows: "
             f"{again.rate / base.rate:.2f}x the first S1 ({us_per(s1_end['cpu_s'], again.ok)} against "
-            f"{us_per(s1['cpu_s'], base.ok)} us of CPU a request); the ratios are to the first; this VM's "
-            "speed moved by the difference while the rows ran"
+            f"{us_per(s1['cpu_s'], base.ok)} us of CPU a request): this VM's speed moved by the difference "
+            "while the rows ran (the ratios are to the first S1, or with --paired to each row's own)"
         )
     for name, r in results.items():
         if isinstance(r, str):
@@ -1281,6 +1287,13 @@ def report(
             f" {len(r['log_problems'])} warning/error log lines; exit code {r['exit_code']}"
         )
         out += [f"{'':<18}   {problem[:200]}" for problem in r["log_problems"][:3]]
+        if "s1" in r:
+            paired: Load = r["s1"]["load"]
+            out.append(
+                f"{'':<18} its ratios are to S1 run just before it (--paired): {paired.rate:.0f} msgs/s,"
+                f" {paired.rate / base.rate:.2f}x the first S1, {us_per(r['s1']['cpu_s'], paired.ok)} us of CPU"
+                " a request"
+            )
     if "messages" in ran:
         f = ran["messages"]["facts"]
         out += [
@@ -1318,6 +1331,12 @@ def main() -> int:
     )
     p.add_argument(
         "--held", action="store_true", help="add the diagnostic run: ingest with forwarding held, then forwarding alone"
+    )
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="run S1 again just before each row and take that row's ratio to it (this VM's speed drifts"
+        " up to ~20 %% within one run: see bench/README.md)",
     )
     p.add_argument(
         "--py-spy",
@@ -1424,8 +1443,14 @@ def main() -> int:
         chosen = [runs[r] for r in rows] + ([Run("held", prefix, held=True)] if args.held else [])
         results: dict[str, dict[str, Any] | str] = {}
         for run in chosen:
+            paired = None
+            if args.paired:
+                print(f"S1 paired with {run.name}: wrk {args.duration}s ...", flush=True)
+                paired = scenario_s1(procs, tmp, prefix, args, f"s1-{run.name}")
             print(f"{run.name}: wacored, wrk {args.duration}s, then waiting for delivery ...", flush=True)
             result = results[run.name] = scenario_wacored(procs, tmp, secret, args, run)
+            if paired is not None and not isinstance(result, str):
+                result["s1"] = paired
             if isinstance(result, str):
                 print(f"  n/a: wacored check-config refuses it: {result}", flush=True)
             else:
