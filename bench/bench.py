@@ -899,16 +899,21 @@ def run_wacored(
             spies.append(spy)
             return [spy.pid]
 
-        load = run_wrk(
-            url,
-            run.bodies,
-            args,
-            run_dir / "wrk.txt",
-            [*(node.pid for node in nodes), down.proc.pid],
-            load_cpus,
-            sample if args.py_spy else None,
-            [u.removeprefix("http://") for u in urls] if len(urls) > 1 else (),
-        )
+        try:
+            load = run_wrk(
+                url,
+                run.bodies,
+                args,
+                run_dir / "wrk.txt",
+                [*(node.pid for node in nodes), down.proc.pid],
+                load_cpus,
+                sample if args.py_spy else None,
+                [u.removeprefix("http://") for u in urls] if len(urls) > 1 else (),
+            )
+        except RuntimeError as exc:
+            # The temp dir goes at the end: say here what wacored logged, or the cause is lost with it.
+            tail = (run_dir / "wacored.log").read_text(errors="replace").splitlines()[-30:]
+            raise RuntimeError(f"{exc}\nwacored.log, last lines:\n" + "\n".join(tail)) from exc
         pids = all_pids()
         cpu_load, down_load = cpu_now() - cpu0, tree_cpu_s(down.proc.pid) - down0
 
