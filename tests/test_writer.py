@@ -20,7 +20,7 @@ from wacored.config import ForwardingConfig
 from wacored.core.delivery import lane_of
 from wacored.core.leases import Lease
 from wacored.store import Delivery, Outcome, StoreUnavailable, WriteConnection, migrate
-from wacored.store.interface import LaneReads
+from wacored.store.interface import LaneReads, WriteTx
 from wacored.store.writer import (
     RETRY_MAX_S,
     Record,
@@ -41,10 +41,17 @@ async def start_writer(
     nursery: trio.Nursery, store: StoreUnderTest, lanes: int = 1
 ) -> tuple[trio.MemorySendChannel[WriteOp], LaneBoard]:
     store.migrate()
+    return await start_writer_on(nursery, store.writer(), lanes)
+
+
+async def start_writer_on(
+    nursery: trio.Nursery, conn: WriteTx, lanes: int = 1, **options: Any
+) -> tuple[trio.MemorySendChannel[WriteOp], LaneBoard]:
+    """`run_writer` on `conn` (`options`: its keyword arguments), with `lanes` lanes of rides held."""
     board = LaneBoard()
     held_lanes(board, "rides", lanes)
     send, receive = trio.open_memory_channel[WriteOp](100)
-    await nursery.start(run_writer, store.writer(), receive, board)
+    await nursery.start(partial(run_writer, conn, receive, board, **options))
     return send, board
 
 
@@ -291,11 +298,9 @@ async def test_outcomes_of_failed_commits_are_kept_in_order_and_committed_later(
     path = tmp_path / "db"
     migrate(path)
     disk, state = DiskFull(), StoreWrites()
-    board = LaneBoard()
-    (lane,) = held_lanes(board, "rides")
-    send, receive = trio.open_memory_channel[WriteOp](100)
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(run_writer, disk.connection(path), receive, board, state=state))
+        send, board = await start_writer_on(nursery, disk.connection(path), state=state)
+        (lane,) = board.lanes["rides"]
         ids = await ingest(send, "a", "b")
         lane.handed.update(i for i in ids if i is not None)  # as the lane does once it has delivered them
         disk.full = True
@@ -358,11 +363,8 @@ async def test_a_write_lock_another_process_holds_is_waited_for_then_the_group_c
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     conn = CountingConnection(path)
-    board = LaneBoard()
-    held_lanes(board, "rides")
-    send, receive = trio.open_memory_channel[WriteOp](10)
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_writer, conn, receive, board)
+        send, _ = await start_writer_on(nursery, conn)
         op = ingest_op("locked")
         await send.send(op)
         if released == "while polled":
@@ -406,11 +408,8 @@ async def test_a_store_being_recovered_is_waited_for_like_a_lock_not_failed(tmp_
     conn = CountingConnection(path)
     recovering = Recovering(conn.conn, 3)
     conn.conn = recovering  # type: ignore[assignment] # the stand-in answers what the writer calls
-    board = LaneBoard()
-    held_lanes(board, "rides")
-    send, receive = trio.open_memory_channel[WriteOp](10)
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_writer, conn, receive, board)
+        send, _ = await start_writer_on(nursery, conn)
         op = ingest_op("recovered")
         await send.send(op)
         with trio.fail_after(5):
@@ -451,11 +450,9 @@ async def test_an_outcome_the_store_refuses_is_given_up_and_its_lane_reads_the_r
     path = tmp_path / "db"
     migrate(path)
     refused: list[int] = []
-    board = LaneBoard()
-    (lane,) = held_lanes(board, "rides")
-    send, receive = trio.open_memory_channel[WriteOp](10)
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_writer, RefusingConnection(path, refused), receive, board)
+        send, board = await start_writer_on(nursery, RefusingConnection(path, refused))
+        (lane,) = board.lanes["rides"]
         ok, bad = (i for i in await ingest(send, "ok", "bad") if i is not None)
         refused.append(bad)
         lane.handed.update((ok, bad))
