@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from wacored.actors.lanes import LaneBoard, run_lease_keeper
+from wacored.actors.lanes import Lane, LaneBoard, run_lease_keeper
 from wacored.core.delivery import lane_of
 from wacored.core.leases import (
     CATCH_UP_TICK_S,
@@ -320,17 +320,24 @@ async def _shared_out(db: Path) -> None:
             await trio.sleep(0.05)
 
 
-async def test_a_lane_claimed_again_in_the_tick_that_gives_it_back_is_woken(tmp_path: Path) -> None:
-    """Found by tests/test_kills.py: a worker marked lanes to give back (a third node counted live: a
-    killed worker's row, not yet stale), and in the tick that released them, its share grew again (that
-    row aged out), so it claimed them straight back. Its lane tasks, asleep since the lanes stopped being
-    theirs to deliver, were not woken: their queued rows waited a heartbeat (5 s) for nothing."""
+def node_a_holding_four_lanes(tmp_path: Path) -> tuple[WriteConnection, WriteConnection, LaneBoard, list[Lane]]:
+    """Node a's connection and board, holding every lane of rides (4) since its tick at 100; node b's
+    connection, not seen yet."""
     path = tmp_path / "db"
     migrate(path)
     a, b = WriteConnection(path), WriteConnection(path)
     board = LaneBoard(10.0)
     lanes = board.ensure("rides", 4)
     board.apply(tick(a, "a", 100.0), [], 100.0)
+    return a, b, board, lanes
+
+
+async def test_a_lane_claimed_again_in_the_tick_that_gives_it_back_is_woken(tmp_path: Path) -> None:
+    """Found by tests/test_kills.py: a worker marked lanes to give back (a third node counted live: a
+    killed worker's row, not yet stale), and in the tick that released them, its share grew again (that
+    row aged out), so it claimed them straight back. Its lane tasks, asleep since the lanes stopped being
+    theirs to deliver, were not woken: their queued rows waited a heartbeat (5 s) for nothing."""
+    a, b, board, lanes = node_a_holding_four_lanes(tmp_path)
     assert all(lane.held() for lane in lanes)
     tick(b, "b", 101.0)  # b is seen: a's share drops to 2
     board.apply(tick(a, "a", 103.0), [], 103.0)
@@ -356,12 +363,7 @@ async def test_lanes_to_give_back_are_given_back_at_once_when_idle(tmp_path: Pat
     node may take it while this one holds it, so its rows waited for this node's next tick (3.3 s by
     default) and then the other's. The keeper is now woken to release it at once, and a lane that was
     busy as soon as the writer records its last outcome."""
-    path = tmp_path / "db"
-    migrate(path)
-    a, b = WriteConnection(path), WriteConnection(path)
-    board = LaneBoard(10.0)
-    lanes = board.ensure("rides", 4)
-    board.apply(tick(a, "a", 100.0), [], 100.0)
+    a, b, board, lanes = node_a_holding_four_lanes(tmp_path)
     board.keeper_wake = trio.Event()  # `ensure` set it (new lanes): start from a quiet keeper
     tick(b, "b", 101.0)  # b is seen: a's share drops to 2, it gives back rides:2 and rides:3
     lanes[3].handed.add(7)  # a delivery of rides:3 whose outcome the writer has not recorded yet
