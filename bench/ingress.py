@@ -23,11 +23,9 @@ import argparse
 import cProfile
 import os
 import pstats
-import sqlite3
 import sys
 import tempfile
 import time
-from contextlib import closing
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from noop import app as noop_app  # noqa: E402
 
-from bench import Procs, generate, generate_statuses, start_nginx, wacored_env, write_config  # noqa: E402
+from bench import Procs, generate, generate_statuses, start_nginx, store_counts, wacored_env, write_config  # noqa: E402
 
 SECRET = "bench-ingress-app-secret"
 
@@ -78,11 +76,6 @@ for t in threads: t.join()
 """
 
 
-def queued(store: Path) -> int:
-    with closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as conn:
-        return int(conn.execute("SELECT COUNT(*) FROM messages WHERE state = 'queued'").fetchone()[0])
-
-
 async def serve(
     app: str, config: Config, bodies: Path, connections: int, calls: bool
 ) -> tuple[float, pstats.Stats | None]:
@@ -105,7 +98,7 @@ async def serve(
         if profile is not None:
             profile.enable()
         await trio.run_process([*client, str(bodies), str(connections)])
-        while app != "noop" and await trio.to_thread.run_sync(queued, config.store.path):  # noqa: ASYNC110
+        while app != "noop" and (await trio.to_thread.run_sync(store_counts, config.store.path)).get("queued"):  # noqa: ASYNC110
             await trio.sleep(0.02)  # the store's state, polled: no event tells this loop it changed
         if profile is not None:
             profile.disable()
