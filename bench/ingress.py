@@ -3,7 +3,9 @@
 A micro-benchmark of the request path, steadier than `bench.py` on a shared machine: the server runs
 in this process on hypercorn (wacored's `run_daemon` with bench.py's config, or `noop.py`'s app), and
 a client in another process sends `--requests` signed webhooks over `--connections` kept-alive
-connections, each waiting for its answer before the next (so nothing queues). The CPU time of this
+connections, each waiting for its answer before the next (so nothing queues) and opening a new
+connection when an answer says ``Connection: close`` (hypercorn closes one after 1 000 requests); a
+non-200 or a connection closed early fails the run instead of hanging it. The CPU time of this
 process (user + system, every thread: `time.process_time`) is divided by the requests. `--calls`
 runs the same load under cProfile (the event loop's thread) and prints Python function calls per
 request instead: a deterministic count, the same from run to run up to the background actors' ticks.
