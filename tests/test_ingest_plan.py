@@ -11,7 +11,7 @@ from wacored.core.numbers import Numbers
 from wacored.core.routing import SessionAction
 from wacored.core.whatsapp import parse_webhook, text_webhook
 
-from .conftest import config_mapping
+from .conftest import FIXTURES, config_mapping
 from .support import DictSessions
 
 NOW = 1_800_000_000.0
@@ -69,7 +69,7 @@ def test_a_probe_is_routed_but_leaves_the_session_alone(tmp_path: Path) -> None:
 
 
 def test_status_updates_have_a_row_only_when_they_have_a_target(tmp_path: Path) -> None:
-    raw = (Path(__file__).parent / "fixtures" / "whatsapp" / "status_read.json").read_bytes()
+    raw = (FIXTURES / "status_read.json").read_bytes()
     dropped, _ = setup(tmp_path)
     assert plan_ingest(parse_webhook(raw), dropped, DictSessions(), TTL, NOW).rows == ()
     forwarded, _ = setup(tmp_path, routing={"statuses": "wallet"})
@@ -78,7 +78,7 @@ def test_status_updates_have_a_row_only_when_they_have_a_target(tmp_path: Path) 
 
 
 def test_a_batch_stores_nothing_only_without_messages_and_with_every_status_dropped(tmp_path: Path) -> None:
-    statuses = parse_webhook((Path(__file__).parent / "fixtures" / "whatsapp" / "status_read.json").read_bytes())
+    statuses = parse_webhook((FIXTURES / "status_read.json").read_bytes())
     dropped, _ = setup(tmp_path)
     forwarded, _ = setup(tmp_path, routing={"statuses": "wallet"})
     assert stores_nothing(statuses, dropped)
